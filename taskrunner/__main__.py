@@ -1,0 +1,1 @@
+from taskrunner.cli.main import main; raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""`taskrun demo`: a tour in a temporary repository, on the embedded local Worker."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from taskrunner.cli.render import LiveView
+from taskrunner.config import load_config
+from taskrunner.daemon import Daemon
+from taskrunner.gitops import Git
+from taskrunner.project import init_repository
+
+DEMO_TASKS = {
+    "hello.md": """---
+priority: high
+---
+# Say hello
+
+```sh
+echo "Hello from taskrun, running in $PWD"
+uname -sr
+```
+""",
+    "build.md": """---
+depends_on: [hello]
+---
+# Build, after hello
+
+Output streams back live while the Run goes on.
+
+```bash
+for step in 1 2 3 4 5; do
+  echo "building step $step/5"
+  sleep 0.3
+done
+```
+""",
+    "report.md": """---
+depends_on: [build]
+---
+# Report, after build
+
+```sh
+echo "all built; the records of every Run are in runs/"
+```
+""",
+    "lint.md": """---
+group: checks
+---
+# Lint (group 'checks' runs one at a time)
+
+```sh
+echo "lint ok"
+```
+""",
+    "flaky-test.md": """---
+group: checks
+---
+# A test that fails
+
+```sh
+echo "running the test suite"
+echo "1 failed" >&2
+exit 3
+```
+""",
+    "deploy.md": """---
+depends_on: [flaky-test]
+---
+# Deploy, after the failing test: BLOCKED
+
+```sh
+echo "never runs"
+```
+""",
+    "broken.md": """---
+priority: urgent
+---
+# Front matter with a mistake: INVALID, and nothing else is disturbed
+""",
+}
+
+
+
+def run_demo(out: Console) -> int:
+    root = Path(tempfile.mkdtemp(prefix="taskrun-demo-")) / "repo"
+    out.rule("taskrun demo")
+    out.print(f"A temporary repository: {root}", markup=False)
+    init_repository(root)
+    config_file = root / ".taskrun.yaml"
+    config_file.write_text(config_file.read_text().replace("groups: {}", "groups: {checks: {parallel: 1}}"))
+    repo = Git(root)
+    repo.run("add", "-A")
+    repo.run("-c", "user.name=taskrun demo", "-c", "user.email=demo@localhost",
+             "commit", "--quiet", "-m", "Set up taskrun")
+    for name, text in DEMO_TASKS.items():
+        (root / "tasks" / name).write_text(text)
+    repo.run("add", "tasks")
+    repo.run("-c", "user.name=taskrun demo", "-c", "user.email=demo@localhost",
+             "commit", "--quiet", "-m", "Add demo Tasks")
+    out.print(f"{len(DEMO_TASKS)} Tasks in tasks/: one depends on another, one fails, one is broken.\n")
+    view = LiveView(out, show_output=True)
+    with view:
+        Daemon(root, load_config(root), view, once=True).run()
+    out.print()
+    out.rule("result commits (git log)")
+    for line in repo.log(6):
+        out.print(f"  {line}", markup=False)
+    out.print()
+    out.print(f"Records: {root / 'runs'}   (runs/<task>/status.json, runs/<task>/run-1/output.log)", markup=False)
+    out.print(f"Try:     cd {root} && taskrun status && taskrun logs build", markup=False)
+    return 0

@@ -1,0 +1,318 @@
+"""`taskrun`: parse, call the library, render. Exit codes as in DESIGN.md §3."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+from rich.console import Console
+
+from taskrunner import __version__, control, gitops
+from taskrunner.atomic import write_bytes
+from taskrunner.cli import render
+from taskrunner.config import load_config
+from taskrunner.defaults import STATE_DIR, TASKS_DIR
+from taskrunner.errors import DaemonNotRunning, RecordError, TaskrunError
+from taskrunner.model import TaskStatus
+from taskrunner.records import Records
+from taskrunner.taskfile import task_id_for
+
+EXIT_OK = 0
+EXIT_NOT_COMPLETED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+#: How often `logs -f` and `submit --wait` look at the records.
+POLL_SECONDS = 0.1
+
+
+class UsageError(TaskrunError):
+    """Raised when a command is called wrongly or in the wrong place."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return int(args.handler(args, out))
+    except DaemonNotRunning as exc:
+        err.print(f"taskrun: {exc}", markup=False)
+        return EXIT_USAGE
+    except TaskrunError as exc:
+        err.print(f"taskrun: {exc}", markup=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskrun", description="A git-native, file-driven orchestrator.")
+    parser.add_argument("--version", action="version", version=f"taskrun {__version__}")
+    parser.add_argument("-C", "--repo", default=".", help="the managed repository (default: the current directory)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[..., int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    command("init", cmd_init, "create .taskrun.yaml, tasks/, runs/, hooks/ and the signing key (idempotent)")
+    p = command("up", cmd_up, "run the daemon in the foreground")
+    p.add_argument("--once", action="store_true", help="bring every pending Task to a final state, then exit "
+                   "(0 if all COMPLETED, 1 otherwise)")
+    p.add_argument("--output", action="store_true", help="also print the Runs' output (plain mode)")
+    p = command("demo", cmd_demo, "a self-contained tour on the embedded local Worker")
+    p.add_argument("--keep", action="store_true", help="(always kept) print where the demo repository is")
+    p = command("status", cmd_status, "Tasks, or one Task with its Runs")
+    p.add_argument("task", nargs="?", help="a Task id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("logs", cmd_logs, "a Run's output")
+    p.add_argument("task", help="a Task id")
+    p.add_argument("--run", type=int, help="the Run number (default: the latest)")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the output live until the Run ends")
+    p = command("submit", cmd_submit, "add Task files to tasks/ (for CI)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--wait", action="store_true", help="wait until they end: exit 0 all COMPLETED, 1 some not, 3 timeout")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S seconds")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, help in (("cancel", "stop a Task's Run on its Worker"), ("retry", "run a Task again")):
+        p = command(name, cmd_request, help)
+        p.add_argument("task", help="a Task id")
+    p = command("workers", cmd_workers, "Workers: reachable, trusted, slots used, Agents, last seen")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs tasks/ now")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    return parser
+
+
+def find_root(args: argparse.Namespace) -> Path:
+    start = Path(args.repo).resolve()
+    root = gitops.toplevel(start)
+    if root is None:
+        raise UsageError(f"{start} is not inside a git repository; run `taskrun init` there first")
+    return root
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.project import init_repository
+
+    root = Path(args.repo).resolve()
+    done = init_repository(root)
+    for line in done:
+        out.print(f"  {line}", markup=False)
+    out.print("taskrun is set up." if done else "Already set up; nothing to do.")
+    out.print("Next: add a Task as tasks/<id>.md, then run `taskrun up` (or `taskrun up --once`).")
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.daemon import Daemon
+
+    root = find_root(args)
+    config = load_config(root)
+    view = render.LiveView(out, show_output=args.output)
+    daemon = Daemon(root, config, view, once=args.once)
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            os._exit(EXIT_NOT_COMPLETED)  # second signal: stop now
+        daemon.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    if not args.once:
+        out.print(f"taskrun daemon in {root} (pid {os.getpid()}); Ctrl-C to stop", markup=False)
+    with view:
+        return daemon.run()
+
+
+def cmd_demo(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.cli.demo import run_demo
+
+    return run_demo(out)
+
+
+def cmd_status(args: argparse.Namespace, out: Console) -> int:
+    records = Records(find_root(args))
+    if args.task:
+        task = records.load_task(args.task)
+        if task is None:
+            raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
+        runs = [r for r in (records.load_run(args.task, e["run"]) for e in task.get("runs", [])) if r]
+        if args.json:
+            print(json.dumps({"task": task, "runs": runs}, indent=2, sort_keys=True))
+            return EXIT_OK
+        out.print(render.tasks_table([task]))
+        if task.get("error"):
+            out.print(f"\n[bold]error:[/] {task['error']}", highlight=False)
+        if runs:
+            out.print()
+            out.print(render.runs_table(runs))
+        return EXIT_OK
+    tasks = load_all(records)
+    if args.json:
+        print(json.dumps({"tasks": tasks}, indent=2, sort_keys=True))
+        return EXIT_OK
+    if not tasks:
+        out.print("No Tasks yet: add a file to tasks/ and start `taskrun up`.")
+        return EXIT_OK
+    out.print(render.tasks_table(tasks))
+    return EXIT_OK
+
+
+def load_all(records: Records) -> list[dict[str, Any]]:
+    tasks = []
+    for task_id in records.task_ids():
+        try:
+            record = records.load_task(task_id)
+        except RecordError as exc:
+            record = {"task_id": task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
+        if record:
+            tasks.append(record)
+    seen = {t["task_id"] for t in tasks}
+    tasks_dir = records.root / TASKS_DIR
+    for path in tasks_dir.rglob("*.md") if tasks_dir.is_dir() else []:
+        task_id = task_id_for(path.relative_to(records.root).as_posix())
+        if task_id and task_id not in seen:
+            tasks.append({"task_id": task_id, "status": TaskStatus.PENDING.value, "runs": [],
+                          "waiting": "not yet seen by the daemon", "file": path.relative_to(records.root).as_posix()})
+    return sorted(tasks, key=lambda t: (t.get("seq") or 1 << 30, t["task_id"]))
+
+
+def cmd_logs(args: argparse.Namespace, out: Console) -> int:
+    records = Records(find_root(args))
+    stdout = sys.stdout.buffer
+    number = args.run
+    offset = 0
+    while True:
+        task = records.load_task(args.task)
+        if task is None and not args.follow:
+            raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
+        runs = (task or {}).get("runs") or []
+        if number is None and runs:
+            number = runs[-1]["run"]
+        if number is not None:
+            path = records.output(args.task, number)
+            if not path.exists() and not args.follow:
+                raise UsageError(f"'{args.task}' has no Run {number}")
+            if path.exists():
+                with open(path, "rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read()
+                stdout.write(data)
+                stdout.flush()
+                offset += len(data)
+            run = records.load_run(args.task, number)
+            if not args.follow or (run and run["status"] in ("COMPLETED", "FAILED", "CANCELLED")
+                                   and records.output_size(args.task, number) == offset):
+                return EXIT_OK
+        elif not args.follow:
+            raise UsageError(f"'{args.task}' has no Runs yet")
+        time.sleep(POLL_SECONDS)
+
+
+def cmd_submit(args: argparse.Namespace, out: Console) -> int:
+    root = find_root(args)
+    state_dir = root / STATE_DIR
+    if args.wait:
+        control.request(state_dir, {"command": "ping"})  # fail now, not after the timeout
+    submitted: dict[str, str] = {}
+    for name in args.files:
+        source = Path(name)
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {name}: {exc.strerror}") from exc
+        rel = f"{TASKS_DIR}/{source.name}"
+        task_id = task_id_for(rel)
+        if task_id is None:
+            raise UsageError(f"{name}: a Task file is named <id>.md with id [a-z0-9][a-z0-9._/-]*")
+        # Written under an ignored temp name, then renamed: the daemon reads it whole.
+        write_bytes(root / rel, data)
+        submitted[task_id] = hashlib.sha256(data).hexdigest()
+        if not args.json:
+            out.print(f"submitted {rel}", markup=False)
+    if not args.wait:
+        return EXIT_OK
+    return wait_for(Records(root), submitted, args.timeout, args.json, out)
+
+
+def wait_for(records: Records, submitted: dict[str, str], timeout: float | None, as_json: bool, out: Console) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    settled = {s.value for s in TaskStatus if s.final}
+    final: dict[str, dict[str, Any]] = {}
+    with out.status("waiting for the Tasks to finish...") if out.is_terminal and not as_json else contextlib.nullcontext():
+        while len(final) < len(submitted):
+            for task_id, revision in submitted.items():
+                record = records.load_task(task_id)
+                if record and record.get("revision") == revision and record["status"] in settled:
+                    final[task_id] = record
+            if len(final) == len(submitted):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+    results = []
+    for task_id in submitted:
+        record = final.get(task_id) or records.load_task(task_id) or {}
+        results.append({"task_id": task_id, "status": record.get("status", "PENDING"), "error": record.get("error"),
+                        "runs": len(record.get("runs") or []), "final": task_id in final})
+    if as_json:
+        print(json.dumps({"tasks": results, "timed_out": len(final) < len(submitted)}, indent=2))
+    else:
+        for result in results:
+            note = f": {result['error']}" if result["error"] else ""
+            out.print(f"{result['task_id']} ", render.status_text(result["status"]), note, sep="")
+    if len(final) < len(submitted):
+        return EXIT_TIMEOUT
+    return EXIT_OK if all(r["status"] == "COMPLETED" for r in results) else EXIT_NOT_COMPLETED
+
+
+def cmd_request(args: argparse.Namespace, out: Console) -> int:
+    root = find_root(args)
+    payload = {"command": args.command, "task": getattr(args, "task", "")}
+    try:
+        reply = control.request(root / STATE_DIR, payload)
+    except DaemonNotRunning:
+        if getattr(args, "quiet", False):
+            return EXIT_OK  # a git hook with no daemon: the next `taskrun up` scans anyway
+        raise
+    if not reply.get("ok"):
+        raise UsageError(reply.get("error") or "the daemon refused the request")
+    if not getattr(args, "quiet", False):
+        out.print(reply.get("message", "ok"), markup=False)
+    return EXIT_OK
+
+
+def cmd_workers(args: argparse.Namespace, out: Console) -> int:
+    root = find_root(args)
+    try:
+        workers = control.request(root / STATE_DIR, {"command": "workers"})["workers"]
+        daemon = True
+    except DaemonNotRunning:
+        config = load_config(root)
+        daemon = False
+        workers = [{"name": w.name, "transport": w.transport, "host": w.host, "reachable": None,
+                    "trusted": None, "slots": w.slots, "used": 0, "agents": list(w.agents),
+                    "labels": dict(w.labels), "last_seen": None, "error": None}
+                   for w in config.workers.values()]
+    if args.json:
+        print(json.dumps({"daemon": daemon, "workers": workers}, indent=2, sort_keys=True))
+    else:
+        out.print(render.workers_table(workers, daemon))
+    return EXIT_OK

@@ -1,0 +1,488 @@
+""".taskrun.yaml -> a frozen, validated `Config`.
+
+Every key is optional (DESIGN.md §2); a missing file or an empty one gives
+the embedded default: the `shell` Agent on the `local` Worker. Anything
+unknown, mistyped or ambiguous is refused with a `ConfigError` naming the
+file, the dotted key (`workers.build-1.port`) and what was expected, so a
+daemon fails fast at start and keeps its previous configuration on a bad
+reload. Only `load_config` touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from taskrunner.defaults import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    CONFIG_FILE,
+    DEFAULT_AGENT,
+    LOCAL_SLOTS,
+    LOCAL_WORKER,
+    RETRIES,
+    TIMEOUT,
+)
+from taskrunner.duration import format_duration, parse_duration
+from taskrunner.errors import ConfigError
+from taskrunner.model import NAME_RE, AgentSpec, ModelBackend, WorkerSpec
+from taskrunner.taskfile import describe, load_yaml, parse_labels
+
+AGENT_PRESETS = ("shell", "command", "claude", "codex", "aider")
+TRANSPORTS = ("local", "ssh")
+#: The placeholder a `command` Agent's argv may carry; replaced by the prompt file's path.
+PROMPT_PLACEHOLDER = "{prompt_file}"
+EMBEDDED_SOURCE = "<embedded default>"
+
+_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git")
+_AGENT_KEYS = ("preset", "command", "backend", "env")
+_BACKEND_KEYS = ("provider", "model", "context_window")
+_SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts")
+_WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home")
+_SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups")
+_BACKOFF_KEYS = ("base", "max")
+_GROUP_KEYS = ("parallel",)
+_GIT_KEYS = ("commit", "push", "remote", "result_branch_prefix")
+
+_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_KEY_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9@.-]*$")
+# Refs and remotes end up as git arguments: a leading '-' would read as an option.
+_REF_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    retries: int = RETRIES
+    backoff_base: float = BACKOFF_BASE
+    backoff_max: float = BACKOFF_MAX
+    timeout: float = TIMEOUT
+    groups: Mapping[str, int] = field(default_factory=dict)  # group -> parallel cap
+
+
+@dataclass(frozen=True)
+class GitConfig:
+    commit: bool = True
+    push: bool = False
+    remote: str = "origin"
+    result_branch_prefix: str = "taskrun/"
+
+
+@dataclass(frozen=True)
+class Config:
+    default_agent: str
+    agents: Mapping[str, AgentSpec]
+    workers: Mapping[str, WorkerSpec]
+    scheduler: SchedulerConfig
+    git: GitConfig
+    source: str  # the file it came from, or "<embedded default>"
+
+
+def _implicit_agents() -> dict[str, AgentSpec]:
+    return {DEFAULT_AGENT: AgentSpec(name=DEFAULT_AGENT, preset="shell")}
+
+
+def _implicit_local_worker(agents: tuple[str, ...]) -> WorkerSpec:
+    return WorkerSpec(name=LOCAL_WORKER, transport="local", slots=LOCAL_SLOTS, agents=agents)
+
+
+def default_config() -> Config:
+    """The embedded default: the shell Agent on the local Worker."""
+    return Config(
+        default_agent=DEFAULT_AGENT,
+        agents=_implicit_agents(),
+        workers={LOCAL_WORKER: _implicit_local_worker((DEFAULT_AGENT,))},
+        scheduler=SchedulerConfig(),
+        git=GitConfig(),
+        source=EMBEDDED_SOURCE,
+    )
+
+
+def load_config(root: Path) -> Config:
+    """Read root/.taskrun.yaml; a missing file is the embedded default."""
+    path = root / CONFIG_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return default_config()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the file: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (invalid byte at offset {exc.start})") from exc
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, file: str) -> Config:
+    """Validate configuration text; `file` names it in errors and in `source`."""
+    return _Parser(file).config(load_yaml(text, file, ConfigError))
+
+
+class _Parser:
+    """Validators that know the file, so every error carries file and dotted key."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, key: str | None, reason: str) -> ConfigError:
+        return ConfigError(self.file, reason, key=key)
+
+    # ------------------------------------------------------------------ sections
+
+    def config(self, data: object) -> Config:
+        top = self.section(data, None, _TOP_KEYS)
+        agents = self.agents(top.get("agents"))
+        default_agent = self.default_agent(top.get("default_agent"), agents)
+        workers = self.workers(top.get("workers"), agents, default_agent)
+        return Config(
+            default_agent=default_agent,
+            agents=agents,
+            workers=workers,
+            scheduler=self.scheduler(top.get("scheduler")),
+            git=self.git(top.get("git")),
+            source=self.file,
+        )
+
+    def agents(self, value: object) -> dict[str, AgentSpec]:
+        # Omitted: the shell Agent exists implicitly. Given: exactly what it says.
+        if value is None:
+            return _implicit_agents()
+        return {name: self.agent(name, spec) for name, spec in self.named("agents", value).items()}
+
+    def agent(self, name: str, value: object) -> AgentSpec:
+        key = f"agents.{name}"
+        spec = self.section(value, key, _AGENT_KEYS, required=("preset",))
+        preset = spec["preset"]
+        if preset not in AGENT_PRESETS:
+            raise self.fail(f"{key}.preset", f"expected one of {', '.join(AGENT_PRESETS)}, got {describe(preset)}")
+        command: tuple[str, ...] = ()
+        if spec.get("command") is not None:
+            if preset == "shell":
+                raise self.fail(f"{key}.command", "the shell preset runs the Task's code blocks and takes no command")
+            command = self.argv(f"{key}.command", spec["command"])
+        elif preset == "command":
+            raise self.fail(
+                f"{key}.command",
+                f"required for preset 'command': a list of arguments, e.g. [my-agent, --prompt, '{PROMPT_PLACEHOLDER}']",
+            )
+        backend = None
+        if spec.get("backend") is not None:
+            backend = self.backend(f"{key}.backend", spec["backend"])
+        env = self.string_list(f"{key}.env", spec.get("env"), "environment variable names", _ENV_NAME_RE)
+        return AgentSpec(name=name, preset=preset, command=command, backend=backend, env=env)
+
+    def backend(self, key: str, value: object) -> ModelBackend:
+        spec = self.section(value, key, _BACKEND_KEYS, required=("provider", "model"))
+        window = spec.get("context_window")
+        return ModelBackend(
+            provider=self.string(f"{key}.provider", spec["provider"]),
+            model=self.string(f"{key}.model", spec["model"]),
+            context_window=None if window is None else self.integer(f"{key}.context_window", window, minimum=1),
+        )
+
+    def default_agent(self, value: object, agents: Mapping[str, AgentSpec]) -> str:
+        configured = ", ".join(agents) or "none"
+        if value is None:
+            if DEFAULT_AGENT not in agents:
+                raise self.fail(
+                    "default_agent",
+                    f"not set, so it is '{DEFAULT_AGENT}', which is not a configured agent; "
+                    f"set it to one of: {configured}",
+                )
+            return DEFAULT_AGENT
+        name = self.name("default_agent", value, "an agent name")
+        if name not in agents:
+            raise self.fail("default_agent", f"'{name}' is not a configured agent; configured agents: {configured}")
+        return name
+
+    def workers(self, value: object, agents: Mapping[str, AgentSpec], default_agent: str) -> dict[str, WorkerSpec]:
+        if value is None:
+            # The embedded local Worker is this machine: it offers every configured Agent.
+            return {LOCAL_WORKER: _implicit_local_worker(tuple(agents))}
+        workers = {
+            name: self.worker(name, spec, agents, default_agent) for name, spec in self.named("workers", value).items()
+        }
+        if not workers:
+            raise self.fail("workers", "expected at least one worker, got none")
+        return workers
+
+    def worker(self, name: str, value: object, agents: Mapping[str, AgentSpec], default_agent: str) -> WorkerSpec:
+        key = f"workers.{name}"
+        spec = self.section(value, key, _WORKER_KEYS, required=("transport",))
+        transport = spec["transport"]
+        if transport not in TRANSPORTS:
+            raise self.fail(f"{key}.transport", f"expected one of {', '.join(TRANSPORTS)}, got {describe(transport)}")
+
+        offered: tuple[str, ...] = (default_agent,)
+        if spec.get("agents") is not None:
+            offered = self.string_list(f"{key}.agents", spec["agents"], "agent names", NAME_RE)
+            if not offered:
+                raise self.fail(f"{key}.agents", "expected at least one agent name, got an empty list")
+        for agent in offered:
+            if agent not in agents:
+                raise self.fail(
+                    f"{key}.agents", f"'{agent}' is not a configured agent; configured agents: {', '.join(agents)}"
+                )
+        try:
+            labels = parse_labels(spec.get("labels"))
+        except ValueError as exc:
+            raise self.fail(f"{key}.labels", str(exc)) from exc
+        slots = spec.get("slots")
+        home = spec.get("home")
+        common: dict[str, Any] = {
+            "name": name,
+            "transport": transport,
+            "slots": 1 if slots is None else self.integer(f"{key}.slots", slots, minimum=1),
+            "agents": offered,
+            "labels": labels,
+            "home": None if home is None else self.string(f"{key}.home", home),
+        }
+        if transport == "local":
+            for ssh_key in _SSH_ONLY_KEYS:
+                if ssh_key in spec:
+                    raise self.fail(f"{key}.{ssh_key}", "only for transport: ssh; this worker is transport: local")
+            return WorkerSpec(**common)
+        return WorkerSpec(**common, **self.ssh_fields(key, spec))
+
+    def ssh_fields(self, key: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+        if spec.get("host") is None:
+            raise self.fail(f"{key}.host", "required for transport: ssh: the Worker's host name or address")
+        host = self.string(f"{key}.host", spec["host"])
+        if host.startswith("-") or any(c.isspace() for c in host):
+            raise self.fail(f"{key}.host", f"expected a host name or address, got {describe(host)}")
+        if spec.get("host_key") is None and spec.get("known_hosts") is None:
+            raise self.fail(
+                f"{key}.host_key",
+                "an ssh Worker needs host_key or known_hosts: pin the host key: run `taskrun worker add`",
+            )
+        fields: dict[str, Any] = {"host": host}
+        if spec.get("port") is not None:
+            fields["port"] = self.integer(f"{key}.port", spec["port"], minimum=1, maximum=65535)
+        for optional in ("user", "identity", "known_hosts"):
+            if spec.get(optional) is not None:
+                fields[optional] = self.string(f"{key}.{optional}", spec[optional])
+        if spec.get("host_key") is not None:
+            fields["host_key"] = self.host_key(f"{key}.host_key", spec["host_key"])
+        return fields
+
+    def host_key(self, key: str, value: object) -> str:
+        """An OpenSSH public key line: type, base64 key, optional comment."""
+        expected = "expected 'TYPE BASE64-KEY' like 'ssh-ed25519 AAAAC3Nza...'"
+        parts = value.split() if isinstance(value, str) else []
+        if len(parts) not in (2, 3) or not _KEY_TYPE_RE.fullmatch(parts[0]):
+            raise self.fail(key, f"{expected}, got {describe(value)}")
+        try:
+            blob = base64.b64decode(parts[1], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise self.fail(key, f"{expected}; the key is not valid base64") from exc
+        # The key blob starts with its own type name (RFC 4253 §6.6): a pasted
+        # key with a wrong or truncated type is caught here, not at connect time.
+        size = int.from_bytes(blob[:4], "big")
+        if len(blob) < 4 + size or blob[4 : 4 + size] != parts[0].encode():
+            raise self.fail(key, f"{expected}; the key data does not hold a '{parts[0]}' key")
+        return " ".join(parts[:2])
+
+    def scheduler(self, value: object) -> SchedulerConfig:
+        spec = self.section(value, "scheduler", _SCHEDULER_KEYS)
+        backoff = self.section(spec.get("backoff"), "scheduler.backoff", _BACKOFF_KEYS)
+        base = self.duration("scheduler.backoff.base", backoff.get("base"), BACKOFF_BASE)
+        cap = self.duration("scheduler.backoff.max", backoff.get("max"), BACKOFF_MAX)
+        if cap < base:
+            raise self.fail(
+                "scheduler.backoff.max",
+                f"expected at least base ({format_duration(base)}), got {format_duration(cap)}",
+            )
+        retries = spec.get("retries")
+        groups = {
+            name: self.integer(
+                f"scheduler.groups.{name}.parallel",
+                self.section(group, f"scheduler.groups.{name}", _GROUP_KEYS, required=("parallel",))["parallel"],
+                minimum=1,
+            )
+            for name, group in self.named("scheduler.groups", spec.get("groups")).items()
+        }
+        return SchedulerConfig(
+            retries=RETRIES if retries is None else self.integer("scheduler.retries", retries, minimum=0),
+            backoff_base=base,
+            backoff_max=cap,
+            timeout=self.duration("scheduler.timeout", spec.get("timeout"), TIMEOUT),
+            groups=groups,
+        )
+
+    def git(self, value: object) -> GitConfig:
+        spec = self.section(value, "git", _GIT_KEYS)
+        # A null value (`push:` with nothing after it) means the default, as everywhere.
+        spec = {k: v for k, v in spec.items() if v is not None}
+        defaults = GitConfig()
+        remote = spec.get("remote", defaults.remote)
+        if not isinstance(remote, str) or not remote or remote.startswith("-") or any(c.isspace() for c in remote):
+            raise self.fail("git.remote", f"expected a remote name or URL, got {describe(remote)}")
+        prefix = spec.get("result_branch_prefix", defaults.result_branch_prefix)
+        if not isinstance(prefix, str) or not _REF_PREFIX_RE.fullmatch(prefix) or ".." in prefix or "//" in prefix:
+            raise self.fail(
+                "git.result_branch_prefix",
+                f"expected a branch name prefix like 'taskrun/' (letters, digits, '.', '_', '-', '/'), "
+                f"got {describe(prefix)}",
+            )
+        return GitConfig(
+            commit=self.boolean("git.commit", spec.get("commit", defaults.commit)),
+            push=self.boolean("git.push", spec.get("push", defaults.push)),
+            remote=remote,
+            result_branch_prefix=prefix,
+        )
+
+    # ------------------------------------------------------------------ values
+
+    def section(
+        self, value: object, key: str | None, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """A mapping with only `allowed` keys and every `required` one (non-null).
+
+        A null section (`scheduler:` with nothing under it) is the same as an
+        omitted one.
+        """
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping with keys {', '.join(allowed)}, got {describe(value)}")
+        prefix = f"{key}." if key else ""
+        for name in value:
+            if name not in allowed:
+                raise self.fail(f"{prefix}{name}", f"unknown key; allowed keys are {', '.join(allowed)}")
+        for name in required:
+            if value.get(name) is None:
+                raise self.fail(f"{prefix}{name}", "required, but missing")
+        return value
+
+    def named(self, key: str, value: object) -> dict[str, object]:
+        """A mapping of names (agents, workers, groups) to their settings."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping of names to settings, got {describe(value)}")
+        for name in value:
+            if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+                raise self.fail(
+                    f"{key}.{name}", f"expected a name (letters, digits, '.', '_', '-'), got {describe(name)}"
+                )
+        return value
+
+    def string(self, key: str, value: object) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {describe(value)}")
+        return value
+
+    def name(self, key: str, value: object, what: str) -> str:
+        if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+            raise self.fail(key, f"expected {what} (letters, digits, '.', '_', '-'), got {describe(value)}")
+        return value
+
+    def integer(self, key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+        # bool is an int subclass; `slots: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number, got {describe(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise self.fail(key, f"expected a whole number {bounds}, got {value}")
+        return value
+
+    def boolean(self, key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {describe(value)}")
+        return value
+
+    def duration(self, key: str, value: object, default: float) -> float:
+        if value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from exc
+
+    def argv(self, key: str, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            raise self.fail(key, f"expected a list of arguments (argv), not a shell string: got {describe(value)}")
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"expected a non-empty list of arguments (argv), got {describe(value)}")
+        for index, arg in enumerate(value):
+            # Numbers are refused rather than stringified: YAML has lost how they were written.
+            if not isinstance(arg, str) or not arg:
+                raise self.fail(key, f"argument {index + 1}: expected a non-empty string (quote it), got {describe(arg)}")
+        return tuple(value)
+
+    def string_list(self, key: str, value: object, what: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
+        """A list of names matching `pattern` (a single name is a list of one), deduplicated."""
+        if value is None:
+            return ()
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise self.fail(key, f"expected a list of {what}, got {describe(value)}")
+        names: list[str] = []
+        for item in items:
+            if not isinstance(item, str) or not pattern.fullmatch(item):
+                raise self.fail(key, f"expected {what} matching {pattern.pattern}, got {describe(item)}")
+            if item not in names:
+                names.append(item)
+        return tuple(names)
+
+
+INIT_TEMPLATE = f"""\
+# taskrun configuration (DESIGN.md §2; every key is documented in README.md).
+# Every key is optional; the values below are the defaults, spelled out.
+
+# The Agent a Task uses when its front matter names none.
+default_agent: {DEFAULT_AGENT}
+
+# Agents: named ways of carrying out a Task.
+agents:
+  # Runs the Task body's ```sh / ```bash code blocks as one bash script.
+  shell:
+    preset: shell
+  # An AI coding CLI. Credentials are only named here and resolved on the
+  # Worker; they never enter the repository.
+  # claude:
+  #   preset: claude
+  #   backend: {{provider: anthropic, model: claude-sonnet-4-5}}
+  #   env: [ANTHROPIC_API_KEY]
+
+# Workers: machines that execute Runs. `taskrun worker add` adds ssh Workers.
+workers:
+  {LOCAL_WORKER}:
+    transport: local
+    # How many Runs this Worker carries out at the same time.
+    slots: {LOCAL_SLOTS}
+    agents: [shell]
+  # build-1:
+  #   transport: ssh
+  #   host: 10.0.0.5
+  #   user: taskrun
+  #   identity: ~/.ssh/taskrun_ed25519
+  #   host_key: "ssh-ed25519 AAAA..."   # pinned by `taskrun worker add`
+  #   slots: 4
+  #   labels: {{gpu: "true"}}
+  #   agents: [shell]
+
+scheduler:
+  # Retries after a failed Run (a Task's `retries` overrides it).
+  retries: {RETRIES}
+  # Wait before a retry: base, doubling each attempt, up to max, with jitter.
+  backoff:
+    base: {format_duration(BACKOFF_BASE)}
+    max: {format_duration(BACKOFF_MAX)}
+  # A Run still going after this long is killed (a Task's `timeout` overrides it).
+  timeout: {format_duration(TIMEOUT)}
+  # Parallel caps per Task group, e.g. {{backend: {{parallel: 1}}}}.
+  groups: {{}}
+
+git:
+  # Commit the runs/ records, and push those commits to the remote.
+  commit: true
+  push: false
+  remote: origin
+  # An Agent's changes come back on <prefix><task-id>.
+  result_branch_prefix: taskrun/
+"""

@@ -1,0 +1,54 @@
+"""Every default of taskrun, named and documented in one place."""
+
+from __future__ import annotations
+
+CONFIG_FILE = ".taskrun.yaml"
+TASKS_DIR = "tasks"
+RUNS_DIR = "runs"
+HOOKS_DIR = "hooks"
+#: Local state under .git/ so it can never be committed by accident.
+STATE_DIR = ".git/taskrun"
+
+DEFAULT_AGENT = "shell"
+LOCAL_WORKER = "local"
+#: Slots of the embedded local Worker when no configuration exists.
+LOCAL_SLOTS = 2
+
+#: Retries after a failed Run; a cancelled Run is never retried.
+RETRIES = 0
+#: Exponential backoff between retries: base * 2**(attempt-1), capped, with jitter.
+BACKOFF_BASE = 5.0
+BACKOFF_MAX = 300.0
+#: A Run is killed (its whole process group) after this many seconds.
+TIMEOUT = 3600.0
+
+#: Task files larger than this become INVALID rather than being read into memory.
+MAX_TASK_FILE_BYTES = 256 * 1024
+
+#: Edits that do not end in a close-after-write (editors that write in place
+#: without closing, or tools that only touch mtime) are read once the file
+#: has been quiet this long.
+DEBOUNCE_SECONDS = 0.15
+
+#: Runs that finish within this window share one commit.
+COMMIT_WINDOW_SECONDS = 0.25
+
+#: A Worker sends a heartbeat this often; missing HEARTBEAT_MISSES in a row
+#: marks it offline.
+HEARTBEAT_SECONDS = 2.0
+HEARTBEAT_MISSES = 3
+#: Runs on an offline Worker wait this long for it to return before they are
+#: retried elsewhere.
+GRACE_SECONDS = 60.0
+
+#: Largest output chunk a Worker sends in one record.
+OUTPUT_CHUNK_BYTES = 64 * 1024
+#: How often the Worker looks for new output and finished Agents while Runs are
+#: active; idle Workers only wake for heartbeats and messages.
+WORKER_POLL_SECONDS = 0.005
+
+#: Where taskrun-worker keeps its Runs when no --home is given.
+WORKER_HOME = "~/.taskrun-worker"
+
+#: The git trailer keys written on every result commit.
+TRAILER_KEYS = ("Task-Id", "Run-Id", "Worker", "Agent", "Status")

@@ -1,0 +1,504 @@
+"""The engine: Tasks, Runs and Workers, changed only by events, on one thread.
+
+Events come from the watcher (a Task file changed or went away), from Worker
+sessions (hello, started, output, result, the link dropping), from the CLI
+(cancel, retry) and from the clock (backoff over, grace over). After a batch of
+events the daemon calls `schedule()`, which asks the pure scheduler for a plan
+and carries it out. Records are written here; commits are handed to the
+recorder thread, which owns git.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from taskrunner import bundle, scheduler
+from taskrunner.config import Config
+from taskrunner.defaults import TASKS_DIR
+from taskrunner.errors import RecordError, TaskrunError
+from taskrunner.fleet import Fleet, WorkerState
+from taskrunner.hooks import Hooks, emit
+from taskrunner.intake import Intake, agent_of, read_task
+from taskrunner.links import LinkEvent
+from taskrunner.model import RunStatus, TaskStatus
+from taskrunner.protocol import Message
+from taskrunner.records import Records
+from taskrunner.recorder import CommitItem
+from taskrunner.state import RunState, TaskState
+from taskrunner.taskfile import dependency_cycles, is_ignored_name, task_id_for
+
+
+class Engine:
+    def __init__(
+        self,
+        root: Path,
+        config: Config,
+        fleet: Fleet,
+        commit: Callable[[CommitItem], None],
+        hooks: Hooks | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.root = root
+        self.config = config
+        self.fleet = fleet
+        self.records = Records(root)
+        self.hooks = hooks or Hooks()
+        self._commit = commit
+        self._clock = clock
+        self._rand = rand
+        self.tasks: dict[str, TaskState] = {}
+        self.runs: dict[str, RunState] = {}  # Runs not yet final, by run id
+        self.touched: set[str] = set()  # Tasks this daemon brought (or is bringing) to a final state
+        self.next_wakeup: float | None = None
+        self.base_commit: str | None = None
+        self._seq = 0
+        self._last_plan_assigned = False
+
+    # -- start-up -----------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuild state from runs/ after a (re)start; unfinished Runs await their Worker."""
+        for task_id in sorted(self.records.task_ids()):
+            try:
+                data = self.records.load_task(task_id)
+                if data is None:
+                    continue
+                runs = []
+                for entry in data.get("runs", []):
+                    run_data = self.records.load_run(task_id, int(entry["run"]))
+                    if run_data is not None:
+                        runs.append(RunState.from_record(run_data))
+                task = TaskState.from_record(data, runs)
+            except (RecordError, KeyError, ValueError, TypeError) as exc:
+                emit(self.hooks, "notice", f"skipping the record of '{task_id}': {exc}")
+                continue
+            self.tasks[task_id] = task
+            self._seq = max(self._seq, task.seq + 1)
+            run = task.active_run
+            if run is None:
+                continue
+            self.runs[run.run_id] = run
+            self.touched.add(task_id)
+            worker = self.fleet.get(run.worker)
+            if worker is None:
+                self._run_lost(run, f"Worker '{run.worker}' is no longer configured", RunStatus.FAILED)
+            else:
+                worker.runs.add(run.run_id)
+
+    def scan(self) -> None:
+        """Bring every Task file into step with its record (start-up and `taskrun trigger`)."""
+        tasks_dir = self.root / TASKS_DIR
+        seen: set[str] = set()
+        for path in sorted(tasks_dir.rglob("*.md")) if tasks_dir.is_dir() else []:
+            rel = path.relative_to(self.root).as_posix()
+            if path.is_file() and not any(is_ignored_name(part) for part in path.relative_to(tasks_dir).parts):
+                task_id = task_id_for(rel)
+                if task_id:
+                    seen.add(task_id)
+                self.task_file_changed(rel)
+        for task in list(self.tasks.values()):
+            if task.id not in seen and not task.removed:
+                self.task_file_removed(task.file)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: Runs on Workers that are gone are retried elsewhere."""
+        self.config = config
+        for worker in self.fleet.configure(config):
+            for run_id in sorted(worker.runs):
+                self._run_lost(self.runs[run_id], f"Worker '{worker.name}' was removed from the configuration",
+                               RunStatus.FAILED)
+
+    # -- Task files ----------------------------------------------------------
+
+    def task_file_changed(self, rel: str) -> None:
+        task_id = task_id_for(rel)
+        if task_id is None:
+            emit(self.hooks, "notice", f"ignoring {rel}: a Task id is [a-z0-9][a-z0-9._/-]* under tasks/")
+            return
+        try:
+            intake = read_task(self.root, task_id, rel, self.config)
+        except FileNotFoundError:
+            self.task_file_removed(rel)
+            return
+        except OSError as exc:
+            intake = Intake(task_id, rel, f"unreadable:{exc}", None, f"{rel}: cannot read: {exc}")
+        task = self.tasks.get(task_id)
+        if task is None:
+            task = self.tasks[task_id] = TaskState(task_id, rel, self._next_seq())
+        elif intake.revision == task.revision and not task.removed:
+            # Same bytes: a restart or a touch. Keep the status, refresh the spec.
+            task.spec = intake.spec or task.spec
+            return
+        task.removed = False
+        task.file = rel
+        task.revision = intake.revision
+        task.spec = intake.spec
+        task.error = intake.error
+        self.touched.add(task_id)
+        if task.active_run is None:
+            self._new_revision(task)
+        self._check_cycles()
+        self._save_task(task)
+
+    def task_file_removed(self, rel: str) -> None:
+        task_id = task_id_for(rel)
+        task = self.tasks.get(task_id) if task_id else None
+        if task is None or task.removed:
+            return
+        task.removed = True
+        reason = "the Task file was deleted"
+        run = task.active_run
+        if run is not None:
+            self._cancel_run(task, run, reason)
+        elif task.status in (TaskStatus.PENDING, TaskStatus.BLOCKED, TaskStatus.INVALID):
+            self._settle(task, TaskStatus.CANCELLED, reason)
+        else:
+            self._save_task(task, commit=True)
+
+    def _new_revision(self, task: TaskState) -> None:
+        task.attempts = 0
+        task.not_before = 0.0
+        task.cancel_requested = False
+        task.cycle = False
+        if task.spec is None:
+            self._settle(task, TaskStatus.INVALID, task.error)
+        else:
+            task.error = None
+            task.move(TaskStatus.PENDING)
+
+    def _check_cycles(self) -> None:
+        graph = {t.id: t.spec.depends_on for t in self.tasks.values() if t.spec is not None and not t.removed}
+        in_cycle: dict[str, tuple[str, ...]] = {}
+        for cycle in dependency_cycles(graph):
+            for task_id in cycle:
+                in_cycle.setdefault(task_id, cycle)
+        for task in self.tasks.values():
+            if task.active_run is not None:
+                continue
+            cycle = in_cycle.get(task.id)
+            if cycle and not task.cycle:
+                task.cycle = True
+                path = " -> ".join(cycle)
+                self._settle(task, TaskStatus.INVALID, f"{task.file}: key 'depends_on': dependency cycle {path}")
+            elif task.cycle and not cycle:
+                task.cycle = False
+                task.error = None
+                task.move(TaskStatus.PENDING)
+                self._save_task(task)
+
+    # -- scheduling ----------------------------------------------------------
+
+    def schedule(self) -> None:
+        now = self._clock()
+        views = [
+            scheduler.TaskView(
+                id=t.id, status=t.status, priority=t.priority, seq=t.seq,
+                agent=agent_of(t.spec, self.config) if t.spec else "",
+                depends_on=t.spec.depends_on if t.spec else (), labels=t.spec.labels if t.spec else {},
+                group=t.spec.group if t.spec else None, not_before=t.not_before,
+                tried_workers=tuple(r.worker for r in t.runs if r.revision == t.revision),
+            )
+            for t in self.tasks.values()
+            if not (t.removed and t.status.final)
+        ]
+        groups = dict(self.config.scheduler.groups)
+        plan = scheduler.plan(views, self.fleet.views(), groups, now)
+        for blocked in plan.blocked:
+            self._settle(self.tasks[blocked.task_id], TaskStatus.BLOCKED, blocked.reason)
+        for task_id in plan.unblocked:
+            task = self.tasks[task_id]
+            task.error = None
+            task.move(TaskStatus.PENDING)
+            self._save_task(task)
+        for assignment in plan.assignments:
+            self._assign(self.tasks[assignment.task_id], self.fleet[assignment.worker])
+        for task in self.tasks.values():
+            waiting = plan.waiting.get(task.id) if task.status is TaskStatus.PENDING else None
+            if waiting != task.waiting:
+                task.waiting = waiting
+                self._save_task(task)
+        self.next_wakeup = plan.next_wakeup
+        self._last_plan_assigned = bool(plan.assignments)
+
+    def idle(self) -> bool:
+        """Nothing runs and nothing can start: what `up --once` waits for."""
+        return (
+            not self.runs
+            and not self._last_plan_assigned
+            and self.next_wakeup is None
+            and self.fleet.all_tried()
+        )
+
+    def give_up_waiting(self) -> None:
+        """For `up --once`: PENDING Tasks that can never start become BLOCKED, saying why."""
+        for task in self.tasks.values():
+            if task.status is TaskStatus.PENDING:
+                self._settle(task, TaskStatus.BLOCKED, task.waiting or "nothing could run it")
+
+    def _assign(self, task: TaskState, worker: WorkerState) -> None:
+        spec = task.spec
+        assert spec is not None
+        now = self._clock()
+        try:
+            data = (self.root / spec.path).read_bytes()
+        except OSError:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != task.revision:
+            # The file changed after intake and the watcher has not told us yet.
+            self.task_file_changed(spec.path)
+            return
+        files = {spec.path: data}
+        agent_name = agent_of(spec, self.config)
+        agent = self.config.agents[agent_name]
+        run = RunState(
+            run_id=uuid.uuid4().hex[:16], task_id=task.id, number=len(task.runs) + 1,
+            revision=spec.revision, attempt=task.attempts + 1, worker=worker.name, agent=agent_name,
+            backend_used=agent.backend.as_record() if agent.backend else None, created_at=now,
+        )
+        task.runs.append(run)
+        task.attempts += 1
+        task.waiting = None
+        task.error = None
+        task.move(TaskStatus.RUNNING)
+        self.runs[run.run_id] = run
+        worker.runs.add(run.run_id)
+        try:
+            for path in spec.context:
+                files[path] = self._context_file(path)
+        except TaskrunError as exc:
+            self._save_task(task)
+            self._finish(run, RunStatus.FAILED, None, str(exc))
+            return
+        timeout = spec.timeout or self.config.scheduler.timeout
+        package = bundle.build(
+            files, run_id=run.run_id, task_id=task.id, revision=run.revision, worker=worker.name,
+            agent=agent_name, attempt=run.attempt, issued_at=now, base_commit=self.base_commit,
+        )
+        self.records.save_manifest(task.id, run.number, package.manifest)
+        run.move(RunStatus.ASSIGNED)
+        run.assigned_at = now
+        self._save_run(run)
+        self._save_task(task)
+        fields = {
+            "run_id": run.run_id, "task_id": task.id, "revision": run.revision, "attempt": run.attempt,
+            "agent": {"name": agent.name, "preset": agent.preset, "command": list(agent.command),
+                      "env": list(agent.env)},
+            "timeout": timeout, "task_file": spec.path, "manifest": package.manifest,
+        }
+        # A failed send means the session is down: the link reports that, and
+        # the Run is reattached or found lost when the Worker says hello again.
+        self.fleet.send(worker, Message("assign", fields, package.archive))
+
+    def _context_file(self, path: str) -> bytes:
+        target = (self.root / path).resolve()
+        if not target.is_relative_to(self.root.resolve()) or not target.is_file():
+            raise TaskrunError(f"context file '{path}' is not a file in the repository")
+        return target.read_bytes()
+
+    # -- Worker sessions -----------------------------------------------------
+
+    def on_link_event(self, event: LinkEvent) -> None:
+        worker = self.fleet.current(event)
+        if worker is None:
+            return
+        if event.message is None:
+            # A session we closed ourselves (heartbeat missed) ends here too:
+            # count each loss once.
+            if worker.online or worker.reconnect_at is None:
+                self.fleet.link_down(worker, event.reason, self._clock())
+            return
+        message = event.message
+        worker.last_seen = self._clock()
+        if message.type == "hello":
+            self._hello(worker, message)
+        elif message.type == "heartbeat":
+            worker.running = int(message.get("running") or 0)
+        elif message.type == "error":
+            emit(self.hooks, "notice", f"Worker '{worker.name}': {message['message']}")
+        else:
+            run = self.runs.get(message.get("run_id"))
+            if run is None or run.worker != worker.name:
+                if message.type == "result":
+                    self.fleet.send(worker, Message("ack", {"run_id": message["run_id"]}))
+                return
+            getattr(self, f"_on_{message.type}")(worker, run, message)
+
+    def _hello(self, worker: WorkerState, message: Message) -> None:
+        self.fleet.hello(worker, message.fields, self._clock())
+        held = {entry["run_id"]: entry for entry in message["runs"] if isinstance(entry, dict)}
+        for run_id in sorted(worker.runs):
+            run = self.runs[run_id]
+            if run_id in held:
+                offset = self.records.output_size(run.task_id, run.number)
+                self.fleet.send(worker, Message("resume", {"run_id": run_id, "offset": offset}))
+            else:
+                self._run_lost(run, f"Worker '{worker.name}' no longer holds the Run", RunStatus.FAILED)
+        for run_id, entry in held.items():
+            if run_id not in worker.runs:
+                # A Run this control plane already settled (cancelled while the
+                # Worker was away, or retried elsewhere): stop it and forget it.
+                kind = "cancel" if entry.get("state") == "running" else "ack"
+                self.fleet.send(worker, Message(kind, {"run_id": run_id, "reason": "no longer wanted"}))
+
+    def _on_started(self, worker: WorkerState, run: RunState, message: Message) -> None:
+        if run.status is RunStatus.ASSIGNED:
+            run.move(RunStatus.RUNNING)
+            run.started_at = message.get("started_at") or self._clock()
+            self._save_run(run)
+
+    def _on_output(self, worker: WorkerState, run: RunState, message: Message) -> None:
+        offset = int(message["offset"])
+        before = self.records.output_size(run.task_id, run.number)
+        after = self.records.append_output(run.task_id, run.number, offset, message.payload)
+        if offset > before:
+            self.fleet.send(worker, Message("resume", {"run_id": run.run_id, "offset": before}))
+            return
+        run.output_size = after
+        if after > before:
+            emit(self.hooks, "run_output", run, message.payload[before - offset:])
+
+    def _on_result(self, worker: WorkerState, run: RunState, message: Message) -> None:
+        size = self.records.output_size(run.task_id, run.number)
+        if size != message["output_size"]:
+            self.fleet.send(worker, Message("resume", {"run_id": run.run_id, "offset": size}))
+            return
+        run.output_size = size
+        run.started_at = run.started_at or message.get("started_at")
+        try:
+            status = RunStatus(message["status"])
+        except ValueError:
+            status = RunStatus.FAILED
+        self._finish(run, status, message.get("exit_code"), message.get("error"), message.get("finished_at"))
+        self.fleet.send(worker, Message("ack", {"run_id": run.run_id}))
+
+    # -- Run endings ----------------------------------------------------------
+
+    def _finish(self, run: RunState, status: RunStatus, exit_code: int | None, error: str | None,
+                finished_at: float | None = None) -> None:
+        """Record a Run's one final status, then decide what its Task does next."""
+        run.move(status)
+        run.exit_code = exit_code
+        run.error = error
+        run.finished_at = finished_at or self._clock()
+        self._save_run(run)
+        self.runs.pop(run.run_id, None)
+        worker = self.fleet.get(run.worker)
+        if worker is not None:
+            worker.runs.discard(run.run_id)
+        task = self.tasks[run.task_id]
+        retries = self._retries(task)
+        if task.cancel_requested and status is not RunStatus.COMPLETED:
+            next_status, reason = TaskStatus.CANCELLED, error
+        elif run.revision != task.revision:
+            # A new revision arrived while this one ran: run it now.
+            task.move(TaskStatus.PENDING)
+            self._new_revision(task)
+            next_status, reason = None, None
+        elif status is RunStatus.FAILED and task.attempts <= retries:
+            delay = scheduler.backoff_delay(task.attempts, self.config.scheduler.backoff_base,
+                                            self.config.scheduler.backoff_max, self._rand())
+            task.not_before = self._clock() + delay
+            task.move(TaskStatus.PENDING)
+            task.error = error
+            next_status, reason = None, None
+        else:
+            next_status, reason = TaskStatus(status.value), error
+        if next_status is not None:
+            task.move(next_status)
+            task.error = reason
+        self._save_task(task)
+        self._commit(CommitItem(
+            paths=tuple(self.records.run_paths(task.id, run.number)), task_id=task.id, run_id=run.run_id,
+            run_number=run.number, worker=run.worker, agent=run.agent, status=run.status.value,
+            title=task.spec.title if task.spec else task.id,
+        ))
+
+    def _run_lost(self, run: RunState, reason: str, status: RunStatus) -> None:
+        run.output_size = self.records.output_size(run.task_id, run.number)
+        self._finish(run, status, None, reason)
+
+    def grace_expired(self, worker: WorkerState) -> None:
+        for run_id in sorted(worker.runs):
+            self._run_lost(self.runs[run_id], f"Worker '{worker.name}' was unreachable for longer than "
+                           f"the grace period", RunStatus.FAILED)
+
+    def _cancel_run(self, task: TaskState, run: RunState, reason: str) -> None:
+        task.cancel_requested = True
+        worker = self.fleet.get(run.worker)
+        if worker is not None and worker.online:
+            self.fleet.send(worker, Message("cancel", {"run_id": run.run_id, "reason": reason}))
+        else:
+            # Nobody to ask: settle now; the Worker stops it when it says hello.
+            self._run_lost(run, reason, RunStatus.CANCELLED)
+
+    def _retries(self, task: TaskState) -> int:
+        if task.spec is not None and task.spec.retries is not None:
+            return task.spec.retries
+        return self.config.scheduler.retries
+
+    # -- requests from the CLI ------------------------------------------------
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return {"ok": False, "error": f"no Task '{task_id}'"}
+        run = task.active_run
+        if run is not None:
+            self._cancel_run(task, run, "cancelled by `taskrun cancel`")
+            return {"ok": True, "message": f"cancelling Run {run.number} of '{task_id}' on {run.worker}"}
+        if task.status in (TaskStatus.PENDING, TaskStatus.BLOCKED, TaskStatus.INVALID):
+            self._settle(task, TaskStatus.CANCELLED, "cancelled by `taskrun cancel`")
+            return {"ok": True, "message": f"'{task_id}' cancelled"}
+        return {"ok": False, "error": f"'{task_id}' is already {task.status.value}"}
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return {"ok": False, "error": f"no Task '{task_id}'"}
+        if task.removed:
+            return {"ok": False, "error": f"the file of '{task_id}' was deleted; add it again to run it"}
+        if task.status is TaskStatus.INVALID:
+            return {"ok": False, "error": f"'{task_id}' is INVALID; fix the file first: {task.error}"}
+        if task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+            return {"ok": False, "error": f"'{task_id}' is already {task.status.value}"}
+        task.move(TaskStatus.PENDING)
+        task.attempts = 0
+        task.not_before = 0.0
+        task.error = None
+        task.cancel_requested = False
+        self.touched.add(task_id)
+        self._save_task(task)
+        return {"ok": True, "message": f"'{task_id}' will run again"}
+
+    # -- records ---------------------------------------------------------------
+
+    def _settle(self, task: TaskState, status: TaskStatus, reason: str | None) -> None:
+        task.move(status)
+        task.error = reason
+        task.waiting = None
+        self._save_task(task, commit=True)
+
+    def _save_task(self, task: TaskState, commit: bool = False) -> None:
+        task.updated_at = self._clock()
+        self.records.save_task(task.record())
+        emit(self.hooks, "task_changed", task)
+        if commit:
+            self._commit(CommitItem(
+                paths=(self.records.relative(self.records.task_file(task.id)),), task_id=task.id,
+                run_id=None, run_number=None, worker=None, agent=agent_of(task.spec, self.config) if task.spec else None,
+                status=task.status.value, title=task.spec.title if task.spec else task.id,
+            ))
+
+    def _save_run(self, run: RunState) -> None:
+        self.records.save_run(run.record())
+        emit(self.hooks, "run_changed", run)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq

@@ -1,0 +1,188 @@
+"""The fleet: every configured Worker, its session, its health and its load.
+
+Sessions are opened and re-opened here (with backoff), heartbeats are watched
+here, and `views()` gives the scheduler what it needs to place Runs. Like the
+engine, a Fleet is used from one thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from taskrunner import scheduler
+from taskrunner.config import Config
+from taskrunner.defaults import GRACE_SECONDS, HEARTBEAT_MISSES, HEARTBEAT_SECONDS
+from taskrunner.errors import WorkerError
+from taskrunner.hooks import Hooks, emit
+from taskrunner.links import LinkEvent, WorkerLink, make_link
+from taskrunner.model import WorkerSpec
+from taskrunner.protocol import Message
+
+#: Reconnect delays grow from this, doubling, up to RECONNECT_MAX.
+RECONNECT_BASE = 0.5
+RECONNECT_MAX = 30.0
+
+
+@dataclass
+class WorkerState:
+    spec: WorkerSpec
+    link: WorkerLink | None = None
+    generation: int = 0
+    online: bool = False
+    tried: bool = False  # a session has said hello or failed at least once
+    hello: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    last_seen: float | None = None
+    offline_since: float | None = None
+    reconnect_at: float | None = 0.0
+    failures: int = 0
+    running: int = 0
+    runs: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "transport": self.spec.transport, "host": self.spec.host,
+            "online": self.online, "reachable": self.online, "trusted": self.spec.transport == "local" or None,
+            "slots": self.spec.slots, "used": len(self.runs), "agents": list(self.spec.agents),
+            "labels": dict(self.spec.labels), "last_seen": self.last_seen, "error": self.error,
+            "version": self.hello.get("version"),
+        }
+
+
+class Fleet:
+    def __init__(self, config: Config, state_dir: Path, post: Callable[[LinkEvent], None],
+                 hooks: Hooks | None = None, grace: float = GRACE_SECONDS) -> None:
+        self._state_dir = state_dir
+        self._post = post
+        self.hooks = hooks or Hooks()
+        self.grace = grace
+        self.workers: dict[str, WorkerState] = {}
+        self.configure(config)
+
+    def configure(self, config: Config) -> list[WorkerState]:
+        """Apply a (re)loaded configuration; returns Workers that were removed."""
+        removed = [w for name, w in self.workers.items() if name not in config.workers]
+        for worker in removed:
+            if worker.link:
+                worker.link.close()
+            del self.workers[worker.name]
+        for name, spec in config.workers.items():
+            current = self.workers.get(name)
+            if current is None:
+                self.workers[name] = WorkerState(spec)
+            elif current.spec != spec:
+                if (current.spec.transport, current.spec.host, current.spec.port) != (spec.transport, spec.host, spec.port):
+                    if current.link:
+                        current.link.close()
+                    current.link = None
+                    current.online = False
+                    current.reconnect_at = 0.0
+                current.spec = spec
+        return removed
+
+    def __getitem__(self, name: str) -> WorkerState:
+        return self.workers[name]
+
+    def __iter__(self) -> Iterator[WorkerState]:
+        return iter(self.workers.values())
+
+    def get(self, name: str) -> WorkerState | None:
+        return self.workers.get(name)
+
+    def current(self, event: LinkEvent) -> WorkerState | None:
+        """The Worker an event belongs to, or None if it is from an older session."""
+        worker = self.workers.get(event.worker)
+        if worker is None or event.generation != worker.generation:
+            return None
+        return worker
+
+    def views(self) -> list[scheduler.WorkerView]:
+        views = []
+        for w in self.workers.values():
+            presets = w.hello.get("agents")
+            agents = frozenset(w.spec.agents)
+            views.append(scheduler.WorkerView(
+                name=w.name, slots=w.spec.slots, used=len(w.runs), agents=agents,
+                labels=w.spec.labels, online=w.online and presets is not None,
+            ))
+        return views
+
+    def all_tried(self) -> bool:
+        return all(w.tried for w in self.workers.values())
+
+    def next_wakeup(self) -> float | None:
+        times = [w.reconnect_at for w in self.workers.values() if w.reconnect_at is not None]
+        return min(times) if times else None
+
+    # -- sessions --------------------------------------------------------------
+
+    def tick(self, now: float) -> list[WorkerState]:
+        """Reconnect what is due, notice silent Workers; returns Workers whose grace ran out."""
+        expired = []
+        for worker in self.workers.values():
+            if worker.online and worker.last_seen is not None and \
+                    now - worker.last_seen > HEARTBEAT_SECONDS * HEARTBEAT_MISSES:
+                self.link_down(worker, f"no heartbeat for {now - worker.last_seen:.0f}s", now)
+            if not worker.online and worker.reconnect_at is not None and now >= worker.reconnect_at:
+                self._connect(worker, now)
+            if not worker.online and worker.runs and worker.offline_since is not None and \
+                    now - worker.offline_since > self.grace:
+                expired.append(worker)
+        return expired
+
+    def _connect(self, worker: WorkerState, now: float) -> None:
+        worker.reconnect_at = None
+        try:
+            if worker.link is None:
+                worker.link = make_link(worker.spec, self._state_dir, self._post)
+            worker.generation = worker.link.open()
+        except WorkerError as exc:
+            self.link_down(worker, str(exc), now)
+
+    def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> None:
+        worker.hello = fields
+        worker.online = True
+        worker.tried = True
+        worker.error = None
+        worker.failures = 0
+        worker.offline_since = None
+        worker.last_seen = now
+        emit(self.hooks, "worker_changed", worker.view())
+
+    def link_down(self, worker: WorkerState, reason: str, now: float) -> None:
+        was_online = worker.online
+        worker.online = False
+        worker.tried = True
+        worker.error = reason
+        if worker.offline_since is None:
+            worker.offline_since = now
+        if worker.link is not None:
+            worker.link.close()
+        delay = min(RECONNECT_MAX, RECONNECT_BASE * 2 ** worker.failures)
+        worker.failures += 1
+        worker.reconnect_at = now + delay
+        if was_online or worker.failures == 1:
+            emit(self.hooks, "notice", f"Worker '{worker.name}' offline: {reason} (retrying in {delay:.1f}s)")
+            emit(self.hooks, "worker_changed", worker.view())
+
+    def send(self, worker: WorkerState, message: Message) -> None:
+        if worker.link is None:
+            return
+        try:
+            worker.link.send(message)
+        except WorkerError as exc:
+            # The reader sees the same end and reports it; marking offline now
+            # keeps further Runs off this Worker in the meantime.
+            worker.online = False
+            worker.error = str(exc)
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            if worker.link is not None:
+                worker.link.close()

@@ -1,0 +1,49 @@
+"""The embedded local Worker: `taskrun-worker serve` as a subprocess of the daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from taskrunner.errors import WorkerError
+from taskrunner.links.base import LinkEvent, WorkerLink
+from taskrunner.model import WorkerSpec
+
+
+class LocalLink(WorkerLink):
+    def __init__(self, spec: WorkerSpec, state_dir: Path, post: Callable[[LinkEvent], None]) -> None:
+        super().__init__(spec, post)
+        self.home = Path(spec.home).expanduser() if spec.home else state_dir / "workers" / spec.name
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _connect(self) -> tuple[BinaryIO, BinaryIO]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "taskrunner.worker", "serve",
+                "--home", str(self.home), "--name", self.name, "--slots", str(self.spec.slots)]
+        try:
+            with open(self.home / "serve.log", "ab") as log:
+                # Its own session: a Ctrl-C meant for the daemon must not reach
+                # the Worker, which the daemon ends by closing its stdin.
+                self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=log, start_new_session=True)
+        except OSError as exc:
+            raise WorkerError(f"Worker '{self.name}': cannot start taskrun-worker ({exc})") from exc
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        return self._proc.stdout, self._proc.stdin
+
+    def _disconnect(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin:
+                proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

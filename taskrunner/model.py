@@ -1,0 +1,159 @@
+"""The vocabulary as plain data: Task, Run, Worker, Agent, ModelBackend and statuses.
+
+Nothing here does I/O. Status changes go through `TaskStatus.to` /
+`RunStatus.to`, which raise `TransitionError` for a change the tables below do
+not allow, so a bug shows up as an error instead of a silently wrong record.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from taskrunner.errors import TransitionError
+
+#: A Task id is its path under tasks/ without `.md`.
+TASK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
+#: Agent, Worker, group and label names.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class TaskStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    BLOCKED = "BLOCKED"
+    INVALID = "INVALID"
+
+    @property
+    def final(self) -> bool:
+        """True when nothing will happen to the Task until someone acts."""
+        return self in _TASK_SETTLED
+
+    def to(self, new: TaskStatus) -> TaskStatus:
+        if new is not self and new not in _TASK_TRANSITIONS[self]:
+            raise TransitionError(f"Task status cannot go from {self.value} to {new.value}")
+        return new
+
+
+class RunStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    ASSIGNED = "ASSIGNED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def final(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+    def to(self, new: RunStatus) -> RunStatus:
+        if new is not self and new not in _RUN_TRANSITIONS[self]:
+            raise TransitionError(f"Run status cannot go from {self.value} to {new.value}")
+        return new
+
+
+_T = TaskStatus
+_TASK_SETTLED = frozenset({_T.COMPLETED, _T.FAILED, _T.CANCELLED, _T.BLOCKED, _T.INVALID})
+_TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    # A file can turn INVALID (edited) or be cancelled (deleted) in any state
+    # but RUNNING, where the Run must end first.
+    _T.PENDING: frozenset({_T.RUNNING, _T.BLOCKED, _T.CANCELLED, _T.INVALID}),
+    # RUNNING -> PENDING: a failed Run that will be retried after its backoff,
+    # or a new revision that arrived while the old one ran.
+    _T.RUNNING: frozenset({_T.PENDING, _T.COMPLETED, _T.FAILED, _T.CANCELLED, _T.INVALID}),
+    # Settled Tasks come back to PENDING on a new revision or a manual retry.
+    _T.COMPLETED: frozenset({_T.PENDING, _T.INVALID, _T.BLOCKED}),
+    _T.FAILED: frozenset({_T.PENDING, _T.INVALID, _T.BLOCKED}),
+    _T.CANCELLED: frozenset({_T.PENDING, _T.INVALID, _T.BLOCKED}),
+    # A BLOCKED Task is unblocked when its failed dependency is retried.
+    _T.BLOCKED: frozenset({_T.PENDING, _T.CANCELLED, _T.INVALID}),
+    _T.INVALID: frozenset({_T.PENDING, _T.CANCELLED}),
+}
+
+_R = RunStatus
+_RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    _R.PENDING: frozenset({_R.ASSIGNED, _R.CANCELLED, _R.FAILED}),
+    # ASSIGNED -> COMPLETED: a Run so short that its result is the first news.
+    _R.ASSIGNED: frozenset({_R.RUNNING, _R.COMPLETED, _R.FAILED, _R.CANCELLED}),
+    _R.RUNNING: frozenset({_R.COMPLETED, _R.FAILED, _R.CANCELLED}),
+    _R.COMPLETED: frozenset(),
+    _R.FAILED: frozenset(),
+    _R.CANCELLED: frozenset(),
+}
+
+
+class Priority(enum.IntEnum):
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A parsed, valid Task file: what the user asked for."""
+
+    id: str
+    path: str  # relative to the repository root, e.g. tasks/db-schema.md
+    revision: str  # sha256 of the file's bytes
+    title: str
+    body: str
+    agent: str | None = None
+    priority: Priority = Priority.NORMAL
+    depends_on: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    group: str | None = None
+    timeout: float | None = None  # seconds
+    retries: int | None = None
+    context: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelBackend:
+    """The model behind an Agent, recorded on each Run as `backend_used`."""
+
+    provider: str
+    model: str
+    context_window: int | None = None
+
+    def as_record(self) -> dict[str, object]:
+        return {"provider": self.provider, "model": self.model, "context_window": self.context_window}
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """A named way of carrying out a Task: a preset, or a command of its own."""
+
+    name: str
+    preset: str
+    command: tuple[str, ...] = ()
+    backend: ModelBackend | None = None
+    env: tuple[str, ...] = ()  # names of credentials, resolved on the Worker
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A configured Worker: where it is and what it offers."""
+
+    name: str
+    transport: str  # "local" | "ssh"
+    slots: int
+    agents: tuple[str, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    host: str | None = None
+    port: int = 22
+    user: str | None = None
+    identity: str | None = None
+    host_key: str | None = None
+    known_hosts: str | None = None
+    home: str | None = None  # the Worker's state directory

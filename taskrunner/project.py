@@ -1,0 +1,49 @@
+"""`taskrun init`: make a directory a managed repository. Idempotent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from taskrunner import gitops, keys
+from taskrunner.config import INIT_TEMPLATE
+from taskrunner.defaults import CONFIG_FILE, HOOKS_DIR, RUNS_DIR, STATE_DIR, TASKS_DIR
+
+#: What git hooks run: tell the daemon to sync now; never fail the git command.
+HOOK_SCRIPT = """#!/bin/sh
+# Installed by `taskrun init`: after git brings new commits, the daemon syncs.
+# Enable with: git config core.hooksPath hooks
+command -v taskrun >/dev/null 2>&1 && taskrun trigger --quiet || true
+"""
+HOOK_NAMES = ("post-merge", "post-receive")
+
+
+def init_repository(root: Path) -> list[str]:
+    """Create what is missing; returns one line per thing created."""
+    done: list[str] = []
+    root.mkdir(parents=True, exist_ok=True)
+    if gitops.toplevel(root) is None:
+        gitops.init(root)
+        done.append(f"initialised a git repository in {root}")
+    config = root / CONFIG_FILE
+    if not config.exists():
+        config.write_text(INIT_TEMPLATE)
+        done.append(f"wrote {CONFIG_FILE} (local Worker, shell Agent)")
+    for name in (TASKS_DIR, RUNS_DIR, HOOKS_DIR):
+        directory = root / name
+        if not directory.is_dir():
+            directory.mkdir()
+            done.append(f"created {name}/")
+        keep = directory / ".gitkeep"
+        if name != HOOKS_DIR and not any(directory.iterdir()):
+            keep.touch()
+    for hook in HOOK_NAMES:
+        path = root / HOOKS_DIR / hook
+        if not path.exists():
+            path.write_text(HOOK_SCRIPT)
+            os.chmod(path, 0o755)
+            done.append(f"wrote {HOOKS_DIR}/{hook}")
+    key, created = keys.ensure_signing_key(root / STATE_DIR)
+    if created:
+        done.append(f"created the control plane's signing key {key.relative_to(root)} (mode 0600, never committed)")
+    return done

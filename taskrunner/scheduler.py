@@ -1,0 +1,315 @@
+"""Pure placement: the state of Tasks and Workers in, a `Plan` out.
+
+Nothing here does I/O or reads the clock: the daemon passes `now` and the
+jitter, applies the Plan (assign, block, unblock) and plans again when state
+changes or `Plan.next_wakeup` arrives. Every input order gives the same Plan.
+
+Rules, in the order `plan` applies them:
+
+1. Dependencies. A PENDING Task whose dependency is FAILED, CANCELLED, BLOCKED
+   or INVALID becomes BLOCKED; a BLOCKED Task whose dependencies are all
+   PENDING, RUNNING or COMPLETED goes back to PENDING (and starts in a later
+   plan). Both are resolved through the dependency graph in one plan, so a
+   chain a <- b <- c blocks (or unblocks) all the way down at once.
+2. Eligibility. A PENDING Task starts only when every dependency is
+   COMPLETED, its retry backoff (`not_before`) has passed, and some configured
+   Worker could run it at all.
+3. Order. Priority first, then arrival (`seq`). Within a concurrency group
+   Runs start strictly in arrival order: the group is one queue that competes
+   with the priority of the most urgent Task it holds, because that Task can
+   only start after the ones ahead of it (no priority inversion).
+4. Placement. An online Worker with a free slot, the Agent and every label.
+   Retries prefer a Worker not tried before, then the most free slots, then the
+   name.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Mapping, Sequence
+
+from taskrunner.model import Priority, TaskStatus
+
+_FAILED = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.BLOCKED, TaskStatus.INVALID})
+_NOT_FAILED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED})
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What the scheduler needs to know of one Task."""
+
+    id: str
+    status: TaskStatus
+    priority: Priority  # higher = more urgent
+    seq: int  # arrival order; lower = earlier
+    agent: str  # the resolved Agent name
+    depends_on: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    group: str | None = None
+    not_before: float = 0.0  # retry backoff: not eligible while now < not_before
+    tried_workers: tuple[str, ...] = ()  # Workers earlier Runs of this Task ran on
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What the scheduler needs to know of one configured Worker."""
+
+    name: str
+    slots: int
+    used: int  # Runs currently on it
+    agents: frozenset[str]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    online: bool = True
+
+
+@dataclass(frozen=True)
+class Assignment:
+    task_id: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class Blocked:
+    task_id: str
+    dependency: str  # the first dependency that failed
+    reason: str  # e.g. "dependency 'db-schema' is FAILED"
+
+
+@dataclass(frozen=True)
+class Plan:
+    assignments: tuple[Assignment, ...] = ()
+    blocked: tuple[Blocked, ...] = ()  # PENDING Tasks that must become BLOCKED
+    unblocked: tuple[str, ...] = ()  # BLOCKED Tasks whose deps are no longer failed -> PENDING
+    waiting: Mapping[str, str] = field(default_factory=dict)  # PENDING id -> why it is not starting
+    next_wakeup: float | None = None  # earliest not_before in the future
+
+
+def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float:
+    """Seconds to wait before retry `attempt` (1 = first retry).
+
+    Exponential, capped, with "equal jitter": the result lies in [d/2, d], so
+    retries of many Tasks that failed together spread out, yet no retry comes
+    sooner than half the planned delay. `jitter` in [0, 1] comes from the caller
+    so this stays a pure function.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be within [0, 1], got {jitter}")
+    if base < 0 or cap < 0:
+        raise ValueError(f"base and cap must be >= 0, got base={base}, cap={cap}")
+    # 2.0 ** 1024 raises OverflowError; any exponent this large is past every cap.
+    delay = min(cap, base * 2.0 ** min(attempt - 1, 1000))
+    return delay / 2 + delay / 2 * jitter
+
+
+def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mapping[str, int], now: float) -> Plan:
+    """Decide which PENDING Tasks start where, and which Tasks change state."""
+    ordered = sorted(tasks, key=_urgency)
+    by_id = {t.id: t for t in ordered}
+    effective, culprit = _resolve_dependencies(by_id)
+    pool = sorted(workers, key=lambda w: w.name)
+
+    blocked: list[Blocked] = []
+    unblocked: list[str] = []
+    waiting: dict[str, str] = {}
+    eligible: list[TaskView] = []
+    wakeups: list[float] = []
+    for task in ordered:
+        if task.status is TaskStatus.BLOCKED and effective[task.id] is TaskStatus.PENDING:
+            unblocked.append(task.id)
+        if task.status is not TaskStatus.PENDING:
+            continue
+        if effective[task.id] is TaskStatus.BLOCKED:
+            dep = culprit[task.id]
+            blocked.append(Blocked(task.id, dep, f"dependency '{dep}' is {effective[dep].value}"))
+            continue
+        if task.not_before > now:
+            wakeups.append(task.not_before)
+        reason = _ineligible(task, by_id, effective, pool, now)
+        if reason is None:
+            eligible.append(task)
+        else:
+            waiting[task.id] = reason
+
+    assignments = _place(eligible, pool, groups, _running_per_group(ordered), waiting)
+    return Plan(
+        assignments=tuple(assignments),
+        blocked=tuple(blocked),
+        unblocked=tuple(unblocked),
+        waiting=waiting,
+        next_wakeup=min(wakeups, default=None),
+    )
+
+
+def _urgency(task: TaskView) -> tuple[int, int, str]:
+    # The id breaks ties so that the Plan never depends on input order.
+    return (-int(task.priority), task.seq, task.id)
+
+
+def _resolve_dependencies(by_id: Mapping[str, TaskView]) -> tuple[dict[str, TaskStatus], dict[str, str]]:
+    """Each Task's status once blocking and unblocking have spread through the graph.
+
+    Returns the effective statuses and, for each newly BLOCKED Task, the
+    dependency that blocks it. Cycles are INVALID at intake already; should one
+    get here, a Task met again on the current path counts with its own status,
+    so the walk ends. The walk is iterative: long chains must not hit Python's
+    recursion limit.
+    """
+    effective: dict[str, TaskStatus] = {}
+    culprit: dict[str, str] = {}
+
+    def status_of(dep: str) -> TaskStatus | None:
+        if dep not in by_id:
+            return None
+        return effective.get(dep, by_id[dep].status)
+
+    for root in by_id:
+        if root in effective:
+            continue
+        path = {root}
+        stack = [(root, iter(by_id[root].depends_on))]
+        while stack:
+            task_id, deps = stack[-1]
+            for dep in deps:
+                if dep in by_id and dep not in effective and dep not in path:
+                    path.add(dep)
+                    stack.append((dep, iter(by_id[dep].depends_on)))
+                    break
+            else:
+                stack.pop()
+                path.discard(task_id)
+                effective[task_id] = _settle(by_id[task_id], status_of, culprit)
+    return effective, culprit
+
+
+def _settle(task: TaskView, status_of: Callable[[str], TaskStatus | None], culprit: dict[str, str]) -> TaskStatus:
+    if task.status is TaskStatus.PENDING:
+        for dep in task.depends_on:
+            if status_of(dep) in _FAILED:
+                culprit[task.id] = dep
+                return TaskStatus.BLOCKED
+    elif task.status is TaskStatus.BLOCKED:
+        # A missing dependency keeps the Task BLOCKED: nothing says it will
+        # ever succeed, so only a dependency that is back in play unblocks.
+        if all(status_of(dep) in _NOT_FAILED for dep in task.depends_on):
+            return TaskStatus.PENDING
+    return task.status
+
+
+def _ineligible(
+    task: TaskView,
+    by_id: Mapping[str, TaskView],
+    effective: Mapping[str, TaskStatus],
+    workers: Sequence[WorkerView],
+    now: float,
+) -> str | None:
+    """Why a PENDING, unblocked Task cannot start in any case; None if it may."""
+    if not any(_could_ever_run(w, task) for w in workers):
+        # Checked first: this needs a person to change the configuration,
+        # while the other reasons pass by themselves.
+        return f"no Worker offers Agent '{task.agent}'{_labels_text(task.labels)}"
+    unmet = [
+        f"'{dep}' ({effective[dep].value})" if dep in by_id else f"'{dep}' (no such Task)"
+        for dep in dict.fromkeys(task.depends_on)
+        if effective.get(dep) is not TaskStatus.COMPLETED
+    ]
+    if unmet:
+        return "waiting for " + ", ".join(unmet)
+    if now < task.not_before:
+        until = datetime.fromtimestamp(task.not_before, tz=timezone.utc).isoformat(timespec="seconds")
+        return f"retry backoff until {until} ({task.not_before - now:.0f}s)"
+    return None
+
+
+def _place(
+    eligible: Sequence[TaskView],
+    workers: Sequence[WorkerView],
+    groups: Mapping[str, int],
+    running: Mapping[str, int],
+    waiting: dict[str, str],
+) -> list[Assignment]:
+    """Assign eligible Tasks (in urgency order) to Workers; fills `waiting` for the rest."""
+    used = {w.name: w.used for w in workers}
+    started = dict(running)
+    # One queue per group in arrival order, one queue of one per ungrouped Task.
+    queues: list[list[TaskView]] = []
+    by_group: dict[str, list[TaskView]] = {}
+    for task in eligible:
+        if task.group is None:
+            queues.append([task])
+        else:
+            by_group.setdefault(task.group, []).append(task)
+    for members in by_group.values():
+        queues.append(sorted(members, key=lambda t: (t.seq, t.id)))
+
+    heap = [(_queue_key(q), i) for i, q in enumerate(queues)]
+    heapq.heapify(heap)
+    assignments: list[Assignment] = []
+    while heap:
+        _, i = heapq.heappop(heap)
+        queue = queues[i]
+        head = queue[0]
+        group = head.group
+        cap = groups.get(group) if group is not None else None
+        if group is not None and cap is not None and started.get(group, 0) >= cap:
+            for task in queue:
+                waiting[task.id] = f"group '{group}' is at its cap of {cap} parallel Run(s)"
+            continue
+        worker = _pick_worker(head, workers, used)
+        if worker is None:
+            waiting[head.id] = _no_free_worker(head, workers)
+            for task in queue[1:]:
+                waiting[task.id] = f"behind '{head.id}' in group '{group}' (its Runs start in arrival order)"
+            continue
+        assignments.append(Assignment(head.id, worker.name))
+        used[worker.name] += 1
+        if group is not None:
+            started[group] = started.get(group, 0) + 1
+        del queue[0]
+        if queue:
+            heapq.heappush(heap, (_queue_key(queue), i))
+    return assignments
+
+
+def _queue_key(queue: Sequence[TaskView]) -> tuple[int, int, str]:
+    # A queue competes with its most urgent member's priority, but its head goes first.
+    top = max(int(t.priority) for t in queue)
+    return (-top, queue[0].seq, queue[0].id)
+
+
+def _running_per_group(tasks: Sequence[TaskView]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task in tasks:
+        if task.status is TaskStatus.RUNNING and task.group is not None:
+            counts[task.group] = counts.get(task.group, 0) + 1
+    return counts
+
+
+def _could_ever_run(worker: WorkerView, task: TaskView) -> bool:
+    return (
+        worker.slots > 0
+        and task.agent in worker.agents
+        and all(worker.labels.get(k) == v for k, v in task.labels.items())
+    )
+
+
+def _pick_worker(task: TaskView, workers: Sequence[WorkerView], used: Mapping[str, int]) -> WorkerView | None:
+    fitting = [w for w in workers if w.online and used[w.name] < w.slots and _could_ever_run(w, task)]
+    if not fitting:
+        return None
+    tried = set(task.tried_workers)
+    return min(fitting, key=lambda w: (w.name in tried, -(w.slots - used[w.name]), w.name))
+
+
+def _no_free_worker(task: TaskView, workers: Sequence[WorkerView]) -> str:
+    names = ", ".join(w.name for w in workers if _could_ever_run(w, task))
+    return f"every Worker offering Agent '{task.agent}'{_labels_text(task.labels)} is busy or offline ({names})"
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return " with labels " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))

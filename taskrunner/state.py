@@ -1,0 +1,141 @@
+"""The control plane's view of each Task and Run, and their record form.
+
+These are the daemon's working state (owned by one thread, the engine's);
+`record()` gives the JSON written under runs/ and `from_record` rebuilds the
+state after a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from taskrunner.model import Priority, RunStatus, TaskSpec, TaskStatus
+
+RECORD_VERSION = 1
+
+
+@dataclass
+class RunState:
+    run_id: str
+    task_id: str
+    number: int
+    revision: str
+    attempt: int
+    worker: str
+    agent: str
+    status: RunStatus = RunStatus.PENDING
+    backend_used: dict[str, Any] | None = None
+    created_at: float = 0.0
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    output_size: int = 0
+
+    def move(self, status: RunStatus) -> None:
+        self.status = self.status.to(status)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "run": self.number,
+            "revision": self.revision,
+            "attempt": self.attempt,
+            "status": self.status.value,
+            "worker": self.worker,
+            "agent": self.agent,
+            "backend_used": self.backend_used,
+            "created_at": self.created_at,
+            "assigned_at": self.assigned_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "output_bytes": self.output_size,
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> RunState:
+        return cls(
+            run_id=data["run_id"], task_id=data["task_id"], number=int(data["run"]),
+            revision=data["revision"], attempt=int(data.get("attempt", 1)), worker=data["worker"],
+            agent=data["agent"], status=RunStatus(data["status"]), backend_used=data.get("backend_used"),
+            created_at=data.get("created_at") or 0.0, assigned_at=data.get("assigned_at"),
+            started_at=data.get("started_at"), finished_at=data.get("finished_at"),
+            exit_code=data.get("exit_code"), error=data.get("error"),
+            output_size=int(data.get("output_bytes") or 0),
+        )
+
+
+@dataclass
+class TaskState:
+    id: str
+    file: str
+    seq: int
+    status: TaskStatus = TaskStatus.PENDING
+    spec: TaskSpec | None = None
+    revision: str | None = None
+    error: str | None = None
+    waiting: str | None = None
+    attempts: int = 0  # Runs of the current revision so far
+    not_before: float = 0.0
+    removed: bool = False  # the file was deleted; a file that reappears runs again
+    cycle: bool = False  # INVALID only because of a dependency cycle
+    cancel_requested: bool = False
+    runs: list[RunState] = field(default_factory=list)
+    updated_at: float = 0.0
+
+    def move(self, status: TaskStatus) -> None:
+        self.status = self.status.to(status)
+
+    @property
+    def active_run(self) -> RunState | None:
+        if self.runs and not self.runs[-1].status.final:
+            return self.runs[-1]
+        return None
+
+    @property
+    def priority(self) -> Priority:
+        return self.spec.priority if self.spec else Priority.NORMAL
+
+    def record(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "version": RECORD_VERSION,
+            "task_id": self.id,
+            "file": self.file,
+            "title": spec.title if spec else self.id,
+            "status": self.status.value,
+            "revision": self.revision,
+            "error": self.error,
+            "waiting": self.waiting,
+            "priority": self.priority.label,
+            "agent": spec.agent if spec else None,
+            "depends_on": list(spec.depends_on) if spec else [],
+            "group": spec.group if spec else None,
+            "labels": dict(spec.labels) if spec else {},
+            "seq": self.seq,
+            "attempts": self.attempts,
+            "not_before": self.not_before or None,
+            "removed": self.removed,
+            "updated_at": self.updated_at,
+            "runs": [
+                {"run": r.number, "run_id": r.run_id, "status": r.status.value, "worker": r.worker,
+                 "revision": r.revision}
+                for r in self.runs
+            ],
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any], runs: list[RunState]) -> TaskState:
+        return cls(
+            id=data["task_id"], file=data.get("file") or f"tasks/{data['task_id']}.md",
+            seq=int(data.get("seq") or 0), status=TaskStatus(data["status"]), revision=data.get("revision"),
+            error=data.get("error"), attempts=int(data.get("attempts") or 0),
+            not_before=float(data.get("not_before") or 0.0), removed=bool(data.get("removed")),
+            runs=runs, updated_at=float(data.get("updated_at") or 0.0),
+        )

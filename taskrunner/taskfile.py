@@ -1,0 +1,490 @@
+"""tasks/*.md -> TaskSpec, and what else reads a Task file's text. Pure.
+
+A Task file is optional YAML front matter between two `---` lines at the very
+top, then the markdown body (the requirement). Anything wrong raises
+`TaskFileError` naming the file, the key and what was expected; the caller
+records the Task as INVALID and carries on.
+
+PyYAML enters taskrun here (`load_yaml`, also used by config.py), so its
+exceptions are translated in one place, with line and column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from taskrunner.defaults import MAX_TASK_FILE_BYTES, TASKS_DIR
+from taskrunner.duration import parse_duration
+from taskrunner.errors import ConfigError, TaskFileError
+from taskrunner.model import NAME_RE, TASK_ID_RE, Priority, TaskSpec
+
+#: Front matter keys, in the order the documentation lists them.
+TASK_KEYS = ("agent", "priority", "depends_on", "labels", "group", "timeout", "retries", "context")
+
+_PRIORITIES = {p.label: p for p in Priority}
+_IGNORED_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp", ".part")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def task_id_for(relpath: str) -> str | None:
+    """Map "tasks/a/b.md" to the Task id "a/b"; None when it cannot be a Task file.
+
+    `relpath` is relative to the repository root with posix separators.
+    Segments that are empty or start with '.' ('.', '..', '.hidden') are
+    refused even where TASK_ID_RE would let them through, so an id is always a
+    plain path and editor files like tasks/.#a.md never become Tasks.
+    """
+    prefix = TASKS_DIR + "/"
+    if not relpath.startswith(prefix) or not relpath.endswith(".md"):
+        return None
+    if is_ignored_name(relpath.rsplit("/", 1)[-1]):
+        return None
+    task_id = relpath[len(prefix) : -len(".md")]
+    return task_id if _is_task_id(task_id) else None
+
+
+def _is_task_id(text: str) -> bool:
+    return bool(TASK_ID_RE.fullmatch(text)) and all(seg and not seg.startswith(".") for seg in text.split("/"))
+
+
+def is_ignored_name(name: str) -> bool:
+    """True for the temporary and backup files editors leave next to a file.
+
+    Vim writes `.x.swp` and probes with `4913`, Emacs writes `.#x` and `#x#`,
+    many tools write `x~`, `x.tmp` or `x.part` before renaming into place.
+    `name` is a file name; a path is reduced to its last segment.
+    """
+    name = name.rsplit("/", 1)[-1]
+    return (
+        name.startswith(".")
+        or name.endswith(_IGNORED_SUFFIXES)
+        or (len(name) >= 2 and name.startswith("#") and name.endswith("#"))
+        or name == "4913"
+    )
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    Plain safe_load keeps the last value silently; a Task or configuration
+    that says two things about one key is ambiguous, so it is refused.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            # `<<` merge keys may repeat and legitimately override; skip them.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            ident = (key_node.tag, key_node.value)
+            if ident in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key '{key_node.value}'",
+                    key_node.start_mark,
+                )
+            seen.add(ident)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(
+    text: str,
+    file: str,
+    error: type[TaskFileError] | type[ConfigError],
+    first_line: int = 1,
+) -> object:
+    """Parse YAML text, raising `error(file, reason)` with line and column.
+
+    `first_line` is the file line the text starts on, so that positions in
+    front matter point into the Task file rather than into the snippet.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        if mark is None:
+            raise error(file, f"invalid YAML: {problem}") from exc
+        where = f"line {mark.line + first_line}, column {mark.column + 1}"
+        raise error(file, f"invalid YAML at {where}: {problem}") from exc
+    except yaml.reader.ReaderError as exc:  # control characters: a position, no mark
+        line = text.count("\n", 0, exc.position) + first_line
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        reason = f"character #x{exc.character:04x} is not allowed"
+        raise error(file, f"invalid YAML at line {line}, column {column}: {reason}") from exc
+    except yaml.YAMLError as exc:
+        raise error(file, f"invalid YAML: {exc}") from exc
+    except RecursionError as exc:  # PyYAML's composer recurses per nesting level
+        raise error(file, "invalid YAML: nested too deeply") from exc
+
+
+def describe(value: object) -> str:
+    """A short, human rendering of a YAML value for 'got ...' in messages."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__} ({value})"
+
+
+def parse_labels(value: object) -> dict[str, str]:
+    """Validate a labels mapping; values become strings ("true"/"false" for booleans).
+
+    Raises ValueError. Floats are refused rather than stringified because YAML
+    has already lost how they were written (`cuda: 12.10` reads as 12.1).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of label names to values, got {describe(value)}")
+    labels: dict[str, str] = {}
+    for name, raw in value.items():
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ValueError(f"label name {describe(name)} is not a name ({NAME_RE.pattern})")
+        if isinstance(raw, bool):
+            labels[name] = "true" if raw else "false"
+        elif isinstance(raw, (str, int)):
+            labels[name] = str(raw)
+        elif isinstance(raw, float):
+            raise ValueError(f"label '{name}': got the number {raw}; quote it to keep it as written")
+        else:
+            raise ValueError(f"label '{name}': expected a string, integer or boolean, got {describe(raw)}")
+    return labels
+
+
+# --------------------------------------------------------------------------- Task files
+
+
+def parse_task(task_id: str, path: str, data: bytes, max_size: int = MAX_TASK_FILE_BYTES) -> TaskSpec:
+    """Parse one Task file's bytes into a TaskSpec, or raise TaskFileError."""
+    if len(data) > max_size:
+        raise TaskFileError(path, f"file is {len(data)} bytes, over the limit of {max_size}")
+    if b"\x00" in data:
+        raise TaskFileError(path, "binary file (contains a NUL byte); expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(path, f"not UTF-8 text (invalid byte at offset {exc.start})") from exc
+    text = text.removeprefix("\ufeff")  # editors on Windows prepend a BOM
+    if not text.strip():
+        raise TaskFileError(path, "the file is empty")
+
+    front, body = _split_front_matter(text, path)
+    if not body.strip():
+        raise TaskFileError(path, "the requirement (markdown body) is empty")
+    fields = _front_matter_fields(front, task_id, path) if front is not None else {}
+    return TaskSpec(
+        id=task_id,
+        path=path,
+        revision=hashlib.sha256(data).hexdigest(),
+        title=_title(body) or task_id,
+        body=body,
+        **fields,
+    )
+
+
+def _split_front_matter(text: str, path: str) -> tuple[str | None, str]:
+    """(front matter text or None, body). Front matter needs '---' as line 1."""
+    lines = text.split("\n")
+    if lines[0].rstrip() != "---":
+        return None, text
+    for i in range(1, len(lines)):
+        if lines[i].rstrip() in ("---", "..."):
+            return "\n".join(lines[1:i]), "\n".join(lines[i + 1 :])
+    raise TaskFileError(path, "front matter opened with '---' on line 1 has no closing '---' line")
+
+
+def _front_matter_fields(front: str, task_id: str, path: str) -> dict[str, Any]:
+    data = load_yaml(front, path, TaskFileError, first_line=2)
+    if data is None:  # `---\n---`: empty front matter is no front matter
+        return {}
+    if not isinstance(data, dict):
+        raise TaskFileError(path, f"front matter must be a mapping of keys to values, got {describe(data)}")
+    unknown = [k for k in data if k not in TASK_KEYS]
+    if unknown:
+        names = ", ".join(f"'{k}'" for k in unknown)
+        what = "unknown key" if len(unknown) == 1 else f"unknown keys {names}"
+        raise TaskFileError(path, f"{what}; allowed keys are {', '.join(TASK_KEYS)}", key=str(unknown[0]))
+
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        # An explicit null (`agent:`) means "not set", the same as leaving it out.
+        if value is None:
+            continue
+        try:
+            fields[key] = _FIELD_PARSERS[key](value, task_id)
+        except ValueError as exc:
+            raise TaskFileError(path, str(exc), key=key) from exc
+    return fields
+
+
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise ValueError(f"expected {what} (letters, digits, '.', '_', '-'), got {describe(value)}")
+    return value
+
+
+def _priority(value: object, _task_id: str) -> Priority:
+    if isinstance(value, str) and value.lower() in _PRIORITIES:
+        return _PRIORITIES[value.lower()]
+    raise ValueError(f"expected one of {', '.join(_PRIORITIES)}, got {describe(value)}")
+
+
+def _str_list(value: object, what: str) -> list[object]:
+    """A list, or a single string meaning a list of one."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of {what}, got {describe(value)}")
+    return value
+
+
+def _depends_on(value: object, task_id: str) -> tuple[str, ...]:
+    ids: list[str] = []
+    for item in _str_list(value, "task ids"):
+        if not isinstance(item, str) or not _is_task_id(item) or item.endswith(".md"):
+            raise ValueError(
+                f"expected task ids (a file's path under tasks/ without .md, like db-schema), got {describe(item)}"
+            )
+        if item == task_id:
+            raise ValueError(f"a task cannot depend on itself ('{item}')")
+        if item not in ids:
+            ids.append(item)
+    return tuple(ids)
+
+
+def _timeout(value: object, _task_id: str) -> float:
+    return parse_duration(value)
+
+
+def _retries(value: object, _task_id: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0, got {describe(value)}")
+    return value
+
+
+def _context(value: object, _task_id: str) -> tuple[str, ...]:
+    paths: list[str] = []
+    for item in _str_list(value, "repository paths"):
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"expected paths relative to the repository root, got {describe(item)}")
+        if item.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", item):
+            raise ValueError(f"expected a path relative to the repository root, got {item!r}")
+        if ".." in item.replace("\\", "/").split("/"):
+            raise ValueError(f"expected a path inside the repository, got {item!r} (contains '..')")
+        norm = posixpath.normpath(item)
+        if norm == ".":
+            raise ValueError(f"expected a file or directory in the repository, got {item!r}")
+        if norm not in paths:
+            paths.append(norm)
+    return tuple(paths)
+
+
+_FIELD_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "agent": lambda v, _t: _name(v, "an agent name"),
+    "priority": _priority,
+    "depends_on": _depends_on,
+    "labels": lambda v, _t: parse_labels(v),
+    "group": lambda v, _t: _name(v, "a group name"),
+    "timeout": _timeout,
+    "retries": _retries,
+    "context": _context,
+}
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+_FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
+_ATX_HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]+(.*?))?[ \t]*$")
+
+
+def _scan(body: str) -> Iterator[tuple[str | None, list[str]]]:
+    """Yield (None, [line]) for each text line and (info, lines) for each fenced block.
+
+    CommonMark fences at the top level: up to 3 spaces of indent, 3+ backticks
+    or tildes; the closing fence uses the same character, is at least as long,
+    and carries nothing but spaces; an unclosed fence runs to the end. Content
+    loses as much indentation as the opening fence had. Fences inside list
+    items or block quotes indented past 3 spaces are not recognised.
+    """
+    lines = [line.removesuffix("\r") for line in body.split("\n")]
+    i = 0
+    while i < len(lines):
+        opening = _FENCE_OPEN.match(lines[i])
+        # A backtick fence's info string may not contain backticks (CommonMark 4.5).
+        if not opening or (opening.group(2)[0] == "`" and "`" in opening.group(3)):
+            yield None, [lines[i]]
+            i += 1
+            continue
+        indent, fence, info = len(opening.group(1)), opening.group(2), opening.group(3).strip()
+        closing = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        content: list[str] = []
+        i += 1
+        while i < len(lines) and not closing.match(lines[i]):
+            line = lines[i]
+            strip = len(line) - len(line.lstrip(" "))
+            content.append(line[min(indent, strip) :])
+            i += 1
+        i += 1  # past the closing fence (or the end)
+        yield info, content
+
+
+def _title(body: str) -> str | None:
+    """The text of the first ATX heading outside code blocks, if any."""
+    for info, lines in _scan(body):
+        if info is not None:
+            continue
+        match = _ATX_HEADING.match(lines[0])
+        if match and match.group(1):
+            # A closing sequence of '#'s (after a space) is not part of the text.
+            text = re.sub(r"(?:^|[ \t]+)#+$", "", match.group(1)).strip()
+            if text:
+                return text
+    return None
+
+
+_SHELL_LANGUAGES = ("sh", "bash", "shell")
+
+
+def shell_script(body: str) -> str | None:
+    """The built-in shell Agent's script: the body's sh/bash/shell code blocks.
+
+    The language is the first word of the info string (```bash title="x"
+    counts). Blocks are joined in order, one newline apart, and the script
+    ends with a newline. None when the body has no such block.
+    """
+    blocks = ["\n".join(lines) for info, lines in _scan(body) if info and _language(info) in _SHELL_LANGUAGES]
+    if not blocks:
+        return None
+    return "\n".join(blocks) + "\n"
+
+
+def _language(info: str) -> str:
+    return info.split(maxsplit=1)[0].lower()
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def dependency_cycles(deps: Mapping[str, Sequence[str]]) -> list[tuple[str, ...]]:
+    """The dependency cycles among the Tasks in `deps` (task id -> its depends_on).
+
+    Each cycle is closed and starts at its smallest id: ('a', 'b', 'a') means a
+    depends on b and b on a; ('a', 'a') is a self-dependency. Ids that are not
+    keys of `deps` are ignored (a missing dependency is not a cycle).
+
+    Enumerating every elementary cycle can take exponential time, so this
+    returns, for every Task that lies on some cycle, a shortest cycle through
+    it; each distinct cycle appears once and the list is sorted. So every Task
+    on a cycle appears in at least one returned cycle, and a caller can name a
+    concrete cycle in each such Task's INVALID message.
+    """
+    graph = {node: sorted({d for d in targets if d in deps}) for node, targets in deps.items()}
+    found: set[tuple[str, ...]] = set()
+    covered: set[str] = set()
+    for component in _strongly_connected(graph):
+        members = set(component)
+        for node in sorted(component):
+            if node in covered:
+                continue
+            if len(component) == 1 and node not in graph[node]:
+                continue  # a lone node without a self-edge is on no cycle
+            cycle = _shortest_cycle_through(node, graph, members)
+            found.add(_canonical(cycle))
+            covered.update(cycle)
+    return sorted(found)
+
+
+def _strongly_connected(graph: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """Tarjan's algorithm with an explicit stack (no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    components: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            node, child = work.pop()
+            if child == 0:
+                index[node] = low[node] = counter
+                counter += 1
+                stack.append(node)
+                on_stack.add(node)
+            targets = graph[node]
+            if child < len(targets):
+                work.append((node, child + 1))
+                target = targets[child]
+                if target not in index:
+                    work.append((target, 0))
+                elif target in on_stack:
+                    low[node] = min(low[node], index[target])
+                continue
+            # All children done: fold their low-links in, close the component.
+            for target in targets:
+                if target in on_stack:
+                    low[node] = min(low[node], low[target])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                components.append(component)
+    return components
+
+
+def _shortest_cycle_through(start: str, graph: Mapping[str, Sequence[str]], members: set[str]) -> list[str]:
+    """Breadth-first from `start` back to itself, staying inside its component."""
+    if start in graph[start]:
+        return [start, start]
+    parent: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following: list[str] = []
+        for node in frontier:
+            for target in graph[node]:
+                if target == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parent[path[-1]])
+                    return [*reversed(path), start]
+                if target in members and target not in parent:
+                    parent[target] = node
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"{start} is in a strongly connected component but on no cycle")
+
+
+def _canonical(cycle: list[str]) -> tuple[str, ...]:
+    """Rotate a closed cycle to start (and end) at its smallest id."""
+    ring = cycle[:-1]
+    first = ring.index(min(ring))
+    ring = ring[first:] + ring[:first]
+    return (*ring, ring[0])

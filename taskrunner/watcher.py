@@ -1,0 +1,118 @@
+"""watchdog -> events about Task files and the configuration.
+
+A file written and closed (inotify's close-after-write) or renamed into place
+is read at once: that is how editors and `taskrun submit` finish a file.
+Other changes (a write that has not been closed yet, a touch) are debounced
+until the file has been quiet for DEBOUNCE_SECONDS, so a half-written file is
+not read. Editor swap and temp files are ignored. A directory moved in or out
+of tasks/ carries no per-file events, so it triggers a rescan.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from taskrunner.defaults import CONFIG_FILE, DEBOUNCE_SECONDS, TASKS_DIR
+from taskrunner.taskfile import is_ignored_name
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """kind: "changed" or "removed" for a Task file, "config", or "rescan"."""
+
+    kind: str
+    path: str = ""  # relative to the repository root
+
+
+class Watcher(FileSystemEventHandler):
+    def __init__(self, root: Path, post: Callable[[FileEvent], None], debounce: float = DEBOUNCE_SECONDS) -> None:
+        self.root = root
+        self._post = post
+        self._debounce = debounce
+        self._due: dict[str, tuple[float, FileEvent]] = {}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._observer = Observer()
+        self._timer = threading.Thread(target=self._flush_loop, name="watcher-debounce", daemon=True)
+
+    def start(self) -> None:
+        tasks = self.root / TASKS_DIR
+        tasks.mkdir(exist_ok=True)
+        self._observer.schedule(self, str(tasks), recursive=True)
+        self._observer.schedule(self, str(self.root), recursive=False)
+        self._observer.start()
+        self._timer.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._observer.stop()
+        self._observer.join()
+        self._timer.join()
+
+    # -- watchdog's thread -----------------------------------------------------
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if kind in ("opened", "closed_no_write"):
+            return
+        if event.is_directory:
+            if kind in ("moved", "deleted") or (kind == "created" and self._under_tasks(str(event.src_path))):
+                self._now(FileEvent("rescan"))
+            return
+        if kind == "moved":
+            self._file(str(event.src_path), "removed")
+            self._file(str(event.dest_path), "changed", at_once=True)
+        elif kind == "deleted":
+            self._file(str(event.src_path), "removed")
+        else:
+            self._file(str(event.src_path), "changed", at_once=kind == "closed")
+
+    def _file(self, path: str, kind: str, at_once: bool = False) -> None:
+        rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+        if rel == CONFIG_FILE:
+            self._later(FileEvent("config", rel))
+            return
+        if not rel.startswith(TASKS_DIR + "/") or not rel.endswith(".md"):
+            return
+        if any(is_ignored_name(part) for part in rel.split("/")[1:]):
+            return
+        event = FileEvent(kind, rel)
+        if kind == "removed" or at_once:
+            self._now(event)
+        else:
+            self._later(event)
+
+    def _under_tasks(self, path: str) -> bool:
+        return os.path.relpath(path, self.root).startswith(TASKS_DIR + "/")
+
+    def _now(self, event: FileEvent) -> None:
+        with self._cond:
+            self._due.pop(event.path, None)
+        self._post(event)
+
+    def _later(self, event: FileEvent) -> None:
+        with self._cond:
+            self._due[event.path] = (time.monotonic() + self._debounce, event)
+            self._cond.notify()
+
+    # -- the debounce thread ---------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                ready = [path for path, (due, _) in self._due.items() if due <= now]
+                for path in ready:
+                    self._post(self._due.pop(path)[1])
+                wait = min((due for due, _ in self._due.values()), default=now + 3600) - now
+                self._cond.wait(timeout=max(wait, 0.001))

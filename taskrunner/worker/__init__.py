@@ -1,0 +1,1 @@
+"""The Worker side: `taskrun-worker`, which runs Agents for the control plane."""

@@ -1,0 +1,1 @@
+from taskrunner.worker.main import main; raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""`taskrun-worker serve`: one session with the control plane over stdin/stdout.
+
+One thread reads records into a queue; the loop thread owns every Run: it
+starts Agents (detached, each in its own process group), streams their output,
+notices when they end, enforces timeouts and cancels. Agents outlive the
+session: when the control plane goes away the loop ends and they keep running;
+the next session reports them in `hello` and resumes them where asked.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from taskrunner import __version__, agents, bundle
+from taskrunner.defaults import HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
+from taskrunner.errors import ProtocolError, WorkerError
+from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
+from taskrunner.worker.rundir import WRAPPER, RunDir, group_alive, held_runs
+
+#: Seconds between SIGTERM and SIGKILL when a Run is stopped.
+KILL_GRACE_SECONDS = 3.0
+_EOF = object()
+
+
+@dataclass
+class ActiveRun:
+    dir: RunDir
+    proc: subprocess.Popen[bytes] | None  # None for Runs started by an earlier session
+    pid: int | None
+    deadline: float | None
+    attached: bool = False
+    sent: int = 0
+    kill_at: float | None = None
+    result: dict[str, Any] | None = None
+    log: IO[bytes] | None = None
+
+
+class WorkerServer:
+    def __init__(self, home: Path, name: str, reader: Reader, writer: Writer, slots: int | None = None) -> None:
+        self.home = home
+        self.name = name
+        self.slots = slots
+        self._reader = reader
+        self._writer = writer
+        self._inbox: queue.Queue[object] = queue.Queue()
+        self._runs: dict[str, ActiveRun] = {}
+
+    def serve(self) -> None:
+        (self.home / "runs").mkdir(parents=True, exist_ok=True)
+        for run_dir in held_runs(self.home):
+            self._runs[run_dir.run_id] = self._adopt(run_dir)
+        self._send("hello", protocol=PROTOCOL_VERSION, version=__version__, worker=self.name,
+                   pid=os.getpid(), agents=available_presets(), slots=self.slots,
+                   runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
+                          "size": r.dir.output_size()} for r in self._runs.values()])
+        threading.Thread(target=self._read_loop, name="worker-reader", daemon=True).start()
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        while True:
+            busy = any(r.attached or r.result is None for r in self._runs.values())
+            wait = WORKER_POLL_SECONDS if busy else max(0.0, next_beat - time.monotonic())
+            try:
+                item = self._inbox.get(timeout=wait)
+                while True:
+                    if item is _EOF:
+                        return self._close()
+                    self._handle(item)  # type: ignore[arg-type]
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            for run in list(self._runs.values()):
+                self._tick(run)
+            if time.monotonic() >= next_beat:
+                running = sum(1 for r in self._runs.values() if r.result is None)
+                self._send("heartbeat", time=time.time(), running=running)
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+
+    # -- records from the control plane ------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while (message := self._reader.read()) is not None:
+                self._inbox.put(message)
+        except (ProtocolError, OSError, ValueError) as exc:
+            self._try_send("error", message=f"session closed: {exc}")
+        self._inbox.put(_EOF)
+
+    def _handle(self, message: Message) -> None:
+        run_id = message.get("run_id")
+        if message.type == "assign":
+            self._assign(message)
+            return
+        run = self._runs.get(run_id)
+        if run is None:
+            if message.type != "ack":
+                self._send("error", run_id=run_id, message=f"this Worker holds no Run {run_id}")
+            return
+        if message.type == "resume":
+            run.attached = True
+            run.sent = int(message["offset"])
+        elif message.type == "cancel":
+            self._stop(run, "CANCELLED", message.get("reason") or "cancelled")
+        elif message.type == "ack":
+            if run.result is not None:
+                if run.log:
+                    run.log.close()
+                run.dir.remove()
+                del self._runs[run_id]
+        else:
+            self._send("error", run_id=run_id, message=f"a Worker does not accept {message.type} records")
+
+    def _assign(self, message: Message) -> None:
+        try:
+            run_dir = RunDir.at(self.home, message["run_id"])
+        except WorkerError as exc:
+            self._send("error", run_id=message.get("run_id"), message=str(exc))
+            return
+        if run_dir.path.exists() or message["run_id"] in self._runs:
+            self._send("error", run_id=run_dir.run_id, message="Run was already assigned to this Worker")
+            return
+        run_dir.path.mkdir(parents=True)
+        timeout = message.get("timeout")
+        now = time.time()
+        deadline = now + float(timeout) if timeout else None
+        run_dir.write_assignment({k: v for k, v in message.fields.items() if k != "manifest"}
+                                 | {"assigned_at": now, "deadline": deadline})
+        run = ActiveRun(run_dir, None, None, deadline, attached=True)
+        self._runs[run_dir.run_id] = run
+        run_dir.output.touch()
+        try:
+            bundle.extract(bundle.Bundle(message.get("manifest") or {}, message.payload), run_dir.workspace)
+            argv = agents.prepare(message["agent"], run_dir.path, run_dir.workspace,
+                                  message["task_id"], message["task_file"])
+        except (WorkerError, OSError) as exc:
+            self._finish(run, "FAILED", None, str(exc))
+            return
+        env = dict(os.environ, TASKRUN_RUN_ID=run_dir.run_id, TASKRUN_TASK_ID=message["task_id"],
+                   TASKRUN_WORKSPACE=str(run_dir.workspace))
+        try:
+            with open(run_dir.output, "ab") as out:
+                run.proc = subprocess.Popen(
+                    ["bash", "-c", WRAPPER, "taskrun-agent", str(run_dir.path), *argv],
+                    cwd=run_dir.workspace, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    env=env, start_new_session=True,
+                )
+        except OSError as exc:
+            self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
+            return
+        run.pid = run.proc.pid
+        run_dir.write_pid(run.pid)
+        self._send("started", run_id=run_dir.run_id, pid=run.pid, started_at=now)
+
+    # -- the loop's work on each Run ---------------------------------------
+
+    def _adopt(self, run_dir: RunDir) -> ActiveRun:
+        assignment = run_dir.assignment()
+        run = ActiveRun(run_dir, None, run_dir.pid(), assignment.get("deadline"), result=run_dir.result())
+        if run.result is None:
+            self._check_exit(run)
+        return run
+
+    def _tick(self, run: ActiveRun) -> None:
+        if run.result is None:
+            now = time.time()
+            if run.deadline is not None and now >= run.deadline and run.kill_at is None:
+                self._stop(run, "FAILED", f"timed out after {_seconds(run)}")
+            if run.kill_at is not None and time.monotonic() >= run.kill_at and run.pid:
+                _signal_group(run.pid, signal.SIGKILL)
+                run.kill_at = float("inf")
+            self._check_exit(run)
+        if run.attached:
+            self._stream(run)
+            if run.result is not None and run.sent >= run.result["output_size"]:
+                self._send("result", run_id=run.dir.run_id, **run.result)
+                run.attached = False  # sent once per attachment; the control plane acks
+
+    def _check_exit(self, run: ActiveRun) -> None:
+        code = run.dir.exit_code()
+        if run.proc is not None:
+            returncode = run.proc.poll()
+            if returncode is None:
+                return
+            if code is None and returncode >= 0:
+                code = returncode
+        elif code is None and run.pid is not None and group_alive(run.pid):
+            return
+        stop = run.dir.stop()
+        if stop is not None:
+            status, error = stop["status"], stop["reason"]
+        elif code == 0:
+            status, error = "COMPLETED", None
+        elif code is None:
+            status, error = "FAILED", "the Agent ended without an exit status (killed by a signal?)"
+        else:
+            status, error = "FAILED", f"the Agent exited with code {code}"
+        # A Run's processes do not outlive it: stragglers in its group are ended.
+        if run.pid:
+            _signal_group(run.pid, signal.SIGKILL)
+        self._finish(run, status, code, error)
+
+    def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None) -> None:
+        assignment = run.dir.assignment()
+        run.result = {
+            "status": status, "exit_code": code, "error": error,
+            "started_at": assignment.get("assigned_at"), "finished_at": time.time(),
+            "output_size": run.dir.output_size(),
+        }
+        run.dir.write_result(run.result)
+
+    def _stop(self, run: ActiveRun, status: str, reason: str) -> None:
+        if run.result is not None or run.dir.stop() is not None:
+            return
+        run.dir.write_stop(status, reason)
+        if run.pid:
+            _signal_group(run.pid, signal.SIGTERM)
+            run.kill_at = time.monotonic() + KILL_GRACE_SECONDS
+        else:
+            self._check_exit(run)
+
+    def _stream(self, run: ActiveRun) -> None:
+        size = run.dir.output_size()
+        if run.sent >= size:
+            return
+        if run.log is None:
+            run.log = open(run.dir.output, "rb")
+        run.log.seek(run.sent)
+        while run.sent < size:
+            chunk = run.log.read(min(OUTPUT_CHUNK_BYTES, size - run.sent))
+            if not chunk:
+                break
+            self._send("output", payload=chunk, run_id=run.dir.run_id, offset=run.sent)
+            run.sent += len(chunk)
+
+    def _close(self) -> None:
+        for run in self._runs.values():
+            if run.log:
+                run.log.close()
+
+    def _send(self, kind: str, payload: bytes = b"", **fields: Any) -> None:
+        self._writer.write(Message(kind, fields, payload))
+
+    def _try_send(self, kind: str, **fields: Any) -> None:
+        try:
+            self._send(kind, **fields)
+        except OSError:
+            pass
+
+
+def available_presets() -> list[str]:
+    found = [preset for preset in agents.PRESETS if preset in ("shell", "command") or shutil.which(preset)]
+    return found
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _seconds(run: ActiveRun) -> str:
+    assignment = run.dir.assignment()
+    return f"{assignment.get('timeout')}s"
