@@ -262,14 +262,15 @@ def test_backoff_delay_refuses_nonsense(args: tuple[int, float, float, float]) -
 
 # ---------------------------------------------------------------- properties
 
-IDS = [f"t{i}" for i in range(8)]
+IDS = [f"t{i}" for i in range(10)]
 WORKER_NAMES = ["w0", "w1", "w2", "w3"]
-# Weighted towards states where something can start, so that the properties
-# about placement are exercised and not only vacuously true.
-STATUSES = st.sampled_from([S.PENDING] * 4 + [S.COMPLETED] * 2 + list(S))
-LABELS = st.dictionaries(st.sampled_from(["gpu", "zone"]), st.sampled_from(["a", "b"]), min_size=1, max_size=2)
-AGENTS = st.sampled_from(["shell", "shell", "claude"])
 BOTH = frozenset({"shell", "claude"})
+
+
+def often(value: Any, otherwise: st.SearchStrategy[Any], weight: int = 3) -> st.SearchStrategy[Any]:
+    """`value` about weight-in-(weight+1) times: random states must often be
+    runnable, or the placement properties hold only vacuously."""
+    return st.integers(0, weight).flatmap(lambda n: otherwise if n == weight else st.just(value))
 
 
 @st.composite
@@ -278,15 +279,15 @@ def states(draw: st.DrawFn) -> tuple[list[TaskView], list[WorkerView], dict[str,
     tasks = [
         TaskView(
             id=i,
-            status=draw(STATUSES),
+            status=draw(often(S.PENDING, st.sampled_from(list(S)), weight=2)),
             priority=draw(st.sampled_from(list(P))),
             seq=draw(st.integers(0, 5)),
-            agent=draw(AGENTS),
-            # "t8" and "t9" never exist: unknown dependencies.
-            depends_on=tuple(draw(st.lists(st.sampled_from(IDS + ["t8", "t9"]), max_size=2))) if draw(st.booleans()) else (),
-            labels=draw(LABELS) if draw(st.integers(0, 3)) == 3 else {},
-            group=draw(st.sampled_from([None, "g1", "g2", "g3"])),
-            not_before=draw(st.sampled_from([0.0, 0.0, NOW - 1, NOW, NOW + 1, NOW + 50])),
+            agent=draw(often("shell", st.just("claude"))),
+            # "t10" and "t11" never exist: unknown dependencies.
+            depends_on=draw(often((), st.lists(st.sampled_from(IDS + ["t10", "t11"]), max_size=2).map(tuple))),
+            labels=draw(often({}, st.dictionaries(st.sampled_from(["gpu", "zone"]), st.sampled_from(["a", "b"]), min_size=1))),
+            group=draw(st.sampled_from([None, "g1", "g1", "g2", "g3"])),
+            not_before=draw(often(0.0, st.sampled_from([NOW - 1, NOW, NOW + 1, NOW + 50]))),
             tried_workers=tuple(draw(st.lists(st.sampled_from(WORKER_NAMES), unique=True, max_size=2))),
         )
         for i in ids
@@ -295,15 +296,15 @@ def states(draw: st.DrawFn) -> tuple[list[TaskView], list[WorkerView], dict[str,
     workers = [
         WorkerView(
             name=n,
-            slots=draw(st.sampled_from([2, 1, 2, 3, 4, 0])),
-            used=draw(st.sampled_from([0, 0, 0, 1, 2, 3])),
-            agents=draw(st.sampled_from([BOTH, BOTH, frozenset({"shell"}), frozenset({"claude"}), frozenset()])),
+            slots=draw(st.integers(0, 4)),
+            used=draw(often(0, st.integers(1, 4))),
+            agents=draw(often(BOTH, st.sampled_from([frozenset({"shell"}), frozenset({"claude"}), frozenset()]))),
             labels=draw(st.sampled_from([{}, {"gpu": "a"}, {"gpu": "a", "zone": "b"}, {"zone": "a"}])),
-            online=draw(st.sampled_from([True, True, True, False])),
+            online=draw(often(True, st.just(False))),
         )
         for n in names
     ]
-    groups = draw(st.dictionaries(st.sampled_from(["g1", "g2"]), st.integers(0, 3)))
+    groups = {"g1": draw(st.integers(0, 3)), **draw(st.dictionaries(st.just("g2"), st.integers(0, 3)))}
     return tasks, workers, groups
 
 

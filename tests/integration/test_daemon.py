@@ -1,0 +1,219 @@
+"""The real daemon process: watching tasks/, revisions, deletions, signals, reattaching."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from tests.conftest import (
+    Daemon,
+    git,
+    process_gone,
+    run_record,
+    status_of,
+    task_record,
+    taskrun,
+    wait_status,
+    wait_until,
+    write_task,
+)
+
+
+def _output(root: Path, task_id: str, number: int = 1) -> str:
+    path = root / "runs" / task_id / f"run-{number}" / "output.log"
+    return path.read_text() if path.exists() else ""
+
+
+def test_task_dropped_into_tasks_runs_while_the_daemon_is_up(daemon: Daemon) -> None:
+    daemon.start()
+    write_task(daemon.root, "dropped", "echo picked-up")
+
+    wait_status(daemon.root, "dropped", "COMPLETED")
+
+    assert _output(daemon.root, "dropped") == "picked-up\n"
+
+
+def test_task_written_in_place_in_several_writes_is_read_once_complete(daemon: Daemon) -> None:
+    daemon.start()
+    path = daemon.root / "tasks" / "slowly.md"
+    with open(path, "w") as handle:  # an editor writing in place, flushing halfway
+        handle.write("---\npriority: high\n")
+        handle.flush()
+        handle.write("---\n# Slowly\n\n```sh\necho whole\n```\n")
+
+    record = wait_status(daemon.root, "slowly", "COMPLETED")
+
+    assert record["priority"] == "high" and _output(daemon.root, "slowly") == "whole\n"
+
+
+def test_editor_temp_files_are_ignored(daemon: Daemon) -> None:
+    daemon.start()
+    for name in (".hidden.md", "notes.md~", "draft.md.swp", "#autosave.md#"):
+        (daemon.root / "tasks" / name).write_text("# not a task\n")
+    write_task(daemon.root, "real", "true")
+
+    wait_status(daemon.root, "real", "COMPLETED")
+
+    assert sorted(p.name for p in (daemon.root / "runs").iterdir() if p.is_dir()) == ["real"]
+
+
+def test_task_added_while_the_daemon_was_down_runs_at_start(daemon: Daemon) -> None:
+    write_task(daemon.root, "early", "echo early")
+    daemon.start()
+
+    wait_status(daemon.root, "early", "COMPLETED")
+
+
+def test_editing_a_finished_task_runs_a_new_revision(daemon: Daemon) -> None:
+    daemon.start()
+    write_task(daemon.root, "edit-me", "echo first")
+    first = wait_status(daemon.root, "edit-me", "COMPLETED")
+
+    write_task(daemon.root, "edit-me", "echo second")
+
+    wait_until(lambda: (r := task_record(daemon.root, "edit-me")) and r["revision"] != first["revision"]
+               and r["status"] == "COMPLETED", 30, "the new revision to complete")
+    assert _output(daemon.root, "edit-me", 2) == "second\n"
+    second = run_record(daemon.root, "edit-me", 2)
+    assert second and second["revision"] != first["revision"]
+
+
+def test_deleting_a_running_task_cancels_it_and_kills_its_processes(daemon: Daemon) -> None:
+    daemon.start()
+    write_task(daemon.root, "doomed", 'echo "pid $$"\nsleep 300')
+    wait_until(lambda: _output(daemon.root, "doomed").startswith("pid "), 20, "the Run to start")
+    pid = int(_output(daemon.root, "doomed").split()[1])
+
+    (daemon.root / "tasks" / "doomed.md").unlink()
+
+    record = wait_status(daemon.root, "doomed", "CANCELLED")
+    assert record["error"] and "deleted" in record["error"]
+    assert (run_record(daemon.root, "doomed", 1) or {})["status"] == "CANCELLED"
+    wait_until(lambda: process_gone(pid), 10, "the Agent to be killed")
+
+
+def test_deleting_a_pending_task_cancels_it(daemon: Daemon) -> None:
+    daemon.start()
+    write_task(daemon.root, "blocker", "sleep 300")
+    write_task(daemon.root, "waiting", "true", front="depends_on: [blocker]\n")
+    wait_status(daemon.root, "blocker", "RUNNING")
+    wait_status(daemon.root, "waiting", "PENDING")
+
+    (daemon.root / "tasks" / "waiting.md").unlink()
+
+    wait_status(daemon.root, "waiting", "CANCELLED")
+    assert not (run_record(daemon.root, "waiting", 1))
+
+
+def test_cancel_then_retry_from_the_cli(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    gate = tmp_path / "gate"
+    write_task(daemon.root, "gated", f'if [ -e "{gate}" ]; then echo opened; else sleep 300; fi')
+    wait_status(daemon.root, "gated", "RUNNING")
+
+    cancel = taskrun(daemon.root, "cancel", "gated")
+    assert cancel.returncode == 0, cancel.stderr
+    wait_status(daemon.root, "gated", "CANCELLED")
+
+    gate.touch()
+    retry = taskrun(daemon.root, "retry", "gated")
+    assert retry.returncode == 0, retry.stderr
+    wait_status(daemon.root, "gated", "COMPLETED")
+    assert _output(daemon.root, "gated", 2) == "opened\n"
+
+
+def test_cancel_of_an_unknown_task_says_so(daemon: Daemon) -> None:
+    daemon.start()
+    result = taskrun(daemon.root, "cancel", "nope")
+    assert result.returncode == 2 and "no Task 'nope'" in result.stderr
+
+
+def test_second_daemon_in_the_same_repository_exits_with_a_clear_message(daemon: Daemon) -> None:
+    daemon.start()
+
+    second = taskrun(daemon.root, "up", timeout=30)
+
+    assert second.returncode == 2
+    assert "already running" in second.stderr
+
+
+def test_sigterm_stops_the_daemon_with_exit_zero(daemon: Daemon) -> None:
+    daemon.start()
+    write_task(daemon.root, "quick", "true")
+    wait_status(daemon.root, "quick", "COMPLETED")
+
+    daemon.signal(signal.SIGTERM)
+
+    assert daemon.wait() == 0
+    assert git(daemon.root, "status", "--porcelain", "runs") == ""
+
+
+def test_daemon_killed_mid_run_reattaches_without_losing_or_repeating_output(daemon: Daemon) -> None:
+    script = 'for i in $(seq 1 60); do echo "line $i"; sleep 0.05; done'
+    daemon.start()
+    write_task(daemon.root, "stream", script)
+    wait_until(lambda: "line 5\n" in _output(daemon.root, "stream"), 20, "some output")
+
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    daemon.start()
+
+    wait_status(daemon.root, "stream", "COMPLETED", timeout=40)
+    assert _output(daemon.root, "stream") == "".join(f"line {i}\n" for i in range(1, 61))
+    run = run_record(daemon.root, "stream", 1)
+    assert run and run["output_bytes"] == len(_output(daemon.root, "stream"))
+    assert len((task_record(daemon.root, "stream") or {})["runs"]) == 1
+
+
+def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: Daemon, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    daemon.start()
+    write_task(daemon.root, "finishes-alone", f'echo begin; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo end')
+    wait_until(lambda: _output(daemon.root, "finishes-alone") == "begin\n", 20, "the Run to start")
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+
+    gate.touch()
+    worker_runs = daemon.root / ".git/taskrun/workers/local/runs"
+    wait_until(lambda: list(worker_runs.glob("*/exit_code")), 20, "the Agent to finish on its own")
+    daemon.start()
+
+    wait_status(daemon.root, "finishes-alone", "COMPLETED")
+    assert _output(daemon.root, "finishes-alone") == "begin\nend\n"
+
+
+def test_malformed_config_edit_is_refused_and_the_previous_one_stays(daemon: Daemon) -> None:
+    daemon.start()
+    config = daemon.root / ".taskrun.yaml"
+    good = config.read_text()
+    config.write_text(good + "\nbogus_key: 1\n")
+    wait_until(lambda: "bogus_key" in daemon.output(), 20, "the refusal to be reported")
+    write_task(daemon.root, "still-works", "true")
+
+    wait_status(daemon.root, "still-works", "COMPLETED")
+    assert "previous one stays in force" in daemon.output()
+
+
+def test_workers_json_reports_the_local_worker(daemon: Daemon) -> None:
+    daemon.start()
+
+    result = taskrun(daemon.root, "workers", "--json")
+
+    data = json.loads(result.stdout)
+    assert data["daemon"] is True
+    (local,) = data["workers"]
+    assert local["name"] == "local" and local["reachable"] is True and local["slots"] == 2
+    assert local["version"] and local["last_seen"]
+
+
+def test_logs_follow_streams_until_the_run_ends(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    write_task(daemon.root, "followed", 'for i in 1 2 3; do echo "tick $i"; sleep 0.2; done')
+    wait_status(daemon.root, "followed", "RUNNING", "COMPLETED")
+
+    result = taskrun(daemon.root, "logs", "followed", "-f")
+
+    assert result.returncode == 0
+    assert result.stdout == "tick 1\ntick 2\ntick 3\n"
+    assert status_of(daemon.root, "followed") == "COMPLETED"

@@ -1,0 +1,282 @@
+"""gitops.Git on real repositories: commits that never touch the user's work."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from taskrunner.errors import GitError
+from taskrunner.gitops import FALLBACK_IDENTITY, Git, toplevel
+
+USER = ("Repo User", "user@example.com")
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+@pytest.fixture(autouse=True)
+def isolated_git_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No global or system git configuration leaks in; HOME is an empty directory."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
+                 "EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def make_repo(path: Path, identity: bool = True) -> Path:
+    path.mkdir()
+    git(path, "init", "--quiet", "--initial-branch=main")
+    if identity:
+        git(path, "config", "user.name", USER[0])
+        git(path, "config", "user.email", USER[1])
+    return path
+
+
+@pytest.fixture()
+def empty_repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+@pytest.fixture()
+def repo(empty_repo: Path) -> Path:
+    (empty_repo / "README.md").write_text("readme\n")
+    (empty_repo / "src.py").write_text("print(1)\n")
+    git(empty_repo, "add", "README.md", "src.py")
+    git(empty_repo, "commit", "--quiet", "-m", "initial")
+    return empty_repo
+
+
+def write(repo: Path, rel: str, text: str) -> str:
+    path = repo / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return rel
+
+
+def head(repo: Path) -> str:
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def changed_in(repo: Path, commit: str) -> list[str]:
+    return sorted(git(repo, "diff-tree", "--root", "--no-commit-id", "-r", "--name-only", commit).split())
+
+
+def commit_count(repo: Path) -> int:
+    return int(git(repo, "rev-list", "--count", "HEAD").strip())
+
+
+# ---------------------------------------------------------------- what is committed
+
+
+def test_commit_paths_commits_exactly_the_given_paths(repo: Path) -> None:
+    ours = [write(repo, "runs/t/status.json", "{}\n"), write(repo, "runs/t/run-1/output.log", "hi\n")]
+    write(repo, "runs/other/status.json", "{}\n")  # written, but not ours to commit now
+    write(repo, "notes.txt", "user file\n")
+    sha = Git(repo).commit_paths(ours, "taskrun: record t")
+    assert sha == head(repo)
+    assert changed_in(repo, sha) == sorted(ours)
+    assert git(repo, "show", f"{sha}:runs/t/run-1/output.log") == "hi\n"
+    assert git(repo, "log", "-1", "--format=%B", sha).strip() == "taskrun: record t"
+    status = git(repo, "status", "--porcelain", "--untracked-files=all")
+    assert "?? notes.txt" in status
+    assert "?? runs/other/status.json" in status
+
+
+def test_the_commit_keeps_every_other_file_of_the_previous_head(repo: Path) -> None:
+    sha = Git(repo).commit_paths([write(repo, "runs/t/status.json", "{}\n")], "m")
+    assert sorted(git(repo, "ls-tree", "-r", "--name-only", sha).split()) == [
+        "README.md", "runs/t/status.json", "src.py"]
+
+
+def test_users_staged_and_unstaged_changes_stay_exactly_as_they_were(repo: Path) -> None:
+    (repo / "README.md").write_text("readme, staged edit\n")
+    git(repo, "add", "README.md")
+    (repo / "README.md").write_text("readme, staged edit\nplus an unstaged line\n")
+    (repo / "src.py").write_text("print(2)  # unstaged\n")
+    write(repo, "new_staged.py", "x = 1\n")
+    git(repo, "add", "new_staged.py")
+    cached_before, diff_before = git(repo, "diff", "--cached"), git(repo, "diff")
+    tracked_before = git(repo, "status", "--porcelain", "--untracked-files=no")
+
+    paths = [write(repo, "runs/t/status.json", '{"status": "COMPLETED"}\n'),
+             write(repo, "runs/t/run-1/output.log", "out\n")]
+    sha = Git(repo).commit_paths(paths, "taskrun: t COMPLETED")
+
+    assert sha is not None
+    assert git(repo, "diff", "--cached") == cached_before
+    assert git(repo, "diff") == diff_before
+    assert changed_in(repo, sha) == sorted(paths)
+    status = git(repo, "status", "--porcelain", "--untracked-files=all")
+    assert not [line for line in status.splitlines() if "runs/" in line], status
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == tracked_before
+    assert sorted(tracked_before.splitlines()) == [" M src.py", "A  new_staged.py", "MM README.md"]
+
+
+def test_the_users_staged_change_is_not_part_of_the_daemons_commit(repo: Path) -> None:
+    (repo / "src.py").write_text("print('staged')\n")
+    git(repo, "add", "src.py")
+    sha = Git(repo).commit_paths([write(repo, "runs/t/status.json", "{}\n")], "m")
+    assert git(repo, "show", f"{sha}:src.py") == "print(1)\n"
+    assert git(repo, "diff", "--cached", "--name-only").split() == ["src.py"]
+
+
+def test_git_status_shows_nothing_for_committed_paths_after_several_commits(repo: Path) -> None:
+    g = Git(repo)
+    path = "runs/t/run-1/output.log"
+    for text in ("a\n", "a\nb\n", "a\nb\nc\n"):
+        write(repo, path, text)
+        assert g.commit_paths([path], f"log {len(text)}") is not None
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""
+    assert git(repo, "show", f"HEAD:{path}") == "a\nb\nc\n"
+
+
+def test_a_deleted_path_is_committed_as_a_deletion(repo: Path) -> None:
+    g = Git(repo)
+    path = write(repo, "runs/t/run-1/summary.md", "sum\n")
+    g.commit_paths([path], "add")
+    (repo / path).unlink()
+    sha = g.commit_paths([path], "remove")
+    assert sha is not None
+    assert path not in git(repo, "ls-tree", "-r", "--name-only", sha).split()
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_commit_paths_works_in_a_repository_with_no_commits_yet(empty_repo: Path) -> None:
+    write(empty_repo, "user.txt", "staged by the user\n")
+    git(empty_repo, "add", "user.txt")
+    cached_before = git(empty_repo, "diff", "--cached", "--name-status")
+    g = Git(empty_repo)
+    assert g.head() is None
+    sha = g.commit_paths([write(empty_repo, "runs/t/status.json", "{}\n")], "first record")
+    assert sha is not None and sha == head(empty_repo)
+    assert git(empty_repo, "rev-list", "--parents", "-n", "1", sha).split() == [sha]  # a root commit
+    assert git(empty_repo, "ls-tree", "-r", "--name-only", sha).split() == ["runs/t/status.json"]
+    assert git(empty_repo, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    # The user's staged file is still staged (now as an addition against the new HEAD).
+    assert git(empty_repo, "diff", "--cached", "--name-status") == cached_before
+    status = git(empty_repo, "status", "--porcelain")
+    assert "runs/" not in status
+
+
+def test_commit_paths_returns_none_when_nothing_changed(repo: Path) -> None:
+    g = Git(repo)
+    path = write(repo, "runs/t/status.json", "{}\n")
+    first = g.commit_paths([path], "first")
+    assert first is not None
+    assert g.commit_paths([path], "again") is None
+    assert head(repo) == first
+    assert g.commit_paths(["README.md"], "committed file untouched") is None
+    assert head(repo) == first
+
+
+# ---------------------------------------------------------------- compare-and-swap
+
+
+def test_the_commit_parent_is_the_previous_head(repo: Path) -> None:
+    before = head(repo)
+    sha = Git(repo).commit_paths([write(repo, "runs/t/status.json", "{}\n")], "m")
+    assert git(repo, "rev-parse", f"{sha}^").strip() == before
+
+
+def test_no_commit_is_lost_when_the_user_commits_between_two_daemon_commits(repo: Path) -> None:
+    g = Git(repo)
+    first = g.commit_paths([write(repo, "runs/a/status.json", "{}\n")], "daemon 1")
+    (repo / "src.py").write_text("print('user')\n")
+    git(repo, "commit", "--quiet", "-am", "user work")
+    user_commit = head(repo)
+    second = g.commit_paths([write(repo, "runs/b/status.json", "{}\n")], "daemon 2")
+    assert second == head(repo)
+    assert git(repo, "rev-parse", f"{second}^").strip() == user_commit
+    assert git(repo, "rev-parse", f"{user_commit}^").strip() == first
+    assert git(repo, "log", "--format=%s").split("\n")[:3] == ["daemon 2", "user work", "daemon 1"]
+    assert git(repo, "show", f"{second}:src.py") == "print('user')\n"
+    assert git(repo, "show", f"{second}:runs/a/status.json") == "{}\n"
+
+
+def test_a_head_that_moves_during_the_commit_is_not_overwritten(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEAD moves after commit_paths read it but before update-ref: the CAS refuses, it rebuilds."""
+    g = Git(repo)
+    original_run = g.run
+    moved = []
+
+    def run(*args: str, env: dict[str, str] | None = None) -> str:
+        if args[0] == "update-ref" and not moved:
+            moved.append(True)
+            (repo / "src.py").write_text("print('racing user')\n")
+            git(repo, "commit", "--quiet", "-am", "racing user commit")
+        return original_run(*args, env=env)
+
+    monkeypatch.setattr(g, "run", run)
+    sha = g.commit_paths([write(repo, "runs/t/status.json", "{}\n")], "daemon")
+    assert moved
+    assert sha == head(repo)
+    assert git(repo, "log", "--format=%s").split("\n")[:3] == ["daemon", "racing user commit", "initial"]
+    assert git(repo, "show", f"{sha}:src.py") == "print('racing user')\n"
+
+
+def test_the_reflog_names_taskrun_as_the_mover_of_head(repo: Path) -> None:
+    Git(repo).commit_paths([write(repo, "runs/t/status.json", "{}\n")], "m")
+    assert "taskrun: record Runs" in git(repo, "reflog", "-1", "--format=%gs", "main")
+
+
+# ---------------------------------------------------------------- identity
+
+
+def test_a_repository_user_identity_is_used_when_configured(repo: Path) -> None:
+    sha = Git(repo).commit_paths([write(repo, "runs/t/status.json", "{}\n")], "m")
+    assert git(repo, "log", "-1", "--format=%an <%ae>|%cn <%ce>", sha).strip() == (
+        f"{USER[0]} <{USER[1]}>|{USER[0]} <{USER[1]}>")
+
+
+def test_a_repository_without_user_identity_falls_back_to_the_taskrun_identity(
+        tmp_path: Path, isolated_git_config: Path) -> None:
+    bare = make_repo(tmp_path / "noident", identity=False)
+    assert subprocess.run(["git", "config", "user.name"], cwd=bare, capture_output=True).returncode != 0
+    sha = Git(bare).commit_paths([write(bare, "runs/t/status.json", "{}\n")], "m")
+    assert sha is not None
+    expected = f"{FALLBACK_IDENTITY['name']} <{FALLBACK_IDENTITY['email']}>"
+    assert git(bare, "log", "-1", "--format=%an <%ae>|%cn <%ce>", sha).strip() == f"{expected}|{expected}"
+    assert list(isolated_git_config.iterdir()) == []  # nothing written to the user's global config
+    assert subprocess.run(["git", "config", "user.name"], cwd=bare, capture_output=True).returncode != 0
+
+
+# ---------------------------------------------------------------- errors and helpers
+
+
+def test_git_failures_are_raised_as_git_error(repo: Path) -> None:
+    with pytest.raises(GitError, match="git rev-parse failed"):
+        Git(repo).run("rev-parse", "--verify", "no-such-ref")
+
+
+def test_commit_paths_outside_a_repository_raises_git_error(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "f").write_text("x")
+    with pytest.raises(GitError):
+        Git(plain).commit_paths(["f"], "m")
+
+
+def test_toplevel_finds_the_repository_root_from_a_subdirectory(repo: Path, tmp_path: Path) -> None:
+    sub = repo / "a" / "b"
+    sub.mkdir(parents=True)
+    assert toplevel(sub) == repo.resolve()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert toplevel(outside) is None
+
+
+def test_log_lists_recent_subjects_and_is_empty_without_commits(empty_repo: Path) -> None:
+    g = Git(empty_repo)
+    assert g.log() == []
+    g.commit_paths([write(empty_repo, "runs/t/status.json", "{}\n")], "subject line\n\nbody")
+    [line] = g.log()
+    assert line.endswith(" subject line")

@@ -1,0 +1,231 @@
+"""The session protocol: records over any byte stream, here an io.BytesIO."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from taskrunner.errors import ProtocolError
+from taskrunner.protocol import REQUIRED, Message, Reader, Writer, decode_header, encode
+
+#: One complete, valid set of fields for each record type.
+FIELDS: dict[str, dict[str, Any]] = {
+    "hello": {"protocol": 1, "version": "0.1", "worker": "w1", "pid": 42, "agents": ["shell"],
+              "slots": 2, "runs": [{"run_id": "r1", "state": "running", "size": 10}]},
+    "heartbeat": {"time": 1700000000.5, "running": 1},
+    "started": {"run_id": "r1", "pid": 4242, "started_at": 1.5},
+    "output": {"run_id": "r1", "offset": 128},
+    "result": {"run_id": "r1", "status": "COMPLETED", "exit_code": 0, "error": None,
+               "started_at": 1.0, "finished_at": 2.0, "output_size": 3},
+    "error": {"message": "no such Run", "run_id": "r9"},
+    "assign": {"run_id": "r1", "task_id": "a/b", "revision": "abc", "attempt": 1,
+               "agent": {"name": "shell", "preset": "shell"}, "timeout": None, "task_file": "tasks/a/b.md"},
+    "resume": {"run_id": "r1", "offset": 7},
+    "cancel": {"run_id": "r1", "reason": "user asked"},
+    "ack": {"run_id": "r1"},
+}
+
+BINARY = b"line one\nline two\r\n\x00\xff\xfe binary \n\n{\"type\":\"ack\"}\n" + bytes(range(256))
+
+
+def roundtrip(*messages: Message) -> list[Message]:
+    stream = io.BytesIO()
+    writer = Writer(stream)
+    for message in messages:
+        writer.write(message)
+    stream.seek(0)
+    reader = Reader(stream)
+    out = []
+    while (message := reader.read()) is not None:
+        out.append(message)
+    return out
+
+
+def read_all(data: bytes) -> list[Message]:
+    reader = Reader(io.BytesIO(data))
+    out = []
+    while (message := reader.read()) is not None:
+        out.append(message)
+    return out
+
+
+def test_the_fixture_covers_every_record_type() -> None:
+    assert set(FIELDS) == set(REQUIRED)
+
+
+@pytest.mark.parametrize("kind", sorted(FIELDS))
+def test_every_record_type_without_payload_survives_a_round_trip(kind: str) -> None:
+    message = Message(kind, FIELDS[kind])
+    assert roundtrip(message) == [message]
+
+
+@pytest.mark.parametrize("kind", sorted(FIELDS))
+def test_every_record_type_with_a_binary_payload_survives_a_round_trip(kind: str) -> None:
+    message = Message(kind, FIELDS[kind], BINARY)
+    [back] = roundtrip(message)
+    assert back.type == kind
+    assert back.fields == FIELDS[kind]
+    assert back.payload == BINARY
+
+
+def test_records_follow_each_other_on_one_stream_in_order() -> None:
+    messages = [Message(kind, FIELDS[kind], BINARY if i % 2 else b"") for i, kind in enumerate(sorted(FIELDS))]
+    assert roundtrip(*messages) == messages
+
+
+def test_a_header_is_one_line_of_json_followed_by_exactly_len_payload_bytes() -> None:
+    data = encode(Message("output", {"run_id": "r1", "offset": 0}, b"a\nb"))
+    line, rest = data.split(b"\n", 1)
+    header = json.loads(line)
+    assert header == {"type": "output", "run_id": "r1", "offset": 0, "len": 3}
+    assert rest == b"a\nb"
+
+
+def test_the_length_field_is_not_exposed_as_a_message_field() -> None:
+    [back] = roundtrip(Message("output", {"run_id": "r", "offset": 0}, b"xyz"))
+    assert "len" not in back.fields
+    assert "type" not in back.fields
+
+
+def test_message_fields_are_reachable_by_item_and_by_get() -> None:
+    message = Message("resume", {"run_id": "r1", "offset": 5})
+    assert message["offset"] == 5
+    assert message.get("missing", "dflt") == "dflt"
+
+
+def test_non_ascii_text_fields_survive_a_round_trip() -> None:
+    message = Message("error", {"message": "Fehler: Größe überschritten ✗"})
+    assert roundtrip(message) == [message]
+
+
+def test_a_clean_end_of_stream_reads_as_none() -> None:
+    assert Reader(io.BytesIO(b"")).read() is None
+
+
+def test_the_end_after_a_whole_record_reads_as_none_again_and_again() -> None:
+    reader = Reader(io.BytesIO(encode(Message("ack", {"run_id": "r"}))))
+    assert reader.read() == Message("ack", {"run_id": "r"})
+    assert reader.read() is None
+    assert reader.read() is None
+
+
+def test_a_truncated_header_raises_protocol_error() -> None:
+    data = encode(Message("ack", {"run_id": "r"}))
+    with pytest.raises(ProtocolError, match="header"):
+        read_all(data[:-3])
+
+
+def test_a_truncated_payload_raises_protocol_error() -> None:
+    data = encode(Message("output", {"run_id": "r", "offset": 0}, b"0123456789"))
+    with pytest.raises(ProtocolError, match="payload"):
+        read_all(data[:-4])
+
+
+def test_a_header_announcing_a_payload_that_never_comes_raises_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="payload"):
+        read_all(b'{"type":"output","run_id":"r","offset":0,"len":5}\n')
+
+
+def test_a_stream_ending_after_a_whole_record_and_a_partial_one_raises_after_the_whole_one() -> None:
+    whole = encode(Message("ack", {"run_id": "a"}))
+    reader = Reader(io.BytesIO(whole + b'{"type":"ack"'))
+    assert reader.read() == Message("ack", {"run_id": "a"})
+    with pytest.raises(ProtocolError):
+        reader.read()
+
+
+@pytest.mark.parametrize("line", [
+    b"{not json}\n",
+    b'{"type": "ack", "run_id": \n',
+    b"\xff\xfe\xfd\n",
+    b"\n",
+])
+def test_malformed_json_raises_protocol_error(line: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        read_all(line)
+
+
+@pytest.mark.parametrize("line", [
+    b"[1, 2, 3]\n",
+    b'"ack"\n',
+    b'{"run_id": "r"}\n',
+    b'{"type": 5, "run_id": "r"}\n',
+])
+def test_a_header_that_is_not_an_object_with_a_string_type_raises_protocol_error(line: bytes) -> None:
+    with pytest.raises(ProtocolError, match="type"):
+        read_all(line)
+
+
+def test_an_unknown_record_type_raises_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="unknown record type 'explode'"):
+        read_all(b'{"type":"explode","run_id":"r"}\n')
+
+
+@pytest.mark.parametrize("kind", sorted(FIELDS))
+def test_a_record_lacking_a_required_field_raises_protocol_error(kind: str) -> None:
+    for missing in REQUIRED[kind]:
+        fields = {k: v for k, v in FIELDS[kind].items() if k != missing}
+        with pytest.raises(ProtocolError, match=f"lacks {missing}"):
+            read_all(encode(Message(kind, fields)))
+
+
+@pytest.mark.parametrize("length", [-1, -100, True, False, 1.5, "3", None, [1]])
+def test_a_negative_bool_or_non_integer_length_raises_protocol_error(length: Any) -> None:
+    header = json.dumps({"type": "output", "run_id": "r", "offset": 0, "len": length}).encode()
+    with pytest.raises(ProtocolError, match="invalid payload length"):
+        read_all(header + b"\n" + b"x" * 8)
+
+
+def test_decode_header_returns_type_fields_and_length() -> None:
+    assert decode_header(b'{"type":"output","run_id":"r","offset":3,"len":4}\n') == (
+        "output", {"run_id": "r", "offset": 3}, 4)
+
+
+def test_a_zero_length_is_accepted_as_no_payload() -> None:
+    [back] = read_all(b'{"type":"ack","run_id":"r","len":0}\n')
+    assert back == Message("ack", {"run_id": "r"}, b"")
+
+
+class _SlowStream(io.BytesIO):
+    """A stream whose write() hands over one byte at a time, releasing the GIL
+    between bytes, so that unsynchronized writers would interleave."""
+
+    def write(self, data: Any) -> int:
+        view = bytes(data)
+        for i in range(len(view)):
+            super().write(view[i:i + 1])
+            if i % 7 == 0:
+                threading.Event().wait(0)  # yields the GIL; not synchronization
+        return len(view)
+
+
+def test_writer_is_safe_across_threads_and_the_reader_sees_whole_records() -> None:
+    stream = _SlowStream()
+    writer = Writer(stream)
+    threads_n, per_thread = 8, 40
+    barrier = threading.Barrier(threads_n)
+
+    def produce(t: int) -> None:
+        barrier.wait()
+        for i in range(per_thread):
+            payload = (f"{t}:{i}\n".encode() * (i % 5 + 1)) + bytes([t, i])
+            writer.write(Message("output", {"run_id": f"t{t}", "offset": i}, payload))
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    stream.seek(0)
+    seen: dict[str, list[int]] = {}
+    for message in read_all(stream.getvalue()):
+        t = int(message["run_id"][1:])
+        i = message["offset"]
+        assert message.payload == (f"{t}:{i}\n".encode() * (i % 5 + 1)) + bytes([t, i])
+        seen.setdefault(message["run_id"], []).append(i)
+    assert seen == {f"t{t}": list(range(per_thread)) for t in range(threads_n)}

@@ -1,0 +1,213 @@
+"""The recorder: commit messages, and batching commits on a real repository."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from taskrunner.defaults import TRAILER_KEYS
+from taskrunner.gitops import Git
+from taskrunner.recorder import CommitItem, Recorder, commit_message
+
+
+def item(n: int, status: str = "COMPLETED", **kw: object) -> CommitItem:
+    fields: dict[str, object] = dict(
+        paths=(f"runs/t{n}/status.json", f"runs/t{n}/run-1/status.json"), task_id=f"t{n}", run_id=f"run-id-{n}",
+        run_number=1, worker=f"w{n}", agent="shell", status=status, title=f"Title of t{n}")
+    fields.update(kw)
+    return CommitItem(**fields)  # type: ignore[arg-type]
+
+
+def trailer_block(message: str) -> list[str]:
+    return message.rstrip("\n").split("\n\n")[-1].splitlines()
+
+
+# ---------------------------------------------------------------- commit_message
+
+
+def test_a_single_item_message_has_subject_title_body_and_trailers() -> None:
+    message = commit_message([item(1, "FAILED")])
+    subject, body, trailers = message.rstrip("\n").split("\n\n")
+    assert subject == "taskrun: t1 FAILED on w1 (run 1)"
+    assert body == "Title of t1"
+    assert trailers.splitlines() == [
+        "Task-Id: t1", "Run-Id: run-id-1", "Worker: w1", "Agent: shell", "Status: FAILED"]
+    assert message.endswith("\n")
+
+
+def test_a_message_for_several_items_counts_statuses_and_lists_every_item() -> None:
+    items = [item(1), item(2, "FAILED"), item(3), item(4, "CANCELLED")]
+    message = commit_message(items)
+    subject, body, _ = message.rstrip("\n").split("\n\n")
+    assert subject == "taskrun: record 4 results (1 CANCELLED, 2 COMPLETED, 1 FAILED)"
+    assert body.splitlines() == [
+        "- t1 COMPLETED on w1 (run 1)", "- t2 FAILED on w2 (run 1)",
+        "- t3 COMPLETED on w3 (run 1)", "- t4 CANCELLED on w4 (run 1)"]
+
+
+def test_every_items_trailers_are_present_in_a_shared_message() -> None:
+    items = [item(1), item(2, "FAILED"), item(3, "CANCELLED")]
+    trailers = trailer_block(commit_message(items))
+    for it in items:
+        for key, value in zip(TRAILER_KEYS, (it.task_id, it.run_id, it.worker, it.agent, it.status)):
+            assert f"{key}: {value}" in trailers
+    assert len(trailers) == len(items) * len(TRAILER_KEYS)
+
+
+def test_trailers_without_a_value_are_left_out() -> None:
+    bare = CommitItem(paths=("runs/x/status.json",), task_id="x", run_id=None, run_number=None,
+                      worker=None, agent=None, status="INVALID", title="x")
+    message = commit_message([bare])
+    assert message.splitlines()[0] == "taskrun: x INVALID"
+    assert trailer_block(message) == ["Task-Id: x", "Status: INVALID"]
+
+
+def test_git_parses_the_trailers_of_a_commit_message(tmp_path: Path) -> None:
+    message = commit_message([item(1), item(2)])
+    done = subprocess.run(["git", "interpret-trailers", "--parse"], input=message, capture_output=True,
+                          text=True, check=True, cwd=tmp_path)
+    assert "Task-Id: t1" in done.stdout.splitlines()
+    assert "Run-Id: run-id-2" in done.stdout.splitlines()
+
+
+# ---------------------------------------------------------------- the Recorder thread
+
+
+@pytest.fixture()
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    root = tmp_path / "repo"
+    root.mkdir()
+    for args in (["init", "--quiet"], ["config", "user.name", "T"], ["config", "user.email", "t@example.com"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    (root / "README.md").write_text("x\n")
+    subprocess.run(["git", "add", "README.md"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "--quiet", "-m", "initial"], cwd=root, check=True)
+    return root
+
+
+def write_records(repo: Path, items: list[CommitItem]) -> None:
+    for it in items:
+        for rel in it.paths:
+            path = repo / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f'{{"status": "{it.status}"}}\n')
+
+
+def commits_since_initial(repo: Path) -> list[str]:
+    out = subprocess.run(["git", "log", "--format=%H", "HEAD", "^HEAD~0", "--not", "--remotes"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    del out
+    shas = subprocess.run(["git", "rev-list", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.split()
+    return shas[:-1]  # all but the initial commit
+
+
+def message_of(repo: Path, sha: str) -> str:
+    return subprocess.run(["git", "log", "-1", "--format=%B", sha], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    ready = threading.Event()
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        ready.wait(0.01)
+
+
+def test_items_submitted_together_share_one_commit(repo: Path) -> None:
+    items = [item(n) for n in range(5)]
+    write_records(repo, items)
+    committed: list[tuple[str, list[CommitItem]]] = []
+    recorder = Recorder(Git(repo), on_commit=lambda sha, batch: committed.append((sha, list(batch))), window=0.5)
+    recorder.start()
+    try:
+        for it in items:
+            recorder.submit(it)
+        wait_for(lambda: committed)
+    finally:
+        recorder.stop()
+    shas = commits_since_initial(repo)
+    assert len(shas) == 1
+    assert committed == [(shas[0], items)]
+    message = message_of(repo, shas[0])
+    for it in items:
+        assert f"Task-Id: {it.task_id}" in message
+    files = subprocess.run(["git", "diff-tree", "-r", "--name-only", "--no-commit-id", shas[0]], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(files) == sorted(p for it in items for p in it.paths)
+
+
+def test_submitting_five_items_then_stopping_makes_exactly_one_commit(repo: Path) -> None:
+    items = [item(n) for n in range(5)]
+    write_records(repo, items)
+    recorder = Recorder(Git(repo))
+    recorder.start()
+    for it in items:
+        recorder.submit(it)
+    recorder.stop()
+    shas = commits_since_initial(repo)
+    assert len(shas) == 1
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout == ""
+
+
+def test_stop_commits_what_was_submitted_without_waiting_for_the_window(repo: Path) -> None:
+    items = [item(1), item(2, "FAILED")]
+    write_records(repo, items)
+    recorder = Recorder(Git(repo), window=60.0)
+    recorder.start()
+    for it in items:
+        recorder.submit(it)
+    recorder.stop()  # a 60 s window would make this test time out if stop() waited for it
+    [sha] = commits_since_initial(repo)
+    assert "Run-Id: run-id-2" in message_of(repo, sha)
+    assert "Status: FAILED" in message_of(repo, sha)
+
+
+def test_items_arriving_after_a_commit_go_into_a_later_commit(repo: Path) -> None:
+    first, second = item(1), item(2)
+    write_records(repo, [first, second])
+    committed: list[str] = []
+    recorder = Recorder(Git(repo), on_commit=lambda sha, batch: committed.append(sha), window=0.05)
+    recorder.start()
+    try:
+        recorder.submit(first)
+        wait_for(lambda: len(committed) == 1)
+        recorder.submit(second)
+        wait_for(lambda: len(committed) == 2)
+    finally:
+        recorder.stop()
+    assert commits_since_initial(repo) == list(reversed(committed))
+
+
+def test_a_disabled_recorder_commits_nothing(repo: Path) -> None:
+    items = [item(1)]
+    write_records(repo, items)
+    recorder = Recorder(Git(repo), enabled=False)
+    recorder.start()
+    recorder.submit(items[0])
+    recorder.stop()
+    assert commits_since_initial(repo) == []
+
+
+def test_a_failing_commit_is_reported_and_the_recorder_keeps_running(repo: Path, tmp_path: Path) -> None:
+    errors: list[str] = []
+    broken = tmp_path / "not-a-repo"
+    broken.mkdir()
+    (broken / "runs").mkdir()
+    recorder = Recorder(Git(broken), on_error=errors.append, window=0.01)
+    recorder.start()
+    recorder.submit(item(1))
+    recorder.stop()
+    assert errors and errors[0].startswith("could not commit records:")
