@@ -449,7 +449,7 @@ agents:
   #   backend: {{provider: anthropic, model: claude-sonnet-4-5}}
   #   env: [ANTHROPIC_API_KEY]
 
-# Workers: machines that execute Runs. `taskrun worker add` adds ssh Workers.
+# Workers: machines that execute Runs (ssh Workers: see README, "Workers").
 workers:
   {LOCAL_WORKER}:
     transport: local

@@ -81,6 +81,8 @@ class Daemon:
         """Serve until stopped (or, with once, until nothing is left to do); the exit code."""
         self._acquire_lock()
         try:
+            if self.config.git.push:
+                emit(self.hooks, "notice", "git.push is not implemented yet: result commits stay local")
             self.recorder.start()
             self.engine.base_commit = self.repo.head()
             self.engine.restore()
