@@ -58,7 +58,7 @@ class Engine:
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
         self._seq = 0
-        self._last_plan_assigned = False
+        self._progress = False
 
     # -- start-up -----------------------------------------------------------
 
@@ -224,13 +224,14 @@ class Engine:
                 task.waiting = waiting
                 self._save_task(task)
         self.next_wakeup = plan.next_wakeup
-        self._last_plan_assigned = bool(plan.assignments)
+        # Unblocked Tasks start in the next plan: that is progress, not idleness.
+        self._progress = bool(plan.assignments or plan.unblocked)
 
     def idle(self) -> bool:
         """Nothing runs and nothing can start: what `up --once` waits for."""
         return (
             not self.runs
-            and not self._last_plan_assigned
+            and not self._progress
             and self.next_wakeup is None
             and self.fleet.all_tried()
         )

@@ -26,6 +26,7 @@ Rules, in the order `plan` applies them:
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
@@ -134,7 +135,8 @@ def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mappi
         else:
             waiting[task.id] = reason
 
-    assignments = _place(eligible, pool, groups, _running_per_group(ordered), waiting)
+    running = Counter(t.group for t in ordered if t.status is TaskStatus.RUNNING and t.group is not None)
+    assignments = _place(eligible, pool, groups, running, waiting)
     return Plan(
         assignments=tuple(assignments),
         blocked=tuple(blocked),
@@ -278,14 +280,6 @@ def _queue_key(queue: Sequence[TaskView]) -> tuple[int, int, str]:
     # A queue competes with its most urgent member's priority, but its head goes first.
     top = max(int(t.priority) for t in queue)
     return (-top, queue[0].seq, queue[0].id)
-
-
-def _running_per_group(tasks: Sequence[TaskView]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for task in tasks:
-        if task.status is TaskStatus.RUNNING and task.group is not None:
-            counts[task.group] = counts.get(task.group, 0) + 1
-    return counts
 
 
 def _could_ever_run(worker: WorkerView, task: TaskView) -> bool:

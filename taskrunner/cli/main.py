@@ -41,8 +41,9 @@ class UsageError(TaskrunError):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    # Plain lines for pipes and logs: no hard wrapping at an imagined 80 columns.
+    out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return int(args.handler(args, out))
     except DaemonNotRunning as exc:

@@ -78,6 +78,7 @@ class LiveView(Hooks):
         self.console = console
         self.show_output = show_output
         self._rows: dict[str, tuple[str, str, str, float]] = {}
+        self._last_line: dict[str, str] = {}
         self._lock = threading.Lock()
         self._live: Live | None = None
         self._started = time.monotonic()
@@ -110,6 +111,10 @@ class LiveView(Hooks):
         pass
 
     def run_output(self, run: RunState, data: bytes) -> None:
+        lines = data.decode(errors="replace").strip().splitlines()
+        if lines:
+            with self._lock:
+                self._last_line[run.task_id] = lines[-1]
         if self.show_output and self._live is None:
             for line in data.decode(errors="replace").splitlines():
                 self.console.print(f"  {run.task_id} | {line}", highlight=False, markup=False)
@@ -124,9 +129,12 @@ class LiveView(Hooks):
     def _table(self) -> Table:
         with self._lock:
             rows = sorted(self._rows.items())
+            last = dict(self._last_line)
         table = Table(title=f"taskrun · {time.monotonic() - self._started:.1f}s", box=None, header_style="bold")
         for column in ("TASK", "STATUS", "WORKER", "NOTE"):
             table.add_column(column)
         for task_id, (status, worker, note, _) in rows:
+            if status == "RUNNING" and task_id in last:
+                note = Text(f"│ {last[task_id]}", style="dim")
             table.add_row(task_id, status_text(status), worker, note)
         return table

@@ -101,6 +101,15 @@ def test_blocked_task_stays_blocked_while_a_dependency_is_failed_or_missing() ->
     assert plan(tasks, [worker("w")], {}, NOW).unblocked == ()
 
 
+def test_blocked_task_without_dependencies_is_unblocked() -> None:
+    assert plan([task("t", status=S.BLOCKED)], [worker("w")], {}, NOW).unblocked == ("t",)
+
+
+def test_waiting_names_every_unfinished_dependency() -> None:
+    tasks = [task("a", 1, S.RUNNING), task("b", 2, S.COMPLETED), task("t", 3, depends_on=("a", "b", "c"))]
+    assert plan(tasks, [worker("w")], {}, NOW).waiting["t"] == "waiting for 'a' (RUNNING), 'c' (no such Task)"
+
+
 def test_unblocking_spreads_down_a_chain_and_dependents_wait() -> None:
     tasks = [task("a", 1), task("b", 2, S.BLOCKED, depends_on=("a",)), task("c", 3, S.BLOCKED, depends_on=("b",))]
     p = plan(tasks, [worker("w", slots=0)], {}, NOW)
@@ -191,6 +200,11 @@ def test_high_priority_later_task_in_a_group_does_not_overtake() -> None:
     assert "cap" in p.waiting["urgent"]
 
 
+def test_group_keeps_arrival_order_for_every_run_it_starts() -> None:
+    tasks = [task("a", 1, group="be", priority=P.LOW), task("b", 2, group="be", priority=P.LOW), task("c", 3, group="be", priority=P.CRITICAL)]
+    assert started(plan(tasks, [worker("w", slots=9)], {"be": 2}, NOW)) == ["a", "b"]
+
+
 def test_group_head_that_cannot_be_placed_holds_the_rest_of_its_group_only() -> None:
     tasks = [
         task("head", 1, group="be", labels={"gpu": "true"}),
@@ -267,10 +281,10 @@ WORKER_NAMES = ["w0", "w1", "w2", "w3"]
 BOTH = frozenset({"shell", "claude"})
 
 
-def often(value: Any, otherwise: st.SearchStrategy[Any], weight: int = 3) -> st.SearchStrategy[Any]:
+def often(draw: st.DrawFn, value: Any, otherwise: st.SearchStrategy[Any], weight: int = 3) -> Any:
     """`value` about weight-in-(weight+1) times: random states must often be
     runnable, or the placement properties hold only vacuously."""
-    return st.integers(0, weight).flatmap(lambda n: otherwise if n == weight else st.just(value))
+    return draw(otherwise) if draw(st.integers(0, weight)) == weight else value
 
 
 @st.composite
@@ -279,15 +293,15 @@ def states(draw: st.DrawFn) -> tuple[list[TaskView], list[WorkerView], dict[str,
     tasks = [
         TaskView(
             id=i,
-            status=draw(often(S.PENDING, st.sampled_from(list(S)), weight=2)),
+            status=often(draw, S.PENDING, st.sampled_from(list(S)), weight=2),
             priority=draw(st.sampled_from(list(P))),
             seq=draw(st.integers(0, 5)),
-            agent=draw(often("shell", st.just("claude"))),
+            agent=often(draw, "shell", st.just("claude")),
             # "t10" and "t11" never exist: unknown dependencies.
-            depends_on=draw(often((), st.lists(st.sampled_from(IDS + ["t10", "t11"]), max_size=2).map(tuple))),
-            labels=draw(often({}, st.dictionaries(st.sampled_from(["gpu", "zone"]), st.sampled_from(["a", "b"]), min_size=1))),
+            depends_on=often(draw, (), st.lists(st.sampled_from(IDS + ["t10", "t11"]), max_size=2).map(tuple)),
+            labels=often(draw, {}, st.dictionaries(st.sampled_from(["gpu", "zone"]), st.sampled_from(["a", "b"]), min_size=1)),
             group=draw(st.sampled_from([None, "g1", "g1", "g2", "g3"])),
-            not_before=draw(often(0.0, st.sampled_from([NOW - 1, NOW, NOW + 1, NOW + 50]))),
+            not_before=often(draw, 0.0, st.sampled_from([NOW - 1, NOW, NOW + 1, NOW + 50])),
             tried_workers=tuple(draw(st.lists(st.sampled_from(WORKER_NAMES), unique=True, max_size=2))),
         )
         for i in ids
@@ -297,10 +311,10 @@ def states(draw: st.DrawFn) -> tuple[list[TaskView], list[WorkerView], dict[str,
         WorkerView(
             name=n,
             slots=draw(st.integers(0, 4)),
-            used=draw(often(0, st.integers(1, 4))),
-            agents=draw(often(BOTH, st.sampled_from([frozenset({"shell"}), frozenset({"claude"}), frozenset()]))),
+            used=often(draw, 0, st.integers(1, 4)),
+            agents=often(draw, BOTH, st.sampled_from([frozenset({"shell"}), frozenset({"claude"}), frozenset()])),
             labels=draw(st.sampled_from([{}, {"gpu": "a"}, {"gpu": "a", "zone": "b"}, {"zone": "a"}])),
-            online=draw(often(True, st.just(False))),
+            online=often(draw, True, st.just(False)),
         )
         for n in names
     ]
