@@ -54,10 +54,11 @@ def build(files: Mapping[str, bytes], **fields: Any) -> Bundle:
 
 def extract(bundle: Bundle, dest: Path) -> list[str]:
     """Extract into `dest` (which must not exist yet); returns the paths written."""
-    expected = {entry["path"]: entry for entry in bundle.manifest.get("files", [])}
-    dest.mkdir(parents=True)
-    written: list[str] = []
-    total = 0
+    expected = _manifest_entries(bundle.manifest)
+    try:
+        dest.mkdir(parents=True)
+    except FileExistsError:
+        raise BundleRejected(f"bundle rejected: the extraction directory {dest} already exists") from None
     try:
         archive = tarfile.open(fileobj=io.BytesIO(bundle.archive), mode="r:")
     except tarfile.TarError as exc:
@@ -66,34 +67,67 @@ def extract(bundle: Bundle, dest: Path) -> list[str]:
         members = archive.getmembers()
         if len(members) > MAX_MEMBERS:
             raise BundleRejected(f"bundle rejected: {len(members)} members, over the limit of {MAX_MEMBERS}")
-        for member in members:
-            _check_path(member.name)
-            target = dest / member.name
+        written = _extract_members(archive, members, expected, dest)
+    if expected:
+        raise BundleRejected(f"bundle rejected: {sorted(expected)[0]} is in the manifest but not the archive")
+    return written
+
+
+def _manifest_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = {}
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise BundleRejected("bundle rejected: the manifest has no list of files")
+    for entry in files:
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("size"), int) and not isinstance(entry.get("size"), bool)):
+            what = entry.get("path") if isinstance(entry, dict) else entry
+            raise BundleRejected(f"bundle rejected: manifest entry {what!r} lacks a path, sha256 or size")
+        if entry["path"] in entries:
+            raise BundleRejected(f"bundle rejected: {entry['path']} is named twice in the manifest")
+        entries[entry["path"]] = entry
+    return entries
+
+
+def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
+                     expected: dict[str, dict[str, Any]], dest: Path) -> list[str]:
+    written: list[str] = []
+    seen: set[str] = set()
+    total = 0
+    for member in members:
+        _check_path(member.name)
+        name = member.name.rstrip("/")
+        if name in seen:
+            raise BundleRejected(f"bundle rejected: {name} is named twice in the archive")
+        seen.add(name)
+        target = dest / name
+        try:
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             if not member.isreg():
-                raise BundleRejected(f"bundle rejected: {member.name} is not a regular file or directory")
+                raise BundleRejected(f"bundle rejected: {name} is not a regular file or directory")
             if member.size > MAX_MEMBER_BYTES:
-                raise BundleRejected(f"bundle rejected: {member.name} is {member.size} bytes, over the limit")
+                raise BundleRejected(f"bundle rejected: {name} is {member.size} bytes, over the limit")
             total += member.size
             if total > MAX_TOTAL_BYTES:
                 raise BundleRejected("bundle rejected: contents exceed the total size limit")
-            entry = expected.pop(member.name, None)
+            entry = expected.pop(name, None)
             if entry is None:
-                raise BundleRejected(f"bundle rejected: {member.name} is not in the manifest")
+                raise BundleRejected(f"bundle rejected: {name} is not in the manifest")
             source = archive.extractfile(member)
             data = source.read() if source else b""
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise BundleRejected(f"bundle rejected: {member.name} does not match its manifest hash")
+                raise BundleRejected(f"bundle rejected: {name} does not match its manifest hash")
             target.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: a member named twice must not overwrite the first copy.
+            # O_EXCL: nothing already there is ever overwritten.
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            written.append(member.name)
-    if expected:
-        raise BundleRejected(f"bundle rejected: {sorted(expected)[0]} is in the manifest but not the archive")
+        except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+            raise BundleRejected(f"bundle rejected: {name} is both a file and a directory") from exc
+        written.append(name)
     return written
 
 

@@ -67,6 +67,8 @@ class Message:
 
 
 def encode(message: Message) -> bytes:
+    if "type" in message.fields or "len" in message.fields:
+        raise ProtocolError("'type' and 'len' are reserved in record headers")
     header = dict(message.fields)
     header["type"] = message.type
     if message.payload:

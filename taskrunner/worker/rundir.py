@@ -109,13 +109,32 @@ def held_runs(home: Path) -> list[RunDir]:
 
 
 def group_alive(pgid: int) -> bool:
+    """True while a process of the group runs; zombies do not count.
+
+    A group of zombies answers killpg(0) but has ended: in containers whose
+    PID 1 does not reap orphans, that is how a finished Agent looks.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _maybe(path: Path) -> dict[str, Any] | None:

@@ -28,6 +28,8 @@ from taskrunner.worker.rundir import WRAPPER, RunDir, group_alive, held_runs
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
 KILL_GRACE_SECONDS = 3.0
+#: How often a Run started by an earlier session is checked for having ended.
+ADOPTED_PROBE_SECONDS = 0.2
 _EOF = object()
 
 
@@ -42,6 +44,7 @@ class ActiveRun:
     kill_at: float | None = None
     result: dict[str, Any] | None = None
     log: IO[bytes] | None = None
+    next_probe: float = 0.0  # adopted Runs: when to look at their process group again
 
 
 class WorkerServer:
@@ -139,8 +142,9 @@ class WorkerServer:
             bundle.extract(bundle.Bundle(message.get("manifest") or {}, message.payload), run_dir.workspace)
             argv = agents.prepare(message["agent"], run_dir.path, run_dir.workspace,
                                   message["task_id"], message["task_file"])
-        except (WorkerError, OSError) as exc:
-            self._finish(run, "FAILED", None, str(exc))
+        except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
+            # Whatever is wrong with one assignment fails that Run, not the session.
+            self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
             return
         env = dict(os.environ, TASKRUN_RUN_ID=run_dir.run_id, TASKRUN_TASK_ID=message["task_id"],
                    TASKRUN_WORKSPACE=str(run_dir.workspace))
@@ -190,8 +194,14 @@ class WorkerServer:
                 return
             if code is None and returncode >= 0:
                 code = returncode
-        elif code is None and run.pid is not None and group_alive(run.pid):
-            return
+        elif code is None and run.pid is not None:
+            # Not our child: no waitpid. Probing the group scans /proc, so not every tick.
+            now = time.monotonic()
+            if now < run.next_probe:
+                return
+            run.next_probe = now + ADOPTED_PROBE_SECONDS
+            if group_alive(run.pid):
+                return
         stop = run.dir.stop()
         if stop is not None:
             status, error = stop["status"], stop["reason"]

@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -103,9 +104,6 @@ def write_records(repo: Path, items: list[CommitItem]) -> None:
 
 
 def commits_since_initial(repo: Path) -> list[str]:
-    out = subprocess.run(["git", "log", "--format=%H", "HEAD", "^HEAD~0", "--not", "--remotes"], cwd=repo,
-                         capture_output=True, text=True, check=True).stdout
-    del out
     shas = subprocess.run(["git", "rev-list", "HEAD"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout.split()
     return shas[:-1]  # all but the initial commit
@@ -116,13 +114,14 @@ def message_of(repo: Path, sha: str) -> str:
                           check=True).stdout
 
 
-def wait_for(predicate: object, timeout: float = 10.0) -> None:
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds, failing after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    ready = threading.Event()
-    while not predicate():  # type: ignore[operator]
+    pause = threading.Event()  # never set: wait() is a bounded poll interval
+    while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
-        ready.wait(0.01)
+        pause.wait(0.01)
 
 
 def test_items_submitted_together_share_one_commit(repo: Path) -> None:
