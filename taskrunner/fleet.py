@@ -19,6 +19,7 @@ from taskrunner.hooks import Hooks, emit
 from taskrunner.links import LinkEvent, WorkerLink, make_link
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import Message
+from taskrunner.sshkeys import HostKeyError
 
 #: Reconnect delays grow from this, doubling, up to RECONNECT_MAX.
 RECONNECT_BASE = 0.5
@@ -32,6 +33,7 @@ class WorkerState:
     generation: int = 0
     online: bool = False
     tried: bool = False  # a session has said hello or failed at least once
+    trusted: bool | None = None  # the host key matched its pin (None: not checked yet)
     hello: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     last_seen: float | None = None
@@ -48,7 +50,8 @@ class WorkerState:
     def view(self) -> dict[str, Any]:
         return {
             "name": self.name, "transport": self.spec.transport, "host": self.spec.host,
-            "online": self.online, "reachable": self.online, "trusted": self.spec.transport == "local" or None,
+            "online": self.online, "reachable": self.online,
+            "trusted": True if self.spec.transport == "local" else self.trusted,
             "slots": self.spec.slots, "used": len(self.runs), "agents": list(self.spec.agents),
             "labels": dict(self.spec.labels), "last_seen": self.last_seen, "error": self.error,
             "version": self.hello.get("version"),
@@ -142,11 +145,15 @@ class Fleet:
             if worker.link is None:
                 worker.link = make_link(worker.spec, self._state_dir, self._post)
             worker.generation = worker.link.open()
+        except HostKeyError as exc:
+            worker.trusted = False
+            self.link_down(worker, str(exc), now)
         except WorkerError as exc:
             self.link_down(worker, str(exc), now)
 
     def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> None:
         worker.hello = fields
+        worker.trusted = True
         worker.online = True
         worker.tried = True
         worker.error = None

@@ -40,3 +40,20 @@ def public_key_line(state_dir: Path) -> str:
 
 def key_id(raw_public: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(raw_public).digest()).decode().rstrip("=")
+
+
+SSH_KEY_FILE = "ssh_key"
+
+
+def ensure_ssh_key(state_dir: Path) -> tuple[Path, str]:
+    """The daemon's own SSH key (OpenSSH format, 0600) and its public line."""
+    path = state_dir / SSH_KEY_FILE
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes(path, pem, mode=0o600)
+    loaded = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    public = loaded.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return path, f"{public.decode()} taskrun-control-plane"

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
+        if args.command == "worker":
+            return int(args.handler(args, out, find_root(args)))
         return int(args.handler(args, out))
     except DaemonNotRunning as exc:
         err.print(f"taskrun: {exc}", markup=False)
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("task", help="a Task id")
     p = command("workers", cmd_workers, "Workers: reachable, trusted, slots used, Agents, last seen")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from taskrunner.cli import worker
+
+    worker.add_parsers(sub)
     p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs tasks/ now")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     return parser

@@ -8,6 +8,7 @@ from typing import Callable
 from taskrunner.errors import WorkerError
 from taskrunner.links.base import LinkEvent, WorkerLink
 from taskrunner.links.local import LocalLink
+from taskrunner.links.ssh import SshLink
 from taskrunner.model import WorkerSpec
 
 __all__ = ["LinkEvent", "WorkerLink", "make_link"]
@@ -16,4 +17,6 @@ __all__ = ["LinkEvent", "WorkerLink", "make_link"]
 def make_link(spec: WorkerSpec, state_dir: Path, post: Callable[[LinkEvent], None]) -> WorkerLink:
     if spec.transport == "local":
         return LocalLink(spec, state_dir, post)
+    if spec.transport == "ssh":
+        return SshLink(spec, state_dir, post)
     raise WorkerError(f"Worker '{spec.name}': transport '{spec.transport}' is not available in this version")

@@ -1,0 +1,141 @@
+"""`taskrun worker add|check|remove`: from "sshd reachable" to "Worker usable"."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.prompt import Confirm
+
+from taskrunner import keys
+from taskrunner.atomic import write_bytes
+from taskrunner.config import load_config
+from taskrunner.config_edit import remove_worker, set_worker
+from taskrunner.defaults import CONFIG_FILE, STATE_DIR
+from taskrunner.errors import TaskrunError
+from taskrunner.links.ssh import connect
+from taskrunner.model import WorkerSpec
+from taskrunner.protocol import Reader
+from taskrunner.sshkeys import fingerprint, host_entry, key_line, scan_host_key
+from taskrunner.taskfile import parse_labels
+
+
+class EnrollError(TaskrunError):
+    """Raised when a Worker cannot be enrolled or checked; nothing is written."""
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    worker = sub.add_parser("worker", help="add, check or remove an ssh Worker")
+    actions = worker.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="pin the host key, enroll through the gate, write .taskrun.yaml")
+    add.add_argument("name")
+    add.add_argument("--host", required=True)
+    add.add_argument("--port", type=int, default=22)
+    add.add_argument("--user", default=None, help="login (default: your user name)")
+    add.add_argument("--identity", default=None, help="private key file (default: the daemon's own .git/taskrun/ssh_key)")
+    add.add_argument("--fingerprint", default=None, metavar="SHA256:...", help="the host key fingerprint you expect")
+    add.add_argument("--agents", default=None, help="comma-separated Agent names (default: the default Agent)")
+    add.add_argument("--labels", default=None, help="k=v,k=v")
+    add.add_argument("--slots", type=int, default=1)
+    add.set_defaults(handler=cmd_add)
+    check = actions.add_parser("check", help="connect to a configured Worker through its pinned key")
+    check.add_argument("name")
+    check.set_defaults(handler=cmd_check)
+    remove = actions.add_parser("remove", help="remove a Worker from .taskrun.yaml")
+    remove.add_argument("name")
+    remove.set_defaults(handler=cmd_remove)
+
+
+def cmd_add(args: argparse.Namespace, out: Console, root: Path) -> int:
+    config = load_config(root)
+    key = scan_host_key(args.host, args.port)
+    seen = fingerprint(key)
+    where = host_entry(args.host, args.port)
+    out.print(f"{where} presents {key.get_name()} {seen}", markup=False)
+    if args.fingerprint is not None:
+        if args.fingerprint.strip() != seen:
+            raise EnrollError(f"host key fingerprint mismatch for {where}: expected {args.fingerprint}, "
+                              f"seen {seen}; nothing was written")
+    elif not (sys.stdin.isatty() and Confirm.ask("Pin this host key?", console=out, default=False)):
+        raise EnrollError(f"host key not pinned: pass --fingerprint {seen} once you have checked it on the "
+                          "Worker (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); nothing was written")
+    state_dir = root / STATE_DIR
+    identity = Path(args.identity).expanduser() if args.identity else keys.ensure_ssh_key(state_dir)[0]
+    agents = tuple(a for a in (args.agents or config.default_agent).split(",") if a)
+    labels = _labels(args.labels)
+    spec = WorkerSpec(args.name, "ssh", args.slots, agents, labels, host=args.host, port=args.port,
+                      user=args.user, identity=str(identity), host_key=key_line(key))
+    hello = _hello(spec, identity, root)
+    fields: dict[str, object] = {"transport": "ssh", "host": args.host, "port": args.port}
+    if args.user:
+        fields["user"] = args.user
+    if args.identity:
+        fields["identity"] = args.identity
+    fields.update({"host_key": key_line(key), "slots": args.slots, "agents": list(agents)})
+    if labels:
+        fields["labels"] = dict(labels)
+    path = root / CONFIG_FILE
+    text = path.read_text() if path.exists() else ""
+    write_bytes(path, set_worker(text, CONFIG_FILE, args.name, fields, config).encode())
+    out.print(f"Worker '{args.name}' enrolled: taskrun-worker {hello.get('version')} "
+              f"(agents {', '.join(hello.get('agents') or [])}); written to {CONFIG_FILE}", markup=False)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, out: Console, root: Path) -> int:
+    config = load_config(root)
+    spec = config.workers.get(args.name)
+    if spec is None or spec.transport != "ssh":
+        raise EnrollError(f"no ssh Worker '{args.name}' in {CONFIG_FILE}")
+    identity = Path(spec.identity).expanduser() if spec.identity else root / STATE_DIR / keys.SSH_KEY_FILE
+    hello = _hello(spec, identity, root)
+    out.print(f"Worker '{args.name}' ok: host key matches its pin, taskrun-worker {hello.get('version')}, "
+              f"{len(hello.get('runs') or [])} Run(s) held", markup=False)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, out: Console, root: Path) -> int:
+    path = root / CONFIG_FILE
+    text = path.read_text() if path.exists() else ""
+    write_bytes(path, remove_worker(text, CONFIG_FILE, args.name).encode())
+    out.print(f"Worker '{args.name}' removed from {CONFIG_FILE}", markup=False)
+    return 0
+
+
+def _hello(spec: WorkerSpec, identity: Path, root: Path) -> dict[str, object]:
+    """Open one session through the gate and read its hello: proof the Worker is usable."""
+    client = connect(spec, identity)
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        channel = transport.open_session(timeout=10)
+        channel.settimeout(15)
+        channel.exec_command(f"taskrun-worker serve --name {spec.name} --slots {spec.slots}")
+        message = Reader(channel.makefile("rb")).read()  # type: ignore[arg-type]
+        if message is None or message.type != "hello":
+            stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
+            public = keys.ensure_ssh_key(root / STATE_DIR)[1] if not spec.identity else "<your public key>"
+            raise EnrollError(
+                f"Worker '{spec.name}' did not answer through the gate ({stderr or 'no hello'}). On the Worker, "
+                f"install taskrun and add the line printed by `taskrun-worker init --key '{public}'` "
+                "to ~/.ssh/authorized_keys"
+            )
+        return message.fields
+    except OSError as exc:
+        raise EnrollError(f"Worker '{spec.name}': session failed: {exc}") from exc
+    finally:
+        client.close()
+
+
+def _labels(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    pairs = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EnrollError(f"--labels: expected k=v, got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return parse_labels(pairs)

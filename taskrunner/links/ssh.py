@@ -1,0 +1,107 @@
+"""An SSH Worker: one paramiko connection, one session channel running `taskrun-worker serve`.
+
+paramiko's RejectPolicy with only the pinned key(s) loaded: an unknown or
+changed host key fails the handshake before any command is sent. Every read on
+the channel is bounded (READ_TIMEOUT, longer than the heartbeat interval
+times the allowed misses), and transport keepalives run, so a dead peer ends
+the session instead of blocking a thread forever.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shlex
+import socket
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import paramiko
+
+from taskrunner.defaults import HEARTBEAT_MISSES, HEARTBEAT_SECONDS
+from taskrunner.errors import WorkerError
+from taskrunner.links.base import LinkEvent, WorkerLink
+from taskrunner.model import WorkerSpec
+from taskrunner.sshkeys import (
+    CONNECT_TIMEOUT,
+    HostKeyError,
+    check_host_key,
+    host_entry,
+    open_socket,
+    pinned_keys,
+    scan_host_key,
+)
+
+KEEPALIVE_SECONDS = 5
+#: A session that says nothing for this long is dead: the Worker heartbeats every
+#: HEARTBEAT_SECONDS.
+READ_TIMEOUT = HEARTBEAT_SECONDS * HEARTBEAT_MISSES + 2.0
+#: The control plane's own SSH key, used when a Worker names no `identity`.
+DEFAULT_IDENTITY = "ssh_key"
+
+
+class SshLink(WorkerLink):
+    def __init__(self, spec: WorkerSpec, state_dir: Path, post: Callable[[LinkEvent], None]) -> None:
+        super().__init__(spec, post)
+        self._identity = Path(spec.identity).expanduser() if spec.identity else state_dir / DEFAULT_IDENTITY
+        self._client: paramiko.SSHClient | None = None
+
+    def _connect(self) -> tuple[BinaryIO, BinaryIO]:
+        client = connect(self.spec, self._identity)
+        transport = client.get_transport()
+        assert transport is not None
+        try:
+            channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+            channel.settimeout(READ_TIMEOUT)
+            channel.exec_command(shlex.join(
+                ["taskrun-worker", "serve", "--name", self.name, "--slots", str(self.spec.slots)]))
+        except (paramiko.SSHException, OSError) as exc:
+            client.close()
+            raise WorkerError(f"Worker '{self.name}': cannot start taskrun-worker serve: {exc}") from exc
+        self._client = client
+        return channel.makefile("rb"), channel.makefile_stdin("wb")  # type: ignore[return-value]
+
+    def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:
+    """An authenticated connection to an ssh Worker whose host key matches the pin."""
+    assert spec.host is not None
+    where = host_entry(spec.host, spec.port)
+    pinned = pinned_keys(spec.host, spec.port, spec.host_key, spec.known_hosts)
+    try:
+        pkey = paramiko.PKey.from_path(identity)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise WorkerError(f"Worker '{spec.name}': cannot load the SSH identity {identity}: {exc}") from exc
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    for key in pinned:
+        client.get_host_keys().add(where, key.get_name(), key)
+    sock = open_socket(spec.host, spec.port)
+    try:
+        client.connect(spec.host, spec.port, username=spec.user or getpass.getuser(), pkey=pkey, sock=sock,
+                       timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
+                       look_for_keys=False, allow_agent=False)
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        check_host_key(exc.key, pinned, where)
+        raise HostKeyError(f"host key of {where} was refused") from exc
+    except paramiko.SSHException as exc:
+        client.close()
+        if "known_hosts" in str(exc):  # a key of a type we have no pin for
+            check_host_key(scan_host_key(spec.host, spec.port), pinned, where)
+        raise WorkerError(f"Worker '{spec.name}': ssh to {where} failed: {exc}") from exc
+    except OSError as exc:
+        client.close()
+        raise WorkerError(f"Worker '{spec.name}': ssh to {where} failed: {exc}") from exc
+    transport = client.get_transport()
+    assert transport is not None
+    transport.set_keepalive(KEEPALIVE_SECONDS)
+    try:
+        # The first channel otherwise waits out one delayed ACK on the server.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except (AttributeError, OSError):
+        pass
+    return client

@@ -1,0 +1,122 @@
+"""SSH host keys: pinning, fingerprints, scanning. Never auto-accepted.
+
+A Worker's host key is pinned in `.taskrun.yaml` (`host_key: "ssh-ed25519 AAAA..."`)
+or in a known_hosts file the Worker names (`known_hosts:`). Only those keys are
+loaded into paramiko, which keeps its RejectPolicy: an unknown or changed key
+means nothing is sent. paramiko does not enforce `@cert-authority` or `@revoked`
+markers, so a known_hosts file holding them is refused rather than half-enforced.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import socket
+from pathlib import Path
+
+import paramiko
+
+from taskrunner.errors import WorkerError
+
+CONNECT_TIMEOUT = 10.0
+
+
+class HostKeyError(WorkerError):
+    """Raised when a Worker's host key is unknown, changed, or cannot be pinned."""
+
+    def __init__(self, message: str, expected: list[str] | None = None, seen: str | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected or []
+        self.seen = seen
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint, as `ssh-keygen -l` prints it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def key_line(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def host_entry(host: str, port: int) -> str:
+    """How known_hosts names a host: bare on port 22, `[host]:port` elsewhere."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def parse_key_line(line: str) -> paramiko.PKey:
+    """`ssh-ed25519 AAAA... [comment]` -> a public key."""
+    parts = line.split()
+    if len(parts) < 2:
+        raise HostKeyError(f"not a public key line: {line!r} (expected 'TYPE BASE64')")
+    try:
+        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+    except (binascii.Error, ValueError, paramiko.SSHException) as exc:
+        raise HostKeyError(f"not a usable {parts[0]} public key: {exc}") from exc
+
+
+def pinned_keys(host: str, port: int, host_key: str | None, known_hosts: str | None) -> list[paramiko.PKey]:
+    """The keys a Worker may present; raises HostKeyError when none can be loaded."""
+    keys: list[paramiko.PKey] = []
+    if host_key:
+        keys.append(parse_key_line(host_key))
+    if known_hosts:
+        path = Path(known_hosts).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror}") from exc
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.lstrip().startswith("@"):
+                raise HostKeyError(
+                    f"{path}:{number}: '{line.split()[0]}' lines are not supported (paramiko cannot enforce them); "
+                    "pin plain host keys instead"
+                )
+        store = paramiko.HostKeys()
+        try:
+            store.load(str(path))
+        except (OSError, paramiko.SSHException) as exc:
+            raise HostKeyError(f"cannot parse known_hosts file {path}: {exc}") from exc
+        found = store.lookup(host_entry(host, port))
+        keys.extend(found.values() if found else [])
+    if not keys:
+        raise HostKeyError(f"no host key pinned for {host_entry(host, port)}; run `taskrun worker add` to pin one")
+    return keys
+
+
+def check_host_key(seen: paramiko.PKey, pinned: list[paramiko.PKey], where: str) -> None:
+    if any(seen.get_name() == key.get_name() and seen.asbytes() == key.asbytes() for key in pinned):
+        return
+    expected = [f"{key.get_name()} {fingerprint(key)}" for key in pinned]
+    seen_text = f"{seen.get_name()} {fingerprint(seen)}"
+    raise HostKeyError(
+        f"host key of {where} does not match the pinned key: expected {', '.join(expected)}, "
+        f"seen {seen_text}. If the Worker's key really changed, re-pin it with "
+        f"`taskrun worker add` and --fingerprint {fingerprint(seen)}",
+        expected, seen_text,
+    )
+
+
+def open_socket(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise WorkerError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+    # paramiko leaves Nagle on: every request would wait ~40 ms for a delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def scan_host_key(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> paramiko.PKey:
+    """The key the host presents, without authenticating; pinning it is the caller's decision."""
+    sock = open_socket(host, port, timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        return transport.get_remote_server_key()
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise WorkerError(f"cannot read the host key of {host}:{port}: {exc}") from exc
+    finally:
+        transport.close()
