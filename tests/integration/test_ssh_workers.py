@@ -1,0 +1,107 @@
+"""SSH Workers with real OpenSSH sshd processes on 127.0.0.1, each one a Worker host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from taskrunner import keys
+from tests.conftest import run_record, status_of, taskrun, write_task
+from tests.sshd import SshdHost, start_sshd
+
+
+@pytest.fixture
+def hosts(repo: Path, tmp_path: Path) -> Iterator[list[SshdHost]]:
+    """Three sshd Worker hosts that authorize the control plane's own SSH key (behind the gate)."""
+    _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")
+    started = [start_sshd(tmp_path / f"host{i}", public) for i in range(3)]
+    yield started
+    for host in started:
+        host.stop()
+
+
+def _add(repo: Path, name: str, host: SshdHost, *extra: str) -> None:
+    result = taskrun(repo, "worker", "add", name, "--host", "127.0.0.1", "--port", str(host.port),
+                     "--fingerprint", host.fingerprint, *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _only_ssh_workers(repo: Path, hosts: list[SshdHost]) -> None:
+    for i, host in enumerate(hosts, 1):
+        _add(repo, f"w{i}", host)
+    assert taskrun(repo, "worker", "remove", "local").returncode == 0
+
+
+def test_worker_add_pins_the_key_enrolls_and_keeps_the_rest_of_the_file(repo: Path, hosts: list[SshdHost]) -> None:
+    before = (repo / ".taskrun.yaml").read_text()
+
+    _add(repo, "build-1", hosts[0], "--slots", "3", "--labels", "gpu=true")
+
+    after = (repo / ".taskrun.yaml").read_text()
+    assert hosts[0].host_key_line.split()[1] in after
+    assert "gpu: 'true'" in after or "gpu: \"true\"" in after or "gpu: true" in after
+    # Every line the user had is still there, comments included.
+    assert all(line in after.splitlines() for line in before.splitlines())
+    check = taskrun(repo, "worker", "check", "build-1")
+    assert check.returncode == 0 and "host key matches" in check.stdout
+
+
+def test_wrong_fingerprint_is_refused_and_nothing_is_written(repo: Path, hosts: list[SshdHost]) -> None:
+    before = (repo / ".taskrun.yaml").read_text()
+
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--port", str(hosts[0].port),
+                     "--fingerprint", "SHA256:" + "A" * 43)
+
+    assert result.returncode == 2
+    assert "mismatch" in result.stderr and hosts[0].fingerprint in result.stderr
+    assert (repo / ".taskrun.yaml").read_text() == before
+
+
+def test_unconfirmed_host_key_is_not_pinned(repo: Path, hosts: list[SshdHost]) -> None:
+    before = (repo / ".taskrun.yaml").read_text()
+
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--port", str(hosts[0].port))
+
+    assert result.returncode == 2 and "--fingerprint" in result.stderr
+    assert (repo / ".taskrun.yaml").read_text() == before
+
+
+def test_tasks_spread_over_three_ssh_workers(repo: Path, hosts: list[SshdHost]) -> None:
+    _only_ssh_workers(repo, hosts)
+    for n in range(6):
+        write_task(repo, f"spread-{n}", f"echo run {n} on $(hostname)\nsleep 0.5")
+
+    result = taskrun(repo, "up", "--once", timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    workers = {(run_record(repo, f"spread-{n}", 1) or {}).get("worker") for n in range(6)}
+    assert workers == {"w1", "w2", "w3"}
+    assert (repo / "runs/spread-0/run-1/output.log").read_text().startswith("run 0 on ")
+
+
+def test_changed_host_key_is_refused_and_the_task_runs_elsewhere(repo: Path, hosts: list[SshdHost]) -> None:
+    _only_ssh_workers(repo, hosts[:2])
+    pinned = hosts[0].fingerprint
+    seen = hosts[0].regenerate_host_key() and hosts[0].fingerprint
+    write_task(repo, "elsewhere", "echo safe")
+
+    result = taskrun(repo, "up", "--once", timeout=120)
+
+    assert status_of(repo, "elsewhere") == "COMPLETED"
+    assert (run_record(repo, "elsewhere", 1) or {})["worker"] == "w2"
+    assert "does not match the pinned key" in result.stdout
+    assert pinned in result.stdout and seen in result.stdout
+    # Nothing ran on the host with the changed key.
+    assert not any((hosts[0].home / "runs").glob("*"))
+
+
+def test_timeout_reaches_the_agent_on_the_remote_worker(repo: Path, hosts: list[SshdHost]) -> None:
+    _only_ssh_workers(repo, hosts[:1])
+    write_task(repo, "remote-slow", "sleep 300", front="timeout: 2s\n")
+
+    taskrun(repo, "up", "--once", timeout=120)
+
+    run = run_record(repo, "remote-slow", 1)
+    assert run and run["worker"] == "w1" and run["status"] == "FAILED" and "timed out" in run["error"]
