@@ -42,6 +42,7 @@ from taskrunner.watcher import FileEvent, Watcher
 MAX_SLEEP = 0.5
 #: How many queued events are handled before the scheduler runs again.
 BATCH = 500
+_NO_REPLAN = frozenset({"output", "started", "heartbeat"})
 
 
 @dataclass
@@ -98,11 +99,16 @@ class Daemon:
         return 0 if all(t.status is TaskStatus.COMPLETED for t in done) else 1
 
     def _loop(self) -> None:
+        replan = True
         while not self._stop.is_set():
             now = time.time()
             for worker in self.fleet.tick(now):
                 self.engine.grace_expired(worker)
-            self.engine.schedule()
+                replan = True
+            wakeup = self.engine.next_wakeup
+            if replan or (wakeup is not None and now >= wakeup):
+                self.engine.schedule()
+                replan = False
             if self.once and self.engine.idle():
                 self.engine.give_up_waiting()
                 return
@@ -111,18 +117,26 @@ class Daemon:
             try:
                 event = self.events.get(timeout=max(0.0, sleep))
             except queue.Empty:
+                replan = True  # a quiet moment: look again (heartbeats, reconnects)
                 continue
             for _ in range(BATCH):
-                self._handle(event)
+                replan = self._handle(event) or replan
                 try:
                     event = self.events.get_nowait()
                 except queue.Empty:
                     break
 
-    def _handle(self, event: object) -> None:
+    def _handle(self, event: object) -> bool:
+        """Apply one event; True if it may change what the scheduler would decide."""
         if isinstance(event, LinkEvent):
             self.engine.on_link_event(event)
-        elif isinstance(event, FileEvent):
+            # Output, starts and heartbeats change no placement; planning over
+            # every Task after each of them was most of the daemon's CPU.
+            return event.message is None or event.message.type not in _NO_REPLAN
+        if isinstance(event, _Committed):
+            self.engine.base_commit = event.sha
+            return False
+        if isinstance(event, FileEvent):
             if event.kind == "changed":
                 self.engine.task_file_changed(event.path)
             elif event.kind == "removed":
@@ -133,8 +147,7 @@ class Daemon:
                 self._reload()
         elif isinstance(event, _Request):
             event.reply.put(self._answer(event.payload))
-        elif isinstance(event, _Committed):
-            self.engine.base_commit = event.sha
+        return True
 
     def _answer(self, payload: dict[str, Any]) -> dict[str, Any]:
         command = payload.get("command")
