@@ -10,6 +10,10 @@
     ├── LockError            another daemon holds the repository
     ├── DaemonNotRunning     a command needs the daemon and there is none
     └── WorkerError          a Worker cannot be reached or refused a Run
+        ├── HostKeyError     (sshkeys) a host key is unknown, changed or unpinnable
+        ├── BundleRejected   (bundle) a bundle breaks a rule; nothing of it runs
+        ├── AgentError       (agents) an Agent cannot be prepared for a Task
+        └── GateRefused      (worker.gate) the gate refuses an SSH command
 
 Third-party exceptions (GitPython, paramiko, yaml) are translated into these at
 the module that uses the library; nothing above the edges sees them.
