@@ -15,6 +15,7 @@ import yaml
 
 from taskrunner.config import Config, parse_config
 from taskrunner.errors import ConfigError
+from taskrunner.model import WorkerSpec
 
 _WORKERS = re.compile(r"^workers:\s*(#.*)?$")
 
@@ -85,7 +86,7 @@ def _block(lines: list[str], start: int, name: str) -> tuple[int, str, tuple[int
     return end, indent, None
 
 
-def _fields_of(worker: Any) -> dict[str, Any]:
+def _fields_of(worker: WorkerSpec) -> dict[str, Any]:
     fields: dict[str, Any] = {"transport": worker.transport, "slots": worker.slots, "agents": list(worker.agents)}
     if worker.labels:
         fields["labels"] = dict(worker.labels)

@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        if args.command == "worker":
-            return int(args.handler(args, out, find_root(args)))
         return int(args.handler(args, out))
     except DaemonNotRunning as exc:
         err.print(f"taskrun: {exc}", markup=False)

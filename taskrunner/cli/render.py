@@ -111,12 +111,12 @@ class LiveView(Hooks):
         pass
 
     def run_output(self, run: RunState, data: bytes) -> None:
-        lines = data.decode(errors="replace").strip().splitlines()
+        lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
         if lines:
             with self._lock:
                 self._last_line[run.task_id] = lines[-1]
         if self.show_output and self._live is None:
-            for line in data.decode(errors="replace").splitlines():
+            for line in lines:
                 self.console.print(f"  {run.task_id} | {line}", highlight=False, markup=False)
 
     def notice(self, message: str) -> None:

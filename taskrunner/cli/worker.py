@@ -11,11 +11,12 @@ from rich.prompt import Confirm
 
 from taskrunner import keys
 from taskrunner.atomic import write_bytes
-from taskrunner.config import load_config
+from taskrunner.cli.main import find_root
+from taskrunner.config import load_config, parse_config
 from taskrunner.config_edit import remove_worker, set_worker
 from taskrunner.defaults import CONFIG_FILE, STATE_DIR
 from taskrunner.errors import TaskrunError
-from taskrunner.links.ssh import connect
+from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import Reader
 from taskrunner.sshkeys import fingerprint, host_entry, key_line, scan_host_key
@@ -48,7 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     remove.set_defaults(handler=cmd_remove)
 
 
-def cmd_add(args: argparse.Namespace, out: Console, root: Path) -> int:
+def cmd_add(args: argparse.Namespace, out: Console) -> int:
+    root = find_root(args)
     config = load_config(root)
     key = scan_host_key(args.host, args.port)
     seen = fingerprint(key)
@@ -61,58 +63,53 @@ def cmd_add(args: argparse.Namespace, out: Console, root: Path) -> int:
     elif not (sys.stdin.isatty() and Confirm.ask("Pin this host key?", console=out, default=False)):
         raise EnrollError(f"host key not pinned: pass --fingerprint {seen} once you have checked it on the "
                           "Worker (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); nothing was written")
-    state_dir = root / STATE_DIR
-    identity = Path(args.identity).expanduser() if args.identity else keys.ensure_ssh_key(state_dir)[0]
-    agents = tuple(a for a in (args.agents or config.default_agent).split(",") if a)
+    if not args.identity:
+        keys.ensure_ssh_key(root / STATE_DIR)
+    agents = [a for a in (args.agents or config.default_agent).split(",") if a]
     labels = _labels(args.labels)
-    spec = WorkerSpec(args.name, "ssh", args.slots, agents, labels, host=args.host, port=args.port,
-                      user=args.user, identity=str(identity), host_key=key_line(key))
-    hello = _hello(spec, identity, root)
     fields: dict[str, object] = {"transport": "ssh", "host": args.host, "port": args.port}
     if args.user:
         fields["user"] = args.user
     if args.identity:
         fields["identity"] = args.identity
-    fields.update({"host_key": key_line(key), "slots": args.slots, "agents": list(agents)})
+    fields.update({"host_key": key_line(key), "slots": args.slots, "agents": agents})
     if labels:
-        fields["labels"] = dict(labels)
+        fields["labels"] = labels
     path = root / CONFIG_FILE
-    text = path.read_text() if path.exists() else ""
-    write_bytes(path, set_worker(text, CONFIG_FILE, args.name, fields, config).encode())
+    text = set_worker(path.read_text() if path.exists() else "", CONFIG_FILE, args.name, fields, config)
+    # The Worker is checked exactly as the configuration about to be written describes it.
+    hello = _hello(parse_config(text, CONFIG_FILE).workers[args.name], root)
+    write_bytes(path, text.encode())
     out.print(f"Worker '{args.name}' enrolled: taskrun-worker {hello.get('version')} "
               f"(agents {', '.join(hello.get('agents') or [])}); written to {CONFIG_FILE}", markup=False)
     return 0
 
 
-def cmd_check(args: argparse.Namespace, out: Console, root: Path) -> int:
+def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    root = find_root(args)
     config = load_config(root)
     spec = config.workers.get(args.name)
     if spec is None or spec.transport != "ssh":
         raise EnrollError(f"no ssh Worker '{args.name}' in {CONFIG_FILE}")
-    identity = Path(spec.identity).expanduser() if spec.identity else root / STATE_DIR / keys.SSH_KEY_FILE
-    hello = _hello(spec, identity, root)
+    hello = _hello(spec, root)
     out.print(f"Worker '{args.name}' ok: host key matches its pin, taskrun-worker {hello.get('version')}, "
               f"{len(hello.get('runs') or [])} Run(s) held", markup=False)
     return 0
 
 
-def cmd_remove(args: argparse.Namespace, out: Console, root: Path) -> int:
-    path = root / CONFIG_FILE
+def cmd_remove(args: argparse.Namespace, out: Console) -> int:
+    path = find_root(args) / CONFIG_FILE
     text = path.read_text() if path.exists() else ""
     write_bytes(path, remove_worker(text, CONFIG_FILE, args.name).encode())
     out.print(f"Worker '{args.name}' removed from {CONFIG_FILE}", markup=False)
     return 0
 
 
-def _hello(spec: WorkerSpec, identity: Path, root: Path) -> dict[str, object]:
+def _hello(spec: WorkerSpec, root: Path) -> dict[str, object]:
     """Open one session through the gate and read its hello: proof the Worker is usable."""
-    client = connect(spec, identity)
+    client = connect(spec, identity_path(spec, root / STATE_DIR))
     try:
-        transport = client.get_transport()
-        assert transport is not None
-        channel = transport.open_session(timeout=10)
-        channel.settimeout(15)
-        channel.exec_command(f"taskrun-worker serve --name {spec.name} --slots {spec.slots}")
+        channel = open_serve(client, spec)
         message = Reader(channel.makefile("rb")).read()  # type: ignore[arg-type]
         if message is None or message.type != "hello":
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]

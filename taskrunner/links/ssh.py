@@ -18,6 +18,7 @@ from typing import BinaryIO, Callable
 import paramiko
 
 from taskrunner.defaults import HEARTBEAT_MISSES, HEARTBEAT_SECONDS
+from taskrunner.keys import SSH_KEY_FILE
 from taskrunner.errors import WorkerError
 from taskrunner.links.base import LinkEvent, WorkerLink
 from taskrunner.model import WorkerSpec
@@ -35,28 +36,17 @@ KEEPALIVE_SECONDS = 5
 #: A session that says nothing for this long is dead: the Worker heartbeats every
 #: HEARTBEAT_SECONDS.
 READ_TIMEOUT = HEARTBEAT_SECONDS * HEARTBEAT_MISSES + 2.0
-#: The control plane's own SSH key, used when a Worker names no `identity`.
-DEFAULT_IDENTITY = "ssh_key"
 
 
 class SshLink(WorkerLink):
     def __init__(self, spec: WorkerSpec, state_dir: Path, post: Callable[[LinkEvent], None]) -> None:
         super().__init__(spec, post)
-        self._identity = Path(spec.identity).expanduser() if spec.identity else state_dir / DEFAULT_IDENTITY
+        self._identity = identity_path(spec, state_dir)
         self._client: paramiko.SSHClient | None = None
 
     def _connect(self) -> tuple[BinaryIO, BinaryIO]:
         client = connect(self.spec, self._identity)
-        transport = client.get_transport()
-        assert transport is not None
-        try:
-            channel = transport.open_session(timeout=CONNECT_TIMEOUT)
-            channel.settimeout(READ_TIMEOUT)
-            channel.exec_command(shlex.join(
-                ["taskrun-worker", "serve", "--name", self.name, "--slots", str(self.spec.slots)]))
-        except (paramiko.SSHException, OSError) as exc:
-            client.close()
-            raise WorkerError(f"Worker '{self.name}': cannot start taskrun-worker serve: {exc}") from exc
+        channel = open_serve(client, self.spec)
         self._client = client
         return channel.makefile("rb"), channel.makefile_stdin("wb")  # type: ignore[return-value]
 
@@ -64,6 +54,25 @@ class SshLink(WorkerLink):
         client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def identity_path(spec: WorkerSpec, state_dir: Path) -> Path:
+    """The private key a Worker is reached with: its `identity`, else the daemon's own SSH key."""
+    return Path(spec.identity).expanduser() if spec.identity else state_dir / SSH_KEY_FILE
+
+
+def open_serve(client: paramiko.SSHClient, spec: WorkerSpec) -> paramiko.Channel:
+    """Start `taskrun-worker serve` on a session channel whose reads are bounded; closes `client` on failure."""
+    transport = client.get_transport()
+    assert transport is not None
+    try:
+        channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+        channel.settimeout(READ_TIMEOUT)
+        channel.exec_command(shlex.join(["taskrun-worker", "serve", "--name", spec.name, "--slots", str(spec.slots)]))
+    except (paramiko.SSHException, OSError) as exc:
+        client.close()
+        raise WorkerError(f"Worker '{spec.name}': cannot start taskrun-worker serve: {exc}") from exc
+    return channel
 
 
 def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:

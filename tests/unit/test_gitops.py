@@ -19,17 +19,9 @@ def git(repo: Path, *args: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def isolated_git_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No global or system git configuration leaks in; HOME is an empty directory."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
-                 "EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_CONFIG_GLOBAL"):
-        monkeypatch.delenv(name, raising=False)
-    return home
+def isolated_git_config(isolated_git: Path) -> Path:
+    """Every test here runs with the shared isolated git configuration."""
+    return isolated_git
 
 
 def make_repo(path: Path, identity: bool = True) -> Path:

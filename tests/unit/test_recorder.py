@@ -79,12 +79,7 @@ def test_git_parses_the_trailers_of_a_commit_message(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+def repo(tmp_path: Path, isolated_git: Path) -> Path:
     root = tmp_path / "repo"
     root.mkdir()
     for args in (["init", "--quiet"], ["config", "user.name", "T"], ["config", "user.email", "t@example.com"]):
