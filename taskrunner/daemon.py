@@ -109,8 +109,10 @@ class Daemon:
             if replan or (wakeup is not None and now >= wakeup):
                 self.engine.schedule()
                 replan = False
+            self._flush()
             if self.once and self.engine.idle():
                 self.engine.give_up_waiting()
+                self._flush()
                 return
             wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup()) if t is not None]
             sleep = min([now + MAX_SLEEP, *wakeups]) - now
@@ -146,8 +148,15 @@ class Daemon:
             elif event.kind == "config":
                 self._reload()
         elif isinstance(event, _Request):
-            event.reply.put(self._answer(event.payload))
+            answer = self._answer(event.payload)
+            self._flush()  # the caller may read the records as soon as it has the answer
+            event.reply.put(answer)
         return True
+
+    def _flush(self) -> None:
+        if self.engine.flush() and not self.engine.runs:
+            # Nothing else is about to finish: commit now rather than wait out the window.
+            self.recorder.kick()
 
     def _answer(self, payload: dict[str, Any]) -> dict[str, Any]:
         command = payload.get("command")
@@ -205,7 +214,8 @@ class Daemon:
         self._lock_file = fd
 
     def _shutdown(self) -> None:
-        for stop in (self.watcher.stop, self.control.stop, self.fleet.close, self.recorder.stop):
+        for stop in (self.engine.flush, self.watcher.stop, self.control.stop, self.fleet.close,
+                     self.recorder.stop):
             try:
                 stop()
             except Exception as exc:  # shutting down: report, keep going

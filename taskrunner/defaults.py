@@ -43,9 +43,9 @@ GRACE_SECONDS = 60.0
 
 #: Largest output chunk a Worker sends in one record.
 OUTPUT_CHUNK_BYTES = 64 * 1024
-#: How often the Worker looks for new output and finished Agents while Runs are
-#: active; idle Workers only wake for heartbeats and messages.
-WORKER_POLL_SECONDS = 0.005
+#: How often the Worker looks for new output while Runs are active (an Agent
+#: that ends wakes it at once); idle Workers only wake for heartbeats and messages.
+WORKER_POLL_SECONDS = 0.02
 
 #: Where taskrun-worker keeps its Runs when no --home is given.
 WORKER_HOME = "~/.taskrun-worker"

@@ -4,8 +4,14 @@ Events come from the watcher (a Task file changed or went away), from Worker
 sessions (hello, started, output, result, the link dropping), from the CLI
 (cancel, retry) and from the clock (backoff over, grace over). After a batch of
 events the daemon calls `schedule()`, which asks the pure scheduler for a plan
-and carries it out. Records are written here; commits are handed to the
-recorder thread, which owns git.
+and carries it out, then `flush()`.
+
+Changes are written behind: a batch of events marks records dirty and queues
+messages and commits, and `flush()` writes each dirty record once, then hands
+the commits to the recorder thread (which owns git), then sends the messages.
+So a record is on disk before any message or commit that depends on it, and a
+Run that is assigned, started and finished within one batch costs one write
+of each of its files instead of one per change.
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ class Engine:
         self.base_commit: str | None = None
         self._seq = 0
         self._progress = False
+        self._cycles_stale = False
+        self._dirty_tasks: dict[str, TaskState] = {}
+        self._dirty_runs: dict[str, RunState] = {}
+        self._manifests: list[tuple[str, int, dict[str, Any]]] = []
+        self._commits: list[CommitItem] = []
+        self._outbox: list[tuple[WorkerState, Message]] = []
 
     # -- start-up -----------------------------------------------------------
 
@@ -143,7 +155,8 @@ class Engine:
         self.touched.add(task_id)
         if task.active_run is None:
             self._new_revision(task)
-        self._check_cycles()
+        # Checked once per batch, in schedule(): a burst of n files costs one check, not n.
+        self._cycles_stale = True
         self._save_task(task)
 
     def task_file_removed(self, rel: str) -> None:
@@ -152,6 +165,7 @@ class Engine:
         if task is None or task.removed:
             return
         task.removed = True
+        self._cycles_stale = True
         reason = "the Task file was deleted"
         run = task.active_run
         if run is not None:
@@ -195,6 +209,9 @@ class Engine:
     # -- scheduling ----------------------------------------------------------
 
     def schedule(self) -> None:
+        if self._cycles_stale:
+            self._cycles_stale = False
+            self._check_cycles()
         now = self._clock()
         views = [
             scheduler.TaskView(
@@ -281,7 +298,7 @@ class Engine:
             files, run_id=run.run_id, task_id=task.id, revision=run.revision, worker=worker.name,
             agent=agent_name, attempt=run.attempt, issued_at=now, base_commit=self.base_commit,
         )
-        self.records.save_manifest(task.id, run.number, package.manifest)
+        self._manifests.append((task.id, run.number, package.manifest))
         run.move(RunStatus.ASSIGNED)
         run.assigned_at = now
         self._save_run(run)
@@ -294,7 +311,7 @@ class Engine:
         }
         # A failed send means the session is down: the link reports that, and
         # the Run is reattached or found lost when the Worker says hello again.
-        self.fleet.send(worker, Message("assign", fields, package.archive))
+        self._send(worker, Message("assign", fields, package.archive))
 
     def _context_file(self, path: str) -> bytes:
         target = (self.root / path).resolve()
@@ -326,7 +343,7 @@ class Engine:
             run = self.runs.get(message.get("run_id"))
             if run is None or run.worker != worker.name:
                 if message.type == "result":
-                    self.fleet.send(worker, Message("ack", {"run_id": message["run_id"]}))
+                    self._send(worker, Message("ack", {"run_id": message["run_id"]}))
                 return
             getattr(self, f"_on_{message.type}")(worker, run, message)
 
@@ -337,7 +354,7 @@ class Engine:
             run = self.runs[run_id]
             if run_id in held:
                 offset = self.records.output_size(run.task_id, run.number)
-                self.fleet.send(worker, Message("resume", {"run_id": run_id, "offset": offset}))
+                self._send(worker, Message("resume", {"run_id": run_id, "offset": offset}))
             else:
                 self._run_lost(run, f"Worker '{worker.name}' no longer holds the Run", RunStatus.FAILED)
         for run_id, entry in held.items():
@@ -345,7 +362,7 @@ class Engine:
                 # A Run this control plane already settled (cancelled while the
                 # Worker was away, or retried elsewhere): stop it and forget it.
                 kind = "cancel" if entry.get("state") == "running" else "ack"
-                self.fleet.send(worker, Message(kind, {"run_id": run_id, "reason": "no longer wanted"}))
+                self._send(worker, Message(kind, {"run_id": run_id, "reason": "no longer wanted"}))
 
     def _on_started(self, worker: WorkerState, run: RunState, message: Message) -> None:
         if run.status is RunStatus.ASSIGNED:
@@ -358,7 +375,7 @@ class Engine:
         before = self.records.output_size(run.task_id, run.number)
         after = self.records.append_output(run.task_id, run.number, offset, message.payload)
         if offset > before:
-            self.fleet.send(worker, Message("resume", {"run_id": run.run_id, "offset": before}))
+            self._send(worker, Message("resume", {"run_id": run.run_id, "offset": before}))
             return
         run.output_size = after
         if after > before:
@@ -367,7 +384,7 @@ class Engine:
     def _on_result(self, worker: WorkerState, run: RunState, message: Message) -> None:
         size = self.records.output_size(run.task_id, run.number)
         if size != message["output_size"]:
-            self.fleet.send(worker, Message("resume", {"run_id": run.run_id, "offset": size}))
+            self._send(worker, Message("resume", {"run_id": run.run_id, "offset": size}))
             return
         run.output_size = size
         run.started_at = run.started_at or message.get("started_at")
@@ -376,7 +393,7 @@ class Engine:
         except ValueError:
             status = RunStatus.FAILED
         self._finish(run, status, message.get("exit_code"), message.get("error"), message.get("finished_at"))
-        self.fleet.send(worker, Message("ack", {"run_id": run.run_id}))
+        self._send(worker, Message("ack", {"run_id": run.run_id}))
 
     # -- Run endings ----------------------------------------------------------
 
@@ -414,7 +431,7 @@ class Engine:
             task.move(next_status)
             task.error = reason
         self._save_task(task)
-        self._commit(CommitItem(
+        self._commits.append(CommitItem(
             paths=tuple(self.records.run_paths(task.id, run.number)), task_id=task.id, run_id=run.run_id,
             run_number=run.number, worker=run.worker, agent=run.agent, status=run.status.value,
             title=task.spec.title if task.spec else task.id,
@@ -433,7 +450,7 @@ class Engine:
         task.cancel_requested = True
         worker = self.fleet.get(run.worker)
         if worker is not None and worker.online:
-            self.fleet.send(worker, Message("cancel", {"run_id": run.run_id, "reason": reason}))
+            self._send(worker, Message("cancel", {"run_id": run.run_id, "reason": reason}))
         else:
             # Nobody to ask: settle now; the Worker stops it when it says hello.
             self._run_lost(run, reason, RunStatus.CANCELLED)
@@ -485,19 +502,44 @@ class Engine:
         task.waiting = None
         self._save_task(task, commit=True)
 
+    def flush(self) -> int:
+        """Write what the last batch changed, commit it, send what it asked for; the commits handed over."""
+        writes: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            *((self.records.save_manifest, item) for item in self._manifests),
+            *((self.records.save_run, (run.record(),)) for run in self._dirty_runs.values()),
+            *((self.records.save_task, (task.record(),)) for task in self._dirty_tasks.values()),
+        ]
+        self._manifests, self._dirty_runs, self._dirty_tasks = [], {}, {}
+        for write, args in writes:
+            try:
+                write(*args)
+            except RecordError as exc:
+                # The state stays in memory and is written again with its next change.
+                emit(self.hooks, "notice", str(exc))
+        commits, self._commits = self._commits, []
+        for item in commits:
+            self._commit(item)
+        outbox, self._outbox = self._outbox, []
+        for worker, message in outbox:
+            self.fleet.send(worker, message)
+        return len(commits)
+
+    def _send(self, worker: WorkerState, message: Message) -> None:
+        self._outbox.append((worker, message))
+
     def _save_task(self, task: TaskState, commit: bool = False) -> None:
         task.updated_at = self._clock()
-        self.records.save_task(task.record())
+        self._dirty_tasks[task.id] = task
         emit(self.hooks, "task_changed", task)
         if commit:
-            self._commit(CommitItem(
+            self._commits.append(CommitItem(
                 paths=(self.records.relative(self.records.task_file(task.id)),), task_id=task.id,
                 run_id=None, run_number=None, worker=None, agent=agent_of(task.spec, self.config) if task.spec else None,
                 status=task.status.value, title=task.spec.title if task.spec else task.id,
             ))
 
     def _save_run(self, run: RunState) -> None:
-        self.records.save_run(run.record())
+        self._dirty_runs[run.run_id] = run
         emit(self.hooks, "run_changed", run)
 
     def _next_seq(self) -> int:

@@ -34,6 +34,9 @@ class Git:
         self._git = git.Git(str(root))
         self._private_index = private_index or root / ".git" / "taskrun" / "index"
         self._env: dict[str, str] | None = None
+        # The commit our private index and last tree belong to: while HEAD is
+        # still that commit, the index needs no read-tree and the tree no lookup.
+        self._last: tuple[str, str] | None = None
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -55,21 +58,23 @@ class Git:
         for _ in range(5):
             old = self.head()
             env = dict(self._identity(), GIT_INDEX_FILE=str(self._private_index))
-            self._private_index.parent.mkdir(parents=True, exist_ok=True)
-            if old:
-                self.run("read-tree", old, env=env)
-            else:
-                self.run("read-tree", "--empty", env=env)
+            ours = self._last is not None and self._last[0] == old and self._private_index.exists()
+            if not ours:
+                self._private_index.parent.mkdir(parents=True, exist_ok=True)
+                self.run("read-tree", *([old] if old else ["--empty"]), env=env)
             self.run("update-index", "--add", "--remove", "--", *paths, env=env)
             tree = self.run("write-tree", env=env)
-            if old and tree == self.run("rev-parse", f"{old}^{{tree}}"):
+            old_tree = self._last[1] if ours and self._last else (self.run("rev-parse", f"{old}^{{tree}}") if old else None)
+            if tree == old_tree:
                 return None
             parents = ["-p", old] if old else []
             commit = self.run("commit-tree", tree, *parents, "-m", message, env=env)
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError:
+                self._last = None
                 continue  # HEAD moved under us (a user commit): rebuild on the new HEAD
+            self._last = (commit, tree)
             self._refresh_user_index(paths)
             return commit
         raise GitError("HEAD kept moving while committing records; will try again with the next batch")

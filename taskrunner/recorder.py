@@ -20,6 +20,7 @@ from taskrunner.errors import GitError
 from taskrunner.gitops import Git
 
 _STOP = object()
+_KICK = object()
 #: A batch that fails this many times in a row is dropped from the queue
 #: (its records stay in runs/ and are committed with the Task's next change).
 MAX_ATTEMPTS = 3
@@ -81,6 +82,11 @@ class Recorder:
         if self._enabled:
             self._queue.put(item)
 
+    def kick(self) -> None:
+        """Commit what is pending now instead of at the end of the window."""
+        if self._enabled:
+            self._queue.put(_KICK)
+
     def stop(self) -> None:
         """Commit everything submitted so far, then end the thread."""
         self._queue.put(_STOP)
@@ -115,12 +121,16 @@ class Recorder:
         first = self._queue.get() if not pending else self._get(self._window)
         if first is _STOP:
             return True
+        if first is _KICK:
+            return False
         if first is not None:
             pending.append(first)  # type: ignore[arg-type]
         deadline = time.monotonic() + self._window
         while (item := self._get(deadline - time.monotonic())) is not None:
             if item is _STOP:
                 return True
+            if item is _KICK:
+                break
             pending.append(item)  # type: ignore[arg-type]
         return False
 

@@ -5,7 +5,10 @@
     runs/<task-id>/run-<n>/output.log   the Agent's output, appended as it arrives
     runs/<task-id>/run-<n>/manifest.json  what was sent to the Worker
 
-JSON records are replaced atomically; output.log is only ever appended, at the
+JSON records are replaced atomically (temp file, rename), without fsync: a
+reader or a killed daemon never sees half a record, and a record a power loss
+truncated is skipped with a notice on restart, its Task taken up again from
+its file. output.log is only ever appended, at the
 offset the Worker says the bytes belong to, so a resumed stream can neither
 repeat nor skip a byte.
 """
@@ -45,12 +48,14 @@ class Records:
         return path.relative_to(self.root).as_posix()
 
     def run_paths(self, task_id: str, number: int) -> list[str]:
-        """The files of one Run that belong in a commit, the Task's record included."""
+        """The files of one Run that belong in a commit, the Task's record included.
+
+        Listed whether or not they exist yet (the engine writes records behind):
+        a path with no file is simply left out of the commit.
+        """
         run_dir = self.run_dir(task_id, number)
         names = ("status.json", "output.log", "manifest.json", "summary.md")
-        return [self.relative(self.task_file(task_id))] + [
-            self.relative(run_dir / name) for name in names if (run_dir / name).exists()
-        ]
+        return [self.relative(self.task_file(task_id))] + [self.relative(run_dir / name) for name in names]
 
     # -- reading -----------------------------------------------------------
 
@@ -103,7 +108,7 @@ class Records:
 
     def _save(self, path: Path, record: dict[str, Any]) -> None:
         try:
-            write_json(path, record)
+            write_json(path, record, durable=False)
         except OSError as exc:
             raise RecordError(f"cannot write {self.relative(path)}: {exc}") from exc
 

@@ -104,8 +104,7 @@ class LiveView(Hooks):
         if self._live is None and (previous is None or previous[0] != row[0]):
             where = f" on {row[1]}" if task.status.value == "RUNNING" else ""
             suffix = f": {note}" if note and task.status.value != "RUNNING" else ""
-            self.console.print(f"{when(time.time())} {task.id} {task.status.value}{where}{suffix}",
-                               highlight=False, markup=False)
+            self._plain(f"{when(time.time())} {task.id} {task.status.value}{where}{suffix}")
 
     def run_changed(self, run: RunState) -> None:
         pass
@@ -117,7 +116,14 @@ class LiveView(Hooks):
                 self._last_line[run.task_id] = lines[-1]
         if self.show_output and self._live is None:
             for line in lines:
-                self.console.print(f"  {run.task_id} | {line}", highlight=False, markup=False)
+                self._plain(f"  {run.task_id} | {line}")
+
+    def _plain(self, line: str) -> None:
+        # Without a live table these lines go to a log or a pipe: rich's
+        # rendering of each one cost more than the Run it reports.
+        with self._lock:
+            self.console.file.write(line + "\n")
+            self.console.file.flush()
 
     def notice(self, message: str) -> None:
         self.console.print(f"[yellow]note:[/] {message}", highlight=False)

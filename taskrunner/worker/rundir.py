@@ -11,14 +11,18 @@
 
 The Agent runs under a fixed bash wrapper (no Task content in it) that writes
 `exit_code`, so a Worker session that was away while the Agent finished still
-learns how it ended.
+learns how it ended. The wrapper writes it with one printf (no `mv`, one
+process less per Run): a reader may see it empty while it is being written,
+so it is read only once the Agent's process group is gone.
+
+Files here are written atomically but not fsynced: a power loss ends the
+Agents too, and the control plane then finds the Run lost and retries it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from taskrunner.errors import WorkerError
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: $1 is the run directory; the rest is the Agent's argv, run as given.
-WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code.tmp" && mv "$d/exit_code.tmp" "$d/exit_code"; exit "$rc"'
+WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
 
 
 @dataclass
@@ -58,7 +62,7 @@ class RunDir:
         return read_json(self.path / "assignment.json")
 
     def write_assignment(self, data: dict[str, Any]) -> None:
-        write_json(self.path / "assignment.json", data)
+        write_json(self.path / "assignment.json", data, durable=False)
 
     def pid(self) -> int | None:
         try:
@@ -79,22 +83,19 @@ class RunDir:
         return _maybe(self.path / "stop.json")
 
     def write_stop(self, status: str, reason: str) -> None:
-        write_json(self.path / "stop.json", {"status": status, "reason": reason})
+        write_json(self.path / "stop.json", {"status": status, "reason": reason}, durable=False)
 
     def result(self) -> dict[str, Any] | None:
         return _maybe(self.path / "result.json")
 
     def write_result(self, data: dict[str, Any]) -> None:
-        write_json(self.path / "result.json", data)
+        write_json(self.path / "result.json", data, durable=False)
 
     def output_size(self) -> int:
         try:
             return self.output.stat().st_size
         except FileNotFoundError:
             return 0
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def held_runs(home: Path) -> list[RunDir]:

@@ -31,6 +31,7 @@ KILL_GRACE_SECONDS = 3.0
 #: How often a Run started by an earlier session is checked for having ended.
 ADOPTED_PROBE_SECONDS = 0.2
 _EOF = object()
+_EXITED = object()  # an Agent this session started has ended: look now, not at the next poll
 
 
 @dataclass
@@ -59,6 +60,11 @@ class WorkerServer:
 
     def serve(self) -> None:
         (self.home / "runs").mkdir(parents=True, exist_ok=True)
+        self._trash = self.home / "trash"
+        shutil.rmtree(self._trash, ignore_errors=True)  # left by a session that ended mid-removal
+        self._trash.mkdir()
+        self._removals: queue.Queue[Path] = queue.Queue()
+        threading.Thread(target=self._remove_loop, name="worker-janitor", daemon=True).start()
         for run_dir in held_runs(self.home):
             self._runs[run_dir.run_id] = self._adopt(run_dir)
         self._send("hello", protocol=PROTOCOL_VERSION, version=__version__, worker=self.name,
@@ -75,7 +81,8 @@ class WorkerServer:
                 while True:
                     if item is _EOF:
                         return self._close()
-                    self._handle(item)  # type: ignore[arg-type]
+                    if item is not _EXITED:
+                        self._handle(item)  # type: ignore[arg-type]
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
@@ -96,6 +103,15 @@ class WorkerServer:
             self._try_send("error", message=f"session closed: {exc}")
         self._inbox.put(_EOF)
 
+    def _remove_loop(self) -> None:
+        # Deleting a Run directory costs more than a Run on slow disks: not on the loop.
+        while True:
+            shutil.rmtree(self._removals.get(), ignore_errors=True)
+
+    def _wait_loop(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        self._inbox.put(_EXITED)
+
     def _handle(self, message: Message) -> None:
         run_id = message.get("run_id")
         if message.type == "assign":
@@ -115,7 +131,13 @@ class WorkerServer:
             if run.result is not None:
                 if run.log:
                     run.log.close()
-                run.dir.remove()
+                # One rename on the loop; the janitor thread deletes it.
+                gone = self._trash / run.dir.run_id
+                try:
+                    os.rename(run.dir.path, gone)
+                    self._removals.put(gone)
+                except FileNotFoundError:
+                    pass
                 del self._runs[run_id]
         else:
             self._send("error", run_id=run_id, message=f"a Worker does not accept {message.type} records")
@@ -137,27 +159,27 @@ class WorkerServer:
                                  | {"assigned_at": now, "deadline": deadline})
         run = ActiveRun(run_dir, None, None, deadline, attached=True)
         self._runs[run_dir.run_id] = run
-        run_dir.output.touch()
-        try:
-            bundle.extract(bundle.Bundle(message.get("manifest") or {}, message.payload), run_dir.workspace)
-            argv = agents.prepare(message["agent"], run_dir.path, run_dir.workspace,
-                                  message["task_id"], message["task_file"])
-        except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
-            # Whatever is wrong with one assignment fails that Run, not the session.
-            self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
-            return
-        env = dict(os.environ, TASKRUN_RUN_ID=run_dir.run_id, TASKRUN_TASK_ID=message["task_id"],
-                   TASKRUN_WORKSPACE=str(run_dir.workspace))
-        try:
-            with open(run_dir.output, "ab") as out:
+        with open(run_dir.output, "ab") as out:
+            try:
+                bundle.extract(bundle.Bundle(message.get("manifest") or {}, message.payload), run_dir.workspace)
+                argv = agents.prepare(message["agent"], run_dir.path, run_dir.workspace,
+                                      message["task_id"], message["task_file"])
+            except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
+                # Whatever is wrong with one assignment fails that Run, not the session.
+                self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
+                return
+            env = dict(os.environ, TASKRUN_RUN_ID=run_dir.run_id, TASKRUN_TASK_ID=message["task_id"],
+                       TASKRUN_WORKSPACE=str(run_dir.workspace))
+            try:
                 run.proc = subprocess.Popen(
                     ["bash", "-c", WRAPPER, "taskrun-agent", str(run_dir.path), *argv],
                     cwd=run_dir.workspace, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True,
                 )
-        except OSError as exc:
-            self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
-            return
+            except OSError as exc:
+                self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
+                return
+        threading.Thread(target=self._wait_loop, args=(run.proc,), name="agent-wait", daemon=True).start()
         run.pid = run.proc.pid
         run_dir.write_pid(run.pid)
         self._send("started", run_id=run_dir.run_id, pid=run.pid, started_at=now)
@@ -187,21 +209,24 @@ class WorkerServer:
                 run.attached = False  # sent once per attachment; the control plane acks
 
     def _check_exit(self, run: ActiveRun) -> None:
-        code = run.dir.exit_code()
+        # The wrapper's exit_code is complete once it has exited: read it only then.
         if run.proc is not None:
             returncode = run.proc.poll()
             if returncode is None:
                 return
+            code = run.dir.exit_code()
             if code is None and returncode >= 0:
                 code = returncode
-        elif code is None and run.pid is not None:
-            # Not our child: no waitpid. Probing the group scans /proc, so not every tick.
-            now = time.monotonic()
-            if now < run.next_probe:
-                return
-            run.next_probe = now + ADOPTED_PROBE_SECONDS
-            if group_alive(run.pid):
-                return
+        else:
+            if run.pid is not None:
+                # Not our child: no waitpid. Probing the group scans /proc, so not every tick.
+                now = time.monotonic()
+                if now < run.next_probe:
+                    return
+                run.next_probe = now + ADOPTED_PROBE_SECONDS
+                if group_alive(run.pid):
+                    return
+            code = run.dir.exit_code()
         stop = run.dir.stop()
         if stop is not None:
             status, error = stop["status"], stop["reason"]

@@ -272,3 +272,11 @@ def test_log_lists_recent_subjects_and_is_empty_without_commits(empty_repo: Path
     g.commit_paths([write(empty_repo, "runs/t/status.json", "{}\n")], "subject line\n\nbody")
     [line] = g.log()
     assert line.endswith(" subject line")
+
+
+
+def test_a_listed_path_with_no_file_is_left_out_of_the_commit(repo: Path) -> None:
+    write(repo, "runs/t/status.json", "{}\n")
+    sha = Git(repo).commit_paths(["runs/t/status.json", "runs/t/run-1/summary.md"], "records")
+    assert sha is not None
+    assert changed_in(repo, sha) == ["runs/t/status.json"]

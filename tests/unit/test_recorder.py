@@ -169,6 +169,22 @@ def test_stop_commits_what_was_submitted_without_waiting_for_the_window(repo: Pa
     assert "Status: FAILED" in message_of(repo, sha)
 
 
+def test_kick_commits_at_once_instead_of_at_the_end_of_the_window(repo: Path) -> None:
+    items = [item(1), item(2)]
+    write_records(repo, items)
+    committed: list[list[CommitItem]] = []
+    recorder = Recorder(Git(repo), on_commit=lambda sha, batch: committed.append(list(batch)), window=60.0)
+    recorder.start()
+    try:
+        for it in items:
+            recorder.submit(it)
+        recorder.kick()
+        wait_for(lambda: committed)  # a 60 s window without the kick: the deadline fails first
+    finally:
+        recorder.stop()
+    assert committed == [items]
+
+
 def test_items_arriving_after_a_commit_go_into_a_later_commit(repo: Path) -> None:
     first, second = item(1), item(2)
     write_records(repo, [first, second])

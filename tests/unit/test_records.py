@@ -138,12 +138,11 @@ def test_loading_a_missing_record_returns_none(records: Records) -> None:
     assert records.load_run("nope", 1) is None
 
 
-def test_run_paths_lists_the_task_record_and_the_run_files_that_exist(records: Records) -> None:
-    records.save_task({"task_id": "a/b", "status": "COMPLETED"})
-    records.save_run({"task_id": "a/b", "run": 2, "status": "COMPLETED"})
-    records.append_output("a/b", 2, 0, b"x")
+def test_run_paths_lists_the_task_record_and_every_run_file_written_or_not(records: Records) -> None:
+    # Records are written behind, so the list cannot depend on what is on disk yet.
     assert records.run_paths("a/b", 2) == [
-        "runs/a/b/status.json", "runs/a/b/run-2/status.json", "runs/a/b/run-2/output.log"]
+        "runs/a/b/status.json", "runs/a/b/run-2/status.json", "runs/a/b/run-2/output.log",
+        "runs/a/b/run-2/manifest.json", "runs/a/b/run-2/summary.md"]
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe{}", b'{"a": 1'])
