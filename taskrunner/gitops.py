@@ -63,7 +63,9 @@ class Git:
                 self._private_index.parent.mkdir(parents=True, exist_ok=True)
                 self.run("read-tree", *([old] if old else ["--empty"]), env=env)
             self.run("update-index", "--add", "--remove", "--", *paths, env=env)
-            tree = self.run("write-tree", env=env)
+            # Every blob was just written by update-index or comes from a tree in the
+            # repository: skip the existence check of each one (a stat per object).
+            tree = self.run("write-tree", "--missing-ok", env=env)
             old_tree = self._last[1] if ours and self._last else (self.run("rev-parse", f"{old}^{{tree}}") if old else None)
             if tree == old_tree:
                 return None
