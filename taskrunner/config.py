@@ -22,8 +22,12 @@ from taskrunner.defaults import (
     BACKOFF_MAX,
     CONFIG_FILE,
     DEFAULT_AGENT,
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
     LOCAL_SLOTS,
     LOCAL_WORKER,
+    MIN_OFFLINE_AFTER_SECONDS,
+    OFFLINE_AFTER_SECONDS,
     RETRIES,
     TIMEOUT,
 )
@@ -43,7 +47,7 @@ _AGENT_KEYS = ("preset", "command", "backend", "env")
 _BACKEND_KEYS = ("provider", "model", "context_window")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts")
 _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home")
-_SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups")
+_SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
 _BACKOFF_KEYS = ("base", "max")
 _GROUP_KEYS = ("parallel",)
 _GIT_KEYS = ("commit", "push", "remote", "result_branch_prefix")
@@ -61,6 +65,8 @@ class SchedulerConfig:
     backoff_max: float = BACKOFF_MAX
     timeout: float = TIMEOUT
     groups: Mapping[str, int] = field(default_factory=dict)  # group -> parallel cap
+    worker_grace: float = GRACE_SECONDS  # an offline Worker's Runs wait this long, then are retried
+    worker_offline_after: float = OFFLINE_AFTER_SECONDS  # a Worker silent this long is offline
 
 
 @dataclass(frozen=True)
@@ -305,12 +311,22 @@ class _Parser:
             )
             for name, group in self.named("scheduler.groups", spec.get("groups")).items()
         }
+        offline_after = self.duration("scheduler.worker_offline_after", spec.get("worker_offline_after"),
+                                      OFFLINE_AFTER_SECONDS)
+        if offline_after < MIN_OFFLINE_AFTER_SECONDS:
+            raise self.fail(
+                "scheduler.worker_offline_after",
+                f"expected at least {format_duration(MIN_OFFLINE_AFTER_SECONDS)} (two of the Worker's heartbeats, "
+                f"sent every {format_duration(HEARTBEAT_SECONDS)}), got {format_duration(offline_after)}",
+            )
         return SchedulerConfig(
             retries=RETRIES if retries is None else self.integer("scheduler.retries", retries, minimum=0),
             backoff_base=base,
             backoff_max=cap,
             timeout=self.duration("scheduler.timeout", spec.get("timeout"), TIMEOUT),
             groups=groups,
+            worker_grace=self.duration("scheduler.worker_grace", spec.get("worker_grace"), GRACE_SECONDS),
+            worker_offline_after=offline_after,
         )
 
     def git(self, value: object) -> GitConfig:
@@ -477,6 +493,10 @@ scheduler:
   timeout: {format_duration(TIMEOUT)}
   # Parallel caps per Task group, e.g. {{backend: {{parallel: 1}}}}.
   groups: {{}}
+  # A Worker that sends nothing (Workers heartbeat every {format_duration(HEARTBEAT_SECONDS)}) for this long is offline.
+  worker_offline_after: {format_duration(OFFLINE_AFTER_SECONDS)}
+  # Runs on an offline Worker wait this long for it to come back, then are retried.
+  worker_grace: {format_duration(GRACE_SECONDS)}
 
 git:
   # Commit the runs/ records, and push those commits to the remote.

@@ -33,12 +33,20 @@ DEBOUNCE_SECONDS = 0.15
 #: Runs that finish within this window share one commit.
 COMMIT_WINDOW_SECONDS = 0.25
 
-#: A Worker sends a heartbeat this often; missing HEARTBEAT_MISSES in a row
-#: marks it offline.
+#: A Worker sends a heartbeat this often (fixed on the Worker side).
 HEARTBEAT_SECONDS = 2.0
 HEARTBEAT_MISSES = 3
+#: A Worker silent this long (missing HEARTBEAT_MISSES heartbeats in a row) is
+#: marked offline (`scheduler.worker_offline_after`).
+OFFLINE_AFTER_SECONDS = HEARTBEAT_SECONDS * HEARTBEAT_MISSES
+#: The shortest `worker_offline_after` accepted: two heartbeat intervals, so
+#: one late heartbeat does not take a healthy Worker offline.
+MIN_OFFLINE_AFTER_SECONDS = 2 * HEARTBEAT_SECONDS
+#: A session's reads give up this long after `worker_offline_after`: the engine
+#: notices the silence first, the bounded read only frees the reader thread.
+READ_MARGIN_SECONDS = 2.0
 #: Runs on an offline Worker wait this long for it to return before they are
-#: retried elsewhere.
+#: retried elsewhere (`scheduler.worker_grace`).
 GRACE_SECONDS = 60.0
 
 #: Largest output chunk a Worker sends in one record.

@@ -1,8 +1,11 @@
 """The fleet: every configured Worker, its session, its health and its load.
 
 Sessions are opened and re-opened here (with backoff), heartbeats are watched
-here, and `views()` gives the scheduler what it needs to place Runs. Like the
-engine, a Fleet is used from one thread only.
+here, and `views()` gives the scheduler what it needs to place Runs. How long
+a silent Worker stays online (`scheduler.worker_offline_after`) and how long
+an offline Worker's Runs wait for it (`scheduler.worker_grace`) come from the
+configuration, and a reload applies them. Like the engine, a Fleet is used
+from one thread only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from taskrunner import scheduler
 from taskrunner.config import Config
-from taskrunner.defaults import GRACE_SECONDS, HEARTBEAT_MISSES, HEARTBEAT_SECONDS
+from taskrunner.defaults import READ_MARGIN_SECONDS
 from taskrunner.errors import WorkerError
 from taskrunner.hooks import Hooks, emit
 from taskrunner.links import LinkEvent, WorkerLink, make_link
@@ -60,16 +63,17 @@ class WorkerState:
 
 class Fleet:
     def __init__(self, config: Config, state_dir: Path, post: Callable[[LinkEvent], None],
-                 hooks: Hooks | None = None, grace: float = GRACE_SECONDS) -> None:
+                 hooks: Hooks | None = None) -> None:
         self._state_dir = state_dir
         self._post = post
         self.hooks = hooks or Hooks()
-        self.grace = grace
         self.workers: dict[str, WorkerState] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> list[WorkerState]:
         """Apply a (re)loaded configuration; returns Workers that were removed."""
+        self.grace = config.scheduler.worker_grace
+        self.offline_after = config.scheduler.worker_offline_after
         removed = [w for name, w in self.workers.items() if name not in config.workers]
         for worker in removed:
             if worker.link:
@@ -129,8 +133,7 @@ class Fleet:
         """Reconnect what is due, notice silent Workers; returns Workers whose grace ran out."""
         expired = []
         for worker in self.workers.values():
-            if worker.online and worker.last_seen is not None and \
-                    now - worker.last_seen > HEARTBEAT_SECONDS * HEARTBEAT_MISSES:
+            if worker.online and worker.last_seen is not None and now - worker.last_seen > self.offline_after:
                 self.link_down(worker, f"no heartbeat for {now - worker.last_seen:.0f}s", now)
             if not worker.online and worker.reconnect_at is not None and now >= worker.reconnect_at:
                 self._connect(worker, now)
@@ -144,10 +147,10 @@ class Fleet:
         try:
             if worker.link is None:
                 worker.link = make_link(worker.spec, self._state_dir, self._post)
+            # Set at every connect, so a reloaded offline_after holds from the next session on.
+            worker.link.read_timeout = self.offline_after + READ_MARGIN_SECONDS
+            # Returns at once: the session says hello, or ends with why it could not open.
             worker.generation = worker.link.open()
-        except HostKeyError as exc:
-            worker.trusted = False
-            self.link_down(worker, str(exc), now)
         except WorkerError as exc:
             self.link_down(worker, str(exc), now)
 
@@ -164,6 +167,8 @@ class Fleet:
 
     def link_down(self, worker: WorkerState, reason: str, now: float) -> None:
         was_online = worker.online
+        if worker.link is not None and isinstance(worker.link.failure, HostKeyError):
+            worker.trusted = False
         worker.online = False
         worker.tried = True
         worker.error = reason

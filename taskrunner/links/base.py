@@ -3,6 +3,11 @@
 Subclasses only open the byte streams (`_connect`) and tear them down
 (`_disconnect`); reading records and reporting them is shared, so the local
 Worker and SSH Workers are one code path above the transport.
+
+A session is opened on its own thread, never on the caller's: an SSH handshake
+with a host that accepts TCP but says nothing (frozen, overloaded, behind a
+half-open firewall) takes up to CONNECT_TIMEOUT, and the caller is the engine
+thread, which every other Worker, Run and CLI request waits on.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from taskrunner.defaults import OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import Message, Reader, Writer
@@ -33,22 +39,32 @@ class WorkerLink(ABC):
         self._post = post
         self._writer: Writer | None = None
         self._lock = threading.Lock()
+        # Held while a session is being opened: one at a time, so a slow open
+        # and the next one never share the subclass's connection state.
+        self._opening = threading.Lock()
         self.generation = 0
+        #: Why the latest session could not be opened (None: it opened, or is opening).
+        self.failure: Exception | None = None
+        #: Longest wait for the Worker's next bytes before the session counts as
+        #: dead, for transports whose reads can be bounded (ssh); set before `open`.
+        self.read_timeout = OFFLINE_AFTER_SECONDS + READ_MARGIN_SECONDS
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def open(self) -> int:
-        """Start a new session; its records arrive through `post`. Returns its generation."""
+        """Start opening a new session and return its generation at once.
+
+        Its records arrive through `post`, then its end; a session that cannot
+        be opened only ends, with the reason (and `failure` says why).
+        """
         with self._lock:
             self._close_locked()
             self.generation += 1
-            reader_stream, writer_stream = self._connect()
-            self._writer = Writer(writer_stream)
+            self.failure = None
             generation = self.generation
-        threading.Thread(target=self._read, args=(reader_stream, generation),
-                         name=f"link-{self.name}", daemon=True).start()
+        threading.Thread(target=self._session, args=(generation,), name=f"link-{self.name}", daemon=True).start()
         return generation
 
     def send(self, message: Message) -> None:
@@ -63,11 +79,28 @@ class WorkerLink(ABC):
     def close(self) -> None:
         with self._lock:
             self._close_locked()
+            self.generation += 1  # a session still being opened is closed as soon as it is
 
     def _close_locked(self) -> None:
         if self._writer is not None:
             self._writer = None
             self._disconnect()
+
+    def _session(self, generation: int) -> None:
+        with self._opening:
+            try:
+                reader_stream, writer_stream = self._connect()
+            except Exception as exc:  # a thread's boundary: whatever it is, the session ended and why
+                self.failure = exc
+                reason = str(exc) if isinstance(exc, WorkerError) else f"cannot open the session: {exc!r}"
+                self._post(LinkEvent(self.name, generation, None, reason))
+                return
+            with self._lock:
+                if generation != self.generation:  # closed or reopened meanwhile
+                    self._disconnect()
+                    return
+                self._writer = Writer(writer_stream)
+        self._read(reader_stream, generation)
 
     def _read(self, stream: BinaryIO, generation: int) -> None:
         reader = Reader(stream)

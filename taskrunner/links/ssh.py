@@ -2,9 +2,9 @@
 
 paramiko's RejectPolicy with only the pinned key(s) loaded: an unknown or
 changed host key fails the handshake before any command is sent. Every read on
-the channel is bounded (READ_TIMEOUT, longer than the heartbeat interval
-times the allowed misses), and transport keepalives run, so a dead peer ends
-the session instead of blocking a thread forever.
+the channel is bounded (the link's `read_timeout`, a little longer than
+`scheduler.worker_offline_after`), and transport keepalives run, so a dead
+peer ends the session instead of blocking a thread forever.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable
 
 import paramiko
 
-from taskrunner.defaults import HEARTBEAT_MISSES, HEARTBEAT_SECONDS
+from taskrunner.defaults import OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.keys import SSH_KEY_FILE
 from taskrunner.errors import WorkerError
 from taskrunner.links.base import LinkEvent, WorkerLink
@@ -33,9 +33,9 @@ from taskrunner.sshkeys import (
 )
 
 KEEPALIVE_SECONDS = 5
-#: A session that says nothing for this long is dead: the Worker heartbeats every
-#: HEARTBEAT_SECONDS.
-READ_TIMEOUT = HEARTBEAT_SECONDS * HEARTBEAT_MISSES + 2.0
+#: A session that says nothing for this long is dead, unless the caller bounds
+#: reads otherwise (a daemon's links follow `scheduler.worker_offline_after`).
+READ_TIMEOUT = OFFLINE_AFTER_SECONDS + READ_MARGIN_SECONDS
 
 
 class SshLink(WorkerLink):
@@ -46,7 +46,7 @@ class SshLink(WorkerLink):
 
     def _connect(self) -> tuple[BinaryIO, BinaryIO]:
         client = connect(self.spec, self._identity)
-        channel = open_serve(client, self.spec)
+        channel = open_serve(client, self.spec, self.read_timeout)
         self._client = client
         return channel.makefile("rb"), channel.makefile_stdin("wb")  # type: ignore[return-value]
 
@@ -61,13 +61,16 @@ def identity_path(spec: WorkerSpec, state_dir: Path) -> Path:
     return Path(spec.identity).expanduser() if spec.identity else state_dir / SSH_KEY_FILE
 
 
-def open_serve(client: paramiko.SSHClient, spec: WorkerSpec) -> paramiko.Channel:
-    """Start `taskrun-worker serve` on a session channel whose reads are bounded; closes `client` on failure."""
+def open_serve(client: paramiko.SSHClient, spec: WorkerSpec, read_timeout: float = READ_TIMEOUT) -> paramiko.Channel:
+    """Start `taskrun-worker serve` on a session channel whose reads wait at most `read_timeout`.
+
+    Closes `client` on failure.
+    """
     transport = client.get_transport()
     assert transport is not None
     try:
         channel = transport.open_session(timeout=CONNECT_TIMEOUT)
-        channel.settimeout(READ_TIMEOUT)
+        channel.settimeout(read_timeout)
         channel.exec_command(shlex.join(["taskrun-worker", "serve", "--name", spec.name, "--slots", str(spec.slots)]))
     except (paramiko.SSHException, OSError) as exc:
         client.close()

@@ -17,7 +17,15 @@ from taskrunner.config import (
     load_config,
     parse_config,
 )
-from taskrunner.defaults import BACKOFF_BASE, BACKOFF_MAX, LOCAL_SLOTS, RETRIES, TIMEOUT
+from taskrunner.defaults import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    GRACE_SECONDS,
+    LOCAL_SLOTS,
+    OFFLINE_AFTER_SECONDS,
+    RETRIES,
+    TIMEOUT,
+)
 from taskrunner.errors import ConfigError
 from taskrunner.model import AgentSpec, ModelBackend, WorkerSpec
 
@@ -398,6 +406,15 @@ def test_worker_errors_name_the_dotted_key(text: str, key: str, fragment: str) -
         ("scheduler: {groups: {backend: {parallel: 0}}}", "scheduler.groups.backend.parallel",
          "expected a whole number >= 1, got 0"),
         ("scheduler: {groups: {'a b': {parallel: 1}}}", "scheduler.groups.a b", "expected a name"),
+        ("scheduler: {worker_grace: soon}", "scheduler.worker_grace", "expected a duration like 30s, 5m or 1h"),
+        ("scheduler: {worker_grace: 0s}", "scheduler.worker_grace", "greater than zero"),
+        ("scheduler: {worker_grace: true}", "scheduler.worker_grace", "expected a duration"),
+        ("scheduler: {worker_offline_after: 1s}", "scheduler.worker_offline_after",
+         "expected at least 4s (two of the Worker's heartbeats, sent every 2s), got 1s"),
+        ("scheduler: {worker_offline_after: -5}", "scheduler.worker_offline_after", "greater than zero"),
+        ("scheduler: {worker_offline_after: [6s]}", "scheduler.worker_offline_after", "expected a duration"),
+        ("scheduler: {worker_timeout: 5s}", "scheduler.worker_timeout",
+         "unknown key; allowed keys are retries, backoff, timeout, groups, worker_grace, worker_offline_after"),
         ("git: true", "git", "expected a mapping with keys commit, push, remote, result_branch_prefix"),
         ("git: {commit: 'yes please'}", "git.commit", "expected true or false, got 'yes please'"),
         ("git: {push: 1}", "git.push", "expected true or false, got the number 1"),
@@ -425,6 +442,36 @@ def test_scheduler_and_git_values_are_read() -> None:
     assert config.scheduler == SchedulerConfig(1, 1.0, 1.0, 90.0, {"a": 3})
     # YAML 1.1 reads `yes` as a boolean; that is PyYAML's doing and accepted.
     assert config.git == GitConfig(commit=False, push=True, remote="upstream", result_branch_prefix="bots/taskrun-")
+
+
+def test_worker_grace_and_offline_after_default_to_the_named_constants() -> None:
+    scheduler = parse_config("scheduler: {retries: 1}\n", FILE).scheduler
+    assert (scheduler.worker_grace, scheduler.worker_offline_after) == (GRACE_SECONDS, OFFLINE_AFTER_SECONDS)
+    assert (GRACE_SECONDS, OFFLINE_AFTER_SECONDS) == (60.0, 6.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "grace", "offline_after"),
+    [
+        ("scheduler: {worker_grace: 2s}", 2.0, OFFLINE_AFTER_SECONDS),
+        ("scheduler: {worker_grace: 500ms, worker_offline_after: 4s}", 0.5, 4.0),
+        ("scheduler: {worker_grace: 1h30m, worker_offline_after: 90}", 5400.0, 90.0),
+        ("scheduler: {worker_grace: , worker_offline_after: }", GRACE_SECONDS, OFFLINE_AFTER_SECONDS),
+    ],
+)
+def test_worker_grace_and_offline_after_are_read(text: str, grace: float, offline_after: float) -> None:
+    scheduler = parse_config(text + "\n", FILE).scheduler
+    assert (scheduler.worker_grace, scheduler.worker_offline_after) == (grace, offline_after)
+
+
+def test_worker_grace_error_names_the_file_key_and_reason(tmp_path: Path) -> None:
+    (tmp_path / ".taskrun.yaml").write_text("scheduler:\n  worker_grace: a while\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / '.taskrun.yaml'}: key 'scheduler.worker_grace': "
+        "expected a duration like 30s, 5m or 1h, got 'a while'"
+    )
 
 
 def _without_source(config: Config) -> tuple[object, ...]:
