@@ -16,6 +16,10 @@ LOCAL_SLOTS = 2
 
 #: Retries after a failed Run; a cancelled Run is never retried.
 RETRIES = 0
+#: A Run lost with its Worker (gone past the grace period, removed, no longer
+#: holding it) is run again this many times per revision on top of `retries`:
+#: the Agent did not fail. Bounded, in case the Task is what takes Workers down.
+LOST_RUN_RETRIES = 3
 #: Exponential backoff between retries: base * 2**(attempt-1), capped, with jitter.
 BACKOFF_BASE = 5.0
 BACKOFF_MAX = 300.0

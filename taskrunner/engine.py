@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from taskrunner import bundle, scheduler
 from taskrunner.config import Config
-from taskrunner.defaults import TASKS_DIR
+from taskrunner.defaults import LOST_RUN_RETRIES, TASKS_DIR
 from taskrunner.errors import RecordError, TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.hooks import Hooks, emit
@@ -418,6 +418,13 @@ class Engine:
             task.move(TaskStatus.PENDING)
             self._new_revision(task)
             next_status, reason = None, None
+        elif run.lost and sum(r.lost for r in task.runs if r.revision == run.revision) <= LOST_RUN_RETRIES:
+            # The Worker was lost, not the Agent's doing: run it again at once
+            # (preferring another Worker) without spending one of its retries.
+            task.attempts -= 1
+            task.move(TaskStatus.PENDING)
+            task.error = error
+            next_status, reason = None, None
         elif status is RunStatus.FAILED and task.attempts <= retries:
             delay = scheduler.backoff_delay(task.attempts, self.config.scheduler.backoff_base,
                                             self.config.scheduler.backoff_max, self._rand())
@@ -439,6 +446,7 @@ class Engine:
 
     def _run_lost(self, run: RunState, reason: str, status: RunStatus) -> None:
         run.output_size = self.records.output_size(run.task_id, run.number)
+        run.lost = status is RunStatus.FAILED
         self._finish(run, status, None, reason)
 
     def grace_expired(self, worker: WorkerState) -> None:

@@ -33,6 +33,7 @@ class RunState:
     exit_code: int | None = None
     error: str | None = None
     output_size: int = 0
+    lost: bool = False  # failed because its Worker was lost, not because of its Agent
 
     def move(self, status: RunStatus) -> None:
         self.status = self.status.to(status)
@@ -56,6 +57,7 @@ class RunState:
             "exit_code": self.exit_code,
             "error": self.error,
             "output_bytes": self.output_size,
+            "lost": self.lost,
         }
 
     @classmethod
@@ -67,7 +69,7 @@ class RunState:
             created_at=data.get("created_at") or 0.0, assigned_at=data.get("assigned_at"),
             started_at=data.get("started_at"), finished_at=data.get("finished_at"),
             exit_code=data.get("exit_code"), error=data.get("error"),
-            output_size=int(data.get("output_bytes") or 0),
+            output_size=int(data.get("output_bytes") or 0), lost=bool(data.get("lost")),
         )
 
 

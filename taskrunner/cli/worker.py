@@ -1,4 +1,4 @@
-"""`taskrun worker add|check|remove`: from "sshd reachable" to "Worker usable"."""
+"""`taskrun worker key|add|check|remove`: from "sshd reachable" to "Worker usable"."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class EnrollError(TaskrunError):
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     worker = sub.add_parser("worker", help="add, check or remove an ssh Worker")
     actions = worker.add_subparsers(dest="action", required=True, metavar="ACTION")
+    key = actions.add_parser("key", help="print the daemon's SSH public key and the Worker-side command that authorizes it")
+    key.set_defaults(handler=cmd_key)
     add = actions.add_parser("add", help="pin the host key, enroll through the gate, write .taskrun.yaml")
     add.add_argument("name")
     add.add_argument("--host", required=True)
@@ -47,6 +49,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     remove = actions.add_parser("remove", help="remove a Worker from .taskrun.yaml")
     remove.add_argument("name")
     remove.set_defaults(handler=cmd_remove)
+
+
+def cmd_key(args: argparse.Namespace, out: Console) -> int:
+    _, public = keys.ensure_ssh_key(find_root(args) / STATE_DIR)
+    if out.is_terminal:
+        out.print("On each Worker, as the user the daemon logs in as, run:", style="bold")
+        out.print(f"  taskrun-worker init --key '{public}' >> ~/.ssh/authorized_keys", markup=False)
+    else:
+        print(public)  # bare, for scripts
+    return 0
 
 
 def cmd_add(args: argparse.Namespace, out: Console) -> int:

@@ -105,3 +105,12 @@ def test_timeout_reaches_the_agent_on_the_remote_worker(repo: Path, hosts: list[
 
     run = run_record(repo, "remote-slow", 1)
     assert run and run["worker"] == "w1" and run["status"] == "FAILED" and "timed out" in run["error"]
+
+
+def test_worker_key_prints_the_daemons_ssh_public_key_for_the_worker_to_authorize(repo: Path) -> None:
+    result = taskrun(repo, "worker", "key")
+
+    assert result.returncode == 0, result.stderr
+    _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")
+    assert result.stdout.strip() == public
+    assert (repo / ".git" / "taskrun" / "ssh_key").stat().st_mode & 0o077 == 0
