@@ -472,11 +472,12 @@ workers:
     # How many Runs this Worker carries out at the same time.
     slots: {LOCAL_SLOTS}
     agents: [shell]
+  # SSH Workers are added with `taskrun worker add` (see README, SSH Workers):
   # build-1:
   #   transport: ssh
   #   host: 10.0.0.5
-  #   user: taskrun
-  #   identity: ~/.ssh/taskrun_ed25519
+  #   user: taskrun                     # default: your user name
+  #   identity: ~/.ssh/other_key        # default: the daemon's .git/taskrun/ssh_key
   #   host_key: "ssh-ed25519 AAAA..."   # pinned by `taskrun worker add`
   #   slots: 4
   #   labels: {{gpu: "true"}}
@@ -499,10 +500,10 @@ scheduler:
   worker_grace: {format_duration(GRACE_SECONDS)}
 
 git:
-  # Commit the runs/ records, and push those commits to the remote.
+  # Commit the runs/ records.
   commit: true
+  # Reserved, not implemented yet: pushing those commits, and result branches.
   push: false
   remote: origin
-  # An Agent's changes come back on <prefix><task-id>.
   result_branch_prefix: taskrun/
 """

@@ -232,7 +232,9 @@ class Engine:
             task = self.tasks[task_id]
             task.error = None
             task.move(TaskStatus.PENDING)
-            self._save_task(task)
+            # Its BLOCKED record was committed: commit the change back too, so
+            # the work tree never holds a record newer than its last commit.
+            self._save_task(task, commit=True)
         for assignment in plan.assignments:
             self._assign(self.tasks[assignment.task_id], self.fleet[assignment.worker])
         for task in self.tasks.values():
@@ -499,7 +501,7 @@ class Engine:
         task.error = None
         task.cancel_requested = False
         self.touched.add(task_id)
-        self._save_task(task)
+        self._save_task(task, commit=True)  # its final record was committed; so is this one
         return {"ok": True, "message": f"'{task_id}' will run again"}
 
     # -- records ---------------------------------------------------------------

@@ -155,6 +155,8 @@ class Fleet:
             self.link_down(worker, str(exc), now)
 
     def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> None:
+        if worker.offline_since is not None:
+            emit(self.hooks, "notice", f"Worker '{worker.name}' back online after {now - worker.offline_since:.1f}s")
         worker.hello = fields
         worker.trusted = True
         worker.online = True

@@ -311,9 +311,10 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
     except DaemonNotRunning:
         config = load_config(root)
         daemon = False
-        workers = [{"name": w.name, "transport": w.transport, "host": w.host, "reachable": None,
+        # The same keys as the daemon's answer (fleet.WorkerState.view), unknown ones null.
+        workers = [{"name": w.name, "transport": w.transport, "host": w.host, "online": None, "reachable": None,
                     "trusted": None, "slots": w.slots, "used": 0, "agents": list(w.agents),
-                    "labels": dict(w.labels), "last_seen": None, "error": None}
+                    "labels": dict(w.labels), "last_seen": None, "error": None, "version": None}
                    for w in config.workers.values()]
     if args.json:
         print(json.dumps({"daemon": daemon, "workers": workers}, indent=2, sort_keys=True))

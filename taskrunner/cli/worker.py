@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from taskrunner.sshkeys import fingerprint, host_entry, key_line, scan_host_key
 from taskrunner.taskfile import parse_labels
 
 
+FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+
+
 class EnrollError(TaskrunError):
     """Raised when a Worker cannot be enrolled or checked; nothing is written."""
 
@@ -30,18 +34,21 @@ class EnrollError(TaskrunError):
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     worker = sub.add_parser("worker", help="add, check or remove an ssh Worker")
     actions = worker.add_subparsers(dest="action", required=True, metavar="ACTION")
-    key = actions.add_parser("key", help="print the daemon's SSH public key and the Worker-side command that authorizes it")
+    key = actions.add_parser("key", help="print the daemon's SSH public key (at a terminal, with the command "
+                             "that authorizes it on a Worker)")
     key.set_defaults(handler=cmd_key)
     add = actions.add_parser("add", help="pin the host key, enroll through the gate, write .taskrun.yaml")
     add.add_argument("name")
     add.add_argument("--host", required=True)
-    add.add_argument("--port", type=int, default=22)
+    add.add_argument("--port", type=int, default=None, help="default 22")
     add.add_argument("--user", default=None, help="login (default: your user name)")
     add.add_argument("--identity", default=None, help="private key file (default: the daemon's own .git/taskrun/ssh_key)")
     add.add_argument("--fingerprint", default=None, metavar="SHA256:...", help="the host key fingerprint you expect")
     add.add_argument("--agents", default=None, help="comma-separated Agent names (default: the default Agent)")
     add.add_argument("--labels", default=None, help="k=v,k=v")
-    add.add_argument("--slots", type=int, default=1)
+    add.add_argument("--slots", type=int, default=None, help="default 1")
+    add.epilog = ("Adding a Worker that is already configured (to re-pin its key) keeps every setting "
+                  "not given again.")
     add.set_defaults(handler=cmd_add)
     check = actions.add_parser("check", help="connect to a configured Worker through its pinned key")
     check.add_argument("name")
@@ -55,7 +62,8 @@ def cmd_key(args: argparse.Namespace, out: Console) -> int:
     _, public = keys.ensure_ssh_key(find_root(args) / STATE_DIR)
     if out.is_terminal:
         out.print("On each Worker, as the user the daemon logs in as, run:", style="bold")
-        out.print(f"  taskrun-worker init --key '{public}' >> ~/.ssh/authorized_keys", markup=False)
+        # Plain print: rich would wrap the line, and a wrapped key cannot be pasted.
+        print(f"  taskrun-worker init --key '{public}' >> ~/.ssh/authorized_keys")
     else:
         print(public)  # bare, for scripts
     return 0
@@ -64,6 +72,10 @@ def cmd_key(args: argparse.Namespace, out: Console) -> int:
 def cmd_add(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
     config = load_config(root)
+    _keep_settings(args, config.workers.get(args.name))
+    if args.fingerprint is not None and not FINGERPRINT_RE.match(args.fingerprint.strip()):
+        raise EnrollError(f"--fingerprint {args.fingerprint!r} is not a SHA256 fingerprint: expected "
+                          "SHA256: and 43 base64 characters, as `ssh-keygen -lf KEY.pub` prints it; nothing was written")
     key = scan_host_key(args.host, args.port)
     seen = fingerprint(key)
     where = host_entry(args.host, args.port)
@@ -115,6 +127,18 @@ def cmd_remove(args: argparse.Namespace, out: Console) -> int:
     write_bytes(path, remove_worker(text, CONFIG_FILE, args.name).encode())
     out.print(f"Worker '{args.name}' removed from {CONFIG_FILE}", markup=False)
     return 0
+
+
+def _keep_settings(args: argparse.Namespace, current: WorkerSpec | None) -> None:
+    """Options not given again keep the configured Worker's values (re-pinning must not drop labels)."""
+    kept = current if current is not None and current.transport == "ssh" else None
+    for option, default in (("port", 22), ("user", None), ("identity", None), ("slots", 1)):
+        if getattr(args, option) is None:
+            setattr(args, option, getattr(kept, option) if kept else default)
+    if args.agents is None and kept:
+        args.agents = ",".join(kept.agents)
+    if args.labels is None and kept and kept.labels:
+        args.labels = ",".join(f"{k}={v}" for k, v in kept.labels.items())
 
 
 def _hello(spec: WorkerSpec, root: Path) -> dict[str, object]:

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prints restrict,command=\"PATH gate --home DIR\" PUBKEY_LINE; append it to the "
                     "Worker account's ~/.ssh/authorized_keys. Writes nothing itself.")
     init_cmd.add_argument("--key", required=True, metavar="PUBKEY_LINE",
-                          help="the control plane's public key line (`taskrun keys show`)")
+                          help="the control plane's SSH public key line (`taskrun worker key` prints it)")
     init_cmd.add_argument("--home", default=default_home, help=home_help)
     init_cmd.add_argument("--command", dest="command_path", default=None, metavar="PATH",
                           help="absolute path of taskrun-worker on this Worker (default: this one's)")

@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 
 from taskrunner import keys
+from taskrunner.config import load_config
 from tests.conftest import run_record, status_of, taskrun, write_task
 from tests.sshd import SshdHost, start_sshd
 
@@ -114,3 +115,28 @@ def test_worker_key_prints_the_daemons_ssh_public_key_for_the_worker_to_authoriz
     _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")
     assert result.stdout.strip() == public
     assert (repo / ".git" / "taskrun" / "ssh_key").stat().st_mode & 0o077 == 0
+
+
+def test_repinning_a_changed_key_keeps_the_workers_other_settings(repo: Path, hosts: list[SshdHost]) -> None:
+    _add(repo, "w1", hosts[0], "--slots", "3", "--labels", "zone=a", "--agents", "shell")
+    hosts[0].regenerate_host_key()
+    refused = taskrun(repo, "worker", "check", "w1")
+    assert refused.returncode == 2
+    assert f"--port {hosts[0].port} --fingerprint {hosts[0].fingerprint}" in refused.stderr
+
+    _add(repo, "w1", hosts[0])  # only --host, --port and the new --fingerprint, as the message says
+
+    spec = load_config(repo).workers["w1"]
+    assert (spec.slots, dict(spec.labels), spec.agents) == (3, {"zone": "a"}, ("shell",))
+    assert taskrun(repo, "worker", "check", "w1").returncode == 0
+
+
+@pytest.mark.parametrize("given", ["gq2nAAAA", "SHA256:nope", "MD5:aa:bb"])
+def test_a_malformed_fingerprint_is_refused_before_connecting(repo: Path, given: str) -> None:
+    before = (repo / ".taskrun.yaml").read_text()
+
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--port", "1", "--fingerprint", given)
+
+    assert result.returncode == 2
+    assert "is not a SHA256 fingerprint" in result.stderr
+    assert (repo / ".taskrun.yaml").read_text() == before
