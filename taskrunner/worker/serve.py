@@ -168,8 +168,7 @@ class WorkerServer:
                 # Whatever is wrong with one assignment fails that Run, not the session.
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
                 return
-            env = dict(os.environ, TASKRUN_RUN_ID=run_dir.run_id, TASKRUN_TASK_ID=message["task_id"],
-                       TASKRUN_WORKSPACE=str(run_dir.workspace))
+            env = agent_environment(run_dir.run_id, message["task_id"], run_dir.workspace)
             try:
                 run.proc = subprocess.Popen(
                     ["bash", "-c", WRAPPER, "taskrun-agent", str(run_dir.path), *argv],
@@ -287,6 +286,18 @@ class WorkerServer:
             self._send(kind, **fields)
         except OSError:
             pass
+
+
+#: Set by sshd for the session that runs serve; not the Agent's. Debian's bash
+#: sources ~/.bashrc for any `bash -c` that sees SSH_CLIENT with a low SHLVL,
+#: which would run the login's .bashrc (and any output of it) in every Run.
+_SESSION_VARIABLES = ("SSH_CLIENT", "SSH2_CLIENT", "SSH_CONNECTION", "SSH_ORIGINAL_COMMAND", "SSH_TTY")
+
+
+def agent_environment(run_id: str, task_id: str, workspace: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SESSION_VARIABLES}
+    env.update(TASKRUN_RUN_ID=run_id, TASKRUN_TASK_ID=task_id, TASKRUN_WORKSPACE=str(workspace))
+    return env
 
 
 def available_presets() -> list[str]:

@@ -140,3 +140,15 @@ def test_a_malformed_fingerprint_is_refused_before_connecting(repo: Path, given:
     assert result.returncode == 2
     assert "is not a SHA256 fingerprint" in result.stderr
     assert (repo / ".taskrun.yaml").read_text() == before
+
+
+def test_an_agent_on_an_ssh_worker_does_not_inherit_the_ssh_session(repo: Path, hosts: list[SshdHost]) -> None:
+    # With SSH_CLIENT set, Debian's `bash -c` sources ~/.bashrc: in every Run.
+    _only_ssh_workers(repo, hosts[:1])
+    write_task(repo, "env-check", 'echo "client=${SSH_CLIENT-unset} connection=${SSH_CONNECTION-unset}"')
+
+    taskrun(repo, "up", "--once", timeout=120)
+
+    assert status_of(repo, "env-check") == "COMPLETED"
+    output = (repo / "runs" / "env-check" / "run-1" / "output.log").read_text()
+    assert output == "client=unset connection=unset\n"
