@@ -34,6 +34,18 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: $1 is the run directory; the rest is the Agent's argv, run as given.
 WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
+#: The shell preset (`bash -euo pipefail SCRIPT`) without a second bash to
+#: start: the script runs in a subshell of the wrapper (a fork, no exec), with
+#: the same options, no positional parameters, and its own EXIT traps.
+SHELL_WRAPPER = 'd=$1; s=$2; shift 2; (set -euo pipefail; . "$s"); rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
+SHELL_ARGV = ("bash", "-euo", "pipefail")
+
+
+def wrapped(run_dir: Path, argv: list[str]) -> list[str]:
+    """The command that runs `argv` and leaves its exit status in `run_dir`."""
+    if len(argv) == 4 and tuple(argv[:3]) == SHELL_ARGV:
+        return ["bash", "-c", SHELL_WRAPPER, "taskrun-agent", str(run_dir), argv[3]]
+    return ["bash", "-c", WRAPPER, "taskrun-agent", str(run_dir), *argv]
 
 
 @dataclass

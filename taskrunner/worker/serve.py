@@ -24,7 +24,7 @@ from taskrunner import __version__, agents, bundle
 from taskrunner.defaults import HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
-from taskrunner.worker.rundir import WRAPPER, RunDir, group_alive, held_runs
+from taskrunner.worker.rundir import RunDir, group_alive, held_runs, wrapped
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
 KILL_GRACE_SECONDS = 3.0
@@ -171,7 +171,7 @@ class WorkerServer:
             env = agent_environment(run_dir.run_id, message["task_id"], run_dir.workspace)
             try:
                 run.proc = subprocess.Popen(
-                    ["bash", "-c", WRAPPER, "taskrun-agent", str(run_dir.path), *argv],
+                    wrapped(run_dir.path, argv),
                     cwd=run_dir.workspace, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True,
                 )
