@@ -22,6 +22,8 @@ from taskrunner.errors import TaskFileError, WorkerError
 from taskrunner.taskfile import parse_task, shell_script
 
 PRESETS = ("shell", "command", "claude", "codex", "aider")
+#: The shell preset runs its script as `bash -euo pipefail SCRIPT`.
+SHELL_ARGV = ("bash", "-euo", "pipefail")
 
 
 class AgentError(WorkerError):
@@ -41,7 +43,7 @@ def prepare(agent: Mapping[str, Any], run_dir: Path, workspace: Path, task_id: s
             raise AgentError(f"{task_file}: the shell Agent found no ```sh or ```bash block in the Task")
         path = run_dir / "script.sh"
         path.write_text(script)
-        return ["bash", "-euo", "pipefail", str(path)]
+        return [*SHELL_ARGV, str(path)]
     prompt = _prompt(spec.body, spec.context)
     prompt_file = run_dir / "prompt.md"
     prompt_file.write_text(prompt)

@@ -86,24 +86,18 @@ def pinned_keys(host: str, port: int, host_key: str | None, known_hosts: str | N
     return keys
 
 
-def host_of(where: str) -> str:
-    return where[1:].rsplit("]:", 1)[0] if where.startswith("[") else where
-
-
-def port_option(where: str) -> str:
-    return f" --port {where.rsplit(']:', 1)[1]}" if where.startswith("[") else ""
-
-
-def check_host_key(seen: paramiko.PKey, pinned: list[paramiko.PKey], where: str) -> None:
+def check_host_key(seen: paramiko.PKey, pinned: list[paramiko.PKey], host: str, port: int) -> None:
     if any(seen.get_name() == key.get_name() and seen.asbytes() == key.asbytes() for key in pinned):
         return
+    where = host_entry(host, port)
+    port_option = "" if port == 22 else f" --port {port}"
     expected = [f"{key.get_name()} {fingerprint(key)}" for key in pinned]
     seen_text = f"{seen.get_name()} {fingerprint(seen)}"
     raise HostKeyError(
         f"host key of {where} does not match the pinned key: expected {', '.join(expected)}, "
         f"seen {seen_text}. If the Worker's key really changed (check on the Worker with "
-        f"`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`), re-pin it: `taskrun worker add NAME --host {host_of(where)}"
-        f"{port_option(where)} --fingerprint {fingerprint(seen)}` (its other settings are kept)",
+        f"`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`), re-pin it: `taskrun worker add NAME --host {host}"
+        f"{port_option} --fingerprint {fingerprint(seen)}` (its other settings are kept)",
         expected, seen_text,
     )
 

@@ -132,7 +132,7 @@ def cmd_remove(args: argparse.Namespace, out: Console) -> int:
 def _keep_settings(args: argparse.Namespace, current: WorkerSpec | None) -> None:
     """Options not given again keep the configured Worker's values (re-pinning must not drop labels)."""
     kept = current if current is not None and current.transport == "ssh" else None
-    for option, default in (("port", 22), ("user", None), ("identity", None), ("slots", 1)):
+    for option, default in (("port", WorkerSpec.port), ("user", None), ("identity", None), ("slots", 1)):
         if getattr(args, option) is None:
             setattr(args, option, getattr(kept, option) if kept else default)
     if args.agents is None and kept:

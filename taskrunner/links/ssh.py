@@ -98,12 +98,12 @@ def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:
                        look_for_keys=False, allow_agent=False)
     except paramiko.BadHostKeyException as exc:
         client.close()
-        check_host_key(exc.key, pinned, where)
+        check_host_key(exc.key, pinned, spec.host, spec.port)
         raise HostKeyError(f"host key of {where} was refused") from exc
     except paramiko.SSHException as exc:
         client.close()
         if "known_hosts" in str(exc):  # a key of a type we have no pin for
-            check_host_key(scan_host_key(spec.host, spec.port), pinned, where)
+            check_host_key(scan_host_key(spec.host, spec.port), pinned, spec.host, spec.port)
         raise WorkerError(f"Worker '{spec.name}': ssh to {where} failed: {exc}") from exc
     except OSError as exc:
         client.close()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taskrunner.agents import SHELL_ARGV
 from taskrunner.atomic import read_json, write_json
 from taskrunner.errors import WorkerError
 
@@ -38,7 +39,6 @@ WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit
 #: start: the script runs in a subshell of the wrapper (a fork, no exec), with
 #: the same options, no positional parameters, and its own EXIT traps.
 SHELL_WRAPPER = 'd=$1; s=$2; shift 2; (set -euo pipefail; . "$s"); rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
-SHELL_ARGV = ("bash", "-euo", "pipefail")
 
 
 def wrapped(run_dir: Path, argv: list[str]) -> list[str]:

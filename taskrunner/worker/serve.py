@@ -57,13 +57,13 @@ class WorkerServer:
         self._writer = writer
         self._inbox: queue.Queue[object] = queue.Queue()
         self._runs: dict[str, ActiveRun] = {}
+        self._trash = home / "trash"  # acknowledged Run directories, until the janitor deletes them
+        self._removals: queue.Queue[Path] = queue.Queue()
 
     def serve(self) -> None:
         (self.home / "runs").mkdir(parents=True, exist_ok=True)
-        self._trash = self.home / "trash"
         shutil.rmtree(self._trash, ignore_errors=True)  # left by a session that ended mid-removal
         self._trash.mkdir()
-        self._removals: queue.Queue[Path] = queue.Queue()
         threading.Thread(target=self._remove_loop, name="worker-janitor", daemon=True).start()
         for run_dir in held_runs(self.home):
             self._runs[run_dir.run_id] = self._adopt(run_dir)

@@ -130,6 +130,21 @@ def _crash_sshd(host: SshdHost) -> None:
     wait_until(lambda: all(process_gone(pid) for pid in sessions), 10, "the sshd session processes to die")
 
 
+
+def _assert_stream_completes_in_one_run(root: Path, gate: Path, before: int) -> None:
+    """Output flows again past the cut, then the one Run completes on w1 with every line once."""
+    wait_until(lambda: _lines_past(root, "stream", before + 5), 20, "output streamed after the restart")
+    gate.touch()
+    wait_status(root, "stream", "COMPLETED")
+
+    output = _output(root, "stream")
+    assert output.endswith("done\n")
+    assert _numbered(output.removesuffix("done\n")) > before + 5
+    run = run_record(root, "stream", 1)
+    assert run and run["worker"] == "w1" and run["status"] == "COMPLETED"
+    assert run["output_bytes"] == len(output.encode())
+    assert len((task_record(root, "stream") or {})["runs"]) == 1
+
 def test_sshd_killed_and_restarted_mid_run_resumes_on_the_same_worker_with_every_line_once(
         daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
     (host,) = ssh_hosts(1, "worker_grace: 30s")
@@ -143,17 +158,7 @@ def test_sshd_killed_and_restarted_mid_run_resumes_on_the_same_worker_with_every
     wait_until(lambda: "Worker 'w1' offline" in daemon.output(), 10, "the daemon to notice the cut")
     host.start()  # the same port, the same host key
 
-    wait_until(lambda: _lines_past(daemon.root, "stream", before + 5), 20, "output streamed after the restart")
-    gate.touch()
-    wait_status(daemon.root, "stream", "COMPLETED")
-
-    output = _output(daemon.root, "stream")
-    assert output.endswith("done\n")
-    assert _numbered(output.removesuffix("done\n")) > before + 5
-    run = run_record(daemon.root, "stream", 1)
-    assert run and run["worker"] == "w1" and run["status"] == "COMPLETED"
-    assert run["output_bytes"] == len(output.encode())
-    assert len((task_record(daemon.root, "stream") or {})["runs"]) == 1
+    _assert_stream_completes_in_one_run(daemon.root, gate, before)
 
 
 def test_worker_gone_for_good_has_its_run_retried_on_another_worker_after_the_grace(
@@ -214,17 +219,7 @@ def test_daemon_killed_mid_run_on_an_ssh_worker_reattaches_with_every_line_once(
     before = _numbered(_output(daemon.root, "stream").rpartition("line ")[0])
     daemon.start()
 
-    wait_until(lambda: _lines_past(daemon.root, "stream", before + 5), 20, "output streamed after the restart")
-    gate.touch()
-    wait_status(daemon.root, "stream", "COMPLETED")
-
-    output = _output(daemon.root, "stream")
-    assert output.endswith("done\n")
-    assert _numbered(output.removesuffix("done\n")) > before + 5
-    run = run_record(daemon.root, "stream", 1)
-    assert run and run["worker"] == "w1" and run["status"] == "COMPLETED"
-    assert run["output_bytes"] == len(output.encode())
-    assert len((task_record(daemon.root, "stream") or {})["runs"]) == 1
+    _assert_stream_completes_in_one_run(daemon.root, gate, before)
 
 
 def test_a_worker_host_that_accepts_but_never_answers_does_not_stall_the_daemon(daemon: Daemon) -> None:
