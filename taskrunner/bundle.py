@@ -1,28 +1,65 @@
-"""Bundles: the package that carries one Run to a Worker.
+"""Bundles: the signed package that carries one Run to a Worker.
 
-A bundle is an uncompressed tar archive of the files the Run needs (the Task
-file and its `context` files, at their repository paths) plus a manifest that
-names every file with its sha256 and size. The Worker extracts it into a fresh
-directory, accepting regular files and directories only.
+A bundle is two things sent together in one `assign` record:
+
+- the archive: an uncompressed tar of the files the Run needs (the Task file
+  and its `context` files, at their repository paths), regular files only;
+- a DSSE envelope (see signing.py, payload type BUNDLE_TYPE) whose body is the
+  manifest, compact JSON:
+
+    format       1
+    key_id       the control plane key that signed it
+    run_id, task_id, revision, attempt, task_file, timeout
+    worker       the Worker's name, for people
+    audience     the Worker's result key id: only that Worker takes it
+    agent        {name, preset, command, env}: env holds variable names only
+    nonce        32 random hex digits
+    seq          per-Worker sequence number; only goes up (microseconds since
+                 the epoch, raised to stay above the last one sent)
+    issued_at, expires_at   seconds since the epoch
+    base_commit  the repository commit the Run was assigned at
+    archive      {sha256, size} of the archive bytes
+    files        [{path, sha256, size}] of every file in the archive
+
+The Worker checks, before anything runs (`admit`): a trusted key id and a
+signature that verifies over the exact manifest bytes; only then does it parse
+them. Then: the manifest's run id is the one assigned, its key_id is the
+signer's, the audience is this Worker, it is not expired or issued in the
+future (allowing CLOCK_SKEW_SECONDS), the archive's hash and size match, and
+the replay ledger has never seen the nonce or run id and holds no higher
+sequence number (the entry is written then). Extraction goes into a fresh
+directory and takes regular files and directories only, within the Worker's
+limits, each file checked against its manifest hash and size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import posixpath
+import secrets
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
+from taskrunner.signing import BUNDLE_TYPE, SignatureRejected, SigningKey, sign, verify
 
 BUNDLE_FORMAT = 1
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024 * 1024
+#: Manifest fields and the types they must have.
+FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (int,), "key_id": (str,), "run_id": (str,), "task_id": (str,), "revision": (str,),
+    "attempt": (int,), "task_file": (str,), "timeout": (int, float), "worker": (str,), "audience": (str,),
+    "agent": (dict,), "nonce": (str,), "seq": (int,), "issued_at": (int, float), "expires_at": (int, float),
+    "base_commit": (str, type(None)), "archive": (dict,), "files": (list,),
+}
 
 
 class BundleRejected(WorkerError):
@@ -30,13 +67,24 @@ class BundleRejected(WorkerError):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one bundle may hold on this Worker (`taskrun-worker serve --max-*`)."""
+
+    members: int = MAX_MEMBERS
+    member_bytes: int = MAX_MEMBER_BYTES
+    total_bytes: int = MAX_TOTAL_BYTES
+
+
+@dataclass(frozen=True)
 class Bundle:
     manifest: dict[str, Any]
     archive: bytes
+    envelope: dict[str, Any]
 
 
-def build(files: Mapping[str, bytes], **fields: Any) -> Bundle:
-    """Pack `files` (repository path -> bytes) with a manifest carrying `fields`."""
+def build(files: Mapping[str, bytes], signer: SigningKey, *, now: float, nonce: str | None = None,
+          ttl: float = BUNDLE_TTL_SECONDS, **fields: Any) -> Bundle:
+    """Pack `files` (repository path -> bytes) and sign a manifest carrying `fields`."""
     buffer = io.BytesIO()
     entries = []
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
@@ -48,32 +96,81 @@ def build(files: Mapping[str, bytes], **fields: Any) -> Bundle:
             info.mode = 0o644
             archive.addfile(info, io.BytesIO(data))
             entries.append({"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-    manifest = {"format": BUNDLE_FORMAT, **fields, "files": entries}
-    return Bundle(manifest, buffer.getvalue())
+        end = archive.offset
+    # tarfile pads an archive to 10 KiB records; the two end-of-archive blocks are enough.
+    data = buffer.getvalue()[:end + 2 * tarfile.BLOCKSIZE]
+    manifest = {
+        "format": BUNDLE_FORMAT, **fields, "key_id": signer.key_id, "nonce": nonce or secrets.token_hex(16),
+        "issued_at": now, "expires_at": now + ttl,
+        "archive": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, "files": entries,
+    }
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return Bundle(manifest, data, sign(BUNDLE_TYPE, body, [signer]))
 
 
-def extract(bundle: Bundle, dest: Path) -> list[str]:
+def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, bytes],
+                      refused: Mapping[str, str], audience: str, now: float) -> dict[str, Any]:
+    """The manifest, once its signature, fields, audience, times and archive hash check out."""
+    try:
+        body, signer = verify(envelope, BUNDLE_TYPE, trusted, refused)
+    except SignatureRejected as exc:
+        raise BundleRejected(f"bundle rejected: {exc}") from None
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        raise BundleRejected("bundle rejected: the signed manifest is not JSON") from None
+    if not isinstance(manifest, dict):
+        raise BundleRejected("bundle rejected: the signed manifest is not an object")
+    for name, types in FIELDS.items():
+        value = manifest.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise BundleRejected(f"bundle rejected: manifest field {name!r} is missing or malformed")
+    if manifest["format"] != BUNDLE_FORMAT:
+        raise BundleRejected(f"bundle rejected: format {manifest['format']}, this Worker reads {BUNDLE_FORMAT}")
+    if manifest["key_id"] != signer:
+        raise BundleRejected("bundle rejected: the manifest names another key than the one that signed it")
+    if manifest["audience"] != audience:
+        raise BundleRejected(f"bundle rejected: addressed to another Worker ({manifest['worker']}, "
+                             f"{manifest['audience']})")
+    if manifest["issued_at"] > now + CLOCK_SKEW_SECONDS:
+        raise BundleRejected("bundle rejected: issued in the future (are the clocks more than "
+                             f"{CLOCK_SKEW_SECONDS:.0f}s apart?)")
+    if now > manifest["expires_at"] + CLOCK_SKEW_SECONDS:
+        raise BundleRejected("bundle rejected: expired")
+    whole = manifest["archive"]
+    if len(archive) != whole.get("size") or hashlib.sha256(archive).hexdigest() != whole.get("sha256"):
+        raise BundleRejected("bundle rejected: the archive does not match the manifest's hash")
+    return manifest
+
+
+def extract(manifest: Mapping[str, Any], archive_bytes: bytes, dest: Path, limits: Limits = Limits()) -> list[str]:
     """Extract into `dest` (which must not exist yet); returns the paths written."""
-    expected = _manifest_entries(bundle.manifest)
+    expected = _manifest_entries(manifest)
     try:
         dest.mkdir(parents=True)
     except FileExistsError:
         raise BundleRejected(f"bundle rejected: the extraction directory {dest} already exists") from None
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(bundle.archive), mode="r:")
+        archive = tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r:")
     except tarfile.TarError as exc:
         raise BundleRejected(f"bundle rejected: archive is not a tar file ({exc})") from exc
     with archive:
-        members = archive.getmembers()
-        if len(members) > MAX_MEMBERS:
-            raise BundleRejected(f"bundle rejected: {len(members)} members, over the limit of {MAX_MEMBERS}")
-        written = _extract_members(archive, members, expected, dest)
+        try:
+            members = []
+            for member in archive:
+                members.append(member)
+                if len(members) > limits.members:
+                    raise BundleRejected(f"bundle rejected: more than {limits.members} members, over the limit")
+            written = _extract_members(archive, members, expected, dest, limits)
+        except tarfile.TarError as exc:
+            # A damaged header past the first, or data cut short, surfaces only while reading.
+            raise BundleRejected(f"bundle rejected: the archive is damaged ({exc})") from exc
     if expected:
         raise BundleRejected(f"bundle rejected: {sorted(expected)[0]} is in the manifest but not the archive")
     return written
 
 
-def _manifest_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _manifest_entries(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     files = manifest.get("files")
     if not isinstance(files, list):
@@ -91,7 +188,7 @@ def _manifest_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
-                     expected: dict[str, dict[str, Any]], dest: Path) -> list[str]:
+                     expected: dict[str, dict[str, Any]], dest: Path, limits: Limits) -> list[str]:
     written: list[str] = []
     seen: set[str] = set()
     total = 0
@@ -108,10 +205,11 @@ def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
                 continue
             if not member.isreg():
                 raise BundleRejected(f"bundle rejected: {name} is not a regular file or directory")
-            if member.size > MAX_MEMBER_BYTES:
-                raise BundleRejected(f"bundle rejected: {name} is {member.size} bytes, over the limit")
+            if member.size > limits.member_bytes:
+                raise BundleRejected(f"bundle rejected: {name} is {member.size} bytes, over the limit "
+                                     f"of {limits.member_bytes}")
             total += member.size
-            if total > MAX_TOTAL_BYTES:
+            if total > limits.total_bytes:
                 raise BundleRejected("bundle rejected: contents exceed the total size limit")
             entry = expected.pop(name, None)
             if entry is None:

@@ -34,6 +34,7 @@ from taskrunner.defaults import (
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError
 from taskrunner.model import NAME_RE, AgentSpec, ModelBackend, WorkerSpec
+from taskrunner.signing import SignatureRejected, parse_public_line
 from taskrunner.taskfile import describe, load_yaml, parse_labels
 
 AGENT_PRESETS = ("shell", "command", "claude", "codex", "aider")
@@ -45,7 +46,7 @@ EMBEDDED_SOURCE = "<embedded default>"
 _TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git")
 _AGENT_KEYS = ("preset", "command", "backend", "env")
 _BACKEND_KEYS = ("provider", "model", "context_window")
-_SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts")
+_SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
 _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home")
 _SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
 _BACKOFF_KEYS = ("base", "max")
@@ -273,6 +274,12 @@ class _Parser:
                 fields[optional] = self.string(f"{key}.{optional}", spec[optional])
         if spec.get("host_key") is not None:
             fields["host_key"] = self.host_key(f"{key}.host_key", spec["host_key"])
+        if spec.get("worker_key") is not None:
+            try:
+                parse_public_line(spec["worker_key"])
+            except SignatureRejected as exc:
+                raise self.fail(f"{key}.worker_key", f"{exc}; `taskrun worker add` pins it") from None
+            fields["worker_key"] = spec["worker_key"]
         return fields
 
     def host_key(self, key: str, value: object) -> str:
@@ -479,6 +486,7 @@ workers:
   #   user: taskrun                     # default: your user name
   #   identity: ~/.ssh/other_key        # default: the daemon's .git/taskrun/ssh_key
   #   host_key: "ssh-ed25519 AAAA..."   # pinned by `taskrun worker add`
+  #   worker_key: "ed25519 AAAA..."     # the Worker's result key, pinned by `taskrun worker add`
   #   slots: 4
   #   labels: {{gpu: "true"}}
   #   agents: [shell]

@@ -32,6 +32,7 @@ from taskrunner.errors import ConfigError, LockError
 from taskrunner.fleet import Fleet
 from taskrunner.gitops import Git
 from taskrunner.hooks import Hooks, emit
+from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
 from taskrunner.model import TaskStatus
 from taskrunner.recorder import CommitItem, Recorder
@@ -68,7 +69,8 @@ class Daemon:
         self.repo = Git(root)
         self.recorder = Recorder(self.repo, enabled=config.git.commit, on_commit=self._committed,
                                  on_error=lambda message: emit(self.hooks, "notice", message))
-        self.fleet = Fleet(config, self.state_dir, self.events.put, self.hooks)
+        keyring, _ = Keyring.ensure(self.state_dir, time.time())
+        self.fleet = Fleet(config, self.state_dir, self.events.put, keyring, self.hooks)
         self.engine = Engine(root, config, self.fleet, self.recorder.submit, self.hooks)
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask)
@@ -105,6 +107,9 @@ class Daemon:
             for worker in self.fleet.tick(now):
                 self.engine.grace_expired(worker)
                 replan = True
+            retirement = self.fleet.keyring.next_retirement()
+            if retirement is not None and now >= retirement:
+                self.engine.refresh_keys()
             wakeup = self.engine.next_wakeup
             if replan or (wakeup is not None and now >= wakeup):
                 self.engine.schedule()
@@ -114,7 +119,8 @@ class Daemon:
                 self.engine.give_up_waiting()
                 self._flush()
                 return
-            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup()) if t is not None]
+            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(),
+                                   self.fleet.keyring.next_retirement()) if t is not None]
             sleep = min([now + MAX_SLEEP, *wakeups]) - now
             try:
                 event = self.events.get(timeout=max(0.0, sleep))
@@ -170,6 +176,9 @@ class Daemon:
         if command == "trigger":
             self.engine.scan()
             return {"ok": True, "message": "tasks/ rescanned"}
+        if command == "keys":
+            self.engine.refresh_keys()
+            return {"ok": True, "message": "signing keys reloaded; online Workers are told"}
         if command == "workers":
             return {"ok": True, "workers": [w.view() for w in self.fleet]}
         return {"ok": False, "error": f"unknown command {command!r}"}

@@ -59,6 +59,17 @@ OUTPUT_CHUNK_BYTES = 64 * 1024
 #: that ends wakes it at once); idle Workers only wake for heartbeats and messages.
 WORKER_POLL_SECONDS = 0.02
 
+#: A signed bundle is valid this long after it is issued: it is sent at once,
+#: so this only bounds how long its replay-ledger entry must be kept.
+BUNDLE_TTL_SECONDS = 600.0
+#: Clocks of the control plane and a Worker may differ by this much: a bundle
+#: issued up to this far in the future, or expired by at most this, is taken.
+CLOCK_SKEW_SECONDS = 300.0
+#: A trust statement (enrollment, key rotation) is valid this long.
+TRUST_TTL_SECONDS = 600.0
+#: `taskrun keys rotate`: how long the old signing key stays trusted.
+KEY_OVERLAP_SECONDS = 7 * 24 * 3600.0
+
 #: Where taskrun-worker keeps its Runs when no --home is given.
 WORKER_HOME = "~/.taskrun-worker"
 

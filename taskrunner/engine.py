@@ -26,14 +26,18 @@ from typing import Any, Callable
 from taskrunner import bundle, scheduler
 from taskrunner.config import Config
 from taskrunner.defaults import LOST_RUN_RETRIES, TASKS_DIR
+from taskrunner.enroll import trust_request, wanted_keys
 from taskrunner.errors import RecordError, TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.hooks import Hooks, emit
 from taskrunner.intake import Intake, agent_of, read_task
+from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
 from taskrunner.model import RunStatus, TaskStatus
 from taskrunner.protocol import Message
+from taskrunner.signing import key_id
 from taskrunner.records import Records
+from taskrunner.results import ResultRejected, verified_result
 from taskrunner.recorder import CommitItem
 from taskrunner.state import RunState, TaskState
 from taskrunner.taskfile import dependency_cycles, is_ignored_name, task_id_for
@@ -64,6 +68,7 @@ class Engine:
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
         self._seq = 0
+        self._bundle_seq: dict[str, int] = {}  # Worker name -> last bundle sequence number sent
         self._progress = False
         self._cycles_stale = False
         self._dirty_tasks: dict[str, TaskState] = {}
@@ -295,25 +300,25 @@ class Engine:
             self._save_task(task)
             self._finish(run, RunStatus.FAILED, None, str(exc))
             return
-        timeout = spec.timeout or self.config.scheduler.timeout
+        assert worker.result_key is not None  # a Worker is online only once its hello matched the pin
+        # Microseconds since the epoch, and above the last one sent: a restarted
+        # daemon continues above what the Worker's ledger holds.
+        seq = self._bundle_seq[worker.name] = max(self._bundle_seq.get(worker.name, 0) + 1, int(now * 1e6))
         package = bundle.build(
-            files, run_id=run.run_id, task_id=task.id, revision=run.revision, worker=worker.name,
-            agent=agent_name, attempt=run.attempt, issued_at=now, base_commit=self.base_commit,
+            files, self.fleet.keyring.current, now=now, run_id=run.run_id, task_id=task.id,
+            revision=run.revision, attempt=run.attempt, task_file=spec.path,
+            timeout=spec.timeout or self.config.scheduler.timeout, worker=worker.name,
+            audience=key_id(worker.result_key), seq=seq, base_commit=self.base_commit,
+            agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command), "env": list(agent.env)},
         )
         self._manifests.append((task.id, run.number, package.manifest))
         run.move(RunStatus.ASSIGNED)
         run.assigned_at = now
         self._save_run(run)
         self._save_task(task)
-        fields = {
-            "run_id": run.run_id, "task_id": task.id, "revision": run.revision, "attempt": run.attempt,
-            "agent": {"name": agent.name, "preset": agent.preset, "command": list(agent.command),
-                      "env": list(agent.env)},
-            "timeout": timeout, "task_file": spec.path, "manifest": package.manifest,
-        }
         # A failed send means the session is down: the link reports that, and
         # the Run is reattached or found lost when the Worker says hello again.
-        self._send(worker, Message("assign", fields, package.archive))
+        self._send(worker, Message("assign", {"run_id": run.run_id, "envelope": package.envelope}, package.archive))
 
     def _context_file(self, path: str) -> bytes:
         target = (self.root / path).resolve()
@@ -341,6 +346,9 @@ class Engine:
             worker.running = int(message.get("running") or 0)
         elif message.type == "error":
             emit(self.hooks, "notice", f"Worker '{worker.name}': {message['message']}")
+        elif message.type == "trusted":
+            worker.hello["trust"] = {"keys": message["keys"]}
+            emit(self.hooks, "notice", f"Worker '{worker.name}' now trusts {', '.join(message['keys'])}")
         else:
             run = self.runs.get(message.get("run_id"))
             if run is None or run.worker != worker.name:
@@ -350,7 +358,10 @@ class Engine:
             getattr(self, f"_on_{message.type}")(worker, run, message)
 
     def _hello(self, worker: WorkerState, message: Message) -> None:
-        self.fleet.hello(worker, message.fields, self._clock())
+        now = self._clock()
+        if not self.fleet.hello(worker, message.fields, now):
+            return
+        self._check_trust(worker, message.get("trust"), now)
         held = {entry["run_id"]: entry for entry in message["runs"] if isinstance(entry, dict)}
         for run_id in sorted(worker.runs):
             run = self.runs[run_id]
@@ -365,6 +376,28 @@ class Engine:
                 # Worker was away, or retried elsewhere): stop it and forget it.
                 kind = "cancel" if entry.get("state") == "running" else "ack"
                 self._send(worker, Message(kind, {"run_id": run_id, "reason": "no longer wanted"}))
+
+    def _check_trust(self, worker: WorkerState, trust: Any, now: float) -> None:
+        """Send a trust statement when the Worker's trusted keys are not the keyring's live ones."""
+        held = sorted(trust.get("keys") or []) if isinstance(trust, dict) else []
+        if held != wanted_keys(self.fleet.keyring, now) and worker.result_key is not None:
+            request = trust_request(self.fleet.keyring, key_id(worker.result_key), now)
+            self._send(worker, Message("trust", {"request": request}))
+
+    def refresh_keys(self) -> None:
+        """After `taskrun keys rotate`, or when an overlap ends: every online Worker learns the new set."""
+        now = self._clock()
+        try:
+            self.fleet.keyring = Keyring.load(self.fleet.keyring.directory.parent)
+        except TaskrunError as exc:
+            emit(self.hooks, "notice", f"signing keys not reloaded, the previous ones stay in force: {exc}")
+        retired = self.fleet.keyring.prune(now)
+        for key in retired:
+            emit(self.hooks, "notice", f"signing key {key} retired: its overlap period ended")
+        for worker in self.fleet:
+            if worker.online:
+                self._check_trust(worker, worker.hello.get("trust"), now)
+                worker.hello["trust"] = {"keys": wanted_keys(self.fleet.keyring, now)}
 
     def _on_started(self, worker: WorkerState, run: RunState, message: Message) -> None:
         if run.status is RunStatus.ASSIGNED:
@@ -389,12 +422,15 @@ class Engine:
             self._send(worker, Message("resume", {"run_id": run.run_id, "offset": size}))
             return
         run.output_size = size
-        run.started_at = run.started_at or message.get("started_at")
         try:
-            status = RunStatus(message["status"])
-        except ValueError:
-            status = RunStatus.FAILED
-        self._finish(run, status, message.get("exit_code"), message.get("error"), message.get("finished_at"))
+            result = verified_result(message["envelope"], worker.result_key, run.run_id,
+                                     self.records.output(run.task_id, run.number))
+        except ResultRejected as exc:
+            self._finish(run, RunStatus.FAILED, None, str(exc))
+        else:
+            run.started_at = run.started_at or result.get("started_at")
+            status = RunStatus(result["status"])
+            self._finish(run, status, result.get("exit_code"), result.get("error"), result.get("finished_at"))
         self._send(worker, Message("ack", {"run_id": run.run_id}))
 
     # -- Run endings ----------------------------------------------------------

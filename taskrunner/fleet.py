@@ -17,11 +17,15 @@ from typing import Any, Callable, Iterator
 from taskrunner import scheduler
 from taskrunner.config import Config
 from taskrunner.defaults import READ_MARGIN_SECONDS
+from taskrunner.enroll import enroll_local
 from taskrunner.errors import WorkerError
 from taskrunner.hooks import Hooks, emit
+from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent, WorkerLink, make_link
+from taskrunner.links.local import LocalLink
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import Message
+from taskrunner.signing import SignatureRejected, key_id, parse_public_line
 from taskrunner.sshkeys import HostKeyError
 
 #: Reconnect delays grow from this, doubling, up to RECONNECT_MAX.
@@ -36,7 +40,8 @@ class WorkerState:
     generation: int = 0
     online: bool = False
     tried: bool = False  # a session has said hello or failed at least once
-    trusted: bool | None = None  # the host key matched its pin (None: not checked yet)
+    trusted: bool | None = None  # host and result keys matched their pins (None: not checked yet)
+    result_key: bytes | None = None  # the Worker's result key, once its hello matched the pin
     hello: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     last_seen: float | None = None
@@ -63,8 +68,9 @@ class WorkerState:
 
 class Fleet:
     def __init__(self, config: Config, state_dir: Path, post: Callable[[LinkEvent], None],
-                 hooks: Hooks | None = None) -> None:
+                 keyring: Keyring, hooks: Hooks | None = None) -> None:
         self._state_dir = state_dir
+        self.keyring = keyring
         self._post = post
         self.hooks = hooks or Hooks()
         self.workers: dict[str, WorkerState] = {}
@@ -149,12 +155,22 @@ class Fleet:
                 worker.link = make_link(worker.spec, self._state_dir, self._post)
             # Set at every connect, so a reloaded offline_after holds from the next session on.
             worker.link.read_timeout = self.offline_after + READ_MARGIN_SECONDS
+            if isinstance(worker.link, LocalLink):
+                # The daemon's own Worker home: enrolled directly, its key known from the file.
+                worker.result_key = enroll_local(worker.link.home, self.keyring, now)
             # Returns at once: the session says hello, or ends with why it could not open.
             worker.generation = worker.link.open()
-        except WorkerError as exc:
+        except (WorkerError, OSError) as exc:
             self.link_down(worker, str(exc), now)
 
-    def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> None:
+    def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> bool:
+        """Take a session's hello; False (and the session closed) if its result key is not the pinned one."""
+        try:
+            worker.result_key = self._result_key(worker, fields.get("worker_key"))
+        except WorkerError as exc:
+            worker.trusted = False
+            self.link_down(worker, str(exc), now)
+            return False
         if worker.offline_since is not None:
             emit(self.hooks, "notice", f"Worker '{worker.name}' back online after {now - worker.offline_since:.1f}s")
         worker.hello = fields
@@ -166,6 +182,28 @@ class Fleet:
         worker.offline_since = None
         worker.last_seen = now
         emit(self.hooks, "worker_changed", worker.view())
+        return True
+
+    def _result_key(self, worker: WorkerState, seen: Any) -> bytes:
+        try:
+            presented = parse_public_line(seen)
+        except SignatureRejected as exc:
+            raise WorkerError(f"Worker '{worker.name}' presents no valid result key ({exc}): upgrade its "
+                              "taskrun-worker") from None
+        if worker.spec.transport == "local":
+            pinned = worker.result_key or b""
+            hint = ""
+        elif worker.spec.worker_key is None:
+            raise WorkerError(f"Worker '{worker.name}' has no pinned result key (worker_key): enroll it with "
+                              f"`taskrun worker add {worker.name} --host {worker.spec.host}`")
+        else:
+            pinned = parse_public_line(worker.spec.worker_key)
+            hint = (f"; if the Worker was reinstalled, enroll it again with "
+                    f"`taskrun worker add {worker.name} --host {worker.spec.host}`")
+        if presented != pinned:
+            raise WorkerError(f"Worker '{worker.name}' result key changed: pinned {key_id(pinned)}, "
+                              f"seen {key_id(presented)}; refusing it{hint}")
+        return presented
 
     def link_down(self, worker: WorkerState, reason: str, now: float) -> None:
         was_online = worker.online

@@ -157,3 +157,4 @@ class WorkerSpec:
     host_key: str | None = None
     known_hosts: str | None = None
     home: str | None = None  # the Worker's state directory
+    worker_key: str | None = None  # the Worker's result key, `ed25519 BASE64`, pinned at enrollment

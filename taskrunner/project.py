@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from taskrunner import gitops, keys
@@ -43,7 +44,8 @@ def init_repository(root: Path) -> list[str]:
             path.write_text(HOOK_SCRIPT)
             os.chmod(path, 0o755)
             done.append(f"wrote {HOOKS_DIR}/{hook}")
-    key, created = keys.ensure_signing_key(root / STATE_DIR)
+    ring, created = keys.Keyring.ensure(root / STATE_DIR, time.time())
     if created:
-        done.append(f"created the control plane's signing key {key.relative_to(root)} (mode 0600, never committed)")
+        done.append(f"created the control plane's signing key {ring.current.key_id} in "
+                    f"{ring.directory.relative_to(root)}/ (mode 0600, never committed)")
     return done

@@ -6,17 +6,26 @@ records flow over a subprocess's pipes (the local Worker), an SSH channel, or
 an `io.BytesIO` in tests.
 
 Worker -> control plane
-    hello      {protocol, version, worker, pid, agents, slots, runs: [{run_id, state, size}]}
-               state is "running" or "finished"; size is the output bytes on the Worker.
+    hello      {protocol, version, worker, pid, agents, slots, worker_key, trust: {keys, issued_at},
+                runs: [{run_id, state, size}]}
+               worker_key is the Worker's result key (`ed25519 BASE64`); trust lists the ids
+               of the control plane keys it trusts. state is "running" or "finished"; size
+               is the output bytes on the Worker.
     heartbeat  {time, running}
     started    {run_id, pid, started_at}
     output     {run_id, offset, len} + payload: output bytes [offset, offset+len)
-    result     {run_id, status, exit_code, error, started_at, finished_at, output_size}
-               sent only after every output byte up to output_size.
+    result     {run_id, output_size, envelope}
+               sent only after every output byte up to output_size. The envelope (signing.py,
+               RESULT_TYPE) is signed by the Worker's result key over {run_id, status,
+               exit_code, error, started_at, finished_at, output_size, output_sha256, nonce};
+               the control plane records nothing of a result before it verifies.
+    trusted    {keys}               a trust statement was taken; the key ids now trusted
     error      {message, run_id?}   a request the Worker could not act on
 
 Control plane -> Worker
-    assign     {run_id, task_id, revision, attempt, agent, timeout, task_file, len} + payload: bundle
+    assign     {run_id, envelope} + payload: the bundle's archive (see bundle.py). Every
+               setting of the Run is in the signed manifest; run_id only routes a refusal.
+    trust      {request}            a trust statement (see worker/trust.py)
     resume     {run_id, offset}     stream this Run's output from offset, then its result
     cancel     {run_id, reason}
     ack        {run_id}             the result is recorded; the Worker may forget the Run
@@ -44,9 +53,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "heartbeat": ("time",),
     "started": ("run_id", "pid"),
     "output": ("run_id", "offset"),
-    "result": ("run_id", "status", "output_size"),
+    "result": ("run_id", "output_size", "envelope"),
+    "trusted": ("keys",),
     "error": ("message",),
-    "assign": ("run_id", "task_id", "revision", "agent", "task_file"),
+    "assign": ("run_id", "envelope"),
+    "trust": ("request",),
     "resume": ("run_id", "offset"),
     "cancel": ("run_id",),
     "ack": ("run_id",),

@@ -23,6 +23,7 @@ word being optional:
 
     [taskrun-worker] serve [--name N] [--slots N]
     [taskrun-worker] status [--json]
+    [taskrun-worker] trust          a trust statement on stdin (see trust.py); never --reset
 
 and runs the subcommand in-process with `--home DIR` (a request that names
 `--home` itself is refused: the key's holder cannot pick another home).
@@ -54,8 +55,8 @@ from taskrunner.model import NAME_RE
 #: The program word a request may start with.
 PROGRAM = "taskrun-worker"
 #: Subcommands the gate allows, and what the rest of the message says about them.
-ALLOWED_SUBCOMMANDS = ("serve", "status")
-ALLOWED = f'only "{PROGRAM} serve" and "{PROGRAM} status" are allowed'
+ALLOWED_SUBCOMMANDS = ("serve", "status", "trust")
+ALLOWED = f'only "{PROGRAM} serve", "{PROGRAM} status" and "{PROGRAM} trust" are allowed'
 #: A requested command is shown at most this long in a refusal.
 SHOWN_CHARS = 200
 #: Longest Worker name a client may give with --name (the characters are model.NAME_RE's).
@@ -75,7 +76,7 @@ class GateRefused(WorkerError):
 
 @dataclass(frozen=True)
 class GateCommand:
-    """An allowed request: `serve` (with `name`, `slots`) or `status` (with `json`)."""
+    """An allowed request: `serve` (with `name`, `slots`), `status` (with `json`) or `trust`."""
 
     subcommand: str
     name: str | None = None
@@ -99,6 +100,9 @@ def parse_gate_command(original: str | None) -> GateCommand:
     subcommand, rest = words[0], words[1:]
     if subcommand == "serve":
         return _parse_serve(shown, rest)
+    if subcommand == "trust":
+        _options(shown, "trust", rest, takes_value={})
+        return GateCommand("trust")
     return _parse_status(shown, rest)
 
 
@@ -122,7 +126,7 @@ def _parse_status(shown: str, words: list[str]) -> GateCommand:
 
 def _options(shown: str, subcommand: str, words: list[str], takes_value: dict[str, bool]) -> dict[str, str]:
     """`--opt VALUE`, `--opt=VALUE` and flags, each at most once; anything else refused."""
-    allowed = ", ".join(f"{o} N" if v else o for o, v in takes_value.items())
+    allowed = ", ".join(f"{o} N" if v else o for o, v in takes_value.items()) or "no options"
     found: dict[str, str] = {}
     i = 0
     while i < len(words):

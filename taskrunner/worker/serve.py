@@ -9,6 +9,8 @@ the next session reports them in `hello` and resumes them where asked.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import shutil
@@ -16,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,12 +26,18 @@ from taskrunner import __version__, agents, bundle
 from taskrunner.defaults import HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
+from taskrunner.signing import RESULT_TYPE, sign
+from taskrunner.worker import secrets
+from taskrunner.worker.ledger import ReplayLedger
 from taskrunner.worker.rundir import RunDir, group_alive, held_runs, wrapped
+from taskrunner.worker.trust import TrustStore, worker_key
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
 KILL_GRACE_SECONDS = 3.0
 #: How often a Run started by an earlier session is checked for having ended.
 ADOPTED_PROBE_SECONDS = 0.2
+#: The output digest of a finished Run is computed this many bytes at a time.
+DIGEST_CHUNK_BYTES = 1024 * 1024
 _EOF = object()
 _EXITED = object()  # an Agent this session started has ended: look now, not at the next poll
 
@@ -46,13 +54,19 @@ class ActiveRun:
     result: dict[str, Any] | None = None
     log: IO[bytes] | None = None
     next_probe: float = 0.0  # adopted Runs: when to look at their process group again
+    secrets: list[bytes] = field(default_factory=list)  # values masked in the output sent
 
 
 class WorkerServer:
-    def __init__(self, home: Path, name: str, reader: Reader, writer: Writer, slots: int | None = None) -> None:
+    def __init__(self, home: Path, name: str, reader: Reader, writer: Writer, slots: int | None = None,
+                 limits: bundle.Limits = bundle.Limits()) -> None:
         self.home = home
         self.name = name
         self.slots = slots
+        self.limits = limits
+        self._key = worker_key(home)
+        self._trust = TrustStore(home)
+        self._ledger = ReplayLedger(home)
         self._reader = reader
         self._writer = writer
         self._inbox: queue.Queue[object] = queue.Queue()
@@ -65,10 +79,14 @@ class WorkerServer:
         shutil.rmtree(self._trash, ignore_errors=True)  # left by a session that ended mid-removal
         self._trash.mkdir()
         threading.Thread(target=self._remove_loop, name="worker-janitor", daemon=True).start()
+        self._ledger.prune(time.time())
         for run_dir in held_runs(self.home):
             self._runs[run_dir.run_id] = self._adopt(run_dir)
+        trust = self._trust.state()
         self._send("hello", protocol=PROTOCOL_VERSION, version=__version__, worker=self.name,
                    pid=os.getpid(), agents=available_presets(), slots=self.slots,
+                   worker_key=self._key.public_line,
+                   trust={"keys": [k["key_id"] for k in trust["keys"]], "issued_at": trust.get("issued_at")},
                    runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
                           "size": r.dir.output_size()} for r in self._runs.values()])
         threading.Thread(target=self._read_loop, name="worker-reader", daemon=True).start()
@@ -117,6 +135,14 @@ class WorkerServer:
         if message.type == "assign":
             self._assign(message)
             return
+        if message.type == "trust":
+            try:
+                keys = self._trust.apply(message.get("request"), self._key.key_id, time.time())
+            except WorkerError as exc:
+                self._send("error", message=str(exc))
+            else:
+                self._send("trusted", keys=[k["key_id"] for k in keys])
+            return
         run = self._runs.get(run_id)
         if run is None:
             if message.type != "ack":
@@ -151,24 +177,36 @@ class WorkerServer:
         if run_dir.path.exists() or message["run_id"] in self._runs:
             self._send("error", run_id=run_dir.run_id, message="Run was already assigned to this Worker")
             return
-        run_dir.path.mkdir(parents=True)
-        timeout = message.get("timeout")
         now = time.time()
+        try:
+            manifest = self._admit(message, now)
+            failure = None
+        except WorkerError as exc:
+            manifest, failure = {"run_id": run_dir.run_id}, str(exc)
+        run_dir.path.mkdir(parents=True)
+        timeout = manifest.get("timeout")
         deadline = now + float(timeout) if timeout else None
-        run_dir.write_assignment({k: v for k, v in message.fields.items() if k != "manifest"}
-                                 | {"assigned_at": now, "deadline": deadline})
+        names = list(manifest.get("agent", {}).get("env") or [])
+        kept = {k: manifest.get(k) for k in ("task_id", "revision", "attempt", "agent", "timeout", "task_file",
+                                               "nonce", "seq")}
+        run_dir.write_assignment({"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline})
         run = ActiveRun(run_dir, None, None, deadline, attached=True)
         self._runs[run_dir.run_id] = run
+        if failure is not None:
+            self._finish(run, "FAILED", None, failure)
+            return
         with open(run_dir.output, "ab") as out:
             try:
-                bundle.extract(bundle.Bundle(message.get("manifest") or {}, message.payload), run_dir.workspace)
-                argv = agents.prepare(message["agent"], run_dir.path, run_dir.workspace,
-                                      message["task_id"], message["task_file"])
+                bundle.extract(manifest, message.payload, run_dir.workspace, self.limits)
+                values = secrets.resolve(names, self.home)
+                run.secrets = secrets.redacted_values(values)
+                argv = agents.prepare(manifest["agent"], run_dir.path, run_dir.workspace,
+                                      manifest["task_id"], manifest["task_file"])
             except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
                 # Whatever is wrong with one assignment fails that Run, not the session.
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
                 return
-            env = agent_environment(run_dir.run_id, message["task_id"], run_dir.workspace)
+            env = agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace) | values
             try:
                 run.proc = subprocess.Popen(
                     wrapped(run_dir.path, argv),
@@ -183,11 +221,30 @@ class WorkerServer:
         run_dir.write_pid(run.pid)
         self._send("started", run_id=run_dir.run_id, pid=run.pid, started_at=now)
 
+    def _admit(self, message: Message, now: float) -> dict[str, Any]:
+        """The verified manifest of an assignment, recorded in the replay ledger; else BundleRejected."""
+        trusted, refused = self._trust.trusted(now)
+        if not trusted and not refused:
+            raise bundle.BundleRejected("bundle rejected: this Worker trusts no control plane key yet; enroll "
+                                        "it with `taskrun worker add`")
+        manifest = bundle.verified_manifest(message.get("envelope"), message.payload, trusted=trusted,
+                                            refused=refused, audience=self._key.key_id, now=now)
+        if manifest["run_id"] != message["run_id"]:
+            raise bundle.BundleRejected(f"bundle rejected: signed for Run {manifest['run_id']}, "
+                                        f"assigned as Run {message['run_id']}")
+        self._ledger.admit(manifest["nonce"], manifest["run_id"], manifest["seq"], manifest["expires_at"])
+        return manifest
+
     # -- the loop's work on each Run ---------------------------------------
 
     def _adopt(self, run_dir: RunDir) -> ActiveRun:
         assignment = run_dir.assignment()
         run = ActiveRun(run_dir, None, run_dir.pid(), assignment.get("deadline"), result=run_dir.result())
+        try:
+            names = (assignment.get("agent") or {}).get("env") or []
+            run.secrets = secrets.redacted_values(secrets.resolve(names, self.home))
+        except WorkerError:
+            pass  # it could not have started without them; nothing to mask
         if run.result is None:
             self._check_exit(run)
         return run
@@ -204,7 +261,8 @@ class WorkerServer:
         if run.attached:
             self._stream(run)
             if run.result is not None and run.sent >= run.result["output_size"]:
-                self._send("result", run_id=run.dir.run_id, **run.result)
+                self._send("result", run_id=run.dir.run_id, output_size=run.result["output_size"],
+                           envelope=run.result["envelope"])
                 run.attached = False  # sent once per attachment; the control plane acks
 
     def _check_exit(self, run: ActiveRun) -> None:
@@ -242,12 +300,29 @@ class WorkerServer:
 
     def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None) -> None:
         assignment = run.dir.assignment()
-        run.result = {
-            "status": status, "exit_code": code, "error": error,
+        size, digest = self._output_digest(run)
+        result = {
+            "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,
             "started_at": assignment.get("assigned_at"), "finished_at": time.time(),
-            "output_size": run.dir.output_size(),
+            "output_size": size, "output_sha256": digest, "nonce": assignment.get("nonce"),
         }
+        body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
+        run.result = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
         run.dir.write_result(run.result)
+
+    def _output_digest(self, run: ActiveRun) -> tuple[int, str]:
+        """Size and sha256 of the output as the control plane records it (secrets masked)."""
+        digest = hashlib.sha256()
+        size = run.dir.output_size()
+        try:
+            with open(run.dir.output, "rb") as log:
+                for start in range(0, size, DIGEST_CHUNK_BYTES):
+                    end = min(size, start + DIGEST_CHUNK_BYTES)
+                    digest.update(secrets.masked_range(log, start, end, size, run.secrets) if run.secrets
+                                  else log.read(end - start))
+        except FileNotFoundError:
+            size = 0
+        return size, digest.hexdigest()
 
     def _stop(self, run: ActiveRun, status: str, reason: str) -> None:
         if run.result is not None or run.dir.stop() is not None:
@@ -261,13 +336,19 @@ class WorkerServer:
 
     def _stream(self, run: ActiveRun) -> None:
         size = run.dir.output_size()
-        if run.sent >= size:
+        end = secrets.safe_end(size, run.result is not None, run.secrets)
+        if run.sent >= end:
             return
         if run.log is None:
             run.log = open(run.dir.output, "rb")
-        run.log.seek(run.sent)
-        while run.sent < size:
-            chunk = run.log.read(min(OUTPUT_CHUNK_BYTES, size - run.sent))
+        if not run.secrets:
+            run.log.seek(run.sent)
+        while run.sent < end:
+            stop = min(end, run.sent + OUTPUT_CHUNK_BYTES)
+            if run.secrets:
+                chunk = secrets.masked_range(run.log, run.sent, stop, size, run.secrets)
+            else:
+                chunk = run.log.read(stop - run.sent)
             if not chunk:
                 break
             self._send("output", payload=chunk, run_id=run.dir.run_id, offset=run.sent)

@@ -23,10 +23,11 @@ def test_init_creates_the_layout_and_a_private_untracked_key(tmp_path: Path) -> 
     assert first.returncode == 0, first.stderr
     for name in (".taskrun.yaml", "tasks", "runs", "hooks/post-merge", "hooks/post-receive"):
         assert (root / name).exists(), name
-    key = root / ".git/taskrun/signing_key"
+    key = root / ".git/taskrun/keys/1.pem"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
     git(root, "add", "-A")
-    assert not any("signing_key" in line for line in git(root, "ls-files").splitlines())
+    assert not any(line.endswith(".pem") for line in git(root, "ls-files").splitlines())
     config_before = (root / ".taskrun.yaml").read_text()
     key_before = key.read_bytes()
 

@@ -1,0 +1,59 @@
+"""A Worker's signed result, checked before anything of it is recorded.
+
+The Worker signs (signing.RESULT_TYPE) {run_id, status, exit_code, error,
+started_at, finished_at, output_size, output_sha256, nonce} with its result
+key; the control plane verifies the signature with the key pinned at
+enrollment, that the result is for this Run, and that size and sha256 match
+the output.log it recorded. A result that fails any of this is recorded as
+FAILED with the reason, never as COMPLETED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from taskrunner.errors import TaskrunError
+from taskrunner.signing import RESULT_TYPE, SignatureRejected, key_id, verify
+
+STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+class ResultRejected(TaskrunError):
+    """Raised when a Worker's result does not verify; the message says why."""
+
+
+def verified_result(envelope: Any, result_key: bytes | None, run_id: str, output: Path) -> dict[str, Any]:
+    if result_key is None:
+        raise ResultRejected("result rejected: no result key is pinned for this Worker")
+    try:
+        body, _ = verify(envelope, RESULT_TYPE, {key_id(result_key): result_key})
+    except SignatureRejected as exc:
+        raise ResultRejected(f"result rejected: {exc}") from None
+    try:
+        result = json.loads(body)
+    except ValueError:
+        raise ResultRejected("result rejected: the signed result is not JSON") from None
+    if not isinstance(result, dict) or result.get("run_id") != run_id:
+        raise ResultRejected(f"result rejected: signed for another Run than {run_id}")
+    if result.get("status") not in STATUSES:
+        raise ResultRejected(f"result rejected: unknown status {result.get('status')!r}")
+    size, digest = _digest(output)
+    if result.get("output_size") != size or result.get("output_sha256") != digest:
+        raise ResultRejected("result rejected: the output recorded does not match the output the Worker signed")
+    return result
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        pass
+    return size, digest.hexdigest()

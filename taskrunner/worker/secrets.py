@@ -1,0 +1,98 @@
+"""Agents' credentials: named in the configuration, resolved and redacted on the Worker.
+
+An Agent's `env: [NAME, ...]` travels in the bundle as names only. The Worker
+resolves each from its own environment (that of taskrun-worker), else from
+`<home>/secrets.env` (lines `NAME=value`, `#` comments; keep it mode 0600).
+A name that resolves to nothing fails the Run before the Agent starts.
+
+Every resolved value (of at least MIN_REDACTED_CHARS characters) is masked in
+the output the Worker streams, and so in the control plane's output.log: each
+byte covered by an occurrence of a value becomes `*`. Masking keeps lengths, so
+the byte offsets the session protocol resumes from stay the same on both
+sides; a value split across two reads is still caught, because a read is
+masked together with the bytes around it (`masked_range`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Mapping, Sequence
+
+from taskrunner.errors import WorkerError
+
+SECRETS_FILE = "secrets.env"
+#: Shorter values would mask ordinary text all over the output; they are not redacted.
+MIN_REDACTED_CHARS = 4
+MASK = ord("*")
+
+
+def resolve(names: Sequence[str], home: Path, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """NAME -> value for each name; raises WorkerError naming what is missing and where to set it."""
+    if not names:
+        return {}
+    found = {name: environ[name] for name in names if name in environ}
+    missing = [name for name in names if name not in found]
+    if missing:
+        from_file = _read_file(home / SECRETS_FILE)
+        found.update({name: from_file[name] for name in missing if name in from_file})
+        missing = [name for name in missing if name not in found]
+    if missing:
+        raise WorkerError(f"the Agent needs {', '.join(missing)}, which this Worker does not have: set it in "
+                          f"taskrun-worker's environment or in {home / SECRETS_FILE}")
+    return found
+
+
+def _read_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkerError(f"cannot read {path}: {exc}") from None
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name.strip()] = value
+    return values
+
+
+def redacted_values(values: Mapping[str, str]) -> list[bytes]:
+    return sorted({v.encode() for v in values.values() if len(v) >= MIN_REDACTED_CHARS}, key=len, reverse=True)
+
+
+def mask(data: bytes, secrets: Sequence[bytes]) -> bytes:
+    """`data` with every byte inside an occurrence of a secret replaced by `*`."""
+    if not secrets:
+        return data
+    out: bytearray | None = None
+    for secret in secrets:
+        at = data.find(secret)
+        while at != -1:
+            if out is None:
+                out = bytearray(data)
+            out[at:at + len(secret)] = b"*" * len(secret)
+            at = data.find(secret, at + 1)
+    return data if out is None else bytes(out)
+
+
+def masked_range(stream: BinaryIO, start: int, end: int, size: int, secrets: Sequence[bytes]) -> bytes:
+    """Bytes [start, end) of a file of `size` bytes, masked as if the whole file were.
+
+    A byte is masked when an occurrence covers it, and any such occurrence lies
+    within the longest secret's length of it: read that much on either side.
+    """
+    reach = max((len(s) for s in secrets), default=1) - 1
+    low = max(0, start - reach)
+    stream.seek(low)
+    window = stream.read(min(size, end + reach) - low)
+    return mask(window, secrets)[start - low:end - low]
+
+
+def safe_end(size: int, finished: bool, secrets: Sequence[bytes]) -> int:
+    """How far output can be sent now: a running Agent may be in the middle of printing a secret."""
+    if finished or not secrets:
+        return size
+    return max(0, size - (max(len(s) for s in secrets) - 1))

@@ -1,0 +1,196 @@
+"""What a Worker trusts, and the key it signs its results with.
+
+    <home>/keys/worker.pem   the Worker's own Ed25519 result key (0600; dir 0700)
+    <home>/trust.json        the control plane keys it trusts: [{key_id, public, retire_at}]
+                             and the issued_at of the last trust statement it took
+
+A control plane changes this set only with a trust statement: a DSSE envelope
+(payload type signing.TRUST_TYPE) whose body is
+
+    {"format": 1, "audience": WORKER_KEY_ID | null, "keys": [{key_id, public, retire_at}],
+     "issued_at": T, "expires_at": T, "nonce": HEX}
+
+sent with the public lines it is signed by: `{"keys": [LINE...], "envelope": ENV}`.
+The rules:
+
+- While the Worker trusts no key, it takes the statement if it is signed by a
+  key the statement itself lists (the control plane proves it holds the key).
+  That is enrollment: `taskrun worker add` through the gate's `trust` request.
+- Once it trusts a key, a statement must be signed by a key it still trusts,
+  be addressed to this Worker's key id, and be newer (`issued_at`) than the
+  last one taken: a stolen SSH key, or a captured enrollment replayed, cannot
+  plant a key.
+- A key past its `retire_at` is no longer trusted, whatever the statement says.
+
+The Worker's admin can always start over with `taskrun-worker trust --reset`
+on the Worker itself (the gate does not allow it): needed when every key the
+Worker trusts was retired while it was away.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from taskrunner.atomic import read_json, write_json
+from taskrunner.defaults import CLOCK_SKEW_SECONDS
+from taskrunner.errors import WorkerError
+from taskrunner.signing import TRUST_TYPE, SignatureRejected, SigningKey, key_id, parse_public_line, verify
+
+TRUST_FORMAT = 1
+WORKER_KEY_FILE = "keys/worker.pem"
+TRUST_FILE = "trust.json"
+
+
+class TrustRefused(WorkerError):
+    """Raised when a trust statement is refused; the trust store is unchanged."""
+
+
+def worker_key(home: Path) -> SigningKey:
+    """The Worker's result key, created on first use."""
+    path = home / WORKER_KEY_FILE
+    try:
+        return SigningKey.from_pem(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    key = SigningKey.generate()
+    # Two sessions starting at once must end up with one key, and neither may
+    # read the other's half-written file: write a private temporary file whole,
+    # then link it into place, which fails if another session got there first.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key.pem())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return SigningKey.from_pem(path.read_bytes())
+    finally:
+        os.unlink(tmp)
+    return key
+
+
+class TrustStore:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.path = home / TRUST_FILE
+
+    def state(self) -> dict[str, Any]:
+        try:
+            data = read_json(self.path)
+        except FileNotFoundError:
+            return {"keys": [], "issued_at": None}
+        except (OSError, ValueError) as exc:
+            raise WorkerError(f"{self.path} is unreadable ({exc}); fix it or run `taskrun-worker trust --reset`") \
+                from None
+        return data if isinstance(data, dict) else {"keys": [], "issued_at": None}
+
+    def trusted(self, now: float) -> tuple[dict[str, bytes], dict[str, str]]:
+        """(key id -> public key of live keys, key id -> why it is refused for retired ones)."""
+        live: dict[str, bytes] = {}
+        retired: dict[str, str] = {}
+        for entry in self.state()["keys"]:
+            retire_at = entry.get("retire_at")
+            if retire_at is not None and retire_at <= now:
+                retired[entry["key_id"]] = f"key {entry['key_id']} was retired"
+            else:
+                live[entry["key_id"]] = parse_public_line(entry["public"])
+        return live, retired
+
+    def apply(self, request: Any, own_key_id: str, now: float) -> list[dict[str, Any]]:
+        """Take a trust statement (see the module doc) or raise TrustRefused; returns the new set."""
+        if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
+            raise TrustRefused("trust refused: the request is not {keys, envelope}")
+        with self._locked():
+            current = self.state()
+            live, retired = self.trusted(now)
+            first = not current["keys"]
+            if first:
+                try:
+                    offered = [parse_public_line(line) for line in request["keys"]]
+                except SignatureRejected as exc:
+                    raise TrustRefused(f"trust refused: {exc}") from None
+                live = {key_id(raw): raw for raw in offered}
+            try:
+                body, signer = verify(request.get("envelope"), TRUST_TYPE, live, retired)
+            except SignatureRejected as exc:
+                hint = "" if first else " (this Worker already trusts a control plane; a change must be " \
+                                        "signed by a key it trusts)"
+                raise TrustRefused(f"trust refused: {exc}{hint}") from None
+            statement = _statement(body)
+            if statement["audience"] != own_key_id and not (first and statement["audience"] is None):
+                raise TrustRefused(f"trust refused: addressed to {statement['audience']}, this Worker is "
+                                   f"{own_key_id}")
+            if statement["issued_at"] > now + CLOCK_SKEW_SECONDS:
+                raise TrustRefused("trust refused: issued in the future (are the clocks more than "
+                                   f"{CLOCK_SKEW_SECONDS:.0f}s apart?)")
+            if now > statement["expires_at"] + CLOCK_SKEW_SECONDS:
+                raise TrustRefused("trust refused: the statement has expired")
+            last = current.get("issued_at")
+            if last is not None and statement["issued_at"] <= last:
+                raise TrustRefused("trust refused: replayed or out-of-date statement (not newer than the "
+                                   "last one this Worker took)")
+            keys = statement["keys"]
+            if first and signer not in {k["key_id"] for k in keys}:
+                raise TrustRefused("trust refused: an enrollment must be signed by a key it lists")
+            write_json(self.path, {"keys": keys, "issued_at": statement["issued_at"], "updated_at": now})
+            return keys
+
+    def reset(self) -> None:
+        with self._locked():
+            self.path.unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "trust.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+def _statement(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise TrustRefused("trust refused: the signed statement is not JSON") from None
+    if not isinstance(data, dict) or data.get("format") != TRUST_FORMAT:
+        raise TrustRefused(f"trust refused: not a format {TRUST_FORMAT} trust statement")
+    for name in ("issued_at", "expires_at"):
+        if not isinstance(data.get(name), (int, float)) or isinstance(data.get(name), bool):
+            raise TrustRefused(f"trust refused: {name} is not a time")
+    if data.get("audience") is not None and not isinstance(data["audience"], str):
+        raise TrustRefused("trust refused: audience is not a key id")
+    keys = data.get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise TrustRefused("trust refused: the statement lists no keys")
+    clean = []
+    for entry in keys:
+        try:
+            raw = parse_public_line(entry["public"])
+            retire_at = entry.get("retire_at")
+            if retire_at is not None and not isinstance(retire_at, (int, float)):
+                raise TypeError("retire_at")
+        except (SignatureRejected, KeyError, TypeError) as exc:
+            raise TrustRefused(f"trust refused: a listed key is malformed ({exc})") from None
+        if entry.get("key_id") != key_id(raw):
+            raise TrustRefused(f"trust refused: key id {entry.get('key_id')!r} does not match its public key")
+        clean.append({"key_id": key_id(raw), "public": entry["public"], "retire_at": retire_at})
+    if all(k["retire_at"] is not None for k in clean):
+        raise TrustRefused("trust refused: every listed key is being retired; one must be current")
+    return {**data, "keys": clean}
+
+
+def reply(home: Path, keys: list[dict[str, Any]]) -> bytes:
+    """What the gate's `trust` request prints: the Worker's result key and what it now trusts."""
+    key = worker_key(home)
+    return json.dumps({"worker_key": key.public_line, "worker_key_id": key.key_id,
+                       "trusted": [k["key_id"] for k in keys]}).encode()
+
