@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskrunner import doctor
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.defaults import STATE_DIR
@@ -86,6 +87,8 @@ class Daemon:
         try:
             if self.config.git.push:
                 emit(self.hooks, "notice", "git.push is not implemented yet: result commits stay local")
+            for finding in doctor.key_findings(self.root, self.config) + doctor.pin_findings(self.config):
+                emit(self.hooks, "notice", f"{finding.level}: {finding.what} (fix: {finding.fix})")
             self.recorder.start()
             self.engine.base_commit = self.repo.head()
             self.engine.restore()

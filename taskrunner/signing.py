@@ -73,6 +73,23 @@ class SigningKey:
         return public_line(self.public)
 
 
+@dataclass(frozen=True)
+class PublicKey:
+    raw: bytes
+
+    @classmethod
+    def parse(cls, line: str) -> PublicKey:
+        return cls(parse_public_line(line))
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.raw)
+
+    @property
+    def public_line(self) -> str:
+        return public_line(self.raw)
+
+
 def key_id(raw_public: bytes) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(raw_public).digest()).decode().rstrip("=")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,11 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+
+from taskrunner.enroll import trust_request
+from taskrunner.keys import Keyring
+from taskrunner.signing import SigningKey
+from taskrunner.worker.trust import WORKER_KEY_FILE
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -79,6 +85,19 @@ def worker_command() -> str:
         # directory and environment; sshd's session has neither of ours.
         return str(sibling)
     return require("taskrun-worker")
+
+
+def enroll(home: Path, control_state: Path) -> str:
+    """Make the Worker home trust the control plane's keys, as `taskrun worker add` does through
+    the gate, by running the real `taskrun-worker trust` on it; the Worker's result key line."""
+    now = time.time()
+    ring, _ = Keyring.ensure(control_state, now)
+    audience = SigningKey.from_pem((home / WORKER_KEY_FILE).read_bytes()).key_id \
+        if (home / WORKER_KEY_FILE).exists() else None
+    result = subprocess.run([worker_command(), "trust", "--home", str(home)],
+                            input=json.dumps(trust_request(ring, audience, now)).encode(), capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+    return str(json.loads(result.stdout)["worker_key"])
 
 
 class SshdHost:

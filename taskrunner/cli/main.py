@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("task", help="a Task id")
     p = command("workers", cmd_workers, "Workers: reachable, trusted, slots used, Agents, last seen")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    from taskrunner.cli import worker
+    from taskrunner.cli import keys, worker
 
     worker.add_parsers(sub)
+    keys.add_parsers(sub)
     p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs tasks/ now")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     return parser

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+import time
 from pathlib import Path
 
+import paramiko
 from rich.console import Console
 from rich.prompt import Confirm
 
 from taskrunner import keys
+from taskrunner.enroll import trust_request
+from taskrunner.keys import Keyring
+from taskrunner.signing import PublicKey, SignatureRejected
 from taskrunner.atomic import write_bytes
 from taskrunner.cli.main import find_root
 from taskrunner.config import load_config, parse_config
@@ -20,7 +26,7 @@ from taskrunner.errors import TaskrunError
 from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import Reader
-from taskrunner.sshkeys import fingerprint, host_entry, key_line, scan_host_key
+from taskrunner.sshkeys import CONNECT_TIMEOUT, fingerprint, host_entry, key_line, scan_host_key
 from taskrunner.taskfile import parse_labels
 
 
@@ -100,12 +106,16 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     if labels:
         fields["labels"] = labels
     path = root / CONFIG_FILE
-    text = set_worker(path.read_text() if path.exists() else "", CONFIG_FILE, args.name, fields, config)
+    before = path.read_text() if path.exists() else ""
     # The Worker is checked exactly as the configuration about to be written describes it.
-    hello = _hello(parse_config(text, CONFIG_FILE).workers[args.name], root)
-    write_bytes(path, text.encode())
+    spec = parse_config(set_worker(before, CONFIG_FILE, args.name, fields, config), CONFIG_FILE).workers[args.name]
+    hello = _hello(spec, root)
+    worker_key = _enroll(spec, root, hello)
+    fields["worker_key"] = worker_key.public_line
+    write_bytes(path, set_worker(before, CONFIG_FILE, args.name, fields, config).encode())
     out.print(f"Worker '{args.name}' enrolled: taskrun-worker {hello.get('version')} "
-              f"(agents {', '.join(hello.get('agents') or [])}); written to {CONFIG_FILE}", markup=False)
+              f"(agents {', '.join(hello.get('agents') or [])}), result key {worker_key.key_id}; "
+              f"written to {CONFIG_FILE}", markup=False)
     return 0
 
 
@@ -160,6 +170,48 @@ def _hello(spec: WorkerSpec, root: Path) -> dict[str, object]:
         raise EnrollError(f"Worker '{spec.name}': session failed: {exc}") from exc
     finally:
         client.close()
+
+
+def _enroll(spec: WorkerSpec, root: Path, hello: dict[str, object]) -> PublicKey:
+    """Install the control plane's keys in the Worker's trust store through the gate; its result key."""
+    try:
+        presented = PublicKey.parse(str(hello.get("worker_key")))
+    except SignatureRejected as exc:
+        raise EnrollError(f"Worker '{spec.name}' presents no result key ({exc}): upgrade taskrun-worker "
+                          "on it; nothing was written") from None
+    now = time.time()
+    ring = Keyring.ensure(root / STATE_DIR, now)[0]
+    request = json.dumps(trust_request(ring, presented.key_id, now)).encode()
+    client = connect(spec, identity_path(spec, root / STATE_DIR))
+    try:
+        channel = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)  # type: ignore[union-attr]
+        channel.settimeout(CONNECT_TIMEOUT)
+        channel.exec_command("taskrun-worker trust")
+        channel.sendall(request)
+        channel.shutdown_write()
+        answer = channel.makefile("rb").read()
+        stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
+        status = channel.recv_exit_status()
+    except (OSError, paramiko.SSHException) as exc:
+        raise EnrollError(f"Worker '{spec.name}': enrollment session failed: {exc}; nothing was written") from exc
+    finally:
+        client.close()
+    if status != 0:
+        hint = ""
+        if "already trusts" in stderr:
+            hint = (". If this Worker should now serve this control plane, its admin runs "
+                    "`taskrun-worker trust --reset` on it, then add it again")
+        raise EnrollError(f"Worker '{spec.name}' refused the enrollment: {stderr or f'exit code {status}'}{hint}; "
+                          "nothing was written")
+    try:
+        reply = json.loads(answer)
+        enrolled = PublicKey.parse(reply["worker_key"])
+    except (ValueError, KeyError, TypeError, SignatureRejected) as exc:
+        raise EnrollError(f"Worker '{spec.name}' answered the enrollment with {answer[:200]!r} ({exc})") from None
+    if enrolled != presented:
+        raise EnrollError(f"Worker '{spec.name}' presented result key {presented.key_id} but enrolled "
+                          f"{enrolled.key_id}; nothing was written")
+    return enrolled
 
 
 def _labels(text: str | None) -> dict[str, str]:

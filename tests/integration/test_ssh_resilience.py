@@ -29,7 +29,7 @@ from tests.conftest import (
     wait_until,
     write_task,
 )
-from tests.sshd import SshdHost, start_sshd
+from tests.sshd import SshdHost, enroll, start_sshd
 
 pytestmark = pytest.mark.sshd
 
@@ -67,9 +67,10 @@ def ssh_hosts(daemon: Daemon, tmp_path: Path) -> Iterator[Callable[..., list[Ssh
 
 
 def _configure(root: Path, hosts: list[SshdHost], scheduler: str) -> None:
-    """Workers w1, w2, ... one per host, pinned to its host key, reached with the daemon's own SSH key."""
+    """Workers w1, w2, ... one per host, pinned to its host and result keys, reached with the daemon's own SSH key."""
     workers = "".join(
-        f'  w{n}: {{transport: ssh, host: 127.0.0.1, port: {host.port}, host_key: "{host.host_key_line}"}}\n'
+        f'  w{n}: {{transport: ssh, host: 127.0.0.1, port: {host.port}, host_key: "{host.host_key_line}", '
+        f'worker_key: "{enroll(host.home, root / ".git" / "taskrun")}"}}\n'
         for n, host in enumerate(hosts, 1)
     )
     (root / ".taskrun.yaml").write_text(f"workers:\n{workers}scheduler: {{{scheduler}}}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -14,7 +15,6 @@ from hypothesis import strategies as st
 
 from taskrunner.defaults import CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
-from taskrunner.worker import ledger as ledger_module
 from taskrunner.worker.ledger import LEDGER_FILE, Replayed, ReplayLedger
 
 NOW = 1_700_000_000.0
@@ -187,9 +187,9 @@ def test_another_session_reads_a_pruned_ledger_whole(home: Path) -> None:
     refused(first, "n1", "r9", 9, "replayed nonce")
 
 
-def _racing(monkeypatch: pytest.MonkeyPatch, once: Callable[[], None]) -> None:
+def _racing(monkeypatch: pytest.MonkeyPatch, once: Callable[[], object]) -> None:
     """Run `once` (another session's work) while the next lock is being waited for."""
-    real = ledger_module.fcntl.flock
+    real = fcntl.flock
     state = {"fired": False}
 
     def flock(fd: Any, operation: int) -> None:
@@ -198,7 +198,7 @@ def _racing(monkeypatch: pytest.MonkeyPatch, once: Callable[[], None]) -> None:
             once()
         real(fd, operation)
 
-    monkeypatch.setattr(ledger_module.fcntl, "flock", flock)
+    monkeypatch.setattr(fcntl, "flock", flock)
 
 
 def test_an_admission_waiting_while_another_session_prunes_is_not_lost(home: Path,

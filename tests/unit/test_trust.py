@@ -238,7 +238,8 @@ def test_a_malformed_request_is_refused(home: Path, me: SigningKey, request_: An
 @pytest.mark.parametrize(("keys", "extra", "reason"), [
     ([], {}, "the statement lists no keys"),
     ([listed(CONTROL, NOW + 10)], {}, "every listed key is being retired; one must be current"),
-    ([{**listed(CONTROL), "key_id": SUCCESSOR.key_id}], {}, f"key id {SUCCESSOR.key_id!r} does not match its public key"),
+    ([{**listed(CONTROL), "key_id": SUCCESSOR.key_id}], {},
+     f"key id {SUCCESSOR.key_id!r} does not match its public key"),
     ([{"key_id": CONTROL.key_id}], {}, "a listed key is malformed"),
     ([{**listed(CONTROL), "retire_at": "soon"}], {}, "a listed key is malformed"),
     (["ed25519 AAAA"], {}, "a listed key is malformed"),
@@ -355,9 +356,11 @@ def test_a_session_starting_while_another_writes_the_worker_key_ends_with_the_sa
         home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_pem = SigningKey.pem
     other_session: list[SigningKey] = []
+    started: list[bool] = []
 
     def pem(self: SigningKey) -> bytes:
-        if not other_session:  # the other session starts while this one is writing its key
+        if not started:  # the other session starts while this one is writing its key
+            started.append(True)
             other_session.append(worker_key(home))
         return real_pem(self)
 

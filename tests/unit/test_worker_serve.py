@@ -2,12 +2,16 @@
 
 The control plane's side is played by protocol.Writer/Reader on os.pipe()
 pairs; the server runs `serve()` in a thread, exactly as `taskrun-worker
-serve` does over stdin/stdout.
+serve` does over stdin/stdout. Assignments are signed bundles from a control
+plane the Worker home is enrolled with (tests/signed.py); results are read
+only through their signed envelopes.
 """
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import json
 import os
 import queue
 import signal
@@ -18,9 +22,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from taskrunner import bundle
+from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
+from taskrunner.results import ResultRejected, verified_result
+from taskrunner.signing import SigningKey
 from taskrunner.worker.serve import WorkerServer
+from taskrunner.worker.trust import worker_key
+from tests.signed import NO_HURRY, TASK_FILE, ControlPlane, enroll, signed_result, task_md
 
 DEADLINE = 15.0
 _PR_SET_CHILD_SUBREAPER = 36
@@ -109,6 +117,7 @@ class Session:
         self._server_out = open(from_worker_w, "wb", buffering=0)
         self._to_worker = open(to_worker_w, "wb", buffering=0)
         self._from_worker = open(from_worker_r, "rb", buffering=0)
+        self.home = home
         self.writer = Writer(self._to_worker)
         self.server = WorkerServer(home, name, Reader(self._server_in), Writer(self._server_out), slots=2)
         self.received: queue.Queue[Message | None] = queue.Queue()
@@ -130,6 +139,9 @@ class Session:
 
     def send(self, kind: str, payload: bytes = b"", **fields: Any) -> None:
         self.writer.write(Message(kind, fields, payload))
+
+    def send_message(self, message: Message) -> None:
+        self.writer.write(message)
 
     def next(self, timeout: float = DEADLINE) -> Message:
         """The next record that is not a heartbeat."""
@@ -224,17 +236,28 @@ def sessions(home: Path) -> Iterator[Callable[[], Session]]:
         raise errors[0]
 
 
-def task_md(script: str | None) -> bytes:
-    body = f"```sh\n{script}\n```\n" if script is not None else "Just prose, no code block.\n"
-    return f"---\n---\n# T\n\n{body}".encode()
+@pytest.fixture()
+def cp(home: Path, tmp_path: Path) -> ControlPlane:
+    """The control plane the Worker home is enrolled with."""
+    return enroll(home, tmp_path / "cp")
 
 
-def assign(session: Session, run_id: str, script: str | None, timeout: float | None = None,
-           task: bytes | None = None) -> None:
-    built = bundle.build({"tasks/t.md": task if task is not None else task_md(script)}, run_id=run_id)
-    session.send("assign", built.archive, run_id=run_id, task_id="t", revision="r", attempt=1,
-                 agent={"name": "shell", "preset": "shell", "command": [], "env": []}, timeout=timeout,
-                 task_file="tasks/t.md", manifest=built.manifest)
+def assign(session: Session, cp: ControlPlane, run_id: str, script: str | None, timeout: float = NO_HURRY,
+           task: bytes | None = None, **kwargs: Any) -> Message:
+    """Send a signed assignment of `script` (or of the Task file `task`); returns the record sent."""
+    files = {TASK_FILE: task} if task is not None else None
+    message = cp.assignment(run_id, script, timeout=timeout, files=files, **kwargs)
+    session.send_message(message)
+    return message
+
+
+def outcome(session: Session, record: Message) -> dict[str, Any]:
+    """What a `result` record's envelope says, once it verifies with the Worker's result key."""
+    assert record.type == "result"
+    result = signed_result(record["envelope"], session.home)
+    assert result["run_id"] == record["run_id"]
+    assert result["output_size"] == record["output_size"]
+    return result
 
 
 def output_of(messages: list[Message], run_id: str, start: int = 0) -> bytes:
@@ -254,7 +277,7 @@ def only(messages: list[Message], kind: str, run_id: str | None = None) -> list[
 # ---------------------------------------------------------------- hello
 
 
-def test_hello_on_a_fresh_home_lists_no_runs(sessions: Callable[[], Session]) -> None:
+def test_hello_on_a_fresh_home_lists_no_runs(sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     session = sessions()
     hello = session.next()
     assert hello.type == "hello"
@@ -263,67 +286,82 @@ def test_hello_on_a_fresh_home_lists_no_runs(sessions: Callable[[], Session]) ->
     assert hello["runs"] == []
     assert hello["slots"] == 2
     assert "shell" in hello["agents"]
+    assert hello["worker_key"] == worker_key(home).public_line
+    assert hello["trust"]["keys"] == [cp.key.key_id]
+
+
+def test_hello_of_a_worker_not_yet_enrolled_says_it_trusts_no_key(sessions: Callable[[], Session],
+                                                                   home: Path) -> None:
+    hello = sessions().next()
+    assert hello["trust"] == {"keys": [], "issued_at": None}
+    assert hello["worker_key"] == worker_key(home).public_line
 
 
 # ---------------------------------------------------------------- running a Run
 
 
-def test_an_assigned_run_starts_streams_its_output_and_completes(sessions: Callable[[], Session]) -> None:
+def test_an_assigned_run_starts_streams_its_output_and_completes(sessions: Callable[[], Session],
+                                                                 cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-ok", "echo hi")
+    assign(session, cp, "run-ok", "echo hi")
     messages = session.until("result", "run-ok")
     assert messages[0].type == "started" and messages[0]["run_id"] == "run-ok"
     assert isinstance(messages[0]["pid"], int)
     assert output_of(messages, "run-ok") == b"hi\n"
-    result = messages[-1]
+    assert messages[-1]["output_size"] == 3
+    result = outcome(session, messages[-1])
     assert result["status"] == "COMPLETED"
     assert result["exit_code"] == 0
     assert result["error"] is None
-    assert result["output_size"] == 3
     assert only(messages, "error") == []
 
 
-def test_output_is_complete_before_the_result_even_for_many_lines(sessions: Callable[[], Session]) -> None:
+def test_output_is_complete_before_the_result_even_for_many_lines(sessions: Callable[[], Session],
+                                                                  cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-many", "for i in $(seq 1 2000); do echo \"line $i\"; done")
+    assign(session, cp, "run-many", "for i in $(seq 1 2000); do echo \"line $i\"; done")
     messages = session.until("result", "run-many")
     expected = b"".join(f"line {i}\n".encode() for i in range(1, 2001))
     assert output_of(messages, "run-many") == expected
     assert messages[-1]["output_size"] == len(expected)
+    assert outcome(session, messages[-1])["status"] == "COMPLETED"
 
 
-def test_a_failing_script_fails_the_run_with_its_exit_code(sessions: Callable[[], Session]) -> None:
+def test_a_failing_script_fails_the_run_with_its_exit_code(sessions: Callable[[], Session],
+                                                           cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-bad", "echo before\nexit 7")
+    assign(session, cp, "run-bad", "echo before\nexit 7")
     messages = session.until("result", "run-bad")
     assert output_of(messages, "run-bad") == b"before\n"
-    result = messages[-1]
+    result = outcome(session, messages[-1])
     assert result["status"] == "FAILED"
     assert result["exit_code"] == 7
     assert "7" in result["error"]
 
 
-def test_a_failing_command_stops_the_script_under_errexit(sessions: Callable[[], Session]) -> None:
+def test_a_failing_command_stops_the_script_under_errexit(sessions: Callable[[], Session],
+                                                          cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-errexit", "false\necho not reached")
+    assign(session, cp, "run-errexit", "false\necho not reached")
     messages = session.until("result", "run-errexit")
     assert output_of(messages, "run-errexit") == b""
-    assert messages[-1]["status"] == "FAILED"
-    assert messages[-1]["exit_code"] == 1
+    result = outcome(session, messages[-1])
+    assert result["status"] == "FAILED"
+    assert result["exit_code"] == 1
 
 
 def test_a_task_without_a_sh_block_fails_without_starting_a_process(
-        sessions: Callable[[], Session], home: Path) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-nosh", None)
+    assign(session, cp, "run-nosh", None)
     messages = session.until("result", "run-nosh")
     assert only(messages, "started") == []
-    result = messages[-1]
+    result = outcome(session, messages[-1])
     assert result["status"] == "FAILED"
     assert "no ```sh" in result["error"]
     assert result["exit_code"] is None
@@ -331,38 +369,299 @@ def test_a_task_without_a_sh_block_fails_without_starting_a_process(
     assert not (home / "runs" / "run-nosh" / "exit_code").exists()
 
 
-def test_a_bundle_that_breaks_a_rule_fails_the_run_with_the_reason(sessions: Callable[[], Session]) -> None:
+def test_a_signed_bundle_whose_archive_breaks_a_rule_fails_the_run_with_the_reason(
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    built = bundle.build({"tasks/t.md": task_md("echo hi")}, run_id="run-tampered")
+    built = cp.bundle("run-tampered", "echo hi")
     manifest = dict(built.manifest, files=[dict(built.manifest["files"][0], sha256="0" * 64)])
-    session.send("assign", built.archive, run_id="run-tampered", task_id="t", revision="r", attempt=1,
-                 agent={"name": "shell", "preset": "shell", "command": [], "env": []}, timeout=None,
-                 task_file="tasks/t.md", manifest=manifest)
+    session.send("assign", built.archive, run_id="run-tampered", envelope=cp.resigned(manifest))
     messages = session.until("result", "run-tampered")
     assert only(messages, "started") == []
-    assert messages[-1]["status"] == "FAILED"
-    assert "does not match its manifest hash" in messages[-1]["error"]
+    result = outcome(session, messages[-1])
+    assert result["status"] == "FAILED"
+    assert "does not match its manifest hash" in result["error"]
 
 
-def test_the_agent_sees_the_run_and_task_ids_and_runs_in_its_workspace(sessions: Callable[[], Session]) -> None:
+def test_the_agent_sees_the_run_and_task_ids_and_runs_in_its_workspace(sessions: Callable[[], Session],
+                                                                       cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-env", 'echo "$TASKRUN_RUN_ID $TASKRUN_TASK_ID"\ntest "$PWD" = "$TASKRUN_WORKSPACE"\n'
-                               "cat tasks/t.md >/dev/null")
+    assign(session, cp, "run-env", 'echo "$TASKRUN_RUN_ID $TASKRUN_TASK_ID"\n'
+                                   'test "$PWD" = "$TASKRUN_WORKSPACE"\ncat tasks/t.md >/dev/null')
     messages = session.until("result", "run-env")
     assert output_of(messages, "run-env") == b"run-env t\n"
-    assert messages[-1]["status"] == "COMPLETED"
+    assert outcome(session, messages[-1])["status"] == "COMPLETED"
+
+
+# ---------------------------------------------------------------- refused bundles
+
+
+STRANGER = SigningKey.generate()  # a control plane key no Worker here trusts
+ELSEWHERE = SigningKey.generate()  # another Worker's result key
+
+
+def _unknown_key(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    return (cp.assignment(run_id, script, signer=STRANGER),
+            f"bundle rejected: signed by unknown key id {STRANGER.key_id}")
+
+
+def _another_worker(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    return (cp.assignment(run_id, script, worker="w2", audience=ELSEWHERE.key_id),
+            f"bundle rejected: addressed to another Worker (w2, {ELSEWHERE.key_id})")
+
+
+def _expired(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    issued = time.time() - BUNDLE_TTL_SECONDS - CLOCK_SKEW_SECONDS - 60
+    return cp.assignment(run_id, script, now=issued), "bundle rejected: expired"
+
+
+def _another_run(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    built = cp.bundle("run-elsewhere", script)
+    return (Message("assign", {"run_id": run_id, "envelope": built.envelope}, built.archive),
+            f"bundle rejected: signed for Run run-elsewhere, assigned as Run {run_id}")
+
+
+def _altered_after_signing(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    # Someone on the path swaps the signed Agent for a command of their own.
+    message = cp.assignment(run_id, "true")
+    envelope = dict(message["envelope"])
+    manifest = json.loads(base64.b64decode(envelope["payload"]))
+    manifest["agent"] = {"name": "x", "preset": "command", "command": ["bash", "-c", script], "env": []}
+    envelope["payload"] = base64.b64encode(json.dumps(manifest).encode()).decode()
+    return (Message("assign", {"run_id": run_id, "envelope": envelope}, message.payload),
+            "bundle rejected: signature does not verify")
+
+
+def _archive_swapped(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    signed = cp.assignment(run_id, "true")
+    other = cp.bundle(run_id, script)
+    return (Message("assign", signed.fields, other.archive),
+            "bundle rejected: the archive does not match the manifest's hash")
+
+
+def _not_an_envelope(cp: ControlPlane, run_id: str, script: str) -> tuple[Message, str]:
+    built = cp.bundle(run_id, script)
+    return (Message("assign", {"run_id": run_id, "envelope": built.manifest}, built.archive),
+            "bundle rejected: the envelope lacks payloadType, payload or signatures")
+
+
+@pytest.mark.parametrize("refused", [_unknown_key, _another_worker, _expired, _another_run, _altered_after_signing,
+                                     _archive_swapped, _not_an_envelope], ids=lambda f: f.__name__.strip("_"))
+def test_a_refused_bundle_runs_nothing_fails_the_run_with_the_reason_and_the_session_keeps_serving(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
+        refused: Callable[[ControlPlane, str, str], tuple[Message, str]]) -> None:
+    marker = tmp_path / "agent-ran"
+    session = sessions()
+    session.next()
+    message, reason = refused(cp, "run-refused", f"touch '{marker}'")
+    session.send_message(message)
+    messages = session.until("result", "run-refused")
+    assert only(messages, "started") == []
+    assert messages[-1]["output_size"] == 0
+    result = outcome(session, messages[-1])
+    assert (result["status"], result["error"], result["exit_code"]) == ("FAILED", reason, None)
+    assert not (home / "runs" / "run-refused" / "workspace").exists()
+
+    assign(session, cp, "run-after", "echo still serving")
+    messages = session.until("result", "run-after")
+    assert output_of(messages, "run-after") == b"still serving\n"
+    assert outcome(session, messages[-1])["status"] == "COMPLETED"
+    assert not marker.exists(), "the refused bundle's Agent ran"
+
+
+def test_a_worker_that_trusts_no_key_yet_refuses_every_bundle(
+        sessions: Callable[[], Session], home: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "agent-ran"
+    stranger = ControlPlane.make(home, tmp_path / "cp")  # never enrolled
+    session = sessions()
+    assert session.next()["trust"]["keys"] == []
+    assign(session, stranger, "run-unenrolled", f"touch '{marker}'")
+    messages = session.until("result", "run-unenrolled")
+    assert only(messages, "started") == []
+    result = outcome(session, messages[-1])
+    assert result["status"] == "FAILED"
+    assert result["error"].startswith("bundle rejected: this Worker trusts no control plane key yet")
+    assert "taskrun worker add" in result["error"]
+    assert not marker.exists()
+
+
+def test_an_assignment_replayed_to_a_restarted_worker_is_refused_and_runs_nothing(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "ran.txt"
+    first = sessions()
+    first.next()
+    sent = assign(first, cp, "run-once", f"echo ran >> '{marker}'")
+    messages = first.until("result", "run-once")
+    assert outcome(first, messages[-1])["status"] == "COMPLETED"
+    first.send("ack", run_id="run-once")
+    poll_until(lambda: not (home / "runs" / "run-once").exists(), "the acknowledged Run's directory to be removed")
+    first.close_input()
+
+    second = sessions()
+    assert second.next()["runs"] == []
+    second.send_message(sent)
+    messages = second.until("result", "run-once")
+    assert only(messages, "started") == []
+    result = outcome(second, messages[-1])
+    assert (result["status"], result["error"]) == ("FAILED", "bundle rejected: replayed nonce")
+    assert marker.read_text() == "ran\n"
+
+
+# ---------------------------------------------------------------- signed results
+
+
+def test_the_result_is_signed_by_the_workers_key_over_exactly_the_output_streamed(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
+    session = sessions()
+    session.next()
+    sent = assign(session, cp, "run-signed", "echo hi\nprintf 'no newline'")
+    messages = session.until("result", "run-signed")
+    record = messages[-1]
+    output = tmp_path / "output.log"
+    output.write_bytes(output_of(messages, "run-signed"))
+    key = worker_key(home).public
+
+    result = verified_result(record["envelope"], key, "run-signed", output)
+    assert (result["status"], result["exit_code"], result["output_size"]) == ("COMPLETED", 0, len(b"hi\nno newline"))
+    manifest = json.loads(base64.b64decode(sent["envelope"]["payload"]))
+    assert result["nonce"] == manifest["nonce"]
+
+    with pytest.raises(ResultRejected, match="signed for another Run"):
+        verified_result(record["envelope"], key, "run-other", output)
+    with pytest.raises(ResultRejected, match="unknown key id"):
+        verified_result(record["envelope"], ELSEWHERE.public, "run-signed", output)
+    output.write_bytes(b"hi\nno newlinE")
+    with pytest.raises(ResultRejected, match="does not match the output the Worker signed"):
+        verified_result(record["envelope"], key, "run-signed", output)
+
+
+# ---------------------------------------------------------------- secrets
+
+
+SECRET = "s3cr3t-Value-42"
+
+
+def test_a_secret_the_agent_prints_is_masked_in_the_output_even_when_split_across_writes(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
+    session = sessions()
+    session.next()
+    script = ('echo before\nprintf "key=%s\\n" "$TASKRUN_TEST_SECRET"\n'
+              'printf %s "${TASKRUN_TEST_SECRET:0:3}"\nsleep 0.2\nprintf "%s\\n" "${TASKRUN_TEST_SECRET:3}"\n'
+              "echo after")
+    assign(session, cp, "run-secret", script, env=["TASKRUN_TEST_SECRET"])
+    messages = session.until("result", "run-secret")
+    stars = b"*" * len(SECRET)
+    streamed = output_of(messages, "run-secret")
+    assert streamed == b"before\nkey=" + stars + b"\n" + stars + b"\nafter\n"
+    assert not any(SECRET.encode() in m.payload or SECRET in json.dumps(m.fields) for m in messages)
+    # The signature covers the output as streamed: masked.
+    output = tmp_path / "output.log"
+    output.write_bytes(streamed)
+    result = verified_result(messages[-1]["envelope"], worker_key(home).public, "run-secret", output)
+    assert result["status"] == "COMPLETED"
+
+
+def test_a_secret_that_resolves_nowhere_fails_the_run_naming_it_before_the_agent_starts(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TASKRUN_TEST_MISSING", raising=False)
+    marker = tmp_path / "agent-ran"
+    session = sessions()
+    session.next()
+    assign(session, cp, "run-nosecret", f"touch '{marker}'", env=["TASKRUN_TEST_MISSING"])
+    messages = session.until("result", "run-nosecret")
+    assert only(messages, "started") == []
+    result = outcome(session, messages[-1])
+    assert result["status"] == "FAILED"
+    assert "TASKRUN_TEST_MISSING" in result["error"]
+    assert str(home / "secrets.env") in result["error"]
+    assert not marker.exists()
+
+
+def test_a_secret_from_the_workers_secrets_file_reaches_the_agent_and_is_masked(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TASKRUN_TEST_FILE_SECRET", raising=False)
+    value = "from-the-file-123"
+    secrets_file = home / "secrets.env"
+    secrets_file.write_text(f"# for the Agents\nTASKRUN_TEST_FILE_SECRET={value}\n")
+    secrets_file.chmod(0o600)
+    session = sessions()
+    session.next()
+    assign(session, cp, "run-filesecret", 'echo "${#TASKRUN_TEST_FILE_SECRET}"\necho "$TASKRUN_TEST_FILE_SECRET"',
+           env=["TASKRUN_TEST_FILE_SECRET"])
+    messages = session.until("result", "run-filesecret")
+    assert output_of(messages, "run-filesecret") == f"{len(value)}\n".encode() + b"*" * len(value) + b"\n"
+    assert outcome(session, messages[-1])["status"] == "COMPLETED"
+
+
+# ---------------------------------------------------------------- trust over the session
+
+
+def test_a_newer_trust_statement_is_taken_and_a_replayed_one_is_answered_with_an_error(
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
+    session = sessions()
+    session.next()
+    request = cp.trust_request()
+    session.send("trust", request=request)
+    reply = session.next()
+    assert reply.type == "trusted"
+    assert reply["keys"] == [cp.key.key_id]
+
+    session.send("trust", request=request)
+    error = session.next()
+    assert error.type == "error"
+    assert error["message"].startswith("trust refused: replayed or out-of-date statement")
+
+    assign(session, cp, "run-still-trusted", "echo ok")
+    messages = session.until("result", "run-still-trusted")
+    assert outcome(session, messages[-1])["status"] == "COMPLETED"
+
+
+def test_a_trust_statement_from_another_control_plane_is_refused_and_changes_nothing(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
+    other = ControlPlane.make(home, tmp_path / "other-cp")
+    session = sessions()
+    session.next()
+    session.send("trust", request=other.trust_request())
+    error = session.next()
+    assert error.type == "error"
+    assert error["message"].startswith(f"trust refused: signed by unknown key id {other.key.key_id}")
+    session.close_input()
+    assert sessions().next()["trust"]["keys"] == [cp.key.key_id]
+
+
+def test_a_rotated_key_taken_over_the_session_signs_runs_and_the_old_one_still_does_in_its_overlap(
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
+    session = sessions()
+    session.next()
+    old = cp.key
+    new = cp.keyring.rotate(3600.0, time.time())
+    session.send("trust", request=cp.trust_request())
+    reply = session.next()
+    assert reply.type == "trusted"
+    assert sorted(reply["keys"]) == sorted([old.key_id, new.key_id])
+
+    assign(session, cp, "run-new-key", "echo new")
+    assign(session, cp, "run-old-key", "echo old", signer=old)
+    messages = session.until("result", "run-new-key")
+    messages += session.until("result", "run-old-key")
+    for run_id in ("run-new-key", "run-old-key"):
+        assert outcome(session, only(messages, "result", run_id)[0])["status"] == "COMPLETED"
+    session.close_input()
+    assert sorted(sessions().next()["trust"]["keys"]) == sorted([old.key_id, new.key_id])
 
 
 # ---------------------------------------------------------------- cancel and timeout
 
 
 def test_cancel_ends_the_run_as_cancelled_and_kills_its_whole_process_group(
-        sessions: Callable[[], Session]) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-cancel", "sleep 300 &\necho started\nsleep 30")
+    assign(session, cp, "run-cancel", "sleep 300 &\necho started\nsleep 30")
     messages = session.until("output", "run-cancel")
     pid = only(messages, "started", "run-cancel")[0]["pid"]
     if output_of(messages, "run-cancel") != b"started\n":
@@ -371,7 +670,7 @@ def test_cancel_ends_the_run_as_cancelled_and_kills_its_whole_process_group(
     assert group_alive(pid)
     session.send("cancel", run_id="run-cancel", reason="user asked")
     messages += session.until("result", "run-cancel", timeout=10)
-    result = messages[-1]
+    result = outcome(session, messages[-1])
     assert result["status"] == "CANCELLED"
     assert result["error"] == "user asked"
     poll_until(lambda: group_gone(pid), "the cancelled Run's process group to be gone", timeout=10)
@@ -380,13 +679,13 @@ def test_cancel_ends_the_run_as_cancelled_and_kills_its_whole_process_group(
 
 
 def test_a_run_past_its_timeout_fails_as_timed_out_and_its_group_is_killed(
-        sessions: Callable[[], Session]) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-slow", "sleep 300 &\nsleep 30", timeout=0.5)
+    assign(session, cp, "run-slow", "sleep 300 &\nsleep 30", timeout=0.5)
     messages = session.until("result", "run-slow", timeout=10)
     pid = only(messages, "started", "run-slow")[0]["pid"]
-    result = messages[-1]
+    result = outcome(session, messages[-1])
     assert result["status"] == "FAILED"
     assert "timed out" in result["error"]
     poll_until(lambda: group_gone(pid), "the timed-out Run's process group to be gone", timeout=10)
@@ -405,11 +704,11 @@ def test_cancel_of_an_unknown_run_is_answered_with_an_error(sessions: Callable[[
 
 
 def test_assigning_a_run_id_twice_is_answered_with_an_error_and_the_first_run_is_unharmed(
-        sessions: Callable[[], Session]) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    assign(session, "run-dup", "echo once")
-    assign(session, "run-dup", "echo twice")
+    assign(session, cp, "run-dup", "echo once")
+    assign(session, cp, "run-dup", "echo twice")
     messages = session.until("result", "run-dup")
     errors = only(messages, "error", "run-dup")
     if not errors:
@@ -419,14 +718,14 @@ def test_assigning_a_run_id_twice_is_answered_with_an_error_and_the_first_run_is
     assert "already assigned" in errors[0]["message"]
     assert len(only(messages, "started", "run-dup")) == 1
     assert output_of(messages, "run-dup") == b"once\n"
-    assert only(messages, "result", "run-dup")[0]["status"] == "COMPLETED"
+    assert outcome(session, only(messages, "result", "run-dup")[0])["status"] == "COMPLETED"
 
 
 def test_an_invalid_run_id_is_answered_with_an_error_and_writes_nothing(
-        sessions: Callable[[], Session], home: Path) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     session = sessions()
     session.next()
-    assign(session, "../escape", "echo hi")
+    assign(session, cp, "../escape", "echo hi")
     error = session.next()
     assert error.type == "error"
     assert "invalid run id" in error["message"]
@@ -435,18 +734,18 @@ def test_an_invalid_run_id_is_answered_with_an_error_and_writes_nothing(
 
 
 def test_a_malformed_manifest_fails_the_run_and_the_session_keeps_serving(
-        sessions: Callable[[], Session]) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
     session.next()
-    built = bundle.build({"tasks/t.md": task_md("echo hi")}, run_id="run-badmanifest")
-    manifest = dict(built.manifest, files=[{"path": "tasks/t.md"}])  # no sha256, no size
-    session.send("assign", built.archive, run_id="run-badmanifest", task_id="t", revision="r", attempt=1,
-                 agent={"name": "shell", "preset": "shell", "command": [], "env": []}, timeout=None,
-                 task_file="tasks/t.md", manifest=manifest)
+    built = cp.bundle("run-badmanifest", "echo hi")
+    manifest = dict(built.manifest, files=[{"path": TASK_FILE}])  # no sha256, no size; signed all the same
+    session.send("assign", built.archive, run_id="run-badmanifest", envelope=cp.resigned(manifest))
     messages = session.until("result", "run-badmanifest", timeout=5)
-    assert messages[-1]["status"] == "FAILED"
+    result = outcome(session, messages[-1])
+    assert result["status"] == "FAILED"
+    assert "lacks a path, sha256 or size" in result["error"]
     assert only(messages, "started") == []
-    assign(session, "run-after", "echo still serving")
+    assign(session, cp, "run-after", "echo still serving")
     messages = session.until("result", "run-after", timeout=5)
     assert output_of(messages, "run-after") == b"still serving\n"
 
@@ -455,12 +754,12 @@ def test_a_malformed_manifest_fails_the_run_and_the_session_keeps_serving(
 
 
 def test_a_new_session_reports_a_still_running_run_and_resumes_its_output_from_an_offset(
-        sessions: Callable[[], Session], home: Path, tmp_path: Path) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
     flag = tmp_path / "go"
     script = f"echo first\nwhile [ ! -e '{flag}' ]; do sleep 0.02; done\necho second"
     first = sessions()
     first.next()
-    assign(first, "run-long", script)
+    assign(first, cp, "run-long", script)
     messages = first.until("output", "run-long")
     pid = only(messages, "started", "run-long")[0]["pid"]
     assert output_of(messages, "run-long") == b"first\n"
@@ -477,21 +776,21 @@ def test_a_new_session_reports_a_still_running_run_and_resumes_its_output_from_a
     messages = second.until("result", "run-long")
     assert all(m["offset"] >= 3 for m in only(messages, "output", "run-long"))
     assert output_of(messages, "run-long", start=3) == b"st\nsecond\n"
-    result = messages[-1]
+    assert messages[-1]["output_size"] == len(b"first\nsecond\n")
+    result = outcome(second, messages[-1])
     assert result["status"] == "COMPLETED"
     assert result["exit_code"] == 0
-    assert result["output_size"] == len(b"first\nsecond\n")
 
     second.send("ack", run_id="run-long")
     poll_until(lambda: not (home / "runs" / "run-long").exists(), "the acknowledged Run's directory to be removed")
 
 
 def test_a_run_that_finished_between_sessions_is_reported_finished_and_resumed_to_its_result(
-        sessions: Callable[[], Session], home: Path, tmp_path: Path) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
     flag = tmp_path / "go"
     first = sessions()
     first.next()
-    assign(first, "run-done", f"echo one\nwhile [ ! -e '{flag}' ]; do sleep 0.02; done\necho two\nexit 3")
+    assign(first, cp, "run-done", f"echo one\nwhile [ ! -e '{flag}' ]; do sleep 0.02; done\necho two\nexit 3")
     first.until("output", "run-done")
     first.close_input()
     flag.touch()
@@ -503,15 +802,41 @@ def test_a_run_that_finished_between_sessions_is_reported_finished_and_resumed_t
     second.send("resume", run_id="run-done", offset=8)
     messages = second.until("result", "run-done")
     assert only(messages, "output") == []
-    assert messages[-1]["status"] == "FAILED"
-    assert messages[-1]["exit_code"] == 3
+    result = outcome(second, messages[-1])
+    assert result["status"] == "FAILED"
+    assert result["exit_code"] == 3
+
+
+def test_a_secret_is_still_masked_when_a_new_session_resumes_a_run(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
+    flag = tmp_path / "go"
+    first = sessions()
+    first.next()
+    assign(first, cp, "run-secret-resume", f'echo first\nwhile [ ! -e \'{flag}\' ]; do sleep 0.02; done\n'
+                                           'echo "$TASKRUN_TEST_SECRET"', env=["TASKRUN_TEST_SECRET"])
+    first.until("output", "run-secret-resume")
+    first.close_input()
+
+    second = sessions()
+    second.next()
+    second.send("resume", run_id="run-secret-resume", offset=0)
+    flag.touch()
+    messages = second.until("result", "run-secret-resume")
+    streamed = output_of(messages, "run-secret-resume")
+    assert streamed == b"first\n" + b"*" * len(SECRET) + b"\n"
+    output = tmp_path / "output.log"
+    output.write_bytes(streamed)
+    assert verified_result(messages[-1]["envelope"], worker_key(home).public, "run-secret-resume",
+                           output)["status"] == "COMPLETED"
 
 
 def test_a_run_is_not_streamed_to_a_new_session_until_it_is_resumed(
-        sessions: Callable[[], Session], home: Path) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     first = sessions()
     first.next()
-    assign(first, "run-quiet", "echo one")
+    assign(first, cp, "run-quiet", "echo one")
     first.until("result", "run-quiet")
     first.close_input()
 
@@ -526,13 +851,14 @@ def test_a_run_is_not_streamed_to_a_new_session_until_it_is_resumed(
     second.send("resume", run_id="run-quiet", offset=0)
     messages = second.until("result", "run-quiet")
     assert output_of(messages, "run-quiet") == b"one\n"
+    assert outcome(second, messages[-1])["status"] == "COMPLETED"
 
 
 def test_ack_removes_the_run_directory_and_a_later_hello_no_longer_lists_it(
-        sessions: Callable[[], Session], home: Path) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     first = sessions()
     first.next()
-    assign(first, "run-ack", "echo hi")
+    assign(first, cp, "run-ack", "echo hi")
     first.until("result", "run-ack")
     assert (home / "runs" / "run-ack").is_dir()
     first.send("ack", run_id="run-ack")
