@@ -82,9 +82,9 @@ class Bundle:
     envelope: dict[str, Any]
 
 
-def build(files: Mapping[str, bytes], signer: SigningKey, *, now: float, nonce: str | None = None,
-          ttl: float = BUNDLE_TTL_SECONDS, **fields: Any) -> Bundle:
-    """Pack `files` (repository path -> bytes) and sign a manifest carrying `fields`."""
+def pack(files: Mapping[str, bytes]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The archive of `files` (repository path -> bytes) and its manifest entries; the same files
+    always give the same bytes."""
     buffer = io.BytesIO()
     entries = []
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
@@ -98,14 +98,24 @@ def build(files: Mapping[str, bytes], signer: SigningKey, *, now: float, nonce: 
             entries.append({"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
         end = archive.offset
     # tarfile pads an archive to 10 KiB records; the two end-of-archive blocks are enough.
-    data = buffer.getvalue()[:end + 2 * tarfile.BLOCKSIZE]
+    return buffer.getvalue()[:end + 2 * tarfile.BLOCKSIZE], entries
+
+
+def build(files: Mapping[str, bytes], signer: SigningKey, *, now: float, nonce: str | None = None,
+          ttl: float = BUNDLE_TTL_SECONDS, **fields: Any) -> Bundle:
+    """Pack `files` and sign a manifest carrying `fields`."""
+    data, entries = pack(files)
     manifest = {
         "format": BUNDLE_FORMAT, **fields, "key_id": signer.key_id, "nonce": nonce or secrets.token_hex(16),
         "issued_at": now, "expires_at": now + ttl,
         "archive": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, "files": entries,
     }
-    body = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return Bundle(manifest, data, sign(BUNDLE_TYPE, body, [signer]))
+    return Bundle(manifest, data, sign(BUNDLE_TYPE, manifest_bytes(manifest), [signer]))
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The exact bytes signed: compact JSON, keys sorted."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, bytes],

@@ -311,7 +311,9 @@ class Engine:
             audience=key_id(worker.result_key), seq=seq, base_commit=self.base_commit,
             agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command), "env": list(agent.env)},
         )
-        self._manifests.append((task.id, run.number, package.manifest))
+        # The record keeps the signatures: the manifest's compact JSON (bundle.manifest_bytes) is what they sign.
+        self._manifests.append((task.id, run.number, {**package.manifest,
+                                                      "signatures": package.envelope["signatures"]}))
         run.move(RunStatus.ASSIGNED)
         run.assigned_at = now
         self._save_run(run)

@@ -126,7 +126,10 @@ class TrustStore:
                                         "signed by a key it trusts)"
                 raise TrustRefused(f"trust refused: {exc}{hint}") from None
             statement = _statement(body)
-            if statement["audience"] != own_key_id and not (first and statement["audience"] is None):
+            if statement["audience"] is None and not first:
+                raise TrustRefused("trust refused: an enrollment (a statement with no audience) is taken only "
+                                   "by a Worker that trusts no key yet, and this one is enrolled")
+            if statement["audience"] != own_key_id and not first:
                 raise TrustRefused(f"trust refused: addressed to {statement['audience']}, this Worker is "
                                    f"{own_key_id}")
             if statement["issued_at"] > now + CLOCK_SKEW_SECONDS:

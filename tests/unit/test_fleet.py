@@ -1,4 +1,5 @@
-"""The fleet's clock: when a silent Worker goes offline, when its Runs' grace runs out, from the configuration."""
+"""The fleet's clock (when a silent Worker goes offline, when its Runs' grace runs out, from the
+configuration) and its keys (a Worker's hello must present the result key pinned for it)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,44 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taskrunner.config import parse_config
+from taskrunner.enroll import wanted_keys
 from taskrunner.fleet import Fleet, WorkerState
+from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent, WorkerLink
+from taskrunner.links.local import LocalLink
+from taskrunner.signing import SigningKey
 from taskrunner.sshkeys import HostKeyError
+from taskrunner.worker.trust import TrustStore, worker_key
 from tests.conftest import wait_until
 
 FILE = ".taskrun.yaml"
 WORKERS = "workers: {local: {transport: local}}\n"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+PINNED = SigningKey.generate()  # the result key `taskrun worker add` pinned for the ssh Worker
+OTHER = SigningKey.generate()
 
 
-def _fleet(tmp_path: Path, scheduler: str, events: list[LinkEvent] | None = None) -> tuple[Fleet, WorkerState]:
+def _fleet(tmp_path: Path, scheduler: str, events: list[LinkEvent] | None = None,
+           workers: str = WORKERS) -> tuple[Fleet, WorkerState]:
     post = (events if events is not None else []).append
-    fleet = Fleet(parse_config(WORKERS + f"scheduler: {scheduler}\n", FILE), tmp_path, post)
-    worker = fleet["local"]
+    keyring, _ = Keyring.ensure(tmp_path / "cp", 0.0)
+    fleet = Fleet(parse_config(workers + f"scheduler: {scheduler}\n", FILE), tmp_path, post, keyring)
+    worker = next(iter(fleet))
     worker.reconnect_at = None  # no session: these tests only move the clock
     return fleet, worker
+
+
+def _ssh_workers(worker_key_line: str | None) -> str:
+    pin = f', worker_key: "{worker_key_line}"' if worker_key_line else ""
+    return f'workers: {{build: {{transport: ssh, host: 127.0.0.1, host_key: "{HOST_KEY}"{pin}}}}}\n'
+
+
+def _hello(key: SigningKey | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"protocol": 1, "version": "0.1", "worker": "w", "agents": ["shell"], "runs": [],
+                              "trust": {"keys": [], "issued_at": None}}
+    if key is not None:
+        fields["worker_key"] = key.public_line
+    return fields
 
 
 class _QuietLink(WorkerLink):
@@ -108,3 +132,75 @@ def test_opening_a_session_does_not_wait_for_the_host_and_a_refused_key_marks_it
     assert (event.generation, event.message) == (1, None) and "does not match the pinned key" in event.reason
     fleet.link_down(worker, event.reason, 2.0)
     assert worker.trusted is False and not worker.online and worker.reconnect_at == 2.5
+
+
+# ---------------------------------------------------------------- result keys in hello
+
+
+def test_a_hello_presenting_the_pinned_result_key_brings_the_worker_online(tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
+
+    assert fleet.hello(worker, _hello(PINNED), 5.0)
+
+    assert worker.online and worker.trusted is True and worker.result_key == PINNED.public
+    assert worker.error is None and worker.last_seen == 5.0
+
+
+def test_a_hello_presenting_another_result_key_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
+
+    assert not fleet.hello(worker, _hello(OTHER), 5.0)
+
+    assert not worker.online and worker.trusted is False
+    assert worker.error is not None
+    assert f"result key changed: pinned {PINNED.key_id}, seen {OTHER.key_id}" in worker.error
+    assert "enroll it again with `taskrun worker add build --host 127.0.0.1`" in worker.error
+    assert worker.reconnect_at == 5.5 and worker.offline_since == 5.0
+
+
+def test_a_hello_from_an_ssh_worker_with_no_pinned_result_key_is_refused(tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(None))
+
+    assert not fleet.hello(worker, _hello(PINNED), 5.0)
+
+    assert not worker.online and worker.trusted is False
+    assert "has no pinned result key (worker_key)" in (worker.error or "")
+
+
+def test_a_hello_without_a_result_key_is_refused_as_an_old_worker(tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
+
+    assert not fleet.hello(worker, _hello(None), 5.0)
+
+    assert not worker.online and "presents no valid result key" in (worker.error or "")
+    assert "upgrade its taskrun-worker" in (worker.error or "")
+
+
+def test_the_local_worker_is_enrolled_at_connect_and_its_hello_must_present_its_homes_key(tmp_path: Path) -> None:
+    events: list[LinkEvent] = []
+    fleet, worker = _fleet(tmp_path, "{}", events)
+    worker.reconnect_at = 0.0
+    fleet.tick(1.0)  # makes the LocalLink, enrolls its home, starts `taskrun-worker serve`
+    assert isinstance(worker.link, LocalLink)
+    link = worker.link
+    (event,) = wait_until(lambda: [e for e in events if e.message is not None], 20, "the local Worker's hello")
+    # LocalLink._disconnect does not close the Worker's stdout; close it here once the session has ended.
+    assert link._proc is not None and link._proc.stdout is not None
+    from_worker = link._proc.stdout
+    try:
+        home = link.home
+        assert worker.result_key == worker_key(home).public
+        assert sorted(k["key_id"] for k in TrustStore(home).state()["keys"]) == wanted_keys(fleet.keyring, 1.0)
+        assert event.message is not None and event.message.type == "hello"
+        assert event.message["trust"]["keys"] == [fleet.keyring.current.key_id]
+        assert fleet.hello(worker, event.message.fields, 2.0)
+        assert worker.online and worker.trusted is True
+
+        # The same hello with a key other than the home's is refused, and the session closed.
+        assert not fleet.hello(worker, dict(event.message.fields, worker_key=OTHER.public_line), 3.0)
+        assert not worker.online and "result key changed" in (worker.error or "")
+        wait_until(lambda: [e for e in events if e.message is None], 20, "the refused session to end")
+    finally:
+        fleet.close()
+        wait_until(lambda: [e for e in events if e.message is None], 20, "the session to end")
+        from_worker.close()

@@ -6,15 +6,19 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from taskrunner.enroll import trust_request
 from taskrunner.errors import WorkerError
+from taskrunner.keys import Keyring
 from taskrunner.worker import main as worker_main
 from taskrunner.worker.gate import GateCommand, GateRefused, authorized_keys_line, parse_gate_command
+from taskrunner.worker.trust import TrustStore, worker_key
 
-ONLY = 'only "taskrun-worker serve" and "taskrun-worker status" are allowed'
+ONLY = 'only "taskrun-worker serve", "taskrun-worker status" and "taskrun-worker trust" are allowed'
 ED25519 = "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519" + b"\x00\x00\x00\x20" + bytes(32)).decode()
 
 
@@ -31,6 +35,9 @@ ED25519 = "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519" + b"\
     ("taskrun-worker status", GateCommand("status")),
     ("status --json", GateCommand("status", json=True)),
     ("taskrun-worker status --json", GateCommand("status", json=True)),
+    ("taskrun-worker trust", GateCommand("trust")),
+    ("trust", GateCommand("trust")),
+    ("'taskrun-worker' trust ", GateCommand("trust")),
 ])
 def test_allowed_commands_parse(original: str, expected: GateCommand) -> None:
     assert parse_gate_command(original) == expected
@@ -57,9 +64,9 @@ def test_an_interactive_login_is_refused(original: str | None) -> None:
     "bash", "sh -c id", "id", "taskrun-worker", "taskrun-worker gate", "taskrun-worker gate --home /",
     "taskrun-worker init --key x", "gate", "/usr/lib/openssh/sftp-server", "internal-sftp",
     "/usr/bin/taskrun-worker serve", "python -m taskrunner.worker serve", "taskrun-worker taskrun-worker serve",
-    "taskrun-worker SERVE", "scp -t /tmp", "rsync --server . /tmp",
+    "taskrun-worker SERVE", "scp -t /tmp", "rsync --server . /tmp", "TRUST", "trusted", "taskrun-worker reset",
 ])
-def test_anything_but_serve_and_status_is_refused(original: str) -> None:
+def test_anything_but_serve_status_and_trust_is_refused(original: str) -> None:
     assert refusal(original) == f"refused {_quoted(original)}: {ONLY}"
 
 
@@ -68,7 +75,8 @@ def test_the_refusal_names_the_command_as_the_client_sent_it() -> None:
 
 
 @pytest.mark.parametrize("original", [
-    "taskrun-worker serve --home /etc", "serve --home=/", "status --json --home /tmp/x",
+    "taskrun-worker serve --home /etc", "serve --home=/", "status --json --home /tmp/x", "trust --home /tmp/x",
+    "taskrun-worker trust --home=/",
 ])
 def test_a_client_cannot_choose_the_home(original: str) -> None:
     assert refusal(original) == f"refused {_quoted(original)}: --home is set by the gate; a client cannot choose it"
@@ -81,6 +89,8 @@ def test_a_client_cannot_choose_the_home(original: str) -> None:
     ("status --name x", "--name", "status", "--json"),
     ("serve --json", "--json", "serve", "--name N, --slots N"),
     ("serve --", "--", "serve", "--name N, --slots N"),
+    ("trust --reset", "--reset", "trust", "no options"),
+    ("taskrun-worker trust --json", "--json", "trust", "no options"),
 ])
 def test_unknown_options_are_refused(original: str, option: str, subcommand: str, allowed: str) -> None:
     assert refusal(original) == (f'refused {_quoted(original)}: unknown option "{option}" '
@@ -96,6 +106,8 @@ def test_unknown_options_are_refused(original: str, option: str, subcommand: str
     ("taskrun-worker status `id`", "`id`"),
     ("serve -x", "-x"),
     ("serve extra", "extra"),
+    ("trust /tmp/statement.json", "/tmp/statement.json"),
+    ("trust < /tmp/statement.json", "<"),
 ])
 def test_shell_syntax_that_is_not_an_allowed_option_is_refused(original: str, word: str | None) -> None:
     message = refusal(original)
@@ -170,6 +182,55 @@ def test_the_gate_command_reads_ssh_original_command(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == f'taskrun-worker gate: refused "bash": {ONLY}\n'
+
+
+def _through_gate(home: Path, request: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """`taskrun-worker gate` as sshd runs it: the client's request in SSH_ORIGINAL_COMMAND."""
+    env = {"PATH": "/usr/bin:/bin", "SSH_ORIGINAL_COMMAND": request}
+    return subprocess.run([sys.executable, "-m", "taskrunner.worker", "gate", "--home", str(home)],
+                          env=env, input=stdin, capture_output=True, timeout=30)
+
+
+def test_the_gate_takes_an_enrollment_on_stdin_and_answers_with_the_workers_key(tmp_path: Path) -> None:
+    home = tmp_path / "worker"
+    keyring, _ = Keyring.ensure(tmp_path / "cp", time.time())
+    request = trust_request(keyring, None, time.time())
+
+    result = _through_gate(home, "taskrun-worker trust", json.dumps(request).encode())
+
+    assert result.returncode == 0, result.stderr
+    key = worker_key(home)
+    assert json.loads(result.stdout) == {"worker_key": key.public_line, "worker_key_id": key.key_id,
+                                         "trusted": [keyring.current.key_id]}
+    assert [k["key_id"] for k in TrustStore(home).state()["keys"]] == [keyring.current.key_id]
+
+
+def test_the_gate_refuses_a_replayed_enrollment_with_exit_code_2_and_changes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "worker"
+    keyring, _ = Keyring.ensure(tmp_path / "cp", time.time())
+    request = json.dumps(trust_request(keyring, None, time.time())).encode()
+    assert _through_gate(home, "trust", request).returncode == 0
+    before = (home / "trust.json").read_bytes()
+
+    result = _through_gate(home, "trust", request)
+
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.decode().startswith("taskrun-worker trust: trust refused: ")
+    assert (home / "trust.json").read_bytes() == before
+
+
+def test_the_gate_never_lets_a_client_reset_the_trust_store(tmp_path: Path) -> None:
+    home = tmp_path / "worker"
+    keyring, _ = Keyring.ensure(tmp_path / "cp", time.time())
+    assert _through_gate(home, "trust", json.dumps(trust_request(keyring, None, time.time())).encode()).returncode == 0
+
+    result = _through_gate(home, "taskrun-worker trust --reset")
+
+    assert result.returncode == 2
+    assert result.stderr.decode() == ('taskrun-worker gate: refused "taskrun-worker trust --reset": unknown option '
+                                      '"--reset" for "taskrun-worker trust" (allowed: no options)\n')
+    assert [k["key_id"] for k in TrustStore(home).state()["keys"]] == [keyring.current.key_id]
 
 
 # ---------------------------------------------------------------- init's authorized_keys line

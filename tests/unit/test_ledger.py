@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -236,8 +237,6 @@ def test_two_prunes_racing_keep_every_live_entry(home: Path, monkeypatch: pytest
                           st.booleans()), max_size=25))
 def test_whatever_the_order_each_nonce_and_run_id_is_taken_at_most_once(
         attempts: list[tuple[str, str, int, bool]]) -> None:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
         sessions = [ReplayLedger(home), ReplayLedger(home)]

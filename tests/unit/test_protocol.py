@@ -12,18 +12,24 @@ import pytest
 from taskrunner.errors import ProtocolError
 from taskrunner.protocol import REQUIRED, Message, Reader, Writer, decode_header, encode
 
+#: A DSSE envelope as bundles, results and trust statements carry it (signing.py); the protocol only routes it.
+ENVELOPE = {"payloadType": "application/vnd.taskrun.result+json", "payload": "eyJydW5faWQiOiJyMSJ9",
+            "signatures": [{"keyid": "SHA256:k0Kw4wE2", "sig": "c2ln"}]}
 #: One complete, valid set of fields for each record type.
 FIELDS: dict[str, dict[str, Any]] = {
     "hello": {"protocol": 1, "version": "0.1", "worker": "w1", "pid": 42, "agents": ["shell"],
-              "slots": 2, "runs": [{"run_id": "r1", "state": "running", "size": 10}]},
+              "slots": 2, "worker_key": "ed25519 " + "A" * 43 + "=",
+              "trust": {"keys": ["SHA256:k0Kw4wE2"], "issued_at": 1700000000.25},
+              "runs": [{"run_id": "r1", "state": "running", "size": 10}]},
     "heartbeat": {"time": 1700000000.5, "running": 1},
     "started": {"run_id": "r1", "pid": 4242, "started_at": 1.5},
     "output": {"run_id": "r1", "offset": 128},
-    "result": {"run_id": "r1", "status": "COMPLETED", "exit_code": 0, "error": None,
-               "started_at": 1.0, "finished_at": 2.0, "output_size": 3},
+    "result": {"run_id": "r1", "output_size": 3, "envelope": ENVELOPE},
+    "trusted": {"keys": ["SHA256:k0Kw4wE2", "SHA256:n3wK3y"]},
     "error": {"message": "no such Run", "run_id": "r9"},
-    "assign": {"run_id": "r1", "task_id": "a/b", "revision": "abc", "attempt": 1,
-               "agent": {"name": "shell", "preset": "shell"}, "timeout": None, "task_file": "tasks/a/b.md"},
+    "assign": {"run_id": "r1", "envelope": dict(ENVELOPE, payloadType="application/vnd.taskrun.bundle+json")},
+    "trust": {"request": {"keys": ["ed25519 " + "A" * 43 + "="],
+                          "envelope": dict(ENVELOPE, payloadType="application/vnd.taskrun.trust+json")}},
     "resume": {"run_id": "r1", "offset": 7},
     "cancel": {"run_id": "r1", "reason": "user asked"},
     "ack": {"run_id": "r1"},
@@ -38,11 +44,7 @@ def roundtrip(*messages: Message) -> list[Message]:
     for message in messages:
         writer.write(message)
     stream.seek(0)
-    reader = Reader(stream)
-    out = []
-    while (message := reader.read()) is not None:
-        out.append(message)
-    return out
+    return read_all(stream.getvalue())
 
 
 def read_all(data: bytes) -> list[Message]:
@@ -89,6 +91,27 @@ def test_the_length_field_is_not_exposed_as_a_message_field() -> None:
     [back] = roundtrip(Message("output", {"run_id": "r", "offset": 0}, b"xyz"))
     assert "len" not in back.fields
     assert "type" not in back.fields
+
+
+def test_an_assignment_carries_only_the_run_id_and_the_envelope_besides_the_archive() -> None:
+    archive = bytes(range(256)) * 4
+    data = encode(Message("assign", FIELDS["assign"], archive))
+    line, rest = data.split(b"\n", 1)
+    assert set(json.loads(line)) == {"type", "run_id", "envelope", "len"}
+    assert rest == archive
+
+
+def test_a_result_without_its_signed_envelope_raises_protocol_error() -> None:
+    unsigned = {"run_id": "r1", "status": "COMPLETED", "exit_code": 0, "output_size": 3}
+    with pytest.raises(ProtocolError, match="result record lacks envelope"):
+        read_all(encode(Message("result", unsigned)))
+
+
+def test_an_assignment_in_the_unsigned_form_of_earlier_versions_raises_protocol_error() -> None:
+    old = {"run_id": "r1", "task_id": "a/b", "revision": "abc", "attempt": 1,
+           "agent": {"name": "shell", "preset": "shell"}, "timeout": None, "task_file": "tasks/a/b.md"}
+    with pytest.raises(ProtocolError, match="assign record lacks envelope"):
+        read_all(encode(Message("assign", old, b"archive")))
 
 
 def test_message_fields_are_reachable_by_item_and_by_get() -> None:

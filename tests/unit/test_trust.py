@@ -105,11 +105,13 @@ def test_first_enrollment_signed_by_a_key_it_does_not_offer_is_refused(home: Pat
                    f"trust refused: signed by unknown key id {STRANGER.key_id}")
 
 
-def test_first_enrollment_addressed_to_another_worker_is_refused(home: Path, me: SigningKey) -> None:
+def test_first_enrollment_is_taken_whatever_its_audience(home: Path, me: SigningKey) -> None:
+    # A Worker that trusts nothing yet is enrolled on first use (through the gate's SSH key): an
+    # enrollment captured on its way to another Worker plants only the genuine control plane key.
     other = SigningKey.generate()
-    request = statement([CONTROL], [listed(CONTROL)], audience=other.key_id)
-    assert_refused(TrustStore(home), request, me.key_id, NOW,
-                   f"trust refused: addressed to {other.key_id}, this Worker is {me.key_id}")
+    store = TrustStore(home)
+    store.apply(statement([CONTROL], [listed(CONTROL)], audience=other.key_id), me.key_id, NOW)
+    assert store.trusted(NOW) == ({CONTROL.key_id: CONTROL.public}, {})
 
 
 @pytest.mark.parametrize(("lines", "reason"), [
@@ -151,7 +153,9 @@ def test_a_replayed_unaddressed_enrollment_on_an_enrolled_worker_is_refused(home
     store = TrustStore(home)
     captured = statement([CONTROL], [listed(CONTROL)], audience=None)
     store.apply(captured, me.key_id, NOW)
-    assert_refused(store, captured, me.key_id, NOW + 1, f"trust refused: addressed to None, this Worker is {me.key_id}")
+    assert_refused(store, captured, me.key_id, NOW + 1,
+                   "trust refused: an enrollment (a statement with no audience) is taken only by a Worker that "
+                   "trusts no key yet, and this one is enrolled")
 
 
 def test_an_enrollment_by_someone_else_on_an_enrolled_worker_is_refused(home: Path, me: SigningKey) -> None:

@@ -1,0 +1,210 @@
+"""Signed bundles and the trust chain, end to end: real daemon, real sshd Workers, real gate.
+
+The attacker here holds the daemon's SSH key (so passes sshd and the gate) but
+not its signing key: captured assignments replayed to a Worker, tampered
+copies, the same bundle sent to a second Worker, and replayed or forged
+enrollments never run an Agent or plant a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from taskrunner import bundle, keys
+from taskrunner.enroll import trust_request
+from taskrunner.keys import Keyring
+from taskrunner.protocol import Message, Reader, encode
+from taskrunner.signing import TRUST_TYPE, SigningKey, sign
+from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
+from tests.sshd import SshdHost, start_sshd
+
+pytestmark = pytest.mark.sshd
+
+
+@pytest.fixture
+def hosts(repo: Path, tmp_path: Path) -> Iterator[list[SshdHost]]:
+    _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")
+    started = [start_sshd(tmp_path / f"host{i}", public) for i in range(2)]
+    yield started
+    for host in started:
+        host.stop()
+
+
+def _add(repo: Path, name: str, host: SshdHost, *extra: str) -> None:
+    result = taskrun(repo, "worker", "add", name, "--host", "127.0.0.1", "--port", str(host.port),
+                     "--fingerprint", host.fingerprint, *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _gate(repo: Path, host: SshdHost, command: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run `command` through the Worker's gate with the daemon's own SSH key (what an attacker holding it can)."""
+    return subprocess.run(host.ssh_argv(repo / ".git/taskrun/ssh_key", command), input=data,
+                          capture_output=True, timeout=60)
+
+
+def _worker_status(repo: Path, host: SshdHost) -> dict[str, Any]:
+    result = _gate(repo, host, "taskrun-worker status --json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _replay(repo: Path, host: SshdHost, messages: list[Message]) -> dict[str, dict[str, Any]]:
+    """Send `assign` records in one `serve` session; the signed result body of each Run, by run id."""
+    results: dict[str, dict[str, Any]] = {}
+    with subprocess.Popen(host.ssh_argv(repo / ".git/taskrun/ssh_key", "taskrun-worker serve"),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        reader = Reader(proc.stdout)
+        hello = reader.read()
+        assert hello is not None and hello.type == "hello"
+        for message in messages:
+            proc.stdin.write(encode(message))
+            proc.stdin.flush()
+            while True:
+                reply = reader.read()
+                assert reply is not None, "the Worker ended the session"
+                if reply.type == "result" and reply["run_id"] == message["run_id"]:
+                    results[reply["run_id"]] = json.loads(base64.b64decode(reply["envelope"]["payload"]))
+                    proc.stdin.write(encode(Message("ack", {"run_id": reply["run_id"]})))
+                    break
+                assert reply.type != "started", f"an Agent was started for {reply.fields}"
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    return results
+
+
+def test_worker_add_installs_the_control_planes_key_and_pins_the_workers_result_key(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    _add(repo, "w1", hosts[0])
+
+    status = _worker_status(repo, hosts[0])
+    ring = Keyring.load(repo / ".git/taskrun")
+    assert status["trusted"] == [ring.current.key_id]
+    shown = json.loads(taskrun(repo, "keys", "show", "--json").stdout)
+    assert shown["worker_keys"] == {"w1": status["worker_key_id"]}
+    assert "worker_key:" in (repo / ".taskrun.yaml").read_text()
+    assert taskrun(repo, "doctor").returncode == 0
+    tracked = git(repo, "ls-files").splitlines()
+    assert not [path for path in tracked if path.endswith((".pem", "ssh_key"))]
+
+
+def test_replayed_tampered_or_forged_enrollments_are_refused_by_an_enrolled_worker(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    ring, _ = Keyring.ensure(repo / ".git/taskrun", time.time())
+    enrollment = json.dumps(trust_request(ring, None, time.time())).encode()
+    first = _gate(repo, hosts[0], "taskrun-worker trust", enrollment)
+    assert first.returncode == 0, first.stderr
+    trusted = _worker_status(repo, hosts[0])["trusted"]
+
+    replayed = _gate(repo, hosts[0], "taskrun-worker trust", enrollment)
+    update = json.dumps(trust_request(ring, _worker_status(repo, hosts[0])["worker_key_id"], time.time())).encode()
+    update_first = _gate(repo, hosts[0], "taskrun-worker trust", update)
+    update_again = _gate(repo, hosts[0], "taskrun-worker trust", update)
+    attacker = SigningKey.generate()
+    tampered = json.loads(enrollment)
+    body = json.loads(base64.b64decode(tampered["envelope"]["payload"]))
+    body["keys"].append({"key_id": attacker.key_id, "public": attacker.public_line, "retire_at": None})
+    tampered["envelope"]["payload"] = base64.b64encode(json.dumps(body).encode()).decode()
+    tampered_run = _gate(repo, hosts[0], "taskrun-worker trust", json.dumps(tampered).encode())
+    forged_body = json.dumps({**body, "keys": body["keys"][-1:], "issued_at": time.time()}).encode()
+    forged = {"keys": [attacker.public_line], "envelope": sign(TRUST_TYPE, forged_body, [attacker])}
+    forged_run = _gate(repo, hosts[0], "taskrun-worker trust", json.dumps(forged).encode())
+    reset = _gate(repo, hosts[0], "taskrun-worker trust --reset")
+
+    assert replayed.returncode == 2 and b"only by a Worker that trusts no key yet" in replayed.stderr
+    assert update_first.returncode == 0, update_first.stderr
+    assert update_again.returncode == 2 and b"replayed or out-of-date" in update_again.stderr
+    assert tampered_run.returncode == 2 and b"signature does not verify" in tampered_run.stderr
+    assert forged_run.returncode == 2 and b"signed by unknown key id" in forged_run.stderr
+    assert reset.returncode == 2 and b"--reset" in reset.stderr  # the gate does not allow it
+    assert _worker_status(repo, hosts[0])["trusted"] == trusted
+
+
+def test_captured_assignments_replayed_tampered_or_sent_to_another_worker_never_run_the_agent_again(
+        repo: Path, hosts: list[SshdHost], daemon: Daemon, tmp_path: Path) -> None:
+    # A Task pinned to w1 (by label) whose Agent leaves a trace outside its workspace each time it runs.
+    _add(repo, "w1", hosts[0], "--labels", "role=first")
+    _add(repo, "w2", hosts[1])
+    assert taskrun(repo, "worker", "remove", "local").returncode == 0
+    marker = tmp_path / "agent-ran"
+    write_task(repo, "once", f"echo ran >> {marker}", front="labels: {role: first}\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "Task once")
+    daemon.start()
+    wait_status(repo, "once", "COMPLETED", timeout=60)
+    daemon.stop()
+    assert marker.read_text() == "ran\n"
+
+    # The capture: the signed manifest (the run record keeps its signatures) and the same archive.
+    record = json.loads((repo / "runs/once/run-1/manifest.json").read_text())
+    signatures = record.pop("signatures")
+    envelope = {"payloadType": bundle.BUNDLE_TYPE, "signatures": signatures,
+                "payload": base64.b64encode(bundle.manifest_bytes(record)).decode()}
+    archive, _ = bundle.pack({"tasks/once.md": (repo / "tasks/once.md").read_bytes()})
+    run_id = record["run_id"]
+    flipped = bytearray(archive)
+    flipped[600] ^= 0x01
+
+    on_w1 = _replay(repo, hosts[0], [
+        Message("assign", {"run_id": run_id, "envelope": envelope}, archive),
+        Message("assign", {"run_id": "tampered1", "envelope": envelope}, bytes(flipped)),
+    ])
+    on_w2 = _replay(repo, hosts[1], [Message("assign", {"run_id": run_id, "envelope": envelope}, archive)])
+
+    assert on_w1[run_id]["status"] == "FAILED" and "replayed nonce" in on_w1[run_id]["error"]
+    assert "archive does not match" in on_w1["tampered1"]["error"]
+    assert on_w2[run_id]["status"] == "FAILED" and "addressed to another Worker" in on_w2[run_id]["error"]
+    assert marker.read_text() == "ran\n"
+
+
+def test_a_rotated_key_is_learnt_by_the_worker_and_the_old_one_retired_after_the_overlap(
+        repo: Path, hosts: list[SshdHost], daemon: Daemon) -> None:
+    _add(repo, "w1", hosts[0])
+    assert taskrun(repo, "worker", "remove", "local").returncode == 0
+    old = Keyring.load(repo / ".git/taskrun").current.key_id
+    daemon.start()
+
+    rotated = taskrun(repo, "keys", "rotate", "--overlap", "3s")
+    new = Keyring.load(repo / ".git/taskrun").current.key_id
+
+    assert rotated.returncode == 0, rotated.stderr
+    wait_until(lambda: sorted(_worker_status(repo, hosts[0])["trusted"]) == sorted([old, new]), 30,
+               "the Worker to trust both keys during the overlap")
+    wait_until(lambda: _worker_status(repo, hosts[0])["trusted"] == [new], 30,
+               "the old key to be retired on the Worker")
+    write_task(repo, "after", "echo signed with the new key")
+    record = wait_status(repo, "after", "COMPLETED", timeout=60)
+    assert record["status"] == "COMPLETED"
+    manifest = json.loads((repo / "runs/after/run-1/manifest.json").read_text())
+    assert manifest["key_id"] == new
+    assert old not in (repo / ".git/taskrun/keys/keyring.json").read_text()
+
+
+def test_secrets_reach_the_agent_but_never_a_bundle_record_or_commit(repo: Path, daemon: Daemon) -> None:
+    secret = "s3cr3t-value-0123456789"
+    home = repo / ".git/taskrun/workers/local"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "secrets.env").write_text(f"API_TOKEN={secret}\n")
+    config = (repo / ".taskrun.yaml").read_text()
+    assert "  shell:\n    preset: shell\n" in config
+    config = config.replace("  shell:\n    preset: shell\n", "  shell:\n    preset: shell\n    env: [API_TOKEN]\n", 1)
+    (repo / ".taskrun.yaml").write_text(config)
+    write_task(repo, "uses-secret", 'echo "token=$API_TOKEN"; test "$API_TOKEN" = ' + secret)
+    daemon.start()
+
+    wait_status(repo, "uses-secret", "COMPLETED", timeout=60)
+
+    output = (repo / "runs/uses-secret/run-1/output.log").read_text()
+    assert output == "token=" + "*" * len(secret) + "\n"
+    manifest = json.loads((repo / "runs/uses-secret/run-1/manifest.json").read_text())
+    assert manifest["agent"]["env"] == ["API_TOKEN"]
+    wait_until(lambda: "runs/uses-secret/run-1/output.log" in git(repo, "ls-files"), 30, "the result commit")
+    assert secret not in git(repo, "log", "-p", "--all")
+    assert secret not in "".join(p.read_text(errors="replace") for p in (repo / "runs").rglob("*") if p.is_file())
