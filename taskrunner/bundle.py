@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import secrets
@@ -115,7 +116,7 @@ def build(files: Mapping[str, bytes], signer: SigningKey, *, now: float, nonce: 
 
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     """The exact bytes signed: compact JSON, keys sorted."""
-    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, bytes],
@@ -133,7 +134,8 @@ def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, by
         raise BundleRejected("bundle rejected: the signed manifest is not an object")
     for name, types in FIELDS.items():
         value = manifest.get(name)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) \
+                or (isinstance(value, float) and not math.isfinite(value)):
             raise BundleRejected(f"bundle rejected: manifest field {name!r} is missing or malformed")
     if manifest["format"] != BUNDLE_FORMAT:
         raise BundleRejected(f"bundle rejected: format {manifest['format']}, this Worker reads {BUNDLE_FORMAT}")

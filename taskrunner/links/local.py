@@ -47,3 +47,5 @@ class LocalLink(WorkerLink):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout:
+            proc.stdout.close()  # the reader has seen its end: the Worker exited

@@ -69,7 +69,6 @@ class ReplayLedger:
 
     def prune(self, now: float) -> int:
         """Drop entries whose bundles can no longer be taken; how many were dropped."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked() as handle:
             self._catch_up(handle)
             cutoff = now - CLOCK_SKEW_SECONDS
@@ -92,8 +91,10 @@ class ReplayLedger:
         get is on the old, unlinked file, and an entry appended there would be
         lost. So check that the locked file is still the one at `path`.
         """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            with open(self.path, "a+b") as handle:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with open(fd, "a+b") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 held, current = os.fstat(handle.fileno()), os.stat(self.path)
                 if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):

@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd.add_argument("--home", default=default_home, help=home_help)
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     gate_cmd = commands.add_parser(
-        "gate", help="the SSH forced command: run only `serve` or `status` from SSH_ORIGINAL_COMMAND",
+        "gate", help="the SSH forced command: run only `serve`, `status` or `trust` from SSH_ORIGINAL_COMMAND",
         description="Installed in authorized_keys as "
                     'restrict,command="taskrun-worker gate --home DIR". Allows only '
-                    '"taskrun-worker serve [--name N] [--slots N]" and "taskrun-worker status [--json]", '
+                    '"taskrun-worker serve [--name N] [--slots N]", "taskrun-worker status [--json]" and '
+                    '"taskrun-worker trust", '
                     "always with this --home; refuses everything else with exit code 2.")
     gate_cmd.add_argument("--home", default=default_home, help=home_help)
     _limit_options(gate_cmd)

@@ -15,13 +15,17 @@ masked together with the bytes around it (`masked_range`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence
 
+from taskrunner.atomic import write_bytes
 from taskrunner.errors import WorkerError
 
 SECRETS_FILE = "secrets.env"
+#: In a Run's directory on the Worker: the values masked in its output.
+KEPT_FILE = "secrets.json"
 #: Shorter values would mask ordinary text all over the output; they are not redacted.
 MIN_REDACTED_CHARS = 4
 MASK = ord("*")
@@ -59,6 +63,18 @@ def _read_file(path: Path) -> dict[str, str]:
     return values
 
 
+def keep(run_dir: Path, values: Sequence[bytes]) -> None:
+    """Leave the values to mask with the Run (mode 0600), for sessions that adopt it."""
+    write_bytes(run_dir / KEPT_FILE, json.dumps([v.decode() for v in values]).encode(), mode=0o600, durable=False)
+
+
+def kept(run_dir: Path) -> list[bytes]:
+    try:
+        return [v.encode() for v in json.loads((run_dir / KEPT_FILE).read_bytes())]
+    except FileNotFoundError:
+        return []
+
+
 def redacted_values(values: Mapping[str, str]) -> list[bytes]:
     return sorted({v.encode() for v in values.values() if len(v) >= MIN_REDACTED_CHARS}, key=len, reverse=True)
 
@@ -91,8 +107,20 @@ def masked_range(stream: BinaryIO, start: int, end: int, size: int, secrets: Seq
     return mask(window, secrets)[start - low:end - low]
 
 
-def safe_end(size: int, finished: bool, secrets: Sequence[bytes]) -> int:
-    """How far output can be sent now: a running Agent may be in the middle of printing a secret."""
+def safe_end(stream: BinaryIO, size: int, finished: bool, secrets: Sequence[bytes]) -> int:
+    """How far output can be sent now: a running Agent may be in the middle of printing a secret.
+
+    Only an ending of the output that could still grow into a secret (it is a
+    prefix of one) is held back; everything before it is final.
+    """
     if finished or not secrets:
         return size
-    return max(0, size - (max(len(s) for s in secrets) - 1))
+    reach = max(len(s) for s in secrets) - 1
+    start = max(0, size - reach)
+    stream.seek(start)
+    tail = stream.read(size - start)
+    for at in range(len(tail)):
+        ending = tail[at:]
+        if any(s.startswith(ending) for s in secrets):
+            return start + at
+    return size

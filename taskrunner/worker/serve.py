@@ -200,6 +200,9 @@ class WorkerServer:
                 bundle.extract(manifest, message.payload, run_dir.workspace, self.limits)
                 values = secrets.resolve(names, self.home)
                 run.secrets = secrets.redacted_values(values)
+                if run.secrets:
+                    # A later session masks from this file, whatever its own environment holds.
+                    secrets.keep(run_dir.path, run.secrets)
                 argv = agents.prepare(manifest["agent"], run_dir.path, run_dir.workspace,
                                       manifest["task_id"], manifest["task_file"])
             except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
@@ -240,11 +243,7 @@ class WorkerServer:
     def _adopt(self, run_dir: RunDir) -> ActiveRun:
         assignment = run_dir.assignment()
         run = ActiveRun(run_dir, None, run_dir.pid(), assignment.get("deadline"), result=run_dir.result())
-        try:
-            names = (assignment.get("agent") or {}).get("env") or []
-            run.secrets = secrets.redacted_values(secrets.resolve(names, self.home))
-        except WorkerError:
-            pass  # it could not have started without them; nothing to mask
+        run.secrets = secrets.kept(run_dir.path)
         if run.result is None:
             self._check_exit(run)
         return run
@@ -336,11 +335,13 @@ class WorkerServer:
 
     def _stream(self, run: ActiveRun) -> None:
         size = run.dir.output_size()
-        end = secrets.safe_end(size, run.result is not None, run.secrets)
-        if run.sent >= end:
+        if run.sent >= size:
             return
         if run.log is None:
             run.log = open(run.dir.output, "rb")
+        end = secrets.safe_end(run.log, size, run.result is not None, run.secrets)
+        if run.sent >= end:
+            return
         if not run.secrets:
             run.log.seek(run.sent)
         while run.sent < end:

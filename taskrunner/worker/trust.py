@@ -97,12 +97,16 @@ class TrustStore:
         """(key id -> public key of live keys, key id -> why it is refused for retired ones)."""
         live: dict[str, bytes] = {}
         retired: dict[str, str] = {}
-        for entry in self.state()["keys"]:
-            retire_at = entry.get("retire_at")
-            if retire_at is not None and retire_at <= now:
-                retired[entry["key_id"]] = f"key {entry['key_id']} was retired"
-            else:
-                live[entry["key_id"]] = parse_public_line(entry["public"])
+        try:
+            for entry in self.state()["keys"]:
+                retire_at = entry.get("retire_at")
+                if retire_at is not None and retire_at <= now:
+                    retired[entry["key_id"]] = f"key {entry['key_id']} was retired"
+                else:
+                    live[entry["key_id"]] = parse_public_line(entry["public"])
+        except (SignatureRejected, KeyError, TypeError, AttributeError) as exc:
+            raise WorkerError(f"{self.path} is damaged ({exc!r}); run `taskrun-worker trust --reset` on the "
+                              "Worker and enroll it again") from None
         return live, retired
 
     def apply(self, request: Any, own_key_id: str, now: float) -> list[dict[str, Any]]:
@@ -129,7 +133,7 @@ class TrustStore:
             if statement["audience"] is None and not first:
                 raise TrustRefused("trust refused: an enrollment (a statement with no audience) is taken only "
                                    "by a Worker that trusts no key yet, and this one is enrolled")
-            if statement["audience"] != own_key_id and not first:
+            if statement["audience"] not in (own_key_id, None):
                 raise TrustRefused(f"trust refused: addressed to {statement['audience']}, this Worker is "
                                    f"{own_key_id}")
             if statement["issued_at"] > now + CLOCK_SKEW_SECONDS:

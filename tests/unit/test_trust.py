@@ -105,13 +105,13 @@ def test_first_enrollment_signed_by_a_key_it_does_not_offer_is_refused(home: Pat
                    f"trust refused: signed by unknown key id {STRANGER.key_id}")
 
 
-def test_first_enrollment_is_taken_whatever_its_audience(home: Path, me: SigningKey) -> None:
-    # A Worker that trusts nothing yet is enrolled on first use (through the gate's SSH key): an
-    # enrollment captured on its way to another Worker plants only the genuine control plane key.
+def test_a_first_enrollment_addressed_to_another_worker_is_refused(home: Path, me: SigningKey) -> None:
+    # An enrollment captured on its way to another Worker does not enroll this one.
     other = SigningKey.generate()
     store = TrustStore(home)
-    store.apply(statement([CONTROL], [listed(CONTROL)], audience=other.key_id), me.key_id, NOW)
-    assert store.trusted(NOW) == ({CONTROL.key_id: CONTROL.public}, {})
+    assert_refused(store, statement([CONTROL], [listed(CONTROL)], audience=other.key_id), me.key_id, NOW,
+                   f"trust refused: addressed to {other.key_id}")
+    assert store.trusted(NOW) == ({}, {})
 
 
 @pytest.mark.parametrize(("lines", "reason"), [

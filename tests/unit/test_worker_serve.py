@@ -871,8 +871,6 @@ def test_ack_removes_the_run_directory_and_a_later_hello_no_longer_lists_it(
     assert second.next()["runs"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="serve.py _adopt re-resolves an adopted Run's secrets from the new "
-                                       "session's environment; when it no longer has them, nothing is masked")
 def test_a_secret_is_masked_on_resume_even_if_the_new_session_no_longer_has_it(
         sessions: Callable[[], Session], cp: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
