@@ -23,7 +23,7 @@ from tests.sshd import ClientKey, SshdHost, client_key, free_port, start_sshd
 pytestmark = pytest.mark.sshd
 
 TIMEOUT = 30.0
-ONLY = 'only "taskrun-worker serve" and "taskrun-worker status" are allowed'
+ONLY = 'only "taskrun-worker serve", "taskrun-worker status" and "taskrun-worker trust" are allowed'
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,9 @@ def test_the_authorized_keys_line_is_the_one_init_prints(host: SshdHost, key: Cl
 def test_status_runs_through_the_gate_in_the_gates_home(host: SshdHost, key: ClientKey) -> None:
     result = ssh(host, key, "taskrun-worker status --json")
     assert result.returncode == 0, result.stderr + host.log_text()
-    assert json.loads(result.stdout) == {"home": str(host.home), "runs": []}
+    status = json.loads(result.stdout)
+    assert (status["home"], status["runs"], status["trusted"]) == (str(host.home), [], [])
+    assert status["worker_key_id"].startswith("SHA256:")
 
 
 def test_the_program_word_may_be_left_out(host: SshdHost, key: ClientKey) -> None:
