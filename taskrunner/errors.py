@@ -9,9 +9,14 @@
     ├── GitError             a git operation failed
     ├── LockError            another daemon holds the repository
     ├── DaemonNotRunning     a command needs the daemon and there is none
+    ├── SignatureRejected    (signing) an envelope is malformed or no trusted signature verifies
+    ├── ResultRejected       (results) a Worker's result does not verify; recorded as FAILED
+    ├── KeyringError         (keys) the control plane's signing keys are missing or unreadable
     └── WorkerError          a Worker cannot be reached or refused a Run
         ├── HostKeyError     (sshkeys) a host key is unknown, changed or unpinnable
         ├── BundleRejected   (bundle) a bundle breaks a rule; nothing of it runs
+        ├── Replayed         (worker.ledger) a bundle was taken before
+        ├── TrustRefused     (worker.trust) a trust statement is refused
         ├── AgentError       (agents) an Agent cannot be prepared for a Task
         └── GateRefused      (worker.gate) the gate refuses an SSH command
 

@@ -13,34 +13,20 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from taskrunner import bundle, keys
+from taskrunner import bundle
 from taskrunner.enroll import trust_request
 from taskrunner.keys import Keyring
 from taskrunner.protocol import Message, Reader, encode
 from taskrunner.signing import TRUST_TYPE, SigningKey, sign
 from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
-from tests.sshd import SshdHost, start_sshd
+from tests.integration.test_ssh_workers import _add, hosts  # noqa: F401 (hosts is a fixture)
+from tests.sshd import SshdHost
 
 pytestmark = pytest.mark.sshd
-
-
-@pytest.fixture
-def hosts(repo: Path, tmp_path: Path) -> Iterator[list[SshdHost]]:
-    _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")
-    started = [start_sshd(tmp_path / f"host{i}", public) for i in range(2)]
-    yield started
-    for host in started:
-        host.stop()
-
-
-def _add(repo: Path, name: str, host: SshdHost, *extra: str) -> None:
-    result = taskrun(repo, "worker", "add", name, "--host", "127.0.0.1", "--port", str(host.port),
-                     "--fingerprint", host.fingerprint, *extra)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _gate(repo: Path, host: SshdHost, command: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
