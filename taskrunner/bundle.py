@@ -48,7 +48,7 @@ from typing import Any, Mapping
 
 from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
-from taskrunner.signing import BUNDLE_TYPE, SignatureRejected, SigningKey, sign, verify
+from taskrunner.signing import BUNDLE_TYPE, SignatureRejected, SigningKey, sign, verify_json
 
 BUNDLE_FORMAT = 1
 MAX_MEMBERS = 10_000
@@ -123,15 +123,9 @@ def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, by
                       refused: Mapping[str, str], audience: str, now: float) -> dict[str, Any]:
     """The manifest, once its signature, fields, audience, times and archive hash check out."""
     try:
-        body, signer = verify(envelope, BUNDLE_TYPE, trusted, refused)
+        manifest, signer = verify_json(envelope, BUNDLE_TYPE, trusted, refused, what="manifest")
     except SignatureRejected as exc:
         raise BundleRejected(f"bundle rejected: {exc}") from None
-    try:
-        manifest = json.loads(body)
-    except ValueError:
-        raise BundleRejected("bundle rejected: the signed manifest is not JSON") from None
-    if not isinstance(manifest, dict):
-        raise BundleRejected("bundle rejected: the signed manifest is not an object")
     for name, types in FIELDS.items():
         value = manifest.get(name)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) \

@@ -399,7 +399,6 @@ class Engine:
         for worker in self.fleet:
             if worker.online:
                 self._check_trust(worker, worker.hello.get("trust"), now)
-                worker.hello["trust"] = {"keys": wanted_keys(self.fleet.keyring, now)}
 
     def _on_started(self, worker: WorkerState, run: RunState, message: Message) -> None:
         if run.status is RunStatus.ASSIGNED:

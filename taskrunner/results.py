@@ -11,12 +11,11 @@ FAILED with the reason, never as COMPLETED.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from taskrunner.errors import TaskrunError
-from taskrunner.signing import RESULT_TYPE, SignatureRejected, key_id, verify
+from taskrunner.signing import RESULT_TYPE, SignatureRejected, key_id, verify_json
 
 STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
 
@@ -29,14 +28,10 @@ def verified_result(envelope: Any, result_key: bytes | None, run_id: str, output
     if result_key is None:
         raise ResultRejected("result rejected: no result key is pinned for this Worker")
     try:
-        body, _ = verify(envelope, RESULT_TYPE, {key_id(result_key): result_key})
+        result, _ = verify_json(envelope, RESULT_TYPE, {key_id(result_key): result_key}, what="result")
     except SignatureRejected as exc:
         raise ResultRejected(f"result rejected: {exc}") from None
-    try:
-        result = json.loads(body)
-    except ValueError:
-        raise ResultRejected("result rejected: the signed result is not JSON") from None
-    if not isinstance(result, dict) or result.get("run_id") != run_id:
+    if result.get("run_id") != run_id:
         raise ResultRejected(f"result rejected: signed for another Run than {run_id}")
     if result.get("status") not in STATUSES:
         raise ResultRejected(f"result rejected: unknown status {result.get('status')!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -124,6 +125,19 @@ def sign(payload_type: str, body: bytes, signers: Iterable[SigningKey]) -> dict[
     if not signatures:
         raise SignatureRejected("nothing to sign with: no signing key")
     return {"payloadType": payload_type, "payload": base64.b64encode(body).decode(), "signatures": signatures}
+
+
+def verify_json(envelope: Any, payload_type: str, trusted: Mapping[str, bytes],
+                refused: Mapping[str, str] | None = None, what: str = "body") -> tuple[dict[str, Any], str]:
+    """`verify`, then the body parsed, which must be a JSON object (`what` names it in errors)."""
+    body, signer = verify(envelope, payload_type, trusted, refused)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise SignatureRejected(f"the signed {what} is not JSON") from None
+    if not isinstance(data, dict):
+        raise SignatureRejected(f"the signed {what} is not an object")
+    return data, signer
 
 
 def verify(envelope: Any, payload_type: str, trusted: Mapping[str, bytes],

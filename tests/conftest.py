@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, TypeVar
 import pytest
 
 T = TypeVar("T")
-CI = os.environ.get("CI") == "true"
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "a condition") -> T:

@@ -14,7 +14,7 @@ so tests prove that `restrict` and the gate are what refuse them.
 
 sshd runs as the current user (root here, logging in as root) in the
 foreground (`-D -e`), its log in `host.log_path`. When sshd or ssh-keygen is
-missing the caller's test is skipped, or fails under CI=true.
+missing the caller's test fails, saying what to install.
 """
 
 from __future__ import annotations
@@ -48,17 +48,13 @@ START_SECONDS = 10.0
 STOP_SECONDS = 5.0
 #: sshd's privilege-separation directory, which it insists exists when run as root.
 PRIVSEP_DIR = Path("/run/sshd")
-_CI = os.environ.get("CI") == "true"
 
 
 def require(program: str) -> str:
-    """The path of `program`; skip the test when it is missing (fail under CI=true)."""
+    """The path of `program`; the test fails loudly when it is missing (never skips)."""
     path = program if os.path.isabs(program) and os.access(program, os.X_OK) else shutil.which(program)
     if path is None:
-        message = f"{program} is not installed: these tests need OpenSSH (apt-get install openssh-server)"
-        if _CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"{program} is not installed: these tests need OpenSSH (apt-get install openssh-server)")
     return path
 
 

@@ -109,8 +109,13 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     before = path.read_text() if path.exists() else ""
     # The Worker is checked exactly as the configuration about to be written describes it.
     spec = parse_config(set_worker(before, CONFIG_FILE, args.name, fields, config), CONFIG_FILE).workers[args.name]
-    hello = _hello(spec, root)
-    worker_key = _enroll(spec, root, hello)
+    # One connection for both steps: the hello proves the gate answers, then the enrollment.
+    client = connect(spec, identity_path(spec, root / STATE_DIR))
+    try:
+        hello = _hello(client, spec, root)
+        worker_key = _enroll(client, spec, root, hello)
+    finally:
+        client.close()
     fields["worker_key"] = worker_key.public_line
     write_bytes(path, set_worker(before, CONFIG_FILE, args.name, fields, config).encode())
     out.print(f"Worker '{args.name}' enrolled: taskrun-worker {hello.get('version')} "
@@ -125,7 +130,11 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     spec = config.workers.get(args.name)
     if spec is None or spec.transport != "ssh":
         raise EnrollError(f"no ssh Worker '{args.name}' in {CONFIG_FILE}")
-    hello = _hello(spec, root)
+    client = connect(spec, identity_path(spec, root / STATE_DIR))
+    try:
+        hello = _hello(client, spec, root)
+    finally:
+        client.close()
     out.print(f"Worker '{args.name}' ok: host key matches its pin, taskrun-worker {hello.get('version')}, "
               f"{len(hello.get('runs') or [])} Run(s) held", markup=False)
     return 0
@@ -151,11 +160,10 @@ def _keep_settings(args: argparse.Namespace, current: WorkerSpec | None) -> None
         args.labels = ",".join(f"{k}={v}" for k, v in kept.labels.items())
 
 
-def _hello(spec: WorkerSpec, root: Path) -> dict[str, object]:
+def _hello(client: paramiko.SSHClient, spec: WorkerSpec, root: Path) -> dict[str, object]:
     """Open one session through the gate and read its hello: proof the Worker is usable."""
-    client = connect(spec, identity_path(spec, root / STATE_DIR))
+    channel = open_serve(client, spec)
     try:
-        channel = open_serve(client, spec)
         message = Reader(channel.makefile("rb")).read()  # type: ignore[arg-type]
         if message is None or message.type != "hello":
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
@@ -169,10 +177,10 @@ def _hello(spec: WorkerSpec, root: Path) -> dict[str, object]:
     except OSError as exc:
         raise EnrollError(f"Worker '{spec.name}': session failed: {exc}") from exc
     finally:
-        client.close()
+        channel.close()
 
 
-def _enroll(spec: WorkerSpec, root: Path, hello: dict[str, object]) -> PublicKey:
+def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dict[str, object]) -> PublicKey:
     """Install the control plane's keys in the Worker's trust store through the gate; its result key."""
     try:
         presented = PublicKey.parse(str(hello.get("worker_key")))
@@ -182,7 +190,6 @@ def _enroll(spec: WorkerSpec, root: Path, hello: dict[str, object]) -> PublicKey
     now = time.time()
     ring = Keyring.ensure(root / STATE_DIR, now)[0]
     request = json.dumps(trust_request(ring, presented.key_id, now)).encode()
-    client = connect(spec, identity_path(spec, root / STATE_DIR))
     try:
         channel = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)  # type: ignore[union-attr]
         channel.settimeout(CONNECT_TIMEOUT)
@@ -194,8 +201,6 @@ def _enroll(spec: WorkerSpec, root: Path, hello: dict[str, object]) -> PublicKey
         status = channel.recv_exit_status()
     except (OSError, paramiko.SSHException) as exc:
         raise EnrollError(f"Worker '{spec.name}': enrollment session failed: {exc}; nothing was written") from exc
-    finally:
-        client.close()
     if status != 0:
         hint = ""
         if "already trusts" in stderr:

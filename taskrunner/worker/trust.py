@@ -40,7 +40,7 @@ from typing import Any, Iterator
 from taskrunner.atomic import read_json, write_json
 from taskrunner.defaults import CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
-from taskrunner.signing import TRUST_TYPE, SignatureRejected, SigningKey, key_id, parse_public_line, verify
+from taskrunner.signing import TRUST_TYPE, SignatureRejected, SigningKey, key_id, parse_public_line, verify_json
 
 TRUST_FORMAT = 1
 WORKER_KEY_FILE = "keys/worker.pem"
@@ -124,12 +124,12 @@ class TrustStore:
                     raise TrustRefused(f"trust refused: {exc}") from None
                 live = {key_id(raw): raw for raw in offered}
             try:
-                body, signer = verify(request.get("envelope"), TRUST_TYPE, live, retired)
+                data, signer = verify_json(request.get("envelope"), TRUST_TYPE, live, retired, what="statement")
             except SignatureRejected as exc:
                 hint = "" if first else " (this Worker already trusts a control plane; a change must be " \
                                         "signed by a key it trusts)"
                 raise TrustRefused(f"trust refused: {exc}{hint}") from None
-            statement = _statement(body)
+            statement = _statement(data)
             if statement["audience"] is None and not first:
                 raise TrustRefused("trust refused: an enrollment (a statement with no audience) is taken only "
                                    "by a Worker that trusts no key yet, and this one is enrolled")
@@ -163,12 +163,8 @@ class TrustStore:
             yield
 
 
-def _statement(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise TrustRefused("trust refused: the signed statement is not JSON") from None
-    if not isinstance(data, dict) or data.get("format") != TRUST_FORMAT:
+def _statement(data: dict[str, Any]) -> dict[str, Any]:
+    if data.get("format") != TRUST_FORMAT:
         raise TrustRefused(f"trust refused: not a format {TRUST_FORMAT} trust statement")
     for name in ("issued_at", "expires_at"):
         if not isinstance(data.get(name), (int, float)) or isinstance(data.get(name), bool):
