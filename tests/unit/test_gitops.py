@@ -280,3 +280,43 @@ def test_a_listed_path_with_no_file_is_left_out_of_the_commit(repo: Path) -> Non
     sha = Git(repo).commit_paths(["runs/t/status.json", "runs/t/run-1/summary.md"], "records")
     assert sha is not None
     assert changed_in(repo, sha) == ["runs/t/status.json"]
+
+
+# ---------------------------------------------------------------- how objects are stored
+
+
+def loose_objects(repo: Path) -> int:
+    return int(dict(line.split(": ") for line in git(repo, "count-objects", "-v").splitlines())["count"])
+
+
+def test_a_commit_writes_one_pack_not_a_loose_file_per_object(repo: Path) -> None:
+    before = loose_objects(repo)
+    paths = [write(repo, f"runs/t{n}/{name}", f"{n} {name}\n") for n in range(20)
+             for name in ("status.json", "run-1/status.json", "run-1/output.log")]
+    sha = Git(repo).commit_paths(paths, "twenty Runs")
+    assert sha is not None
+    assert loose_objects(repo) == before  # 60 blobs, 41 trees and a commit, none of them loose
+    assert git(repo, "cat-file", "-t", sha).strip() == "commit"
+    assert git(repo, "show", f"{sha}:runs/t7/run-1/output.log") == "7 run-1/output.log\n"
+    assert git(repo, "fsck", "--no-dangling").strip() == ""
+
+
+def test_paths_with_spaces_quotes_backslashes_and_non_ascii_are_committed_as_named(repo: Path) -> None:
+    names = ['runs/a b/status.json', 'runs/"q"/status.json', 'runs/back\\slash/status.json', "runs/ü/status.json"]
+    paths = [write(repo, name, f"{name}\n") for name in names]
+    sha = Git(repo).commit_paths(paths, "odd names")
+    committed = git(repo, "-c", "core.quotePath=false", "ls-tree", "-r", "-z", "--name-only", sha).split("\0")
+    assert sorted(p for p in committed if p.startswith("runs/")) == sorted(names)
+    assert git(repo, "show", f"{sha}:runs/ü/status.json") == "runs/ü/status.json\n"
+
+
+def test_gc_auto_folds_the_packs_of_many_commits_together(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("taskrunner.gitops.GC_EVERY_COMMITS", 1)
+    git(repo, "config", "gc.autoPackLimit", "4")
+    git(repo, "config", "gc.autoDetach", "false")
+    g = Git(repo)
+    for n in range(8):
+        assert g.commit_paths([write(repo, f"runs/t{n}/status.json", f"{n}\n")], f"commit {n}") is not None
+    packs = list((repo / ".git" / "objects" / "pack").glob("*.pack"))
+    assert 1 <= len(packs) <= 4, packs
+    assert git(repo, "show", "HEAD~7:runs/t0/status.json") == "0\n"
