@@ -120,9 +120,9 @@ class Daemon:
             self._flush()
             if self.once and self.engine.idle():
                 self.engine.give_up_waiting()
-                self._flush()
+                self._flush(force=True)
                 return
-            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(),
+            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(), self.engine.records_due,
                                    self.fleet.keyring.next_retirement()) if t is not None]
             sleep = min([now + MAX_SLEEP, *wakeups]) - now
             try:
@@ -158,12 +158,12 @@ class Daemon:
                 self._reload()
         elif isinstance(event, _Request):
             answer = self._answer(event.payload)
-            self._flush()  # the caller may read the records as soon as it has the answer
+            self._flush(force=True)  # the caller may read the records as soon as it has the answer
             event.reply.put(answer)
         return True
 
-    def _flush(self) -> None:
-        if self.engine.flush() and not self.engine.runs:
+    def _flush(self, force: bool = False) -> None:
+        if self.engine.flush(force) and not self.engine.runs:
             # Nothing else is about to finish: commit now rather than wait out the window.
             self.recorder.kick()
 
@@ -226,7 +226,7 @@ class Daemon:
         self._lock_file = fd
 
     def _shutdown(self) -> None:
-        for stop in (self.engine.flush, self.watcher.stop, self.control.stop, self.fleet.close,
+        for stop in (lambda: self.engine.flush(force=True), self.watcher.stop, self.control.stop, self.fleet.close,
                      self.recorder.stop):
             try:
                 stop()

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from taskrunner import bundle, scheduler
 from taskrunner.config import Config
-from taskrunner.defaults import LOST_RUN_RETRIES, TASKS_DIR
+from taskrunner.defaults import LOST_RUN_RETRIES, RECORD_LAG_SECONDS, TASKS_DIR
 from taskrunner.enroll import trust_request, wanted_keys
 from taskrunner.errors import RecordError, TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
@@ -41,6 +41,10 @@ from taskrunner.results import ResultRejected, verified_result
 from taskrunner.recorder import CommitItem
 from taskrunner.state import RunState, TaskState
 from taskrunner.taskfile import dependency_cycles, is_ignored_name, task_id_for
+
+
+#: Statuses the scheduler acts on; Tasks in the others only count as dependencies.
+_PLANNED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.BLOCKED})
 
 
 class Engine:
@@ -73,9 +77,12 @@ class Engine:
         self._cycles_stale = False
         self._dirty_tasks: dict[str, TaskState] = {}
         self._dirty_runs: dict[str, RunState] = {}
+        self._late_runs: dict[str, RunState] = {}  # Run records allowed to wait until `records_due`
+        self.records_due: float | None = None
         self._manifests: list[tuple[str, int, dict[str, Any]]] = []
         self._commits: list[CommitItem] = []
         self._outbox: list[tuple[WorkerState, Message]] = []
+        self._views: dict[str, scheduler.TaskView] = {}
 
     # -- start-up -----------------------------------------------------------
 
@@ -126,6 +133,7 @@ class Engine:
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: Runs on Workers that are gone are retried elsewhere."""
         self.config = config
+        self._views.clear()  # the default Agent may have changed
         for worker in self.fleet.configure(config):
             for run_id in sorted(worker.runs):
                 self._run_lost(self.runs[run_id], f"Worker '{worker.name}' was removed from the configuration",
@@ -151,6 +159,7 @@ class Engine:
         elif intake.revision == task.revision and not task.removed:
             # Same bytes: a restart or a touch. Keep the status, refresh the spec.
             task.spec = intake.spec or task.spec
+            self._views.pop(task_id, None)
             return
         task.removed = False
         task.file = rel
@@ -218,17 +227,13 @@ class Engine:
             self._cycles_stale = False
             self._check_cycles()
         now = self._clock()
-        views = [
-            scheduler.TaskView(
-                id=t.id, status=t.status, priority=t.priority, seq=t.seq,
-                agent=agent_of(t.spec, self.config) if t.spec else "",
-                depends_on=t.spec.depends_on if t.spec else (), labels=t.spec.labels if t.spec else {},
-                group=t.spec.group if t.spec else None, not_before=t.not_before,
-                tried_workers=tuple(r.worker for r in t.runs if r.revision == t.revision),
-            )
-            for t in self.tasks.values()
-            if not (t.removed and t.status.final)
-        ]
+        live = [t for t in self.tasks.values() if t.status in _PLANNED and not (t.removed and t.status.final)]
+        # Settled Tasks matter to the plan only as dependencies of live ones:
+        # leaving the others out keeps a plan's cost to the Tasks in play.
+        needed = {dep for t in live if t.spec for dep in t.spec.depends_on}
+        settled = [self.tasks[d] for d in needed if d in self.tasks and self.tasks[d].status not in _PLANNED
+                   and not (self.tasks[d].removed and self.tasks[d].status.final)]
+        views = [self._view(t) for t in (*live, *settled)]
         groups = dict(self.config.scheduler.groups)
         plan = scheduler.plan(views, self.fleet.views(), groups, now)
         for blocked in plan.blocked:
@@ -242,7 +247,7 @@ class Engine:
             self._save_task(task, commit=True)
         for assignment in plan.assignments:
             self._assign(self.tasks[assignment.task_id], self.fleet[assignment.worker])
-        for task in self.tasks.values():
+        for task in live:
             waiting = plan.waiting.get(task.id) if task.status is TaskStatus.PENDING else None
             if waiting != task.waiting:
                 task.waiting = waiting
@@ -250,6 +255,20 @@ class Engine:
         self.next_wakeup = plan.next_wakeup
         # Unblocked Tasks start in the next plan: that is progress, not idleness.
         self._progress = bool(plan.assignments or plan.unblocked)
+
+    def _view(self, task: TaskState) -> scheduler.TaskView:
+        """The scheduler's view of a Task, kept until the Task next changes (`_save_task`)."""
+        view = self._views.get(task.id)
+        if view is None:
+            spec = task.spec
+            view = self._views[task.id] = scheduler.TaskView(
+                id=task.id, status=task.status, priority=task.priority, seq=task.seq,
+                agent=agent_of(spec, self.config) if spec else "",
+                depends_on=spec.depends_on if spec else (), labels=spec.labels if spec else {},
+                group=spec.group if spec else None, not_before=task.not_before,
+                tried_workers=tuple(r.worker for r in task.runs if r.revision == task.revision),
+            )
+        return view
 
     def idle(self) -> bool:
         """Nothing runs and nothing can start: what `up --once` waits for."""
@@ -404,7 +423,7 @@ class Engine:
         if run.status is RunStatus.ASSIGNED:
             run.move(RunStatus.RUNNING)
             run.started_at = message.get("started_at") or self._clock()
-            self._save_run(run)
+            self._save_run(run, late=True)
 
     def _on_output(self, worker: WorkerState, run: RunState, message: Message) -> None:
         offset = int(message["offset"])
@@ -549,8 +568,16 @@ class Engine:
         task.waiting = None
         self._save_task(task, commit=True)
 
-    def flush(self) -> int:
-        """Write what the last batch changed, commit it, send what it asked for; the commits handed over."""
+    def flush(self, force: bool = False) -> int:
+        """Write what the last batch changed, commit it, send what it asked for; the commits handed over.
+
+        A Run record marked late (RUNNING) waits up to RECORD_LAG_SECONDS
+        unless `force`: a Run that ends within that time is written once,
+        finished, instead of twice.
+        """
+        if self._late_runs and (force or self._clock() >= (self.records_due or 0.0)):
+            self._dirty_runs = {**self._late_runs, **self._dirty_runs}
+            self._late_runs, self.records_due = {}, None
         writes: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
             *((self.records.save_manifest, item) for item in self._manifests),
             *((self.records.save_run, (run.record(),)) for run in self._dirty_runs.values()),
@@ -575,6 +602,7 @@ class Engine:
         self._outbox.append((worker, message))
 
     def _save_task(self, task: TaskState, commit: bool = False) -> None:
+        self._views.pop(task.id, None)
         task.updated_at = self._clock()
         self._dirty_tasks[task.id] = task
         emit(self.hooks, "task_changed", task)
@@ -585,8 +613,14 @@ class Engine:
                 status=task.status.value, title=task.spec.title if task.spec else task.id,
             ))
 
-    def _save_run(self, run: RunState) -> None:
-        self._dirty_runs[run.run_id] = run
+    def _save_run(self, run: RunState, late: bool = False) -> None:
+        if late and run.run_id not in self._dirty_runs:
+            self._late_runs[run.run_id] = run
+            if self.records_due is None:
+                self.records_due = self._clock() + RECORD_LAG_SECONDS
+        else:
+            self._late_runs.pop(run.run_id, None)
+            self._dirty_runs[run.run_id] = run
         emit(self.hooks, "run_changed", run)
 
     def _next_seq(self) -> int:
