@@ -77,7 +77,9 @@ class Engine:
         self._cycles_stale = False
         self._dirty_tasks: dict[str, TaskState] = {}
         self._dirty_runs: dict[str, RunState] = {}
-        self._late_runs: dict[str, RunState] = {}  # Run records allowed to wait until `records_due`
+        # Records allowed to wait until `records_due` (see flush).
+        self._late_runs: dict[str, RunState] = {}
+        self._late_tasks: dict[str, TaskState] = {}
         self.records_due: float | None = None
         self._manifests: list[tuple[str, int, dict[str, Any]]] = []
         self._commits: list[CommitItem] = []
@@ -98,7 +100,14 @@ class Engine:
                     run_data = self.records.load_run(task_id, int(entry["run"]))
                     if run_data is not None:
                         runs.append(RunState.from_record(run_data))
+                # The Task record of a Run just assigned may trail its Run record
+                # (RECORD_LAG_SECONDS): a Run record it does not list yet counts.
+                while (run_data := self.records.load_run(task_id, len(runs) + 1)) is not None:
+                    runs.append(RunState.from_record(run_data))
                 task = TaskState.from_record(data, runs)
+                if task.active_run is not None and task.status is TaskStatus.PENDING:
+                    task.status = TaskStatus.RUNNING
+                    task.attempts = max(task.attempts, task.active_run.attempt)
             except (RecordError, KeyError, ValueError, TypeError) as exc:
                 emit(self.hooks, "notice", f"skipping the record of '{task_id}': {exc}")
                 continue
@@ -336,7 +345,7 @@ class Engine:
         run.move(RunStatus.ASSIGNED)
         run.assigned_at = now
         self._save_run(run)
-        self._save_task(task)
+        self._save_task(task, late=True)
         # A failed send means the session is down: the link reports that, and
         # the Run is reattached or found lost when the Worker says hello again.
         self._send(worker, Message("assign", {"run_id": run.run_id, "envelope": package.envelope}, package.archive))
@@ -571,13 +580,16 @@ class Engine:
     def flush(self, force: bool = False) -> int:
         """Write what the last batch changed, commit it, send what it asked for; the commits handed over.
 
-        A Run record marked late (RUNNING) waits up to RECORD_LAG_SECONDS
-        unless `force`: a Run that ends within that time is written once,
-        finished, instead of twice.
+        Records marked late (a Task turning RUNNING, a Run turning RUNNING)
+        wait up to RECORD_LAG_SECONDS unless `force`: when the Run ends within
+        that time each is written once, finished, instead of twice. Nothing
+        depends on them in between: the assigned Run's own record, which
+        `restore` finds, is written before the Worker is asked.
         """
-        if self._late_runs and (force or self._clock() >= (self.records_due or 0.0)):
+        if self.records_due is not None and (force or self._clock() >= self.records_due):
             self._dirty_runs = {**self._late_runs, **self._dirty_runs}
-            self._late_runs, self.records_due = {}, None
+            self._dirty_tasks = {**self._late_tasks, **self._dirty_tasks}
+            self._late_runs, self._late_tasks, self.records_due = {}, {}, None
         writes: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
             *((self.records.save_manifest, item) for item in self._manifests),
             *((self.records.save_run, (run.record(),)) for run in self._dirty_runs.values()),
@@ -601,10 +613,15 @@ class Engine:
     def _send(self, worker: WorkerState, message: Message) -> None:
         self._outbox.append((worker, message))
 
-    def _save_task(self, task: TaskState, commit: bool = False) -> None:
+    def _save_task(self, task: TaskState, commit: bool = False, late: bool = False) -> None:
         self._views.pop(task.id, None)
         task.updated_at = self._clock()
-        self._dirty_tasks[task.id] = task
+        if late and task.id not in self._dirty_tasks:
+            self._late_tasks[task.id] = task
+            self._records_due()
+        else:
+            self._late_tasks.pop(task.id, None)
+            self._dirty_tasks[task.id] = task
         emit(self.hooks, "task_changed", task)
         if commit:
             self._commits.append(CommitItem(
@@ -616,12 +633,15 @@ class Engine:
     def _save_run(self, run: RunState, late: bool = False) -> None:
         if late and run.run_id not in self._dirty_runs:
             self._late_runs[run.run_id] = run
-            if self.records_due is None:
-                self.records_due = self._clock() + RECORD_LAG_SECONDS
+            self._records_due()
         else:
             self._late_runs.pop(run.run_id, None)
             self._dirty_runs[run.run_id] = run
         emit(self.hooks, "run_changed", run)
+
+    def _records_due(self) -> None:
+        if self.records_due is None:
+            self.records_due = self._clock() + RECORD_LAG_SECONDS
 
     def _next_seq(self) -> int:
         self._seq += 1

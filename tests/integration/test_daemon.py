@@ -183,6 +183,29 @@ def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: D
     assert _output(daemon.root, "finishes-alone") == "begin\nend\n"
 
 
+def test_a_run_the_task_record_does_not_list_yet_is_reattached_on_restart(daemon: Daemon, tmp_path: Path) -> None:
+    """The Task record of a fresh Run trails its Run record; a crash in between loses nothing."""
+    gate = tmp_path / "gate"
+    daemon.start()
+    write_task(daemon.root, "trailing", f'echo begin; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo end')
+    wait_until(lambda: _output(daemon.root, "trailing") == "begin\n", 20, "the Run to start")
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    run_id = (run_record(daemon.root, "trailing", 1) or {})["run_id"]
+    # As on disk when the daemon dies within RECORD_LAG_SECONDS of assigning the Run.
+    path = daemon.root / "runs" / "trailing" / "status.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "status": "PENDING", "runs": [], "attempts": 0}))
+
+    daemon.start()
+    gate.touch()
+    wait_status(daemon.root, "trailing", "COMPLETED")
+    assert [entry["run"] for entry in (task_record(daemon.root, "trailing") or {})["runs"]] == [1]
+    assert (run_record(daemon.root, "trailing", 1) or {})["run_id"] == run_id
+    assert _output(daemon.root, "trailing") == "begin\nend\n"
+    assert not (daemon.root / "runs" / "trailing" / "run-2").exists()
+
+
 def test_malformed_config_edit_is_refused_and_the_previous_one_stays(daemon: Daemon) -> None:
     daemon.start()
     config = daemon.root / ".taskrun.yaml"
