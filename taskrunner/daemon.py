@@ -38,6 +38,7 @@ from taskrunner.links import LinkEvent
 from taskrunner.model import TaskStatus
 from taskrunner.recorder import CommitItem, Recorder
 from taskrunner.watcher import FileEvent, Watcher
+from taskrunner.writeback import WriteBehind
 
 #: Longest the main loop sleeps without an event: heartbeats and grace
 #: periods are checked at least this often.
@@ -72,7 +73,8 @@ class Daemon:
                                  on_error=lambda message: emit(self.hooks, "notice", message))
         keyring, _ = Keyring.ensure(self.state_dir, time.time())
         self.fleet = Fleet(config, self.state_dir, self.events.put, keyring, self.hooks)
-        self.engine = Engine(root, config, self.fleet, self.recorder.submit, self.hooks)
+        self.writer = WriteBehind(on_error=lambda message: emit(self.hooks, "notice", message))
+        self.engine = Engine(root, config, self.fleet, self.recorder.submit, self.hooks, deliver=self.writer.run)
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask)
         self._lock_file: int | None = None
@@ -120,7 +122,7 @@ class Daemon:
             self._flush()
             if self.once and self.engine.idle():
                 self.engine.give_up_waiting()
-                self._flush(force=True)
+                self._flush(force=True, wait=True)
                 return
             wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(), self.engine.records_due,
                                    self.fleet.keyring.next_retirement()) if t is not None]
@@ -158,14 +160,17 @@ class Daemon:
                 self._reload()
         elif isinstance(event, _Request):
             answer = self._answer(event.payload)
-            self._flush(force=True)  # the caller may read the records as soon as it has the answer
+            self._flush(force=True, wait=True)  # the caller may read the records as soon as it has the answer
             event.reply.put(answer)
         return True
 
-    def _flush(self, force: bool = False) -> None:
+    def _flush(self, force: bool = False, wait: bool = False) -> None:
         if self.engine.flush(force) and not self.engine.runs:
-            # Nothing else is about to finish: commit now rather than wait out the window.
-            self.recorder.kick()
+            # Nothing else is about to finish: commit now rather than wait out the window
+            # (once the writer has handed the commits over).
+            self.writer.run(self.recorder.kick)
+        if wait:
+            self.writer.wait()
 
     def _answer(self, payload: dict[str, Any]) -> dict[str, Any]:
         command = payload.get("command")
@@ -226,8 +231,8 @@ class Daemon:
         self._lock_file = fd
 
     def _shutdown(self) -> None:
-        for stop in (lambda: self.engine.flush(force=True), self.watcher.stop, self.control.stop, self.fleet.close,
-                     self.recorder.stop):
+        for stop in (lambda: self.engine.flush(force=True), self.writer.stop, self.watcher.stop, self.control.stop,
+                     self.fleet.close, self.recorder.stop):
             try:
                 stop()
             except Exception as exc:  # shutting down: report, keep going

@@ -57,6 +57,7 @@ class Engine:
         hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        deliver: Callable[[Callable[[], None]], None] = lambda job: job(),
     ) -> None:
         self.root = root
         self.config = config
@@ -64,6 +65,7 @@ class Engine:
         self.records = Records(root)
         self.hooks = hooks or Hooks()
         self._commit = commit
+        self._deliver = deliver
         self._clock = clock
         self._rand = rand
         self.tasks: dict[str, TaskState] = {}
@@ -578,7 +580,10 @@ class Engine:
         self._save_task(task, commit=True)
 
     def flush(self, force: bool = False) -> int:
-        """Write what the last batch changed, commit it, send what it asked for; the commits handed over.
+        """Hand over what the last batch changed: records, then commits and messages; the commits' count.
+
+        `deliver` runs the job (inline unless the daemon gives it a thread,
+        see writeback.py); the records are snapshots taken here.
 
         Records marked late (a Task turning RUNNING, a Run turning RUNNING)
         wait up to RECORD_LAG_SECONDS unless `force`: when the Run ends within
@@ -596,19 +601,27 @@ class Engine:
             *((self.records.save_task, (task.record(),)) for task in self._dirty_tasks.values()),
         ]
         self._manifests, self._dirty_runs, self._dirty_tasks = [], {}, {}
+        commits, self._commits = self._commits, []
+        outbox: dict[str, tuple[WorkerState, list[Message]]] = {}
+        for worker, message in self._outbox:
+            outbox.setdefault(worker.name, (worker, []))[1].append(message)
+        self._outbox = []
+        self._deliver(lambda: self._apply(writes, commits, list(outbox.values())))
+        return len(commits)
+
+    def _apply(self, writes: list[tuple[Callable[..., None], tuple[Any, ...]]], commits: list[CommitItem],
+               sends: list[tuple[WorkerState, list[Message]]]) -> None:
+        """Write a batch's records, then hand over its commits and send its messages, which depend on them."""
         for write, args in writes:
             try:
                 write(*args)
             except RecordError as exc:
                 # The state stays in memory and is written again with its next change.
                 emit(self.hooks, "notice", str(exc))
-        commits, self._commits = self._commits, []
         for item in commits:
             self._commit(item)
-        outbox, self._outbox = self._outbox, []
-        for worker, message in outbox:
-            self.fleet.send(worker, message)
-        return len(commits)
+        for worker, messages in sends:
+            self.fleet.send(worker, *messages)
 
     def _send(self, worker: WorkerState, message: Message) -> None:
         self._outbox.append((worker, message))

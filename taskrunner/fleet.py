@@ -223,11 +223,11 @@ class Fleet:
             emit(self.hooks, "notice", f"Worker '{worker.name}' offline: {reason} (retrying in {delay:.1f}s)")
             emit(self.hooks, "worker_changed", worker.view())
 
-    def send(self, worker: WorkerState, message: Message) -> None:
+    def send(self, worker: WorkerState, *messages: Message) -> None:
         if worker.link is None:
             return
         try:
-            worker.link.send(message)
+            worker.link.send(*messages)
         except WorkerError as exc:
             # The reader sees the same end and reports it; marking offline now
             # keeps further Runs off this Worker in the meantime.

@@ -67,12 +67,12 @@ class WorkerLink(ABC):
         threading.Thread(target=self._session, args=(generation,), name=f"link-{self.name}", daemon=True).start()
         return generation
 
-    def send(self, message: Message) -> None:
+    def send(self, *messages: Message) -> None:
         writer = self._writer
         if writer is None:
             raise WorkerError(f"Worker '{self.name}' has no open session")
         try:
-            writer.write(message)
+            writer.write(*messages)
         except (OSError, ValueError) as exc:
             raise WorkerError(f"Worker '{self.name}': session lost while sending ({exc})") from exc
 

@@ -54,6 +54,7 @@ class ActiveRun:
     result: dict[str, Any] | None = None
     log: IO[bytes] | None = None
     next_probe: float = 0.0  # adopted Runs: when to look at their process group again
+    assignment: dict[str, Any] = field(default_factory=dict)  # as in assignment.json
     secrets: list[bytes] = field(default_factory=list)  # values masked in the output sent
 
 
@@ -189,8 +190,9 @@ class WorkerServer:
         names = list(manifest.get("agent", {}).get("env") or [])
         kept = {k: manifest.get(k) for k in ("task_id", "revision", "attempt", "agent", "timeout", "task_file",
                                                "nonce", "seq")}
-        run_dir.write_assignment({"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline})
-        run = ActiveRun(run_dir, None, None, deadline, attached=True)
+        assignment = {"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline}
+        run_dir.write_assignment(assignment)
+        run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment)
         self._runs[run_dir.run_id] = run
         if failure is not None:
             self._finish(run, "FAILED", None, failure)
@@ -242,7 +244,8 @@ class WorkerServer:
 
     def _adopt(self, run_dir: RunDir) -> ActiveRun:
         assignment = run_dir.assignment()
-        run = ActiveRun(run_dir, None, run_dir.pid(), assignment.get("deadline"), result=run_dir.result())
+        run = ActiveRun(run_dir, None, run_dir.pid(), assignment.get("deadline"), result=run_dir.result(),
+                        assignment=assignment)
         run.secrets = secrets.kept(run_dir.path)
         if run.result is None:
             self._check_exit(run)
@@ -298,7 +301,7 @@ class WorkerServer:
         self._finish(run, status, code, error)
 
     def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None) -> None:
-        assignment = run.dir.assignment()
+        assignment = run.assignment
         size, digest = self._output_digest(run)
         result = {
             "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,

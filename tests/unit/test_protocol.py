@@ -252,3 +252,20 @@ def test_writer_is_safe_across_threads_and_the_reader_sees_whole_records() -> No
         assert message.payload == (f"{t}:{i}\n".encode() * (i % 5 + 1)) + bytes([t, i])
         seen.setdefault(message["run_id"], []).append(i)
     assert seen == {f"t{t}": list(range(per_thread)) for t in range(threads_n)}
+
+
+def test_several_records_written_together_are_one_write_and_read_back_in_order() -> None:
+    class Counting(io.BytesIO):
+        writes = 0
+
+        def write(self, data: Any) -> int:  # type: ignore[override]
+            Counting.writes += 1
+            return super().write(data)
+
+    stream = Counting()
+    messages = [Message("ack", {"run_id": "r1"}), Message("assign", FIELDS["assign"], BINARY),
+                Message("cancel", {"run_id": "r2", "reason": "x"})]
+    Writer(stream).write(*messages)
+    assert Counting.writes == 1
+    back = read_all(stream.getvalue())
+    assert [(m.type, m.fields, m.payload) for m in back] == [(m.type, m.fields, m.payload) for m in messages]
