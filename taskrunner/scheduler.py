@@ -112,6 +112,7 @@ def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mappi
     by_id = {t.id: t for t in ordered}
     effective, culprit = _resolve_dependencies(by_id)
     pool = sorted(workers, key=lambda w: w.name)
+    fits = _Fits(pool)
 
     blocked: list[Blocked] = []
     unblocked: list[str] = []
@@ -129,14 +130,14 @@ def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mappi
             continue
         if task.not_before > now:
             wakeups.append(task.not_before)
-        reason = _ineligible(task, by_id, effective, pool, now)
+        reason = _ineligible(task, by_id, effective, fits, now)
         if reason is None:
             eligible.append(task)
         else:
             waiting[task.id] = reason
 
     running = Counter(t.group for t in ordered if t.status is TaskStatus.RUNNING and t.group is not None)
-    assignments = _place(eligible, pool, groups, running, waiting)
+    assignments = _place(eligible, pool, fits, groups, running, waiting)
     return Plan(
         assignments=tuple(assignments),
         blocked=tuple(blocked),
@@ -205,11 +206,11 @@ def _ineligible(
     task: TaskView,
     by_id: Mapping[str, TaskView],
     effective: Mapping[str, TaskStatus],
-    workers: Sequence[WorkerView],
+    fits: _Fits,
     now: float,
 ) -> str | None:
     """Why a PENDING, unblocked Task cannot start in any case; None if it may."""
-    if not any(_could_ever_run(w, task) for w in workers):
+    if not fits.capable(task):
         # Checked first: this needs a person to change the configuration,
         # while the other reasons pass by themselves.
         return f"no Worker offers Agent '{task.agent}'{_labels_text(task.labels)}"
@@ -229,12 +230,14 @@ def _ineligible(
 def _place(
     eligible: Sequence[TaskView],
     workers: Sequence[WorkerView],
+    fits: _Fits,
     groups: Mapping[str, int],
     running: Mapping[str, int],
     waiting: dict[str, str],
 ) -> list[Assignment]:
     """Assign eligible Tasks (in urgency order) to Workers; fills `waiting` for the rest."""
     used = {w.name: w.used for w in workers}
+    free = sum(max(0, w.slots - w.used) for w in workers if w.online)
     started = dict(running)
     # One queue per group in arrival order, one queue of one per ungrouped Task.
     queues: list[list[TaskView]] = []
@@ -260,14 +263,16 @@ def _place(
             for task in queue:
                 waiting[task.id] = f"group '{group}' is at its cap of {cap} parallel Run(s)"
             continue
-        worker = _pick_worker(head, workers, used)
+        # Once every slot is taken (the usual case with a backlog), no Worker is looked at again.
+        worker = _pick_worker(head, fits.capable(head), used) if free else None
         if worker is None:
-            waiting[head.id] = _no_free_worker(head, workers)
+            waiting[head.id] = fits.busy_reason(head)
             for task in queue[1:]:
                 waiting[task.id] = f"behind '{head.id}' in group '{group}' (its Runs start in arrival order)"
             continue
         assignments.append(Assignment(head.id, worker.name))
         used[worker.name] += 1
+        free -= 1
         if group is not None:
             started[group] = started.get(group, 0) + 1
         del queue[0]
@@ -290,16 +295,39 @@ def _could_ever_run(worker: WorkerView, task: TaskView) -> bool:
     )
 
 
-def _pick_worker(task: TaskView, workers: Sequence[WorkerView], used: Mapping[str, int]) -> WorkerView | None:
-    fitting = [w for w in workers if w.online and used[w.name] < w.slots and _could_ever_run(w, task)]
+class _Fits:
+    """Which Workers could ever run a Task, and the busy reason, computed once per (Agent, labels) in a plan."""
+
+    def __init__(self, workers: Sequence[WorkerView]) -> None:
+        self._workers = workers
+        self._capable: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[WorkerView, ...]] = {}
+        self._busy: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+
+    def capable(self, task: TaskView) -> tuple[WorkerView, ...]:
+        key = (task.agent, tuple(sorted(task.labels.items())))
+        found = self._capable.get(key)
+        if found is None:
+            found = self._capable[key] = tuple(w for w in self._workers if _could_ever_run(w, task))
+        return found
+
+    def busy_reason(self, task: TaskView) -> str:
+        key = (task.agent, tuple(sorted(task.labels.items())))
+        reason = self._busy.get(key)
+        if reason is None:
+            reason = self._busy[key] = _no_free_worker(task, self.capable(task))
+        return reason
+
+
+def _pick_worker(task: TaskView, capable: Sequence[WorkerView], used: Mapping[str, int]) -> WorkerView | None:
+    fitting = [w for w in capable if w.online and used[w.name] < w.slots]
     if not fitting:
         return None
     tried = set(task.tried_workers)
     return min(fitting, key=lambda w: (w.name in tried, -(w.slots - used[w.name]), w.name))
 
 
-def _no_free_worker(task: TaskView, workers: Sequence[WorkerView]) -> str:
-    names = ", ".join(w.name for w in workers if _could_ever_run(w, task))
+def _no_free_worker(task: TaskView, capable: Sequence[WorkerView]) -> str:
+    names = ", ".join(w.name for w in capable)
     return f"every Worker offering Agent '{task.agent}'{_labels_text(task.labels)} is busy or offline ({names})"
 
 
