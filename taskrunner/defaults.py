@@ -36,7 +36,7 @@ DEBOUNCE_SECONDS = 0.15
 
 #: Runs that finish within this window share one commit.
 COMMIT_WINDOW_SECONDS = 0.25
-#: A RUNNING Run record may reach runs/ this much later: a Run that ends sooner is written once.
+#: A Task or Run record turning RUNNING may reach runs/ this much later: a Run that ends sooner is written once.
 RECORD_LAG_SECONDS = 0.1
 
 #: A Worker sends a heartbeat this often (fixed on the Worker side).

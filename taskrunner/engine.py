@@ -629,12 +629,7 @@ class Engine:
     def _save_task(self, task: TaskState, commit: bool = False, late: bool = False) -> None:
         self._views.pop(task.id, None)
         task.updated_at = self._clock()
-        if late and task.id not in self._dirty_tasks:
-            self._late_tasks[task.id] = task
-            self._records_due()
-        else:
-            self._late_tasks.pop(task.id, None)
-            self._dirty_tasks[task.id] = task
+        self._mark(task.id, task, self._dirty_tasks, self._late_tasks, late)
         emit(self.hooks, "task_changed", task)
         if commit:
             self._commits.append(CommitItem(
@@ -644,17 +639,18 @@ class Engine:
             ))
 
     def _save_run(self, run: RunState, late: bool = False) -> None:
-        if late and run.run_id not in self._dirty_runs:
-            self._late_runs[run.run_id] = run
-            self._records_due()
-        else:
-            self._late_runs.pop(run.run_id, None)
-            self._dirty_runs[run.run_id] = run
+        self._mark(run.run_id, run, self._dirty_runs, self._late_runs, late)
         emit(self.hooks, "run_changed", run)
 
-    def _records_due(self) -> None:
-        if self.records_due is None:
-            self.records_due = self._clock() + RECORD_LAG_SECONDS
+    def _mark(self, key: str, state: Any, dirty: dict[str, Any], waiting: dict[str, Any], late: bool) -> None:
+        """Queue a record for the next flush, or (late) for the first flush after `records_due`."""
+        if late and key not in dirty:
+            waiting[key] = state
+            if self.records_due is None:
+                self.records_due = self._clock() + RECORD_LAG_SECONDS
+        else:
+            waiting.pop(key, None)  # a later change that cannot wait takes the earlier one along
+            dirty[key] = state
 
     def _next_seq(self) -> int:
         self._seq += 1

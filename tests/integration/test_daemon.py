@@ -166,13 +166,18 @@ def test_daemon_killed_mid_run_reattaches_without_losing_or_repeating_output(dae
     assert len((task_record(daemon.root, "stream") or {})["runs"]) == 1
 
 
-def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: Daemon, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
+def _kill_mid_run(daemon: Daemon, task_id: str, gate: Path) -> None:
+    """Start a Task that waits for `gate`, then SIGKILL the daemon while it runs."""
     daemon.start()
-    write_task(daemon.root, "finishes-alone", f'echo begin; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo end')
-    wait_until(lambda: _output(daemon.root, "finishes-alone") == "begin\n", 20, "the Run to start")
+    write_task(daemon.root, task_id, f'echo begin; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo end')
+    wait_until(lambda: _output(daemon.root, task_id) == "begin\n", 20, "the Run to start")
     daemon.signal(signal.SIGKILL)
     daemon.wait()
+
+
+def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: Daemon, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    _kill_mid_run(daemon, "finishes-alone", gate)
 
     gate.touch()
     worker_runs = daemon.root / ".git/taskrun/workers/local/runs"
@@ -186,11 +191,7 @@ def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: D
 def test_a_run_the_task_record_does_not_list_yet_is_reattached_on_restart(daemon: Daemon, tmp_path: Path) -> None:
     """The Task record of a fresh Run trails its Run record; a crash in between loses nothing."""
     gate = tmp_path / "gate"
-    daemon.start()
-    write_task(daemon.root, "trailing", f'echo begin; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo end')
-    wait_until(lambda: _output(daemon.root, "trailing") == "begin\n", 20, "the Run to start")
-    daemon.signal(signal.SIGKILL)
-    daemon.wait()
+    _kill_mid_run(daemon, "trailing", gate)
     run_id = (run_record(daemon.root, "trailing", 1) or {})["run_id"]
     # As on disk when the daemon dies within RECORD_LAG_SECONDS of assigning the Run.
     path = daemon.root / "runs" / "trailing" / "status.json"
