@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
+from taskrunner.defaults import BUNDLE_TTL_SECONDS
 from taskrunner.errors import WorkerError
-from taskrunner.signing import BUNDLE_TYPE, SignatureRejected, SigningKey, sign, verify_json
+from taskrunner.signing import BUNDLE_TYPE, SignatureRejected, SigningKey, outside_validity, sign, verify_json
 
 BUNDLE_FORMAT = 1
 MAX_MEMBERS = 10_000
@@ -138,11 +138,8 @@ def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, by
     if manifest["audience"] != audience:
         raise BundleRejected(f"bundle rejected: addressed to another Worker ({manifest['worker']}, "
                              f"{manifest['audience']})")
-    if manifest["issued_at"] > now + CLOCK_SKEW_SECONDS:
-        raise BundleRejected("bundle rejected: issued in the future (are the clocks more than "
-                             f"{CLOCK_SKEW_SECONDS:.0f}s apart?)")
-    if now > manifest["expires_at"] + CLOCK_SKEW_SECONDS:
-        raise BundleRejected("bundle rejected: expired")
+    if (problem := outside_validity(manifest["issued_at"], manifest["expires_at"], now)) is not None:
+        raise BundleRejected(f"bundle rejected: {problem}")
     whole = manifest["archive"]
     if len(archive) != whole.get("size") or hashlib.sha256(archive).hexdigest() != whole.get("sha256"):
         raise BundleRejected("bundle rejected: the archive does not match the manifest's hash")

@@ -124,7 +124,7 @@ class Daemon:
                 self.engine.give_up_waiting()
                 self._flush(force=True, wait=True)
                 return
-            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(), self.engine.records_due,
+            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(), self.engine.pending.due,
                                    self.fleet.keyring.next_retirement()) if t is not None]
             sleep = min([now + MAX_SLEEP, *wakeups]) - now
             try:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from taskrunner import bundle, scheduler
+from taskrunner.batch import Batch, Pending
 from taskrunner.config import Config
-from taskrunner.defaults import LOST_RUN_RETRIES, RECORD_LAG_SECONDS, TASKS_DIR
+from taskrunner.defaults import LOST_RUN_RETRIES, TASKS_DIR
 from taskrunner.enroll import trust_request, wanted_keys
 from taskrunner.errors import RecordError, TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
@@ -77,15 +78,7 @@ class Engine:
         self._bundle_seq: dict[str, int] = {}  # Worker name -> last bundle sequence number sent
         self._progress = False
         self._cycles_stale = False
-        self._dirty_tasks: dict[str, TaskState] = {}
-        self._dirty_runs: dict[str, RunState] = {}
-        # Records allowed to wait until `records_due` (see flush).
-        self._late_runs: dict[str, RunState] = {}
-        self._late_tasks: dict[str, TaskState] = {}
-        self.records_due: float | None = None
-        self._manifests: list[tuple[str, int, dict[str, Any]]] = []
-        self._commits: list[CommitItem] = []
-        self._outbox: list[tuple[WorkerState, Message]] = []
+        self.pending = Pending(clock)
         self._views: dict[str, scheduler.TaskView] = {}
 
     # -- start-up -----------------------------------------------------------
@@ -342,8 +335,8 @@ class Engine:
             agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command), "env": list(agent.env)},
         )
         # The record keeps the signatures: the manifest's compact JSON (bundle.manifest_bytes) is what they sign.
-        self._manifests.append((task.id, run.number, {**package.manifest,
-                                                      "signatures": package.envelope["signatures"]}))
+        self.pending.manifest(task.id, run.number, {**package.manifest,
+                                                    "signatures": package.envelope["signatures"]})
         run.move(RunStatus.ASSIGNED)
         run.assigned_at = now
         self._save_run(run)
@@ -507,7 +500,7 @@ class Engine:
             task.move(next_status)
             task.error = reason
         self._save_task(task)
-        self._commits.append(CommitItem(
+        self.pending.commit(CommitItem(
             paths=tuple(self.records.run_paths(task.id, run.number)), task_id=task.id, run_id=run.run_id,
             run_number=run.number, worker=run.worker, agent=run.agent, status=run.status.value,
             title=task.spec.title if task.spec else task.id,
@@ -580,77 +573,51 @@ class Engine:
         self._save_task(task, commit=True)
 
     def flush(self, force: bool = False) -> int:
-        """Hand over what the last batch changed: records, then commits and messages; the commits' count.
+        """Hand over what the last batch changed (see batch.py); the number of commits in it.
 
-        `deliver` runs the job (inline unless the daemon gives it a thread,
-        see writeback.py); the records are snapshots taken here.
-
-        Records marked late (a Task turning RUNNING, a Run turning RUNNING)
-        wait up to RECORD_LAG_SECONDS unless `force`: when the Run ends within
-        that time each is written once, finished, instead of twice. Nothing
-        depends on them in between: the assigned Run's own record, which
-        `restore` finds, is written before the Worker is asked.
+        `deliver` runs the job: inline, unless the daemon gives it a thread
+        (writeback.py).
         """
-        if self.records_due is not None and (force or self._clock() >= self.records_due):
-            self._dirty_runs = {**self._late_runs, **self._dirty_runs}
-            self._dirty_tasks = {**self._late_tasks, **self._dirty_tasks}
-            self._late_runs, self._late_tasks, self.records_due = {}, {}, None
-        writes: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
-            *((self.records.save_manifest, item) for item in self._manifests),
-            *((self.records.save_run, (run.record(),)) for run in self._dirty_runs.values()),
-            *((self.records.save_task, (task.record(),)) for task in self._dirty_tasks.values()),
-        ]
-        self._manifests, self._dirty_runs, self._dirty_tasks = [], {}, {}
-        commits, self._commits = self._commits, []
-        outbox: dict[str, tuple[WorkerState, list[Message]]] = {}
-        for worker, message in self._outbox:
-            outbox.setdefault(worker.name, (worker, []))[1].append(message)
-        self._outbox = []
-        self._deliver(lambda: self._apply(writes, commits, list(outbox.values())))
-        return len(commits)
+        batch = self.pending.take(force)
+        self._deliver(lambda: self._apply(batch))
+        return len(batch.commits)
 
-    def _apply(self, writes: list[tuple[Callable[..., None], tuple[Any, ...]]], commits: list[CommitItem],
-               sends: list[tuple[WorkerState, list[Message]]]) -> None:
+    def _apply(self, batch: Batch) -> None:
         """Write a batch's records, then hand over its commits and send its messages, which depend on them."""
+        writes: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            *((self.records.save_manifest, item) for item in batch.manifests),
+            *((self.records.save_run, (record,)) for record in batch.runs),
+            *((self.records.save_task, (record,)) for record in batch.tasks),
+        ]
         for write, args in writes:
             try:
                 write(*args)
             except RecordError as exc:
                 # The state stays in memory and is written again with its next change.
                 emit(self.hooks, "notice", str(exc))
-        for item in commits:
+        for item in batch.commits:
             self._commit(item)
-        for worker, messages in sends:
+        for worker, messages in batch.sends:
             self.fleet.send(worker, *messages)
 
     def _send(self, worker: WorkerState, message: Message) -> None:
-        self._outbox.append((worker, message))
+        self.pending.send(worker, message)
 
     def _save_task(self, task: TaskState, commit: bool = False, late: bool = False) -> None:
         self._views.pop(task.id, None)
         task.updated_at = self._clock()
-        self._mark(task.id, task, self._dirty_tasks, self._late_tasks, late)
+        self.pending.task(task, late)
         emit(self.hooks, "task_changed", task)
         if commit:
-            self._commits.append(CommitItem(
+            self.pending.commit(CommitItem(
                 paths=(self.records.relative(self.records.task_file(task.id)),), task_id=task.id,
                 run_id=None, run_number=None, worker=None, agent=agent_of(task.spec, self.config) if task.spec else None,
                 status=task.status.value, title=task.spec.title if task.spec else task.id,
             ))
 
     def _save_run(self, run: RunState, late: bool = False) -> None:
-        self._mark(run.run_id, run, self._dirty_runs, self._late_runs, late)
+        self.pending.run(run, late)
         emit(self.hooks, "run_changed", run)
-
-    def _mark(self, key: str, state: Any, dirty: dict[str, Any], waiting: dict[str, Any], late: bool) -> None:
-        """Queue a record for the next flush, or (late) for the first flush after `records_due`."""
-        if late and key not in dirty:
-            waiting[key] = state
-            if self.records_due is None:
-                self.records_due = self._clock() + RECORD_LAG_SECONDS
-        else:
-            waiting.pop(key, None)  # a later change that cannot wait takes the earlier one along
-            dirty[key] = state
 
     def _next_seq(self) -> int:
         self._seq += 1

@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from taskrunner.defaults import CLOCK_SKEW_SECONDS
 from taskrunner.errors import TaskrunError
 
 BUNDLE_TYPE = "application/vnd.taskrun.bundle+json"
@@ -111,6 +112,15 @@ def parse_public_line(line: str) -> bytes:
     if len(raw) != 32:
         raise SignatureRejected(f"an Ed25519 public key is 32 bytes, this one is {len(raw)}")
     return raw
+
+
+def outside_validity(issued_at: float, expires_at: float, now: float, expired: str = "expired") -> str | None:
+    """Why a signed statement is not valid at `now` (CLOCK_SKEW_SECONDS either way); None if it is."""
+    if issued_at > now + CLOCK_SKEW_SECONDS:
+        return f"issued in the future (are the clocks more than {CLOCK_SKEW_SECONDS:.0f}s apart?)"
+    if now > expires_at + CLOCK_SKEW_SECONDS:
+        return expired
+    return None
 
 
 def pae(payload_type: str, body: bytes) -> bytes:

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from taskrunner.atomic import read_json, write_json
-from taskrunner.defaults import CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
-from taskrunner.signing import TRUST_TYPE, SignatureRejected, SigningKey, key_id, parse_public_line, verify_json
+from taskrunner.signing import (TRUST_TYPE, SignatureRejected, SigningKey, key_id, outside_validity,
+                                parse_public_line, verify_json)
 
 TRUST_FORMAT = 1
 WORKER_KEY_FILE = "keys/worker.pem"
@@ -136,11 +136,10 @@ class TrustStore:
             if statement["audience"] not in (own_key_id, None):
                 raise TrustRefused(f"trust refused: addressed to {statement['audience']}, this Worker is "
                                    f"{own_key_id}")
-            if statement["issued_at"] > now + CLOCK_SKEW_SECONDS:
-                raise TrustRefused("trust refused: issued in the future (are the clocks more than "
-                                   f"{CLOCK_SKEW_SECONDS:.0f}s apart?)")
-            if now > statement["expires_at"] + CLOCK_SKEW_SECONDS:
-                raise TrustRefused("trust refused: the statement has expired")
+            problem = outside_validity(statement["issued_at"], statement["expires_at"], now,
+                                       expired="the statement has expired")
+            if problem is not None:
+                raise TrustRefused(f"trust refused: {problem}")
             last = current.get("issued_at")
             if last is not None and statement["issued_at"] <= last:
                 raise TrustRefused("trust refused: replayed or out-of-date statement (not newer than the "
