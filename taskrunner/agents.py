@@ -15,6 +15,7 @@ Presets:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +25,11 @@ from taskrunner.taskfile import parse_task, shell_script
 PRESETS = ("shell", "command", "claude", "codex", "aider")
 #: The shell preset runs its script as `bash -euo pipefail SCRIPT`.
 SHELL_ARGV = ("bash", "-euo", "pipefail")
+#: What `prepare` writes into the Run's directory for the Agent to read: the
+#: shell preset's script, every other preset's prompt (mode 0600).
+SCRIPT_FILE = "script.sh"
+PROMPT_FILE = "prompt.md"
+INPUT_FILES = (SCRIPT_FILE, PROMPT_FILE)
 
 
 class AgentError(WorkerError):
@@ -41,12 +47,12 @@ def prepare(agent: Mapping[str, Any], run_dir: Path, workspace: Path, task_id: s
         script = shell_script(spec.body)
         if script is None:
             raise AgentError(f"{task_file}: the shell Agent found no ```sh or ```bash block in the Task")
-        path = run_dir / "script.sh"
-        path.write_text(script)
+        path = run_dir / SCRIPT_FILE
+        _write_private(path, script)
         return [*SHELL_ARGV, str(path)]
     prompt = _prompt(spec.body, spec.context)
-    prompt_file = run_dir / "prompt.md"
-    prompt_file.write_text(prompt)
+    prompt_file = run_dir / PROMPT_FILE
+    _write_private(prompt_file, prompt)
     if preset == "command":
         values = {"prompt_file": str(prompt_file), "task_file": task_file, "workspace": str(workspace)}
         return [_fill(arg, values) for arg in agent.get("command", ())]
@@ -57,6 +63,12 @@ def prepare(agent: Mapping[str, Any], run_dir: Path, workspace: Path, task_id: s
     if preset == "aider":
         return ["aider", "--yes-always", "--message-file", str(prompt_file)]
     raise AgentError(f"unknown Agent preset {preset!r} (known: {', '.join(PRESETS)})")
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def _prompt(body: str, context: tuple[str, ...]) -> str:

@@ -1,15 +1,24 @@
-"""Crash-safe file writes: temp file in the same directory, fsync (unless told not to), rename."""
+"""Crash-safe file writes: temp file in the same directory, fsync (unless told not to), rename.
+
+The directory work happens through file descriptors (safefs.write_in), so the
+temp file and the rename can never land in two different directories.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
+from taskrunner import safefs
+from taskrunner.errors import UnsafePath
 
-def write_bytes(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def write_bytes(path: Path, data: bytes, mode: int = 0o644, durable: bool = True, *,
+                beneath: Path | None = None) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never half.
 
     durable=False skips the fsync: still atomic for readers and across a crash
@@ -17,31 +26,39 @@ def write_bytes(path: Path, data: bytes, mode: int = 0o644, durable: bool = True
     moot or that are rebuilt after one: a Worker's Run directory (its Agents
     die too), the daemon's records (restart skips a torn one and takes the
     Task up again from its file).
+
+    `path` itself is never followed: the temp file is created exclusively
+    without following links and renamed over `path` (a link there is
+    replaced, not written through), both through one fd of the parent
+    directory. The parent is opened by the path the caller gave, links and
+    all, unless `beneath` is given: then every directory below `beneath` is
+    opened without following links (safefs), and a link or special file
+    there raises UnsafePath (an OSError). Pass `beneath` whenever the
+    directories below it are content someone else controls, such as a work
+    tree. Missing directories are made either way.
     """
-    # One writer per process and thread at a time, so this name is ours alone;
-    # cheaper than mkstemp's random names, which showed in profiles.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(tmp, flags, mode)
-    except FileNotFoundError:
-        # Most writes replace a file in a directory that exists: mkdir only when it does not.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, flags, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    if beneath is not None:
         try:
-            os.unlink(tmp)
+            rel = path.relative_to(beneath).as_posix()
+        except ValueError:
+            raise UnsafePath(str(path), f"outside {beneath}") from None
+        parts = safefs.split(rel)
+        tree = safefs.Beneath(beneath)
+        try:
+            fd = tree.open_dir(parts[:-1], create=True)
+        finally:
+            tree.close()
+    else:
+        try:
+            fd = os.open(path.parent, _DIR_FLAGS)
         except FileNotFoundError:
-            pass
-        raise
+            # Most writes replace a file in a directory that exists: mkdir only when it does not.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent, _DIR_FLAGS)
+    try:
+        safefs.write_in(fd, path.name, data, mode, durable)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, data: Any, mode: int = 0o644, durable: bool = True) -> None:

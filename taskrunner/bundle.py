@@ -12,7 +12,8 @@ A bundle is two things sent together in one `assign` record:
     run_id, task_id, revision, attempt, task_file, timeout
     worker       the Worker's name, for people
     audience     the Worker's result key id: only that Worker takes it
-    agent        {name, preset, command, env}: env holds variable names only
+    agent        {name, preset, command, env, sandbox}: env holds variable names only;
+                 sandbox "none" accepts an unconfined Agent on this Worker (else "bwrap")
     nonce        32 random hex digits
     seq          per-Worker sequence number; only goes up (microseconds since
                  the epoch, raised to stay above the last one sent)
@@ -54,6 +55,8 @@ BUNDLE_FORMAT = 1
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024 * 1024
+#: Archive bytes per member besides its contents: header, PAX header and padding (5 tar blocks).
+ARCHIVE_OVERHEAD_PER_MEMBER = 5 * tarfile.BLOCKSIZE
 #: Manifest fields and the types they must have.
 FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "key_id": (str,), "run_id": (str,), "task_id": (str,), "revision": (str,),
@@ -74,6 +77,12 @@ class Limits:
     members: int = MAX_MEMBERS
     member_bytes: int = MAX_MEMBER_BYTES
     total_bytes: int = MAX_TOTAL_BYTES
+
+    @property
+    def archive_bytes(self) -> int:
+        """The largest archive that could hold no more than these limits: contents plus, per member,
+        a tar header, a PAX header for long names and padding. A larger `assign` is refused unread."""
+        return self.total_bytes + (self.members + 1) * ARCHIVE_OVERHEAD_PER_MEMBER
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,15 @@ def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
 def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, bytes],
                       refused: Mapping[str, str], audience: str, now: float) -> dict[str, Any]:
     """The manifest, once its signature, fields, audience, times and archive hash check out."""
+    manifest = verified_envelope(envelope, trusted=trusted, refused=refused, audience=audience, now=now)
+    check_archive(manifest, len(archive), hashlib.sha256(archive).hexdigest())
+    return manifest
+
+
+def verified_envelope(envelope: Any, *, trusted: Mapping[str, bytes], refused: Mapping[str, str], audience: str,
+                      now: float) -> dict[str, Any]:
+    """The manifest, once its signature, fields, audience and times check out: all a Worker needs
+    before it reads the archive (the `assign` header carries the envelope, the payload the archive)."""
     try:
         manifest, signer = verify_json(envelope, BUNDLE_TYPE, trusted, refused, what="manifest")
     except SignatureRejected as exc:
@@ -140,17 +158,24 @@ def verified_manifest(envelope: Any, archive: bytes, *, trusted: Mapping[str, by
                              f"{manifest['audience']})")
     if (problem := outside_validity(manifest["issued_at"], manifest["expires_at"], now)) is not None:
         raise BundleRejected(f"bundle rejected: {problem}")
-    whole = manifest["archive"]
-    if len(archive) != whole.get("size") or hashlib.sha256(archive).hexdigest() != whole.get("sha256"):
-        raise BundleRejected("bundle rejected: the archive does not match the manifest's hash")
+    size = manifest["archive"].get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BundleRejected("bundle rejected: manifest field 'archive' has no size")
     return manifest
+
+
+def check_archive(manifest: Mapping[str, Any], size: int, sha256: str) -> None:
+    """BundleRejected unless an archive of `size` bytes with digest `sha256` is the one the manifest signs."""
+    whole = manifest["archive"]
+    if size != whole.get("size") or sha256 != whole.get("sha256"):
+        raise BundleRejected("bundle rejected: the archive does not match the manifest's hash")
 
 
 def extract(manifest: Mapping[str, Any], archive_bytes: bytes, dest: Path, limits: Limits = Limits()) -> list[str]:
     """Extract into `dest` (which must not exist yet); returns the paths written."""
     expected = _manifest_entries(manifest)
     try:
-        dest.mkdir(parents=True)
+        dest.mkdir(parents=True, mode=0o700)
     except FileExistsError:
         raise BundleRejected(f"bundle rejected: the extraction directory {dest} already exists") from None
     try:
@@ -204,7 +229,7 @@ def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
         target = dest / name
         try:
             if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
+                target.mkdir(parents=True, exist_ok=True, mode=0o700)
                 continue
             if not member.isreg():
                 raise BundleRejected(f"bundle rejected: {name} is not a regular file or directory")
@@ -221,9 +246,9 @@ def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
             data = source.read() if source else b""
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise BundleRejected(f"bundle rejected: {name} does not match its manifest hash")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: nothing already there is ever overwritten.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # O_EXCL: nothing already there is ever overwritten. Private: the workspace is the Run's.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
         except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:

@@ -32,13 +32,16 @@ from taskrunner.defaults import (
     TIMEOUT,
 )
 from taskrunner.duration import format_duration, parse_duration
-from taskrunner.errors import ConfigError
+from taskrunner.errors import ConfigError, UnsafePath
 from taskrunner.model import NAME_RE, AgentSpec, ModelBackend, WorkerSpec
+from taskrunner.safefs import REFUSAL, Beneath
 from taskrunner.signing import SignatureRejected, parse_public_line
 from taskrunner.taskfile import describe, load_yaml, parse_labels
 
 AGENT_PRESETS = ("shell", "command", "claude", "codex", "aider")
 TRANSPORTS = ("local", "ssh")
+#: `workers.<name>.sandbox`: confine Agents (bwrap), or accept them unconfined on that Worker (none).
+SANDBOXES = ("bwrap", "none")
 #: The placeholder a `command` Agent's argv may carry; replaced by the prompt file's path.
 PROMPT_PLACEHOLDER = "{prompt_file}"
 EMBEDDED_SOURCE = "<embedded default>"
@@ -47,7 +50,7 @@ _TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git")
 _AGENT_KEYS = ("preset", "command", "backend", "env")
 _BACKEND_KEYS = ("provider", "model", "context_window")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
-_WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home")
+_WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home", "sandbox")
 _SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
 _BACKOFF_KEYS = ("base", "max")
 _GROUP_KEYS = ("parallel",)
@@ -109,14 +112,24 @@ def default_config() -> Config:
 
 
 def load_config(root: Path) -> Config:
-    """Read root/.taskrun.yaml; a missing file is the embedded default."""
+    """Read root/.taskrun.yaml; a missing file is the embedded default.
+
+    The file is committed content: it is read without following a link and
+    only if it is a regular file (safefs), so a FIFO there cannot block the
+    daemon and a link cannot make it read its own keys.
+    """
     path = root / CONFIG_FILE
+    tree = Beneath(root)
     try:
-        data = path.read_bytes()
+        data = tree.read_bytes(CONFIG_FILE)
     except FileNotFoundError:
         return default_config()
+    except UnsafePath as exc:
+        raise ConfigError(str(path), f"cannot read the file: it is {exc.what}; {REFUSAL}") from None
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the file: {exc.strerror or exc}") from exc
+    finally:
+        tree.close()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -240,6 +253,10 @@ class _Parser:
             raise self.fail(f"{key}.labels", str(exc)) from exc
         slots = spec.get("slots")
         home = spec.get("home")
+        sandbox = spec.get("sandbox")
+        if sandbox is not None and sandbox not in SANDBOXES:
+            raise self.fail(f"{key}.sandbox", f"expected one of {', '.join(SANDBOXES)} (none: accept unconfined "
+                                              f"Agents on this Worker), got {describe(sandbox)}")
         common: dict[str, Any] = {
             "name": name,
             "transport": transport,
@@ -247,6 +264,7 @@ class _Parser:
             "agents": offered,
             "labels": labels,
             "home": None if home is None else self.string(f"{key}.home", home),
+            "sandbox": sandbox or "bwrap",
         }
         if transport == "local":
             for ssh_key in _SSH_ONLY_KEYS:
@@ -479,6 +497,9 @@ workers:
     # How many Runs this Worker carries out at the same time.
     slots: {LOCAL_SLOTS}
     agents: [shell]
+    # Agents run confined in a bubblewrap sandbox (install bubblewrap). `none`
+    # accepts unconfined Agents on this Worker when it cannot make a sandbox.
+    sandbox: bwrap
   # SSH Workers are added with `taskrun worker add` (see README, SSH Workers):
   # build-1:
   #   transport: ssh

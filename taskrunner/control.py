@@ -1,16 +1,21 @@
 """The daemon's control socket: one JSON request line in, one JSON reply line out.
 
-The socket lives in .git/taskrun/ (or, when that path is too long for a Unix
-socket, in the temp directory under a name derived from it); `daemon.json`
-beside the lock says where, so clients never guess.
+The socket lives in .git/taskrun/. When that path is too long for a Unix
+socket, it lives in a private directory made for this daemon with
+`tempfile.mkdtemp` (mode 0700, a random name) under $XDG_RUNTIME_DIR or the
+temp directory, never at a name another user could predict and take first.
+`daemon.json` beside the lock says where, so clients never guess; both sides
+refuse a socket whose directory is not a real directory owned by this user
+with mode 0700 (the daemon makes .git/taskrun so).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -22,41 +27,94 @@ from taskrunner.errors import DaemonNotRunning
 #: sun_path holds 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 100
 REPLY_TIMEOUT = 30.0
+SOCKET_NAME = "daemon.sock"
+#: Prefix of the private directories made for sockets of long repository paths.
+PRIVATE_PREFIX = "taskrun-"
 
 
-def socket_path(state_dir: Path) -> Path:
-    path = state_dir / "daemon.sock"
-    if len(str(path)) <= MAX_SOCKET_PATH:
-        return path
-    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"taskrun-{os.getuid()}-{digest}.sock"
+def socket_path(state_dir: Path) -> Path | None:
+    """The socket's path in the state directory, or None when it is too long for a Unix socket."""
+    path = state_dir / SOCKET_NAME
+    return path if len(str(path)) <= MAX_SOCKET_PATH else None
+
+
+def private_dir_problem(directory: Path) -> str | None:
+    """Why `directory` may not hold the control socket (None: it may): it must be a real directory,
+    owned by this user, that nobody else can enter or write."""
+    try:
+        info = os.lstat(directory)
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"it is owned by uid {info.st_uid}, not by you"
+    if info.st_mode & 0o077:
+        return f"its mode is {stat.S_IMODE(info.st_mode):04o}, not 0700"
+    return None
+
+
+def _runtime_dir() -> str | None:
+    """$XDG_RUNTIME_DIR when it is private and short enough, else None (the temp directory)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and len(runtime) < MAX_SOCKET_PATH - 40 and private_dir_problem(Path(runtime)) is None:
+        return runtime
+    return None
 
 
 class ControlServer:
     def __init__(self, state_dir: Path, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-        self.path = socket_path(state_dir)
+        self._state_dir = state_dir
+        self.path: Path | None = None  # set by start()
+        self._private: Path | None = None  # the mkdtemp directory holding the socket, if any
         self._info = state_dir / "daemon.json"
         self._handle = handle
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
     def start(self) -> None:
+        self._remove_stale_private_dir()
+        path = socket_path(self._state_dir)
+        if path is None:
+            self._private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=_runtime_dir()))  # 0700, ours
+            path = self._private / SOCKET_NAME
+        else:
+            try:
+                os.chmod(self._state_dir, 0o700)  # the daemon's own state: nobody else's business
+            except OSError:
+                pass  # not ours: refused just below, with the reason
+        problem = private_dir_problem(path.parent)
+        if problem is not None:
+            raise DaemonNotRunning(f"refusing to put the control socket in {path.parent}: {problem}")
+        self.path = path
         try:
-            self.path.unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
-        self._sock.bind(str(self.path))
-        os.chmod(self.path, 0o600)
+        self._sock.bind(str(path))
+        os.chmod(path, 0o600)
         self._sock.listen(16)
-        write_json(self._info, {"pid": os.getpid(), "socket": str(self.path)}, mode=0o600)
+        write_json(self._info, {"pid": os.getpid(), "socket": str(path)}, mode=0o600)
         self._thread.start()
 
-    def stop(self) -> None:
+    def _remove_stale_private_dir(self) -> None:
+        """The private socket directory a killed daemon left behind (we hold the lock: it is gone)."""
         try:
-            self._info.unlink()
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            old = Path(read_json(self._info)["socket"]).parent
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if old != self._state_dir and old.name.startswith(PRIVATE_PREFIX) and private_dir_problem(old) is None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def stop(self) -> None:
+        for path in (self._info, self.path):
+            if path is not None:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
         self._sock.close()
 
     def _serve(self) -> None:
@@ -89,8 +147,15 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIM
     try:
         info = read_json(state_dir / "daemon.json")
         path = info["socket"]
+        if not isinstance(path, str):
+            raise TypeError("socket")
     except (OSError, ValueError, KeyError, TypeError):
         raise DaemonNotRunning("no taskrun daemon is running in this repository; start one with `taskrun up`")
+    problem = private_dir_problem(Path(path).parent)
+    if problem is not None:
+        # Someone else's socket there would get our requests, and answer them.
+        raise DaemonNotRunning(f"refusing the control socket {path}: its directory {Path(path).parent} is not "
+                               f"private ({problem}); restart the daemon with `taskrun up`")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

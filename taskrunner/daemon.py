@@ -68,7 +68,7 @@ class Daemon:
         self.state_dir = root / STATE_DIR
         self.events: queue.Queue[object] = queue.Queue()
         self._stop = threading.Event()
-        self.repo = Git(root)
+        self.repo = Git(root, notice=lambda message: emit(self.hooks, "notice", message))
         self.recorder = Recorder(self.repo, enabled=config.git.commit, on_commit=self._committed,
                                  on_error=lambda message: emit(self.hooks, "notice", message))
         keyring, _ = Keyring.ensure(self.state_dir, time.time())
@@ -89,7 +89,8 @@ class Daemon:
         try:
             if self.config.git.push:
                 emit(self.hooks, "notice", "git.push is not implemented yet: result commits stay local")
-            for finding in doctor.key_findings(self.root, self.config) + doctor.pin_findings(self.config):
+            for finding in (doctor.key_findings(self.root, self.config) + doctor.pin_findings(self.config)
+                            + doctor.sandbox_findings(self.root, self.config)):
                 emit(self.hooks, "notice", f"{finding.level}: {finding.what} (fix: {finding.fix})")
             self.recorder.start()
             self.engine.base_commit = self.repo.head()
@@ -103,7 +104,8 @@ class Daemon:
         if not self.once:
             return 0
         done = [self.engine.tasks[t] for t in self.engine.touched if t in self.engine.tasks]
-        return 0 if all(t.status is TaskStatus.COMPLETED for t in done) else 1
+        # A Task file whose id cannot have a record is INVALID all the same.
+        return 0 if all(t.status is TaskStatus.COMPLETED for t in done) and not self.engine.unusable else 1
 
     def _loop(self) -> None:
         replan = True

@@ -69,6 +69,11 @@ BUNDLE_TTL_SECONDS = 600.0
 CLOCK_SKEW_SECONDS = 300.0
 #: A trust statement (enrollment, key rotation) is valid this long.
 TRUST_TTL_SECONDS = 600.0
+#: `taskrun-worker init` / `trust --reset`: how long a one-time enrollment token is valid.
+ENROLL_TOKEN_TTL_SECONDS = 24 * 3600.0
+#: A Worker session that has not authenticated (an `auth` record signed by a
+#: trusted key) this long after its hello is closed by the Worker.
+AUTH_TIMEOUT_SECONDS = 30.0
 #: `taskrun keys rotate`: how long the old signing key stays trusted.
 KEY_OVERLAP_SECONDS = 7 * 24 * 3600.0
 

@@ -5,22 +5,36 @@ Checks, each a Finding (level "error" or "warning", what, and the fix):
 - every private key under .git/taskrun/ (signing keys, the SSH key) and every
   Worker's `identity` file is mode 0600 (no access for group or others);
 - no file tracked by git holds a private key (a `-----BEGIN ... PRIVATE KEY-----`
-  block, as PEM and OpenSSH write them);
-- every ssh Worker has a pinned host key and a pinned result key.
+  block, as PEM and OpenSSH write them, an OpenPGP or PuTTY one: leaks.py);
+- every ssh Worker has a pinned host key and a pinned result key;
+- nothing under runs/ is a symbolic link or a special file, in the work tree
+  or tracked by git (`record_findings`): the daemon never follows one (it
+  replaces those in its own paths and ignores the others), but a link that
+  is there was put there by someone, and other tools may follow it.
 
-The daemon runs the key checks at start and reports each finding as a notice.
+- every local Worker can confine Agents (`sandbox_findings`: the same probe
+  its `taskrun-worker serve` runs, as the same user with the same PATH), or
+  the configuration accepts that it cannot (`sandbox: none`, a warning).
+
+The daemon runs the key and sandbox checks at start and reports each finding as a notice.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from taskrunner.config import Config
-from taskrunner.defaults import CONFIG_FILE, STATE_DIR
-from taskrunner.keys import KEYS_DIR, SSH_KEY_FILE
+from taskrunner.defaults import CONFIG_FILE, RUNS_DIR, STATE_DIR
+from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
+from taskrunner.leaks import PRIVATE_KEY_PATTERN
+from taskrunner.safefs import kind_of
+from taskrunner.worker.confine import Confinement
+from taskrunner.worker.sandbox import INSTALL_HINT
 
 PRIVATE_KEY_MARK = "PRIVATE KEY-----"
 
@@ -35,7 +49,7 @@ class Finding:
 def key_findings(root: Path, config: Config | None) -> list[Finding]:
     found: list[Finding] = []
     state = root / STATE_DIR
-    keys = sorted((state / KEYS_DIR).glob("*.pem")) + [state / SSH_KEY_FILE]
+    keys = sorted((state / KEYS_DIR).glob("*.pem")) + [state / SSH_KEY_FILE, state / RECORD_KEY_FILE]
     if config is not None:
         keys += [Path(w.identity).expanduser() for w in config.workers.values() if w.identity]
     for path in keys:
@@ -52,7 +66,7 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
 
 def _tracked_keys(root: Path) -> list[Finding]:
     # `git grep` searches what is tracked (the index), fast and without reading ignored files.
-    result = subprocess.run(["git", "grep", "-l", "-I", "--cached", "-F", "-e", PRIVATE_KEY_MARK],
+    result = subprocess.run(["git", "grep", "-l", "-I", "--cached", "-E", "-e", PRIVATE_KEY_PATTERN],
                             cwd=root, capture_output=True, text=True)
     return [Finding("error", f"{path} is tracked by git and holds a private key",
                     f"git rm --cached {path}, commit, and replace the key: it is in the history")
@@ -68,4 +82,64 @@ def pin_findings(config: Config) -> list[Finding]:
             found.append(Finding("error", f"Worker '{worker.name}' has no pinned result key in {CONFIG_FILE}: "
                                  "its results cannot be verified, so it gets no Runs",
                                  f"taskrun worker add {worker.name} --host {worker.host}"))
+    return found
+
+
+def sandbox_findings(root: Path, config: Config) -> list[Finding]:
+    """Local Workers that cannot confine Agents: an error, or a warning where `sandbox: none` accepts it."""
+    found = []
+    for worker in config.workers.values():
+        if worker.transport != "local":
+            continue
+        home = Path(worker.home).expanduser() if worker.home else root / STATE_DIR / "workers" / worker.name
+        status = Confinement(home, protect=[root]).status()
+        if status.kind is not None:
+            continue
+        if worker.sandbox == "none":
+            found.append(Finding("warning", f"Worker '{worker.name}' runs Agents unconfined: {status.reason} "
+                                 f"({CONFIG_FILE} accepts that: sandbox: none)",
+                                 f"{INSTALL_HINT}; Agents then run confined whatever sandbox: says"))
+        else:
+            found.append(Finding("error", f"Worker '{worker.name}' cannot confine Agents, so it gets no Runs: "
+                                 f"{status.reason}",
+                                 f"{INSTALL_HINT}, or accept unconfined Agents on it with "
+                                 f"`workers.{worker.name}.sandbox: none` in {CONFIG_FILE}"))
+    return found
+
+
+def record_findings(root: Path) -> list[Finding]:
+    """Links and special files under runs/: in the work tree (walked without following) and in git's index."""
+    found: list[Finding] = []
+    runs = root / RUNS_DIR
+    seen: set[str] = set()
+
+    def report(rel: str, what: str) -> None:
+        if rel in seen:
+            return
+        seen.add(rel)
+        found.append(Finding("error", f"{rel} is {what}; records are regular files and directories, and taskrun "
+                             "never follows a link there",
+                             f"git rm --cached -q --ignore-unmatch -- {shlex.quote(rel)}; "
+                             f"rm -f -- {shlex.quote(rel)}; then commit"))
+
+    try:
+        top = os.lstat(runs)
+    except FileNotFoundError:
+        top = None
+    if top is not None and not stat.S_ISDIR(top.st_mode):
+        report(RUNS_DIR, kind_of(top.st_mode))
+    elif top is not None:
+        for dirpath, dirnames, filenames in os.walk(runs):  # never descends through a link
+            for name in sorted([*dirnames, *filenames]):
+                path = os.path.join(dirpath, name)
+                mode = os.lstat(path).st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    report(Path(path).relative_to(root).as_posix(), kind_of(mode))
+    # Tracked as a link (mode 120000) or a submodule (160000), whatever the work tree holds now.
+    result = subprocess.run(["git", "ls-files", "-s", "-z", "--", RUNS_DIR], cwd=root, capture_output=True)
+    for entry in result.stdout.decode(errors="replace").split("\0"):
+        meta, _, rel = entry.partition("\t")
+        mode = meta.split(" ", 1)[0]
+        if mode in ("120000", "160000"):
+            report(rel, "a symbolic link in git's index" if mode == "120000" else "a submodule in git's index")
     return found

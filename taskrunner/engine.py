@@ -17,21 +17,21 @@ of each of its files instead of one per change.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner import bundle, scheduler
+from taskrunner import bundle, gitops, scheduler
 from taskrunner.batch import Batch, Pending
 from taskrunner.config import Config
-from taskrunner.defaults import LOST_RUN_RETRIES, TASKS_DIR
-from taskrunner.enroll import trust_request, wanted_keys
-from taskrunner.errors import RecordError, TaskrunError
+from taskrunner.defaults import LOST_RUN_RETRIES
+from taskrunner.errors import ForeignRecord, RecordError, TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.hooks import Hooks, emit
-from taskrunner.intake import Intake, agent_of, read_task
+from taskrunner.intake import Intake, RepoFiles, agent_of, read_task, task_paths
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
 from taskrunner.model import RunStatus, TaskStatus
@@ -41,11 +41,13 @@ from taskrunner.records import Records
 from taskrunner.results import ResultRejected, verified_result
 from taskrunner.recorder import CommitItem
 from taskrunner.state import RunState, TaskState
-from taskrunner.taskfile import dependency_cycles, is_ignored_name, task_id_for
+from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
 
 
 #: Statuses the scheduler acts on; Tasks in the others only count as dependencies.
 _PLANNED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.BLOCKED})
+#: Records not written by this daemon named one by one at start; the rest are counted.
+_FOREIGN_NAMED = 5
 
 
 class Engine:
@@ -63,8 +65,9 @@ class Engine:
         self.root = root
         self.config = config
         self.fleet = fleet
-        self.records = Records(root)
         self.hooks = hooks or Hooks()
+        self.records = Records(root, notice=lambda message: emit(self.hooks, "notice", message))
+        self.files = RepoFiles(root, gitops.git_dirs(root))
         self._commit = commit
         self._deliver = deliver
         self._clock = clock
@@ -72,6 +75,9 @@ class Engine:
         self.tasks: dict[str, TaskState] = {}
         self.runs: dict[str, RunState] = {}  # Runs not yet final, by run id
         self.touched: set[str] = set()  # Tasks this daemon brought (or is bringing) to a final state
+        # Task files whose id cannot be a path under runs/ (taskfile.task_id_problem), by path:
+        # INVALID with this reason, and no record anywhere (README "Decisions").
+        self.unusable: dict[str, str] = {}
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
         self._seq = 0
@@ -84,25 +90,48 @@ class Engine:
     # -- start-up -----------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuild state from runs/ after a (re)start; unfinished Runs await their Worker."""
+        """Rebuild state from runs/ after a (re)start; unfinished Runs await their Worker.
+
+        A record this daemon did not write (records.py: no valid seal) is not
+        believed: its Task is taken up again from its file, as if it had no
+        record, and a notice says so.
+        """
+        foreign: list[str] = []
         for task_id in sorted(self.records.task_ids()):
             try:
                 data = self.records.load_task(task_id)
                 if data is None:
                     continue
+                if data.get("task_id") != task_id:
+                    raise RecordError(f"runs/{task_id}/status.json is the record of '{data.get('task_id')}'")
                 runs = []
                 for entry in data.get("runs", []):
-                    run_data = self.records.load_run(task_id, int(entry["run"]))
+                    try:
+                        run_data = self.records.load_run(task_id, int(entry["run"]))
+                    except ForeignRecord as exc:
+                        foreign.append(str(exc))
+                        continue
                     if run_data is not None:
                         runs.append(RunState.from_record(run_data))
                 # The Task record of a Run just assigned may trail its Run record
                 # (RECORD_LAG_SECONDS): a Run record it does not list yet counts.
-                while (run_data := self.records.load_run(task_id, len(runs) + 1)) is not None:
-                    runs.append(RunState.from_record(run_data))
+                # Numbers may skip run-<n> directories this daemon did not make.
+                number = max((run.number for run in runs), default=0) + 1
+                while self.records.run_taken(task_id, number):
+                    try:
+                        run_data = self.records.load_run(task_id, number)
+                    except ForeignRecord:
+                        run_data = None
+                    if run_data is not None:
+                        runs.append(RunState.from_record(run_data))
+                    number += 1
                 task = TaskState.from_record(data, runs)
                 if task.active_run is not None and task.status is TaskStatus.PENDING:
                     task.status = TaskStatus.RUNNING
                     task.attempts = max(task.attempts, task.active_run.attempt)
+            except ForeignRecord as exc:
+                foreign.append(str(exc))
+                continue
             except (RecordError, KeyError, ValueError, TypeError) as exc:
                 emit(self.hooks, "notice", f"skipping the record of '{task_id}': {exc}")
                 continue
@@ -118,21 +147,36 @@ class Engine:
                 self._run_lost(run, f"Worker '{run.worker}' is no longer configured", RunStatus.FAILED)
             else:
                 worker.runs.add(run.run_id)
+        for message in foreign[:_FOREIGN_NAMED]:
+            emit(self.hooks, "notice", message)
+        if len(foreign) > _FOREIGN_NAMED:
+            emit(self.hooks, "notice", f"{len(foreign) - _FOREIGN_NAMED} more records under runs/ were not written "
+                 "by this daemon (no valid seal); ignored")
+        if foreign:
+            emit(self.hooks, "notice", "Tasks whose records were ignored are taken up again from their files "
+                 "(README \"Records\": records another clone wrote)")
 
     def scan(self) -> None:
-        """Bring every Task file into step with its record (start-up and `taskrun trigger`)."""
-        tasks_dir = self.root / TASKS_DIR
+        """Bring every Task file into step with its record (start-up and `taskrun trigger`).
+
+        Every `*.md` path counts, whatever it is (intake.task_paths): a link or
+        a FIFO there becomes INVALID instead of being followed or skipped.
+        """
         seen: set[str] = set()
-        for path in sorted(tasks_dir.rglob("*.md")) if tasks_dir.is_dir() else []:
-            rel = path.relative_to(self.root).as_posix()
-            if path.is_file() and not any(is_ignored_name(part) for part in path.relative_to(tasks_dir).parts):
-                task_id = task_id_for(rel)
-                if task_id:
-                    seen.add(task_id)
-                self.task_file_changed(rel)
+        refused: list[str] = []
+        for rel in task_paths(self.files, refused):
+            task_id = task_id_for(rel)
+            if task_id:
+                seen.add(task_id)
+            self.task_file_changed(rel)
+        for message in refused:
+            emit(self.hooks, "notice", message)
         for task in list(self.tasks.values()):
             if task.id not in seen and not task.removed:
                 self.task_file_removed(task.file)
+        for rel in list(self.unusable):
+            if task_id_for(rel) not in seen:
+                del self.unusable[rel]
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: Runs on Workers that are gone are retried elsewhere."""
@@ -150,8 +194,12 @@ class Engine:
         if task_id is None:
             emit(self.hooks, "notice", f"ignoring {rel}: a Task id is [a-z0-9][a-z0-9._/-]* under tasks/")
             return
+        problem = task_id_problem(task_id)
+        if problem is not None:
+            self._unusable(rel, problem)
+            return
         try:
-            intake = read_task(self.root, task_id, rel, self.config)
+            intake = read_task(self.files, task_id, rel, self.config)
         except FileNotFoundError:
             self.task_file_removed(rel)
             return
@@ -177,7 +225,18 @@ class Engine:
         self._cycles_stale = True
         self._save_task(task)
 
+    def _unusable(self, rel: str, problem: str) -> None:
+        """A Task file whose id cannot be a record path: INVALID, said in a notice, kept in `unusable`."""
+        if not os.path.lexists(self.root / rel):
+            self.unusable.pop(rel, None)
+            return
+        reason = f"{rel}: {problem}"
+        if self.unusable.get(rel) != reason:
+            emit(self.hooks, "notice", f"INVALID, and no record is written for it: {reason}")
+        self.unusable[rel] = reason
+
     def task_file_removed(self, rel: str) -> None:
+        self.unusable.pop(rel, None)
         task_id = task_id_for(rel)
         task = self.tasks.get(task_id) if task_id else None
         if task is None or task.removed:
@@ -294,8 +353,8 @@ class Engine:
         assert spec is not None
         now = self._clock()
         try:
-            data = (self.root / spec.path).read_bytes()
-        except OSError:
+            data = self.files.read(spec.path)
+        except OSError:  # gone, unreadable, or refused (UnsafePath): intake says which
             data = b""
         if hashlib.sha256(data).hexdigest() != task.revision:
             # The file changed after intake and the watcher has not told us yet.
@@ -304,8 +363,13 @@ class Engine:
         files = {spec.path: data}
         agent_name = agent_of(spec, self.config)
         agent = self.config.agents[agent_name]
+        # Past every Run this daemon knows and every run-<n> on disk: a directory
+        # that came with the repository is never taken for this Run's.
+        number = max((r.number for r in task.runs), default=0) + 1
+        while self.records.run_taken(task.id, number):
+            number += 1
         run = RunState(
-            run_id=uuid.uuid4().hex[:16], task_id=task.id, number=len(task.runs) + 1,
+            run_id=uuid.uuid4().hex[:16], task_id=task.id, number=number,
             revision=spec.revision, attempt=task.attempts + 1, worker=worker.name, agent=agent_name,
             backend_used=agent.backend.as_record() if agent.backend else None, created_at=now,
         )
@@ -318,7 +382,7 @@ class Engine:
         worker.runs.add(run.run_id)
         try:
             for path in spec.context:
-                files[path] = self._context_file(path)
+                files[path] = self.files.context(spec.path, path)
         except TaskrunError as exc:
             self._save_task(task)
             self._finish(run, RunStatus.FAILED, None, str(exc))
@@ -332,7 +396,9 @@ class Engine:
             revision=run.revision, attempt=run.attempt, task_file=spec.path,
             timeout=spec.timeout or self.config.scheduler.timeout, worker=worker.name,
             audience=key_id(worker.result_key), seq=seq, base_commit=self.base_commit,
-            agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command), "env": list(agent.env)},
+            # sandbox "none": this Worker may run the Agent unconfined, if it cannot confine it (confine.py).
+            agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command), "env": list(agent.env),
+                   "sandbox": worker.spec.sandbox},
         )
         # The record keeps the signatures: the manifest's compact JSON (bundle.manifest_bytes) is what they sign.
         self.pending.manifest(task.id, run.number, {**package.manifest,
@@ -344,12 +410,6 @@ class Engine:
         # A failed send means the session is down: the link reports that, and
         # the Run is reattached or found lost when the Worker says hello again.
         self._send(worker, Message("assign", {"run_id": run.run_id, "envelope": package.envelope}, package.archive))
-
-    def _context_file(self, path: str) -> bytes:
-        target = (self.root / path).resolve()
-        if not target.is_relative_to(self.root.resolve()) or not target.is_file():
-            raise TaskrunError(f"context file '{path}' is not a file in the repository")
-        return target.read_bytes()
 
     # -- Worker sessions -----------------------------------------------------
 
@@ -366,14 +426,19 @@ class Engine:
         message = event.message
         worker.last_seen = self._clock()
         if message.type == "hello":
-            self._hello(worker, message)
+            auth = self.fleet.hello(worker, message.fields, self._clock())
+            if auth is not None:
+                self._send(worker, auth)
+        elif message.type == "ready":
+            self._ready(worker, message)
         elif message.type == "heartbeat":
             worker.running = int(message.get("running") or 0)
         elif message.type == "error":
-            emit(self.hooks, "notice", f"Worker '{worker.name}': {message['message']}")
+            self._worker_error(worker, message)
         elif message.type == "trusted":
             worker.hello["trust"] = {"keys": message["keys"]}
-            emit(self.hooks, "notice", f"Worker '{worker.name}' now trusts {', '.join(message['keys'])}")
+            emit(self.hooks, "notice", f"Worker '{worker.name}' now trusts {', '.join(map(str, message['keys']))}")
+            self._check_trust(worker, worker.hello["trust"], self._clock())
         else:
             run = self.runs.get(message.get("run_id"))
             if run is None or run.worker != worker.name:
@@ -382,12 +447,13 @@ class Engine:
                 return
             getattr(self, f"_on_{message.type}")(worker, run, message)
 
-    def _hello(self, worker: WorkerState, message: Message) -> None:
+    def _ready(self, worker: WorkerState, message: Message) -> None:
+        """The session is authenticated and the Worker lists its Runs: reattach ours, stop the rest."""
         now = self._clock()
-        if not self.fleet.hello(worker, message.fields, now):
-            return
-        self._check_trust(worker, message.get("trust"), now)
-        held = {entry["run_id"]: entry for entry in message["runs"] if isinstance(entry, dict)}
+        self.fleet.ready(worker, now)
+        self._check_trust(worker, worker.hello.get("trust"), now)
+        runs = message["runs"] if isinstance(message["runs"], list) else []
+        held = {entry["run_id"]: entry for entry in runs if isinstance(entry, dict)}
         for run_id in sorted(worker.runs):
             run = self.runs[run_id]
             if run_id in held:
@@ -403,11 +469,26 @@ class Engine:
                 self._send(worker, Message(kind, {"run_id": run_id, "reason": "no longer wanted"}))
 
     def _check_trust(self, worker: WorkerState, trust: Any, now: float) -> None:
-        """Send a trust statement when the Worker's trusted keys are not the keyring's live ones."""
-        held = sorted(trust.get("keys") or []) if isinstance(trust, dict) else []
-        if held != wanted_keys(self.fleet.keyring, now) and worker.result_key is not None:
-            request = trust_request(self.fleet.keyring, key_id(worker.result_key), now)
-            self._send(worker, Message("trust", {"request": request}))
+        """Send a trust statement when the Worker's trusted keys are not the keyring's live ones
+        (the Worker gets no Runs until it takes it)."""
+        correction = self.fleet.trust_correction(worker, trust.get("keys") if isinstance(trust, dict) else None,
+                                                 now)
+        if correction is not None:
+            self._send(worker, correction)
+
+    def _worker_error(self, worker: WorkerState, message: Message) -> None:
+        """A request the Worker refused: a session proof or trust statement (the Worker is untrusted),
+        an assignment (its Run fails with the reason; nothing of it is on the Worker), or a notice."""
+        request, text = message.get("request"), str(message["message"])
+        if request in ("auth", "trust"):
+            self.fleet.refused(worker, request, text, self._clock())
+            return
+        run = self.runs.get(message.get("run_id"))
+        if request == "assign" and run is not None and run.worker == worker.name \
+                and run.status is RunStatus.ASSIGNED:
+            self._finish(run, RunStatus.FAILED, None, text)
+            return
+        emit(self.hooks, "notice", f"Worker '{worker.name}': {text}")
 
     def refresh_keys(self) -> None:
         """After `taskrun keys rotate`, or when an overlap ends: every online Worker learns the new set."""
@@ -431,8 +512,13 @@ class Engine:
 
     def _on_output(self, worker: WorkerState, run: RunState, message: Message) -> None:
         offset = int(message["offset"])
-        before = self.records.output_size(run.task_id, run.number)
-        after = self.records.append_output(run.task_id, run.number, offset, message.payload)
+        try:
+            before, after = self.records.write_output(run.task_id, run.number, offset, message.payload)
+        except RecordError as exc:
+            # Asking for the bytes again would only fail again: the Run ends, saying why.
+            self._send(worker, Message("cancel", {"run_id": run.run_id, "reason": "its output cannot be recorded"}))
+            self._finish(run, RunStatus.FAILED, None, f"its output cannot be recorded: {exc}")
+            return
         if offset > before:
             self._send(worker, Message("resume", {"run_id": run.run_id, "offset": before}))
             return
@@ -448,7 +534,7 @@ class Engine:
         run.output_size = size
         try:
             result = verified_result(message["envelope"], worker.result_key, run.run_id,
-                                     self.records.output(run.task_id, run.number))
+                                     self.records.output_digest(run.task_id, run.number))
         except ResultRejected as exc:
             self._finish(run, RunStatus.FAILED, None, str(exc))
         else:

@@ -6,6 +6,8 @@
     ├── TransitionError      a status change that the transition table forbids
     ├── ProtocolError        a malformed or unexpected record on a Worker session
     ├── RecordError          a record under runs/ cannot be read or written
+    │   └── ForeignRecord    a record this daemon did not write (no valid seal), or not a regular file
+    ├── UnsafePath           (safefs) a path beneath a root is a link or special file, or leaves the root
     ├── GitError             a git operation failed
     ├── LockError            another daemon holds the repository
     ├── DaemonNotRunning     a command needs the daemon and there is none
@@ -16,8 +18,11 @@
         ├── HostKeyError     (sshkeys) a host key is unknown, changed or unpinnable
         ├── BundleRejected   (bundle) a bundle breaks a rule; nothing of it runs
         ├── Replayed         (worker.ledger) a bundle was taken before
-        ├── TrustRefused     (worker.trust) a trust statement is refused
+        ├── TrustRefused     (worker.trust) a trust statement or enrollment is refused
+        ├── AuthRefused      (sessionauth) a session's proof of a trusted key is refused
+        ├── EnrollmentRefused (worker.enrollment) a first enrollment is not by whom the admin named
         ├── AgentError       (agents) an Agent cannot be prepared for a Task
+        ├── SandboxRefused   (worker.confine) an Agent may not run unconfined and no sandbox can be made
         └── GateRefused      (worker.gate) the gate refuses an SSH command
 
 Third-party exceptions (GitPython, paramiko, yaml) are translated into these at
@@ -60,6 +65,34 @@ class ProtocolError(TaskrunError):
 
 class RecordError(TaskrunError):
     """Raised when a record under runs/ cannot be read or written."""
+
+
+class ForeignRecord(RecordError):
+    """Raised when a record under runs/ was not written by this daemon; it is treated as absent.
+
+    No valid seal (records.py), or a link or special file where the record
+    should be: either way nothing of it is believed.
+    """
+
+
+class UnsafePath(TaskrunError, OSError):
+    """Raised when a path beneath a root is a link, a special file or not plain; nothing went through it.
+
+    Also an OSError, so that code which handles a file it cannot open (a
+    missing or unreadable one) handles this one the same way, without
+    following it. `path` is the part of the path that is refused (a parent
+    directory when that is the link), `what` what was found there, `reason`
+    what the caller should know.
+    """
+
+    def __init__(self, path: str, what: str, reason: str = "") -> None:
+        self.path = path
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{path} is {what}" + (f"; {reason}" if reason else ""))
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class GitError(TaskrunError):

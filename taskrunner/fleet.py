@@ -1,7 +1,15 @@
 """The fleet: every configured Worker, its session, its health and its load.
 
 Sessions are opened and re-opened here (with backoff), heartbeats are watched
-here, and `views()` gives the scheduler what it needs to place Runs. How long
+here, and `views()` gives the scheduler what it needs to place Runs. A session
+counts only once it is authenticated: its `hello` must present the pinned
+result key and a believable trust store, the fleet answers the challenge with
+an `auth` record (sessionauth.py), and the Worker's `ready` makes it online.
+Its trust store must then hold exactly the keyring's live keys: otherwise a
+trust statement goes out and the Worker gets no Runs until it is taken; a
+Worker that refuses it (its store was changed behind the control plane's
+back) is untrusted, with the reason and the fix, until it is enrolled again.
+How long
 a silent Worker stays online (`scheduler.worker_offline_after`) and how long
 an offline Worker's Runs wait for it (`scheduler.worker_grace`) come from the
 configuration, and a reload applies them. Like the engine, a Fleet is used
@@ -12,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from taskrunner import scheduler
 from taskrunner.config import Config
-from taskrunner.defaults import READ_MARGIN_SECONDS
-from taskrunner.enroll import enroll_local
+from taskrunner.defaults import CLOCK_SKEW_SECONDS, READ_MARGIN_SECONDS
+from taskrunner.enroll import enroll_local, trust_request, wanted_keys
 from taskrunner.errors import WorkerError
 from taskrunner.hooks import Hooks, emit
 from taskrunner.keys import Keyring
@@ -25,9 +33,12 @@ from taskrunner.links import LinkEvent, WorkerLink, make_link
 from taskrunner.links.local import LocalLink
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import Message
+from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import SignatureRejected, key_id, parse_public_line
 from taskrunner.sshkeys import HostKeyError
 
+#: A Worker's reason for having no sandbox is shown at most this long.
+MAX_REASON_CHARS = 300
 #: Reconnect delays grow from this, doubling, up to RECONNECT_MAX.
 RECONNECT_BASE = 0.5
 RECONNECT_MAX = 30.0
@@ -40,7 +51,8 @@ class WorkerState:
     generation: int = 0
     online: bool = False
     tried: bool = False  # a session has said hello or failed at least once
-    trusted: bool | None = None  # host and result keys matched their pins (None: not checked yet)
+    trusted: bool | None = None  # host key, result key and trust store as expected (None: not checked yet)
+    trust_pending: bool = False  # a trust statement is out: no Runs until the Worker takes it
     result_key: bytes | None = None  # the Worker's result key, once its hello matched the pin
     hello: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -59,11 +71,31 @@ class WorkerState:
         return {
             "name": self.name, "transport": self.spec.transport, "host": self.spec.host,
             "online": self.online, "reachable": self.online,
-            "trusted": True if self.spec.transport == "local" else self.trusted,
+            # The local Worker is enrolled by the daemon itself: trusted unless it refused us.
+            "trusted": True if self.spec.transport == "local" and self.trusted is not False else self.trusted,
             "slots": self.spec.slots, "used": len(self.runs), "agents": list(self.spec.agents),
-            "labels": dict(self.spec.labels), "last_seen": self.last_seen, "error": self.error,
+            "labels": dict(self.spec.labels), "last_seen": self.last_seen,
+            "error": self.error or (sandbox_refusal(self.spec, self.hello) if self.online else None),
             "version": self.hello.get("version"),
+            "sandbox": self.hello.get("sandbox") if self.hello else None, "sandbox_accepted": self.spec.sandbox,
         }
+
+
+def sandbox_refusal(spec: WorkerSpec, hello: Mapping[str, Any]) -> str | None:
+    """Why a Worker gets no Runs for want of a sandbox, or None (DESIGN.md §5.10).
+
+    Its hello says it cannot confine Agents (or, from an older taskrun-worker,
+    says nothing), and `workers.<name>.sandbox` does not accept that.
+    """
+    if spec.sandbox == "none" or not hello:
+        return None
+    sandbox = hello.get("sandbox")
+    if isinstance(sandbox, dict) and sandbox.get("kind") == "bwrap":
+        return None
+    reason = sandbox.get("reason") if isinstance(sandbox, dict) else None
+    said = str(reason)[:MAX_REASON_CHARS] if reason else "its taskrun-worker does not confine Agents (upgrade it)"
+    return (f"cannot confine Agents ({said}); no Runs go to it until it can, or until "
+            f"`workers.{spec.name}.sandbox: none` in .taskrun.yaml accepts unconfined Agents on it")
 
 
 class Fleet:
@@ -97,6 +129,10 @@ class Fleet:
                     current.online = False
                     current.reconnect_at = 0.0
                 current.spec = spec
+            if current is not None and current.trusted is False and not current.online:
+                # `taskrun worker add` after a reset rewrites the file even when nothing in it
+                # changes: look at such a Worker again now, not at the end of its backoff.
+                current.reconnect_at = 0.0
         return removed
 
     def __getitem__(self, name: str) -> WorkerState:
@@ -120,9 +156,11 @@ class Fleet:
         for w in self.workers.values():
             presets = w.hello.get("agents")
             agents = frozenset(w.spec.agents)
+            refusal = sandbox_refusal(w.spec, w.hello) if w.online else None
             views.append(scheduler.WorkerView(
                 name=w.name, slots=w.spec.slots, used=len(w.runs), agents=agents,
-                labels=w.spec.labels, online=w.online and presets is not None,
+                labels=w.spec.labels, online=w.online and presets is not None and not w.trust_pending
+                and refusal is None, note=refusal,
             ))
         return views
 
@@ -163,18 +201,34 @@ class Fleet:
         except (WorkerError, OSError) as exc:
             self.link_down(worker, str(exc), now)
 
-    def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> bool:
-        """Take a session's hello; False (and the session closed) if its result key is not the pinned one."""
+    def hello(self, worker: WorkerState, fields: dict[str, Any], now: float) -> Message | None:
+        """Take a session's hello (not yet authenticated): the `auth` record answering its challenge,
+        or None (the Worker marked untrusted, the session closed) if its result key is not the pinned
+        one or its trust store cannot be believed."""
         try:
             worker.result_key = self._result_key(worker, fields.get("worker_key"))
         except WorkerError as exc:
-            worker.trusted = False
-            self.link_down(worker, str(exc), now)
-            return False
+            self.untrusted(worker, str(exc), now, fix=False)  # the message says how to re-pin
+            return None
+        try:
+            self._believable_trust(worker, fields.get("trust"), now)
+        except WorkerError as exc:
+            self.untrusted(worker, str(exc), now)
+            return None
+        challenge = fields.get("challenge")
+        if not isinstance(challenge, str):
+            self.link_down(worker, f"Worker '{worker.name}' sent a hello without a challenge: upgrade its "
+                           "taskrun-worker", now)
+            return None
+        worker.hello = fields
+        worker.last_seen = now
+        envelope = auth_envelope(self.keyring.signers(now), challenge, key_id(worker.result_key), now)
+        return Message("auth", {"envelope": envelope})
+
+    def ready(self, worker: WorkerState, now: float) -> None:
+        """The session is authenticated: the Worker is online."""
         if worker.offline_since is not None:
             emit(self.hooks, "notice", f"Worker '{worker.name}' back online after {now - worker.offline_since:.1f}s")
-        worker.hello = fields
-        worker.trusted = True
         worker.online = True
         worker.tried = True
         worker.error = None
@@ -182,7 +236,54 @@ class Fleet:
         worker.offline_since = None
         worker.last_seen = now
         emit(self.hooks, "worker_changed", worker.view())
-        return True
+
+    def trust_correction(self, worker: WorkerState, held: Any, now: float) -> Message | None:
+        """None if the Worker trusts exactly the keyring's live keys (it is trusted); else the trust
+        statement that would make it so, and no Runs for it until it is taken."""
+        keys = sorted(held) if isinstance(held, list) else []
+        if keys == wanted_keys(self.keyring, now) or worker.result_key is None:
+            worker.trust_pending = False
+            if worker.result_key is not None and worker.trusted is not True:
+                worker.trusted = True
+                emit(self.hooks, "worker_changed", worker.view())
+            return None
+        worker.trust_pending = True
+        return Message("trust", {"request": trust_request(self.keyring, key_id(worker.result_key), now)})
+
+    def refused(self, worker: WorkerState, request: str, message: str, now: float) -> None:
+        """The Worker refused the session's proof (`auth`) or a trust statement: untrusted until it is
+        enrolled again."""
+        if request == "auth":
+            reason = f"Worker '{worker.name}' refused this control plane's session ({message})"
+        else:
+            held = ", ".join(sorted((worker.hello.get("trust") or {}).get("keys") or [])) or "no key"
+            reason = (f"Worker '{worker.name}' trusts {held}, not what this control plane gave it "
+                      f"({', '.join(wanted_keys(self.keyring, now))}), and refused the correction ({message}): "
+                      "its trust store was changed behind the control plane's back")
+        self.untrusted(worker, reason, now)
+
+    def untrusted(self, worker: WorkerState, reason: str, now: float, fix: bool = True) -> None:
+        """No Runs for this Worker, with the reason and how to fix it, until it proves trustworthy again."""
+        worker.trusted = False
+        worker.trust_pending = False
+        self.link_down(worker, f"{reason}; {self._reenroll(worker)}" if fix else reason, now)
+
+    def _reenroll(self, worker: WorkerState) -> str:
+        if worker.spec.transport == "local":
+            return "the daemon enrolls its own local Worker again when it reconnects"
+        return (f"it gets no Runs until it is enrolled again: on the Worker run `taskrun-worker trust --reset` (it "
+                f"prints a one-time token), then `taskrun worker add {worker.name} --host {worker.spec.host} "
+                "--token TOKEN`")
+
+    def _believable_trust(self, worker: WorkerState, trust: Any, now: float) -> None:
+        """WorkerError if hello's trust summary shows a store no trust statement could have made."""
+        issued_at = trust.get("issued_at") if isinstance(trust, dict) else None
+        if isinstance(issued_at, (int, float)) and issued_at > now + CLOCK_SKEW_SECONDS:
+            # Every statement is checked against the Worker's clock when taken: only a write
+            # behind the statements' back dates the store in the future, and it would refuse
+            # every later statement as "not newer".
+            raise WorkerError(f"Worker '{worker.name}' has a trust store dated {issued_at - now:.0f}s in the "
+                              "future: it was changed behind the control plane's back")
 
     def _result_key(self, worker: WorkerState, seen: Any) -> bytes:
         try:

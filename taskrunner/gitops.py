@@ -10,6 +10,14 @@ pack per batch), HEAD moves by compare-and-swap (`update-ref HEAD NEW OLD`),
 and afterwards only our paths are refreshed in the user's index, so whatever
 they staged stays staged. Every GC_EVERY_COMMITS commits `git gc --auto`
 folds the small packs together, as `git commit` would.
+
+The files committed are read beneath the work tree without following links
+(safefs): a path that is a link or a special file, or lies under a link, is
+committed as deleted and never read through, and its index entry is
+removed without git looking at the work tree (`--force-remove`). A file
+holding a private key (leaks.holds_private_key) is left out of the commit:
+the commit keeps whatever it had at that path before, the user's index is
+not touched for it, and `notice` names it.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import git
 
-from taskrunner.errors import GitError
+from taskrunner import leaks
+from taskrunner.errors import GitError, UnsafePath
+from taskrunner.safefs import Beneath
 
 ZERO = "0" * 40
 #: Identity for commits in a repository whose user has none configured.
@@ -36,11 +46,13 @@ GC_EVERY_COMMITS = 50
 
 
 class Git:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, notice: Callable[[str], None] | None = None) -> None:
         self.root = root
         self._git = git.Git(str(root))
         self._env: dict[str, str] | None = None
         self._commits = 0
+        self._notice = notice or (lambda message: None)
+        self._tree = Beneath(root)
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -61,22 +73,27 @@ class Git:
         """Commit exactly `paths` as they are in the work tree; None if nothing changed."""
         for _ in range(5):
             old = self.head()
-            commit, changed = self._import(paths, message, old)
+            commit, changed, written, deleted = self._import(paths, message, old)
             if not changed:
                 return None
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError:
                 continue  # HEAD moved under us (a user commit): build on the new HEAD
-            self._refresh_user_index(paths)
+            self._refresh_user_index(written, deleted)
             self._commits += 1
             if self._commits % GC_EVERY_COMMITS == 0:
                 self._gc_auto()
             return commit
         raise GitError("HEAD kept moving while committing records; will try again with the next batch")
 
-    def _import(self, paths: Sequence[str], message: str, old: str | None) -> tuple[str, bool]:
-        """One commit on top of `old` through `git fast-import`: its sha, and whether its tree differs.
+    def _import(self, paths: Sequence[str], message: str,
+                old: str | None) -> tuple[str, bool, list[str], list[str]]:
+        """One commit on top of `old` through `git fast-import`.
+
+        Returns its sha, whether its tree differs from `old`'s, the paths
+        committed as files and the paths committed as deleted (a path left
+        out, holding a private key, is in neither).
 
         fast-import writes the blobs, trees and commit of a batch as one pack
         instead of a loose object file (plus a link and an unlink) per object,
@@ -102,13 +119,19 @@ class Git:
             proc.stdin.write("".join(head).encode() + _data(text.encode()))
             if old:
                 proc.stdin.write(f"from {old}\n".encode())
+            written: list[str] = []
+            deleted: list[str] = []
             for path in paths:
-                try:
-                    data = (self.root / path).read_bytes()
-                except (FileNotFoundError, NotADirectoryError):
+                data = self._read(path)
+                if data is None:
                     proc.stdin.write(f"D {_quote(path)}\n".encode())
+                    deleted.append(path)
+                elif leaks.holds_private_key(data):
+                    self._notice(f"{path} holds a private key block: left out of the commit (delete the file, "
+                                 "and replace the key if it was a real one)")
                 else:
                     proc.stdin.write(f"M 100644 inline {_quote(path)}\n".encode() + _data(data))
+                    written.append(path)
             proc.stdin.write(b'ls ""\n\nget-mark :1\n')
             out, err = proc.communicate()
         except (OSError, ValueError) as exc:
@@ -119,7 +142,17 @@ class Git:
         if proc.returncode != 0 or len(lines) != (3 if old else 2):
             raise GitError(f"git fast-import failed: {err.decode().strip() or f'exit {proc.returncode}'}")
         trees = [line.split()[2] for line in lines[:-1]]
-        return lines[-1].strip(), len(trees) == 1 or trees[0] != trees[1]
+        return lines[-1].strip(), len(trees) == 1 or trees[0] != trees[1], written, deleted
+
+    def _read(self, path: str) -> bytes | None:
+        """A work-tree file's bytes for a commit; None for one to commit as deleted (missing, or refused)."""
+        try:
+            return self._tree.read_bytes(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except UnsafePath as exc:
+            self._notice(f"{exc.path} is {exc.what}, which taskrun never follows: {path} is committed as deleted")
+            return None
 
     def _gc_auto(self) -> None:
         # Each batch is one small pack; git consolidates them once there are enough (gc.autoPackLimit).
@@ -128,11 +161,18 @@ class Git:
         except GitError:
             pass  # housekeeping: the next round tries again
 
-    def _refresh_user_index(self, paths: Sequence[str]) -> None:
-        """Make the user's index agree with HEAD for our paths, and only those."""
+    def _refresh_user_index(self, written: Sequence[str], deleted: Sequence[str]) -> None:
+        """Make the user's index agree with HEAD for our paths, and only those.
+
+        Paths committed as deleted are removed from the index without git
+        looking at the work tree, where a link or special file may be (git
+        would add a link as one, and refuse a path beneath one).
+        """
+        # update-index applies each option to the paths after it; ours all start with runs/, never '-'.
+        argv = ["update-index", "--add", "--remove", *written, "--force-remove", "--", *deleted]
         for attempt in range(INDEX_LOCK_RETRIES):
             try:
-                self.run("update-index", "--add", "--remove", "--", *paths)
+                self.run(*argv)
                 return
             except GitError as exc:
                 if "index.lock" not in str(exc) or attempt == INDEX_LOCK_RETRIES - 1:
@@ -175,6 +215,20 @@ def _quote(path: str) -> str:
     escaped = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else
                       "".join(f"\\{b:03o}" for b in c.encode()) for c in path)
     return f'"{escaped}"'
+
+
+def git_dirs(root: Path) -> tuple[Path, ...]:
+    """The git directory of the work tree at `root` and its common directory (they differ in a worktree).
+
+    Absolute; empty when `root` is not in a repository. Files in them are
+    never read for a Task (intake.RepoFiles), wherever they are.
+    """
+    try:
+        out = git.Git(str(root)).execute(["git", "rev-parse", "--path-format=absolute", "--absolute-git-dir",
+                                          "--git-common-dir"])
+    except (git.GitCommandError, OSError):
+        return ()
+    return tuple(dict.fromkeys(Path(line) for line in str(out).splitlines() if line))
 
 
 def toplevel(path: Path) -> Path | None:

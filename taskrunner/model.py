@@ -16,6 +16,18 @@ from taskrunner.errors import TransitionError
 
 #: A Task id is its path under tasks/ without `.md`.
 TASK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
+#: The longest Task id, and the longest part of one between '/'. Well under
+#: NAME_MAX (255; the file is `<part>.md`, its editors' temp files longer
+#: still) and PATH_MAX (4096; records live at runs/<id>/run-<n>/manifest.json
+#: inside a work tree that has a path of its own).
+MAX_TASK_ID_CHARS = 200
+MAX_TASK_ID_PART_CHARS = 100
+#: The names the records layout uses inside a Task's directory runs/<id>/ and
+#: a Run's runs/<id>/run-<n>/ (records.py). A Task id part with one of these
+#: names (or a run-<n> name, or a leading '.', which temp files use) would make
+#: one Task's record path another Task's file.
+RECORD_NAMES = ("status.json", "output.log", "manifest.json", "summary.md", "events.jsonl")
+RUN_DIR_RE = re.compile(r"^run-(\d+)$")
 #: Agent, Worker, group and label names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -158,3 +170,6 @@ class WorkerSpec:
     known_hosts: str | None = None
     home: str | None = None  # the Worker's state directory
     worker_key: str | None = None  # the Worker's result key, `ed25519 BASE64`, pinned at enrollment
+    # "bwrap": Agents run confined, and a Worker that cannot confine them gets no Runs;
+    # "none": accept unconfined Agents on it (signed into each bundle's agent settings).
+    sandbox: str = "bwrap"

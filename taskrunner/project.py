@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from taskrunner import gitops, keys
+from taskrunner.atomic import write_bytes
+from taskrunner.errors import TaskrunError
 from taskrunner.config import INIT_TEMPLATE
 from taskrunner.defaults import CONFIG_FILE, HOOKS_DIR, RUNS_DIR, STATE_DIR, TASKS_DIR
 
@@ -26,23 +28,27 @@ def init_repository(root: Path) -> list[str]:
     if gitops.toplevel(root) is None:
         gitops.init(root)
         done.append(f"initialised a git repository in {root}")
+    # A cloned repository's content decides what is at these paths: nothing
+    # here follows a link (a dangling one would otherwise be written through).
     config = root / CONFIG_FILE
-    if not config.exists():
-        config.write_text(INIT_TEMPLATE)
+    if not os.path.lexists(config):
+        write_bytes(config, INIT_TEMPLATE.encode(), beneath=root)
         done.append(f"wrote {CONFIG_FILE} (local Worker, shell Agent)")
     for name in (TASKS_DIR, RUNS_DIR, HOOKS_DIR):
         directory = root / name
+        if directory.is_symlink() or (os.path.lexists(directory) and not directory.is_dir()):
+            raise TaskrunError(f"{directory} is not a directory (a link or a file); taskrun follows no links: "
+                               "remove it, then run `taskrun init` again")
         if not directory.is_dir():
             directory.mkdir()
             done.append(f"created {name}/")
         keep = directory / ".gitkeep"
         if name != HOOKS_DIR and not any(directory.iterdir()):
-            keep.touch()
+            write_bytes(keep, b"", beneath=root)
     for hook in HOOK_NAMES:
         path = root / HOOKS_DIR / hook
-        if not path.exists():
-            path.write_text(HOOK_SCRIPT)
-            os.chmod(path, 0o755)
+        if not os.path.lexists(path):
+            write_bytes(path, HOOK_SCRIPT.encode(), mode=0o755, beneath=root)
             done.append(f"wrote {HOOKS_DIR}/{hook}")
     ring, created = keys.Keyring.ensure(root / STATE_DIR, time.time())
     if created:

@@ -7,10 +7,14 @@ an `io.BytesIO` in tests.
 
 Worker -> control plane
     hello      {protocol, version, worker, pid, agents, slots, worker_key, trust: {keys, issued_at},
-                runs: [{run_id, state, size}]}
-               worker_key is the Worker's result key (`ed25519 BASE64`); trust lists the ids
-               of the control plane keys it trusts. state is "running" or "finished"; size
-               is the output bytes on the Worker.
+                challenge}
+               the first record of every session, before it is authenticated: it lists no
+               Runs. worker_key is the Worker's result key (`ed25519 BASE64`); trust lists
+               the ids of the control plane keys it trusts and the issued_at of the last
+               trust statement it took; challenge is fresh random hex (sessionauth.py).
+    ready      {runs: [{run_id, state, size}]}
+               the session is authenticated: the Runs this Worker holds. state is "running"
+               or "finished"; size is the output bytes on the Worker.
     heartbeat  {time, running}
     started    {run_id, pid, started_at}
     output     {run_id, offset, len} + payload: output bytes [offset, offset+len)
@@ -20,11 +24,19 @@ Worker -> control plane
                exit_code, error, started_at, finished_at, output_size, output_sha256, nonce};
                the control plane records nothing of a result before it verifies.
     trusted    {keys}               a trust statement was taken; the key ids now trusted
-    error      {message, run_id?}   a request the Worker could not act on
+    error      {message, run_id?, request?}
+               a request the Worker could not act on; request names the record type it
+               refused. request "assign": that Run is refused and nothing of it is on the
+               Worker; "auth": the session is not authenticated and ends; "trust": the
+               statement was not taken.
 
 Control plane -> Worker
+    auth       {envelope}           the answer to hello's challenge, signed by the control
+                                    plane's keys (sessionauth.py); the Worker refuses every
+                                    other record until it has verified one
     assign     {run_id, envelope} + payload: the bundle's archive (see bundle.py). Every
                setting of the Run is in the signed manifest; run_id only routes a refusal.
+               The Worker verifies the envelope before it reads the payload.
     trust      {request}            a trust statement (see worker/trust.py)
     resume     {run_id, offset}     stream this Run's output from offset, then its result
     cancel     {run_id, reason}
@@ -33,6 +45,13 @@ Control plane -> Worker
 A Worker streams a Run only once it is attached: a new assignment attaches it
 at offset 0; after a reconnect the control plane sends `resume` with the
 number of bytes it has recorded, so no byte is lost or repeated.
+
+Sizes are bounded before anything is buffered: a header line of at most
+MAX_HEADER_BYTES (SMALL_HEADER_BYTES for records other than assign, trust,
+result and ready), and a payload only on the record types in the reader's `limits`, of
+at most that many bytes. `Reader.read` enforces both; a Worker screening an
+assignment reads the header alone (`read_header`) and then reads, skips or
+refuses its payload.
 """
 
 from __future__ import annotations
@@ -40,22 +59,35 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Mapping
 
+from taskrunner.defaults import OUTPUT_CHUNK_BYTES
 from taskrunner.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1024 * 1024
+#: Headers of records that carry no envelope of a bundle's size (hello, resume, ...).
+SMALL_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
+#: Record types whose headers may be up to MAX_HEADER_BYTES.
+LARGE_HEADERS = frozenset({"assign", "trust", "result", "ready"})
+#: Payload bytes a record type may carry; types not listed carry none.
+PAYLOAD_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES, "assign": MAX_PAYLOAD_BYTES}
+#: What the control plane reads from a Worker: only output carries bytes, one chunk at most.
+FROM_WORKER_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES}
+#: A payload that is skipped is read this many bytes at a time, never whole.
+SKIP_CHUNK_BYTES = 64 * 1024
 
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "hello": ("protocol", "version", "worker", "runs"),
+    "hello": ("protocol", "version", "worker", "worker_key", "challenge"),
+    "ready": ("runs",),
     "heartbeat": ("time",),
     "started": ("run_id", "pid"),
     "output": ("run_id", "offset"),
     "result": ("run_id", "output_size", "envelope"),
     "trusted": ("keys",),
     "error": ("message",),
+    "auth": ("envelope",),
     "assign": ("run_id", "envelope"),
     "trust": ("request",),
     "resume": ("run_id", "offset"),
@@ -103,18 +135,48 @@ def decode_header(line: bytes) -> tuple[str, dict[str, Any], int]:
     if missing:
         raise ProtocolError(f"{kind} record lacks {', '.join(missing)}")
     size = header.pop("len", 0)
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_PAYLOAD_BYTES:
+    # Only its form here: what a record type may carry is the reader's limit, checked before any is read.
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2 ** 63:
         raise ProtocolError(f"{kind} record has an invalid payload length {size!r}")
     return kind, header, size
 
 
-class Reader:
-    """Reads records from a binary stream; `read()` returns None at a clean end."""
+@dataclass(frozen=True)
+class Header:
+    """A record's header, read before its payload: `size` payload bytes follow it on the stream."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    type: str
+    fields: dict[str, Any]
+    size: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+class Reader:
+    """Reads records from a binary stream; `read()` returns None at a clean end.
+
+    `limits` maps record types to the most payload bytes they may carry
+    (PAYLOAD_LIMITS by default); a record over its limit raises ProtocolError
+    before any of its payload is read.
+    """
+
+    def __init__(self, stream: BinaryIO, limits: Mapping[str, int] = PAYLOAD_LIMITS) -> None:
         self._stream = stream
+        self._limits = limits
 
     def read(self) -> Message | None:
+        header = self.read_header()
+        if header is None:
+            return None
+        limit = self._limits.get(header.type, 0)
+        if header.size > limit:
+            raise ProtocolError(f"{header.type} record announces {header.size} payload bytes, over its limit "
+                                f"of {limit}")
+        return Message(header.type, header.fields, self.read_payload(header))
+
+    def read_header(self) -> Header | None:
+        """The next header alone (None at a clean end); its payload is still on the stream."""
         line = self._stream.readline(MAX_HEADER_BYTES + 1)
         if not line:
             return None
@@ -123,19 +185,32 @@ class Reader:
                 raise ProtocolError("record header is longer than the limit")
             raise ProtocolError("stream ended inside a record header")
         kind, fields, size = decode_header(line)
-        payload = self._read_exact(size, kind) if size else b""
-        return Message(kind, fields, payload)
+        if len(line) > SMALL_HEADER_BYTES and kind not in LARGE_HEADERS:
+            raise ProtocolError(f"{kind} record header is {len(line)} bytes, over its limit of {SMALL_HEADER_BYTES}")
+        return Header(kind, fields, size)
 
-    def _read_exact(self, size: int, kind: str) -> bytes:
+    def read_payload(self, header: Header, digest: Any = None) -> bytes:
+        """The payload that follows `header`, fed to `digest` (a hashlib object) as it arrives."""
         chunks: list[bytes] = []
-        left = size
+        left = header.size
         while left:
             chunk = self._stream.read(left)
             if not chunk:
-                raise ProtocolError(f"stream ended inside the payload of a {kind} record")
+                raise ProtocolError(f"stream ended inside the payload of a {header.type} record")
+            if digest is not None:
+                digest.update(chunk)
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+
+    def skip_payload(self, header: Header) -> None:
+        """Read past the payload that follows `header`, SKIP_CHUNK_BYTES at a time, keeping none of it."""
+        left = header.size
+        while left:
+            chunk = self._stream.read(min(left, SKIP_CHUNK_BYTES))
+            if not chunk:
+                raise ProtocolError(f"stream ended inside the payload of a {header.type} record")
+            left -= len(chunk)
 
 
 class Writer:

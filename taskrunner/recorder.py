@@ -18,6 +18,7 @@ from typing import Callable
 from taskrunner.defaults import COMMIT_WINDOW_SECONDS
 from taskrunner.errors import GitError
 from taskrunner.gitops import Git
+from taskrunner.textsafe import clean
 
 _STOP = object()
 _KICK = object()
@@ -40,19 +41,24 @@ class CommitItem:
     def line(self) -> str:
         where = f" on {self.worker}" if self.worker else ""
         run = f" (run {self.run_number})" if self.run_number else ""
-        return f"{self.task_id} {self.status}{where}{run}"
+        return clean(f"{self.task_id} {self.status}{where}{run}")
 
     def trailers(self) -> list[str]:
         pairs = [("Task-Id", self.task_id), ("Run-Id", self.run_id), ("Worker", self.worker),
                  ("Agent", self.agent), ("Status", self.status)]
-        return [f"{key}: {value}" for key, value in pairs if value]
+        # One line each, no control characters: a value can neither add a trailer nor reach a terminal raw.
+        return [f"{key}: {clean(value)}" for key, value in pairs if value]
 
 
 def commit_message(items: list[CommitItem]) -> str:
     if len(items) == 1:
         item = items[0]
         subject = f"taskrun: {item.line()}"
-        body = item.title
+        body = clean(item.title)  # the Task's own heading, on one line, no control characters
+        if body.startswith("---"):
+            # `git interpret-trailers` takes a "---" line for the start of a
+            # patch and would not see the trailers after it.
+            body = f" {body}"
     else:
         counts = Counter(item.status for item in items)
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))

@@ -11,27 +11,73 @@ truncated is skipped with a notice on restart, its Task taken up again from
 its file. output.log is only ever appended, at the
 offset the Worker says the bytes belong to, so a resumed stream can neither
 repeat nor skip a byte.
+
+runs/ is in the work tree, so anyone who can push puts files there. Three
+rules keep the daemon's files its own:
+
+- Every read and write goes through safefs, beneath the work tree, without
+  following links. A link or special file where the daemon writes is removed
+  and replaced by the daemon's own file or directory, with a notice; where
+  it reads, it counts as absent (ForeignRecord).
+- Status records are sealed: `seal` is an HMAC-SHA256, keyed with this
+  clone's record key (keys.record_key, in .git/taskrun/, never committed),
+  over the record's path and its canonical JSON (sorted keys, no spaces,
+  without `seal`). A record without a valid seal was not written by this
+  daemon and is never believed (ForeignRecord). A seal binds a record to its
+  path, not to a moment: an older record of the same path that this clone
+  sealed, put back, is believed as the state it was then.
+- A Run directory the daemon records into is its own: the engine numbers a
+  new Run past every run-<n> that exists, and the first write into a Run
+  directory in a process either makes the directory or finds this clone's
+  sealed record in it (a restart reattaching); otherwise whatever is in it
+  is removed first, so a committed output.log is never taken for output
+  already recorded.
+
+Manifests are not sealed: the daemon never reads them back, and they carry
+their own Ed25519 signatures.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
 import json
 import os
-import re
+import stat
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from taskrunner.atomic import read_json, write_json
-from taskrunner.defaults import RUNS_DIR
-from taskrunner.errors import RecordError
+from taskrunner.defaults import RUNS_DIR, STATE_DIR
+from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
+from taskrunner.keys import record_key
+from taskrunner.model import RECORD_NAMES, RUN_DIR_RE
+from taskrunner.safefs import REFUSAL, Beneath
+from taskrunner.taskfile import task_id_for, task_id_problem
 
-RUN_DIR_RE = re.compile(r"^run-(\d+)$")
+__all__ = ["RUN_DIR_RE", "RECORD_NAMES", "Records", "SEAL_KEY"]
+
+#: The field of a status record that holds its seal.
+SEAL_KEY = "seal"
+#: Run statuses after which nothing more is written into a Run's directory.
+_FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+#: Run directories remembered as this process's own (see _claim); past this many the memory starts over.
+_CLAIMED_MAX = 10_000
 
 
 class Records:
-    def __init__(self, root: Path) -> None:
+    """runs/ of one work tree. Shared by the engine thread and the write-behind thread."""
+
+    def __init__(self, root: Path, notice: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.runs = root / RUNS_DIR
+        self._notice = notice or (lambda message: None)
+        self._tree = Beneath(root, self._notice)
+        self._key: bytes | None = None
+        self._key_lock = threading.Lock()
+        self._claim_lock = threading.Lock()
+        self._claimed: set[tuple[str, int]] = set()
 
     # -- paths -------------------------------------------------------------
 
@@ -60,37 +106,93 @@ class Records:
     # -- reading -----------------------------------------------------------
 
     def load_task(self, task_id: str) -> dict[str, Any] | None:
-        return self._load(self.task_file(task_id))
+        """The Task's record without its seal; None when it has none.
+
+        Raises ForeignRecord when the record was not written by this daemon
+        (treat it as absent), RecordError when it cannot be read.
+        """
+        if not _usable(task_id):
+            return None
+        return self._load(f"{RUNS_DIR}/{task_id}/status.json")
 
     def load_run(self, task_id: str, number: int) -> dict[str, Any] | None:
-        return self._load(self.run_dir(task_id, number) / "status.json")
+        """A Run's record without its seal; None, ForeignRecord and RecordError as load_task."""
+        if not _usable(task_id):
+            return None
+        return self._load(f"{RUNS_DIR}/{task_id}/run-{number}/status.json")
 
     def task_ids(self) -> Iterator[str]:
-        """Every Task with a record, in no particular order."""
-        if not self.runs.is_dir():
+        """Every Task with a record file (sealed or not), in no particular order. Follows no link."""
+        top = self._lstat(RUNS_DIR)
+        if top is None or not stat.S_ISDIR(top.st_mode):
             return
         for dirpath, dirnames, filenames in os.walk(self.runs):
-            # Run directories hold Run records, not Tasks: do not descend.
-            dirnames[:] = [d for d in dirnames if not RUN_DIR_RE.match(d)]
+            # Run directories hold Run records, not Tasks, and hidden ones temp files: do not descend.
+            dirnames[:] = [d for d in dirnames if not RUN_DIR_RE.match(d) and not d.startswith(".")]
             if "status.json" in filenames and Path(dirpath) != self.runs:
-                yield Path(dirpath).relative_to(self.runs).as_posix()
+                task_id = Path(dirpath).relative_to(self.runs).as_posix()
+                if _usable(task_id):
+                    yield task_id
+
+    def run_taken(self, task_id: str, number: int) -> bool:
+        """True when anything at all is at runs/<id>/run-<n> (a link too): a new Run must not go there."""
+        return self._lstat(f"{RUNS_DIR}/{task_id}/run-{number}") is not None
 
     def output_size(self, task_id: str, number: int) -> int:
+        """The size of a Run's output.log; 0 when there is none (or only a link or special file)."""
         try:
-            return self.output(task_id, number).stat().st_size
-        except FileNotFoundError:
+            fd = self._tree.open_file(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
+        except (OSError, UnsafePath):
             return 0
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def read_output(self, task_id: str, number: int, offset: int = 0) -> bytes | None:
+        """A Run's output from `offset` on; None when there is no output.log (a link counts as none)."""
+        try:
+            fd = self._tree.open_file(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
+        except (OSError, UnsafePath):
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            handle.seek(offset)
+            return handle.read()
+
+    def output_digest(self, task_id: str, number: int) -> tuple[int, str]:
+        """(size, sha256 hex) of a Run's output.log, read without following links; (0, sha256 of nothing) if none."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = self._tree.open_file(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
+        except (OSError, UnsafePath):
+            return size, digest.hexdigest()
+        with os.fdopen(fd, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
 
     # -- writing -----------------------------------------------------------
 
     def save_task(self, record: dict[str, Any]) -> None:
-        self._save(self.task_file(record["task_id"]), record)
+        task_id = record["task_id"]
+        self._check_id(task_id)
+        self._save(f"{RUNS_DIR}/{task_id}/status.json", record, sealed=True)
 
     def save_run(self, record: dict[str, Any]) -> None:
-        self._save(self.run_dir(record["task_id"], record["run"]) / "status.json", record)
+        task_id, number = record["task_id"], int(record["run"])
+        self._check_id(task_id)
+        self._claim(task_id, number)
+        self._save(f"{RUNS_DIR}/{task_id}/run-{number}/status.json", record, sealed=True, claimed=True)
+        if record.get("status") in _FINAL:
+            # Nothing more is written there; a later write would look again (and find its seal).
+            self._claimed.discard((task_id, number))
 
     def save_manifest(self, task_id: str, number: int, manifest: dict[str, Any]) -> None:
-        self._save(self.run_dir(task_id, number) / "manifest.json", manifest)
+        self._check_id(task_id)
+        self._claim(task_id, number)
+        self._save(f"{RUNS_DIR}/{task_id}/run-{number}/manifest.json", manifest, sealed=False, claimed=True)
 
     def append_output(self, task_id: str, number: int, offset: int, data: bytes) -> int:
         """Append the part of `data` (which starts at `offset`) not yet recorded.
@@ -98,27 +200,140 @@ class Records:
         Returns the recorded size afterwards; a gap (offset beyond the end) is
         not written, and the caller asks the Worker to resume from the end.
         """
-        path = self.output(task_id, number)
-        size = self.output_size(task_id, number)
-        if offset > size or offset + len(data) <= size:
-            return size
-        with open(path, "ab") as handle:
-            handle.write(data[size - offset:])
-        return offset + len(data)
+        return self.write_output(task_id, number, offset, data)[1]
 
-    def _save(self, path: Path, record: dict[str, Any]) -> None:
+    def write_output(self, task_id: str, number: int, offset: int, data: bytes) -> tuple[int, int]:
+        """append_output, returning the recorded size before and after: one open of output.log, not two."""
+        self._check_id(task_id)
+        self._claim(task_id, number)
+        rel = f"{RUNS_DIR}/{task_id}/run-{number}/output.log"
         try:
-            write_json(path, record, durable=False)
-        except OSError as exc:
-            raise RecordError(f"cannot write {self.relative(path)}: {exc}") from exc
+            fd = self._tree.open_file(rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT, repair=True)
+        except (OSError, UnsafePath) as exc:
+            raise RecordError(f"cannot write {rel}: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if offset > size or offset + len(data) <= size:
+                return size, size
+            rest = memoryview(data)[size - offset:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+            return size, offset + len(data)
+        finally:
+            os.close(fd)
 
-    def _load(self, path: Path) -> dict[str, Any] | None:
+    # -- seals -------------------------------------------------------------
+
+    def seal(self, rel: str, record: dict[str, Any]) -> str:
+        """The seal of `record` at the work-tree path `rel` (HMAC-SHA256 hex); makes the key on first use."""
+        return hmac.new(self._secret(create=True), _sealed_bytes(rel, record), hashlib.sha256).hexdigest()
+
+    def _secret(self, create: bool) -> bytes:
+        key = self._key
+        if key is None:
+            with self._key_lock:
+                if self._key is None:
+                    try:
+                        self._key = record_key(self.root / STATE_DIR, create)
+                    except TaskrunError as exc:
+                        raise RecordError(str(exc)) from None
+                key = self._key
+        if key is None:
+            raise _NoKey()
+        return key
+
+    # -- internals -----------------------------------------------------------
+
+    def _check_id(self, task_id: str) -> None:
+        if not _usable(task_id):
+            raise RecordError(f"'{task_id[:80]}' is not a Task id that can have a record under {RUNS_DIR}/")
+
+    def _claim(self, task_id: str, number: int) -> None:
+        """Make sure runs/<id>/run-<n> is this daemon's before the first write into it in this process."""
+        if (task_id, number) in self._claimed:
+            return
+        rel = f"{RUNS_DIR}/{task_id}/run-{number}"
+        with self._claim_lock:
+            if (task_id, number) in self._claimed:
+                return
+            try:
+                fresh = self._tree.make_dir(rel)
+                if not fresh and not self._ours(f"{rel}/status.json"):
+                    removed = self._tree.clear_dir(rel)
+                    if removed:
+                        self._notice(f"{rel} held files this daemon did not write ({', '.join(removed[:5])}"
+                                     f"{', …' if len(removed) > 5 else ''}); removed them before recording "
+                                     f"Run {number} of '{task_id}' there")
+            except (OSError, UnsafePath) as exc:
+                raise RecordError(f"cannot write {rel}: {exc}") from exc
+            if len(self._claimed) >= _CLAIMED_MAX:
+                self._claimed.clear()
+            self._claimed.add((task_id, number))
+
+    def _ours(self, rel: str) -> bool:
         try:
-            data = read_json(path)
-        except FileNotFoundError:
+            return self._load(rel) is not None
+        except RecordError:
+            return False
+
+    def _save(self, rel: str, record: dict[str, Any], sealed: bool, claimed: bool = False) -> None:
+        """Write a record; `claimed`: its Run directory is known to hold only this daemon's files."""
+        body = record
+        if sealed:
+            body = {key: value for key, value in record.items() if key != SEAL_KEY}
+            body[SEAL_KEY] = self.seal(rel, body)
+        text = json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        try:
+            # In a claimed Run directory nothing else is expected: no look at what the rename replaces.
+            self._tree.write_atomic(rel, text.encode(), repair=True, look=not claimed)
+        except (OSError, UnsafePath) as exc:
+            raise RecordError(f"cannot write {rel}: {exc}") from exc
+
+    def _load(self, rel: str) -> dict[str, Any] | None:
+        try:
+            raw = self._tree.read_bytes(rel)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError(f"cannot read {self.relative(path)}: {exc}") from exc
+        except UnsafePath as exc:
+            where = "it" if exc.path == rel else exc.path
+            raise ForeignRecord(f"cannot read {rel}: {where} is {exc.what}; {REFUSAL}; ignored") from None
+        except OSError as exc:
+            raise RecordError(f"cannot read {rel}: {exc}") from exc
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"cannot read {rel}: {exc}") from exc
         if not isinstance(data, dict):
-            raise RecordError(f"{self.relative(path)} is not a JSON object")
+            raise RecordError(f"{rel} is not a JSON object")
+        seal = data.pop(SEAL_KEY, None)
+        try:
+            key = self._secret(create=False)
+        except _NoKey:
+            key = None
+        if not isinstance(seal, str) or key is None or not hmac.compare_digest(
+                seal, hmac.new(key, _sealed_bytes(rel, data), hashlib.sha256).hexdigest()):
+            raise ForeignRecord(f"{rel} was not written by this daemon (no valid seal); ignored")
         return data
+
+    def _lstat(self, rel: str) -> os.stat_result | None:
+        try:
+            return self._tree.lstat(rel)
+        except (OSError, UnsafePath):
+            return None
+
+
+class _NoKey(Exception):
+    """This clone has no record key yet: nothing under runs/ was written by its daemon."""
+
+
+def _sealed_bytes(rel: str, record: dict[str, Any]) -> bytes:
+    """What a seal covers: a domain tag, the record's path, and its canonical JSON (without the seal)."""
+    canonical = json.dumps({k: v for k, v in record.items() if k != SEAL_KEY}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return f"taskrun-record-v1\0{rel}\0{canonical}".encode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _usable(task_id: str) -> bool:
+    """True for an id that task_id_for accepts and the layout can hold (see taskfile.task_id_problem)."""
+    return bool(task_id_for(f"tasks/{task_id}.md") == task_id and task_id_problem(task_id) is None)

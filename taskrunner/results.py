@@ -24,7 +24,14 @@ class ResultRejected(TaskrunError):
     """Raised when a Worker's result does not verify; the message says why."""
 
 
-def verified_result(envelope: Any, result_key: bytes | None, run_id: str, output: Path) -> dict[str, Any]:
+def verified_result(envelope: Any, result_key: bytes | None, run_id: str,
+                    output: Path | tuple[int, str]) -> dict[str, Any]:
+    """The verified result; ResultRejected saying why not.
+
+    `output` is the recorded output: its (size, sha256 hex), as the daemon
+    reads it from runs/ without following links (records.output_digest), or
+    a path to hash.
+    """
     if result_key is None:
         raise ResultRejected("result rejected: no result key is pinned for this Worker")
     try:
@@ -35,7 +42,7 @@ def verified_result(envelope: Any, result_key: bytes | None, run_id: str, output
         raise ResultRejected(f"result rejected: signed for another Run than {run_id}")
     if result.get("status") not in STATUSES:
         raise ResultRejected(f"result rejected: unknown status {result.get('status')!r}")
-    size, digest = _digest(output)
+    size, digest = output if isinstance(output, tuple) else _digest(output)
     if result.get("output_size") != size or result.get("output_sha256") != digest:
         raise ResultRejected("result rejected: the output recorded does not match the output the Worker signed")
     return result

@@ -63,6 +63,7 @@ class WorkerView:
     agents: frozenset[str]
     labels: Mapping[str, str] = field(default_factory=dict)
     online: bool = True
+    note: str | None = None  # why an online Worker takes no Runs (it cannot confine Agents), for `waiting`
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,7 @@ def _pick_worker(task: TaskView, capable: Sequence[WorkerView], used: Mapping[st
 
 
 def _no_free_worker(task: TaskView, capable: Sequence[WorkerView]) -> str:
-    names = ", ".join(w.name for w in capable)
+    names = ", ".join(f"{w.name}: {w.note}" if w.note else w.name for w in capable)
     return f"every Worker offering Agent '{task.agent}'{_labels_text(task.labels)} is busy or offline ({names})"
 
 

@@ -34,6 +34,7 @@ from taskrunner.errors import TaskrunError
 BUNDLE_TYPE = "application/vnd.taskrun.bundle+json"
 RESULT_TYPE = "application/vnd.taskrun.result+json"
 TRUST_TYPE = "application/vnd.taskrun.trust+json"
+SESSION_TYPE = "application/vnd.taskrun.session+json"
 #: Envelopes larger than this are refused unread (a manifest of MAX_MEMBERS files fits easily).
 MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
 

@@ -22,7 +22,8 @@ import yaml
 from taskrunner.defaults import MAX_TASK_FILE_BYTES, TASKS_DIR
 from taskrunner.duration import parse_duration
 from taskrunner.errors import ConfigError, TaskFileError
-from taskrunner.model import NAME_RE, TASK_ID_RE, Priority, TaskSpec
+from taskrunner.model import (MAX_TASK_ID_CHARS, MAX_TASK_ID_PART_CHARS, NAME_RE, RECORD_NAMES, RUN_DIR_RE,
+                              TASK_ID_RE, Priority, TaskSpec)
 
 #: Front matter keys, in the order the documentation lists them.
 TASK_KEYS = ("agent", "priority", "depends_on", "labels", "group", "timeout", "retries", "context")
@@ -53,6 +54,40 @@ def task_id_for(relpath: str) -> str | None:
 
 def _is_task_id(text: str) -> bool:
     return bool(TASK_ID_RE.fullmatch(text)) and all(seg and not seg.startswith(".") for seg in text.split("/"))
+
+
+def task_id_problem(task_id: str) -> str | None:
+    """Why a Task id (one task_id_for gave) cannot be a path under runs/, or None when it can.
+
+    The records layout must map Task ids to records one to one: no part may
+    be a name the layout uses inside a Task or Run directory (RECORD_NAMES,
+    run-<n>), or `tasks/a/status.json.md` would have its record inside Task
+    `a`'s record file and `tasks/a/run-1.md` would overwrite Task `a`'s Run 1;
+    and the id must fit the length limits, or the file system refuses the
+    path (ENAMETOOLONG). Such a file is INVALID, with this reason.
+    """
+    if len(task_id) > MAX_TASK_ID_CHARS:
+        return (f"the Task id is {len(task_id)} characters long, over the limit of {MAX_TASK_ID_CHARS}; "
+                "rename the file")
+    for part in task_id.split("/"):
+        if len(part) > MAX_TASK_ID_PART_CHARS:
+            return (f"the Task id part '{part[:20]}...' is {len(part)} characters long, over the limit of "
+                    f"{MAX_TASK_ID_PART_CHARS}; rename the file")
+        if part in RECORD_NAMES or RUN_DIR_RE.match(part):
+            return (f"the Task id part '{part}' is reserved: the records layout uses that name inside "
+                    "runs/<id>/; rename the file")
+    return None
+
+
+def is_git_name(name: str) -> bool:
+    """True for a path part that is, or that some file system takes for, `.git`.
+
+    As git's own verify_path: any case (`.GIT` on a case-insensitive file
+    system), with trailing dots or spaces (NTFS drops them), and the NTFS
+    short name `git~1`. A submodule's `.git` file is such a part too.
+    """
+    folded = name.casefold()
+    return folded.rstrip(". ") == ".git" or folded == "git~1"
 
 
 def is_ignored_name(name: str) -> bool:
@@ -266,6 +301,9 @@ def _depends_on(value: object, task_id: str) -> tuple[str, ...]:
             raise ValueError(
                 f"expected task ids (a file's path under tasks/ without .md, like db-schema), got {describe(item)}"
             )
+        problem = task_id_problem(item)
+        if problem:
+            raise ValueError(f"'{item[:60]}' can never be a Task: {problem.removesuffix('; rename the file')}")
         if item == task_id:
             raise ValueError(f"a task cannot depend on itself ('{item}')")
         if item not in ids:
@@ -292,6 +330,11 @@ def _context(value: object, _task_id: str) -> tuple[str, ...]:
             raise ValueError(f"expected a path relative to the repository root, got {item!r}")
         if ".." in item.replace("\\", "/").split("/"):
             raise ValueError(f"expected a path inside the repository, got {item!r} (contains '..')")
+        if "\0" in item:
+            raise ValueError(f"expected a path, got {item!r} (contains a NUL character)")
+        if any(is_git_name(part) for part in item.replace("\\", "/").split("/")):
+            raise ValueError(f"{item!r} is inside a git directory (a '.git' part): taskrun never sends "
+                             "git's files (its configuration, the daemon's keys) to a Worker")
         norm = posixpath.normpath(item)
         if norm == ".":
             raise ValueError(f"expected a file or directory in the repository, got {item!r}")

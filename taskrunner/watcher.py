@@ -45,8 +45,12 @@ class Watcher(FileSystemEventHandler):
 
     def start(self) -> None:
         tasks = self.root / TASKS_DIR
-        tasks.mkdir(exist_ok=True)
-        self._observer.schedule(self, str(tasks), recursive=True)
+        if not os.path.lexists(tasks):
+            tasks.mkdir(exist_ok=True)
+        # A tasks/ that is a link (or a file) is not watched through: the engine
+        # reads no Task through it and says so; the root's watch sees it replaced.
+        if tasks.is_dir() and not tasks.is_symlink():
+            self._observer.schedule(self, str(tasks), recursive=True)
         self._observer.schedule(self, str(self.root), recursive=False)
         self._observer.start()
         self._timer.start()

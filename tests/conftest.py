@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
+from tests.agentprobes import Counter, Gate
+
 T = TypeVar("T")
 
 
@@ -156,6 +158,22 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    """A loopback port a confined Agent can wait on (tests/agentprobes.py); closed until opened."""
+    made = Gate()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def counter() -> Iterator[Counter]:
+    """A loopback server numbering an Agent's connections (tests/agentprobes.py)."""
+    made = Counter()
+    yield made
+    made.close()
 
 
 @pytest.fixture

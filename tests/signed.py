@@ -1,8 +1,9 @@
 """A control plane for Worker tests: an enrolled Worker home and the signed assignments sent to it.
 
 `enroll(home, state_dir)` makes a keyring under `state_dir` (as the daemon
-keeps one under .git/taskrun/) and has the Worker at `home` take its trust
-statement, exactly as `taskrun worker add` does through the gate.
+keeps one under .git/taskrun/), pins its key in the Worker at `home` as the
+Worker's admin does (`taskrun-worker init --trust-key`), and has the Worker
+take its trust statement, exactly as `taskrun worker add` does through the gate.
 `ControlPlane(...)` without enrolling gives a keyring the Worker does not
 trust. Either way `assignment()` builds what the engine sends: an `assign`
 record of `{run_id, envelope}` with the bundle's archive as payload.
@@ -20,7 +21,9 @@ from taskrunner import bundle
 from taskrunner.enroll import trust_request
 from taskrunner.keys import Keyring
 from taskrunner.protocol import Message
+from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import BUNDLE_TYPE, RESULT_TYPE, SigningKey, sign, verify
+from taskrunner.worker.enrollment import Enrollment
 from taskrunner.worker.trust import TrustStore, worker_key
 
 #: Seconds before "now" at which a test keyring is made and its Worker enrolled, so
@@ -90,11 +93,18 @@ class ControlPlane:
     def trust_request(self, now: float | None = None) -> dict[str, Any]:
         return trust_request(self.keyring, self.audience, time.time() if now is None else now)
 
+    def auth(self, hello: Message, now: float | None = None) -> Message:
+        """The `auth` record answering `hello`'s challenge, as the daemon sends it."""
+        when = time.time() if now is None else now
+        return Message("auth", {"envelope": auth_envelope(self.keyring.signers(when), hello["challenge"],
+                                                          self.audience, when)})
+
 
 def enroll(home: Path, state_dir: Path) -> ControlPlane:
     """A control plane whose keys the Worker at `home` trusts, enrolled ENROLLED_AGO seconds ago."""
     plane = ControlPlane.make(home, state_dir)
     made_at = plane.keyring.entries[0].created_at
+    Enrollment(home).pin([plane.key.key_id], made_at)
     TrustStore(home).apply(trust_request(plane.keyring, plane.audience, made_at), plane.audience, made_at)
     return plane
 

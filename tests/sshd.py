@@ -9,8 +9,10 @@
 Each host has its own directory: an ed25519 host key, an sshd_config, a log,
 a Worker home, and an authorized_keys holding exactly the line that
 `taskrun-worker init` prints for the client key (restrict + the gate as forced
-command). Forwarding and the sftp subsystem keep sshd's defaults on purpose,
-so tests prove that `restrict` and the gate are what refuse them.
+command). `init` also issues the Worker's one-time enrollment token, which
+the host keeps as `host.token` for `taskrun worker add --token`. Forwarding
+and the sftp subsystem keep sshd's defaults on purpose, so tests prove that
+`restrict` and the gate are what refuse them.
 
 sshd runs as the current user (root here, logging in as root) in the
 foreground (`-D -e`), its log in `host.log_path`. When sshd or ssh-keygen is
@@ -23,6 +25,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -83,11 +86,19 @@ def worker_command() -> str:
     return require("taskrun-worker")
 
 
+#: How `taskrun-worker init` and `trust --reset` show the enrollment token.
+TOKEN_RE = re.compile(r"enrollment token ([0-9a-f]{32})")
+
+
 def enroll(home: Path, control_state: Path) -> str:
-    """Make the Worker home trust the control plane's keys, as `taskrun worker add` does through
-    the gate, by running the real `taskrun-worker trust` on it; the Worker's result key line."""
+    """Make the Worker home trust the control plane's keys by running the real commands: its admin
+    pins the control plane's key (`taskrun-worker trust --reset --trust-key`), then `taskrun-worker
+    trust` takes the statement `taskrun worker add` sends through the gate. The Worker's result key line."""
     now = time.time()
     ring, _ = Keyring.ensure(control_state, now)
+    pin = subprocess.run([worker_command(), "trust", "--home", str(home), "--reset", "--trust-key",
+                          ring.current.key_id], capture_output=True)
+    assert pin.returncode == 0, pin.stderr.decode()
     audience = SigningKey.from_pem((home / WORKER_KEY_FILE).read_bytes()).key_id \
         if (home / WORKER_KEY_FILE).exists() else None
     result = subprocess.run([worker_command(), "trust", "--home", str(home)],
@@ -110,6 +121,8 @@ class SshdHost:
         self.pid_file = root / "sshd.pid"
         self.user = getpass.getuser()
         self.port = port or 0
+        #: The one-time enrollment token `taskrun-worker init` issued (None once the home is enrolled).
+        self.token: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._sshd = require(SSHD)
         root.mkdir(parents=True, exist_ok=True)
@@ -168,6 +181,9 @@ class SshdHost:
             capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise AssertionError(f"taskrun-worker init failed ({result.returncode}): {result.stderr}")
+        issued = TOKEN_RE.search(result.stderr)
+        if issued is not None:
+            self.token = issued.group(1)
         line = result.stdout.strip()
         with open(self.authorized_keys, "w" if replace else "a") as handle:
             handle.write(line + "\n")

@@ -10,8 +10,11 @@ from rich.console import Console
 from taskrunner.cli.render import LiveView
 from taskrunner.config import load_config
 from taskrunner.daemon import Daemon
+from taskrunner.defaults import LOCAL_WORKER, STATE_DIR
 from taskrunner.gitops import Git
 from taskrunner.project import init_repository
+from taskrunner.worker.confine import Confinement
+from taskrunner.textsafe import clean
 
 DEMO_TASKS = {
     "hello.md": """---
@@ -91,7 +94,14 @@ def run_demo(out: Console) -> int:
     out.print(f"A temporary repository: {root}", markup=False)
     init_repository(root)
     config_file = root / ".taskrun.yaml"
-    config_file.write_text(config_file.read_text().replace("groups: {}", "groups: {checks: {parallel: 1}}"))
+    config = config_file.read_text().replace("groups: {}", "groups: {checks: {parallel: 1}}")
+    sandbox = Confinement(root / STATE_DIR / "workers" / LOCAL_WORKER, protect=[root]).status()
+    if sandbox.kind is None:
+        # The tour must run on a fresh machine: its own throwaway Tasks may run unconfined; yours do not.
+        config = config.replace("    sandbox: bwrap\n", "    sandbox: none\n")
+        out.print(f"No sandbox on this machine ({sandbox.reason}), so the demo's local Worker runs its "
+                  "Tasks unconfined (sandbox: none in its .taskrun.yaml).", markup=False)
+    config_file.write_text(config)
     repo = Git(root)
     repo.run("add", "-A")
     repo.run("-c", "user.name=taskrun demo", "-c", "user.email=demo@localhost",
@@ -108,7 +118,7 @@ def run_demo(out: Console) -> int:
     out.print()
     out.rule("result commits (git log)")
     for line in repo.log(6):
-        out.print(f"  {line}", markup=False)
+        out.print(f"  {clean(line)}", markup=False)
     out.print()
     out.print(f"Records: {root / 'runs'}   (runs/<task>/status.json, runs/<task>/run-1/output.log)", markup=False)
     out.print(f"Try:     cd {root} && taskrun status && taskrun logs build", markup=False)

@@ -8,6 +8,7 @@ import time
 from datetime import datetime, timezone
 
 from rich.console import Console
+from rich.text import Text
 
 from taskrunner import control, doctor
 from taskrunner.cli.main import find_root
@@ -17,6 +18,7 @@ from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError, DaemonNotRunning, TaskrunError
 from taskrunner.keys import Keyring
 from taskrunner.signing import PublicKey
+from taskrunner.textsafe import clean
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -29,7 +31,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     rotate.add_argument("--overlap", default=format_duration(KEY_OVERLAP_SECONDS),
                         help="how long Workers still trust the old key (default %(default)s)")
     rotate.set_defaults(handler=cmd_rotate)
-    check = sub.add_parser("doctor", help="check keys (modes, nothing private tracked by git) and Worker pins")
+    check = sub.add_parser("doctor", help="check keys (modes, nothing private tracked by git), Worker pins, "
+                           "that nothing under runs/ is a link, and local Workers' sandbox")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(handler=cmd_doctor)
 
@@ -92,14 +95,18 @@ def cmd_doctor(args: argparse.Namespace, out: Console) -> int:
         findings.append(doctor.Finding("error", str(exc), "taskrun init"))
     if config is not None:
         findings += doctor.pin_findings(config)
+        findings += doctor.sandbox_findings(root, config)
+    findings += doctor.record_findings(root)
     if args.json:
         print(json.dumps({"ok": not findings, "findings": [f.__dict__ for f in findings]}, indent=2))
     elif not findings:
-        out.print("no problems found: keys are private and untracked, every ssh Worker is pinned")
+        out.print("no problems found: keys are private and untracked, every ssh Worker is pinned, "
+                  "runs/ holds no links, local Workers confine their Agents")
     else:
         for finding in findings:
-            out.print(f"[bold red]{finding.level}[/]: {finding.what}")
-            out.print(f"  fix: {finding.fix}", markup=False)
+            # Findings quote file names from the repository: shown as written.
+            out.print(Text.assemble((clean(finding.level), "bold red"), ": ", clean(finding.what, multiline=True)))
+            out.print(f"  fix: {clean(finding.fix, multiline=True)}", markup=False)
     return 1 if findings else 0
 
 

@@ -21,10 +21,12 @@ from taskrunner.atomic import write_bytes
 from taskrunner.cli import render
 from taskrunner.config import load_config
 from taskrunner.defaults import STATE_DIR, TASKS_DIR
-from taskrunner.errors import DaemonNotRunning, RecordError, TaskrunError
+from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.model import TaskStatus
 from taskrunner.records import Records
-from taskrunner.taskfile import task_id_for
+from taskrunner.intake import RepoFiles, task_paths
+from taskrunner.taskfile import task_id_for, task_id_problem
+from taskrunner.textsafe import StreamCleaner, clean
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -42,15 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Plain lines for pipes and logs: no hard wrapping at an imagined 80 columns.
-    out = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # No emoji codes: a title ":x:" is shown as written (see textsafe).
+    out = Console(highlight=False, emoji=False, soft_wrap=not sys.stdout.isatty())
+    err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
     try:
         return int(args.handler(args, out))
     except DaemonNotRunning as exc:
-        err.print(f"taskrun: {exc}", markup=False)
+        err.print(f"taskrun: {clean(str(exc), multiline=True)}", markup=False)
         return EXIT_USAGE
     except TaskrunError as exc:
-        err.print(f"taskrun: {exc}", markup=False)
+        # Messages quote file names, Worker stderr and the like: shown, never acted on.
+        err.print(f"taskrun: {clean(str(exc), multiline=True)}", markup=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", help="a Task id")
     p.add_argument("--run", type=int, help="the Run number (default: the latest)")
     p.add_argument("-f", "--follow", action="store_true", help="follow the output live until the Run ends")
+    p.add_argument("--raw", action="store_true", help="at a terminal too, write the output byte for byte "
+                   "(by default a terminal gets control characters other than newline and tab escaped)")
     p = command("submit", cmd_submit, "add Task files to tasks/ (for CI)")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--wait", action="store_true", help="wait until they end: exit 0 all COMPLETED, 1 some not, 3 timeout")
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help in (("cancel", "stop a Task's Run on its Worker"), ("retry", "run a Task again")):
         p = command(name, cmd_request, help)
         p.add_argument("task", help="a Task id")
-    p = command("workers", cmd_workers, "Workers: reachable, trusted, slots used, Agents, last seen")
+    p = command("workers", cmd_workers, "Workers: reachable, trusted, sandbox, slots used, Agents, last seen")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     from taskrunner.cli import keys, worker
 
@@ -154,22 +160,28 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
     records = Records(find_root(args))
+    ignored: list[str] = []
     if args.task:
-        task = records.load_task(args.task)
+        task = believed(lambda: records.load_task(args.task), ignored)
+        report_ignored(ignored)
         if task is None:
             raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
-        runs = [r for r in (records.load_run(args.task, e["run"]) for e in task.get("runs", [])) if r]
+        runs = [r for r in (believed(lambda: records.load_run(args.task, e["run"]), ignored)
+                            for e in task.get("runs", [])) if r]
+        report_ignored(ignored)
         if args.json:
             print(json.dumps({"task": task, "runs": runs}, indent=2, sort_keys=True))
             return EXIT_OK
         out.print(render.tasks_table([task]))
         if task.get("error"):
-            out.print(f"\n[bold]error:[/] {task['error']}", highlight=False)
+            out.print("\n", render.literal("error:", "bold"), " ", clean(task["error"], multiline=True),
+                      sep="", markup=False, highlight=False)
         if runs:
             out.print()
             out.print(render.runs_table(runs))
         return EXIT_OK
-    tasks = load_all(records)
+    tasks = load_all(records, ignored)
+    report_ignored(ignored)
     if args.json:
         print(json.dumps({"tasks": tasks}, indent=2, sort_keys=True))
         return EXIT_OK
@@ -180,51 +192,106 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
-def load_all(records: Records) -> list[dict[str, Any]]:
+def load_all(records: Records, ignored: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every Task with a record this clone's daemon wrote, and every Task file it has not recorded.
+
+    Records it did not write are left out (their messages go to `ignored`);
+    a file whose id can have no record (taskfile.task_id_problem) is INVALID
+    with its reason, as the daemon says.
+    """
     tasks = []
     for task_id in records.task_ids():
         try:
             record = records.load_task(task_id)
+        except ForeignRecord as exc:
+            record = None
+            if ignored is not None:
+                ignored.append(str(exc))
         except RecordError as exc:
             record = {"task_id": task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
         if record:
             tasks.append(record)
     seen = {t["task_id"] for t in tasks}
-    tasks_dir = records.root / TASKS_DIR
-    for path in tasks_dir.rglob("*.md") if tasks_dir.is_dir() else []:
-        task_id = task_id_for(path.relative_to(records.root).as_posix())
-        if task_id and task_id not in seen:
+    for rel in task_paths(RepoFiles(records.root)):
+        task_id = task_id_for(rel)
+        if not task_id or task_id in seen:
+            continue
+        problem = task_id_problem(task_id)
+        if problem:
+            tasks.append({"task_id": task_id, "status": TaskStatus.INVALID.value, "runs": [],
+                          "error": f"{rel}: {problem}", "file": rel})
+        else:
             tasks.append({"task_id": task_id, "status": TaskStatus.PENDING.value, "runs": [],
-                          "waiting": "not yet seen by the daemon", "file": path.relative_to(records.root).as_posix()})
+                          "waiting": "not yet seen by the daemon", "file": rel})
     return sorted(tasks, key=lambda t: (t.get("seq") or 1 << 30, t["task_id"]))
+
+
+def believed(load: Callable[[], dict[str, Any] | None], ignored: list[str]) -> dict[str, Any] | None:
+    """What `load` gives, or None for a record this clone's daemon did not write (its message to `ignored`)."""
+    try:
+        return load()
+    except ForeignRecord as exc:
+        ignored.append(str(exc))
+        return None
+
+
+#: Records not believed that are named one by one on stderr; the rest are counted.
+IGNORED_NAMED = 5
+
+
+def report_ignored(ignored: list[str], shown: set[str] | None = None) -> None:
+    """Say on stderr which records were not believed, then forget them (README "Records").
+
+    Messages in `shown` are not said again (a loop that polls passes one set).
+    """
+    fresh = [m for m in dict.fromkeys(ignored) if shown is None or m not in shown]
+    ignored.clear()
+    for message in fresh[:IGNORED_NAMED]:
+        print(f"taskrun: {clean(message)}", file=sys.stderr)
+    if len(fresh) > IGNORED_NAMED:
+        print(f"taskrun: {len(fresh) - IGNORED_NAMED} more records under runs/ were not written by this "
+              "clone's daemon (no valid seal); ignored", file=sys.stderr)
+    if shown is not None:
+        shown.update(fresh)
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     records = Records(find_root(args))
     stdout = sys.stdout.buffer
+    # Like `cat` into a pipe or a file; at a terminal, escape sequences in the
+    # output are shown, not obeyed (unless --raw).
+    cleaner = None if args.raw or not sys.stdout.isatty() else StreamCleaner()
+    encoding = sys.stdout.encoding or "utf-8"
     number = args.run
     offset = 0
+    ignored: list[str] = []
+    shown: set[str] = set()
     while True:
-        task = records.load_task(args.task)
+        task = believed(lambda: records.load_task(args.task), ignored)
+        report_ignored(ignored, shown)
         if task is None and not args.follow:
             raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
         runs = (task or {}).get("runs") or []
         if number is None and runs:
             number = runs[-1]["run"]
         if number is not None:
-            path = records.output(args.task, number)
-            if not path.exists() and not args.follow:
+            # Read beneath the work tree without following links: a link counts as no output.
+            data = records.read_output(args.task, number, offset)
+            if data is None and not args.follow:
                 raise UsageError(f"'{args.task}' has no Run {number}")
-            if path.exists():
-                with open(path, "rb") as handle:
-                    handle.seek(offset)
-                    data = handle.read()
+            if data is not None:
+                offset += len(data)
+                if cleaner is not None:
+                    data = cleaner.feed(data).encode(encoding, errors="replace")
                 stdout.write(data)
                 stdout.flush()
-                offset += len(data)
-            run = records.load_run(args.task, number)
+            run = believed(lambda: records.load_run(args.task, number), ignored)
+            report_ignored(ignored, shown)
             if not args.follow or (run and run["status"] in ("COMPLETED", "FAILED", "CANCELLED")
                                    and records.output_size(args.task, number) == offset):
+                if cleaner is not None:
+                    stdout.write(cleaner.feed(b"", final=True).encode(encoding, errors="replace"))
+                    stdout.flush()
                 return EXIT_OK
         elif not args.follow:
             raise UsageError(f"'{args.task}' has no Runs yet")
@@ -247,8 +314,15 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
         task_id = task_id_for(rel)
         if task_id is None:
             raise UsageError(f"{name}: a Task file is named <id>.md with id [a-z0-9][a-z0-9._/-]*")
+        problem = task_id_problem(task_id)
+        if problem:
+            raise UsageError(f"{name}: {problem}")
         # Written under an ignored temp name, then renamed: the daemon reads it whole.
-        write_bytes(root / rel, data)
+        # Beneath the work tree: a tasks/ that is a link is refused, not written through.
+        try:
+            write_bytes(root / rel, data, beneath=root)
+        except OSError as exc:
+            raise UsageError(f"cannot write {rel}: {exc}") from exc
         submitted[task_id] = hashlib.sha256(data).hexdigest()
         if not args.json:
             out.print(f"submitted {rel}", markup=False)
@@ -261,10 +335,12 @@ def wait_for(records: Records, submitted: dict[str, str], timeout: float | None,
     deadline = None if timeout is None else time.monotonic() + timeout
     settled = {s.value for s in TaskStatus if s.final}
     final: dict[str, dict[str, Any]] = {}
+    ignored: list[str] = []
     with out.status("waiting for the Tasks to finish...") if out.is_terminal and not as_json else contextlib.nullcontext():
         while len(final) < len(submitted):
             for task_id, revision in submitted.items():
-                record = records.load_task(task_id)
+                # A record this clone's daemon did not write (a forged COMPLETED) is not an answer.
+                record = believed(lambda: records.load_task(task_id), ignored)
                 if record and record.get("revision") == revision and record["status"] in settled:
                     final[task_id] = record
             if len(final) == len(submitted):
@@ -272,17 +348,19 @@ def wait_for(records: Records, submitted: dict[str, str], timeout: float | None,
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(POLL_SECONDS)
+    report_ignored(ignored)
     results = []
     for task_id in submitted:
-        record = final.get(task_id) or records.load_task(task_id) or {}
+        record = final.get(task_id) or believed(lambda: records.load_task(task_id), ignored) or {}
         results.append({"task_id": task_id, "status": record.get("status", "PENDING"), "error": record.get("error"),
                         "runs": len(record.get("runs") or []), "final": task_id in final})
     if as_json:
         print(json.dumps({"tasks": results, "timed_out": len(final) < len(submitted)}, indent=2))
     else:
         for result in results:
-            note = f": {result['error']}" if result["error"] else ""
-            out.print(f"{result['task_id']} ", render.status_text(result["status"]), note, sep="")
+            note = f": {clean(result['error'])}" if result["error"] else ""
+            out.print(render.literal(f"{result['task_id']} "), render.status_text(result["status"]),
+                      render.literal(note), sep="")
     if len(final) < len(submitted):
         return EXIT_TIMEOUT
     return EXIT_OK if all(r["status"] == "COMPLETED" for r in results) else EXIT_NOT_COMPLETED
@@ -300,7 +378,7 @@ def cmd_request(args: argparse.Namespace, out: Console) -> int:
     if not reply.get("ok"):
         raise UsageError(reply.get("error") or "the daemon refused the request")
     if not getattr(args, "quiet", False):
-        out.print(reply.get("message", "ok"), markup=False)
+        out.print(clean(str(reply.get("message", "ok")), multiline=True), markup=False)
     return EXIT_OK
 
 
@@ -315,10 +393,15 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
         # The same keys as the daemon's answer (fleet.WorkerState.view), unknown ones null.
         workers = [{"name": w.name, "transport": w.transport, "host": w.host, "online": None, "reachable": None,
                     "trusted": None, "slots": w.slots, "used": 0, "agents": list(w.agents),
-                    "labels": dict(w.labels), "last_seen": None, "error": None, "version": None}
+                    "labels": dict(w.labels), "last_seen": None, "error": None, "version": None,
+                    "sandbox": None, "sandbox_accepted": w.sandbox}
                    for w in config.workers.values()]
     if args.json:
         print(json.dumps({"daemon": daemon, "workers": workers}, indent=2, sort_keys=True))
     else:
         out.print(render.workers_table(workers, daemon))
+        for w in workers:
+            if w.get("trusted") is False and w.get("error"):
+                # The table cuts long notes: why a Worker is untrusted, and the fix, are shown whole.
+                out.print(clean(f"{w['name']} is untrusted: {w['error']}"), markup=False, soft_wrap=True)
     return EXIT_OK

@@ -1,4 +1,9 @@
-"""Human output: rich tables, and the live view `up` and `demo` show while Runs go."""
+"""Human output: rich tables, and the live view `up` and `demo` show while Runs go.
+
+Every string that came from a Task, a file name, an Agent or a Worker goes
+through `textsafe.clean` here and reaches rich as `Text`, never as markup: a
+title like ``[/x]`` is shown as written, an ESC as ``\\x1b``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from rich.text import Text
 
 from taskrunner.hooks import Hooks
 from taskrunner.state import RunState, TaskState
+from taskrunner.textsafe import clean
 
 STYLES = {
     "PENDING": "yellow", "RUNNING": "cyan", "COMPLETED": "green", "FAILED": "red",
@@ -22,7 +28,12 @@ STYLES = {
 
 
 def status_text(status: str) -> Text:
-    return Text(status, style=STYLES.get(status, ""))
+    return Text(clean(status), style=STYLES.get(status, ""))
+
+
+def literal(value: object, style: str = "") -> Text:
+    """A table cell or line part shown exactly as written (cleaned, on one line, no markup)."""
+    return Text(clean("" if value is None else str(value)), style=style)
 
 
 def when(timestamp: float | None) -> str:
@@ -39,8 +50,8 @@ def tasks_table(records: list[dict[str, Any]]) -> Table:
         runs = record.get("runs") or []
         last = runs[-1] if runs else {}
         note = record.get("error") or record.get("waiting") or record.get("title") or ""
-        table.add_row(record["task_id"], status_text(record["status"]), str(len(runs)),
-                      last.get("worker", "-"), when(record.get("updated_at")), note)
+        table.add_row(literal(record["task_id"]), status_text(record["status"]), str(len(runs)),
+                      literal(last.get("worker", "-")), when(record.get("updated_at")), literal(note))
     return table
 
 
@@ -50,24 +61,38 @@ def runs_table(runs: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for run in runs:
         exit_code = run.get("exit_code")
-        table.add_row(str(run["run"]), status_text(run["status"]), run.get("worker") or "-",
-                      run.get("agent") or "-", when(run.get("started_at")), when(run.get("finished_at")),
-                      "-" if exit_code is None else str(exit_code), f"{run.get('output_bytes', 0)} B",
-                      run.get("error") or "")
+        table.add_row(literal(run["run"]), status_text(run["status"]), literal(run.get("worker") or "-"),
+                      literal(run.get("agent") or "-"), when(run.get("started_at")), when(run.get("finished_at")),
+                      "-" if exit_code is None else literal(exit_code), literal(f"{run.get('output_bytes', 0)} B"),
+                      literal(run.get("error") or ""))
     return table
+
+
+def sandbox_text(worker: dict[str, Any]) -> str:
+    """How a Worker runs Agents, from its hello: `bwrap 0.8.0`, `none` (`, accepted` when
+    workers.<name>.sandbox is none), or `-` before it has said."""
+    seen = worker.get("sandbox")
+    accepted = ", accepted" if worker.get("sandbox_accepted") == "none" else ""
+    if isinstance(seen, dict) and seen.get("kind"):
+        return f"{seen['kind']} {seen.get('version') or ''}".strip()
+    if isinstance(seen, dict):
+        return f"none{accepted}"
+    return f"-{accepted}"
 
 
 def workers_table(workers: list[dict[str, Any]], daemon: bool) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("WORKER", "TRANSPORT", "REACHABLE", "TRUSTED", "SLOTS", "AGENTS", "LABELS", "LAST SEEN", "NOTE"):
+    for column in ("WORKER", "TRANSPORT", "REACHABLE", "TRUSTED", "SANDBOX", "SLOTS", "AGENTS", "LABELS", "LAST SEEN",
+                   "NOTE"):
         table.add_column(column)
     for w in workers:
         reachable = ("yes" if w.get("reachable") else "no") if daemon else "unknown"
         trusted = {True: "yes", False: "no", None: "-"}[w.get("trusted")]
         labels = ",".join(f"{k}={v}" for k, v in (w.get("labels") or {}).items()) or "-"
-        table.add_row(w["name"], w["transport"], reachable, trusted, f"{w.get('used', 0)}/{w['slots']}",
-                      ",".join(w.get("agents") or []), labels, when(w.get("last_seen")),
-                      w.get("error") or ("" if daemon else "daemon not running"))
+        table.add_row(literal(w["name"]), literal(w["transport"]), reachable, trusted, literal(sandbox_text(w)),
+                      literal(f"{w.get('used', 0)}/{w['slots']}"), literal(",".join(w.get("agents") or [])),
+                      literal(labels), when(w.get("last_seen")),
+                      literal(w.get("error") or ("" if daemon else "daemon not running")))
     return table
 
 
@@ -96,15 +121,16 @@ class LiveView(Hooks):
 
     def task_changed(self, task: TaskState) -> None:
         run = task.runs[-1] if task.runs else None
-        note = task.error or task.waiting or ""
-        row = (task.status.value, run.worker if run else "-", note, time.monotonic())
+        # Cleaned once here: both the live table and the plain lines show these.
+        note = clean(task.error or task.waiting or "")
+        row = (task.status.value, clean(run.worker or "-") if run else "-", note, time.monotonic())
         with self._lock:
             previous = self._rows.get(task.id)
             self._rows[task.id] = row
         if self._live is None and (previous is None or previous[0] != row[0]):
             where = f" on {row[1]}" if task.status.value == "RUNNING" else ""
             suffix = f": {note}" if note and task.status.value != "RUNNING" else ""
-            self._plain(f"{when(time.time())} {task.id} {task.status.value}{where}{suffix}")
+            self._plain(f"{when(time.time())} {clean(task.id)} {task.status.value}{where}{suffix}")
 
     def run_changed(self, run: RunState) -> None:
         pass
@@ -113,10 +139,10 @@ class LiveView(Hooks):
         lines = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
         if lines:
             with self._lock:
-                self._last_line[run.task_id] = lines[-1]
+                self._last_line[run.task_id] = clean(lines[-1])
         if self.show_output and self._live is None:
             for line in lines:
-                self._plain(f"  {run.task_id} | {line}")
+                self._plain(f"  {clean(run.task_id)} | {clean(line)}")
 
     def _plain(self, line: str) -> None:
         # Without a live table these lines go to a log or a pipe: rich's
@@ -126,7 +152,7 @@ class LiveView(Hooks):
             self.console.file.flush()
 
     def notice(self, message: str) -> None:
-        self.console.print(f"[yellow]note:[/] {message}", highlight=False)
+        self.console.print(Text.assemble(("note:", "yellow"), " ", clean(message)), highlight=False)
 
     def committed(self, commit: str, summary: str) -> None:
         if self._live is None:
@@ -140,7 +166,8 @@ class LiveView(Hooks):
         for column in ("TASK", "STATUS", "WORKER", "NOTE"):
             table.add_column(column)
         for task_id, (status, worker, note, _) in rows:
+            style = ""
             if status == "RUNNING" and task_id in last:
-                note = Text(f"│ {last[task_id]}", style="dim")
-            table.add_row(task_id, status_text(status), worker, note)
+                note, style = f"│ {last[task_id]}", "dim"
+            table.add_row(literal(task_id), status_text(status), literal(worker), literal(note, style))
         return table

@@ -1,4 +1,13 @@
-"""`taskrun worker key|add|check|remove`: from "sshd reachable" to "Worker usable"."""
+"""`taskrun worker key|add|check|remove`: from "sshd reachable" to "Worker usable".
+
+`add` pins the host key, reads the Worker's hello (not yet authenticated, so
+it lists no Runs), enrolls it through the gate's `trust` request (a first
+enrollment needs the one-time token the Worker's admin got from
+`taskrun-worker init`, given with `--token`, unless they pinned this control
+plane's key), then proves the chain with an authenticated session: the
+Worker answers `ready` only to a control plane key it trusts. `check` does
+that last step alone.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from rich.prompt import Confirm
 from taskrunner import keys
 from taskrunner.enroll import trust_request
 from taskrunner.keys import Keyring
+from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import PublicKey, SignatureRejected
 from taskrunner.atomic import write_bytes
 from taskrunner.cli.main import find_root
@@ -25,9 +35,10 @@ from taskrunner.defaults import CONFIG_FILE, STATE_DIR
 from taskrunner.errors import TaskrunError
 from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
-from taskrunner.protocol import Reader
+from taskrunner.protocol import FROM_WORKER_LIMITS, Message, Reader, encode
 from taskrunner.sshkeys import CONNECT_TIMEOUT, fingerprint, host_entry, key_line, scan_host_key
 from taskrunner.taskfile import parse_labels
+from taskrunner.textsafe import clean
 
 
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
@@ -53,6 +64,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add.add_argument("--agents", default=None, help="comma-separated Agent names (default: the default Agent)")
     add.add_argument("--labels", default=None, help="k=v,k=v")
     add.add_argument("--slots", type=int, default=None, help="default 1")
+    add.add_argument("--token", default=None, metavar="TOKEN",
+                     help="the one-time enrollment token `taskrun-worker init` (or `trust --reset`) printed on the "
+                          "Worker; needed for its first enrollment unless its admin pinned this control plane's "
+                          "key with --trust-key. `-` reads it from stdin (out of the process list and shell history)")
     add.epilog = ("Adding a Worker that is already configured (to re-pin its key) keeps every setting "
                   "not given again.")
     add.set_defaults(handler=cmd_add)
@@ -65,11 +80,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def cmd_key(args: argparse.Namespace, out: Console) -> int:
-    _, public = keys.ensure_ssh_key(find_root(args) / STATE_DIR)
+    state = find_root(args) / STATE_DIR
+    _, public = keys.ensure_ssh_key(state)
     if out.is_terminal:
+        signing = Keyring.ensure(state, time.time())[0].current.key_id
         out.print("On each Worker, as the user the daemon logs in as, run:", style="bold")
         # Plain print: rich would wrap the line, and a wrapped key cannot be pasted.
-        print(f"  taskrun-worker init --key '{public}' >> ~/.ssh/authorized_keys")
+        print(f"  taskrun-worker init --key '{public}' --trust-key '{signing}' >> ~/.ssh/authorized_keys")
+        out.print("--trust-key pins this control plane's signing key: only it can enroll the Worker. Without it, "
+                  "init prints a one-time enrollment token for `taskrun worker add --token`.", markup=False)
     else:
         print(public)  # bare, for scripts
     return 0
@@ -110,17 +129,20 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     # The Worker is checked exactly as the configuration about to be written describes it.
     spec = parse_config(set_worker(before, CONFIG_FILE, args.name, fields, config), CONFIG_FILE).workers[args.name]
     # One connection for both steps: the hello proves the gate answers, then the enrollment.
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
     client = connect(spec, identity_path(spec, root / STATE_DIR))
     try:
-        hello = _hello(client, spec, root)
-        worker_key = _enroll(client, spec, root, hello)
+        hello, _ = _session(client, spec, root)
+        worker_key = _enroll(client, spec, root, hello, token)
+        _session(client, spec, root, worker_key)  # the Worker now answers this control plane's proof
     finally:
         client.close()
     fields["worker_key"] = worker_key.public_line
     write_bytes(path, set_worker(before, CONFIG_FILE, args.name, fields, config).encode())
-    out.print(f"Worker '{args.name}' enrolled: taskrun-worker {hello.get('version')} "
-              f"(agents {', '.join(hello.get('agents') or [])}), result key {worker_key.key_id}; "
-              f"written to {CONFIG_FILE}", markup=False)
+    # The hello's fields are the Worker's word: shown, never obeyed by the terminal.
+    agents = ", ".join(hello.get("agents") or [])
+    out.print(clean(f"Worker '{args.name}' enrolled: taskrun-worker {hello.get('version')} "
+                    f"(agents {agents}), result key {worker_key.key_id}; written to {CONFIG_FILE}"), markup=False)
     return 0
 
 
@@ -130,13 +152,18 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     spec = config.workers.get(args.name)
     if spec is None or spec.transport != "ssh":
         raise EnrollError(f"no ssh Worker '{args.name}' in {CONFIG_FILE}")
+    if spec.worker_key is None:
+        raise EnrollError(f"Worker '{args.name}' has no pinned result key: enroll it with `taskrun worker add "
+                          f"{args.name} --host {spec.host}`")
     client = connect(spec, identity_path(spec, root / STATE_DIR))
     try:
-        hello = _hello(client, spec, root)
+        hello, ready = _session(client, spec, root, PublicKey.parse(spec.worker_key))
     finally:
         client.close()
-    out.print(f"Worker '{args.name}' ok: host key matches its pin, taskrun-worker {hello.get('version')}, "
-              f"{len(hello.get('runs') or [])} Run(s) held", markup=False)
+    held = (ready or {}).get("runs")
+    out.print(clean(f"Worker '{args.name}' ok: host key matches its pin, session authenticated, taskrun-worker "
+                    f"{hello.get('version')}, {len(held) if isinstance(held, list) else 0} Run(s) held"),
+              markup=False)
     return 0
 
 
@@ -160,11 +187,18 @@ def _keep_settings(args: argparse.Namespace, current: WorkerSpec | None) -> None
         args.labels = ",".join(f"{k}={v}" for k, v in kept.labels.items())
 
 
-def _hello(client: paramiko.SSHClient, spec: WorkerSpec, root: Path) -> dict[str, object]:
-    """Open one session through the gate and read its hello: proof the Worker is usable."""
+def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
+             audience: PublicKey | None = None) -> tuple[dict[str, object], dict[str, object] | None]:
+    """Open one session through the gate and read its hello: proof the gate answers.
+
+    With `audience` (the Worker's pinned result key) also answer the hello's
+    challenge with this control plane's keys and read `ready`: proof the Worker
+    trusts this control plane. Returns (hello fields, ready fields or None).
+    """
     channel = open_serve(client, spec)
     try:
-        message = Reader(channel.makefile("rb")).read()  # type: ignore[arg-type]
+        reader = Reader(channel.makefile("rb"), FROM_WORKER_LIMITS)  # type: ignore[arg-type]
+        message = reader.read()
         if message is None or message.type != "hello":
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
             public = keys.ensure_ssh_key(root / STATE_DIR)[1] if not spec.identity else "<your public key>"
@@ -173,15 +207,35 @@ def _hello(client: paramiko.SSHClient, spec: WorkerSpec, root: Path) -> dict[str
                 f"install taskrun and add the line printed by `taskrun-worker init --key '{public}'` "
                 "to ~/.ssh/authorized_keys"
             )
-        return message.fields
+        if audience is None:
+            return message.fields, None
+        if message.get("worker_key") != audience.public_line:
+            raise EnrollError(f"Worker '{spec.name}' presents another result key than the pinned {audience.key_id}: "
+                              f"if it was reinstalled, enroll it again with `taskrun worker add {spec.name} "
+                              f"--host {spec.host} --token TOKEN`")
+        now = time.time()
+        ring = Keyring.load(root / STATE_DIR)
+        envelope = auth_envelope(ring.signers(now), str(message.get("challenge")), audience.key_id, now)
+        channel.sendall(encode(Message("auth", {"envelope": envelope})))
+        while (reply := reader.read()) is not None:
+            if reply.type == "ready":
+                return message.fields, reply.fields
+            if reply.type == "error":
+                raise EnrollError(f"Worker '{spec.name}' refused this control plane's session: {reply.get('message')}")
+        raise EnrollError(f"Worker '{spec.name}' ended the session before it was authenticated")
     except OSError as exc:
         raise EnrollError(f"Worker '{spec.name}': session failed: {exc}") from exc
     finally:
         channel.close()
 
 
-def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dict[str, object]) -> PublicKey:
-    """Install the control plane's keys in the Worker's trust store through the gate; its result key."""
+def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dict[str, object],
+            token: str | None) -> PublicKey:
+    """Install the control plane's keys in the Worker's trust store through the gate; its result key.
+
+    `token` (the Worker's one-time enrollment token) is bound into the signed statement as a MAC;
+    the token itself is not sent.
+    """
     try:
         presented = PublicKey.parse(str(hello.get("worker_key")))
     except SignatureRejected as exc:
@@ -189,7 +243,7 @@ def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dic
                           "on it; nothing was written") from None
     now = time.time()
     ring = Keyring.ensure(root / STATE_DIR, now)[0]
-    request = json.dumps(trust_request(ring, presented.key_id, now)).encode()
+    request = json.dumps(trust_request(ring, presented.key_id, now, token)).encode()
     try:
         channel = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)  # type: ignore[union-attr]
         channel.settimeout(CONNECT_TIMEOUT)
@@ -205,7 +259,11 @@ def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dic
         hint = ""
         if "already trusts" in stderr:
             hint = (". If this Worker should now serve this control plane, its admin runs "
-                    "`taskrun-worker trust --reset` on it, then add it again")
+                    "`taskrun-worker trust --reset` on it, then add it again with the token that prints")
+        elif "enrollment token" in stderr or "named none" in stderr or "pinned" in stderr:
+            hint = (". Ask the Worker's admin for its one-time enrollment token (`taskrun-worker init` or "
+                    "`taskrun-worker trust --reset` prints one) and pass it with --token, or have them pin this "
+                    f"control plane's key: `taskrun-worker trust --reset --trust-key {ring.current.key_id}`")
         raise EnrollError(f"Worker '{spec.name}' refused the enrollment: {stderr or f'exit code {status}'}{hint}; "
                           "nothing was written")
     try:

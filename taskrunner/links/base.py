@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable
 from taskrunner.defaults import OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.model import WorkerSpec
-from taskrunner.protocol import Message, Reader, Writer
+from taskrunner.protocol import FROM_WORKER_LIMITS, Message, Reader, Writer
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class WorkerLink(ABC):
         self._read(reader_stream, generation)
 
     def _read(self, stream: BinaryIO, generation: int) -> None:
-        reader = Reader(stream)
+        reader = Reader(stream, FROM_WORKER_LIMITS)  # a Worker sends no payload but output chunks
         reason = "the Worker closed the session"
         try:
             while (message := reader.read()) is not None:

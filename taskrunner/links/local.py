@@ -16,12 +16,15 @@ class LocalLink(WorkerLink):
     def __init__(self, spec: WorkerSpec, state_dir: Path, post: Callable[[LinkEvent], None]) -> None:
         super().__init__(spec, post)
         self.home = Path(spec.home).expanduser() if spec.home else state_dir / "workers" / spec.name
+        # The daemon's repository (its .git/taskrun/ holds the control plane's keys): no Agent sees it.
+        self.repository = state_dir.parent.parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     def _connect(self) -> tuple[BinaryIO, BinaryIO]:
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "taskrunner.worker", "serve",
-                "--home", str(self.home), "--name", self.name, "--slots", str(self.spec.slots)]
+                "--home", str(self.home), "--name", self.name, "--slots", str(self.spec.slots),
+                "--protect", str(self.repository)]
         try:
             with open(self.home / "serve.log", "ab") as log:
                 # Its own session: a Ctrl-C meant for the daemon must not reach

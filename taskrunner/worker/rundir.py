@@ -1,19 +1,26 @@
 """One Run's directory on a Worker: what survives the session that started it.
 
-    <home>/runs/<run_id>/
+    <home>/runs/<run_id>/     0700, its files 0600: the Agent's output is nobody else's
         assignment.json   what was asked: task, agent, deadline
         workspace/        the extracted bundle; the Agent's working directory
+        home/             the Agent's HOME, its own for this Run
+        script.sh, prompt.md   what agents.prepare wrote for the Agent (read-only to it)
         output.log        the Agent's stdout and stderr, appended as it runs
         pid               the Agent's process group id
-        exit_code         written by the wrapper when the Agent exits
+        exit_status       a confined Agent's end, written by bwrap outside the sandbox
+        exit_code         an unconfined Agent's end, written by the wrapper
         stop.json         why the Worker is stopping it (cancel, timeout)
         result.json       the final outcome, written once by the Worker
 
-The Agent runs under a fixed bash wrapper (no Task content in it) that writes
-`exit_code`, so a Worker session that was away while the Agent finished still
-learns how it ended. The wrapper writes it with one printf (no `mv`, one
-process less per Run): a reader may see it empty while it is being written,
-so it is read only once the Agent's process group is gone.
+A confined Agent (sandbox.py) sees only workspace/, home/ and its input
+files of all this. bwrap, which started it, writes `exit_status` from
+outside the sandbox (`--json-status-fd`: a line with the child's pid, then
+`{"exit-code": N}` when it ends), so the Agent cannot forge it. An
+unconfined Agent runs under a fixed bash wrapper (no Task content in it) that
+writes `exit_code` with one printf (no `mv`, one process less per Run).
+Either way a Worker session that was away while the Agent finished still
+learns how it ended; a reader may see a file half written, so it is read only
+once the process that writes it (the group leader) is gone.
 
 Files here are written atomically but not fsynced: a power loss ends the
 Agents too, and the control plane then finds the Run lost and retries it.
@@ -21,17 +28,20 @@ Agents too, and the control plane then finds the Run lost and retries it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taskrunner.agents import SHELL_ARGV
+from taskrunner.agents import INPUT_FILES, SHELL_ARGV
 from taskrunner.atomic import read_json, write_json
 from taskrunner.errors import WorkerError
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Files the Worker writes here: for its owner only.
+FILE_MODE = 0o600
 
 #: $1 is the run directory; the rest is the Agent's argv, run as given.
 WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
@@ -70,11 +80,23 @@ class RunDir:
     def output(self) -> Path:
         return self.path / "output.log"
 
+    @property
+    def agent_home(self) -> Path:
+        return self.path / "home"
+
+    @property
+    def exit_status_path(self) -> Path:
+        return self.path / "exit_status"
+
+    def agent_inputs(self) -> list[Path]:
+        """The files agents.prepare wrote for the Agent (script.sh, prompt.md), those that exist."""
+        return [self.path / name for name in INPUT_FILES if (self.path / name).is_file()]
+
     def assignment(self) -> dict[str, Any]:
         return read_json(self.path / "assignment.json")
 
     def write_assignment(self, data: dict[str, Any]) -> None:
-        write_json(self.path / "assignment.json", data, durable=False)
+        write_json(self.path / "assignment.json", data, mode=FILE_MODE, durable=False)
 
     def pid(self) -> int | None:
         try:
@@ -83,9 +105,16 @@ class RunDir:
             return None
 
     def write_pid(self, pid: int) -> None:
-        (self.path / "pid").write_text(str(pid))
+        fd = os.open(self.path / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(pid))
 
     def exit_code(self) -> int | None:
+        """How the Agent exited (128+N for signal N), from bwrap's exit_status or the wrapper's exit_code."""
+        try:
+            return _bwrap_exit_code(self.exit_status_path.read_bytes())
+        except FileNotFoundError:
+            pass
         try:
             return int((self.path / "exit_code").read_text())
         except (FileNotFoundError, ValueError):
@@ -95,13 +124,13 @@ class RunDir:
         return _maybe(self.path / "stop.json")
 
     def write_stop(self, status: str, reason: str) -> None:
-        write_json(self.path / "stop.json", {"status": status, "reason": reason}, durable=False)
+        write_json(self.path / "stop.json", {"status": status, "reason": reason}, mode=FILE_MODE, durable=False)
 
     def result(self) -> dict[str, Any] | None:
         return _maybe(self.path / "result.json")
 
     def write_result(self, data: dict[str, Any]) -> None:
-        write_json(self.path / "result.json", data, durable=False)
+        write_json(self.path / "result.json", data, mode=FILE_MODE, durable=False)
 
     def output_size(self) -> int:
         try:
@@ -122,10 +151,15 @@ def held_runs(home: Path) -> list[RunDir]:
 
 
 def group_alive(pgid: int) -> bool:
-    """True while a process of the group runs; zombies do not count.
+    """True while the Run's group leader runs (bwrap, or the wrapper): the Run goes on.
 
-    A group of zombies answers killpg(0) but has ended: in containers whose
-    PID 1 does not reap orphans, that is how a finished Agent looks.
+    Only the leader counts, as it does for a session's own Agents, whose Popen
+    is the leader: once it is gone the Run has ended, its exit status is
+    written, and the caller kills what is left of the group. Processes the
+    Agent left behind (for a confined Agent, bwrap's pid 1 always stays while
+    any does) must not keep a Run going until its timeout. A zombie leader has
+    ended: in containers whose PID 1 does not reap orphans, that is how a
+    finished Run adopted from an earlier session looks.
     """
     try:
         os.killpg(pgid, 0)
@@ -134,20 +168,27 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     try:
-        entries = os.listdir("/proc")
-    except OSError:
+        with open(f"/proc/{pgid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return False  # the leader is gone; only stragglers are left
+    except (OSError, IndexError):
         return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
+    # A pid reused by another process after the leader died is not this Run's.
+    return fields[0] != b"Z" and int(fields[2]) == pgid
+
+
+def _bwrap_exit_code(data: bytes) -> int | None:
+    """The "exit-code" of bwrap's --json-status-fd lines, or None while there is none."""
+    for line in data.splitlines():
         try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
+            status = json.loads(line)
+        except ValueError:
             continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+        code = status.get("exit-code") if isinstance(status, dict) else None
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code
+    return None
 
 
 def _maybe(path: Path) -> dict[str, Any] | None:

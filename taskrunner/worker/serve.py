@@ -1,10 +1,16 @@
 """`taskrun-worker serve`: one session with the control plane over stdin/stdout.
 
-One thread reads records into a queue; the loop thread owns every Run: it
-starts Agents (detached, each in its own process group), streams their output,
-notices when they end, enforces timeouts and cancels. Agents outlive the
+One thread reads records, screens them (inbound.py: session authentication,
+assignments verified before their archive is read) and queues what passes;
+the loop thread owns every Run: it starts Agents (detached, each in its own
+process group), streams their output, notices when they end, enforces
+timeouts and cancels. The session opens with a `hello` that lists no Run and
+carries a challenge; once the control plane has answered it with a valid
+`auth`, the Worker sends `ready` with the Runs it holds. A session that does
+not authenticate within AUTH_TIMEOUT_SECONDS is closed. Agents outlive the
 session: when the control plane goes away the loop ends and they keep running;
-the next session reports them in `hello` and resumes them where asked.
+the next authenticated session learns of them from `ready` and resumes them
+where asked.
 """
 
 from __future__ import annotations
@@ -20,16 +26,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Mapping
 
 from taskrunner import __version__, agents, bundle
-from taskrunner.defaults import HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
+from taskrunner.defaults import AUTH_TIMEOUT_SECONDS, HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
+from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
 from taskrunner.worker import secrets
+from taskrunner.worker.inbound import Assignment, Authenticated, Inbound
 from taskrunner.worker.ledger import ReplayLedger
-from taskrunner.worker.rundir import RunDir, group_alive, held_runs, wrapped
+from taskrunner.worker.confine import Confinement
+from taskrunner.worker.rundir import RunDir, group_alive, held_runs
 from taskrunner.worker.trust import TrustStore, worker_key
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
@@ -60,8 +69,9 @@ class ActiveRun:
 
 class WorkerServer:
     def __init__(self, home: Path, name: str, reader: Reader, writer: Writer, slots: int | None = None,
-                 limits: bundle.Limits = bundle.Limits()) -> None:
+                 limits: bundle.Limits = bundle.Limits(), confinement: Confinement | None = None) -> None:
         self.home = home
+        self._confinement = confinement or Confinement(home)
         self.name = name
         self.slots = slots
         self.limits = limits
@@ -74,6 +84,8 @@ class WorkerServer:
         self._runs: dict[str, ActiveRun] = {}
         self._trash = home / "trash"  # acknowledged Run directories, until the janitor deletes them
         self._removals: queue.Queue[Path] = queue.Queue()
+        self._challenge = new_challenge()
+        self._authenticated = False  # the loop's view: set when it takes Authenticated from the inbox
 
     def serve(self) -> None:
         (self.home / "runs").mkdir(parents=True, exist_ok=True)
@@ -84,13 +96,14 @@ class WorkerServer:
         for run_dir in held_runs(self.home):
             self._runs[run_dir.run_id] = self._adopt(run_dir)
         trust = self._trust.state()
+        # Before the session is authenticated: nothing about the Runs held here.
         self._send("hello", protocol=PROTOCOL_VERSION, version=__version__, worker=self.name,
                    pid=os.getpid(), agents=available_presets(), slots=self.slots,
                    worker_key=self._key.public_line,
                    trust={"keys": [k["key_id"] for k in trust["keys"]], "issued_at": trust.get("issued_at")},
-                   runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
-                          "size": r.dir.output_size()} for r in self._runs.values()])
+                   challenge=self._challenge, sandbox=self._confinement.status().hello())
         threading.Thread(target=self._read_loop, name="worker-reader", daemon=True).start()
+        auth_deadline = time.monotonic() + AUTH_TIMEOUT_SECONDS
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
         while True:
             busy = any(r.attached or r.result is None for r in self._runs.values())
@@ -107,6 +120,12 @@ class WorkerServer:
                 pass
             for run in list(self._runs.values()):
                 self._tick(run)
+            if not self._authenticated:
+                if time.monotonic() >= auth_deadline:
+                    self._try_send("error", request="auth", message="session closed: not authenticated within "
+                                                                     f"{AUTH_TIMEOUT_SECONDS:.0f}s")
+                    return self._close()
+                continue  # no heartbeat either: it would tell how many Runs are held
             if time.monotonic() >= next_beat:
                 running = sum(1 for r in self._runs.values() if r.result is None)
                 self._send("heartbeat", time=time.time(), running=running)
@@ -115,11 +134,14 @@ class WorkerServer:
     # -- records from the control plane ------------------------------------
 
     def _read_loop(self) -> None:
+        inbound = Inbound(self._reader, self._try_send, self.home, self._trust, self._key.key_id, self._challenge,
+                          self.limits)
         try:
-            while (message := self._reader.read()) is not None:
-                self._inbox.put(message)
+            inbound.run(self._inbox.put)
         except (ProtocolError, OSError, ValueError) as exc:
             self._try_send("error", message=f"session closed: {exc}")
+        except Exception as exc:  # a thread's boundary: the loop must still hear that the session ended
+            self._try_send("error", message=f"session closed: {exc!r}")
         self._inbox.put(_EOF)
 
     def _remove_loop(self) -> None:
@@ -131,23 +153,20 @@ class WorkerServer:
         proc.wait()
         self._inbox.put(_EXITED)
 
-    def _handle(self, message: Message) -> None:
-        run_id = message.get("run_id")
-        if message.type == "assign":
+    def _handle(self, message: Message | Authenticated | Assignment) -> None:
+        if isinstance(message, Authenticated):
+            self._authenticated = True
+            self._send("ready", runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
+                                       "size": r.dir.output_size()} for r in self._runs.values()])
+            return
+        if isinstance(message, Assignment):
             self._assign(message)
             return
-        if message.type == "trust":
-            try:
-                keys = self._trust.apply(message.get("request"), self._key.key_id, time.time())
-            except WorkerError as exc:
-                self._send("error", message=str(exc))
-            else:
-                self._send("trusted", keys=[k["key_id"] for k in keys])
-            return
+        run_id = message.get("run_id")
         run = self._runs.get(run_id)
         if run is None:
             if message.type != "ack":
-                self._send("error", run_id=run_id, message=f"this Worker holds no Run {run_id}")
+                self._send("error", run_id=run_id, request=message.type, message=f"this Worker holds no Run {run_id}")
             return
         if message.type == "resume":
             run.attached = True
@@ -169,21 +188,21 @@ class WorkerServer:
         else:
             self._send("error", run_id=run_id, message=f"a Worker does not accept {message.type} records")
 
-    def _assign(self, message: Message) -> None:
-        try:
-            run_dir = RunDir.at(self.home, message["run_id"])
-        except WorkerError as exc:
-            self._send("error", run_id=message.get("run_id"), message=str(exc))
-            return
-        if run_dir.path.exists() or message["run_id"] in self._runs:
+    def _assign(self, verified: Assignment) -> None:
+        """Start a verified assignment (inbound.py checked its signature, manifest and archive)."""
+        run_dir = RunDir.at(self.home, verified.run_id)
+        if run_dir.path.exists() or verified.run_id in self._runs:
+            # No `request`: the Run this id names is here and goes on.
             self._send("error", run_id=run_dir.run_id, message="Run was already assigned to this Worker")
             return
         now = time.time()
+        manifest, archive = verified.manifest, verified.archive
         try:
-            manifest = self._admit(message, now)
-            failure = None
+            self._ledger.admit(manifest["nonce"], manifest["run_id"], manifest["seq"], manifest["expires_at"])
         except WorkerError as exc:
-            manifest, failure = {"run_id": run_dir.run_id}, str(exc)
+            # A replay: refused before anything of it is on disk; the control plane fails the Run.
+            self._send("error", run_id=run_dir.run_id, request="assign", message=str(exc))
+            return
         run_dir.path.mkdir(parents=True)
         timeout = manifest.get("timeout")
         deadline = now + float(timeout) if timeout else None
@@ -194,12 +213,9 @@ class WorkerServer:
         run_dir.write_assignment(assignment)
         run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment)
         self._runs[run_dir.run_id] = run
-        if failure is not None:
-            self._finish(run, "FAILED", None, failure)
-            return
         with open(run_dir.output, "ab") as out:
             try:
-                bundle.extract(manifest, message.payload, run_dir.workspace, self.limits)
+                bundle.extract(manifest, archive, run_dir.workspace, self.limits)
                 values = secrets.resolve(names, self.home)
                 run.secrets = secrets.redacted_values(values)
                 if run.secrets:
@@ -211,34 +227,30 @@ class WorkerServer:
                 # Whatever is wrong with one assignment fails that Run, not the session.
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
                 return
-            env = agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace) | values
             try:
+                # Confined in bwrap, or unconfined where both sides accept it (confine.py); else the Run fails.
+                launch = self._confinement.launch(run_dir, argv, manifest["agent"], manifest["worker"])
+            except (WorkerError, OSError) as exc:
+                self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
+                return
+            env = agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace, launch.home) | values
+            try:
+                # Its own session: no controlling terminal (TIOCSTI), its own process group to kill.
+                # umask 077: what the Agent and its wrapper create is theirs alone.
                 run.proc = subprocess.Popen(
-                    wrapped(run_dir.path, argv),
+                    launch.argv,
                     cwd=run_dir.workspace, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True,
+                    env=env, start_new_session=True, umask=0o077, pass_fds=launch.pass_fds,
                 )
             except OSError as exc:
                 self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
                 return
+            finally:
+                launch.close()
         threading.Thread(target=self._wait_loop, args=(run.proc,), name="agent-wait", daemon=True).start()
         run.pid = run.proc.pid
         run_dir.write_pid(run.pid)
         self._send("started", run_id=run_dir.run_id, pid=run.pid, started_at=now)
-
-    def _admit(self, message: Message, now: float) -> dict[str, Any]:
-        """The verified manifest of an assignment, recorded in the replay ledger; else BundleRejected."""
-        trusted, refused = self._trust.trusted(now)
-        if not trusted and not refused:
-            raise bundle.BundleRejected("bundle rejected: this Worker trusts no control plane key yet; enroll "
-                                        "it with `taskrun worker add`")
-        manifest = bundle.verified_manifest(message.get("envelope"), message.payload, trusted=trusted,
-                                            refused=refused, audience=self._key.key_id, now=now)
-        if manifest["run_id"] != message["run_id"]:
-            raise bundle.BundleRejected(f"bundle rejected: signed for Run {manifest['run_id']}, "
-                                        f"assigned as Run {message['run_id']}")
-        self._ledger.admit(manifest["nonce"], manifest["run_id"], manifest["seq"], manifest["expires_at"])
-        return manifest
 
     # -- the loop's work on each Run ---------------------------------------
 
@@ -373,15 +385,25 @@ class WorkerServer:
             pass
 
 
-#: Set by sshd for the session that runs serve; not the Agent's. Debian's bash
-#: sources ~/.bashrc for any `bash -c` that sees SSH_CLIENT with a low SHLVL,
-#: which would run the login's .bashrc (and any output of it) in every Run.
-_SESSION_VARIABLES = ("SSH_CLIENT", "SSH2_CLIENT", "SSH_CONNECTION", "SSH_ORIGINAL_COMMAND", "SSH_TTY")
+#: The Worker's variables an Agent keeps: where programs are, and the locale.
+AGENT_VARIABLES = ("PATH", "LANG", "TZ")
+#: PATH for an Agent when the Worker has none.
+DEFAULT_AGENT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def agent_environment(run_id: str, task_id: str, workspace: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SESSION_VARIABLES}
-    env.update(TASKRUN_RUN_ID=run_id, TASKRUN_TASK_ID=task_id, TASKRUN_WORKSPACE=str(workspace))
+def agent_environment(run_id: str, task_id: str, workspace: Path, home: Path,
+                      environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """An Agent's whole environment, before the secrets its Agent names are added.
+
+    PATH, LANG, LC_* and TZ from the Worker (those set), HOME (the Run's own)
+    and TASKRUN_RUN_ID, TASKRUN_TASK_ID, TASKRUN_WORKSPACE; nothing else of the
+    Worker's environment, whose credentials, SSH_AUTH_SOCK and the like are
+    not the Agent's. (Nor are sshd's SSH_CLIENT and friends: Debian's bash
+    sources ~/.bashrc for a `bash -c` that sees them.)
+    """
+    env = {k: v for k, v in environ.items() if k in AGENT_VARIABLES or k.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_AGENT_PATH)
+    env.update(HOME=str(home), TASKRUN_RUN_ID=run_id, TASKRUN_TASK_ID=task_id, TASKRUN_WORKSPACE=str(workspace))
     return env
 
 

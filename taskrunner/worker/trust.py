@@ -13,24 +13,33 @@ A control plane changes this set only with a trust statement: a DSSE envelope
 sent with the public lines it is signed by: `{"keys": [LINE...], "envelope": ENV}`.
 The rules:
 
-- While the Worker trusts no key, it takes the statement if it is signed by a
-  key the statement itself lists (the control plane proves it holds the key).
-  That is enrollment: `taskrun worker add` through the gate's `trust` request.
+- While the Worker trusts no key, it takes the statement only if its admin
+  named the enroller (enrollment.py): signed by the control plane key pinned
+  with `taskrun-worker init --trust-key`, or carrying the MAC of the one-time
+  token `init` printed; and signed by a key the statement itself lists (the
+  control plane proves it holds the key). That is enrollment: `taskrun worker
+  add` through the gate's `trust` request. The pin or token is then used up.
 - Once it trusts a key, a statement must be signed by a key it still trusts,
   be addressed to this Worker's key id, and be newer (`issued_at`) than the
   last one taken: a stolen SSH key, or a captured enrollment replayed, cannot
   plant a key.
 - A key past its `retire_at` is no longer trusted, whatever the statement says.
 
+- A statement issued in the future (beyond CLOCK_SKEW_SECONDS) is refused: it
+  would shut out every later statement.
+
 The Worker's admin can always start over with `taskrun-worker trust --reset`
 on the Worker itself (the gate does not allow it): needed when every key the
-Worker trusts was retired while it was away.
+Worker trusts was retired while it was away, or when its trust store was
+changed behind the control plane's back. A reset names the next enroller: a
+new one-time token, or a pinned key.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -38,9 +47,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from taskrunner.atomic import read_json, write_json
+from taskrunner.defaults import CLOCK_SKEW_SECONDS, ENROLL_TOKEN_TTL_SECONDS
 from taskrunner.errors import WorkerError
 from taskrunner.signing import (TRUST_TYPE, SignatureRejected, SigningKey, key_id, outside_validity,
                                 parse_public_line, verify_json)
+from taskrunner.worker.enrollment import Enrollment, EnrollmentRefused
 
 TRUST_FORMAT = 1
 WORKER_KEY_FILE = "keys/worker.pem"
@@ -117,12 +128,15 @@ class TrustStore:
             current = self.state()
             live, retired = self.trusted(now)
             first = not current["keys"]
+            enrollment = Enrollment(self.home)
             if first:
                 try:
                     offered = [parse_public_line(line) for line in request["keys"]]
+                    live = enrollment.signers({key_id(raw): raw for raw in offered})
                 except SignatureRejected as exc:
                     raise TrustRefused(f"trust refused: {exc}") from None
-                live = {key_id(raw): raw for raw in offered}
+                except EnrollmentRefused as exc:
+                    raise TrustRefused(f"trust refused: {exc}") from None
             try:
                 data, signer = verify_json(request.get("envelope"), TRUST_TYPE, live, retired, what="statement")
             except SignatureRejected as exc:
@@ -141,18 +155,38 @@ class TrustStore:
             if problem is not None:
                 raise TrustRefused(f"trust refused: {problem}")
             last = current.get("issued_at")
+            if isinstance(last, (int, float)) and last > now + CLOCK_SKEW_SECONDS:
+                # Only a write behind the statements' back dates the store in the future.
+                raise TrustRefused(f"trust refused: this Worker's trust store is dated in the future (issued_at "
+                                   f"{last:.0f}), so it was changed behind the control plane's back; its admin "
+                                   "runs `taskrun-worker trust --reset` and enrolls it again")
             if last is not None and statement["issued_at"] <= last:
                 raise TrustRefused("trust refused: replayed or out-of-date statement (not newer than the "
                                    "last one this Worker took)")
             keys = statement["keys"]
             if first and signer not in {k["key_id"] for k in keys}:
                 raise TrustRefused("trust refused: an enrollment must be signed by a key it lists")
+            if first:
+                try:
+                    enrollment.check(statement, now)
+                except EnrollmentRefused as exc:
+                    raise TrustRefused(f"trust refused: {exc}") from None
             write_json(self.path, {"keys": keys, "issued_at": statement["issued_at"], "updated_at": now})
+            if first:
+                enrollment.consume()  # single use: the next enrollment needs a new pin or token
             return keys
 
-    def reset(self) -> None:
+    def reset(self, now: float, pinned: list[str] | None = None,
+              token_ttl: float = ENROLL_TOKEN_TTL_SECONDS) -> str | None:
+        """Forget every trusted key and name the next enroller: pin `pinned` key ids, else issue a
+        one-time token, which is returned (only its hash is kept)."""
         with self._locked():
             self.path.unlink(missing_ok=True)
+            enrollment = Enrollment(self.home)
+            if pinned:
+                enrollment.pin(pinned, now)
+                return None
+            return enrollment.issue_token(now, token_ttl)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -166,7 +200,8 @@ def _statement(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("format") != TRUST_FORMAT:
         raise TrustRefused(f"trust refused: not a format {TRUST_FORMAT} trust statement")
     for name in ("issued_at", "expires_at"):
-        if not isinstance(data.get(name), (int, float)) or isinstance(data.get(name), bool):
+        value = data.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise TrustRefused(f"trust refused: {name} is not a time")
     if data.get("audience") is not None and not isinstance(data["audience"], str):
         raise TrustRefused("trust refused: audience is not a key id")

@@ -6,10 +6,12 @@ import json
 import signal
 from pathlib import Path
 
+from taskrunner.records import Records
+from taskrunner.worker.rundir import RunDir
+from tests.agentprobes import Gate, marker, processes_named
 from tests.conftest import (
     Daemon,
     git,
-    process_gone,
     run_record,
     status_of,
     task_record,
@@ -81,16 +83,17 @@ def test_editing_a_finished_task_runs_a_new_revision(daemon: Daemon) -> None:
 
 def test_deleting_a_running_task_cancels_it_and_kills_its_processes(daemon: Daemon) -> None:
     daemon.start()
-    write_task(daemon.root, "doomed", 'echo "pid $$"\nsleep 300')
-    wait_until(lambda: _output(daemon.root, "doomed").startswith("pid "), 20, "the Run to start")
-    pid = int(_output(daemon.root, "doomed").split()[1])
+    name = marker()  # inside its PID namespace the Agent's $$ is no host pid: found by its argv[0]
+    write_task(daemon.root, "doomed", f"echo started\nexec -a {name} sleep 300")
+    wait_until(lambda: _output(daemon.root, "doomed") == "started\n" and processes_named(name), 20,
+               "the Run to start")
 
     (daemon.root / "tasks" / "doomed.md").unlink()
 
     record = wait_status(daemon.root, "doomed", "CANCELLED")
     assert record["error"] and "deleted" in record["error"]
     assert (run_record(daemon.root, "doomed", 1) or {})["status"] == "CANCELLED"
-    wait_until(lambda: process_gone(pid), 10, "the Agent to be killed")
+    wait_until(lambda: not processes_named(name), 10, "the Agent to be killed")
 
 
 def test_deleting_a_pending_task_cancels_it(daemon: Daemon) -> None:
@@ -106,17 +109,16 @@ def test_deleting_a_pending_task_cancels_it(daemon: Daemon) -> None:
     assert not (run_record(daemon.root, "waiting", 1))
 
 
-def test_cancel_then_retry_from_the_cli(daemon: Daemon, tmp_path: Path) -> None:
+def test_cancel_then_retry_from_the_cli(daemon: Daemon, gate: Gate) -> None:
     daemon.start()
-    gate = tmp_path / "gate"
-    write_task(daemon.root, "gated", f'if [ -e "{gate}" ]; then echo opened; else sleep 300; fi')
+    write_task(daemon.root, "gated", f"if {gate.check}; then echo opened; else sleep 300; fi")
     wait_status(daemon.root, "gated", "RUNNING")
 
     cancel = taskrun(daemon.root, "cancel", "gated")
     assert cancel.returncode == 0, cancel.stderr
     wait_status(daemon.root, "gated", "CANCELLED")
 
-    gate.touch()
+    gate.open()
     retry = taskrun(daemon.root, "retry", "gated")
     assert retry.returncode == 0, retry.stderr
     wait_status(daemon.root, "gated", "COMPLETED")
@@ -166,40 +168,40 @@ def test_daemon_killed_mid_run_reattaches_without_losing_or_repeating_output(dae
     assert len((task_record(daemon.root, "stream") or {})["runs"]) == 1
 
 
-def _kill_mid_run(daemon: Daemon, task_id: str, gate: Path) -> None:
+def _kill_mid_run(daemon: Daemon, task_id: str, gate: Gate) -> None:
     """Start a Task that waits for `gate`, then SIGKILL the daemon while it runs."""
     daemon.start()
-    write_task(daemon.root, task_id, f'echo begin; while [ ! -e "{gate}" ]; do sleep 0.05; done; echo end')
+    write_task(daemon.root, task_id, f"echo begin; until {gate.check}; do sleep 0.05; done; echo end")
     wait_until(lambda: _output(daemon.root, task_id) == "begin\n", 20, "the Run to start")
     daemon.signal(signal.SIGKILL)
     daemon.wait()
 
 
-def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: Daemon, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
+def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: Daemon, gate: Gate) -> None:
     _kill_mid_run(daemon, "finishes-alone", gate)
 
-    gate.touch()
+    gate.open()
     worker_runs = daemon.root / ".git/taskrun/workers/local/runs"
-    wait_until(lambda: list(worker_runs.glob("*/exit_code")), 20, "the Agent to finish on its own")
+    wait_until(lambda: any(RunDir(path).exit_code() is not None for path in worker_runs.iterdir()), 20,
+               "the Agent to finish on its own")
     daemon.start()
 
     wait_status(daemon.root, "finishes-alone", "COMPLETED")
     assert _output(daemon.root, "finishes-alone") == "begin\nend\n"
 
 
-def test_a_run_the_task_record_does_not_list_yet_is_reattached_on_restart(daemon: Daemon, tmp_path: Path) -> None:
+def test_a_run_the_task_record_does_not_list_yet_is_reattached_on_restart(daemon: Daemon, gate: Gate) -> None:
     """The Task record of a fresh Run trails its Run record; a crash in between loses nothing."""
-    gate = tmp_path / "gate"
     _kill_mid_run(daemon, "trailing", gate)
     run_id = (run_record(daemon.root, "trailing", 1) or {})["run_id"]
-    # As on disk when the daemon dies within RECORD_LAG_SECONDS of assigning the Run.
+    # As on disk when the daemon dies within RECORD_LAG_SECONDS of assigning the Run;
+    # written (and sealed) by the daemon's own writer, or the daemon would not believe it.
     path = daemon.root / "runs" / "trailing" / "status.json"
     record = json.loads(path.read_text())
-    path.write_text(json.dumps({**record, "status": "PENDING", "runs": [], "attempts": 0}))
+    Records(daemon.root).save_task({**record, "status": "PENDING", "runs": [], "attempts": 0})
 
     daemon.start()
-    gate.touch()
+    gate.open()
     wait_status(daemon.root, "trailing", "COMPLETED")
     assert [entry["run"] for entry in (task_record(daemon.root, "trailing") or {})["runs"]] == [1]
     assert (run_record(daemon.root, "trailing", 1) or {})["run_id"] == run_id

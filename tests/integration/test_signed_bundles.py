@@ -1,9 +1,10 @@
 """Signed bundles and the trust chain, end to end: real daemon, real sshd Workers, real gate.
 
 The attacker here holds the daemon's SSH key (so passes sshd and the gate) but
-not its signing key: captured assignments replayed to a Worker, tampered
-copies, the same bundle sent to a second Worker, and replayed or forged
-enrollments never run an Agent or plant a key.
+not its signing key: its sessions never authenticate, so captured
+assignments are refused unread; and even in an authenticated session (the
+control plane's own, replaying its capture) replayed, tampered or misaddressed
+bundles never run an Agent. Replayed or forged enrollments never plant a key.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from taskrunner import bundle
 from taskrunner.enroll import trust_request
 from taskrunner.keys import Keyring
 from taskrunner.protocol import Message, Reader, encode
+from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import TRUST_TYPE, SigningKey, sign
 from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
 from tests.integration.test_ssh_workers import _add, hosts  # noqa: F401 (hosts is a fixture)
@@ -41,29 +43,39 @@ def _worker_status(repo: Path, host: SshdHost) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def _replay(repo: Path, host: SshdHost, messages: list[Message]) -> dict[str, dict[str, Any]]:
-    """Send `assign` records in one `serve` session; the signed result body of each Run, by run id."""
-    results: dict[str, dict[str, Any]] = {}
+def _replay(repo: Path, host: SshdHost, messages: list[Message], authenticate: bool) -> list[str]:
+    """Send `assign` records in one `serve` session (answering its challenge with the control plane's
+    own keys if `authenticate`); the Worker's refusal of each, in order."""
+    refusals: list[str] = []
     with subprocess.Popen(host.ssh_argv(repo / ".git/taskrun/ssh_key", "taskrun-worker serve"),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         reader = Reader(proc.stdout)
         hello = reader.read()
-        assert hello is not None and hello.type == "hello"
+        assert hello is not None and hello.type == "hello" and "runs" not in hello.fields
+        if authenticate:
+            now = time.time()
+            ring = Keyring.load(repo / ".git/taskrun")
+            audience = _worker_status(repo, host)["worker_key_id"]
+            proc.stdin.write(encode(Message("auth", {"envelope": auth_envelope(ring.signers(now), hello["challenge"],
+                                                                               audience, now)})))
+            proc.stdin.flush()
+            ready = reader.read()
+            assert ready is not None and ready.type == "ready", ready
         for message in messages:
             proc.stdin.write(encode(message))
             proc.stdin.flush()
             while True:
                 reply = reader.read()
                 assert reply is not None, "the Worker ended the session"
-                if reply.type == "result" and reply["run_id"] == message["run_id"]:
-                    results[reply["run_id"]] = json.loads(base64.b64decode(reply["envelope"]["payload"]))
-                    proc.stdin.write(encode(Message("ack", {"run_id": reply["run_id"]})))
+                assert reply.type not in ("started", "result"), f"the Worker took {reply.fields}"
+                if reply.type == "error" and reply.get("run_id") == message["run_id"]:
+                    assert reply["request"] == "assign"
+                    refusals.append(reply["message"])
                     break
-                assert reply.type != "started", f"an Agent was started for {reply.fields}"
         proc.stdin.close()
         proc.wait(timeout=30)
-    return results
+    return refusals
 
 
 def test_worker_add_installs_the_control_planes_key_and_pins_the_workers_result_key(
@@ -84,7 +96,7 @@ def test_worker_add_installs_the_control_planes_key_and_pins_the_workers_result_
 def test_replayed_tampered_or_forged_enrollments_are_refused_by_an_enrolled_worker(
         repo: Path, hosts: list[SshdHost]) -> None:
     ring, _ = Keyring.ensure(repo / ".git/taskrun", time.time())
-    enrollment = json.dumps(trust_request(ring, None, time.time())).encode()
+    enrollment = json.dumps(trust_request(ring, None, time.time(), hosts[0].token)).encode()
     first = _gate(repo, hosts[0], "taskrun-worker trust", enrollment)
     assert first.returncode == 0, first.stderr
     trusted = _worker_status(repo, hosts[0])["trusted"]
@@ -119,14 +131,13 @@ def test_captured_assignments_replayed_tampered_or_sent_to_another_worker_never_
     _add(repo, "w1", hosts[0], "--labels", "role=first")
     _add(repo, "w2", hosts[1])
     assert taskrun(repo, "worker", "remove", "local").returncode == 0
-    marker = tmp_path / "agent-ran"
-    write_task(repo, "once", f"echo ran >> {marker}", front="labels: {role: first}\n")
+    write_task(repo, "once", "echo ran", front="labels: {role: first}\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "Task once")
     daemon.start()
     wait_status(repo, "once", "COMPLETED", timeout=60)
     daemon.stop()
-    assert marker.read_text() == "ran\n"
+    assert (repo / "runs/once/run-1/output.log").read_text() == "ran\n"
 
     # The capture: the signed manifest (the run record keeps its signatures) and the same archive.
     record = json.loads((repo / "runs/once/run-1/manifest.json").read_text())
@@ -138,16 +149,20 @@ def test_captured_assignments_replayed_tampered_or_sent_to_another_worker_never_
     flipped = bytearray(archive)
     flipped[600] ^= 0x01
 
-    on_w1 = _replay(repo, hosts[0], [
-        Message("assign", {"run_id": run_id, "envelope": envelope}, archive),
-        Message("assign", {"run_id": "tampered1", "envelope": envelope}, bytes(flipped)),
-    ])
-    on_w2 = _replay(repo, hosts[1], [Message("assign", {"run_id": run_id, "envelope": envelope}, archive)])
+    captured = [Message("assign", {"run_id": run_id, "envelope": envelope}, archive),
+                Message("assign", {"run_id": run_id, "envelope": envelope}, bytes(flipped)),
+                Message("assign", {"run_id": "renamed1", "envelope": envelope}, archive)]
+    by_key_holder = _replay(repo, hosts[0], captured, authenticate=False)
+    on_w1 = _replay(repo, hosts[0], captured, authenticate=True)
+    on_w2 = _replay(repo, hosts[1], captured[:1], authenticate=True)
 
-    assert on_w1[run_id]["status"] == "FAILED" and "replayed nonce" in on_w1[run_id]["error"]
-    assert "archive does not match" in on_w1["tampered1"]["error"]
-    assert on_w2[run_id]["status"] == "FAILED" and "addressed to another Worker" in on_w2[run_id]["error"]
-    assert marker.read_text() == "ran\n"
+    assert len(by_key_holder) == 3 and all("not authenticated" in reason for reason in by_key_holder)
+    assert on_w1 == ["bundle rejected: replayed nonce", "bundle rejected: the archive does not match the manifest's "
+                     "hash", f"bundle rejected: signed for Run {run_id}, assigned as Run renamed1"]
+    assert "addressed to another Worker" in on_w2[0]
+    # No Agent started (_replay fails on a `started`), and nothing of the replays is on disk.
+    for host in hosts[:2]:
+        assert list((host.home / "runs").iterdir()) == []
 
 
 def test_a_rotated_key_is_learnt_by_the_worker_and_the_old_one_retired_after_the_overlap(
@@ -194,3 +209,25 @@ def test_secrets_reach_the_agent_but_never_a_bundle_record_or_commit(repo: Path,
     wait_until(lambda: "runs/uses-secret/run-1/output.log" in git(repo, "ls-files"), 30, "the result commit")
     assert secret not in git(repo, "log", "-p", "--all")
     assert secret not in "".join(p.read_text(errors="replace") for p in (repo / "runs").rglob("*") if p.is_file())
+
+
+def test_a_bundle_over_the_workers_limits_is_refused_unread_and_its_run_fails_with_the_reason(
+        repo: Path, hosts: list[SshdHost], daemon: Daemon) -> None:
+    host = hosts[0]
+    # The Worker's admin set small limits in the forced command, where the SSH client cannot change them.
+    line = host.authorized_keys.read_text()
+    host.authorized_keys.write_text(line.replace(" gate --home ", " gate --max-files 2 --max-total-bytes 1000 --home "))
+    _add(repo, "w1", host)
+    assert taskrun(repo, "worker", "remove", "local").returncode == 0
+    (repo / "big.txt").write_text("x" * 20_000)
+    write_task(repo, "too-big", "echo ran", front="context: [big.txt]\n")
+    daemon.start()
+
+    record = wait_status(repo, "too-big", "COMPLETED", "FAILED", timeout=60)
+
+    assert record["status"] == "FAILED"
+    run = json.loads((repo / "runs/too-big/run-1/status.json").read_text())
+    assert run["error"].startswith("bundle rejected: the archive is ") and "over this Worker's limit" in run["error"]
+    log = repo / "runs/too-big/run-1/output.log"
+    assert not log.exists() or log.read_text() == ""
+    assert list((host.home / "runs").iterdir()) == []

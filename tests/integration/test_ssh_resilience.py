@@ -2,8 +2,9 @@
 cancel, a daemon killed mid-Run.
 
 Every Worker is a real OpenSSH sshd on 127.0.0.1 and the daemon is the real
-`taskrun up` process. The Agents wait on gate files the test creates, so
-"before the cut" and "after the cut" are facts, not timings.
+`taskrun up` process. The Agents wait on gates the test opens (loopback
+ports: a confined Agent sees no file of the test's), so "before the cut" and
+"after the cut" are facts, not timings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 import pytest
 
 from taskrunner import keys
+from tests.agentprobes import Counter, Gate, marker, processes_named
 from tests.conftest import (
     Daemon,
     process_gone,
@@ -33,10 +35,10 @@ from tests.sshd import SshdHost, enroll, start_sshd
 
 pytestmark = pytest.mark.sshd
 
-#: An Agent that prints numbered lines until `{gate}` exists, then five more and "done".
+#: An Agent that prints numbered lines until the gate (`{check}`) opens, then five more and "done".
 STREAM = """\
 i=0
-while [ ! -e "{gate}" ]; do i=$((i + 1)); echo "line $i"; sleep 0.05; done
+until {check}; do i=$((i + 1)); echo "line $i"; sleep 0.05; done
 for _ in 1 2 3 4 5; do i=$((i + 1)); echo "line $i"; done
 echo done"""
 
@@ -132,10 +134,10 @@ def _crash_sshd(host: SshdHost) -> None:
 
 
 
-def _assert_stream_completes_in_one_run(root: Path, gate: Path, before: int) -> None:
+def _assert_stream_completes_in_one_run(root: Path, gate: Gate, before: int) -> None:
     """Output flows again past the cut, then the one Run completes on w1 with every line once."""
     wait_until(lambda: _lines_past(root, "stream", before + 5), 20, "output streamed after the restart")
-    gate.touch()
+    gate.open()
     wait_status(root, "stream", "COMPLETED")
 
     output = _output(root, "stream")
@@ -147,11 +149,10 @@ def _assert_stream_completes_in_one_run(root: Path, gate: Path, before: int) -> 
     assert len((task_record(root, "stream") or {})["runs"]) == 1
 
 def test_sshd_killed_and_restarted_mid_run_resumes_on_the_same_worker_with_every_line_once(
-        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], gate: Gate) -> None:
     (host,) = ssh_hosts(1, "worker_grace: 30s")
-    gate = tmp_path / "gate"
     daemon.start()
-    write_task(daemon.root, "stream", STREAM.format(gate=gate))
+    write_task(daemon.root, "stream", STREAM.format(check=gate.check))
     wait_until(lambda: "line 3\n" in _output(daemon.root, "stream"), 20, "output before the cut")
 
     _crash_sshd(host)
@@ -163,13 +164,12 @@ def test_sshd_killed_and_restarted_mid_run_resumes_on_the_same_worker_with_every
 
 
 def test_worker_gone_for_good_has_its_run_retried_on_another_worker_after_the_grace(
-        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], counter: Counter) -> None:
     # retries stays 0: a Run lost with its Worker is run again without spending one.
     hosts = ssh_hosts(2, "worker_grace: 1s")
-    marker = tmp_path / "first-attempt"
     daemon.start()
     write_task(daemon.root, "survivor",
-               f'if [ -e "{marker}" ]; then echo second; else touch "{marker}"; echo first; sleep 300; fi')
+               f'{counter.read}\nif [ "$n" -gt 1 ]; then echo second; else echo first; sleep 300; fi')
     wait_until(lambda: _output(daemon.root, "survivor") == "first\n", 20, "the first Run to start")
     first = run_record(daemon.root, "survivor", 1)
     assert first
@@ -187,20 +187,18 @@ def test_worker_gone_for_good_has_its_run_retried_on_another_worker_after_the_gr
 
 
 def test_cancel_kills_the_agents_process_group_on_the_remote_worker(
-        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]]) -> None:
     ssh_hosts(1)
-    agent_pid, child_pid = tmp_path / "agent.pid", tmp_path / "child.pid"
+    name = marker()  # $$ and $! are no host pids inside the Run's PID namespace: found by argv[0]
     daemon.start()
-    write_task(daemon.root, "remote-doomed",
-               f'sleep 300 &\necho $! > "{child_pid}"\necho $$ > "{agent_pid}"\necho ready\nwait')
-    wait_until(lambda: _output(daemon.root, "remote-doomed") == "ready\n", 20, "the Agent to start")
-    pids = [int(agent_pid.read_text()), int(child_pid.read_text())]
-    assert not any(process_gone(pid) for pid in pids)
+    write_task(daemon.root, "remote-doomed", f"(exec -a {name} sleep 300) &\necho ready\nexec -a {name} sleep 301")
+    wait_until(lambda: _output(daemon.root, "remote-doomed") == "ready\n" and len(processes_named(name)) == 2, 20,
+               "the Agent and its child to start")
 
     cancel = taskrun(daemon.root, "cancel", "remote-doomed")
 
     assert cancel.returncode == 0, cancel.stderr
-    wait_until(lambda: all(process_gone(pid) for pid in pids), 10, "the Agent and its child to be killed")
+    wait_until(lambda: not processes_named(name), 10, "the Agent and its child to be killed")
     record = wait_status(daemon.root, "remote-doomed", "CANCELLED")
     assert "cancel" in record["error"]
     run = run_record(daemon.root, "remote-doomed", 1)
@@ -208,11 +206,10 @@ def test_cancel_kills_the_agents_process_group_on_the_remote_worker(
 
 
 def test_daemon_killed_mid_run_on_an_ssh_worker_reattaches_with_every_line_once(
-        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], tmp_path: Path) -> None:
+        daemon: Daemon, ssh_hosts: Callable[..., list[SshdHost]], gate: Gate) -> None:
     ssh_hosts(1)
-    gate = tmp_path / "gate"
     daemon.start()
-    write_task(daemon.root, "stream", STREAM.format(gate=gate))
+    write_task(daemon.root, "stream", STREAM.format(check=gate.check))
     wait_until(lambda: "line 3\n" in _output(daemon.root, "stream"), 20, "output before the kill")
 
     daemon.signal(signal.SIGKILL)

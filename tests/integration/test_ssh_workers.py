@@ -24,8 +24,10 @@ def hosts(repo: Path, tmp_path: Path) -> Iterator[list[SshdHost]]:
 
 
 def _add(repo: Path, name: str, host: SshdHost, *extra: str) -> None:
+    """`taskrun worker add` with the one-time token the host's `taskrun-worker init` printed."""
+    token = ("--token", host.token) if host.token else ()
     result = taskrun(repo, "worker", "add", name, "--host", "127.0.0.1", "--port", str(host.port),
-                     "--fingerprint", host.fingerprint, *extra)
+                     "--fingerprint", host.fingerprint, *token, *extra)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

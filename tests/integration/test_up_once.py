@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import git, process_gone, wait_until, run_record, status_of, task_record, taskrun, write_task
+from tests.agentprobes import Counter, marker, processes_named
+from tests.conftest import git, wait_until, run_record, status_of, task_record, taskrun, write_task
 
 
 def _commits(root: Path) -> list[str]:
@@ -145,11 +146,11 @@ def test_run_record_holds_the_documented_fields(repo: Path) -> None:
     assert task and task["revision"] == run["revision"] and len(task["revision"]) == 64
 
 
-def test_failed_run_is_retried_after_backoff(repo: Path, tmp_path: Path) -> None:
+def test_failed_run_is_retried_after_backoff(repo: Path, counter: Counter) -> None:
     config = repo / ".taskrun.yaml"
     config.write_text(config.read_text().replace("base: 5s", "base: 100ms"))
-    marker = tmp_path / "tried-once"
-    write_task(repo, "flaky", f'if [ -e "{marker}" ]; then echo second; else touch "{marker}"; exit 1; fi',
+    # Confined Runs share no file: the counter tells the Agent which time it runs.
+    write_task(repo, "flaky", f'{counter.read}\nif [ "$n" -gt 1 ]; then echo second; else exit 1; fi',
                front="retries: 1\n")
 
     assert taskrun(repo, "up", "--once").returncode == 0
@@ -162,14 +163,14 @@ def test_failed_run_is_retried_after_backoff(repo: Path, tmp_path: Path) -> None
 
 
 def test_timeout_kills_the_whole_process_group(repo: Path) -> None:
-    write_task(repo, "slow", "sleep 300 &\necho \"child $!\"\nsleep 300", front="timeout: 1s\n")
+    name = marker()  # the background child's $! is no host pid inside the Run's PID namespace
+    write_task(repo, "slow", f"(exec -a {name} sleep 300) &\nsleep 300", front="timeout: 1s\n")
 
     taskrun(repo, "up", "--once")
 
     run = run_record(repo, "slow", 1)
     assert run and run["status"] == "FAILED" and "timed out" in run["error"]
-    child = int((repo / "runs/slow/run-1/output.log").read_text().split()[1])
-    wait_until(lambda: process_gone(child), 10, f"background process {child} of the timed-out Run to end")
+    wait_until(lambda: not processes_named(name), 10, "the background process of the timed-out Run to end")
 
 
 def test_context_files_reach_the_agent(repo: Path) -> None:

@@ -31,6 +31,7 @@ from taskrunner.bundle import Bundle, BundleRejected, Limits
 from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
 from taskrunner.signing import BUNDLE_TYPE, RESULT_TYPE, TRUST_TYPE, SigningKey, sign
+from taskrunner.worker.enrollment import Enrollment
 from taskrunner.worker.trust import TrustStore
 
 NOW = 1_700_000_000.0
@@ -179,6 +180,7 @@ def retiring_trust(home: Path) -> TrustStore:
     body = json.dumps({"format": 1, "audience": WORKER.key_id, "keys": keys, "issued_at": NOW,
                        "expires_at": NOW + 600, "nonce": secrets.token_hex(16)}).encode()
     store = TrustStore(home)
+    Enrollment(home).pin([successor.key_id], NOW)  # as its admin did with `taskrun-worker init --trust-key`
     store.apply({"keys": [successor.public_line], "envelope": sign(TRUST_TYPE, body, [successor])},
                 WORKER.key_id, NOW)
     return store
@@ -269,12 +271,15 @@ def test_directories_in_the_archive_are_created_without_a_manifest_entry(tmp_pat
     assert (dest / "docs" / "empty").is_dir()
 
 
-def test_extracted_files_are_plain_0644_whatever_mode_the_archive_claims(tmp_path: Path) -> None:
-    info, data = regular("run.sh", b"#!/bin/sh\n")
+def test_extracted_files_are_plain_and_private_whatever_mode_the_archive_claims(tmp_path: Path) -> None:
+    info, data = regular("tools/run.sh", b"#!/bin/sh\n")
     info.mode = 0o6777  # setuid, setgid, world-writable
-    hostile = signed(archive((info, data)), entry("run.sh", b"#!/bin/sh\n"))
+    hostile = signed(archive((info, data)), entry("tools/run.sh", b"#!/bin/sh\n"))
     bundle.extract(verify(hostile), hostile.archive, tmp_path / "dest")
-    assert (tmp_path / "dest" / "run.sh").stat().st_mode & 0o7777 == 0o644 & ~_umask()
+    # The workspace is the Run's alone (DESIGN.md §5.10): 0600 files in 0700 directories.
+    assert (tmp_path / "dest" / "tools" / "run.sh").stat().st_mode & 0o7777 == 0o600 & ~_umask()
+    assert (tmp_path / "dest").stat().st_mode & 0o7777 == 0o700 & ~_umask()
+    assert (tmp_path / "dest" / "tools").stat().st_mode & 0o7777 == 0o700 & ~_umask()
 
 
 def _umask() -> int:

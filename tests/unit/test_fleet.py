@@ -14,6 +14,7 @@ from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent, WorkerLink
 from taskrunner.links.local import LocalLink
+from taskrunner.sessionauth import verify_auth
 from taskrunner.signing import SigningKey
 from taskrunner.sshkeys import HostKeyError
 from taskrunner.worker.trust import TrustStore, worker_key
@@ -41,9 +42,9 @@ def _ssh_workers(worker_key_line: str | None) -> str:
     return f'workers: {{build: {{transport: ssh, host: 127.0.0.1, host_key: "{HOST_KEY}"{pin}}}}}\n'
 
 
-def _hello(key: SigningKey | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"protocol": 1, "version": "0.1", "worker": "w", "agents": ["shell"], "runs": [],
-                              "trust": {"keys": [], "issued_at": None}}
+def _hello(key: SigningKey | None, trust: dict[str, Any] | None = None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"protocol": 2, "version": "0.1", "worker": "w", "agents": ["shell"],
+                              "trust": trust or {"keys": [], "issued_at": None}, "challenge": "c" * 32}
     if key is not None:
         fields["worker_key"] = key.public_line
     return fields
@@ -137,19 +138,68 @@ def test_opening_a_session_does_not_wait_for_the_host_and_a_refused_key_marks_it
 # ---------------------------------------------------------------- result keys in hello
 
 
-def test_a_hello_presenting_the_pinned_result_key_brings_the_worker_online(tmp_path: Path) -> None:
+def test_a_hello_presenting_the_pinned_result_key_is_answered_and_ready_brings_the_worker_online(
+        tmp_path: Path) -> None:
     fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
 
-    assert fleet.hello(worker, _hello(PINNED), 5.0)
+    auth = fleet.hello(worker, _hello(PINNED), 5.0)
 
-    assert worker.online and worker.trusted is True and worker.result_key == PINNED.public
-    assert worker.error is None and worker.last_seen == 5.0
+    assert auth is not None and auth.type == "auth"
+    assert verify_auth(auth["envelope"], "c" * 32, PINNED.key_id, {fleet.keyring.current.key_id:
+                                                                    fleet.keyring.current.public}, {}, 5.0)
+    assert not worker.online, "online only once the session is authenticated"
+    fleet.ready(worker, 5.5)
+    assert worker.online and worker.result_key == PINNED.public
+    assert worker.error is None and worker.last_seen == 5.5
+
+
+def test_a_worker_trusting_what_the_keyring_holds_is_trusted_and_one_trusting_more_gets_no_runs_until_corrected(
+        tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
+    assert fleet.hello(worker, _hello(PINNED), 5.0) is not None
+    fleet.ready(worker, 5.0)
+    wanted = wanted_keys(fleet.keyring, 5.0)
+
+    assert fleet.trust_correction(worker, wanted, 5.0) is None
+    assert worker.trusted is True and not worker.trust_pending
+
+    correction = fleet.trust_correction(worker, [*wanted, OTHER.key_id], 6.0)
+    assert correction is not None and correction.type == "trust"
+    assert worker.trust_pending and not fleet.views()[0].online
+    assert fleet.trust_correction(worker, wanted, 6.5) is None  # the Worker took it
+    assert not worker.trust_pending and worker.trusted is True
+
+
+def test_a_worker_refusing_the_correction_is_untrusted_with_the_reason_and_the_fix(tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
+    trust = {"keys": [fleet.keyring.current.key_id, OTHER.key_id], "issued_at": 4.0}
+    assert fleet.hello(worker, _hello(PINNED, trust), 5.0) is not None
+    fleet.ready(worker, 5.0)
+    assert fleet.trust_correction(worker, trust["keys"], 5.0) is not None
+
+    fleet.refused(worker, "trust", "trust refused: replayed or out-of-date statement", 5.1)
+
+    assert worker.trusted is False and not worker.online and not fleet.views()[0].online
+    error = worker.view()["error"]
+    assert f"trusts {', '.join(sorted(trust['keys']))}, not what this control plane gave it" in error
+    assert "replayed or out-of-date" in error and "changed behind the control plane's back" in error
+    assert "`taskrun-worker trust --reset`" in error and "`taskrun worker add build --host 127.0.0.1 --token" in error
+
+
+def test_a_hello_whose_trust_store_is_dated_in_the_future_is_untrusted_at_once(tmp_path: Path) -> None:
+    fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
+    trust = {"keys": [fleet.keyring.current.key_id], "issued_at": 5.0 + 10 * 365 * 86400}
+
+    assert fleet.hello(worker, _hello(PINNED, trust), 5.0) is None
+
+    assert worker.trusted is False and not worker.online
+    assert "trust store dated" in (worker.error or "") and "taskrun-worker trust --reset" in (worker.error or "")
 
 
 def test_a_hello_presenting_another_result_key_is_refused_naming_both_keys(tmp_path: Path) -> None:
     fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
 
-    assert not fleet.hello(worker, _hello(OTHER), 5.0)
+    assert fleet.hello(worker, _hello(OTHER), 5.0) is None
 
     assert not worker.online and worker.trusted is False
     assert worker.error is not None
@@ -161,7 +211,7 @@ def test_a_hello_presenting_another_result_key_is_refused_naming_both_keys(tmp_p
 def test_a_hello_from_an_ssh_worker_with_no_pinned_result_key_is_refused(tmp_path: Path) -> None:
     fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(None))
 
-    assert not fleet.hello(worker, _hello(PINNED), 5.0)
+    assert fleet.hello(worker, _hello(PINNED), 5.0) is None
 
     assert not worker.online and worker.trusted is False
     assert "has no pinned result key (worker_key)" in (worker.error or "")
@@ -170,7 +220,7 @@ def test_a_hello_from_an_ssh_worker_with_no_pinned_result_key_is_refused(tmp_pat
 def test_a_hello_without_a_result_key_is_refused_as_an_old_worker(tmp_path: Path) -> None:
     fleet, worker = _fleet(tmp_path, "{}", workers=_ssh_workers(PINNED.public_line))
 
-    assert not fleet.hello(worker, _hello(None), 5.0)
+    assert fleet.hello(worker, _hello(None), 5.0) is None
 
     assert not worker.online and "presents no valid result key" in (worker.error or "")
     assert "upgrade its taskrun-worker" in (worker.error or "")
@@ -193,11 +243,13 @@ def test_the_local_worker_is_enrolled_at_connect_and_its_hello_must_present_its_
         assert sorted(k["key_id"] for k in TrustStore(home).state()["keys"]) == wanted_keys(fleet.keyring, 1.0)
         assert event.message is not None and event.message.type == "hello"
         assert event.message["trust"]["keys"] == [fleet.keyring.current.key_id]
-        assert fleet.hello(worker, event.message.fields, 2.0)
+        assert fleet.hello(worker, event.message.fields, 2.0) is not None
+        fleet.ready(worker, 2.0)
+        assert fleet.trust_correction(worker, event.message["trust"]["keys"], 2.0) is None
         assert worker.online and worker.trusted is True
 
         # The same hello with a key other than the home's is refused, and the session closed.
-        assert not fleet.hello(worker, dict(event.message.fields, worker_key=OTHER.public_line), 3.0)
+        assert fleet.hello(worker, dict(event.message.fields, worker_key=OTHER.public_line), 3.0) is None
         assert not worker.online and "result key changed" in (worker.error or "")
         wait_until(lambda: [e for e in events if e.message is None], 20, "the refused session to end")
     finally:

@@ -191,9 +191,15 @@ def _through_gate(home: Path, request: str, stdin: bytes = b"") -> subprocess.Co
                           env=env, input=stdin, capture_output=True, timeout=30)
 
 
+def _pinned(home: Path, keyring: Keyring) -> None:
+    """What the Worker's admin does before enrollment: pin the control plane's key, on the Worker itself."""
+    assert worker_main.main(["trust", "--home", str(home), "--reset", "--trust-key", keyring.current.key_id]) == 0
+
+
 def test_the_gate_takes_an_enrollment_on_stdin_and_answers_with_the_workers_key(tmp_path: Path) -> None:
     home = tmp_path / "worker"
     keyring, _ = Keyring.ensure(tmp_path / "cp", time.time())
+    _pinned(home, keyring)
     request = trust_request(keyring, None, time.time())
 
     result = _through_gate(home, "taskrun-worker trust", json.dumps(request).encode())
@@ -208,6 +214,7 @@ def test_the_gate_takes_an_enrollment_on_stdin_and_answers_with_the_workers_key(
 def test_the_gate_refuses_a_replayed_enrollment_with_exit_code_2_and_changes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "worker"
     keyring, _ = Keyring.ensure(tmp_path / "cp", time.time())
+    _pinned(home, keyring)
     request = json.dumps(trust_request(keyring, None, time.time())).encode()
     assert _through_gate(home, "trust", request).returncode == 0
     before = (home / "trust.json").read_bytes()
@@ -223,6 +230,7 @@ def test_the_gate_refuses_a_replayed_enrollment_with_exit_code_2_and_changes_not
 def test_the_gate_never_lets_a_client_reset_the_trust_store(tmp_path: Path) -> None:
     home = tmp_path / "worker"
     keyring, _ = Keyring.ensure(tmp_path / "cp", time.time())
+    _pinned(home, keyring)
     assert _through_gate(home, "trust", json.dumps(trust_request(keyring, None, time.time())).encode()).returncode == 0
 
     result = _through_gate(home, "taskrun-worker trust --reset")

@@ -9,24 +9,28 @@ from typing import Any
 
 import pytest
 
+from taskrunner.defaults import OUTPUT_CHUNK_BYTES
 from taskrunner.errors import ProtocolError
-from taskrunner.protocol import REQUIRED, Message, Reader, Writer, decode_header, encode
+from taskrunner.protocol import (FROM_WORKER_LIMITS, PAYLOAD_LIMITS, REQUIRED, SKIP_CHUNK_BYTES, SMALL_HEADER_BYTES,
+                                 Message, Reader, Writer, decode_header, encode)
 
 #: A DSSE envelope as bundles, results and trust statements carry it (signing.py); the protocol only routes it.
 ENVELOPE = {"payloadType": "application/vnd.taskrun.result+json", "payload": "eyJydW5faWQiOiJyMSJ9",
             "signatures": [{"keyid": "SHA256:k0Kw4wE2", "sig": "c2ln"}]}
 #: One complete, valid set of fields for each record type.
 FIELDS: dict[str, dict[str, Any]] = {
-    "hello": {"protocol": 1, "version": "0.1", "worker": "w1", "pid": 42, "agents": ["shell"],
+    "hello": {"protocol": 2, "version": "0.1", "worker": "w1", "pid": 42, "agents": ["shell"],
               "slots": 2, "worker_key": "ed25519 " + "A" * 43 + "=",
               "trust": {"keys": ["SHA256:k0Kw4wE2"], "issued_at": 1700000000.25},
-              "runs": [{"run_id": "r1", "state": "running", "size": 10}]},
+              "challenge": "0123456789abcdef0123456789abcdef"},
+    "ready": {"runs": [{"run_id": "r1", "state": "running", "size": 10}]},
     "heartbeat": {"time": 1700000000.5, "running": 1},
     "started": {"run_id": "r1", "pid": 4242, "started_at": 1.5},
     "output": {"run_id": "r1", "offset": 128},
     "result": {"run_id": "r1", "output_size": 3, "envelope": ENVELOPE},
     "trusted": {"keys": ["SHA256:k0Kw4wE2", "SHA256:n3wK3y"]},
-    "error": {"message": "no such Run", "run_id": "r9"},
+    "error": {"message": "no such Run", "run_id": "r9", "request": "resume"},
+    "auth": {"envelope": dict(ENVELOPE, payloadType="application/vnd.taskrun.session+json")},
     "assign": {"run_id": "r1", "envelope": dict(ENVELOPE, payloadType="application/vnd.taskrun.bundle+json")},
     "trust": {"request": {"keys": ["ed25519 " + "A" * 43 + "="],
                           "envelope": dict(ENVELOPE, payloadType="application/vnd.taskrun.trust+json")}},
@@ -47,8 +51,8 @@ def roundtrip(*messages: Message) -> list[Message]:
     return read_all(stream.getvalue())
 
 
-def read_all(data: bytes) -> list[Message]:
-    reader = Reader(io.BytesIO(data))
+def read_all(data: bytes, limits: Any = PAYLOAD_LIMITS) -> list[Message]:
+    reader = Reader(io.BytesIO(data), limits)
     out = []
     while (message := reader.read()) is not None:
         out.append(message)
@@ -65,8 +69,8 @@ def test_every_record_type_without_payload_survives_a_round_trip(kind: str) -> N
     assert roundtrip(message) == [message]
 
 
-@pytest.mark.parametrize("kind", sorted(FIELDS))
-def test_every_record_type_with_a_binary_payload_survives_a_round_trip(kind: str) -> None:
+@pytest.mark.parametrize("kind", sorted(PAYLOAD_LIMITS))
+def test_every_record_type_that_carries_a_binary_payload_survives_a_round_trip(kind: str) -> None:
     message = Message(kind, FIELDS[kind], BINARY)
     [back] = roundtrip(message)
     assert back.type == kind
@@ -74,8 +78,67 @@ def test_every_record_type_with_a_binary_payload_survives_a_round_trip(kind: str
     assert back.payload == BINARY
 
 
+@pytest.mark.parametrize("kind", sorted(set(FIELDS) - set(PAYLOAD_LIMITS)))
+def test_a_payload_on_a_record_type_that_carries_none_is_refused_before_it_is_read(kind: str) -> None:
+    stream = io.BytesIO(encode(Message(kind, FIELDS[kind], BINARY)))
+    with pytest.raises(ProtocolError, match=f"{kind} record announces {len(BINARY)} payload bytes, over its limit of 0"):
+        Reader(stream).read()
+    assert stream.read() == BINARY  # not a byte of it consumed
+
+
+def test_the_control_plane_takes_output_chunks_up_to_the_chunk_size_and_nothing_larger() -> None:
+    fits = Message("output", {"run_id": "r", "offset": 0}, b"x" * OUTPUT_CHUNK_BYTES)
+    assert read_all(encode(fits), FROM_WORKER_LIMITS) == [fits]
+    over = encode(Message("output", {"run_id": "r", "offset": 0}, b"x" * (OUTPUT_CHUNK_BYTES + 1)))
+    with pytest.raises(ProtocolError, match="over its limit"):
+        read_all(over, FROM_WORKER_LIMITS)
+    with pytest.raises(ProtocolError, match="assign record announces"):
+        read_all(encode(Message("assign", FIELDS["assign"], b"archive")), FROM_WORKER_LIMITS)
+
+
+def test_a_small_record_with_a_huge_header_is_refused() -> None:
+    line = encode(Message("resume", {"run_id": "r", "offset": 0, "padding": "x" * SMALL_HEADER_BYTES}))
+    with pytest.raises(ProtocolError, match="resume record header is .* over its limit"):
+        read_all(line)
+
+
+class _Tracking(io.RawIOBase):
+    """`size` zero bytes after `head`, made up as they are read; remembers the largest read asked for."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self._head, self._left, self.largest = head, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, limit: int = -1) -> bytes:  # type: ignore[override]
+        line, sep, rest = self._head.partition(b"\n")
+        self._head = rest
+        return line + sep
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        self.largest = max(self.largest, size)
+        if self._head:
+            raise AssertionError("read past a header")
+        n = min(size, self._left)
+        self._left -= n
+        return bytes(n)
+
+
+def test_a_skipped_payload_is_read_a_chunk_at_a_time_never_whole() -> None:
+    size = 50 * 1024 * 1024
+    stream = _Tracking(encode(Message("assign", FIELDS["assign"])).rstrip(b"\n")[:-1] +
+                       f',"len":{size}}}\n'.encode(), size)
+    reader = Reader(stream)  # type: ignore[arg-type]
+    header = reader.read_header()
+    assert header is not None and (header.type, header.size) == ("assign", size)
+    reader.skip_payload(header)
+    assert stream.largest == SKIP_CHUNK_BYTES
+    assert reader.read_header() is None
+
+
 def test_records_follow_each_other_on_one_stream_in_order() -> None:
-    messages = [Message(kind, FIELDS[kind], BINARY if i % 2 else b"") for i, kind in enumerate(sorted(FIELDS))]
+    messages = [Message(kind, FIELDS[kind], BINARY if kind in PAYLOAD_LIMITS else b"") for kind in sorted(FIELDS)]
     assert roundtrip(*messages) == messages
 
 

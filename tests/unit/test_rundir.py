@@ -1,13 +1,15 @@
-"""The wrappers that run an Agent and leave its exit status behind, run by real bash."""
+"""The wrappers that run an Agent and leave its exit status behind, run by real bash; a Run directory's files."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from taskrunner.worker.rundir import RunDir, wrapped
+from taskrunner.worker.rundir import RunDir, group_alive, wrapped
 
 
 def run_shell_preset(tmp_path: Path, script: str) -> tuple[int, str, int | None]:
@@ -47,3 +49,39 @@ def test_other_agents_run_their_argv_as_given(tmp_path: Path) -> None:
     argv = wrapped(tmp_path, ["sh", "-c", "exit 7", "x"])
     assert subprocess.run(argv, timeout=10).returncode == 7
     assert RunDir(tmp_path).exit_code() == 7
+
+
+# ---------------------------------------------------------------- a confined Run: bwrap's status, the leader
+
+
+def test_a_confined_runs_exit_code_comes_from_bwraps_status_lines(tmp_path: Path) -> None:
+    status = tmp_path / "exit_status"
+    status.write_text('{ "child-pid": 12, "mnt-namespace": 4026532177, "pid-namespace": 4026532178 }\n')
+    assert RunDir(tmp_path).exit_code() is None  # still running, or bwrap was killed before it could say
+    status.write_text(status.read_text() + "not json\n" + '{ "exit-code": 137 }\n')
+    assert RunDir(tmp_path).exit_code() == 137
+
+
+def test_the_files_the_worker_writes_for_a_run_are_its_own(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.write_assignment({"run_id": "r"})
+    run.write_pid(123)
+    run.write_stop("CANCELLED", "asked")
+    run.write_result({"status": "CANCELLED"})
+    for name in ("assignment.json", "pid", "stop.json", "result.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    assert run.pid() == 123
+
+
+def test_a_run_has_ended_once_its_group_leader_has_whatever_it_left_behind(tmp_path: Path) -> None:
+    gate = tmp_path / "go"
+    leader = subprocess.Popen(["bash", "-c", f'sleep 300 & while [ ! -e "{gate}" ]; do sleep 0.02; done'],
+                              start_new_session=True)
+    try:
+        assert group_alive(leader.pid)
+        gate.touch()
+        leader.wait(timeout=10)
+        # The background sleep is still in the group: the Worker kills it, the Run does not wait for it.
+        assert not group_alive(leader.pid)
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)

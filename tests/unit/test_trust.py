@@ -15,6 +15,7 @@ import pytest
 from taskrunner.defaults import CLOCK_SKEW_SECONDS
 from taskrunner.errors import WorkerError
 from taskrunner.signing import BUNDLE_TYPE, TRUST_TYPE, SigningKey, sign, verify
+from taskrunner.worker.enrollment import Enrollment
 from taskrunner.worker.trust import TRUST_FILE, WORKER_KEY_FILE, TrustRefused, TrustStore, reply, worker_key
 
 NOW = 1_700_000_000.0
@@ -26,7 +27,11 @@ OVERLAP = 3600.0
 
 @pytest.fixture()
 def home(tmp_path: Path) -> Path:
-    return tmp_path / "worker-home"
+    """A Worker home whose admin pinned CONTROL (`taskrun-worker init --trust-key`); see
+    test_enrollment_token.py for tokens and for Workers whose admin named nobody."""
+    path = tmp_path / "worker-home"
+    Enrollment(path).pin([CONTROL.key_id], NOW - 100)
+    return path
 
 
 @pytest.fixture()
@@ -94,6 +99,7 @@ def test_first_enrollment_may_be_addressed_to_no_worker_in_particular(home: Path
 
 
 def test_first_enrollment_signed_by_an_offered_key_it_does_not_list_is_refused(home: Path, me: SigningKey) -> None:
+    Enrollment(home).pin([STRANGER.key_id], NOW - 100)
     request = statement([STRANGER], [listed(CONTROL)], audience=me.key_id)
     assert_refused(TrustStore(home), request, me.key_id, NOW,
                    "trust refused: an enrollment must be signed by a key it lists")
@@ -303,7 +309,7 @@ def test_a_worker_whose_every_key_retired_takes_nothing_until_reset(home: Path, 
     third = SigningKey.generate()
     request = statement([third], [listed(third)], audience=me.key_id, issued_at=later)
     assert_refused(store, request, me.key_id, later, f"trust refused: signed by unknown key id {third.key_id}")
-    store.reset()
+    store.reset(later, pinned=[third.key_id])
     store.apply(request, me.key_id, later)
     assert store.trusted(later) == ({third.key_id: third.public}, {})
 
@@ -311,14 +317,40 @@ def test_a_worker_whose_every_key_retired_takes_nothing_until_reset(home: Path, 
 def test_reset_empties_the_store_and_allows_a_new_enrollment(home: Path, me: SigningKey) -> None:
     store = TrustStore(home)
     enroll(store, me)
-    store.reset()
+    store.reset(NOW)
     assert store.trusted(NOW) == ({}, {})
     assert store.state() == {"keys": [], "issued_at": None}
     assert not (home / TRUST_FILE).exists()
-    store.reset()  # idempotent
+    store.reset(NOW, pinned=[SUCCESSOR.key_id])  # idempotent; names the next enroller
     # Starting over, even an older statement is an enrollment again.
     store.apply(statement([SUCCESSOR], [listed(SUCCESSOR)], audience=me.key_id, issued_at=NOW - 5), me.key_id, NOW)
     assert store.trusted(NOW) == ({SUCCESSOR.key_id: SUCCESSOR.public}, {})
+
+
+def test_a_store_dated_in_the_future_takes_no_statement_and_says_it_was_changed_behind_our_back(
+        home: Path, me: SigningKey) -> None:
+    # What an Agent did: planted its own key and dated the store far ahead, so that every
+    # statement from the control plane would be "not newer".
+    store = TrustStore(home)
+    enroll(store, me)
+    planted = json.loads(store.path.read_text())
+    planted["keys"].append(listed(STRANGER))
+    planted["issued_at"] = NOW + 10 * 365 * 86400
+    store.path.write_text(json.dumps(planted))
+    correction = statement([CONTROL], [listed(CONTROL)], audience=me.key_id, issued_at=NOW + 10)
+    assert_refused(store, correction, me.key_id, NOW + 10,
+                   "trust refused: this Worker's trust store is dated in the future")
+
+
+@pytest.mark.parametrize("issued_at", [NOW + CLOCK_SKEW_SECONDS + 60, float("inf"), float("nan")])
+def test_a_statement_issued_beyond_the_clock_skew_or_at_no_real_time_is_refused(
+        home: Path, me: SigningKey, issued_at: float) -> None:
+    store = TrustStore(home)
+    enroll(store, me)
+    request = statement([CONTROL], [listed(CONTROL), listed(SUCCESSOR)], audience=me.key_id, issued_at=issued_at,
+                        expires_at=NOW + 10_000)
+    assert_refused(store, request, me.key_id, NOW + 1, "trust refused: ")
+    assert store.state()["issued_at"] == NOW
 
 
 def test_a_refused_statement_leaves_the_trust_file_byte_for_byte(home: Path, me: SigningKey) -> None:
@@ -333,7 +365,7 @@ def test_a_refused_statement_leaves_the_trust_file_byte_for_byte(home: Path, me:
 
 
 def test_an_unreadable_trust_file_is_reported_with_the_way_out(home: Path) -> None:
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     (home / TRUST_FILE).write_text("{torn")
     with pytest.raises(WorkerError, match=re.escape("taskrun-worker trust --reset")):
         TrustStore(home).trusted(NOW)

@@ -26,6 +26,7 @@ from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.results import ResultRejected, verified_result
 from taskrunner.signing import SigningKey
+from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.serve import WorkerServer
 from taskrunner.worker.trust import worker_key
 from tests.signed import NO_HURRY, TASK_FILE, ControlPlane, enroll, signed_result
@@ -95,6 +96,12 @@ def group_alive(pgid: int) -> bool:
     return any(state != "Z" for _, _, state in _group_members(pgid))
 
 
+def go_flag(home: Path, run_id: str) -> Path:
+    """A file the test creates to let a waiting Agent go on: in the Run's workspace, the
+    only place outside its sandbox that the Agent sees."""
+    return home / "runs" / run_id / "workspace" / "go"
+
+
 def poll_until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
     deadline = time.monotonic() + timeout
     pause = threading.Event()  # never set: wait() is only the poll interval
@@ -136,6 +143,15 @@ class Session:
                 self.received.put(message)
         finally:
             self.received.put(None)
+
+    def authenticate(self, cp: ControlPlane) -> Message:
+        """Read the hello, answer its challenge as the control plane `cp` does; the `ready` record."""
+        hello = self.next()
+        assert hello.type == "hello" and "runs" not in hello.fields, hello
+        self.send_message(cp.auth(hello))
+        ready = self.next()
+        assert ready.type == "ready", ready
+        return ready
 
     def send(self, kind: str, payload: bytes = b"", **fields: Any) -> None:
         self.writer.write(Message(kind, fields, payload))
@@ -277,17 +293,21 @@ def only(messages: list[Message], kind: str, run_id: str | None = None) -> list[
 # ---------------------------------------------------------------- hello
 
 
-def test_hello_on_a_fresh_home_lists_no_runs(sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
+def test_hello_on_a_fresh_home_lists_no_runs_and_ready_lists_none_either(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     session = sessions()
     hello = session.next()
     assert hello.type == "hello"
     assert hello["protocol"] == PROTOCOL_VERSION
     assert hello["worker"] == "w1"
-    assert hello["runs"] == []
+    assert "runs" not in hello.fields
+    assert len(hello["challenge"]) == 32
     assert hello["slots"] == 2
     assert "shell" in hello["agents"]
     assert hello["worker_key"] == worker_key(home).public_line
     assert hello["trust"]["keys"] == [cp.key.key_id]
+    session.send_message(cp.auth(hello))
+    assert session.next().fields == {"runs": []}
 
 
 def test_hello_of_a_worker_not_yet_enrolled_says_it_trusts_no_key(sessions: Callable[[], Session],
@@ -303,7 +323,7 @@ def test_hello_of_a_worker_not_yet_enrolled_says_it_trusts_no_key(sessions: Call
 def test_an_assigned_run_starts_streams_its_output_and_completes(sessions: Callable[[], Session],
                                                                  cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-ok", "echo hi")
     messages = session.until("result", "run-ok")
     assert messages[0].type == "started" and messages[0]["run_id"] == "run-ok"
@@ -320,7 +340,7 @@ def test_an_assigned_run_starts_streams_its_output_and_completes(sessions: Calla
 def test_output_is_complete_before_the_result_even_for_many_lines(sessions: Callable[[], Session],
                                                                   cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-many", "for i in $(seq 1 2000); do echo \"line $i\"; done")
     messages = session.until("result", "run-many")
     expected = b"".join(f"line {i}\n".encode() for i in range(1, 2001))
@@ -332,7 +352,7 @@ def test_output_is_complete_before_the_result_even_for_many_lines(sessions: Call
 def test_a_failing_script_fails_the_run_with_its_exit_code(sessions: Callable[[], Session],
                                                            cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-bad", "echo before\nexit 7")
     messages = session.until("result", "run-bad")
     assert output_of(messages, "run-bad") == b"before\n"
@@ -345,7 +365,7 @@ def test_a_failing_script_fails_the_run_with_its_exit_code(sessions: Callable[[]
 def test_a_failing_command_stops_the_script_under_errexit(sessions: Callable[[], Session],
                                                           cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-errexit", "false\necho not reached")
     messages = session.until("result", "run-errexit")
     assert output_of(messages, "run-errexit") == b""
@@ -357,7 +377,7 @@ def test_a_failing_command_stops_the_script_under_errexit(sessions: Callable[[],
 def test_a_task_without_a_sh_block_fails_without_starting_a_process(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-nosh", None)
     messages = session.until("result", "run-nosh")
     assert only(messages, "started") == []
@@ -372,7 +392,7 @@ def test_a_task_without_a_sh_block_fails_without_starting_a_process(
 def test_a_signed_bundle_whose_archive_breaks_a_rule_fails_the_run_with_the_reason(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     built = cp.bundle("run-tampered", "echo hi")
     manifest = dict(built.manifest, files=[dict(built.manifest["files"][0], sha256="0" * 64)])
     session.send("assign", built.archive, run_id="run-tampered", envelope=cp.resigned(manifest))
@@ -386,7 +406,7 @@ def test_a_signed_bundle_whose_archive_breaks_a_rule_fails_the_run_with_the_reas
 def test_the_agent_sees_the_run_and_task_ids_and_runs_in_its_workspace(sessions: Callable[[], Session],
                                                                        cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-env", 'echo "$TASKRUN_RUN_ID $TASKRUN_TASK_ID"\n'
                                    'test "$PWD" = "$TASKRUN_WORKSPACE"\ncat tasks/t.md >/dev/null')
     messages = session.until("result", "run-env")
@@ -448,20 +468,21 @@ def _not_an_envelope(cp: ControlPlane, run_id: str, script: str) -> tuple[Messag
 
 @pytest.mark.parametrize("refused", [_unknown_key, _another_worker, _expired, _another_run, _altered_after_signing,
                                      _archive_swapped, _not_an_envelope], ids=lambda f: f.__name__.strip("_"))
-def test_a_refused_bundle_runs_nothing_fails_the_run_with_the_reason_and_the_session_keeps_serving(
+def test_a_refused_bundle_runs_nothing_is_answered_with_the_reason_leaves_nothing_and_the_session_keeps_serving(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
         refused: Callable[[ControlPlane, str, str], tuple[Message, str]]) -> None:
     marker = tmp_path / "agent-ran"
     session = sessions()
-    session.next()
+    session.authenticate(cp)
+    ledger_before = (home / "ledger.jsonl").read_bytes() if (home / "ledger.jsonl").exists() else b""
     message, reason = refused(cp, "run-refused", f"touch '{marker}'")
     session.send_message(message)
-    messages = session.until("result", "run-refused")
+    messages = session.until("error", "run-refused")
     assert only(messages, "started") == []
-    assert messages[-1]["output_size"] == 0
-    result = outcome(session, messages[-1])
-    assert (result["status"], result["error"], result["exit_code"]) == ("FAILED", reason, None)
-    assert not (home / "runs" / "run-refused" / "workspace").exists()
+    assert messages[-1].fields == {"run_id": "run-refused", "request": "assign", "message": reason}
+    assert not (home / "runs" / "run-refused").exists()
+    ledger_after = (home / "ledger.jsonl").read_bytes() if (home / "ledger.jsonl").exists() else b""
+    assert ledger_after == ledger_before
 
     assign(session, cp, "run-after", "echo still serving")
     messages = session.until("result", "run-after")
@@ -470,42 +491,46 @@ def test_a_refused_bundle_runs_nothing_fails_the_run_with_the_reason_and_the_ses
     assert not marker.exists(), "the refused bundle's Agent ran"
 
 
-def test_a_worker_that_trusts_no_key_yet_refuses_every_bundle(
+def test_a_worker_that_trusts_no_key_yet_refuses_the_session_and_every_bundle(
         sessions: Callable[[], Session], home: Path, tmp_path: Path) -> None:
     marker = tmp_path / "agent-ran"
     stranger = ControlPlane.make(home, tmp_path / "cp")  # never enrolled
     session = sessions()
-    assert session.next()["trust"]["keys"] == []
+    hello = session.next()
+    assert hello["trust"]["keys"] == []
     assign(session, stranger, "run-unenrolled", f"touch '{marker}'")
-    messages = session.until("result", "run-unenrolled")
-    assert only(messages, "started") == []
-    result = outcome(session, messages[-1])
-    assert result["status"] == "FAILED"
-    assert result["error"].startswith("bundle rejected: this Worker trusts no control plane key yet")
-    assert "taskrun worker add" in result["error"]
+    refused = session.next()
+    assert refused.fields["request"] == "assign" and "not authenticated" in refused["message"]
+    session.send_message(stranger.auth(hello))
+    error = session.next()
+    assert error["request"] == "auth"
+    assert error["message"].startswith("session refused: this Worker trusts no control plane key yet")
+    assert "taskrun worker add" in error["message"]
+    session.close_input()
+    assert not session.serving
     assert not marker.exists()
+    assert not (home / "runs" / "run-unenrolled").exists()
 
 
 def test_an_assignment_replayed_to_a_restarted_worker_is_refused_and_runs_nothing(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
-    marker = tmp_path / "ran.txt"
     first = sessions()
-    first.next()
-    sent = assign(first, cp, "run-once", f"echo ran >> '{marker}'")
+    first.authenticate(cp)
+    sent = assign(first, cp, "run-once", "echo ran")
     messages = first.until("result", "run-once")
     assert outcome(first, messages[-1])["status"] == "COMPLETED"
+    assert output_of(messages, "run-once") == b"ran\n"
     first.send("ack", run_id="run-once")
     poll_until(lambda: not (home / "runs" / "run-once").exists(), "the acknowledged Run's directory to be removed")
     first.close_input()
 
     second = sessions()
-    assert second.next()["runs"] == []
+    assert second.authenticate(cp)["runs"] == []
     second.send_message(sent)
-    messages = second.until("result", "run-once")
+    messages = second.until("error", "run-once")
     assert only(messages, "started") == []
-    result = outcome(second, messages[-1])
-    assert (result["status"], result["error"]) == ("FAILED", "bundle rejected: replayed nonce")
-    assert marker.read_text() == "ran\n"
+    assert messages[-1].fields == {"run_id": "run-once", "request": "assign", "message": "bundle rejected: replayed nonce"}
+    assert not (home / "runs" / "run-once").exists()
 
 
 # ---------------------------------------------------------------- signed results
@@ -514,7 +539,7 @@ def test_an_assignment_replayed_to_a_restarted_worker_is_refused_and_runs_nothin
 def test_the_result_is_signed_by_the_workers_key_over_exactly_the_output_streamed(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     sent = assign(session, cp, "run-signed", "echo hi\nprintf 'no newline'")
     messages = session.until("result", "run-signed")
     record = messages[-1]
@@ -547,7 +572,7 @@ def test_a_secret_the_agent_prints_is_masked_in_the_output_even_when_split_acros
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     script = ('echo before\nprintf "key=%s\\n" "$TASKRUN_TEST_SECRET"\n'
               'printf %s "${TASKRUN_TEST_SECRET:0:3}"\nsleep 0.2\nprintf "%s\\n" "${TASKRUN_TEST_SECRET:3}"\n'
               "echo after")
@@ -570,7 +595,7 @@ def test_a_secret_that_resolves_nowhere_fails_the_run_naming_it_before_the_agent
     monkeypatch.delenv("TASKRUN_TEST_MISSING", raising=False)
     marker = tmp_path / "agent-ran"
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-nosecret", f"touch '{marker}'", env=["TASKRUN_TEST_MISSING"])
     messages = session.until("result", "run-nosecret")
     assert only(messages, "started") == []
@@ -589,7 +614,7 @@ def test_a_secret_from_the_workers_secrets_file_reaches_the_agent_and_is_masked(
     secrets_file.write_text(f"# for the Agents\nTASKRUN_TEST_FILE_SECRET={value}\n")
     secrets_file.chmod(0o600)
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-filesecret", 'echo "${#TASKRUN_TEST_FILE_SECRET}"\necho "$TASKRUN_TEST_FILE_SECRET"',
            env=["TASKRUN_TEST_FILE_SECRET"])
     messages = session.until("result", "run-filesecret")
@@ -603,7 +628,7 @@ def test_a_secret_from_the_workers_secrets_file_reaches_the_agent_and_is_masked(
 def test_a_newer_trust_statement_is_taken_and_a_replayed_one_is_answered_with_an_error(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     request = cp.trust_request()
     session.send("trust", request=request)
     reply = session.next()
@@ -624,7 +649,7 @@ def test_a_trust_statement_from_another_control_plane_is_refused_and_changes_not
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
     other = ControlPlane.make(home, tmp_path / "other-cp")
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     session.send("trust", request=other.trust_request())
     error = session.next()
     assert error.type == "error"
@@ -636,7 +661,7 @@ def test_a_trust_statement_from_another_control_plane_is_refused_and_changes_not
 def test_a_rotated_key_taken_over_the_session_signs_runs_and_the_old_one_still_does_in_its_overlap(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     old = cp.key
     new = cp.keyring.rotate(3600.0, time.time())
     session.send("trust", request=cp.trust_request())
@@ -660,7 +685,7 @@ def test_a_rotated_key_taken_over_the_session_signs_runs_and_the_old_one_still_d
 def test_cancel_ends_the_run_as_cancelled_and_kills_its_whole_process_group(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-cancel", "sleep 300 &\necho started\nsleep 30")
     messages = session.until("output", "run-cancel")
     pid = only(messages, "started", "run-cancel")[0]["pid"]
@@ -681,7 +706,7 @@ def test_cancel_ends_the_run_as_cancelled_and_kills_its_whole_process_group(
 def test_a_run_past_its_timeout_fails_as_timed_out_and_its_group_is_killed(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-slow", "sleep 300 &\nsleep 30", timeout=0.5)
     messages = session.until("result", "run-slow", timeout=10)
     pid = only(messages, "started", "run-slow")[0]["pid"]
@@ -691,9 +716,9 @@ def test_a_run_past_its_timeout_fails_as_timed_out_and_its_group_is_killed(
     poll_until(lambda: group_gone(pid), "the timed-out Run's process group to be gone", timeout=10)
 
 
-def test_cancel_of_an_unknown_run_is_answered_with_an_error(sessions: Callable[[], Session]) -> None:
+def test_cancel_of_an_unknown_run_is_answered_with_an_error(sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     session.send("cancel", run_id="nope", reason="x")
     error = session.next()
     assert error.type == "error"
@@ -706,7 +731,7 @@ def test_cancel_of_an_unknown_run_is_answered_with_an_error(sessions: Callable[[
 def test_assigning_a_run_id_twice_is_answered_with_an_error_and_the_first_run_is_unharmed(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "run-dup", "echo once")
     assign(session, cp, "run-dup", "echo twice")
     messages = session.until("result", "run-dup")
@@ -724,11 +749,11 @@ def test_assigning_a_run_id_twice_is_answered_with_an_error_and_the_first_run_is
 def test_an_invalid_run_id_is_answered_with_an_error_and_writes_nothing(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     assign(session, cp, "../escape", "echo hi")
     error = session.next()
     assert error.type == "error"
-    assert "invalid run id" in error["message"]
+    assert "invalid run id" in error["message"] and error["request"] == "assign"
     assert list((home / "runs").iterdir()) == []
     assert not (home / "escape").exists()
 
@@ -736,7 +761,7 @@ def test_an_invalid_run_id_is_answered_with_an_error_and_writes_nothing(
 def test_a_malformed_manifest_fails_the_run_and_the_session_keeps_serving(
         sessions: Callable[[], Session], cp: ControlPlane) -> None:
     session = sessions()
-    session.next()
+    session.authenticate(cp)
     built = cp.bundle("run-badmanifest", "echo hi")
     manifest = dict(built.manifest, files=[{"path": TASK_FILE}])  # no sha256, no size; signed all the same
     session.send("assign", built.archive, run_id="run-badmanifest", envelope=cp.resigned(manifest))
@@ -755,10 +780,10 @@ def test_a_malformed_manifest_fails_the_run_and_the_session_keeps_serving(
 
 def test_a_new_session_reports_a_still_running_run_and_resumes_its_output_from_an_offset(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
-    flag = tmp_path / "go"
-    script = f"echo first\nwhile [ ! -e '{flag}' ]; do sleep 0.02; done\necho second"
+    flag = go_flag(home, "run-long")
+    script = "echo first\nwhile [ ! -e go ]; do sleep 0.02; done\necho second"
     first = sessions()
-    first.next()
+    first.authenticate(cp)
     assign(first, cp, "run-long", script)
     messages = first.until("output", "run-long")
     pid = only(messages, "started", "run-long")[0]["pid"]
@@ -768,9 +793,8 @@ def test_a_new_session_reports_a_still_running_run_and_resumes_its_output_from_a
     assert group_alive(pid), "the Agent must outlive the session"
 
     second = sessions()
-    hello = second.next()
-    assert hello.type == "hello"
-    assert hello["runs"] == [{"run_id": "run-long", "state": "running", "size": 6}]
+    ready = second.authenticate(cp)
+    assert ready["runs"] == [{"run_id": "run-long", "state": "running", "size": 6}]
     second.send("resume", run_id="run-long", offset=3)
     flag.touch()
     messages = second.until("result", "run-long")
@@ -787,18 +811,18 @@ def test_a_new_session_reports_a_still_running_run_and_resumes_its_output_from_a
 
 def test_a_run_that_finished_between_sessions_is_reported_finished_and_resumed_to_its_result(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path) -> None:
-    flag = tmp_path / "go"
+    flag = go_flag(home, "run-done")
     first = sessions()
-    first.next()
-    assign(first, cp, "run-done", f"echo one\nwhile [ ! -e '{flag}' ]; do sleep 0.02; done\necho two\nexit 3")
+    first.authenticate(cp)
+    assign(first, cp, "run-done", "echo one\nwhile [ ! -e go ]; do sleep 0.02; done\necho two\nexit 3")
     first.until("output", "run-done")
     first.close_input()
     flag.touch()
-    poll_until(lambda: (home / "runs" / "run-done" / "exit_code").exists(), "the Agent to finish")
+    poll_until(lambda: RunDir(home / "runs" / "run-done").exit_code() is not None, "the Agent to finish")
 
     second = sessions()
-    hello = second.next()
-    assert hello["runs"] == [{"run_id": "run-done", "state": "finished", "size": 8}]
+    ready = second.authenticate(cp)
+    assert ready["runs"] == [{"run_id": "run-done", "state": "finished", "size": 8}]
     second.send("resume", run_id="run-done", offset=8)
     messages = second.until("result", "run-done")
     assert only(messages, "output") == []
@@ -811,19 +835,19 @@ def test_a_secret_is_still_masked_when_a_new_session_resumes_a_run_from_an_offse
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
-    flag = tmp_path / "go"
+    flag = go_flag(home, "run-secret-resume")
     # A first line longer than the secret: a running Run's last len(SECRET)-1 bytes are held back.
     first_line = b"a first line longer than the secret\n"
     first = sessions()
-    first.next()
+    first.authenticate(cp)
     assign(first, cp, "run-secret-resume", f"echo '{first_line.decode().strip()}'\n"
-                                           f"while [ ! -e '{flag}' ]; do sleep 0.02; done\n"
+                                           "while [ ! -e go ]; do sleep 0.02; done\n"
                                            'echo "$TASKRUN_TEST_SECRET"', env=["TASKRUN_TEST_SECRET"])
     first.until("output", "run-secret-resume")
     first.close_input()
 
     second = sessions()
-    second.next()
+    second.authenticate(cp)
     second.send("resume", run_id="run-secret-resume", offset=3)
     flag.touch()
     messages = second.until("result", "run-secret-resume")
@@ -838,19 +862,19 @@ def test_a_secret_is_still_masked_when_a_new_session_resumes_a_run_from_an_offse
 def test_a_run_is_not_streamed_to_a_new_session_until_it_is_resumed(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     first = sessions()
-    first.next()
+    first.authenticate(cp)
     assign(first, cp, "run-quiet", "echo one")
     first.until("result", "run-quiet")
     first.close_input()
 
     second = sessions()
-    assert second.next()["runs"] == [{"run_id": "run-quiet", "state": "finished", "size": 4}]
+    assert second.authenticate(cp)["runs"] == [{"run_id": "run-quiet", "state": "finished", "size": 4}]
     # Two round trips through the loop: anything it streamed unasked would arrive in between.
     second.send("cancel", run_id="unknown-1", reason="x")
     assert second.next().type == "error"
     second.send("cancel", run_id="unknown-2", reason="x")
     assert second.next().type == "error"
-    assert [m.type for m in second.history if m.type != "heartbeat"] == ["hello", "error", "error"]
+    assert [m.type for m in second.history if m.type != "heartbeat"] == ["hello", "ready", "error", "error"]
     second.send("resume", run_id="run-quiet", offset=0)
     messages = second.until("result", "run-quiet")
     assert output_of(messages, "run-quiet") == b"one\n"
@@ -860,7 +884,7 @@ def test_a_run_is_not_streamed_to_a_new_session_until_it_is_resumed(
 def test_ack_removes_the_run_directory_and_a_later_hello_no_longer_lists_it(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
     first = sessions()
-    first.next()
+    first.authenticate(cp)
     assign(first, cp, "run-ack", "echo hi")
     first.until("result", "run-ack")
     assert (home / "runs" / "run-ack").is_dir()
@@ -868,23 +892,24 @@ def test_ack_removes_the_run_directory_and_a_later_hello_no_longer_lists_it(
     poll_until(lambda: not (home / "runs" / "run-ack").exists(), "the acknowledged Run's directory to be removed")
     first.close_input()
     second = sessions()
-    assert second.next()["runs"] == []
+    assert second.authenticate(cp)["runs"] == []
 
 
 def test_a_secret_is_masked_on_resume_even_if_the_new_session_no_longer_has_it(
-        sessions: Callable[[], Session], cp: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
-    flag = tmp_path / "go"
+    flag = go_flag(home, "run-secret-gone")
     first = sessions()
-    first.next()
-    assign(first, cp, "run-secret-gone", f"while [ ! -e '{flag}' ]; do sleep 0.02; done\n"
+    first.authenticate(cp)
+    assign(first, cp, "run-secret-gone", "while [ ! -e go ]; do sleep 0.02; done\n"
                                          'echo "$TASKRUN_TEST_SECRET"', env=["TASKRUN_TEST_SECRET"])
     first.until("started", "run-secret-gone")
     first.close_input()
     # The next session is started with another environment (another SSH login, a restarted service).
     monkeypatch.delenv("TASKRUN_TEST_SECRET")
     second = sessions()
-    second.next()
+    second.authenticate(cp)
     second.send("resume", run_id="run-secret-gone", offset=0)
     flag.touch()
     messages = second.until("result", "run-secret-gone")

@@ -1,0 +1,168 @@
+"""Records from the control plane, screened on a session's reader thread before the serve loop sees them.
+
+Nothing the control plane sends is acted on, listed or buffered before it is allowed:
+
+- Until the session is authenticated (an `auth` record that verifies,
+  sessionauth.py) every other record is refused with an `error` naming it
+  (`request`), and the Worker lists no Run. A refused `auth` ends the session.
+- An `assign` is screened from its header alone: the run id, then the envelope
+  (signature, manifest, audience, times: bundle.verified_envelope), then the
+  announced payload length against the signed archive size and this Worker's
+  limits. Only then is the archive read, hashed as it arrives. A refused
+  assignment gets `error {run_id, request: "assign", message}` and leaves
+  nothing on disk. Its payload is skipped a chunk at a time when it is within
+  the Worker's limits, so the session goes on; a larger one ends the session
+  unread.
+- A `trust` statement (key rotation) is taken here too, so an `assign` read
+  right after it is judged by the keys it installs.
+- Any other record that announces a payload ends the session unread.
+
+What passes reaches the loop as `Authenticated`, `Assignment` (the verified
+manifest and its archive) or the Message itself. Verifying here, on the reader
+thread, means an `assign` pipelined right behind `auth` is judged by the
+session's real state, and a bundle is verified once, not once per thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from taskrunner import bundle
+from taskrunner.errors import ProtocolError, WorkerError
+from taskrunner.protocol import Header, Message, Reader
+from taskrunner.sessionauth import verify_auth
+from taskrunner.worker.rundir import RunDir
+from taskrunner.worker.trust import TrustStore
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The session proved it holds a trusted control plane key (`signer`)."""
+
+    signer: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """An `assign` whose envelope verified and whose archive matches its signed hash and size."""
+
+    run_id: str
+    manifest: dict[str, Any]
+    archive: bytes
+
+
+class Inbound:
+    """The screen between a session's stream and its serve loop (see the module doc)."""
+
+    def __init__(self, reader: Reader, send: Callable[..., None], home: Path, trust: TrustStore, own_key_id: str,
+                 challenge: str, limits: bundle.Limits, clock: Callable[[], float] = time.time) -> None:
+        self._reader = reader
+        self._send = send
+        self._home = home
+        self._trust = trust
+        self._own_key_id = own_key_id
+        self._challenge = challenge
+        self._limits = limits
+        self._clock = clock
+        self.authenticated = False
+
+    def run(self, put: Callable[[object], None]) -> None:
+        """Pass allowed records to `put` until the stream ends or the session must end.
+
+        Raises ProtocolError (a malformed record, or a payload where none may be)
+        and OSError as the stream does.
+        """
+        while (header := self._reader.read_header()) is not None:
+            if header.type != "assign" and header.size:
+                raise ProtocolError(f"a {header.type} record carries no payload, this one announces {header.size} "
+                                    "bytes")
+            if header.type == "auth":
+                if not self._auth(header, put):
+                    return
+            elif not self.authenticated:
+                if not self._refuse(header, f"{header.type} refused: this session is not authenticated (the "
+                                            "control plane answers hello's challenge with `auth` first)"):
+                    return
+            elif header.type == "assign":
+                if not self._assign(header, put):
+                    return
+            elif header.type == "trust":
+                self._take_trust(header)
+            else:
+                put(Message(header.type, header.fields))
+
+    def _auth(self, header: Header, put: Callable[[object], None]) -> bool:
+        if self.authenticated:
+            self._send("error", request="auth", message="this session is already authenticated")
+            return True
+        try:
+            trusted, refused = self._trust.trusted(self._clock())
+            signer = verify_auth(header.get("envelope"), self._challenge, self._own_key_id, trusted, refused,
+                                 self._clock())
+        except WorkerError as exc:
+            self._send("error", request="auth", message=str(exc))
+            return False
+        self.authenticated = True
+        put(Authenticated(signer))
+        return True
+
+    def _assign(self, header: Header, put: Callable[[object], None]) -> bool:
+        run_id = header.get("run_id")
+        now = self._clock()
+        try:
+            if not isinstance(run_id, str):
+                raise WorkerError(f"invalid run id {run_id!r}")
+            RunDir.at(self._home, run_id)  # a well-formed id, or WorkerError
+            trusted, refused = self._trust.trusted(now)
+            if not trusted and not refused:
+                raise bundle.BundleRejected("bundle rejected: this Worker trusts no control plane key yet; enroll "
+                                            "it with `taskrun worker add`")
+            manifest = bundle.verified_envelope(header.get("envelope"), trusted=trusted, refused=refused,
+                                                audience=self._own_key_id, now=now)
+            if manifest["run_id"] != run_id:
+                raise bundle.BundleRejected(f"bundle rejected: signed for Run {manifest['run_id']}, assigned as "
+                                            f"Run {run_id}")
+            signed = manifest["archive"]["size"]
+            if signed > self._limits.archive_bytes:
+                raise bundle.BundleRejected(f"bundle rejected: the archive is {signed} bytes, over this Worker's "
+                                            f"limit of {self._limits.archive_bytes}")
+            if header.size != signed:
+                raise bundle.BundleRejected(f"bundle rejected: {header.size} archive bytes sent, the signed "
+                                            f"manifest says {signed}")
+        except WorkerError as exc:
+            return self._refuse(header, str(exc))
+        digest = hashlib.sha256()
+        archive = self._reader.read_payload(header, digest)
+        try:
+            bundle.check_archive(manifest, len(archive), digest.hexdigest())
+        except bundle.BundleRejected as exc:
+            self._send("error", run_id=run_id, request="assign", message=str(exc))
+            return True
+        put(Assignment(run_id, manifest, archive))
+        return True
+
+    def _take_trust(self, header: Header) -> None:
+        # Here rather than on the loop: an `assign` read right after it is then judged by the new keys.
+        try:
+            keys = self._trust.apply(header.get("request"), self._own_key_id, self._clock())
+        except WorkerError as exc:
+            self._send("error", request="trust", message=str(exc))
+        else:
+            self._send("trusted", keys=[k["key_id"] for k in keys])
+
+    def _refuse(self, header: Header, message: str) -> bool:
+        """Answer a refused request; skip its payload if that is bounded, else end the session (False)."""
+        fields: dict[str, Any] = {"request": header.type}
+        if header.get("run_id") is not None:
+            fields["run_id"] = header.get("run_id")
+        if header.size > self._limits.archive_bytes:
+            self._send("error", **fields, message=f"{message}; the session ends: its {header.size} payload bytes "
+                                                  f"are over this Worker's limit of {self._limits.archive_bytes}")
+            return False
+        self._send("error", **fields, message=message)
+        self._reader.skip_payload(header)
+        return True

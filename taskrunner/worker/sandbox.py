@@ -1,0 +1,329 @@
+"""The bubblewrap sandbox an Agent runs in (DESIGN.md §5.10), and the probe that says whether it works here.
+
+What an Agent sees inside, all at the same paths as outside:
+
+    /usr /bin /sbin /lib /lib32 /lib64 /libx32 /etc /opt
+                        read-only, those that exist (SYSTEM_DIRS); /bin -> usr/bin stays a symlink
+    Python, PATH        read-only: sys.prefix, sys.base_prefix (and their exec_ twins), every
+                        directory on the Worker's PATH, the file /etc/resolv.conf points to
+    /dev /proc /tmp     fresh: bwrap's minimal /dev (null, zero, random, urandom, tty, a new pts),
+                        the /proc of the Run's own PID namespace, an empty tmpfs (mode 1777)
+    <run>/workspace     read-write: the extracted bundle and the Agent's working directory
+    <run>/home          read-write: its HOME, private to this Run
+    <run>/script.sh, <run>/prompt.md
+                        read-only: what `agents.prepare` wrote for it (INPUT_FILES)
+
+Nothing else exists in there: not the Worker home (keys/worker.pem, trust.json,
+ledger.jsonl, secrets.env, the other Runs, this Run's own output.log,
+exit_status and secrets.json), not /home, /root, /srv, /var, /run or /sys.
+
+**The protected-path rule.** A read-only candidate (a system directory, a
+Python prefix, a PATH directory) that *is*, *contains* or *lies inside* a
+protected path is left out, whole: the Worker home always, and whatever
+`taskrun-worker serve --protect DIR` names (the local Worker protects the
+daemon's repository, whose .git/taskrun/ holds the control plane's keys).
+Paths are compared after resolving symlinks. So a Worker home (or the
+daemon's repository) inside /opt costs the Agents /opt, and one inside an
+ESSENTIAL_DIRS directory (/usr, /etc, ...) leaves no sandbox to make: the probe
+says so. Keep them out of system directories.
+
+**Namespaces.** Mount, PID, IPC and UTS are new; the network is kept (Agents
+call model APIs). No `--die-with-parent`: Agents outlive the serve session.
+No `--new-session` either: the Worker starts each Run in a session of its own
+(setsid), so nothing in it has a controlling terminal to push input into
+(TIOCSTI, CVE-2017-5226; /dev/tty answers ENXIO), and the Agent stays in the
+Run's process group, where a cancel's SIGTERM reaches it.
+
+**Every process ends with the Run.** bwrap's pid 1 in the new PID namespace
+stays in the Run's process group whatever the Agent does (setsid, nohup,
+double forks): the Worker's SIGKILL to the group ends pid 1, and the kernel
+ends every process of the namespace with it. The outer bwrap writes the exit
+status (`--json-status-fd`) outside the sandbox, where the Agent cannot reach
+it, and exits when the Agent's first process does; the Worker then kills the
+group, stragglers and all.
+
+**Root.** bwrap run by root leaves uid 0 (with every capability) inside:
+root-owned files in the read-only system directories (/etc/shadow, sshd's host
+keys) stay readable. `--unshare-user --uid 65534` does not help: the inner
+uid maps back to 0 outside, so the on-disk identity is still root. So a
+Worker running as root drops the Agent to AGENT_UID:AGENT_GID (nobody) with
+`setpriv --reuid --regid --clear-groups --no-new-privs` inside the sandbox,
+after bwrap has made its mounts (changing uid clears every capability); the
+Run's workspace, HOME and input files are handed to that uid.
+Running the Worker as an unprivileged user is still better: bwrap then needs
+no privilege at all (a user namespace) and there is one process less per Run.
+
+`bwrap_argv` is a pure function of a HostView (what this machine has, found
+once per Worker process by `host_view`) and a RunSandbox (one Run's paths).
+`probe` runs the same argv once over a throwaway directory and says whether a
+sandbox can be made here; its answer is cached per Worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Sequence
+
+#: Read-only system directories, those that exist.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+#: Those no Agent can do without: a Worker whose protected paths take one away makes no sandbox.
+ESSENTIAL_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: Single files the Agent needs that may live outside those directories (systemd-resolved's stub file).
+SYSTEM_FILES = ("/etc/resolv.conf",)
+#: Who an Agent runs as when the Worker runs as root (Debian's nobody:nogroup).
+AGENT_UID = 65534
+AGENT_GID = 65534
+#: How long the probe's bwrap may take (it takes milliseconds; the hello waits for it).
+PROBE_TIMEOUT_SECONDS = 5.0
+#: What to tell an admin whose Worker cannot make a sandbox.
+INSTALL_HINT = "install bubblewrap on the Worker (Debian/Ubuntu: apt-get install bubblewrap)"
+#: Modes of the directories bwrap creates on the way to a mount: traversable by the Agent's uid.
+_DIR_PERMS = "0755"
+_TMP_PERMS = "01777"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One read-only entry of the host's view: a bind of `source` at `dest`, or `dest` as a symlink to `link`.
+
+    `real` is the host path whose contents it shows (symlinks resolved): what
+    the protected-path rule compares.
+    """
+
+    dest: str
+    real: str
+    source: str | None = None
+    link: str | None = None
+    essential: bool = False  # one of ESSENTIAL_DIRS
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What this machine offers a sandbox: bwrap, setpriv (for a root Worker) and the read-only mounts."""
+
+    bwrap: str | None
+    setpriv: str | None
+    mounts: tuple[Mount, ...]
+    root: bool  # the Worker runs as root: Agents are switched to AGENT_UID
+
+
+@dataclass(frozen=True)
+class RunSandbox:
+    """One Run's paths, bound at the same absolute paths inside; the protected paths (symlinks
+    resolved); and the file descriptor bwrap writes its status to."""
+
+    workspace: str
+    home: str
+    inputs: tuple[str, ...] = ()
+    protected: tuple[str, ...] = ()
+    status_fd: int | None = None
+
+
+@dataclass(frozen=True)
+class SandboxStatus:
+    """The probe's answer: `kind` "bwrap" with its version, or None with the reason."""
+
+    kind: str | None
+    version: str | None = None
+    reason: str | None = None
+    user: int | None = None  # the uid Agents run as, when the Worker switches them (root)
+
+    def hello(self) -> dict[str, Any]:
+        """The `sandbox` field of the Worker's hello."""
+        if self.kind is None:
+            return {"kind": None, "reason": self.reason}
+        found: dict[str, Any] = {"kind": self.kind, "version": self.version}
+        if self.user is not None:
+            found["uid"] = self.user
+        return found
+
+
+def bwrap_argv(host: HostView, run: RunSandbox, argv: Sequence[str]) -> list[str]:
+    """The command that runs `argv` confined; pure: no file is looked at.
+
+    Raises ValueError when the host has no bwrap (or, for a root Worker, no setpriv).
+    """
+    if host.bwrap is None:
+        raise ValueError("bwrap is not installed")
+    mounts = visible_mounts(host, run.protected)
+    out = [host.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--dev", "/dev", "--proc", "/proc"]
+    if host.root:
+        # bwrap makes /tmp 0755 and the directories on the way to a mount 0700, owned by root: the
+        # Agent's AGENT_UID could neither write the one nor pass the others. An unprivileged
+        # Worker's Agent owns them (its user namespace), and older bwraps lack --perms.
+        out += ["--perms", _TMP_PERMS, "--tmpfs", "/tmp"]
+        binds = [m.dest for m in mounts if m.link is None] + [run.workspace, run.home, *run.inputs]
+        for directory in _parents_to_make(binds, [m.dest for m in mounts]):
+            out += ["--perms", _DIR_PERMS, "--dir", directory]
+    else:
+        out += ["--tmpfs", "/tmp"]
+    for mount in mounts:
+        if mount.link is not None:
+            out += ["--symlink", mount.link, mount.dest]
+        else:
+            out += ["--ro-bind", mount.source or mount.real, mount.dest]
+    out += ["--bind", run.workspace, run.workspace, "--bind", run.home, run.home]
+    for path in run.inputs:
+        out += ["--ro-bind", path, path]
+    out += ["--chdir", run.workspace]
+    if run.status_fd is not None:
+        out += ["--json-status-fd", str(run.status_fd)]
+    if host.root:
+        if host.setpriv is None:
+            raise ValueError("setpriv is not installed")
+        # setpriv starts with root's capabilities (bwrap needs them to enter the Agent's
+        # workspace, which AGENT_UID owns) and loses every one when it switches uid.
+        out += ["--", host.setpriv, f"--reuid={AGENT_UID}", f"--regid={AGENT_GID}", "--clear-groups",
+                "--inh-caps=-all", "--no-new-privs", "--"]
+    else:
+        out.append("--")
+    return out + list(argv)
+
+
+def visible_mounts(host: HostView, protected: Sequence[str]) -> list[Mount]:
+    """The host's mounts that the protected-path rule keeps (see the module docstring)."""
+    return [m for m in host.mounts if not any(_overlaps(m.real, p) for p in protected)]
+
+
+def hidden_essential_dirs(host: HostView, protected: Sequence[str]) -> list[str]:
+    """Essential directories the protected-path rule takes away (a Worker home inside /usr, say)."""
+    return [m.dest for m in host.mounts if m.essential and any(_overlaps(m.real, p) for p in protected)]
+
+
+def _overlaps(a: str, b: str) -> bool:
+    pa, pb = PurePosixPath(a), PurePosixPath(b)
+    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+
+
+def _parents_to_make(paths: Sequence[str], mounted: Sequence[str]) -> list[str]:
+    """The directories on the way to `paths` that bwrap creates: not /, /tmp, a mount or inside one."""
+    made: set[str] = set()
+    mounts = [PurePosixPath(m) for m in mounted]
+    for path in paths:
+        for parent in PurePosixPath(path).parents:
+            if parent in (PurePosixPath("/"), PurePosixPath("/tmp")):
+                continue
+            if any(parent.is_relative_to(m) for m in mounts):
+                continue  # it is there already, read-only
+            made.add(str(parent))
+    return sorted(made, key=lambda p: (p.count("/"), p))
+
+
+# -- what this machine has (I/O) ---------------------------------------------------------------
+
+
+def host_view(path: str | None = None, prefixes: Sequence[str] | None = None) -> HostView:
+    """The read-only mounts this machine offers an Agent, found from the filesystem.
+
+    `path` is the Worker's PATH (default: its environment's), `prefixes` the
+    Python installations to show (default: this interpreter's).
+    """
+    path = os.environ.get("PATH", os.defpath) if path is None else path
+    if prefixes is None:
+        prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    mounts: list[Mount] = []
+    real_dirs = {os.path.realpath(d) for d in SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d)}
+    for directory in SYSTEM_DIRS:
+        if not os.path.isdir(directory):
+            continue
+        real = os.path.realpath(directory)
+        essential = directory in ESSENTIAL_DIRS
+        if os.path.islink(directory) and any(_inside(real, d) for d in real_dirs):
+            mounts.append(Mount(directory, real, link=os.readlink(directory), essential=essential))
+        else:
+            mounts.append(Mount(directory, real, source=real, essential=essential))
+    extra = [*prefixes, *(p for p in path.split(os.pathsep) if os.path.isabs(p))]
+    for candidate in extra:
+        if not os.path.isdir(candidate):
+            continue
+        real = os.path.realpath(candidate)
+        if any(_inside(real, m.real) for m in mounts):
+            continue
+        mounts = [m for m in mounts if m.dest in SYSTEM_DIRS or not _inside(m.real, real)]
+        mounts.append(Mount(real, real, source=real))
+    for name in SYSTEM_FILES:
+        real = os.path.realpath(name)
+        if os.path.isfile(real) and not any(_inside(real, m.real) for m in mounts):
+            mounts.append(Mount(real, real, source=real))
+    return HostView(bwrap=_which("bwrap", path), setpriv=_which("setpriv", path), mounts=tuple(mounts),
+                    root=os.geteuid() == 0)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return PurePosixPath(path).is_relative_to(directory)
+
+
+def _which(program: str, path: str) -> str | None:
+    found = shutil.which(program, path=path)
+    return os.path.abspath(found) if found else None
+
+
+def hand_over(paths: Sequence[str], uid: int = AGENT_UID, gid: int = AGENT_GID) -> None:
+    """Give a root Worker's Agent its files: each path, and everything under the directories among them."""
+    for path in paths:
+        os.lchown(path, uid, gid)
+        if os.path.isdir(path) and not os.path.islink(path):
+            for top, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    os.lchown(os.path.join(top, name), uid, gid)
+
+
+# -- the probe ---------------------------------------------------------------------------------
+
+
+def probe(host: HostView, protected: Sequence[str] = ()) -> SandboxStatus:
+    """Whether a sandbox can be made here for a Worker protecting `protected`; cached per process."""
+    return _probe(host, tuple(protected))
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
+    if host.bwrap is None:
+        return SandboxStatus(None, reason=f"bwrap is not on the Worker's PATH: {INSTALL_HINT}")
+    if host.root and host.setpriv is None:
+        return SandboxStatus(None, reason="the Worker runs as root and setpriv (util-linux) is not on its PATH, "
+                                          "so Agents cannot be run as an unprivileged user: install util-linux, "
+                                          "or run the Worker as an unprivileged user")
+    hidden = hidden_essential_dirs(host, protected)
+    if hidden:
+        return SandboxStatus(None, reason=f"the Worker home (or a protected path: {', '.join(protected)}) lies "
+                                          f"inside {', '.join(hidden)}, which Agents need read-only: move it")
+    version = _version(host.bwrap)
+    true = shutil.which("true") or "/bin/true"
+    with tempfile.TemporaryDirectory(prefix="taskrun-probe-") as scratch:
+        workspace, home = os.path.join(scratch, "workspace"), os.path.join(scratch, "home")
+        os.mkdir(workspace, 0o700)
+        os.mkdir(home, 0o700)
+        try:
+            if host.root:
+                hand_over([workspace, home])
+            argv = bwrap_argv(host, RunSandbox(os.path.realpath(workspace), os.path.realpath(home),
+                                               protected=protected), [true])
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=PROBE_TIMEOUT_SECONDS, start_new_session=True,
+                                  env={"PATH": os.environ.get("PATH", os.defpath)})
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            return SandboxStatus(None, reason=f"bwrap cannot be run here ({exc}): {INSTALL_HINT}")
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+        detail = said[-1] if said else f"exit code {done.returncode}"
+        return SandboxStatus(None, reason=f"bwrap cannot make a sandbox here ({detail}); it needs user "
+                                          "namespaces (or root): see the README's 'Agents run confined'")
+    return SandboxStatus("bwrap", version=version, user=AGENT_UID if host.root else None)
+
+
+def _version(bwrap: str) -> str | None:
+    try:
+        done = subprocess.run([bwrap, "--version"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=PROBE_TIMEOUT_SECONDS)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = done.stdout.decode(errors="replace").split()
+    return words[-1] if words else None

@@ -1,0 +1,293 @@
+"""What the daemon reads for a Task (intake.RepoFiles), what it commits (gitops), and what doctor reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from taskrunner import doctor, gitops
+from taskrunner.config import default_config, load_config
+from taskrunner.errors import ConfigError, TaskFileError
+from taskrunner.intake import RepoFiles, read_task, task_paths
+from taskrunner.leaks import holds_private_key
+from taskrunner.taskfile import is_git_name, parse_task
+from tests.unit.test_safefs import finishes
+
+TASK = b"# A Task\n\n```sh\necho hi\n```\n"
+KEY = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(autouse=True)
+def isolated_git_config(isolated_git: Path) -> Path:
+    return isolated_git
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q", "--initial-branch=main")
+    git(root, "config", "user.name", "U")
+    git(root, "config", "user.email", "u@example.com")
+    (root / "tasks").mkdir()
+    (root / "README.md").write_text("readme\n")
+    git(root, "add", "README.md")
+    git(root, "commit", "-qm", "initial")
+    (root / ".git" / "taskrun" / "keys").mkdir(parents=True)
+    (root / ".git" / "taskrun" / "keys" / "1.pem").write_bytes(KEY)
+    return root
+
+
+@pytest.fixture()
+def files(repo: Path) -> RepoFiles:
+    return RepoFiles(repo, gitops.git_dirs(repo))
+
+
+def intake_error(files: RepoFiles, rel: str) -> str:
+    intake = read_task(files, "x", rel, default_config())
+    assert intake.spec is None and intake.error
+    return intake.error
+
+
+# ---------------------------------------------------------------- Task files
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../outside.md", "../README.md", "real.md", "nowhere.md"])
+def test_a_task_file_that_is_a_link_is_invalid_and_never_read(files: RepoFiles, repo: Path, target: str) -> None:
+    (repo.parent / "outside.md").write_bytes(TASK)
+    (repo / "tasks" / "real.md").write_bytes(TASK)
+    (repo / "tasks" / "x.md").symlink_to(target)
+    assert intake_error(files, "tasks/x.md") == (
+        "tasks/x.md: the file is a symbolic link; taskrun reads only regular files and follows no links")
+
+
+def test_a_task_file_under_a_linked_directory_is_invalid(files: RepoFiles, repo: Path) -> None:
+    elsewhere = repo.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.md").write_bytes(TASK)
+    (repo / "tasks" / "sub").symlink_to(elsewhere)
+    assert intake_error(files, "tasks/sub/x.md") == (
+        "tasks/sub/x.md: tasks/sub is a symbolic link; taskrun reads only regular files and follows no links")
+
+
+def test_tasks_itself_a_link_makes_every_task_invalid(files: RepoFiles, repo: Path) -> None:
+    (repo / "tasks").rmdir()
+    elsewhere = repo.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.md").write_bytes(TASK)
+    (repo / "tasks").symlink_to(elsewhere)
+    assert "tasks is a symbolic link" in intake_error(files, "tasks/x.md")
+    refused: list[str] = []
+    assert list(task_paths(files, refused)) == [] and refused and refused[0].startswith("tasks is a symbolic link")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "directory", "device"])
+def test_a_task_file_that_is_not_a_regular_file_is_invalid_without_blocking(
+        files: RepoFiles, repo: Path, kind: str) -> None:
+    path = repo / "tasks" / "x.md"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        try:
+            os.mknod(path, 0o020666, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device node needs privileges")
+    error = finishes(lambda: intake_error(files, "tasks/x.md"))
+    assert error.startswith("tasks/x.md: the file is a ") and "reads only regular files" in error
+
+
+def test_task_paths_lists_links_and_special_files_but_enters_no_linked_directory(files: RepoFiles,
+                                                                                 repo: Path) -> None:
+    (repo / "tasks" / "a.md").write_bytes(TASK)
+    (repo / "tasks" / "l.md").symlink_to("/etc/passwd")
+    os.mkfifo(repo / "tasks" / "f.md")
+    (repo / "tasks" / "d.md").mkdir()
+    (repo / "tasks" / "d.md" / "inner.md").write_bytes(TASK)
+    (repo / "tasks" / ".hidden.md").write_bytes(TASK)
+    (repo / "tasks" / "sub").symlink_to(repo.parent)
+    refused: list[str] = []
+    assert sorted(task_paths(files, refused)) == [
+        "tasks/a.md", "tasks/d.md", "tasks/d.md/inner.md", "tasks/f.md", "tasks/l.md"]
+    assert refused == ["tasks/sub is a symbolic link; taskrun reads only regular files and follows no links: "
+                       "no Task is read through it"]
+
+
+# ---------------------------------------------------------------- context files
+
+
+@pytest.mark.parametrize("path", [".git/taskrun/keys/1.pem", ".git/taskrun/ssh_key", ".git/config",
+                                  ".git/taskrun/workers/local/keys/worker.pem", ".GIT/config", "sub/.git/config",
+                                  "sub/.git", ".git./config", "GIT~1/config"])
+def test_context_inside_a_git_directory_is_refused_when_the_task_is_parsed(path: str) -> None:
+    assert is_git_name(path.split("/")[0]) or is_git_name(path.split("/")[1])
+    with pytest.raises(TaskFileError, match="key 'context'.*git directory"):
+        parse_task("x", "tasks/x.md", f"---\ncontext: ['{path}']\n---\n".encode() + TASK)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "a\0b"])
+def test_context_outside_the_work_tree_is_refused_when_the_task_is_parsed(path: str) -> None:
+    with pytest.raises(TaskFileError, match="key 'context'"):
+        parse_task("x", "tasks/x.md", f"---\ncontext: [{json.dumps(path)}]\n---\n".encode() + TASK)
+
+
+def test_context_inside_a_git_directory_elsewhere_in_the_work_tree_is_refused(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    git(tmp_path, "init", "-q", f"--separate-git-dir={work / 'meta'}", str(work))
+    files = RepoFiles(work, gitops.git_dirs(work))
+    assert gitops.git_dirs(work) == (work / "meta",)
+    (work / "tasks").mkdir()
+    (work / "tasks" / "x.md").write_bytes(b"---\ncontext: [meta/config]\n---\n" + TASK)
+    error = intake_error(files, "tasks/x.md")
+    assert "key 'context'" in error and f"inside the git directory {work / 'meta'}" in error
+    with pytest.raises(TaskFileError, match="inside the git directory"):
+        files.context("tasks/x.md", "meta/config")
+
+
+@pytest.mark.parametrize("kind", ["link to a key", "link to a file in the repository", "linked directory", "fifo",
+                                  "directory"])
+def test_context_that_is_a_link_or_special_file_makes_the_task_invalid(files: RepoFiles, repo: Path,
+                                                                       kind: str) -> None:
+    (repo / "docs").mkdir()
+    (repo / "docs" / "real.md").write_text("real\n")
+    target = repo / "docs" / "spec.md"
+    if kind == "link to a key":
+        target.symlink_to("../.git/taskrun/keys/1.pem")
+    elif kind == "link to a file in the repository":
+        target.symlink_to("real.md")
+    elif kind == "linked directory":
+        (repo / "docs" / "sub").symlink_to(repo / ".git" / "taskrun" / "keys")
+        target = repo / "docs" / "sub" / "1.pem"
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    rel = target.relative_to(repo).as_posix()
+    (repo / "tasks" / "x.md").write_bytes(f"---\ncontext: [{rel}]\n---\n".encode() + TASK)
+    error = finishes(lambda: intake_error(files, "tasks/x.md"))
+    assert error.startswith(f"tasks/x.md: key 'context': context file '{rel}': ") and "follows no links" in error
+    with pytest.raises(TaskFileError, match="key 'context'"):
+        finishes(lambda: files.context("tasks/x.md", rel))
+
+
+def test_a_regular_context_file_is_read_and_a_missing_one_fails_at_bundle_time(files: RepoFiles, repo: Path) -> None:
+    (repo / "docs").mkdir()
+    (repo / "docs" / "spec.md").write_text("spec\n")
+    (repo / "tasks" / "x.md").write_bytes(b"---\ncontext: [docs/spec.md, docs/later.md]\n---\n" + TASK)
+    intake = read_task(files, "x", "tasks/x.md", default_config())
+    assert intake.spec is not None and intake.spec.context == ("docs/spec.md", "docs/later.md")
+    assert files.context("tasks/x.md", "docs/spec.md") == b"spec\n"
+    with pytest.raises(TaskFileError, match="context file 'docs/later.md' does not exist"):
+        files.context("tasks/x.md", "docs/later.md")
+
+
+# ---------------------------------------------------------------- the configuration
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo"])
+def test_a_configuration_that_is_a_link_or_fifo_is_refused_without_blocking(repo: Path, kind: str) -> None:
+    config = repo / ".taskrun.yaml"
+    if kind == "link":
+        config.symlink_to(".git/taskrun/keys/1.pem")
+    else:
+        os.mkfifo(config)
+    with pytest.raises(ConfigError, match="reads only regular files"):
+        finishes(lambda: load_config(repo))
+
+
+# ---------------------------------------------------------------- commits
+
+
+def test_a_committed_path_that_is_a_link_is_committed_as_deleted_and_never_read(repo: Path) -> None:
+    notices: list[str] = []
+    (repo / "runs" / "x" / "run-1").mkdir(parents=True)
+    (repo / "runs" / "x" / "status.json").write_text("{}\n")
+    (repo / "runs" / "x" / "run-1" / "summary.md").symlink_to("../../../.git/taskrun/keys/1.pem")
+    (repo / "runs" / "y").symlink_to("../.git/taskrun/keys")
+    paths = ["runs/x/status.json", "runs/x/run-1/summary.md", "runs/y/1.pem"]
+
+    sha = gitops.Git(repo, notice=notices.append).commit_paths(paths, "records")
+
+    assert sha is not None
+    assert git(repo, "ls-tree", "-r", "--name-only", sha).split() == ["README.md", "runs/x/status.json"]
+    assert "PRIVATE KEY" not in git(repo, "log", "-p", "--all")
+    assert "runs/x/run-1/summary.md" in notices[0] and "committed as deleted" in notices[0]
+    assert notices[1].startswith("runs/y is a symbolic link")
+    # The index agrees with HEAD: no link was added to it.
+    assert git(repo, "diff", "--cached", "--name-only") == ""
+
+
+def test_a_record_holding_a_private_key_is_left_out_of_the_commit(repo: Path) -> None:
+    notices: list[str] = []
+    (repo / "runs" / "x" / "run-1").mkdir(parents=True)
+    (repo / "runs" / "x" / "status.json").write_text("{}\n")
+    (repo / "runs" / "x" / "run-1" / "output.log").write_bytes(b"the Agent printed\n" + KEY)
+
+    sha = gitops.Git(repo, notice=notices.append).commit_paths(
+        ["runs/x/status.json", "runs/x/run-1/output.log"], "records")
+
+    assert sha is not None
+    assert git(repo, "ls-tree", "-r", "--name-only", sha).split() == ["README.md", "runs/x/status.json"]
+    assert notices == ["runs/x/run-1/output.log holds a private key block: left out of the commit (delete the "
+                       "file, and replace the key if it was a real one)"]
+    assert "runs/x/run-1/output.log" not in git(repo, "ls-files")  # nor staged in the user's index
+
+
+@pytest.mark.parametrize("block", [b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----",
+                                   b"-----BEGIN EC PRIVATE KEY-----", b"-----BEGIN ENCRYPTED PRIVATE KEY-----",
+                                   b"-----BEGIN OPENSSH PRIVATE KEY-----", b"-----BEGIN PGP PRIVATE KEY BLOCK-----",
+                                   b"PuTTY-User-Key-File-3: ssh-ed25519"])
+def test_every_kind_of_private_key_block_is_recognised(block: bytes) -> None:
+    assert holds_private_key(b"output\n" + block + b"\nAAAA\n")
+
+
+@pytest.mark.parametrize("text", [b"-----BEGIN PUBLIC KEY-----", b"-----BEGIN CERTIFICATE-----",
+                                  b"a private key was rotated", b""])
+def test_public_material_and_prose_are_not_private_keys(text: bytes) -> None:
+    assert not holds_private_key(text)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def test_doctor_finds_links_and_special_files_under_runs_with_the_fix(repo: Path) -> None:
+    (repo / "runs" / "x" / "run-1").mkdir(parents=True)
+    (repo / "runs" / "x" / "run-1" / "output.log").symlink_to("../../../.git/config")
+    os.mkfifo(repo / "runs" / "x" / "fifo")
+    (repo / "runs" / "ok.json").write_text("{}")
+    git(repo, "add", "runs/x/run-1/output.log")
+    (repo / "runs" / "x" / "run-1" / "output.log").unlink()  # tracked as a link, gone from the work tree
+
+    found = doctor.record_findings(repo)
+
+    assert [f.what.split(" is ")[0] for f in found] == ["runs/x/fifo", "runs/x/run-1/output.log"]
+    assert "a FIFO" in found[0].what and "symbolic link in git's index" in found[1].what
+    assert all(f.level == "error" and "git rm --cached" in f.fix for f in found)
+
+
+def test_doctor_finds_runs_itself_a_link_and_nothing_in_a_clean_tree(repo: Path) -> None:
+    assert doctor.record_findings(repo) == []
+    (repo / "runs").symlink_to(".git")
+    [finding] = doctor.record_findings(repo)
+    assert finding.what.startswith("runs is a symbolic link")
+
+
+def test_doctor_still_finds_a_tracked_private_key(repo: Path) -> None:
+    (repo / "id_pgp.asc").write_bytes(b"-----BEGIN PGP PRIVATE KEY BLOCK-----\n")
+    git(repo, "add", "id_pgp.asc")
+    assert [f.what for f in doctor.key_findings(repo, None) if "tracked" in f.what] == [
+        "id_pgp.asc is tracked by git and holds a private key"]

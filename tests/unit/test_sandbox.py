@@ -1,0 +1,429 @@
+"""The sandbox of one Run (worker/sandbox.py), the rule that picks confined or unconfined (worker/confine.py),
+and an Agent's environment: the argv builder as a pure function, then real bwrap runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from taskrunner import scheduler
+from taskrunner.cli.render import sandbox_text
+from taskrunner.config import INIT_TEMPLATE, parse_config
+from taskrunner.errors import ConfigError
+from taskrunner.fleet import Fleet, WorkerState
+from taskrunner.keys import Keyring
+from taskrunner.model import Priority, TaskStatus
+from taskrunner.worker import serve as serve_module
+from taskrunner.worker.confine import TURNED_OFF, Confinement, SandboxRefused, decide
+from taskrunner.worker.gate import GateRefused, parse_gate_command
+from taskrunner.worker.rundir import RunDir
+from taskrunner.worker.sandbox import (
+    AGENT_UID,
+    HostView,
+    Mount,
+    RunSandbox,
+    SandboxStatus,
+    bwrap_argv,
+    hand_over,
+    hidden_essential_dirs,
+    host_view,
+    probe,
+)
+from taskrunner.worker.serve import agent_environment
+from tests.signed import ControlPlane
+from tests.unit.test_worker_serve import Session, assign, outcome, output_of, reap_orphans_here  # noqa: F401
+
+BWRAP = shutil.which("bwrap")
+needs_bwrap = pytest.mark.skipif(BWRAP is None and os.environ.get("CI") != "true",
+                                 reason="bubblewrap is not installed (apt-get install bubblewrap)")
+
+USR = Mount("/usr", "/usr", source="/usr", essential=True)
+BIN = Mount("/bin", "/usr/bin", link="usr/bin", essential=True)
+ETC = Mount("/etc", "/etc", source="/etc", essential=True)
+OPT = Mount("/opt", "/opt", source="/opt")
+TOOLS = Mount("/home/build/.local/bin", "/home/build/.local/bin", source="/home/build/.local/bin")
+
+
+def host(*mounts: Mount, root: bool = False) -> HostView:
+    return HostView(bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv", mounts=mounts or (USR, BIN, ETC, OPT),
+                    root=root)
+
+
+RUN = RunSandbox(workspace="/srv/w/runs/r1/workspace", home="/srv/w/runs/r1/home",
+                 inputs=("/srv/w/runs/r1/script.sh",), protected=("/srv/w",), status_fd=7)
+
+
+def pairs(argv: list[str], option: str, width: int = 2) -> list[tuple[str, ...]]:
+    """The arguments after each occurrence of `option` in the bwrap part of `argv`."""
+    bwrap = argv[:argv.index("--")]
+    return [tuple(bwrap[i + 1:i + 1 + width]) for i, word in enumerate(bwrap) if word == option]
+
+
+# ---------------------------------------------------------------- the argv, a pure function
+
+
+def test_the_workspace_and_home_are_read_write_the_inputs_and_the_system_read_only() -> None:
+    argv = bwrap_argv(host(), RUN, ["bash", "-euo", "pipefail", "/srv/w/runs/r1/script.sh"])
+
+    assert argv[0] == "/usr/bin/bwrap"
+    assert pairs(argv, "--bind") == [(RUN.workspace, RUN.workspace), (RUN.home, RUN.home)]
+    assert pairs(argv, "--ro-bind") == [("/usr", "/usr"), ("/etc", "/etc"), ("/opt", "/opt"),
+                                        ("/srv/w/runs/r1/script.sh", "/srv/w/runs/r1/script.sh")]
+    assert pairs(argv, "--symlink") == [("usr/bin", "/bin")]
+    assert pairs(argv, "--chdir", 1) == [(RUN.workspace,)]
+    assert argv[argv.index("--"):] == ["--", "bash", "-euo", "pipefail", "/srv/w/runs/r1/script.sh"]
+
+
+def test_fresh_dev_proc_and_tmp_and_new_pid_ipc_uts_namespaces_but_the_network_is_kept() -> None:
+    argv = bwrap_argv(host(), RUN, ["true"])
+    bwrap = argv[:argv.index("--")]
+
+    assert {"--unshare-pid", "--unshare-ipc", "--unshare-uts"} <= set(bwrap)
+    assert pairs(argv, "--dev", 1) == [("/dev",)] and pairs(argv, "--proc", 1) == [("/proc",)]
+    assert pairs(argv, "--tmpfs", 1) == [("/tmp",)]
+    # Agents call model APIs; they outlive the session; their pid 1 stays in the Run's process group.
+    assert not {"--unshare-net", "--unshare-all", "--die-with-parent", "--new-session"} & set(bwrap)
+
+
+def test_bwrap_writes_the_exit_status_to_the_fd_it_is_given() -> None:
+    assert pairs(bwrap_argv(host(), RUN, ["true"]), "--json-status-fd", 1) == [("7",)]
+    no_fd = RunSandbox(RUN.workspace, RUN.home)
+    assert "--json-status-fd" not in bwrap_argv(host(), no_fd, ["true"])
+
+
+@pytest.mark.parametrize(("protected", "left_out"), [
+    ("/opt", "/opt"),  # is it
+    ("/opt/taskrun-worker", "/opt"),  # lies inside it: the whole of /opt goes
+    ("/home/build", "/home/build/.local/bin"),  # contains it
+])
+def test_a_read_only_candidate_that_is_contains_or_lies_inside_a_protected_path_is_left_out(
+        protected: str, left_out: str) -> None:
+    run = RunSandbox(RUN.workspace, RUN.home, protected=(protected,))
+    argv = bwrap_argv(host(USR, BIN, ETC, OPT, TOOLS), run, ["true"])
+    shown = [dest for _, dest in pairs(argv, "--ro-bind")]
+    assert left_out not in shown
+    assert "/usr" in shown and "/etc" in shown
+
+
+def test_a_protected_path_beside_a_candidate_takes_nothing_away() -> None:
+    run = RunSandbox(RUN.workspace, RUN.home, protected=("/home/build/.local/bin-other", "/optional"))
+    shown = [dest for _, dest in pairs(bwrap_argv(host(USR, BIN, ETC, OPT, TOOLS), run, ["true"]), "--ro-bind")]
+    assert shown == ["/usr", "/etc", "/opt", "/home/build/.local/bin"]
+
+
+def test_only_essential_directories_that_a_protected_path_takes_away_leave_no_sandbox() -> None:
+    view = host(USR, BIN, ETC, OPT)
+    assert hidden_essential_dirs(view, ["/opt/worker"]) == []
+    assert hidden_essential_dirs(view, ["/usr/local/worker"]) == ["/usr"]
+
+
+def test_a_root_worker_runs_the_agent_as_nobody_through_setpriv_in_traversable_directories() -> None:
+    view = host(USR, BIN, ETC, Mount("/root/.pyenv/versions/3.11", "/root/.pyenv/versions/3.11",
+                                     source="/root/.pyenv/versions/3.11"), root=True)
+    argv = bwrap_argv(view, RUN, ["bash", "x"])
+
+    end = argv.index("--")
+    assert argv[end + 1:] == ["/usr/bin/setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups",
+                              "--inh-caps=-all", "--no-new-privs", "--", "bash", "x"]
+    assert argv[argv.index("--tmpfs") - 2:argv.index("--tmpfs") + 2] == ["--perms", "01777", "--tmpfs", "/tmp"]
+    made = [argv[i + 1] for i, word in enumerate(argv[:end]) if word == "--dir"]
+    assert made == ["/root", "/srv", "/root/.pyenv", "/srv/w", "/root/.pyenv/versions", "/srv/w/runs",
+                    "/srv/w/runs/r1"]
+    assert all(argv[i - 2:i] == ["--perms", "0755"] for i, word in enumerate(argv[:end]) if word == "--dir")
+    # Each directory exists before anything is mounted in it.
+    assert max(i for i, w in enumerate(argv) if w == "--dir") < argv.index("--ro-bind")
+
+
+def test_without_bwrap_or_for_a_root_worker_without_setpriv_there_is_no_argv() -> None:
+    with pytest.raises(ValueError, match="bwrap"):
+        bwrap_argv(HostView(None, "/usr/bin/setpriv", (USR,), False), RUN, ["true"])
+    with pytest.raises(ValueError, match="setpriv"):
+        bwrap_argv(HostView("/usr/bin/bwrap", None, (USR,), True), RUN, ["true"])
+
+
+# ---------------------------------------------------------------- the host's view
+
+
+def test_path_directories_are_shown_resolved_once_and_relative_or_missing_ones_never(tmp_path: Path) -> None:
+    tools, inner, real = tmp_path / "tools", tmp_path / "tools" / "bin", tmp_path / "real"
+    inner.mkdir(parents=True)
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    path = os.pathsep.join(["relative/bin", str(tmp_path / "missing"), str(inner), str(tools),
+                            str(tmp_path / "link"), "/usr/bin"])
+
+    view = host_view(path=path, prefixes=())
+
+    extra = [m for m in view.mounts if m.dest not in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+                                                      "/libx32", "/etc", "/opt")]
+    assert [(m.dest, m.source) for m in extra if m.dest.startswith(str(tmp_path))] == \
+        [(str(tools), str(tools)), (str(real), str(real))]
+
+
+# ---------------------------------------------------------------- the probe, and real sandboxes
+
+
+@needs_bwrap
+def test_the_probe_finds_a_working_bwrap_once_per_process() -> None:
+    view = host_view()
+    status = probe(view, ["/nonexistent/worker-home"])
+    assert status.kind == "bwrap" and status.version and status.reason is None
+    assert status.user == (AGENT_UID if os.geteuid() == 0 else None)
+    assert probe(view, ["/nonexistent/worker-home"]) is status
+
+
+def test_the_probe_says_why_there_is_no_sandbox_and_how_to_fix_it(tmp_path: Path) -> None:
+    missing = probe(HostView(None, "/usr/bin/setpriv", (USR,), False))
+    assert missing.kind is None and "bwrap is not on the Worker's PATH" in (missing.reason or "")
+    assert "apt-get install bubblewrap" in (missing.reason or "")
+
+    inside_usr = probe(host_view(), ["/usr/local/taskrun-worker"])
+    assert inside_usr.kind is None and "/usr" in (inside_usr.reason or "") and "move it" in (inside_usr.reason or "")
+
+    broken = tmp_path / "bwrap"
+    broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    view = host_view()
+    refused = probe(HostView(str(broken), view.setpriv, view.mounts, view.root))
+    assert refused.kind is None and "No permissions to create new namespace" in (refused.reason or "")
+    assert refused.hello() == {"kind": None, "reason": refused.reason}
+
+
+@pytest.fixture()
+def run_dir() -> Iterator[Path]:
+    """A Run directory anyone may pass through (tmp_path is root's alone), as on a Worker."""
+    top = Path(tempfile.mkdtemp(prefix="taskrun-sandbox-test-"))
+    os.chmod(top, 0o755)
+    path = top / "runs" / "r1"
+    (path / "workspace").mkdir(parents=True, mode=0o700)
+    (path / "home").mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(top)
+
+
+def _confined(run_dir: Path, script: str, view: HostView, status_fd: int | None = None) -> list[str]:
+    (run_dir / "script.sh").write_text(script)
+    (run_dir / "script.sh").chmod(0o600)
+    paths = [str(run_dir / "workspace"), str(run_dir / "home"), str(run_dir / "script.sh")]
+    if os.geteuid() == 0:  # the Agent runs as AGENT_UID: as a root Worker's, or as the unprivileged Worker
+        hand_over(paths)
+    sandbox = RunSandbox(paths[0], paths[1], (paths[2],), protected=(str(run_dir.parent.parent),),
+                         status_fd=status_fd)
+    return bwrap_argv(view, sandbox, ["bash", "-eu", paths[2]])
+
+
+@needs_bwrap
+def test_bwrap_leaves_the_exit_status_where_the_agent_cannot_reach_it(run_dir: Path) -> None:
+    (run_dir / "secret.txt").write_text("the Run's own files\n")
+    status = os.open(run_dir / "exit_status", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    argv = _confined(run_dir, 'echo "{\\"exit-code\\": 0}" > ../exit_status 2>/dev/null || true\n'
+                              "cat ../secret.txt 2>/dev/null && echo LEAK\n"
+                              'ls -A .. | tr "\\n" " "; echo\nexit 7\n', host_view(), status)
+    try:
+        done = subprocess.run(argv, pass_fds=(status,), capture_output=True, text=True, timeout=30,
+                              cwd=run_dir / "workspace", start_new_session=True)
+    finally:
+        os.close(status)
+
+    assert done.returncode == 7
+    assert "LEAK" not in done.stdout
+    assert done.stdout.split() == ["home", "script.sh", "workspace"]
+    assert RunDir(run_dir).exit_code() == 7
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: it drops to an unprivileged user to try that mode")
+def test_an_unprivileged_worker_makes_the_same_sandbox_in_a_user_namespace(run_dir: Path) -> None:
+    # What a Worker running as an ordinary user runs: no setpriv, bwrap without privileges.
+    view = host_view(path="/usr/bin:/bin", prefixes=())
+    view = HostView(view.bwrap, None, view.mounts, root=False)
+    hand_over([str(run_dir.parent.parent)])
+    argv = _confined(run_dir, "id -u\ntouch made-here\nhead -c1 /etc/shadow 2>/dev/null && echo LEAK\n"
+                              "touch ../escape 2>/dev/null; ls /proc | grep -c '^[0-9]'\n", view)
+    done = subprocess.run(["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups", *argv],
+                          capture_output=True, text=True, timeout=30, cwd="/", start_new_session=True)
+
+    assert done.returncode == 0, done.stderr
+    uid, processes = done.stdout.split()
+    assert uid == str(AGENT_UID) and int(processes) < 5
+    assert (run_dir / "workspace" / "made-here").exists()
+    assert not (run_dir / "escape").exists()
+
+
+# ---------------------------------------------------------------- confined or unconfined: the rule
+
+
+BWRAP_OK = SandboxStatus("bwrap", version="0.8.0")
+NO_BWRAP = SandboxStatus(None, reason="bwrap is not on the Worker's PATH: install bubblewrap on the Worker")
+ADMIN_OFF = SandboxStatus(None, reason=TURNED_OFF)
+
+
+@pytest.mark.parametrize(("status", "accepted"), [(BWRAP_OK, None), (BWRAP_OK, "bwrap"), (BWRAP_OK, "none")])
+def test_a_worker_that_can_confine_always_confines_even_where_none_is_accepted(
+        status: SandboxStatus, accepted: str | None) -> None:
+    assert decide(status, {"sandbox": accepted} if accepted else {}, "w1") is True
+
+
+@pytest.mark.parametrize("status", [NO_BWRAP, ADMIN_OFF])
+def test_unconfined_only_when_the_signed_settings_accept_it(status: SandboxStatus) -> None:
+    assert decide(status, {"sandbox": "none"}, "w1") is False
+    for agent in ({}, {"sandbox": "bwrap"}, {"sandbox": "None"}):
+        with pytest.raises(SandboxRefused) as refused:
+            decide(status, agent, "w1")
+        assert "workers.w1.sandbox: none" in str(refused.value) and (status.reason or "") in str(refused.value)
+    fix = "drop --sandbox none" if status is ADMIN_OFF else "apt-get install bubblewrap"
+    with pytest.raises(SandboxRefused, match=fix):
+        decide(status, {}, "w1")
+
+
+def test_an_unknown_sandbox_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="--sandbox must be one of bwrap, none"):
+        Confinement(tmp_path, "off")
+
+
+# ---------------------------------------------------------------- the Agent's environment
+
+
+def test_an_agent_gets_path_locale_its_home_and_the_run_ids_and_nothing_else_of_the_worker(tmp_path: Path) -> None:
+    worker = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC", "HOME": "/root",
+              "ANTHROPIC_API_KEY": "sk-worker", "SSH_AUTH_SOCK": "/tmp/agent.sock", "SSH_CLIENT": "10.0.0.1 1 22",
+              "TASKRUN_WORKER_HOME": "/srv/w", "USER": "root", "PYTHONPATH": "/opt/x"}
+
+    env = agent_environment("r1", "t", tmp_path / "ws", tmp_path / "home", worker)
+
+    assert env == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
+                   "HOME": str(tmp_path / "home"), "TASKRUN_RUN_ID": "r1", "TASKRUN_TASK_ID": "t",
+                   "TASKRUN_WORKSPACE": str(tmp_path / "ws")}
+    assert agent_environment("r1", "t", tmp_path, tmp_path, {})["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+
+
+# ---------------------------------------------------------------- the Worker refuses, whatever it was sent
+
+
+@pytest.fixture()
+def unconfined_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Session]]:
+    """Sessions of a Worker whose admin said `--sandbox none`, enrolled with a control plane."""
+    from tests.signed import enroll
+
+    home = tmp_path / "worker-home"
+    monkeypatch.setattr(serve_module, "Confinement", lambda home: Confinement(home, "none"))
+    opened: list[Session] = []
+    plane = enroll(home, tmp_path / "cp")
+
+    def open_session() -> Session:
+        session = Session(home)
+        session.authenticate(plane)
+        session.plane = plane  # type: ignore[attr-defined]
+        opened.append(session)
+        return session
+
+    yield open_session
+    for session in opened:
+        session.close()
+
+
+def _agent(sandbox: str | None) -> dict[str, Any]:
+    agent: dict[str, Any] = {"name": "shell", "preset": "shell", "command": [], "env": []}
+    if sandbox is not None:
+        agent["sandbox"] = sandbox
+    return agent
+
+
+def test_a_worker_that_cannot_confine_fails_a_run_its_control_plane_did_not_accept_unconfined(
+        unconfined_worker: Callable[[], Session]) -> None:
+    session = unconfined_worker()
+    plane: ControlPlane = session.plane  # type: ignore[attr-defined]
+    assert session.history[0]["sandbox"] == {"kind": None, "reason": TURNED_OFF}
+
+    assign(session, plane, "run-refused", "echo should not run", agent=_agent("bwrap"))
+    messages = session.until("result", "run-refused")
+    result = outcome(session, messages[-1])
+    assert result["status"] == "FAILED" and "workers.w1.sandbox: none" in result["error"]
+    assert [m for m in messages if m.type == "started"] == []
+
+    assign(session, plane, "run-accepted", "echo ran unconfined", agent=_agent("none"))
+    messages = session.until("result", "run-accepted")
+    assert outcome(session, messages[-1])["status"] == "COMPLETED"
+    assert output_of(messages, "run-accepted") == b"ran unconfined\n"
+
+
+# ---------------------------------------------------------------- the control plane's side
+
+
+def _worker_state(tmp_path: Path, sandbox: str, said: dict[str, Any] | None) -> tuple[Fleet, WorkerState]:
+    config = parse_config(f"workers: {{local: {{transport: local, sandbox: {sandbox}}}}}\n", ".taskrun.yaml")
+    keyring, _ = Keyring.ensure(tmp_path / "cp", 0.0)
+    fleet = Fleet(config, tmp_path, lambda event: None, keyring)
+    worker = fleet["local"]
+    worker.reconnect_at = None
+    worker.online = True
+    worker.hello = {"agents": ["shell"], **({"sandbox": said} if said is not None else {})}
+    return fleet, worker
+
+
+def test_workers_sandbox_is_bwrap_unless_configured_none_and_nothing_else_is_taken() -> None:
+    assert parse_config("workers: {local: {transport: local}}\n", "f").workers["local"].sandbox == "bwrap"
+    assert parse_config("workers: {local: {transport: local, sandbox: none}}\n", "f").workers["local"].sandbox == "none"
+    with pytest.raises(ConfigError, match=r"key 'workers.local.sandbox': expected one of bwrap, none"):
+        parse_config("workers: {local: {transport: local, sandbox: firejail}}\n", "f")
+    assert parse_config(INIT_TEMPLATE, "f").workers["local"].sandbox == "bwrap"
+
+
+@pytest.mark.parametrize("said", [{"kind": None, "reason": "bwrap is not on the Worker's PATH"}, None])
+def test_no_runs_go_to_a_worker_that_cannot_confine_unless_the_configuration_accepts_it(
+        tmp_path: Path, said: dict[str, Any] | None) -> None:
+    fleet, worker = _worker_state(tmp_path, "bwrap", said)
+    (view,) = fleet.views()
+    assert view.online is False and view.note and "workers.local.sandbox: none" in view.note
+    assert "cannot confine Agents" in (worker.view()["error"] or "")
+    expected = said["reason"] if said else "does not confine Agents (upgrade it)"
+    assert expected in view.note
+    # The scheduler says why a Task waits: that Worker's note, not just "busy or offline".
+    task = scheduler.TaskView(id="t", status=TaskStatus.PENDING, priority=Priority.NORMAL, seq=1, agent="shell")
+    plan = scheduler.plan([task], fleet.views(), {}, 0.0)
+    assert not plan.assignments and "cannot confine Agents" in plan.waiting["t"]
+
+    accepting, _ = _worker_state(tmp_path / "accepting", "none", said)
+    assert accepting.views()[0].online is True and accepting.views()[0].note is None
+
+
+def test_a_worker_that_confines_gets_runs_and_taskrun_workers_shows_its_sandbox(tmp_path: Path) -> None:
+    fleet, worker = _worker_state(tmp_path, "bwrap", {"kind": "bwrap", "version": "0.8.0"})
+    (view,) = fleet.views()
+    assert view.online is True and view.note is None
+    shown = worker.view()
+    assert shown["sandbox"] == {"kind": "bwrap", "version": "0.8.0"} and shown["error"] is None
+    assert sandbox_text(shown) == "bwrap 0.8.0"
+    assert sandbox_text({"sandbox": {"kind": None, "reason": "x"}, "sandbox_accepted": "none"}) == "none, accepted"
+    assert sandbox_text({"sandbox": None, "sandbox_accepted": "bwrap"}) == "-"
+
+
+def test_the_ssh_client_cannot_choose_how_agents_run_only_the_workers_admin_can() -> None:
+    with pytest.raises(GateRefused, match="unknown option"):
+        parse_gate_command("taskrun-worker serve --sandbox none")
+    with pytest.raises(GateRefused):
+        parse_gate_command("taskrun-worker serve --protect /")
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="about Workers running as root")
+def test_why_a_root_worker_needs_setpriv_bwraps_own_uid_switch_keeps_root_on_disk(run_dir: Path) -> None:
+    # `--unshare-user --uid 65534` maps the inner uid back to 0 outside: the Agent would still own
+    # (and read) every root-owned file. setpriv switches the real uid.
+    view = host_view(path="/usr/bin:/bin", prefixes=())
+    workspace = str(run_dir / "workspace")
+    common = [view.bwrap or "bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
+              "/lib", "--symlink", "usr/lib64", "/lib64", "--bind", workspace, workspace, "--chdir", workspace]
+    subprocess.run([*common, "--unshare-user", "--uid", "65534", "--gid", "65534", "--", "touch", "mapped"],
+                   check=True, timeout=30)
+    os.chmod(workspace, 0o777)
+    subprocess.run([*common, "--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "touch",
+                    "switched"], check=True, timeout=30)
+    assert (run_dir / "workspace" / "mapped").stat().st_uid == 0
+    assert (run_dir / "workspace" / "switched").stat().st_uid == AGENT_UID
