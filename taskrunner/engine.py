@@ -486,7 +486,13 @@ class Engine:
         run = self.runs.get(message.get("run_id"))
         if request == "assign" and run is not None and run.worker == worker.name \
                 and run.status is RunStatus.ASSIGNED:
-            self._finish(run, RunStatus.FAILED, None, text)
+            if message.get("untrusted") is True:
+                # Its trust store changed under the session (`trust --reset`, say): no more Runs
+                # for it, and this one goes elsewhere without spending a retry.
+                self.fleet.lost_trust(worker, text, self._clock())
+                self._run_lost(run, f"Worker '{worker.name}' refused it: {text}", RunStatus.FAILED)
+            else:
+                self._finish(run, RunStatus.FAILED, None, text)
             return
         emit(self.hooks, "notice", f"Worker '{worker.name}': {text}")
 

@@ -160,7 +160,7 @@ class Fleet:
             views.append(scheduler.WorkerView(
                 name=w.name, slots=w.spec.slots, used=len(w.runs), agents=agents,
                 labels=w.spec.labels, online=w.online and presets is not None and not w.trust_pending
-                and refusal is None, note=refusal,
+                and w.trusted is not False and refusal is None, note=refusal,
             ))
         return views
 
@@ -261,6 +261,16 @@ class Fleet:
                       f"({', '.join(wanted_keys(self.keyring, now))}), and refused the correction ({message}): "
                       "its trust store was changed behind the control plane's back")
         self.untrusted(worker, reason, now)
+
+    def lost_trust(self, worker: WorkerState, message: str, now: float) -> None:
+        """An authenticated Worker refused a bundle because it no longer trusts this control plane's
+        keys: no new Runs for it; the session stays, so Runs it already holds go on streaming."""
+        if worker.trusted is False:
+            return
+        worker.trusted = False
+        worker.error = f"Worker '{worker.name}' no longer trusts this control plane ({message}); {self._reenroll(worker)}"
+        emit(self.hooks, "notice", worker.error)
+        emit(self.hooks, "worker_changed", worker.view())
 
     def untrusted(self, worker: WorkerState, reason: str, now: float, fix: bool = True) -> None:
         """No Runs for this Worker, with the reason and how to fix it, until it proves trustworthy again."""

@@ -134,7 +134,8 @@ class Inbound:
                 raise bundle.BundleRejected(f"bundle rejected: {header.size} archive bytes sent, the signed "
                                             f"manifest says {signed}")
         except WorkerError as exc:
-            return self._refuse(header, str(exc))
+            return self._refuse(header, str(exc), untrusted=_signers_untrusted(header.get("envelope"), self._trust,
+                                                                                now))
         digest = hashlib.sha256()
         archive = self._reader.read_payload(header, digest)
         try:
@@ -154,11 +155,19 @@ class Inbound:
         else:
             self._send("trusted", keys=[k["key_id"] for k in keys])
 
-    def _refuse(self, header: Header, message: str) -> bool:
-        """Answer a refused request; skip its payload if that is bounded, else end the session (False)."""
+    def _refuse(self, header: Header, message: str, untrusted: bool = False) -> bool:
+        """Answer a refused request; skip its payload if that is bounded, else end the session (False).
+
+        `untrusted`: the refusal is because this Worker no longer trusts the
+        key that signed it (its trust store was reset or changed since the
+        session was authenticated): the control plane then stops sending it
+        Runs and places the refused one elsewhere.
+        """
         fields: dict[str, Any] = {"request": header.type}
         if header.get("run_id") is not None:
             fields["run_id"] = header.get("run_id")
+        if untrusted:
+            fields["untrusted"] = True
         if header.size > self._limits.archive_bytes:
             self._send("error", **fields, message=f"{message}; the session ends: its {header.size} payload bytes "
                                                   f"are over this Worker's limit of {self._limits.archive_bytes}")
@@ -166,3 +175,14 @@ class Inbound:
         self._send("error", **fields, message=message)
         self._reader.skip_payload(header)
         return True
+
+
+def _signers_untrusted(envelope: Any, trust: TrustStore, now: float) -> bool:
+    """True when no signature of `envelope` is by a key this Worker trusts now (or it trusts none)."""
+    try:
+        live, _ = trust.trusted(now)
+    except WorkerError:
+        return True
+    signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
+    keyids = {s.get("keyid") for s in signatures if isinstance(s, dict)} if isinstance(signatures, list) else set()
+    return not live or not keyids & set(live)

@@ -219,3 +219,28 @@ def test_a_worker_whose_trust_store_was_changed_behind_the_daemons_back_gets_no_
     finally:
         _stop(daemon)
     assert planted.key_id not in trust_file.read_text()
+
+
+def test_a_worker_reset_while_its_session_lasts_gets_no_more_runs_and_its_refused_run_goes_elsewhere(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    # One slot each: the first two Runs go one to each Worker, so w1 is sure to be sent one after its reset.
+    _add(repo, "w1", hosts[0])
+    _add(repo, "w2", hosts[1])
+    assert taskrun(repo, "worker", "remove", "local").returncode == 0
+    daemon = _start(repo)
+    try:
+        wait_until(lambda: all(w["online"] and w["trusted"] for w in _workers(repo).values()), 60,
+                   "both Workers online and trusted")
+        _reset_on_the_worker(hosts[0])  # its admin, on the Worker, while the daemon's session is open
+        for i in range(4):
+            write_task(repo, f"t{i}", "echo ran")
+        records = [wait_status(repo, f"t{i}", "COMPLETED", "FAILED", timeout=90) for i in range(4)]
+        worker = _workers(repo)["w1"]
+    finally:
+        _stop(daemon)
+    assert [r["status"] for r in records] == ["COMPLETED"] * 4, records
+    refused = [run for i in range(4) for n in (1, 2) if (run := run_record(repo, f"t{i}", n))
+               and run["worker"] == "w1"]
+    assert refused and all(run["lost"] and "trusts no control plane key" in run["error"] for run in refused), refused
+    assert worker["trusted"] is False and "no longer trusts this control plane" in worker["error"]
+    assert "taskrun-worker trust --reset" in worker["error"]
