@@ -33,7 +33,7 @@ from taskrunner.defaults import MAX_TASK_FILE_BYTES, TASKS_DIR
 from taskrunner.errors import TaskFileError, UnsafePath
 from taskrunner.model import TaskSpec
 from taskrunner.safefs import REFUSAL, Beneath, kind_of
-from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task
+from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script
 
 #: Why a path in the git directory is refused, whatever it is.
 GIT_REFUSAL = "taskrun never reads git's files (its configuration, the daemon's keys) for a Task"
@@ -185,6 +185,10 @@ def _check_against(spec: TaskSpec, config: Config) -> None:
     if agent not in config.agents:
         configured = ", ".join(sorted(config.agents)) or "none"
         raise TaskFileError(spec.path, f"unknown Agent '{agent}' (configured: {configured})", key="agent")
+    if config.agents[agent].preset == "shell" and shell_script(spec.body) is None:
+        # Known now, from the file alone: no Run is started to find it out.
+        raise TaskFileError(spec.path, f"the shell Agent '{agent}' runs the body's ```sh or ```bash blocks, and "
+                            "this Task has none")
 
 
 def _check_context(spec: TaskSpec, files: RepoFiles) -> None:

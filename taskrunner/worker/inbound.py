@@ -178,11 +178,12 @@ class Inbound:
 
 
 def _signers_untrusted(envelope: Any, trust: TrustStore, now: float) -> bool:
-    """True when no signature of `envelope` is by a key this Worker trusts now (or it trusts none)."""
+    """True when this Worker trusts no key now, or `envelope` is signed and by none of the keys it trusts
+    (a malformed envelope is just refused)."""
     try:
         live, _ = trust.trusted(now)
     except WorkerError:
         return True
     signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
     keyids = {s.get("keyid") for s in signatures if isinstance(s, dict)} if isinstance(signatures, list) else set()
-    return not live or not keyids & set(live)
+    return not live or bool(keyids - {None}) and not keyids & set(live)

@@ -291,3 +291,10 @@ def test_doctor_still_finds_a_tracked_private_key(repo: Path) -> None:
     git(repo, "add", "id_pgp.asc")
     assert [f.what for f in doctor.key_findings(repo, None) if "tracked" in f.what] == [
         "id_pgp.asc is tracked by git and holds a private key"]
+
+
+def test_a_shell_task_without_a_shell_block_is_invalid_at_intake_not_a_failed_run(files: RepoFiles,
+                                                                                    repo: Path) -> None:
+    (repo / "tasks" / "x.md").write_text("# Only prose\n\n```python\nprint(1)\n```\n")
+    assert intake_error(files, "tasks/x.md") == (
+        "tasks/x.md: the shell Agent 'shell' runs the body's ```sh or ```bash blocks, and this Task has none")

@@ -479,7 +479,10 @@ def test_a_refused_bundle_runs_nothing_is_answered_with_the_reason_leaves_nothin
     session.send_message(message)
     messages = session.until("error", "run-refused")
     assert only(messages, "started") == []
-    assert messages[-1].fields == {"run_id": "run-refused", "request": "assign", "message": reason}
+    # Only a bundle signed by a key the Worker does not trust says so: the control plane then stops
+    # sending it Runs (engine._worker_error); the others fail just their Run.
+    untrusted = {"untrusted": True} if refused is _unknown_key else {}
+    assert messages[-1].fields == {"run_id": "run-refused", "request": "assign", "message": reason, **untrusted}
     assert not (home / "runs" / "run-refused").exists()
     ledger_after = (home / "ledger.jsonl").read_bytes() if (home / "ledger.jsonl").exists() else b""
     assert ledger_after == ledger_before
