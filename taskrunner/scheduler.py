@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
 
+from taskrunner.defaults import CONFIG_FILE
 from taskrunner.model import Priority, TaskStatus
 
 _FAILED = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.BLOCKED, TaskStatus.INVALID})
@@ -214,7 +215,7 @@ def _ineligible(
     if not fits.capable(task):
         # Checked first: this needs a person to change the configuration,
         # while the other reasons pass by themselves.
-        return f"no Worker offers Agent '{task.agent}'{_labels_text(task.labels)}"
+        return fits.missing_reason(task)
     unmet = [
         f"'{dep}' ({effective[dep].value})" if dep in by_id else f"'{dep}' (no such Task)"
         for dep in dict.fromkeys(task.depends_on)
@@ -303,6 +304,7 @@ class _Fits:
         self._workers = workers
         self._capable: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[WorkerView, ...]] = {}
         self._busy: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._missing: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 
     def capable(self, task: TaskView) -> tuple[WorkerView, ...]:
         key = (task.agent, tuple(sorted(task.labels.items())))
@@ -318,6 +320,13 @@ class _Fits:
             reason = self._busy[key] = _no_free_worker(task, self.capable(task))
         return reason
 
+    def missing_reason(self, task: TaskView) -> str:
+        key = (task.agent, tuple(sorted(task.labels.items())))
+        reason = self._missing.get(key)
+        if reason is None:
+            reason = self._missing[key] = _no_worker_offers(task, self._workers)
+        return reason
+
 
 def _pick_worker(task: TaskView, capable: Sequence[WorkerView], used: Mapping[str, int]) -> WorkerView | None:
     fitting = [w for w in capable if w.online and used[w.name] < w.slots]
@@ -330,6 +339,28 @@ def _pick_worker(task: TaskView, capable: Sequence[WorkerView], used: Mapping[st
 def _no_free_worker(task: TaskView, capable: Sequence[WorkerView]) -> str:
     names = ", ".join(f"{w.name}: {w.note}" if w.note else w.name for w in capable)
     return f"every Worker offering Agent '{task.agent}'{_labels_text(task.labels)} is busy or offline ({names})"
+
+
+def _no_worker_offers(task: TaskView, workers: Sequence[WorkerView]) -> str:
+    """Why no Worker could ever run `task`, and the change to the configuration that would let one."""
+    labelled = [w.name for w in workers if all(w.labels.get(k) == v for k, v in task.labels.items())]
+    offering = [w.name for w in workers if task.agent in w.agents]
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(task.labels.items()))
+    if labelled:
+        fix = f"add '{task.agent}' to {_worker_key(labelled, 'agents')}"
+    elif offering:
+        fix = f"add {labels} to {_worker_key(offering, 'labels')}"
+    else:
+        fix = f"add '{task.agent}' to workers.<name>.agents" + (
+            f" and {labels} to workers.<name>.labels" if labels else "")
+    return f"no Worker offers Agent '{task.agent}'{_labels_text(task.labels)}: {fix} in {CONFIG_FILE}"
+
+
+def _worker_key(names: Sequence[str], key: str) -> str:
+    """`workers.NAME.key`, or for several candidates `workers.<name>.key (<name>: a or b)`."""
+    if len(names) == 1:
+        return f"workers.{names[0]}.{key}"
+    return f"workers.<name>.{key} (<name>: {', '.join(names[:-1])} or {names[-1]})"
 
 
 def _labels_text(labels: Mapping[str, str]) -> str:

@@ -86,8 +86,15 @@ def pinned_keys(host: str, port: int, host_key: str | None, known_hosts: str | N
     return keys
 
 
-def check_host_key(seen: paramiko.PKey, pinned: list[paramiko.PKey], host: str, port: int) -> None:
-    if any(seen.get_name() == key.get_name() and seen.asbytes() == key.asbytes() for key in pinned):
+def is_pinned(seen: paramiko.PKey, pinned: list[paramiko.PKey]) -> bool:
+    """Whether `seen` is one of the `pinned` keys (same type, same key)."""
+    return any(seen.get_name() == key.get_name() and seen.asbytes() == key.asbytes() for key in pinned)
+
+
+def check_host_key(seen: paramiko.PKey, pinned: list[paramiko.PKey], host: str, port: int,
+                   name: str = "NAME") -> None:
+    """HostKeyError, with the expected and seen fingerprints and how to re-pin Worker `name`, unless pinned."""
+    if is_pinned(seen, pinned):
         return
     where = host_entry(host, port)
     port_option = "" if port == 22 else f" --port {port}"
@@ -96,7 +103,7 @@ def check_host_key(seen: paramiko.PKey, pinned: list[paramiko.PKey], host: str, 
     raise HostKeyError(
         f"host key of {where} does not match the pinned key: expected {', '.join(expected)}, "
         f"seen {seen_text}. If the Worker's key really changed (check on the Worker with "
-        f"`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`), re-pin it: `taskrun worker add NAME --host {host}"
+        f"`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`), re-pin it: `taskrun worker add {name} --host {host}"
         f"{port_option} --fingerprint {fingerprint(seen)}` (its other settings are kept)",
         expected, seen_text,
     )

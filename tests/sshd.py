@@ -189,6 +189,16 @@ class SshdHost:
             handle.write(line + "\n")
         return line
 
+    def reset_trust(self) -> str:
+        """What the Worker's admin runs on it: `taskrun-worker trust --reset`; keeps and returns the new token."""
+        result = subprocess.run([worker_command(), "trust", "--home", str(self.home), "--reset"],
+                                capture_output=True, text=True, timeout=60)
+        issued = TOKEN_RE.search(result.stdout)
+        if result.returncode != 0 or issued is None:
+            raise AssertionError(f"taskrun-worker trust --reset failed ({result.returncode}): {result.stderr}")
+        self.token = issued.group(1)
+        return self.token
+
     def regenerate_host_key(self) -> str:
         """Replace the host key (restarting a running sshd so it serves the new one); return its line."""
         for path in (self.host_key_path, self.host_key_path.with_suffix(".pub")):

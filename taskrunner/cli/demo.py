@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.rule import Rule
 
 from taskrunner.cli.render import LiveView
 from taskrunner.config import load_config
@@ -86,11 +87,17 @@ priority: urgent
 """,
 }
 
+#: A rule's width in a pipe or a log, where the console is as wide as a table needs (render.PIPE_WIDTH).
+PLAIN_RULE_WIDTH = 80
+
+
+def _rule(out: Console, title: str) -> None:
+    out.print(Rule(title), width=None if out.is_terminal else PLAIN_RULE_WIDTH)
 
 
 def run_demo(out: Console) -> int:
     root = Path(tempfile.mkdtemp(prefix="taskrun-demo-")) / "repo"
-    out.rule("taskrun demo")
+    _rule(out, "taskrun demo")
     out.print(f"A temporary repository: {root}", markup=False)
     init_repository(root)
     config_file = root / ".taskrun.yaml"
@@ -116,7 +123,7 @@ def run_demo(out: Console) -> int:
     with view:
         Daemon(root, load_config(root), view, once=True).run()
     out.print()
-    out.rule("result commits (git log)")
+    _rule(out, "result commits (git log)")
     for line in repo.log(6):
         out.print(f"  {clean(line)}", markup=False)
     out.print()

@@ -43,9 +43,11 @@ class UsageError(TaskrunError):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Plain lines for pipes and logs: no hard wrapping at an imagined 80 columns.
-    # No emoji codes: a title ":x:" is shown as written (see textsafe).
-    out = Console(highlight=False, emoji=False, soft_wrap=not sys.stdout.isatty())
+    # Plain lines for pipes and logs: no hard wrapping at an imagined 80 columns,
+    # and tables as wide as their content. No emoji codes: a title ":x:" is
+    # shown as written (see textsafe).
+    terminal = sys.stdout.isatty()
+    out = Console(highlight=False, emoji=False, soft_wrap=not terminal, width=None if terminal else render.PIPE_WIDTH)
     err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
     try:
         return int(args.handler(args, out))

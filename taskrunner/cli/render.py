@@ -21,6 +21,10 @@ from taskrunner.hooks import Hooks
 from taskrunner.state import RunState, TaskState
 from taskrunner.textsafe import clean
 
+#: The width of a Console that is not a terminal: tables in a pipe or a log are as wide as their
+#: content (rich would otherwise fit them into 80 columns and cut every value with "…").
+PIPE_WIDTH = 100_000
+
 STYLES = {
     "PENDING": "yellow", "RUNNING": "cyan", "COMPLETED": "green", "FAILED": "red",
     "CANCELLED": "magenta", "BLOCKED": "red", "INVALID": "bold red", "ASSIGNED": "cyan",
@@ -82,14 +86,15 @@ def sandbox_text(worker: dict[str, Any]) -> str:
 
 def workers_table(workers: list[dict[str, Any]], daemon: bool) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("WORKER", "TRANSPORT", "REACHABLE", "TRUSTED", "SANDBOX", "SLOTS", "AGENTS", "LABELS", "LAST SEEN",
-                   "NOTE"):
+    for column in ("WORKER", "TRANSPORT", "REACHABLE", "TRUSTED", "VERSION", "SANDBOX", "SLOTS", "AGENTS", "LABELS",
+                   "LAST SEEN", "NOTE"):
         table.add_column(column)
     for w in workers:
         reachable = ("yes" if w.get("reachable") else "no") if daemon else "unknown"
         trusted = {True: "yes", False: "no", None: "-"}[w.get("trusted")]
         labels = ",".join(f"{k}={v}" for k, v in (w.get("labels") or {}).items()) or "-"
-        table.add_row(literal(w["name"]), literal(w["transport"]), reachable, trusted, literal(sandbox_text(w)),
+        table.add_row(literal(w["name"]), literal(w["transport"]), reachable, trusted,
+                      literal(w.get("version") or "-"), literal(sandbox_text(w)),
                       literal(f"{w.get('used', 0)}/{w['slots']}"), literal(",".join(w.get("agents") or [])),
                       literal(labels), when(w.get("last_seen")),
                       literal(w.get("error") or ("" if daemon else "daemon not running")))

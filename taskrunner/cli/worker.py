@@ -36,7 +36,8 @@ from taskrunner.errors import TaskrunError
 from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import FROM_WORKER_LIMITS, Message, Reader, encode
-from taskrunner.sshkeys import CONNECT_TIMEOUT, fingerprint, host_entry, key_line, scan_host_key
+from taskrunner.sshkeys import (CONNECT_TIMEOUT, HostKeyError, check_host_key, fingerprint, host_entry, is_pinned,
+                                key_line, pinned_keys, scan_host_key)
 from taskrunner.taskfile import parse_labels
 from taskrunner.textsafe import clean
 
@@ -56,9 +57,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     key.set_defaults(handler=cmd_key)
     add = actions.add_parser("add", help="pin the host key, enroll through the gate, write .taskrun.yaml")
     add.add_argument("name")
-    add.add_argument("--host", required=True)
+    add.add_argument("--host", default=None, help="required for a new Worker")
     add.add_argument("--port", type=int, default=None, help="default 22")
-    add.add_argument("--user", default=None, help="login (default: your user name)")
+    add.add_argument("--user", default=None, help="the login on the Worker (default: your local user name)")
     add.add_argument("--identity", default=None, help="private key file (default: the daemon's own .git/taskrun/ssh_key)")
     add.add_argument("--fingerprint", default=None, metavar="SHA256:...", help="the host key fingerprint you expect")
     add.add_argument("--agents", default=None, help="comma-separated Agent names (default: the default Agent)")
@@ -68,8 +69,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      help="the one-time enrollment token `taskrun-worker init` (or `trust --reset`) printed on the "
                           "Worker; needed for its first enrollment unless its admin pinned this control plane's "
                           "key with --trust-key. `-` reads it from stdin (out of the process list and shell history)")
-    add.epilog = ("Adding a Worker that is already configured (to re-pin its key) keeps every setting "
-                  "not given again.")
+    add.epilog = ("Adding a Worker that is already configured (to enroll it again with --token, change its "
+                  "--agents, or re-pin a changed key with --fingerprint) keeps every setting not given again, its "
+                  "pinned host key included: a host key equal to the pinned one needs no --fingerprint.")
     add.set_defaults(handler=cmd_add)
     check = actions.add_parser("check", help="connect to a configured Worker through its pinned key")
     check.add_argument("name")
@@ -86,9 +88,12 @@ def cmd_key(args: argparse.Namespace, out: Console) -> int:
         signing = Keyring.ensure(state, time.time())[0].current.key_id
         out.print("On each Worker, as the user the daemon logs in as, run:", style="bold")
         # Plain print: rich would wrap the line, and a wrapped key cannot be pasted.
-        print(f"  taskrun-worker init --key '{public}' --trust-key '{signing}' >> ~/.ssh/authorized_keys")
-        out.print("--trust-key pins this control plane's signing key: only it can enroll the Worker. Without it, "
-                  "init prints a one-time enrollment token for `taskrun worker add --token`.", markup=False)
+        print(f"  mkdir -m 700 -p ~/.ssh && taskrun-worker init --key '{public}' --trust-key '{signing}' "
+              ">> ~/.ssh/authorized_keys")
+        out.print("(If taskrun-worker is not on that user's PATH, give its full path, e.g. ~/venv/bin/taskrun-worker; "
+                  "the line it prints names its own absolute path.) --trust-key pins this control plane's signing key: "
+                  "only it can enroll the Worker. Without it, init prints a one-time enrollment token for "
+                  "`taskrun worker add --token`.", markup=False)
     else:
         print(public)  # bare, for scripts
     return 0
@@ -97,7 +102,12 @@ def cmd_key(args: argparse.Namespace, out: Console) -> int:
 def cmd_add(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
     config = load_config(root)
-    _keep_settings(args, config.workers.get(args.name))
+    current = config.workers.get(args.name)
+    kept = current if current is not None and current.transport == "ssh" else None
+    _keep_settings(args, kept)
+    if args.host is None:
+        raise EnrollError(f"--host is required: there is no ssh Worker '{args.name}' in {CONFIG_FILE} to take "
+                          "it from; nothing was written")
     if args.fingerprint is not None and not FINGERPRINT_RE.match(args.fingerprint.strip()):
         raise EnrollError(f"--fingerprint {args.fingerprint!r} is not a SHA256 fingerprint: expected "
                           "SHA256: and 43 base64 characters, as `ssh-keygen -lf KEY.pub` prints it; nothing was written")
@@ -105,10 +115,20 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     seen = fingerprint(key)
     where = host_entry(args.host, args.port)
     out.print(f"{where} presents {key.get_name()} {seen}", markup=False)
+    pinned = _pinned(kept, args.host, args.port)
+    unchanged = is_pinned(key, pinned)
     if args.fingerprint is not None:
         if args.fingerprint.strip() != seen:
             raise EnrollError(f"host key fingerprint mismatch for {where}: expected {args.fingerprint}, "
                               f"seen {seen}; nothing was written")
+    elif unchanged:
+        out.print(f"It matches the host key pinned for Worker '{args.name}' in {CONFIG_FILE}.", markup=False)
+    elif pinned:
+        # A changed key is never taken without --fingerprint, not even at a terminal.
+        try:
+            check_host_key(key, pinned, args.host, args.port, args.name)
+        except HostKeyError as exc:
+            raise EnrollError(f"{exc}; nothing was written") from None
     elif not (sys.stdin.isatty() and Confirm.ask("Pin this host key?", console=out, default=False)):
         raise EnrollError(f"host key not pinned: pass --fingerprint {seen} once you have checked it on the "
                           "Worker (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); nothing was written")
@@ -121,9 +141,16 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
         fields["user"] = args.user
     if args.identity:
         fields["identity"] = args.identity
+    if kept is not None and kept.known_hosts and unchanged:
+        # Kept while it still vouches for this key; a re-pinned (changed) key drops it and the old key it holds.
+        fields["known_hosts"] = kept.known_hosts
     fields.update({"host_key": key_line(key), "slots": args.slots, "agents": agents})
     if labels:
         fields["labels"] = labels
+    if kept is not None and kept.home is not None:
+        fields["home"] = kept.home
+    if kept is not None and kept.sandbox != WorkerSpec.sandbox:
+        fields["sandbox"] = kept.sandbox
     path = root / CONFIG_FILE
     before = path.read_text() if path.exists() else ""
     # The Worker is checked exactly as the configuration about to be written describes it.
@@ -175,16 +202,26 @@ def cmd_remove(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
-def _keep_settings(args: argparse.Namespace, current: WorkerSpec | None) -> None:
-    """Options not given again keep the configured Worker's values (re-pinning must not drop labels)."""
-    kept = current if current is not None and current.transport == "ssh" else None
-    for option, default in (("port", WorkerSpec.port), ("user", None), ("identity", None), ("slots", 1)):
+def _keep_settings(args: argparse.Namespace, kept: WorkerSpec | None) -> None:
+    """Options not given again keep the configured ssh Worker's values (re-pinning must not drop labels)."""
+    for option, default in (("host", None), ("port", WorkerSpec.port), ("user", None), ("identity", None),
+                            ("slots", 1)):
         if getattr(args, option) is None:
             setattr(args, option, getattr(kept, option) if kept else default)
     if args.agents is None and kept:
         args.agents = ",".join(kept.agents)
     if args.labels is None and kept and kept.labels:
         args.labels = ",".join(f"{k}={v}" for k, v in kept.labels.items())
+
+
+def _pinned(kept: WorkerSpec | None, host: str, port: int) -> list[paramiko.PKey]:
+    """The host keys pinned for the configured Worker being added again; none for a new Worker."""
+    if kept is None:
+        return []
+    try:
+        return pinned_keys(host, port, kept.host_key, kept.known_hosts)
+    except HostKeyError:
+        return []  # no usable pin (say an unreadable known_hosts): pinned anew, as for a new Worker
 
 
 def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
@@ -260,6 +297,9 @@ def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dic
         if "already trusts" in stderr:
             hint = (". If this Worker should now serve this control plane, its admin runs "
                     "`taskrun-worker trust --reset` on it, then add it again with the token that prints")
+        elif "trust --reset" in stderr:
+            # The Worker already said what its admin runs (enrollment.HOW_TO_NAME): add only what it cannot know.
+            hint = f" (this control plane's key id, for --trust-key: {ring.current.key_id})"
         elif "enrollment token" in stderr or "named none" in stderr or "pinned" in stderr:
             hint = (". Ask the Worker's admin for its one-time enrollment token (`taskrun-worker init` or "
                     "`taskrun-worker trust --reset` prints one) and pass it with --token, or have them pin this "

@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable
 
 import paramiko
 
-from taskrunner.defaults import OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
+from taskrunner.defaults import CONFIG_FILE, OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.keys import SSH_KEY_FILE
 from taskrunner.errors import WorkerError
 from taskrunner.links.base import LinkEvent, WorkerLink
@@ -26,6 +26,7 @@ from taskrunner.sshkeys import (
     CONNECT_TIMEOUT,
     HostKeyError,
     check_host_key,
+    fingerprint,
     host_entry,
     open_socket,
     pinned_keys,
@@ -92,18 +93,22 @@ def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:
     for key in pinned:
         client.get_host_keys().add(where, key.get_name(), key)
     sock = open_socket(spec.host, spec.port)
+    user = spec.user or getpass.getuser()
     try:
-        client.connect(spec.host, spec.port, username=spec.user or getpass.getuser(), pkey=pkey, sock=sock,
+        client.connect(spec.host, spec.port, username=user, pkey=pkey, sock=sock,
                        timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
                        look_for_keys=False, allow_agent=False)
     except paramiko.BadHostKeyException as exc:
         client.close()
-        check_host_key(exc.key, pinned, spec.host, spec.port)
+        check_host_key(exc.key, pinned, spec.host, spec.port, spec.name)
         raise HostKeyError(f"host key of {where} was refused") from exc
+    except paramiko.AuthenticationException as exc:
+        client.close()
+        raise WorkerError(auth_refused(spec, user, identity, pkey)) from exc
     except paramiko.SSHException as exc:
         client.close()
         if "known_hosts" in str(exc):  # a key of a type we have no pin for
-            check_host_key(scan_host_key(spec.host, spec.port), pinned, spec.host, spec.port)
+            check_host_key(scan_host_key(spec.host, spec.port), pinned, spec.host, spec.port, spec.name)
         raise WorkerError(f"Worker '{spec.name}': ssh to {where} failed: {exc}") from exc
     except OSError as exc:
         client.close()
@@ -117,3 +122,15 @@ def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:
     except (AttributeError, OSError):
         pass
     return client
+
+
+def auth_refused(spec: WorkerSpec, user: str, identity: Path, pkey: paramiko.PKey) -> str:
+    """Why sshd refused the login, as far as the client can tell, and what to check."""
+    assert spec.host is not None
+    # The login defaults to the local user name, which often is not the Worker's: say which was tried.
+    default = "" if spec.user else " (no user given, so your local user name)"
+    return (f"Worker '{spec.name}': ssh to {host_entry(spec.host, spec.port)} as user '{user}'{default} with key "
+            f"{identity} ({pkey.get_name()} {fingerprint(pkey)}) failed: authentication refused. If the Worker's "
+            f"login is another user, give it with --user USER (workers.{spec.name}.user in {CONFIG_FILE}). On the "
+            f"Worker, check that ~{user}/.ssh/authorized_keys holds the line that "
+            f"`taskrun-worker init --key '{pkey.get_name()} {pkey.get_base64()}'` printed")

@@ -40,6 +40,7 @@ the local Worker protects the daemon's repository. `serve` works with umask
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import shutil
@@ -233,12 +234,22 @@ def trust(home: Path, reset: bool, trust_keys: list[str] | None = None, token_tt
 
 def _enroller_note(pinned: list[str], token: str | None, ttl: float) -> str:
     """What the admin passes on to the control plane's operator."""
+    # `worker add` logs in as the control plane's local user unless told: name this login.
+    add = f"taskrun worker add NAME --host HOST --user {_login()} --fingerprint SHA256:..."
+    port = " (with --port PORT if sshd here does not listen on port 22)"
     if token is None:
-        return (f"Only control plane key {', '.join(pinned)} may enroll it: on the control plane, run "
-                "`taskrun worker add NAME --host HOST --fingerprint SHA256:...`.")
+        return f"Only control plane key {', '.join(pinned)} may enroll it: on the control plane, run `{add}`{port}."
     return (f"enrollment token {token} (single use, valid for {format_duration(ttl)}): on the control plane, run "
-            f"`taskrun worker add NAME --host HOST --fingerprint SHA256:... --token {token}`. "
+            f"`{add} --token {token}`{port}. "
             "Keep it secret until then: whoever holds it and the daemon's SSH key can enroll this Worker.")
+
+
+def _login() -> str:
+    """The user running this command: the login the control plane's key is authorized for, usually."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in the environment or the password database
+        return "USER"
 
 
 def gate(home: Path, original: str | None, limits: Limits = Limits(), sandbox: str = "bwrap") -> int:

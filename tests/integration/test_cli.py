@@ -6,6 +6,7 @@ import json
 import stat
 from pathlib import Path
 
+from taskrunner import __version__
 from tests.conftest import Daemon, git, taskrun, write_task
 
 
@@ -131,6 +132,26 @@ def test_workers_without_a_daemon_lists_the_configured_workers(repo: Path) -> No
     assert data["daemon"] is False and [w["name"] for w in data["workers"]] == ["local"]
 
 
+def test_workers_into_a_pipe_shows_every_column_whole_with_the_version(daemon: Daemon) -> None:
+    config = daemon.root / ".taskrun.yaml"
+    labels = "    labels: {zone: eu-west-rather-long-zone-name, rack: r42-with-a-long-name-too}\n"
+    config.write_text(config.read_text().replace("    agents: [shell]\n", "    agents: [shell]\n" + labels, 1))
+    before = taskrun(daemon.root, "workers")
+    daemon.start()
+
+    after = taskrun(daemon.root, "workers")
+
+    for shown, version in ((before, "-"), (after, __version__)):
+        assert shown.returncode == 0, shown.stderr
+        assert "…" not in shown.stdout, shown.stdout
+        header, row = shown.stdout.splitlines()[:2]
+        assert header.split()[:5] == ["WORKER", "TRANSPORT", "REACHABLE", "TRUSTED", "VERSION"], shown.stdout
+        assert row.split()[4] == version, shown.stdout
+        assert "rack=r42-with-a-long-name-too,zone=eu-west-rather-long-zone-name" in row or \
+            "zone=eu-west-rather-long-zone-name,rack=r42-with-a-long-name-too" in row, shown.stdout
+    assert after.stdout.splitlines()[1].split()[2] == "yes"
+
+
 def test_demo_runs_the_tour_on_a_fresh_machine() -> None:
     result = taskrun(Path("/"), "demo", timeout=120)
 
@@ -138,3 +159,5 @@ def test_demo_runs_the_tour_on_a_fresh_machine() -> None:
     for status in ("COMPLETED", "FAILED", "BLOCKED", "INVALID"):
         assert status in result.stdout
     assert "taskrun: record" in result.stdout or "taskrun: " in result.stdout
+    # Into a pipe the console is as wide as a table needs; a rule stays a line's width.
+    assert max(len(line) for line in result.stdout.splitlines()) < 500

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -9,8 +11,9 @@ import pytest
 
 from taskrunner import keys
 from taskrunner.config import load_config
+from taskrunner.keys import Keyring
 from tests.conftest import run_record, status_of, taskrun, write_task
-from tests.sshd import SshdHost, start_sshd
+from tests.sshd import SshdHost, client_key, start_sshd
 
 
 @pytest.fixture
@@ -154,3 +157,99 @@ def test_an_agent_on_an_ssh_worker_does_not_inherit_the_ssh_session(repo: Path, 
     assert status_of(repo, "env-check") == "COMPLETED"
     output = (repo / "runs" / "env-check" / "run-1" / "output.log").read_text()
     assert output == "client=unset connection=unset\n"
+
+
+def test_re_enrolling_a_configured_worker_after_a_trust_reset_reuses_its_pinned_host_key(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    _add(repo, "w1", hosts[0], "--slots", "2", "--labels", "zone=a")
+    token = hosts[0].reset_trust()
+
+    # What `taskrun workers`, the daemon and the README say to run after `taskrun-worker trust --reset`.
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--token", token)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "matches the host key pinned for Worker 'w1'" in result.stdout
+    spec = load_config(repo).workers["w1"]
+    assert (spec.port, spec.host_key, spec.slots, dict(spec.labels)) == \
+        (hosts[0].port, hosts[0].host_key_line, 2, {"zone": "a"})
+    assert taskrun(repo, "worker", "check", "w1").returncode == 0
+
+
+def test_changing_only_the_agents_of_a_configured_worker_needs_no_host_or_fingerprint(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    config = repo / ".taskrun.yaml"
+    config.write_text(config.read_text().replace("  shell:\n    preset: shell\n",
+                                                 "  shell:\n    preset: shell\n  sh2:\n    preset: shell\n", 1))
+    _add(repo, "w1", hosts[0], "--identity", str(repo / ".git/taskrun/ssh_key"), "--user", hosts[0].user)
+    config.write_text(config.read_text().replace("worker_key:", "sandbox: none, worker_key:", 1))
+    before = load_config(repo).workers["w1"]
+
+    result = taskrun(repo, "worker", "add", "w1", "--agents", "shell,sh2")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = load_config(repo).workers["w1"]
+    assert after.agents == ("shell", "sh2")
+    for kept in ("host", "port", "user", "identity", "host_key", "worker_key", "sandbox", "slots"):
+        assert getattr(after, kept) == getattr(before, kept), kept
+
+
+def test_a_changed_host_key_of_a_configured_worker_still_needs_a_fingerprint(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    _add(repo, "w1", hosts[0])
+    pinned = hosts[0].fingerprint
+    hosts[0].regenerate_host_key()
+    before = (repo / ".taskrun.yaml").read_text()
+
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1")
+
+    assert result.returncode == 2
+    assert f"expected ssh-ed25519 {pinned}, seen ssh-ed25519 {hosts[0].fingerprint}" in result.stderr
+    assert f"taskrun worker add w1 --host 127.0.0.1 --port {hosts[0].port} --fingerprint {hosts[0].fingerprint}" \
+        in result.stderr
+    assert "nothing was written" in result.stderr
+    assert (repo / ".taskrun.yaml").read_text() == before
+
+
+def test_a_new_worker_needs_a_host(repo: Path) -> None:
+    result = taskrun(repo, "worker", "add", "w9", "--fingerprint", "SHA256:" + "A" * 43)
+
+    assert result.returncode == 2 and "--host" in result.stderr
+
+
+def test_an_authentication_failure_names_the_user_and_key_and_what_to_check(
+        repo: Path, hosts: list[SshdHost]) -> None:
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--port", str(hosts[0].port),
+                     "--fingerprint", hosts[0].fingerprint, "--user", "no-such-taskrun-user")
+
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    key = str(repo / ".git/taskrun/ssh_key")
+    assert "as user 'no-such-taskrun-user'" in message and key in message, message
+    assert "--user" in message and "~no-such-taskrun-user/.ssh/authorized_keys" in message
+    assert "taskrun-worker init" in message
+
+    stranger = client_key(repo.parent, "not_authorized")
+    unknown_key = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--port", str(hosts[0].port),
+                          "--fingerprint", hosts[0].fingerprint, "--identity", str(stranger.path))
+
+    assert unknown_key.returncode == 2
+    message = " ".join(unknown_key.stderr.split())
+    assert f"as user '{hosts[0].user}' (no user given, so your local user name) with key {stranger.path}" \
+        in message, message
+    assert f"taskrun-worker init --key '{' '.join(stranger.public_line.split()[:2])}'" in message
+
+
+def test_an_expired_enrollment_token_is_refused_with_the_fix_said_once(repo: Path, hosts: list[SshdHost]) -> None:
+    enrollment = hosts[0].home / "enrollment.json"
+    state = json.loads(enrollment.read_text())
+    enrollment.write_text(json.dumps({**state, "expires_at": time.time() - 1}))
+
+    result = taskrun(repo, "worker", "add", "w1", "--host", "127.0.0.1", "--port", str(hosts[0].port),
+                     "--fingerprint", hosts[0].fingerprint, "--token", hosts[0].token or "")
+
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert "enrollment token has expired" in message and "nothing was written" in message
+    assert message.count("one-time enrollment token") == 1, message
+    key_id = Keyring.load(repo / ".git/taskrun").current.key_id
+    assert key_id in message

@@ -8,6 +8,7 @@ after `taskrun-worker trust --reset`.
 from __future__ import annotations
 
 import base64
+import getpass
 import json
 import re
 import stat
@@ -81,6 +82,15 @@ def test_init_prints_a_token_on_stderr_and_keeps_only_its_hash_owner_only(
     assert stored["token_sha256"] == token_key(token).hex()
     assert stored["expires_at"] == pytest.approx(time.time() + ENROLL_TOKEN_TTL_SECONDS, abs=60)
     assert f"--token {token}" in err
+
+
+@pytest.mark.parametrize("extra", [(), ("--trust-key", "SHA256:" + "A" * 43)])
+def test_init_says_the_worker_add_command_with_this_login_and_where_the_port_goes(
+        home: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]) -> None:
+    _, err = _init(home, capsys, *extra)
+    # The login defaults to the control plane's local user name: name the one who ran init here.
+    assert f"taskrun worker add NAME --host HOST --user {getpass.getuser()} --fingerprint SHA256:" in err
+    assert "--port PORT" in err
 
 
 def test_init_with_a_pinned_key_issues_no_token(home: Path, ring: Keyring,

@@ -140,11 +140,29 @@ def test_task_goes_only_to_a_worker_with_its_agent_and_labels() -> None:
     assert p.assignments == (Assignment("t", "gpu"),)
 
 
-def test_task_no_worker_could_ever_run_says_so() -> None:
+def test_task_no_worker_could_ever_run_says_so_and_what_to_configure() -> None:
     workers = [worker("off", online=False, labels={"gpu": "true"}), worker("cpu")]
     p = plan([task("t", agent="claude", labels={"gpu": "true", "zone": "a"})], workers, {}, NOW)
-    assert p.waiting["t"] == "no Worker offers Agent 'claude' with labels gpu=true, zone=a"
-    assert plan([task("t", agent="x")], [], {}, NOW).waiting["t"] == "no Worker offers Agent 'x'"
+    assert p.waiting["t"] == ("no Worker offers Agent 'claude' with labels gpu=true, zone=a: add 'claude' to "
+                              "workers.<name>.agents and gpu=true, zone=a to workers.<name>.labels in .taskrun.yaml")
+    assert plan([task("t", agent="x")], [], {}, NOW).waiting["t"] == \
+        "no Worker offers Agent 'x': add 'x' to workers.<name>.agents in .taskrun.yaml"
+
+
+def test_a_newly_configured_agent_no_worker_offers_names_the_worker_to_add_it_to() -> None:
+    # `taskrun init` writes `workers.local.agents: [shell]`; an Agent added under `agents:` is not in it.
+    p = plan([task("t", agent="py")], [worker("local", slots=2)], {}, NOW)
+    assert p.waiting["t"] == "no Worker offers Agent 'py': add 'py' to workers.local.agents in .taskrun.yaml"
+    two = [worker("a", labels={"gpu": "true"}), worker("b", labels={"gpu": "true"}), worker("c")]
+    assert plan([task("t", agent="py", labels={"gpu": "true"})], two, {}, NOW).waiting["t"] == (
+        "no Worker offers Agent 'py' with labels gpu=true: add 'py' to workers.<name>.agents (<name>: a or b) "
+        "in .taskrun.yaml")
+
+
+def test_missing_labels_name_the_workers_that_offer_the_agent() -> None:
+    p = plan([task("t", labels={"gpu": "true"})], [worker("cpu")], {}, NOW)
+    assert p.waiting["t"] == ("no Worker offers Agent 'shell' with labels gpu=true: add gpu=true to "
+                              "workers.cpu.labels in .taskrun.yaml")
 
 
 def test_offline_worker_gets_nothing_but_the_task_waits_for_it() -> None:
