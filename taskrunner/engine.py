@@ -46,6 +46,8 @@ from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
 
 #: Statuses the scheduler acts on; Tasks in the others only count as dependencies.
 _PLANNED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.BLOCKED})
+#: The records a Worker sends (README, the protocol table); any other ends its session.
+_FROM_WORKER = frozenset({"hello", "ready", "heartbeat", "error", "trusted", "started", "output", "result"})
 #: Records not written by this daemon named one by one at start; the rest are counted.
 _FOREIGN_NAMED = 5
 
@@ -425,6 +427,20 @@ class Engine:
             return
         message = event.message
         worker.last_seen = self._clock()
+        if message.type not in _FROM_WORKER:
+            self.fleet.link_down(worker, f"protocol error: a Worker does not send {message.type!r} records",
+                                 self._clock())
+            return
+        try:
+            self._on_message(worker, message)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # A Worker's records are input like any other: a malformed one ends its session
+            # (it reconnects with backoff), never the daemon.
+            self.fleet.link_down(worker, f"protocol error: a malformed {message.type} record "
+                                 f"({type(exc).__name__}: {exc})", self._clock())
+
+    def _on_message(self, worker: WorkerState, message: Message) -> None:
+        """One record from an open session; KeyError, TypeError, ValueError when it is malformed."""
         if message.type == "hello":
             auth = self.fleet.hello(worker, message.fields, self._clock())
             if auth is not None:
