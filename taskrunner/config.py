@@ -125,7 +125,7 @@ def load_config(root: Path) -> Config:
     except FileNotFoundError:
         return default_config()
     except UnsafePath as exc:
-        raise ConfigError(str(path), f"cannot read the file: it is {exc.what}; {REFUSAL}") from None
+        raise ConfigError(str(path), f"cannot read the file: it is {exc.what}; {exc.reason or REFUSAL}") from None
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the file: {exc.strerror or exc}") from exc
     finally:

@@ -28,6 +28,10 @@ TIMEOUT = 3600.0
 
 #: Task files larger than this become INVALID rather than being read into memory.
 MAX_TASK_FILE_BYTES = 256 * 1024
+#: A Task's `context` files together: a Run whose files hold more FAILS, and
+#: nothing of them is read (their sizes are known before). They are read
+#: whole into memory, on the daemon's event thread, to go into the bundle.
+MAX_CONTEXT_BYTES = 64 * 1024 * 1024
 
 #: Edits that do not end in a close-after-write (editors that write in place
 #: without closing, or tools that only touch mtime) are read once the file

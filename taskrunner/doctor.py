@@ -28,6 +28,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from taskrunner import gitops
 from taskrunner.config import Config
 from taskrunner.defaults import CONFIG_FILE, RUNS_DIR, STATE_DIR
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
@@ -66,7 +67,7 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
 
 def _tracked_keys(root: Path) -> list[Finding]:
     # `git grep` searches what is tracked (the index), fast and without reading ignored files.
-    result = subprocess.run(["git", "grep", "-l", "-I", "--cached", "-E", "-e", PRIVATE_KEY_PATTERN],
+    result = subprocess.run(gitops.command("grep", "-l", "-I", "--cached", "-E", "-e", PRIVATE_KEY_PATTERN),
                             cwd=root, capture_output=True, text=True)
     return [Finding("error", f"{path} is tracked by git and holds a private key",
                     f"git rm --cached {path}, commit, and replace the key: it is in the history")
@@ -136,7 +137,7 @@ def record_findings(root: Path) -> list[Finding]:
                 if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                     report(Path(path).relative_to(root).as_posix(), kind_of(mode))
     # Tracked as a link (mode 120000) or a submodule (160000), whatever the work tree holds now.
-    result = subprocess.run(["git", "ls-files", "-s", "-z", "--", RUNS_DIR], cwd=root, capture_output=True)
+    result = subprocess.run(gitops.command("ls-files", "-s", "-z", "--", RUNS_DIR), cwd=root, capture_output=True)
     for entry in result.stdout.decode(errors="replace").split("\0"):
         meta, _, rel = entry.partition("\t")
         mode = meta.split(" ", 1)[0]

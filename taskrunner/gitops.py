@@ -12,12 +12,19 @@ they staged stays staged. Every GC_EVERY_COMMITS commits `git gc --auto`
 folds the small packs together, as `git commit` would.
 
 The files committed are read beneath the work tree without following links
-(safefs): a path that is a link or a special file, or lies under a link, is
-committed as deleted and never read through, and its index entry is
+(safefs): a path that is a link, a special file or a file with other hard
+links, or lies under a link, is committed as deleted and never read through, and its index entry is
 removed without git looking at the work tree (`--force-remove`). A file
 holding a private key (leaks.holds_private_key) is left out of the commit:
 the commit keeps whatever it had at that path before, the user's index is
 not touched for it, and `notice` names it.
+
+Every git process the package starts goes through `command` (argv) or
+`Git.run`: hooks and the programs a repository's configuration can name for
+git to run are off (SAFE_CONFIG). The work tree is whatever anyone who can
+push made it, and a configuration such as `core.hooksPath hooks` points git
+at scripts in it: they would run as the daemon's user, unconfined, on every
+update-ref, update-index and gc the daemon does.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import git
 
 from taskrunner import leaks
 from taskrunner.errors import GitError, UnsafePath
-from taskrunner.safefs import Beneath
+from taskrunner.safefs import REFUSAL, Beneath
 
 ZERO = "0" * 40
 #: Identity for commits in a repository whose user has none configured.
@@ -43,6 +50,21 @@ INDEX_LOCK_RETRIES = 50
 SCRATCH_REF = "refs/taskrun/recorder"
 #: Run `git gc --auto` after this many commits (what `git commit` does after each).
 GC_EVERY_COMMITS = 50
+#: Put before every git subcommand the daemon runs (`command`). The repository's
+#: configuration may name programs for git to run, and may name them in the work
+#: tree, which anyone who can push controls (`core.hooksPath hooks` makes every
+#: update-ref run a pushed `reference-transaction` hook, update-index a
+#: `post-index-change`, gc --auto a `pre-auto-gc`). With these git finds no hook
+#: (/dev/null is no directory: it holds none) and asks no file-system monitor
+#: program what changed. git passes `-c` settings on to the git processes it
+#: starts itself (gc's repack and prune). The daemon runs no git command that
+#: reaches a remote, so core.sshCommand and credential helpers never come into play.
+SAFE_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+
+
+def command(*args: str) -> list[str]:
+    """The argv of `git <args>` as taskrun runs it: no hook, no configured monitor program (SAFE_CONFIG)."""
+    return ["git", *SAFE_CONFIG, *args]
 
 
 class Git:
@@ -56,7 +78,7 @@ class Git:
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
-            return self._git.execute(["git", *args], env=env)  # type: ignore[call-overload, no-any-return]
+            return self._git.execute(command(*args), env=env)  # type: ignore[call-overload, no-any-return]
         except git.GitCommandError as exc:
             detail = (exc.stderr or "").strip().removeprefix("stderr: ").strip("'\n ")
             raise GitError(f"git {args[0]} failed: {detail or exc}") from exc
@@ -102,8 +124,7 @@ class Git:
         compare-and-swap.
         """
         identity = self._identity()
-        argv = ["git", "-c", "fastimport.unpackLimit=1", "fast-import", "--quiet", "--force",
-                "--date-format=now"]
+        argv = command("-c", "fastimport.unpackLimit=1", "fast-import", "--quiet", "--force", "--date-format=now")
         try:
             proc = subprocess.Popen(argv, cwd=self.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=dict(os.environ, **identity))
@@ -151,7 +172,7 @@ class Git:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except UnsafePath as exc:
-            self._notice(f"{exc.path} is {exc.what}, which taskrun never follows: {path} is committed as deleted")
+            self._notice(f"{exc.path} is {exc.what}; {exc.reason or REFUSAL}: {path} is committed as deleted")
             return None
 
     def _gc_auto(self) -> None:
@@ -224,16 +245,35 @@ def git_dirs(root: Path) -> tuple[Path, ...]:
     never read for a Task (intake.RepoFiles), wherever they are.
     """
     try:
-        out = git.Git(str(root)).execute(["git", "rev-parse", "--path-format=absolute", "--absolute-git-dir",
-                                          "--git-common-dir"])
+        out = git.Git(str(root)).execute(command("rev-parse", "--path-format=absolute", "--absolute-git-dir",
+                                                 "--git-common-dir"))
     except (git.GitCommandError, OSError):
         return ()
     return tuple(dict.fromkeys(Path(line) for line in str(out).splitlines() if line))
 
 
+def tracked(root: Path, paths: Sequence[str]) -> set[str]:
+    """Those of `paths` (relative to the work tree `root`) that are in git's index: one `git ls-files`.
+
+    Names are matched literally (`--literal-pathspecs`: a `*` in a name is no
+    pattern), and only files, not directories, are in the answer. GitError
+    when git fails.
+    """
+    if not paths:
+        return set()
+    argv = command("--literal-pathspecs", "ls-files", "-z", "--cached", "--", *paths)
+    try:
+        done = subprocess.run(argv, cwd=root, capture_output=True)
+    except OSError as exc:
+        raise GitError(f"git ls-files failed: {exc}") from exc
+    if done.returncode != 0:
+        raise GitError(f"git ls-files failed: {done.stderr.decode(errors='replace').strip() or done.returncode}")
+    return {os.fsdecode(name) for name in done.stdout.split(b"\0") if name} & set(paths)
+
+
 def toplevel(path: Path) -> Path | None:
     try:
-        out = git.Git(str(path)).execute(["git", "rev-parse", "--show-toplevel"])
+        out = git.Git(str(path)).execute(command("rev-parse", "--show-toplevel"))
     except (git.GitCommandError, OSError):
         return None
     return Path(str(out))
@@ -241,6 +281,6 @@ def toplevel(path: Path) -> Path | None:
 
 def init(path: Path) -> None:
     try:
-        git.Git(str(path)).execute(["git", "init", "--quiet"])
+        git.Git(str(path)).execute(command("init", "--quiet"))
     except (git.GitCommandError, OSError) as exc:
         raise GitError(f"git init failed in {path}: {exc}") from exc

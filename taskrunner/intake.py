@@ -9,6 +9,8 @@ rule: a regular file inside the work tree and outside the git directory,
   symbolic link anywhere on the path is refused, not followed;
 - only if it is a regular file, opened non-blocking: a FIFO, socket, device
   or directory is refused and never blocks the daemon;
+- only if it has no other hard link (st_nlink 1): `ln .git/config docs/cfg`
+  is git's configuration under another name;
 - never a path with a `.git` part (taskfile.is_git_name: any case, a
   submodule's `.git` file too), never inside the git directory wherever it
   is (`git rev-parse --absolute-git-dir` and `--git-common-dir`, e.g. a
@@ -17,23 +19,34 @@ rule: a regular file inside the work tree and outside the git directory,
 A refused Task file makes its Task INVALID with the reason; a refused
 `context` file does too when it is refused at intake, and fails the Run
 when it turns bad between intake and the bundle.
+
+`context` files are sent only if git tracks them (they are in the index):
+a work tree also holds files nobody meant to share, above all the ignored
+ones (`.env`, credentials, build output). That is looked at when the bundle
+is built (one `git ls-files` for all of a Task's context files, none for a
+Task without), not at intake: only tasks/ is watched, and a file may be
+added, or `git add`ed, after the Task was read. Then a Run fails with the
+fix, never the Task. So does one whose context files hold more than
+MAX_CONTEXT_BYTES together, known from their sizes before a byte is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from taskrunner import gitops
 from taskrunner.config import Config
-from taskrunner.defaults import MAX_TASK_FILE_BYTES, TASKS_DIR
+from taskrunner.defaults import MAX_CONTEXT_BYTES, MAX_TASK_FILE_BYTES, TASKS_DIR
 from taskrunner.errors import TaskFileError, UnsafePath
 from taskrunner.model import TaskSpec
-from taskrunner.safefs import REFUSAL, Beneath, kind_of
-from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script
+from taskrunner.safefs import REFUSAL, Beneath, kind_of, open_given, refused
+from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script, task_id_for
 
 #: Why a path in the git directory is refused, whatever it is.
 GIT_REFUSAL = "taskrun never reads git's files (its configuration, the daemon's keys) for a Task"
@@ -94,14 +107,59 @@ class RepoFiles:
             found = self.tree.lstat(rel)
         except UnsafePath as exc:
             return refusal(rel, exc)
-        if found is None or stat.S_ISREG(found.st_mode):
-            return None
-        return refusal(rel, UnsafePath(rel, kind_of(found.st_mode), REFUSAL))
+        problem = None if found is None else refused(found)
+        return None if problem is None else refusal(rel, UnsafePath(rel, *problem))
 
     def context(self, task_path: str, rel: str) -> bytes:
-        """A `context` file's bytes for the bundle; TaskFileError (key 'context') when it cannot be sent."""
+        """One `context` file's bytes, as `contexts` gives them."""
+        return self.contexts(task_path, [rel])[rel]
+
+    def contexts(self, task_path: str, rels: Sequence[str]) -> dict[str, bytes]:
+        """A Task's `context` files for its bundle, by path; TaskFileError (key 'context') names one that cannot go.
+
+        See the module doc for why a file cannot go. All are opened first, then their sizes added up (fstat), then asked
+        about in git's index, and only then read, each no further than what is
+        left of MAX_CONTEXT_BYTES (a file that grows meanwhile is caught too).
+        """
+        if not rels:
+            return {}
+        fds: dict[str, int] = {}
         try:
-            return self.read(rel)
+            total = 0
+            for rel in dict.fromkeys(rels):
+                fds[rel] = fd = self._open_context(task_path, rel)
+                total += os.fstat(fd).st_size
+                if total > MAX_CONTEXT_BYTES:
+                    raise _too_much(task_path, rel, total)
+            tracked = gitops.tracked(self.root, list(fds))
+            for rel in fds:
+                if rel not in tracked:
+                    task = task_id_for(task_path) or task_path
+                    raise TaskFileError(
+                        task_path, f"context file '{rel}' is not tracked by git: taskrun sends only files git "
+                        "tracks, so an ignored or untracked file (a .env, say) never leaves this machine; if it "
+                        f"is meant to be shared, `git add {shlex.quote(rel)}`, then `taskrun retry {task}`",
+                        key="context")
+            data: dict[str, bytes] = {}
+            left = MAX_CONTEXT_BYTES
+            for rel, fd in fds.items():
+                try:
+                    content = _read_at_most(fd, os.fstat(fd).st_size, left)
+                except OSError as exc:
+                    raise TaskFileError(task_path, f"context file '{rel}' cannot be read: {exc.strerror or exc}",
+                                        key="context") from None
+                if content is None:  # it grew since its size was looked at
+                    raise _too_much(task_path, rel, None)
+                data[rel] = content
+                left -= len(content)
+            return data
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _open_context(self, task_path: str, rel: str) -> int:
+        try:
+            return self.open(rel)
         except FileNotFoundError:
             raise TaskFileError(task_path, f"context file '{rel}' does not exist", key="context") from None
         except UnsafePath as exc:
@@ -111,10 +169,61 @@ class RepoFiles:
                                 key="context") from None
 
 
+def _too_much(task_path: str, rel: str, total: int | None) -> TaskFileError:
+    """`total`: the bytes of the context files up to `rel`; None when `rel` grew while it was read."""
+    limit = f"the {MAX_CONTEXT_BYTES // (1024 * 1024)} MiB of context files taskrun sends with one Task " \
+            "(MAX_CONTEXT_BYTES)"
+    what = (f"grew past {limit} while it was read" if total is None else
+            f"brings the Task's context files to {total} bytes, over {limit}")
+    return TaskFileError(task_path, f"context file '{rel}' {what}: name fewer or smaller files", key="context")
+
+
+def _read_at_most(fd: int, size: int, limit: int) -> bytes | None:
+    """The rest of the file `fd`, or None when it holds more than `limit` bytes.
+
+    The first read asks for its size plus one byte (a read of `limit` would
+    allocate all of it), later ones for what a file that grew still may add.
+    """
+    parts: list[bytes] = []
+    got = 0
+    want = min(size, limit) + 1
+    while chunk := os.read(fd, want):
+        parts.append(chunk)
+        got += len(chunk)
+        if got > limit:
+            return None
+        want = min(1024 * 1024, limit - got + 1)
+    return b"".join(parts)
+
+
 def refusal(rel: str, exc: UnsafePath) -> str:
     """The reason a path is refused, as an INVALID or FAILED message says it."""
     where = "the file" if exc.path == rel else exc.path
     return f"{where} is {exc.what}" + (f"; {exc.reason}" if exc.reason else "")
+
+
+def read_submitted(name: str, work_tree: Path) -> bytes:
+    """The bytes of a file given to `taskrun submit`; TaskFileError naming it and why it cannot be submitted.
+
+    A path the person typed, opened by safefs.open_given: its own name is
+    never followed and a FIFO never waited on, and inside the work tree no
+    link at all is (a pushed `ci/leak.md -> ../.git/taskrun/keys/1.pem`).
+    Read only up to MAX_TASK_FILE_BYTES, the most the daemon takes.
+    """
+    try:
+        fd = open_given(name, work_tree)
+    except UnsafePath as exc:
+        where = "the file" if os.path.abspath(exc.path) == os.path.abspath(name) else exc.path
+        raise TaskFileError(name, f"{where} is {exc.what}; {exc.reason}") from None
+    except OSError as exc:
+        raise TaskFileError(name, f"cannot read it: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        size = os.fstat(fd).st_size
+        data = handle.read(min(size, MAX_TASK_FILE_BYTES) + 1) or b""
+    if len(data) > MAX_TASK_FILE_BYTES:
+        raise TaskFileError(name, f"the file is {max(size, len(data))} bytes, over the limit of "
+                            f"{MAX_TASK_FILE_BYTES} for a Task file")
+    return data
 
 
 def read_task(files: RepoFiles, task_id: str, path: str, config: Config) -> Intake:

@@ -13,12 +13,24 @@ from taskrunner.config import INIT_TEMPLATE
 from taskrunner.defaults import CONFIG_FILE, HOOKS_DIR, RUNS_DIR, STATE_DIR, TASKS_DIR
 
 #: What git hooks run: tell the daemon to sync now; never fail the git command.
+#: How to enable it says to copy the file: hooks/ is content anyone who can push
+#: changes, so git must never be pointed at it (core.hooksPath) or at a link into it.
 HOOK_SCRIPT = """#!/bin/sh
-# Installed by `taskrun init`: after git brings new commits, the daemon syncs.
-# Enable with: git config core.hooksPath hooks
+# Written by `taskrun init`: after git brings new commits, the daemon syncs.
+# To enable it, read it, then copy it (a copy, not a link) {where}
+# Do not run `git config core.hooksPath hooks`, and do not link to this file:
+# anyone who can push to this repository changes what is in hooks/, and git
+# would run their version as you, on your own git commands.
 command -v taskrun >/dev/null 2>&1 && taskrun trigger --quiet || true
 """
-HOOK_NAMES = ("post-merge", "post-receive")
+#: Where each hook goes, as its HOOK_SCRIPT says.
+HOOK_WHERE = {
+    "post-merge": "into this clone's\n"
+                  '# git directory:  cp hooks/post-merge "$(git rev-parse --git-path hooks/post-merge)"',
+    "post-receive": "into the\n"
+                    "# bare repository you push to:  cp hooks/post-receive /path/to/bare.git/hooks/post-receive",
+}
+HOOK_NAMES = tuple(HOOK_WHERE)
 
 
 def init_repository(root: Path) -> list[str]:
@@ -48,7 +60,7 @@ def init_repository(root: Path) -> list[str]:
     for hook in HOOK_NAMES:
         path = root / HOOKS_DIR / hook
         if not os.path.lexists(path):
-            write_bytes(path, HOOK_SCRIPT.encode(), mode=0o755, beneath=root)
+            write_bytes(path, HOOK_SCRIPT.format(where=HOOK_WHERE[hook]).encode(), mode=0o755, beneath=root)
             done.append(f"wrote {HOOKS_DIR}/{hook}")
     ring, created = keys.Keyring.ensure(root / STATE_DIR, time.time())
     if created:

@@ -18,7 +18,10 @@ rules keep the daemon's files its own:
 - Every read and write goes through safefs, beneath the work tree, without
   following links. A link or special file where the daemon writes is removed
   and replaced by the daemon's own file or directory, with a notice; where
-  it reads, it counts as absent (ForeignRecord).
+  it reads, it counts as absent (ForeignRecord). A file with other hard links
+  is treated the same way: it is a file that is somewhere else too
+  (`ln .git/config runs/x/run-1/output.log`), so it is replaced, never
+  appended to, and never believed.
 - Status records are sealed: `seal` is an HMAC-SHA256, keyed with this
   clone's record key (keys.record_key, in .git/taskrun/, never committed),
   over the record's path and its canonical JSON (sorted keys, no spaces,
@@ -296,7 +299,7 @@ class Records:
             return None
         except UnsafePath as exc:
             where = "it" if exc.path == rel else exc.path
-            raise ForeignRecord(f"cannot read {rel}: {where} is {exc.what}; {REFUSAL}; ignored") from None
+            raise ForeignRecord(f"cannot read {rel}: {where} is {exc.what}; {exc.reason or REFUSAL}; ignored") from None
         except OSError as exc:
             raise RecordError(f"cannot read {rel}: {exc}") from exc
         try:

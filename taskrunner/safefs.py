@@ -16,8 +16,11 @@ What is found where a directory or file should be decides what happens:
 
 - reading: a link, a special file (FIFO, socket, device) or a directory
   raises UnsafePath naming the path and what it is; nothing is followed.
-- writing with `repair=True` (the daemon's own runs/ paths): a link or a
-  special file is removed (unlinked through its directory fd, never
+  So does a regular file with other hard links (st_nlink > 1): it is the
+  same file as one elsewhere (`ln .git/config docs/cfg`), and reading it
+  or appending to it would read or write that one.
+- writing with `repair=True` (the daemon's own runs/ paths): a link, a
+  special file or a file with other hard links is removed (unlinked through its directory fd, never
   followed) and replaced by the daemon's own directory or file, and
   `notice` names it. A regular file where a directory must be, or a
   directory where a file must be, is not removed (it may hold someone's
@@ -55,6 +58,9 @@ FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _ROUNDS = 4
 #: The sentence every refusal ends with.
 REFUSAL = "taskrun reads only regular files and follows no links"
+#: What a regular file with other hard links is, as a message says it, and why it is refused.
+HARDLINKED = "a hard link (the file has other names too)"
+HARDLINK_REFUSAL = "taskrun reads only files that are nowhere else"
 
 
 class _OpenHow(ctypes.Structure):
@@ -98,6 +104,15 @@ def kind_of(mode: int) -> str:
         if test(mode):
             return what
     return "a special file"
+
+
+def refused(found: os.stat_result) -> tuple[str, str] | None:
+    """(what, reason) when this entry is not a regular file of its own (st_nlink 1), else None."""
+    if not stat.S_ISREG(found.st_mode):
+        return kind_of(found.st_mode), REFUSAL
+    if found.st_nlink > 1:
+        return HARDLINKED, HARDLINK_REFUSAL
+    return None
 
 
 def split(rel: str) -> list[str]:
@@ -240,10 +255,11 @@ class Beneath:
 
     def _remove(self, dir_fd: int, name: str, path: str, what: str, instead: str) -> None:
         try:
-            os.unlink(name, dir_fd=dir_fd)
+            os.unlink(name, dir_fd=dir_fd)  # a hard link: only this name goes, the file stays wherever else it is
         except FileNotFoundError:
             return
-        self._notice(f"{path} was {what}, which taskrun never follows: removed it and put {instead} "
+        never = "writes through" if what == HARDLINKED else "follows"
+        self._notice(f"{path} was {what}, which taskrun never {never}: removed it and put {instead} "
                      f"of its own there")
 
     def make_dir(self, rel: str) -> bool:
@@ -291,9 +307,9 @@ class Beneath:
         parts = split(rel)
         fd = _openat2(self._root(), rel, flags | FILE_FLAGS, mode)
         if fd is not None:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
+            if refused(os.fstat(fd)) is None:
                 return fd
-            os.close(fd)  # a FIFO or a device: the walk below says so (or repairs it)
+            os.close(fd)  # a FIFO, a device, a hard link: the walk below says so (or repairs it)
         creating = bool(flags & os.O_CREAT)
         parent = self.open_dir(parts[:-1], create=creating, repair=repair)
         try:
@@ -313,15 +329,16 @@ class Beneath:
                 found = _lstat(name, parent)
                 if found is None:
                     continue
-                what = kind_of(found.st_mode)
+                what, why = refused(found) or (kind_of(found.st_mode), REFUSAL)
             else:
                 found = os.fstat(fd)
-                if stat.S_ISREG(found.st_mode):
+                problem = refused(found)
+                if problem is None:
                     return fd
                 os.close(fd)
-                what = kind_of(found.st_mode)
+                what, why = problem
             if not repair or stat.S_ISDIR(found.st_mode) or not flags & os.O_CREAT:
-                raise UnsafePath(rel, what, REFUSAL)
+                raise UnsafePath(rel, what, why)
             self._remove(parent, name, rel, what, "a regular file")
         raise UnsafePath(rel, "changing while it is opened", "try again")
 
@@ -360,13 +377,64 @@ class Beneath:
         try:
             if repair and look:
                 found = _lstat(parts[-1], parent)
-                if found is not None and not stat.S_ISREG(found.st_mode):
+                problem = None if found is None else refused(found)
+                if found is not None and problem is not None:
                     if stat.S_ISDIR(found.st_mode):
                         raise UnsafePath(rel, "a directory", "a regular file must be there")
-                    self._remove(parent, parts[-1], rel, kind_of(found.st_mode), "a regular file")
+                    self._remove(parent, parts[-1], rel, problem[0], "a regular file")
             write_in(parent, parts[-1], data, mode, durable)
         finally:
             os.close(parent)
+
+
+def open_given(path: str, work_tree: Path) -> int:
+    """An fd of the regular file at `path`, a path a person typed (`taskrun submit FILE`), read-only.
+
+    The file's own name is never followed (O_NOFOLLOW), and a FIFO, socket
+    or device is refused without being opened. Directories on the way may
+    be links, as the person typed them (`/tmp` may be one), until the walk
+    is inside `work_tree`: from there on, as everywhere the daemon reads,
+    none is followed, since a pushed `ci -> /home/me/notes` would otherwise
+    choose the file. The path is made absolute as a shell does (`..` drops
+    the name before it), then walked from `/` one name at a time.
+
+    FileNotFoundError; UnsafePath naming the part refused; OSError.
+    """
+    absolute = os.path.abspath(path)
+    names = [name for name in absolute.split("/") if name]
+
+    def shown(count: int) -> str:
+        prefix = "/" + "/".join(names[:count])
+        return prefix if os.path.isabs(path) else os.path.relpath(prefix)
+
+    top = os.stat(work_tree)
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    inside = False
+    try:
+        for count, name in enumerate(names, 1):
+            here = os.fstat(fd)
+            inside = inside or (here.st_dev, here.st_ino) == (top.st_dev, top.st_ino)
+            last = count == len(names)
+            found = _lstat(name, fd) if last else None
+            if found is not None and not stat.S_ISREG(found.st_mode):
+                raise UnsafePath(shown(count), kind_of(found.st_mode), REFUSAL)
+            flags = FILE_FLAGS | os.O_RDONLY if last else DIR_FLAGS if inside else DIR_FLAGS & ~os.O_NOFOLLOW
+            try:
+                following = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                found = _lstat(name, fd) if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO) else None
+                if found is None or stat.S_ISDIR(found.st_mode) or stat.S_ISREG(found.st_mode):
+                    raise
+                raise UnsafePath(shown(count), kind_of(found.st_mode), REFUSAL) from None
+            os.close(fd)
+            fd = following
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):  # `/`, or it changed between the look and the open
+            raise UnsafePath(shown(len(names)) if names else "/", kind_of(found.st_mode), REFUSAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _clear(fd: int, shown: str) -> list[str]:

@@ -24,7 +24,7 @@ from taskrunner.defaults import STATE_DIR, TASKS_DIR
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.model import TaskStatus
 from taskrunner.records import Records
-from taskrunner.intake import RepoFiles, task_paths
+from taskrunner.intake import RepoFiles, read_submitted, task_paths
 from taskrunner.taskfile import task_id_for, task_id_problem
 from taskrunner.textsafe import StreamCleaner, clean
 
@@ -308,10 +308,6 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
     submitted: dict[str, str] = {}
     for name in args.files:
         source = Path(name)
-        try:
-            data = source.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {name}: {exc.strerror}") from exc
         rel = f"{TASKS_DIR}/{source.name}"
         task_id = task_id_for(rel)
         if task_id is None:
@@ -319,6 +315,8 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
         problem = task_id_problem(task_id)
         if problem:
             raise UsageError(f"{name}: {problem}")
+        # No link is followed at the file itself or inside the work tree, no FIFO waited on (intake.read_submitted).
+        data = read_submitted(name, root)
         # Written under an ignored temp name, then renamed: the daemon reads it whole.
         # Beneath the work tree: a tasks/ that is a link is refused, not written through.
         try:

@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +236,66 @@ def test_submit_does_not_write_through_a_linked_tasks_directory(repo: Path, tmp_
     assert list(elsewhere.iterdir()) == []
 
 
+def submit_from(cwd: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`taskrun submit` as CI runs it: from inside the clone, with the path as typed."""
+    return subprocess.run([sys.executable, "-m", "taskrunner", "submit", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_submit_never_follows_a_link_to_the_file_nor_any_inside_the_work_tree(repo: Path, tmp_path: Path) -> None:
+    (repo / "ci").mkdir()
+    (repo / "ci" / "leak.md").symlink_to("../.git/taskrun/keys/1.pem")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "diary.md").write_text("# private\n\n```sh\necho my diary\n```\n")
+    (repo / "ci" / "notes").symlink_to(notes)  # a pushed link to a directory outside
+
+    leak = submit_from(repo, "ci/leak.md")
+    diary = submit_from(repo, "ci/notes/diary.md")
+
+    assert leak.returncode == 2, leak.stderr
+    assert leak.stderr.strip() == ("taskrun: ci/leak.md: the file is a symbolic link; taskrun reads only regular "
+                                   "files and follows no links")
+    assert diary.returncode == 2 and "ci/notes is a symbolic link" in diary.stderr
+    assert not (repo / "tasks" / "leak.md").exists() and not (repo / "tasks" / "diary.md").exists()
+    assert KEY_MARK not in "".join(p.read_text(errors="replace") for p in (repo / "tasks").rglob("*") if p.is_file())
+
+
+def test_submit_follows_links_the_person_typed_outside_the_work_tree(repo: Path, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "ok.md").write_text("# ok\n\n```sh\ntrue\n```\n")
+    (tmp_path / "via").symlink_to(real)
+
+    result = submit_from(repo, str(tmp_path / "via" / "ok.md"))
+
+    assert result.returncode == 0, result.stderr
+    assert (repo / "tasks" / "ok.md").read_text() == (real / "ok.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "too big", "socket"])
+def test_submit_refuses_a_special_or_oversized_file_at_once(repo: Path, tmp_path: Path, kind: str) -> None:
+    source = tmp_path / "f.md"
+    if kind == "fifo":
+        os.mkfifo(source)  # `mkfifo /tmp/f.md; taskrun submit /tmp/f.md` waited forever
+    elif kind == "directory":
+        source.mkdir()
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(source))
+        sock.close()
+    else:
+        source.write_text("# big\n\n```sh\ntrue\n```\n" + "x" * 300_000)
+
+    result = submit_from(repo, str(source), timeout=20)
+
+    assert result.returncode == 2
+    expected = {"fifo": "the file is a FIFO", "directory": "the file is a directory", "socket": "the file is a socket",
+                "too big": "over the limit of 262144 for a Task file"}[kind]
+    assert result.stderr.startswith(f"taskrun: {source}: ") and expected in result.stderr, result.stderr
+    assert not (repo / "tasks" / "f.md").exists()
+
+
 # ---------------------------------------------------------------- 3. and 6. Task files that are links or special
 
 
@@ -318,6 +380,7 @@ def test_context_never_sends_the_git_directory_or_links_to_a_worker(repo: Path) 
     (repo / "vendor" / ".git" / "config").write_text("[core]\n")
     for n, path in enumerate(CONTEXTS):
         write_task(repo, f"ctx-{n}", f"cat {path} || true", front=f"context: ['{path}']\n")
+    git(repo, "add", "docs/spec.txt")  # context files are sent only if git tracks them
     write_task(repo, "good", "cat docs/spec.txt", front="context: [docs/spec.txt]\n")
 
     result = taskrun(repo, "up", "--once", timeout=60)
@@ -330,6 +393,40 @@ def test_context_never_sends_the_git_directory_or_links_to_a_worker(repo: Path) 
         assert runs_of(repo, f"ctx-{n}") == [], path
     assert tasks["good"]["status"] == "COMPLETED" and recorded_output(repo, "good") == "the spec\n"
     assert KEY_MARK not in history(repo)
+
+
+def test_context_sends_only_tracked_files_of_their_own_within_the_cap(repo: Path) -> None:
+    (repo / ".gitignore").write_text(".env\n")
+    commit(repo, "ignore .env")
+    (repo / ".env").write_text("API_TOKEN=hunter2-not-for-workers\n")  # ignored
+    (repo / "notes.txt").write_text("hunter2-untracked-notes\n")  # untracked
+    with open(repo / "huge.bin", "wb") as handle:
+        handle.truncate(700 * 1024 * 1024)  # 700 MiB by its size (sparse): refused before it is read
+    (repo / "docs").mkdir()
+    os.link(repo / ".git" / "config", repo / "docs" / "cfg")  # git's configuration under a second name
+    write_task(repo, "env", "cat .env || true", front="context: [.env]\n")
+    write_task(repo, "notes", "cat notes.txt || true", front="context: [notes.txt]\n")
+    write_task(repo, "huge", "wc -c huge.bin || true", front="context: [huge.bin]\n")
+    write_task(repo, "cfg", "cat docs/cfg || true", front="context: [docs/cfg]\n")
+
+    result = taskrun(repo, "up", "--once", timeout=60)
+
+    assert result.returncode == 1
+    tasks = listed(repo)
+    for task_id, path in (("env", ".env"), ("notes", "notes.txt")):
+        assert tasks[task_id]["status"] == "FAILED", task_id
+        run = json.loads((repo / "runs" / task_id / "run-1" / "status.json").read_text())
+        assert run["error"] == (
+            f"tasks/{task_id}.md: key 'context': context file '{path}' is not tracked by git: taskrun sends only "
+            "files git tracks, so an ignored or untracked file (a .env, say) never leaves this machine; if it is "
+            f"meant to be shared, `git add {path}`, then `taskrun retry {task_id}`")
+    run = json.loads((repo / "runs" / "huge" / "run-1" / "status.json").read_text())
+    assert tasks["huge"]["status"] == "FAILED" and "over the 64 MiB of context files" in run["error"]
+    assert tasks["cfg"]["status"] == "INVALID" and "taskrun reads only files that are nowhere else" in \
+        tasks["cfg"]["error"]
+    assert "hunter2" not in history(repo)
+    assert not [p for p in (repo / "runs").rglob("*") if p.is_file() and "hunter2" in p.read_text(errors="replace")]
+    assert "repositoryformatversion" not in history(repo)
 
 
 # ---------------------------------------------------------------- 7. private keys are not committed; doctor
@@ -384,3 +481,38 @@ def test_a_configuration_that_is_a_link_is_refused_at_start(repo: Path) -> None:
 
     assert result.returncode == 2 and "is a symbolic link" in result.stderr
     assert KEY_MARK not in result.stderr + result.stdout
+
+
+# ---------------------------------------------------------------- 8. pushed hooks never run in the daemon
+
+
+def test_hooks_pushed_into_a_hooks_path_the_clone_uses_never_run_for_the_daemon(repo: Path, tmp_path: Path) -> None:
+    # The repro: `git config core.hooksPath hooks` (which taskrun once recommended), then a push into hooks/.
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    script = f"#!/bin/sh\ncp -r .git/taskrun/keys {ran}/keys-$(basename $0) 2>/dev/null\ntouch {ran}/$(basename $0)\n" \
+             "cat >/dev/null\nexit 0\n"
+    for name in ("reference-transaction", "post-index-change", "pre-auto-gc", "fsmonitor"):
+        (repo / "hooks" / name).write_text(script)
+        (repo / "hooks" / name).chmod(0o755)
+    commit(repo)
+    git(repo, "config", "core.hooksPath", "hooks")
+    git(repo, "config", "core.fsmonitor", str(repo / "hooks" / "fsmonitor"))
+    write_task(repo, "x", "echo done")
+
+    result = taskrun(repo, "up", "--once")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert status_json(repo, "x")[0]["task"]["status"] == "COMPLETED"
+    assert "runs/x/run-1/status.json" in git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    assert sorted(os.listdir(ran)) == []
+    # The hooks are live for git itself: only the daemon's git runs none of them.
+    git(repo, "update-ref", "refs/heads/probe", "HEAD")
+    assert "reference-transaction" in os.listdir(ran)
+
+
+def test_the_hooks_taskrun_init_writes_do_not_recommend_core_hooks_path(repo: Path) -> None:
+    for name in ("post-merge", "post-receive"):
+        text = (repo / "hooks" / name).read_text()
+        assert "git config core.hooksPath hooks" not in text.replace("Do not run `git config core.hooksPath hooks`", "")
+        assert "cp hooks/" in text and "not a link" in text

@@ -220,6 +220,7 @@ def test_a_bundle_over_the_workers_limits_is_refused_unread_and_its_run_fails_wi
     _add(repo, "w1", host)
     assert taskrun(repo, "worker", "remove", "local").returncode == 0
     (repo / "big.txt").write_text("x" * 20_000)
+    git(repo, "add", "big.txt")  # context files are sent only if git tracks them
     write_task(repo, "too-big", "echo ran", front="context: [big.txt]\n")
     daemon.start()
 

@@ -176,6 +176,7 @@ def test_timeout_kills_the_whole_process_group(repo: Path) -> None:
 def test_context_files_reach_the_agent(repo: Path) -> None:
     (repo / "docs").mkdir()
     (repo / "docs" / "spec.txt").write_text("the spec\n")
+    git(repo, "add", "docs/spec.txt")  # context files are sent only if git tracks them
     write_task(repo, "ctx", "cat docs/spec.txt", front="context: [docs/spec.txt]\n")
 
     taskrun(repo, "up", "--once")

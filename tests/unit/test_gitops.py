@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+import taskrunner
 from taskrunner.errors import GitError
-from taskrunner.gitops import FALLBACK_IDENTITY, Git, toplevel
+from taskrunner.gitops import FALLBACK_IDENTITY, Git, command, toplevel
 
 USER = ("Repo User", "user@example.com")
 
@@ -320,3 +322,50 @@ def test_gc_auto_folds_the_packs_of_many_commits_together(repo: Path, monkeypatc
     packs = list((repo / ".git" / "objects" / "pack").glob("*.pack"))
     assert 1 <= len(packs) <= 4, packs
     assert git(repo, "show", "HEAD~7:runs/t0/status.json") == "0\n"
+
+
+# ---------------------------------------------------------------- the repository's hooks and programs
+
+
+HOOKED = ("reference-transaction", "pre-auto-gc", "post-index-change", "fsmonitor")
+
+
+def test_no_hook_or_monitor_program_the_repository_names_runs_for_the_daemons_git(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `core.hooksPath hooks` points git at the work tree, which anyone who can push controls.
+    marks = tmp_path / "ran"
+    marks.mkdir()
+    (repo / "hooks").mkdir()
+    for name in HOOKED:
+        hook = repo / "hooks" / name
+        # A monitor that fails makes git look at every file itself; a hook that fails would stop the git command.
+        hook.write_text(f"#!/bin/sh\ntouch {marks / name}\ncat >/dev/null\nexit {1 if name == 'fsmonitor' else 0}\n")
+        hook.chmod(0o755)
+    git(repo, "config", "core.hooksPath", "hooks")
+    git(repo, "config", "core.fsmonitor", str(repo / "hooks" / "fsmonitor"))
+    git(repo, "config", "gc.autoPackLimit", "1")
+    git(repo, "config", "gc.autoDetach", "false")
+    monkeypatch.setattr("taskrunner.gitops.GC_EVERY_COMMITS", 1)
+    g = Git(repo)
+
+    for n in range(3):  # update-ref, update-index, and gc --auto once packs pile up
+        assert g.commit_paths([write(repo, f"runs/t{n}/status.json", f"{n}\n")], f"commit {n}") is not None
+    g.log()
+    g.head()
+
+    assert sorted(p.name for p in marks.iterdir()) == []
+    assert git(repo, "show", "HEAD:runs/t2/status.json") == "2\n"
+    # git itself runs them: the same repository with a plain `git` call proves the hooks work.
+    git(repo, "update-ref", "refs/heads/probe", "HEAD")
+    assert (marks / "reference-transaction").exists()
+
+
+def test_every_git_command_of_the_package_goes_through_the_safe_argv() -> None:
+    # A new `["git", ...]` argv anywhere in the package would run the repository's hooks again.
+    package = Path(taskrunner.__file__).parent
+    argv = re.compile(r"""[\[(]\s*["']git["']\s*[,\]]""")
+    offenders = [f"{path.relative_to(package)}:{n}" for path in sorted(package.rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if argv.search(line) and "SAFE_CONFIG" not in line]
+    assert offenders == []
+    assert command("status")[:5] == ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from taskrunner import atomic
-from taskrunner.errors import RecordError
+from taskrunner.errors import ForeignRecord, RecordError
 from taskrunner.records import Records
 
 DATA = bytes(range(256)) + b"line\n" * 10
@@ -136,6 +136,28 @@ def test_saved_records_load_back(records: Records) -> None:
 def test_loading_a_missing_record_returns_none(records: Records) -> None:
     assert records.load_task("nope") is None
     assert records.load_run("nope", 1) is None
+
+
+def test_a_record_with_other_hard_links_is_not_believed_and_output_is_never_appended_through_one(
+        tmp_path: Path) -> None:
+    notices: list[str] = []
+    records = Records(tmp_path, notices.append)
+    config = tmp_path / "config"
+    config.write_bytes(b"[core]\n")
+    records.save_task({"task_id": "t", "status": "RUNNING"})
+    records.save_run({"task_id": "t", "run": 1, "status": "RUNNING"})
+    # A sealed record, but the same file is somewhere else too: nothing of it is believed.
+    os.link(records.task_file("t"), tmp_path / "elsewhere.json")
+    with pytest.raises(ForeignRecord, match="other names too.; taskrun reads only files that are nowhere else"):
+        records.load_task("t")
+    os.link(config, records.output("t", 1))  # `ln .git/config runs/t/run-1/output.log`
+
+    assert records.append_output("t", 1, 0, b"out\n") == 4
+
+    assert config.read_bytes() == b"[core]\n"
+    assert output(records) == b"out\n" and os.stat(records.output("t", 1)).st_nlink == 1
+    assert notices == ["runs/t/run-1/output.log was a hard link (the file has other names too), which taskrun "
+                       "never writes through: removed it and put a regular file of its own there"]
 
 
 def test_run_paths_lists_the_task_record_and_every_run_file_written_or_not(records: Records) -> None:

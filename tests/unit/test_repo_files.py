@@ -13,7 +13,8 @@ import pytest
 from taskrunner import doctor, gitops
 from taskrunner.config import default_config, load_config
 from taskrunner.errors import ConfigError, TaskFileError
-from taskrunner.intake import RepoFiles, read_task, task_paths
+from taskrunner.defaults import MAX_CONTEXT_BYTES
+from taskrunner.intake import RepoFiles, _read_at_most, read_task, task_paths
 from taskrunner.leaks import holds_private_key
 from taskrunner.taskfile import is_git_name, parse_task
 from tests.unit.test_safefs import finishes
@@ -187,12 +188,102 @@ def test_context_that_is_a_link_or_special_file_makes_the_task_invalid(files: Re
 def test_a_regular_context_file_is_read_and_a_missing_one_fails_at_bundle_time(files: RepoFiles, repo: Path) -> None:
     (repo / "docs").mkdir()
     (repo / "docs" / "spec.md").write_text("spec\n")
+    git(repo, "add", "docs/spec.md")
     (repo / "tasks" / "x.md").write_bytes(b"---\ncontext: [docs/spec.md, docs/later.md]\n---\n" + TASK)
     intake = read_task(files, "x", "tasks/x.md", default_config())
     assert intake.spec is not None and intake.spec.context == ("docs/spec.md", "docs/later.md")
     assert files.context("tasks/x.md", "docs/spec.md") == b"spec\n"
     with pytest.raises(TaskFileError, match="context file 'docs/later.md' does not exist"):
         files.context("tasks/x.md", "docs/later.md")
+
+
+@pytest.mark.parametrize("how", ["ignored", "untracked"])
+def test_a_context_file_git_does_not_track_is_never_sent_and_the_reason_names_the_fix(
+        files: RepoFiles, repo: Path, how: str) -> None:
+    (repo / ".env").write_text("API_TOKEN=hunter2\n")
+    if how == "ignored":
+        (repo / ".gitignore").write_text(".env\n")
+        git(repo, "add", ".gitignore")
+    (repo / "tasks" / "x.md").write_bytes(b"---\ncontext: [.env]\n---\n" + TASK)
+    # Read at intake, refused when the bundle is built: it may still be added.
+    assert read_task(files, "x", "tasks/x.md", default_config()).spec is not None
+
+    with pytest.raises(TaskFileError) as caught:
+        files.contexts("tasks/x.md", [".env"])
+
+    assert str(caught.value) == (
+        "tasks/x.md: key 'context': context file '.env' is not tracked by git: taskrun sends only files git "
+        "tracks, so an ignored or untracked file (a .env, say) never leaves this machine; if it is meant to be "
+        "shared, `git add .env`, then `taskrun retry x`")
+    git(repo, "add", "--force", ".env")
+    assert files.contexts("tasks/x.md", [".env"]) == {".env": b"API_TOKEN=hunter2\n"}
+
+
+def test_context_files_cost_one_git_ls_files_per_bundle_and_none_without_context(
+        files: RepoFiles, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a.md", "b.md", "c d*.md"):
+        (repo / name).write_text(name)
+    git(repo, "add", ".")
+    asked: list[list[str]] = []
+    tracked = gitops.tracked
+    monkeypatch.setattr(gitops, "tracked", lambda root, paths: asked.append(list(paths)) or tracked(root, paths))
+
+    assert files.contexts("tasks/x.md", []) == {}
+    assert files.contexts("tasks/x.md", ["a.md", "b.md", "c d*.md"]) == {
+        "a.md": b"a.md", "b.md": b"b.md", "c d*.md": b"c d*.md"}
+    assert asked == [["a.md", "b.md", "c d*.md"]]
+    # A name is no pattern: 'c*' matches no tracked file by that name.
+    assert gitops.tracked(repo, ["c*", "a.md"]) == {"a.md"}
+
+
+def test_context_files_over_the_cap_fail_before_a_byte_is_read(
+        files: RepoFiles, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (repo / "small.txt").write_text("small\n")
+    with open(repo / "huge.bin", "wb") as handle:
+        handle.truncate(MAX_CONTEXT_BYTES)  # sparse: 64 MiB by its size, nothing on disk
+    git(repo, "add", "small.txt")
+    reads: list[int] = []
+    monkeypatch.setattr("taskrunner.intake._read_at_most", lambda *args: reads.append(1))
+
+    with pytest.raises(TaskFileError) as caught:
+        files.contexts("tasks/x.md", ["small.txt", "huge.bin"])
+
+    assert str(caught.value) == (
+        f"tasks/x.md: key 'context': context file 'huge.bin' brings the Task's context files to "
+        f"{MAX_CONTEXT_BYTES + 6} bytes, over the 64 MiB of context files taskrun sends with one Task "
+        "(MAX_CONTEXT_BYTES): name fewer or smaller files")
+    assert reads == []
+
+
+def test_a_context_file_that_grows_while_it_is_read_is_cut_off_at_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _read_at_most(fd, 2, 5) is None  # its size said 2 when it was looked at
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert _read_at_most(fd, 2, 10) == b"x" * 10
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("which", ["task file", "context file"])
+def test_a_task_or_context_file_with_other_hard_links_is_refused(files: RepoFiles, repo: Path, which: str) -> None:
+    # `ln .git/config docs/cfg`: git's configuration under a name in the work tree.
+    (repo / "docs").mkdir()
+    os.link(repo / ".git" / "config", repo / "docs" / "cfg")
+    reason = ("the file is a hard link (the file has other names too); taskrun reads only files that are "
+              "nowhere else")
+    if which == "task file":
+        (repo / "tasks" / "real.md").write_bytes(TASK)
+        os.link(repo / "tasks" / "real.md", repo / "tasks" / "x.md")
+        assert intake_error(files, "tasks/x.md") == f"tasks/x.md: {reason}"
+        return
+    (repo / "tasks" / "x.md").write_bytes(b"---\ncontext: [docs/cfg]\n---\n" + TASK)
+    assert intake_error(files, "tasks/x.md") == f"tasks/x.md: key 'context': context file 'docs/cfg': {reason}"
+    git(repo, "add", "docs/cfg")
+    with pytest.raises(TaskFileError, match="nowhere else"):
+        files.contexts("tasks/x.md", ["docs/cfg"])
 
 
 # ---------------------------------------------------------------- the configuration
@@ -207,6 +298,12 @@ def test_a_configuration_that_is_a_link_or_fifo_is_refused_without_blocking(repo
         os.mkfifo(config)
     with pytest.raises(ConfigError, match="reads only regular files"):
         finishes(lambda: load_config(repo))
+
+
+def test_a_configuration_with_other_hard_links_is_refused(repo: Path) -> None:
+    os.link(repo / ".git" / "config", repo / ".taskrun.yaml")
+    with pytest.raises(ConfigError, match="reads only files that are nowhere else"):
+        load_config(repo)
 
 
 # ---------------------------------------------------------------- commits
@@ -229,6 +326,19 @@ def test_a_committed_path_that_is_a_link_is_committed_as_deleted_and_never_read(
     assert notices[1].startswith("runs/y is a symbolic link")
     # The index agrees with HEAD: no link was added to it.
     assert git(repo, "diff", "--cached", "--name-only") == ""
+
+
+def test_a_committed_path_with_other_hard_links_is_committed_as_deleted(repo: Path) -> None:
+    notices: list[str] = []
+    (repo / "runs" / "x" / "run-1").mkdir(parents=True)
+    os.link(repo / ".git" / "config", repo / "runs" / "x" / "run-1" / "output.log")
+
+    sha = gitops.Git(repo, notice=notices.append).commit_paths(["runs/x/run-1/output.log"], "records")
+
+    assert sha is None  # nothing to commit: the only path is refused
+    assert "repositoryformatversion" not in git(repo, "log", "-p", "--all")
+    assert notices == ["runs/x/run-1/output.log is a hard link (the file has other names too); taskrun reads only "
+                       "files that are nowhere else: runs/x/run-1/output.log is committed as deleted"]
 
 
 def test_a_record_holding_a_private_key_is_left_out_of_the_commit(repo: Path) -> None:

@@ -275,3 +275,43 @@ def test_atomic_write_beneath_a_root_makes_missing_directories(root: Path) -> No
 def test_atomic_write_beneath_refuses_a_path_outside_the_root(root: Path, outside: Path) -> None:
     with pytest.raises(UnsafePath, match="outside"):
         atomic.write_bytes(outside / "f", b"x", beneath=root)
+
+
+# ---------------------------------------------------------------- hard links
+
+
+def test_a_file_with_other_hard_links_is_refused_for_reading(tree: Beneath, root: Path, outside: Path) -> None:
+    os.link(outside / "secret", root / "f")  # `ln .git/config docs/cfg`: the same file under a second name
+    with pytest.raises(UnsafePath) as caught:
+        tree.read_bytes("f")
+    assert (caught.value.path, caught.value.what, caught.value.reason) == (
+        "f", safefs.HARDLINKED, "taskrun reads only files that are nowhere else")
+    with pytest.raises(UnsafePath):
+        tree.open_file("f", os.O_WRONLY | os.O_APPEND)  # without repair: refused, not written
+
+
+def test_appending_to_a_file_with_other_hard_links_replaces_it_and_never_writes_the_other(
+        tree: Beneath, root: Path, outside: Path, notices: list[str]) -> None:
+    os.link(outside / "secret", root / "log")
+    fd = tree.open_file("log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, repair=True)
+    os.write(fd, b"appended")
+    os.close(fd)
+    assert (root / "log").read_bytes() == b"appended" and os.stat(root / "log").st_nlink == 1
+    assert (outside / "secret").read_text() == "the secret\n" and os.stat(outside / "secret").st_nlink == 1
+    assert notices == ["log was a hard link (the file has other names too), which taskrun never writes through: "
+                       "removed it and put a regular file of its own there"]
+
+
+def test_replacing_a_file_with_other_hard_links_leaves_the_other_name_as_it_was(
+        tree: Beneath, root: Path, outside: Path, notices: list[str]) -> None:
+    os.link(outside / "secret", root / "record")
+    tree.write_atomic("record", b"mine", repair=True)
+    assert (root / "record").read_bytes() == b"mine"
+    assert (outside / "secret").read_text() == "the secret\n"
+    assert len(notices) == 1 and notices[0].startswith("record was a hard link")
+
+
+def test_a_file_whose_other_name_is_gone_is_its_own_again(tree: Beneath, root: Path, outside: Path) -> None:
+    os.link(outside / "secret", root / "f")
+    (outside / "secret").unlink()
+    assert tree.read_bytes("f") == b"the secret\n"
