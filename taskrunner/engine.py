@@ -38,7 +38,7 @@ from taskrunner.model import RunStatus, TaskStatus
 from taskrunner.protocol import Message
 from taskrunner.signing import key_id
 from taskrunner.records import Records
-from taskrunner.results import ResultRejected, verified_result
+from taskrunner.results import ResultRejected, more_output_owed, verified_result
 from taskrunner.recorder import CommitItem
 from taskrunner.state import RunState, TaskState
 from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
@@ -383,8 +383,8 @@ class Engine:
         self.runs[run.run_id] = run
         worker.runs.add(run.run_id)
         try:
-            for path in spec.context:
-                files[path] = self.files.context(spec.path, path)
+            # Tracked by git, within MAX_CONTEXT_BYTES together: one `git ls-files` (intake.RepoFiles.contexts).
+            files.update(self.files.contexts(spec.path, spec.context))
         except TaskrunError as exc:
             self._save_task(task)
             self._finish(run, RunStatus.FAILED, None, str(exc))
@@ -550,11 +550,13 @@ class Engine:
 
     def _on_result(self, worker: WorkerState, run: RunState, message: Message) -> None:
         size = self.records.output_size(run.task_id, run.number)
-        if size != message["output_size"]:
-            self._send(worker, Message("resume", {"run_id": run.run_id, "offset": size}))
-            return
         run.output_size = size
         try:
+            # A result covering less output than recorded is final; one covering more, a few resumes at most.
+            if more_output_owed(size, message.get("output_size"), run.result_resumes):
+                run.result_resumes += 1
+                self._send(worker, Message("resume", {"run_id": run.run_id, "offset": size}))
+                return
             result = verified_result(message["envelope"], worker.result_key, run.run_id,
                                      self.records.output_digest(run.task_id, run.number))
         except ResultRejected as exc:

@@ -6,6 +6,12 @@ key; the control plane verifies the signature with the key pinned at
 enrollment, that the result is for this Run, and that size and sha256 match
 the output.log it recorded. A result that fails any of this is recorded as
 FAILED with the reason, never as COMPLETED.
+
+Before that, `more_output_owed` compares the output the result covers with
+the output recorded: a result covering less is final (the Agent truncated
+its output; asking again would only get the same answer), one covering more
+is answered with `resume` at most RESULT_RESUMES times. So no Worker, however
+its Agent tampers with its output, keeps a Run going with results.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from taskrunner.errors import TaskrunError
 from taskrunner.signing import RESULT_TYPE, SignatureRejected, key_id, verify_json
 
 STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
+#: How often one Run's result announcing output the control plane lacks is answered with `resume`
+#: before the Run fails. A Worker sends all output before its result: once is already unusual.
+RESULT_RESUMES = 3
 
 
 class ResultRejected(TaskrunError):
@@ -46,6 +55,27 @@ def verified_result(envelope: Any, result_key: bytes | None, run_id: str,
     if result.get("output_size") != size or result.get("output_sha256") != digest:
         raise ResultRejected("result rejected: the output recorded does not match the output the Worker signed")
     return result
+
+
+def more_output_owed(recorded: int, signed: Any, resumes: int) -> bool:
+    """True: ask the Worker for the output its result covers and the control plane lacks (`resume`);
+    False: verify the result now. ResultRejected when it can only fail.
+
+    `recorded` is the size of the output recorded, `signed` the result's
+    `output_size`, `resumes` how often this Run's results were answered with
+    `resume` already.
+    """
+    if not isinstance(signed, int) or isinstance(signed, bool) or signed < 0:
+        raise ResultRejected(f"result rejected: output_size {signed!r} is not a byte count")
+    if signed < recorded:
+        raise ResultRejected(f"result rejected: it covers {signed} bytes of output, {recorded} were recorded "
+                             "(the Agent truncated its output)")
+    if signed > recorded:
+        if resumes < RESULT_RESUMES:
+            return True
+        raise ResultRejected(f"result rejected: it covers {signed} bytes of output, {recorded} were recorded "
+                             f"after asking {resumes} times for the rest")
+    return False
 
 
 def _digest(path: Path) -> tuple[int, str]:

@@ -34,6 +34,7 @@ class RunState:
     error: str | None = None
     output_size: int = 0
     lost: bool = False  # failed because its Worker was lost, not because of its Agent
+    result_resumes: int = 0  # results answered with `resume` (results.more_output_owed); not recorded
 
     def move(self, status: RunStatus) -> None:
         self.status = self.status.to(status)

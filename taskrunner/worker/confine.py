@@ -17,10 +17,19 @@ Whichever way it runs, an Agent gets a HOME of its own, `<run>/home` (0700),
 and the Worker's process group and exit-status bookkeeping: confined, bwrap
 writes `exit_status` (see rundir.py); unconfined, the bash wrapper writes
 `exit_code`.
+
+A confined Agent of a root Worker runs as a uid of its own (sandbox.py,
+"Root"): `allocate_uid` picks one from the Agents' range, starting at a
+number derived from the run id, that no other Run held in this Worker home
+has, records it in `<run>/agent_uid`, and does so under a lock on
+`<home>/agent_uids.lock`, so two sessions starting Runs at once never pick
+the same. The workspace, HOME and input files are handed to it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +38,8 @@ from typing import Any, Mapping, Sequence
 from taskrunner.errors import WorkerError
 from taskrunner.worker.rundir import RunDir, wrapped
 from taskrunner.worker.sandbox import (
+    AGENT_UID_BASE,
+    AGENT_UID_COUNT,
     INSTALL_HINT,
     HostView,
     RunSandbox,
@@ -43,6 +54,8 @@ from taskrunner.worker.sandbox import (
 SANDBOX_MODES = ("bwrap", "none")
 #: What a Worker says when its admin gave `--sandbox none`.
 TURNED_OFF = "the Worker's admin turned the sandbox off (taskrun-worker --sandbox none)"
+#: In the Worker home: held while a uid is picked for an Agent.
+UID_LOCK = "agent_uids.lock"
 
 
 class SandboxRefused(WorkerError):
@@ -83,6 +96,7 @@ class Confinement:
     def __init__(self, home: Path, mode: str = "bwrap", protect: Sequence[Path] = ()) -> None:
         if mode not in SANDBOX_MODES:
             raise WorkerError(f"--sandbox must be one of {', '.join(SANDBOX_MODES)}, not {mode!r}")
+        self.home = home
         self.mode = mode
         self.protected = tuple(sorted({os.path.realpath(home), *(os.path.realpath(p) for p in protect)}))
         self._host: HostView | None = None
@@ -114,12 +128,36 @@ class Confinement:
         # The paths the Agent is told (argv, TASKRUN_WORKSPACE): bound at the same place inside.
         workspace, home_dir = os.path.abspath(run_dir.workspace), os.path.abspath(home)
         inputs = tuple(os.path.abspath(p) for p in run_dir.agent_inputs())
+        uid = None
         if host.root:
-            hand_over([workspace, home_dir, *inputs])
+            uid = allocate_uid(self.home, run_dir)
+            hand_over([workspace, home_dir, *inputs], uid, uid)
         fd = os.open(run_dir.exit_status_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            command = bwrap_argv(host, RunSandbox(workspace, home_dir, inputs, self.protected, status_fd=fd), argv)
+            command = bwrap_argv(host, RunSandbox(workspace, home_dir, inputs, self.protected, status_fd=fd, uid=uid),
+                                 argv)
         except ValueError as exc:
             os.close(fd)
             raise SandboxRefused(f"cannot confine the Agent: {exc}") from None
         return Launch(command, home, confined=True, pass_fds=(fd,))
+
+
+def allocate_uid(home: Path, run_dir: RunDir) -> int:
+    """A uid from the Agents' range for `run_dir`'s Agent that no other Run held in `home` has; recorded
+    in the Run's `agent_uid`. SandboxRefused when every one is taken."""
+    start = int.from_bytes(hashlib.sha256(run_dir.run_id.encode()).digest()[:4], "big") % AGENT_UID_COUNT
+    fd = os.open(home / UID_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        used = set()
+        for path in (home / "runs").iterdir():
+            if path != run_dir.path:
+                used.add(RunDir(path).agent_uid())
+        for step in range(AGENT_UID_COUNT):
+            uid = AGENT_UID_BASE + (start + step) % AGENT_UID_COUNT
+            if uid not in used:
+                run_dir.write_agent_uid(uid)
+                return uid
+    finally:
+        os.close(fd)  # and the lock with it
+    raise SandboxRefused(f"all {AGENT_UID_COUNT} uids for Agents are taken by the Runs this Worker holds")

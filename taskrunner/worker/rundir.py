@@ -1,16 +1,28 @@
 """One Run's directory on a Worker: what survives the session that started it.
 
     <home>/runs/<run_id>/     0700, its files 0600: the Agent's output is nobody else's
-        assignment.json   what was asked: task, agent, deadline
+        starting          locked (flock) by the session starting the Run, until `pid` or
+                          `result.json` is written; then removed
+        assignment.json   what was asked: task, agent, deadline; marks the Run as held
         workspace/        the extracted bundle; the Agent's working directory
         home/             the Agent's HOME, its own for this Run
         script.sh, prompt.md   what agents.prepare wrote for the Agent (read-only to it)
+        agent_uid         the uid (and gid) a root Worker runs this Agent as (confine.py)
         output.log        the Agent's stdout and stderr, appended as it runs
         pid               the Agent's process group id
         exit_status       a confined Agent's end, written by bwrap outside the sandbox
         exit_code         an unconfined Agent's end, written by the wrapper
-        stop.json         why the Worker is stopping it (cancel, timeout)
-        result.json       the final outcome, written once by the Worker
+        stop.json         why the Worker is stopping it (cancel, timeout, truncated output)
+        result.json       the final outcome: created once, by whichever session judges the Run first
+
+**Starting is atomic for other sessions.** A session creates and locks
+`starting` before it writes `assignment.json`, and lets go of the lock only
+once the Agent's `pid` (or the Run's result, when it failed before starting)
+is on disk. Another session that finds a Run with neither reads the lock
+first: held, the Run is still being started (never judged ended); free (the
+starter ended, the kernel dropped its lock), it reads `pid` and `result.json`
+again, and a Run that still has neither lost its start: the Worker kills
+what the starter may have started (`stray_groups`) and fails it.
 
 A confined Agent (sandbox.py) sees only workspace/, home/ and its input
 files of all this. bwrap, which started it, writes `exit_status` from
@@ -28,20 +40,24 @@ Agents too, and the control plane then finds the Run lost and retries it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from taskrunner.agents import INPUT_FILES, SHELL_ARGV
-from taskrunner.atomic import read_json, write_json
+from taskrunner.atomic import read_json, write_bytes, write_json
 from taskrunner.errors import WorkerError
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Files the Worker writes here: for its owner only.
 FILE_MODE = 0o600
+#: The lock file of a Run being started (see the module doc).
+STARTING = "starting"
 
 #: $1 is the run directory; the rest is the Agent's argv, run as given.
 WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
@@ -105,9 +121,77 @@ class RunDir:
             return None
 
     def write_pid(self, pid: int) -> None:
-        fd = os.open(self.path / "pid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(pid))
+        # Atomic: a reader never takes a half-written pid for another process group to kill.
+        write_bytes(self.path / "pid", str(pid).encode(), mode=FILE_MODE, durable=False)
+
+    def begin_start(self) -> int:
+        """Create and lock `starting` (see the module doc); the locked fd, for `end_start`."""
+        fd = os.open(self.path / STARTING, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def end_start(self, fd: int) -> None:
+        """The start is recorded (`pid` or `result.json` written): let other sessions judge the Run."""
+        try:
+            os.unlink(self.path / STARTING)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+    def being_started(self) -> bool:
+        """True while a live session holds `starting`: the Run's start is not finished, nothing is to judge."""
+        try:
+            fd = os.open(self.path / STARTING, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False  # not a file this Worker made: no session holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def agent_uid(self) -> int | None:
+        try:
+            return int((self.path / "agent_uid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_agent_uid(self, uid: int) -> None:
+        write_bytes(self.path / "agent_uid", str(uid).encode(), mode=FILE_MODE, durable=False)
+
+    def stray_groups(self) -> list[int]:
+        """Process groups started for this Run whose pid was never recorded (its starter died in between).
+
+        The Agent's group leader is bwrap or the wrapper, started by this
+        Worker's user with this Run's directory or workspace as an argument
+        (rundir.wrapped, sandbox.bwrap_argv): processes of this user whose argv
+        holds one of those paths. Scans /proc: only for a Run whose start was cut short.
+        """
+        marks = {os.fsencode(p) for p in (self.path, self.workspace, os.path.abspath(self.path),
+                                           os.path.abspath(self.workspace))}
+        me, ours = os.geteuid(), os.getpgrp()
+        found: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry}").st_uid != me:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if not marks.intersection(handle.read().split(b"\0")):
+                        continue
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    pgid = int(handle.read().rsplit(b")", 1)[1].split()[2])
+            except (OSError, IndexError, ValueError):
+                continue
+            if pgid > 1 and pgid != ours:
+                found.add(pgid)
+        return sorted(found)
 
     def exit_code(self) -> int | None:
         """How the Agent exited (128+N for signal N), from bwrap's exit_status or the wrapper's exit_code."""
@@ -123,14 +207,35 @@ class RunDir:
     def stop(self) -> dict[str, Any] | None:
         return _maybe(self.path / "stop.json")
 
-    def write_stop(self, status: str, reason: str) -> None:
-        write_json(self.path / "stop.json", {"status": status, "reason": reason}, mode=FILE_MODE, durable=False)
+    def create_stop(self, status: str, reason: str) -> bool:
+        """Write stop.json unless a session already did (False): the first reason stands."""
+        return self._create("stop.json", {"status": status, "reason": reason})
 
     def result(self) -> dict[str, Any] | None:
         return _maybe(self.path / "result.json")
 
+    def create_result(self, data: dict[str, Any]) -> bool:
+        """Write result.json unless a session already did (False): two sessions never send two outcomes."""
+        return self._create("result.json", data)
+
     def write_result(self, data: dict[str, Any]) -> None:
+        """Replace result.json (a finished Run whose output the Agent truncated after it ended)."""
         write_json(self.path / "result.json", data, mode=FILE_MODE, durable=False)
+
+    def _create(self, name: str, data: dict[str, Any]) -> bool:
+        # Complete before it appears (a temp file, then a hard link, which never replaces one there).
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
+                handle.write("\n")
+            try:
+                os.link(tmp, self.path / name)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
 
     def output_size(self) -> int:
         try:
@@ -144,10 +249,14 @@ def held_runs(home: Path) -> list[RunDir]:
     runs = home / "runs"
     if not runs.is_dir():
         return []
-    return sorted(
-        (RunDir(p) for p in runs.iterdir() if (p / "assignment.json").is_file()),
-        key=lambda r: r.path.stat().st_mtime,
-    )
+    held = []
+    for path in runs.iterdir():
+        try:
+            if (path / "assignment.json").is_file():
+                held.append((path.stat().st_mtime, RunDir(path)))
+        except FileNotFoundError:
+            pass  # acknowledged and removed by another session just now
+    return [run for _, run in sorted(held, key=lambda pair: pair[0])]
 
 
 def group_alive(pgid: int) -> bool:

@@ -46,10 +46,19 @@ group, stragglers and all.
 root-owned files in the read-only system directories (/etc/shadow, sshd's host
 keys) stay readable. `--unshare-user --uid 65534` does not help: the inner
 uid maps back to 0 outside, so the on-disk identity is still root. So a
-Worker running as root drops the Agent to AGENT_UID:AGENT_GID (nobody) with
-`setpriv --reuid --regid --clear-groups --no-new-privs` inside the sandbox,
-after bwrap has made its mounts (changing uid clears every capability); the
-Run's workspace, HOME and input files are handed to that uid.
+Worker running as root drops the Agent to a uid of its own (`RunSandbox.uid`,
+gid the same) with `setpriv --reuid --regid --clear-groups --no-new-privs`
+inside the sandbox, after bwrap has made its mounts (changing uid clears every
+capability); the Run's workspace, HOME and input files are handed to that uid.
+Not `nobody`: every process of the host running as nobody could then read an
+Agent's /proc/<pid>/environ (its secrets) or ptrace it. The uid is
+AGENT_UID_BASE + n, n < AGENT_UID_COUNT (0x7E000000 to 0x7E00FFFF), one per
+Run and unique among the Runs a Worker holds (confine.allocate_uid); the
+range lies above systemd's container ranges and below its foreign-UID range,
+and the probe refuses to confine when an account, a group or a subordinate
+id range (/etc/subuid, /etc/subgid) of this host uses any of it
+(`agent_range_problem`). Such a uid has no name: tools that look their user
+up (ssh, `id -un`) say so.
 Running the Worker as an unprivileged user is still better: bwrap then needs
 no privilege at all (a user namespace) and there is one process less per Run.
 
@@ -62,14 +71,16 @@ sandbox can be made here; its answer is cached per Worker process.
 from __future__ import annotations
 
 import functools
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 #: Read-only system directories, those that exist.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
@@ -77,9 +88,13 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 ESSENTIAL_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 #: Single files the Agent needs that may live outside those directories (systemd-resolved's stub file).
 SYSTEM_FILES = ("/etc/resolv.conf",)
-#: Who an Agent runs as when the Worker runs as root (Debian's nobody:nogroup).
-AGENT_UID = 65534
-AGENT_GID = 65534
+#: A root Worker runs each Agent as uid (and gid) AGENT_UID_BASE + n, n < AGENT_UID_COUNT, one of its own:
+#: a range no account of the host may use (checked by the probe), between systemd's container ranges
+#: (up to 0x6FFFFFFF) and its foreign-UID range (0x7FFE0000).
+AGENT_UID_BASE = 0x7E000000
+AGENT_UID_COUNT = 0x10000
+#: Where the subordinate id ranges (rootless containers) are delegated.
+SUBORDINATE_FILES = ("/etc/subuid", "/etc/subgid")
 #: How long the probe's bwrap may take (it takes milliseconds; the hello waits for it).
 PROBE_TIMEOUT_SECONDS = 5.0
 #: What to tell an admin whose Worker cannot make a sandbox.
@@ -111,19 +126,21 @@ class HostView:
     bwrap: str | None
     setpriv: str | None
     mounts: tuple[Mount, ...]
-    root: bool  # the Worker runs as root: Agents are switched to AGENT_UID
+    root: bool  # the Worker runs as root: Agents are switched to a uid of their own
 
 
 @dataclass(frozen=True)
 class RunSandbox:
     """One Run's paths, bound at the same absolute paths inside; the protected paths (symlinks
-    resolved); and the file descriptor bwrap writes its status to."""
+    resolved); the file descriptor bwrap writes its status to; and, for a root Worker, the uid
+    (and gid) its Agent runs as."""
 
     workspace: str
     home: str
     inputs: tuple[str, ...] = ()
     protected: tuple[str, ...] = ()
     status_fd: int | None = None
+    uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,15 +150,15 @@ class SandboxStatus:
     kind: str | None
     version: str | None = None
     reason: str | None = None
-    user: int | None = None  # the uid Agents run as, when the Worker switches them (root)
+    uids: tuple[int, int] | None = None  # first and last uid Agents run as, when the Worker switches them (root)
 
     def hello(self) -> dict[str, Any]:
         """The `sandbox` field of the Worker's hello."""
         if self.kind is None:
             return {"kind": None, "reason": self.reason}
         found: dict[str, Any] = {"kind": self.kind, "version": self.version}
-        if self.user is not None:
-            found["uid"] = self.user
+        if self.uids is not None:
+            found["uids"] = list(self.uids)
         return found
 
 
@@ -156,7 +173,7 @@ def bwrap_argv(host: HostView, run: RunSandbox, argv: Sequence[str]) -> list[str
     out = [host.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--dev", "/dev", "--proc", "/proc"]
     if host.root:
         # bwrap makes /tmp 0755 and the directories on the way to a mount 0700, owned by root: the
-        # Agent's AGENT_UID could neither write the one nor pass the others. An unprivileged
+        # Agent's uid could neither write the one nor pass the others. An unprivileged
         # Worker's Agent owns them (its user namespace), and older bwraps lack --perms.
         out += ["--perms", _TMP_PERMS, "--tmpfs", "/tmp"]
         binds = [m.dest for m in mounts if m.link is None] + [run.workspace, run.home, *run.inputs]
@@ -178,9 +195,11 @@ def bwrap_argv(host: HostView, run: RunSandbox, argv: Sequence[str]) -> list[str
     if host.root:
         if host.setpriv is None:
             raise ValueError("setpriv is not installed")
+        if run.uid is None:
+            raise ValueError("a root Worker's Agent needs a uid of its own")
         # setpriv starts with root's capabilities (bwrap needs them to enter the Agent's
-        # workspace, which AGENT_UID owns) and loses every one when it switches uid.
-        out += ["--", host.setpriv, f"--reuid={AGENT_UID}", f"--regid={AGENT_GID}", "--clear-groups",
+        # workspace, which the Agent's uid owns) and loses every one when it switches uid.
+        out += ["--", host.setpriv, f"--reuid={run.uid}", f"--regid={run.uid}", "--clear-groups",
                 "--inh-caps=-all", "--no-new-privs", "--"]
     else:
         out.append("--")
@@ -265,7 +284,42 @@ def _which(program: str, path: str) -> str | None:
     return os.path.abspath(found) if found else None
 
 
-def hand_over(paths: Sequence[str], uid: int = AGENT_UID, gid: int = AGENT_GID) -> None:
+def agent_range_clashes(ids: Iterable[tuple[str, int]], ranges: Iterable[tuple[str, int, int]]) -> list[str]:
+    """What of this host uses Agents' uid range: `ids` are (what, id) of accounts and groups, `ranges`
+    (what, first, count) of subordinate id ranges. Pure."""
+    low, high = AGENT_UID_BASE, AGENT_UID_BASE + AGENT_UID_COUNT
+    clashes = [f"{what} ({number})" for what, number in ids if low <= number < high]
+    clashes += [f"{what} ({first}-{first + count - 1})" for what, first, count in ranges
+                if first < high and first + count > low]
+    return clashes
+
+
+def agent_range_problem() -> str | None:
+    """Why a root Worker cannot run Agents as uids of their own here, or None: an account, group or
+    subordinate id range of this host (its passwd and group databases, /etc/subuid, /etc/subgid) uses
+    the range."""
+    ids = [(f"user {p.pw_name}", p.pw_uid) for p in pwd.getpwall()]
+    ids += [(f"group {g.gr_name}", g.gr_gid) for g in grp.getgrall()]
+    ranges = []
+    for path in SUBORDINATE_FILES:
+        try:
+            with open(path) as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.strip().split(":")
+            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                ranges.append((f"{path} entry of {fields[0]}", int(fields[1]), int(fields[2])))
+    clashes = agent_range_clashes(ids, ranges)
+    if not clashes:
+        return None
+    return (f"the Worker runs as root, and this host uses the uids its Agents run as "
+            f"({AGENT_UID_BASE}-{AGENT_UID_BASE + AGENT_UID_COUNT - 1}): {', '.join(clashes[:3])}; move those, "
+            "or run the Worker as an unprivileged user")
+
+
+def hand_over(paths: Sequence[str], uid: int, gid: int) -> None:
     """Give a root Worker's Agent its files: each path, and everything under the directories among them."""
     for path in paths:
         os.lchown(path, uid, gid)
@@ -291,6 +345,10 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
         return SandboxStatus(None, reason="the Worker runs as root and setpriv (util-linux) is not on its PATH, "
                                           "so Agents cannot be run as an unprivileged user: install util-linux, "
                                           "or run the Worker as an unprivileged user")
+    if host.root:
+        clash = agent_range_problem()
+        if clash is not None:
+            return SandboxStatus(None, reason=clash)
     hidden = hidden_essential_dirs(host, protected)
     if hidden:
         return SandboxStatus(None, reason=f"the Worker home (or a protected path: {', '.join(protected)}) lies "
@@ -303,9 +361,9 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
         os.mkdir(home, 0o700)
         try:
             if host.root:
-                hand_over([workspace, home])
+                hand_over([workspace, home], AGENT_UID_BASE, AGENT_UID_BASE)
             argv = bwrap_argv(host, RunSandbox(os.path.realpath(workspace), os.path.realpath(home),
-                                               protected=protected), [true])
+                                               protected=protected, uid=AGENT_UID_BASE), [true])
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=PROBE_TIMEOUT_SECONDS, start_new_session=True,
                                   env={"PATH": os.environ.get("PATH", os.defpath)})
@@ -316,7 +374,8 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
         detail = said[-1] if said else f"exit code {done.returncode}"
         return SandboxStatus(None, reason=f"bwrap cannot make a sandbox here ({detail}); it needs user "
                                           "namespaces (or root): see the README's 'Agents run confined'")
-    return SandboxStatus("bwrap", version=version, user=AGENT_UID if host.root else None)
+    last = AGENT_UID_BASE + AGENT_UID_COUNT - 1
+    return SandboxStatus("bwrap", version=version, uids=(AGENT_UID_BASE, last) if host.root else None)
 
 
 def _version(bwrap: str) -> str | None:

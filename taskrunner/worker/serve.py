@@ -11,6 +11,42 @@ not authenticate within AUTH_TIMEOUT_SECONDS is closed. Agents outlive the
 session: when the control plane goes away the loop ends and they keep running;
 the next authenticated session learns of them from `ready` and resumes them
 where asked.
+
+**Before it is authenticated a session touches nothing.** It reads what its
+hello says (its key, its trust store, the sandbox probe) and nothing else: no
+Run is adopted, checked, stopped, killed or judged, no result is written, no
+trash emptied, no ledger pruned. Only once `auth` verifies does it take up
+the Worker home (`_take_up`) and adopt the Runs held there.
+
+**Several sessions on one Worker home.** A reconnect can find the old session
+still lingering (its connection half dead), and anyone holding the daemon's
+SSH key can open more. Every authenticated session adopts every held Run, and
+what they decide they decide through the Run's directory, first writer wins
+(rundir.py): a Run being started is locked by its starter (`starting`) and is
+never judged ended by another session until the starter has recorded its pid
+or its result, or has died; `stop.json` and `result.json` are created once,
+and a session that finds one already there takes it as its own, so every
+session sends the same signed result; acknowledging renames the directory
+away once, and a session whose Run directory is gone forgets the Run. Killing
+a Run's group twice, or streaming it on two sessions, does no harm: the
+control plane listens to its newest session only.
+
+**Output the Agent tampers with.** The Agent's stdout is an O_APPEND fd to
+`output.log`, and nothing stops it from truncating that file (ftruncate) or
+clearing O_APPEND and writing over bytes already sent: no fd to a regular
+file can forbid that without privileges (chattr +a), and a pipe would need a
+reader per Run that outlives the session. So the Worker checks instead. It
+keeps the sha256 of what it has sent (`ActiveRun.digest`; on `resume` it
+hashes the recorded prefix once). A file found shorter than what was sent, or
+whose sent bytes changed by the time the Run ends, fails the Run ("the Agent
+truncated its output", "... rewrote output already sent") with a result that
+covers exactly the bytes sent, so it verifies against what the control plane
+recorded; nothing after them is sent. Once a result is made, nothing past
+its `output_size` is streamed, and a file that can no longer deliver the
+bytes a result covers turns that result into the same failure. Whatever the
+Agent does, one result per attachment is sent, and the control plane
+(engine.py) fails a result that covers less output than it recorded rather
+than ask again.
 """
 
 from __future__ import annotations
@@ -26,7 +62,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 from taskrunner import __version__, agents, bundle
 from taskrunner.defaults import AUTH_TIMEOUT_SECONDS, HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
@@ -65,6 +101,10 @@ class ActiveRun:
     next_probe: float = 0.0  # adopted Runs: when to look at their process group again
     assignment: dict[str, Any] = field(default_factory=dict)  # as in assignment.json
     secrets: list[bytes] = field(default_factory=list)  # values masked in the output sent
+    digest: Any = None  # sha256 of output bytes [0, sent) as sent (masked), when this session knows it
+    frozen: int | None = None  # the Agent tampered with output already sent: the result covers [0, frozen)
+    truncated: bool = False  # the Agent's truncation is noticed (once per session)
+    stop_checked: bool = False  # adopted Runs: a stop.json asked for by an earlier session is carried out
 
 
 class WorkerServer:
@@ -88,15 +128,8 @@ class WorkerServer:
         self._authenticated = False  # the loop's view: set when it takes Authenticated from the inbox
 
     def serve(self) -> None:
-        (self.home / "runs").mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self._trash, ignore_errors=True)  # left by a session that ended mid-removal
-        self._trash.mkdir()
-        threading.Thread(target=self._remove_loop, name="worker-janitor", daemon=True).start()
-        self._ledger.prune(time.time())
-        for run_dir in held_runs(self.home):
-            self._runs[run_dir.run_id] = self._adopt(run_dir)
         trust = self._trust.state()
-        # Before the session is authenticated: nothing about the Runs held here.
+        # Before the session is authenticated: nothing about the Runs held here, and nothing done to them.
         self._send("hello", protocol=PROTOCOL_VERSION, version=__version__, worker=self.name,
                    pid=os.getpid(), agents=available_presets(), slots=self.slots,
                    worker_key=self._key.public_line,
@@ -119,7 +152,7 @@ class WorkerServer:
             except queue.Empty:
                 pass
             for run in list(self._runs.values()):
-                self._tick(run)
+                self._guarded(run, self._tick)
             if not self._authenticated:
                 if time.monotonic() >= auth_deadline:
                     self._try_send("error", request="auth", message="session closed: not authenticated within "
@@ -153,9 +186,24 @@ class WorkerServer:
         proc.wait()
         self._inbox.put(_EXITED)
 
+    def _take_up(self) -> None:
+        """The session is authenticated: tidy the Worker home and adopt every Run held there."""
+        (self.home / "runs").mkdir(parents=True, exist_ok=True)
+        self._trash.mkdir(exist_ok=True)
+        threading.Thread(target=self._remove_loop, name="worker-janitor", daemon=True).start()
+        for left in self._trash.iterdir():  # left by a session that ended mid-removal
+            self._removals.put(left)
+        self._ledger.prune(time.time())
+        for run_dir in held_runs(self.home):
+            try:
+                self._runs[run_dir.run_id] = self._adopt(run_dir)
+            except FileNotFoundError:
+                pass  # acknowledged by another session meanwhile
+
     def _handle(self, message: Message | Authenticated | Assignment) -> None:
         if isinstance(message, Authenticated):
             self._authenticated = True
+            self._take_up()
             self._send("ready", runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
                                        "size": r.dir.output_size()} for r in self._runs.values()])
             return
@@ -171,8 +219,10 @@ class WorkerServer:
         if message.type == "resume":
             run.attached = True
             run.sent = int(message["offset"])
+            if run.frozen is None:
+                run.digest = self._prefix_digest(run, run.sent)
         elif message.type == "cancel":
-            self._stop(run, "CANCELLED", message.get("reason") or "cancelled")
+            self._guarded(run, lambda r: self._stop(r, "CANCELLED", message.get("reason") or "cancelled"))
         elif message.type == "ack":
             if run.result is not None:
                 if run.log:
@@ -204,6 +254,17 @@ class WorkerServer:
             self._send("error", run_id=run_dir.run_id, request="assign", message=str(exc))
             return
         run_dir.path.mkdir(parents=True)
+        # Until the pid (or the result) is on disk, other sessions see this Run as being started.
+        starting = run_dir.begin_start()
+        try:
+            started = self._start(run_dir, manifest, archive, now)
+        finally:
+            run_dir.end_start(starting)
+        if started is not None:
+            self._send("started", run_id=run_dir.run_id, pid=started, started_at=now)
+
+    def _start(self, run_dir: RunDir, manifest: dict[str, Any], archive: bytes, now: float) -> int | None:
+        """Start the Agent of a Run whose directory is made and locked: its pid, or None when the Run failed."""
         timeout = manifest.get("timeout")
         deadline = now + float(timeout) if timeout else None
         names = list(manifest.get("agent", {}).get("env") or [])
@@ -211,8 +272,10 @@ class WorkerServer:
                                                "nonce", "seq")}
         assignment = {"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline}
         run_dir.write_assignment(assignment)
-        run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment)
+        run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment, digest=hashlib.sha256())
         self._runs[run_dir.run_id] = run
+        # O_APPEND: every write of the Agent lands at the end. It can still truncate the file or clear
+        # the flag; the Worker notices that (see the module doc).
         with open(run_dir.output, "ab") as out:
             try:
                 bundle.extract(manifest, archive, run_dir.workspace, self.limits)
@@ -226,13 +289,13 @@ class WorkerServer:
             except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
                 # Whatever is wrong with one assignment fails that Run, not the session.
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
-                return
+                return None
             try:
                 # Confined in bwrap, or unconfined where both sides accept it (confine.py); else the Run fails.
                 launch = self._confinement.launch(run_dir, argv, manifest["agent"], manifest["worker"])
             except (WorkerError, OSError) as exc:
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
-                return
+                return None
             env = agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace, launch.home) | values
             try:
                 # Its own session: no controlling terminal (TIOCSTI), its own process group to kill.
@@ -244,13 +307,13 @@ class WorkerServer:
                 )
             except OSError as exc:
                 self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
-                return
+                return None
             finally:
                 launch.close()
-        threading.Thread(target=self._wait_loop, args=(run.proc,), name="agent-wait", daemon=True).start()
         run.pid = run.proc.pid
         run_dir.write_pid(run.pid)
-        self._send("started", run_id=run_dir.run_id, pid=run.pid, started_at=now)
+        threading.Thread(target=self._wait_loop, args=(run.proc,), name="agent-wait", daemon=True).start()
+        return run.pid
 
     # -- the loop's work on each Run ---------------------------------------
 
@@ -262,6 +325,43 @@ class WorkerServer:
         if run.result is None:
             self._check_exit(run)
         return run
+
+    def _start_recorded(self, run: ActiveRun) -> bool:
+        """For a Run adopted without a pid: True once its Agent's pid is known (run.pid set).
+
+        While the session starting it holds its lock, the Run is being started,
+        not ended. Once the lock is free, the pid or the result is on disk, or
+        the starter died first: then whatever it may have started is killed and
+        the Run fails.
+        """
+        now = time.monotonic()
+        if now < run.next_probe:
+            return False
+        run.next_probe = now + ADOPTED_PROBE_SECONDS
+        if run.dir.being_started():
+            return False
+        run.secrets = secrets.kept(run.dir.path)  # written during the start, before the Agent ran
+        found = run.dir.result()
+        if found is not None:
+            run.result = found  # it failed before its Agent started
+            return False
+        run.pid = run.dir.pid()
+        if run.pid is None:
+            for pgid in run.dir.stray_groups():
+                _signal_group(pgid, signal.SIGKILL)
+            self._finish(run, "FAILED", None, "the Worker session starting the Agent ended before the start was "
+                                              "recorded")
+            return False
+        run.next_probe = 0.0
+        return True
+
+    def _carry_out_stop(self, run: ActiveRun) -> None:
+        """A running Run adopted (or whose start was recorded) after a session was asked to stop it
+        (its stop.json, or this session's, while it was being started) is stopped now."""
+        run.stop_checked = True
+        if run.pid and (run.kill_at is None or run.kill_at == float("inf")) and run.dir.stop() is not None:
+            _signal_group(run.pid, signal.SIGTERM)
+            run.kill_at = time.monotonic() + KILL_GRACE_SECONDS
 
     def _tick(self, run: ActiveRun) -> None:
         if run.result is None:
@@ -289,15 +389,22 @@ class WorkerServer:
             if code is None and returncode >= 0:
                 code = returncode
         else:
-            if run.pid is not None:
-                # Not our child: no waitpid. Probing the group scans /proc, so not every tick.
-                now = time.monotonic()
-                if now < run.next_probe:
-                    return
-                run.next_probe = now + ADOPTED_PROBE_SECONDS
-                if group_alive(run.pid):
-                    return
+            if run.pid is None and not self._start_recorded(run):
+                return
+            assert run.pid is not None
+            # Not our child: no waitpid. Probing the group reads /proc, so not every tick.
+            now = time.monotonic()
+            if now < run.next_probe:
+                return
+            run.next_probe = now + ADOPTED_PROBE_SECONDS
+            if group_alive(run.pid):
+                if not run.stop_checked:
+                    self._carry_out_stop(run)
+                return
             code = run.dir.exit_code()
+        if not run.dir.path.is_dir():
+            self._forget(run)  # another session acknowledged it: its pid may name another group by now
+            return
         stop = run.dir.stop()
         if stop is not None:
             status, error = stop["status"], stop["reason"]
@@ -312,63 +419,156 @@ class WorkerServer:
             _signal_group(run.pid, signal.SIGKILL)
         self._finish(run, status, code, error)
 
-    def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None) -> None:
+    def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None,
+                replace: bool = False) -> None:
+        """Sign the Run's result and write it, unless another session did first (then that one stands).
+
+        `replace`: the Run had a result, but its output no longer holds what
+        that result covers (see `_truncated`).
+        """
         assignment = run.assignment
-        size, digest = self._output_digest(run)
+        size, digest, problem = self._output_digest(run)
+        if problem is not None and status != "CANCELLED":
+            status, error = "FAILED", problem
         result = {
             "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,
             "started_at": assignment.get("assigned_at"), "finished_at": time.time(),
             "output_size": size, "output_sha256": digest, "nonce": assignment.get("nonce"),
         }
         body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
-        run.result = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
-        run.dir.write_result(run.result)
+        made = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
+        if replace:
+            run.dir.write_result(made)
+        elif not run.dir.create_result(made):
+            made = run.dir.result() or made  # another session judged the Run first: one outcome, the same
+        run.result = made
 
-    def _output_digest(self, run: ActiveRun) -> tuple[int, str]:
-        """Size and sha256 of the output as the control plane records it (secrets masked)."""
-        digest = hashlib.sha256()
+    def _output_digest(self, run: ActiveRun) -> tuple[int, str, str | None]:
+        """Size and sha256 of the output the result covers (secrets masked), and what the Agent did to it.
+
+        Normally the whole output.log. When this session knows the digest of
+        what it sent and the file is now shorter, or its first `sent` bytes are
+        no longer what was sent, the result covers what was sent instead, and
+        the third value says why the Run fails.
+        """
+        if run.frozen is not None:
+            return run.frozen, run.digest.hexdigest(), None
         size = run.dir.output_size()
+        sent = run.sent if run.digest is not None else 0
+        if sent > size:
+            run.frozen = sent
+            return sent, run.digest.hexdigest(), _truncation(sent, size)
+        digest = hashlib.sha256()
         try:
             with open(run.dir.output, "rb") as log:
-                for start in range(0, size, DIGEST_CHUNK_BYTES):
-                    end = min(size, start + DIGEST_CHUNK_BYTES)
-                    digest.update(secrets.masked_range(log, start, end, size, run.secrets) if run.secrets
-                                  else log.read(end - start))
+                start = 0
+                for end in sorted({*range(DIGEST_CHUNK_BYTES, size, DIGEST_CHUNK_BYTES), size, sent} - {0}):
+                    digest.update(self._read_masked(run, log, start, end, size))
+                    start = end
+                    if end == sent and digest.hexdigest() != run.digest.hexdigest():
+                        run.frozen = sent
+                        return sent, run.digest.hexdigest(), "the Agent rewrote output already sent"
         except FileNotFoundError:
             size = 0
-        return size, digest.hexdigest()
+        return size, digest.hexdigest(), None
+
+    def _prefix_digest(self, run: ActiveRun, offset: int) -> Any:
+        """sha256 of output bytes [0, offset) as they were sent (masked); None if the file no longer has them.
+
+        Read once per `resume`, so that tampering with output sent before it
+        is noticed too.
+        """
+        size = run.dir.output_size()
+        if offset > size:
+            return None
+        digest = hashlib.sha256()
+        try:
+            with open(run.dir.output, "rb") as log:
+                for start in range(0, offset, DIGEST_CHUNK_BYTES):
+                    digest.update(self._read_masked(run, log, start, min(offset, start + DIGEST_CHUNK_BYTES), size))
+        except FileNotFoundError:
+            return None if offset else digest
+        return digest
+
+    @staticmethod
+    def _read_masked(run: ActiveRun, log: IO[bytes], start: int, end: int, size: int) -> bytes:
+        if run.secrets:
+            return secrets.masked_range(log, start, end, size, run.secrets)
+        log.seek(start)
+        return log.read(end - start)
 
     def _stop(self, run: ActiveRun, status: str, reason: str) -> None:
-        if run.result is not None or run.dir.stop() is not None:
+        if run.result is not None or run.kill_at is not None:
             return
-        run.dir.write_stop(status, reason)
+        run.dir.create_stop(status, reason)  # unless a session gave a reason first: that one stands
         if run.pid:
             _signal_group(run.pid, signal.SIGTERM)
             run.kill_at = time.monotonic() + KILL_GRACE_SECONDS
         else:
+            run.kill_at = float("inf")  # being started by another session: stopped once its pid is known
             self._check_exit(run)
 
+    def _truncated(self, run: ActiveRun, size: int) -> None:
+        """output.log holds less than was sent, or than the result covers: the Agent truncated it."""
+        if run.truncated:
+            return
+        if not run.dir.path.is_dir():
+            self._forget(run)  # not truncated: acknowledged and removed on another session
+            return
+        run.truncated = True
+        reason = _truncation(run.sent, size)
+        if run.digest is not None:
+            run.frozen = run.sent  # the result covers exactly what the control plane has
+        if run.result is None:
+            self._stop(run, "FAILED", reason)
+        else:
+            self._finish(run, "FAILED", run.result.get("exit_code"), reason, replace=True)
+
     def _stream(self, run: ActiveRun) -> None:
+        if run.result is None and run.pid is None:
+            return  # still being started by another session: no output yet, nor the secrets to mask it
         size = run.dir.output_size()
-        if run.sent >= size:
+        # What there is to send: all the output of a running Run; of a finished one, what its result covers.
+        owed = size if run.result is None else run.result["output_size"]
+        if run.frozen is not None:
+            owed = min(owed, run.frozen)
+        if run.sent >= owed:
+            if run.result is None and size < run.sent:
+                self._truncated(run, size)  # below what was sent already
+            return
+        if size < owed and run.result is not None:
+            self._truncated(run, size)  # the result covers bytes the file no longer holds
             return
         if run.log is None:
             run.log = open(run.dir.output, "rb")
-        end = secrets.safe_end(run.log, size, run.result is not None, run.secrets)
+        size = owed if run.result is not None else size  # masked as the result's digest was
+        end = min(owed, secrets.safe_end(run.log, size, run.result is not None, run.secrets))
         if run.sent >= end:
             return
-        if not run.secrets:
-            run.log.seek(run.sent)
         while run.sent < end:
             stop = min(end, run.sent + OUTPUT_CHUNK_BYTES)
-            if run.secrets:
-                chunk = secrets.masked_range(run.log, run.sent, stop, size, run.secrets)
-            else:
-                chunk = run.log.read(stop - run.sent)
+            chunk = self._read_masked(run, run.log, run.sent, stop, size)
             if not chunk:
                 break
             self._send("output", payload=chunk, run_id=run.dir.run_id, offset=run.sent)
             run.sent += len(chunk)
+            if run.digest is not None:
+                run.digest.update(chunk)
+
+    def _guarded(self, run: ActiveRun, action: Callable[[ActiveRun], None]) -> None:
+        """Do `action` on a Run; if its directory is gone (acknowledged on another session), forget the Run."""
+        try:
+            action(run)
+        except FileNotFoundError:
+            if run.dir.path.is_dir():
+                raise
+            self._forget(run)
+
+    def _forget(self, run: ActiveRun) -> None:
+        if run.log:
+            run.log.close()
+        if self._runs.get(run.dir.run_id) is run:
+            del self._runs[run.dir.run_id]
 
     def _close(self) -> None:
         for run in self._runs.values():
@@ -413,6 +613,8 @@ def available_presets() -> list[str]:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    if pgid <= 1:
+        return  # 0 is this process's own group, 1 init's: never a Run's
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -420,5 +622,8 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def _seconds(run: ActiveRun) -> str:
-    assignment = run.dir.assignment()
-    return f"{assignment.get('timeout')}s"
+    return f"{run.assignment.get('timeout')}s"
+
+
+def _truncation(sent: int, size: int) -> str:
+    return f"the Agent truncated its output: {sent} bytes were sent, output.log now holds {size}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
+import re
 import shlex
 import stat
 import subprocess
@@ -25,6 +27,7 @@ from typing import Iterator
 import pytest
 
 from taskrunner import keys
+from taskrunner.worker.sandbox import AGENT_UID_BASE, AGENT_UID_COUNT
 from tests.agentprobes import Gate, marker, processes_named
 from tests.conftest import Daemon, run_record, task_record, taskrun, wait_status, wait_until, write_task
 from tests.sshd import SshdHost, start_sshd
@@ -141,8 +144,10 @@ def test_an_agent_cannot_see_or_change_what_is_not_its_own(repo: Path, worker: W
     monkeypatch.setenv("TASKRUN_TEST_UNNAMED", UNNAMED)  # in the daemon's, so the local Worker's, environment
     daemon.start()
     # Another Run, held open by a gate: its directory is what the hostile Run reaches for.
-    write_task(repo, "victim", f"echo victim\nuntil {gate.check}; do sleep 0.05; done\necho released")
-    wait_until(lambda: _output(repo, "victim") == "victim\n", 30, "the victim Run to start")
+    write_task(repo, "victim", f'echo "victim uid=$(id -u)"\nuntil {gate.check}; do sleep 0.05; done\necho released')
+    started = wait_until(lambda: re.fullmatch(r"victim uid=(\d+)\n", _output(repo, "victim")), 30,
+                         "the victim Run to start")
+    victim_uid = int(started.group(1))
     victim_id = (run_record(repo, "victim", 1) or {})["run_id"]
     victim = worker.home / "runs" / victim_id
 
@@ -193,13 +198,21 @@ def test_an_agent_cannot_see_or_change_what_is_not_its_own(repo: Path, worker: W
     assert "token-ok" in output and SECRET not in output and "token=" + "*" * len(SECRET) in output
     # Its own PID namespace: a handful of processes, not the host's.
     assert int(output.split("PROCS ")[1].split()[0]) < 10
-    if os.geteuid() == 0:  # a root Worker's Agent runs as nobody, not as root
-        assert "uid=65534" in output
+    uid = int(re.findall(r"^uid=(\d+)$", output, re.M)[0])
+    if os.geteuid() == 0:
+        # A root Worker's Agent runs as a uid of its own: not root, not nobody (whose other processes could
+        # read its environment), not any account's, and not the uid of another Run the Worker holds.
+        assert AGENT_UID_BASE <= uid < AGENT_UID_BASE + AGENT_UID_COUNT and uid != victim_uid
+        assert AGENT_UID_BASE <= victim_uid < AGENT_UID_BASE + AGENT_UID_COUNT
+        with pytest.raises(KeyError):
+            pwd.getpwuid(uid)
+    else:
+        assert uid == victim_uid == os.geteuid()
 
     # The victim was not disturbed.
     gate.open()
     wait_status(repo, "victim", "COMPLETED")
-    assert _output(repo, "victim") == "victim\nreleased\n"
+    assert _output(repo, "victim") == f"victim uid={victim_uid}\nreleased\n"
 
 
 def _spawn_leftovers(name: str) -> str:
@@ -234,6 +247,19 @@ def test_no_process_of_a_run_outlives_it_whether_it_ends_is_cancelled_or_times_o
     record = wait_status(repo, "slow", "FAILED")
     assert "timed out" in record["error"]
     wait_until(lambda: not processes_named(slow), 10, "the timed-out Run's processes to be gone")
+
+
+def test_an_agent_that_truncates_its_output_ends_its_run_failed_once_saying_so(
+        repo: Path, worker: Worker, daemon: Daemon) -> None:
+    daemon.start()
+    write_task(repo, "shrinks", "echo hello\nsleep 1\n"
+                                f"{shlex.quote(sys.executable)} -c 'import os; os.ftruncate(1, 0)'\nsleep 1\necho done")
+    record = wait_status(repo, "shrinks", "FAILED", timeout=60)
+    runs = [run_record(repo, "shrinks", n) for n in range(1, len(record["runs"]) + 1)]
+    assert runs and all(r and r["status"] == "FAILED" for r in runs), runs
+    for number, run in enumerate(runs, 1):
+        assert run and run["error"].startswith("the Agent truncated its output: 6 bytes were sent, "), run
+        assert _output(repo, "shrinks", number) == "hello\n"  # what was sent, and nothing after it
 
 
 # -- a Worker that cannot confine Agents ---------------------------------------------------------

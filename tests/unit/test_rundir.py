@@ -66,11 +66,49 @@ def test_the_files_the_worker_writes_for_a_run_are_its_own(tmp_path: Path) -> No
     run = RunDir(tmp_path)
     run.write_assignment({"run_id": "r"})
     run.write_pid(123)
-    run.write_stop("CANCELLED", "asked")
-    run.write_result({"status": "CANCELLED"})
-    for name in ("assignment.json", "pid", "stop.json", "result.json"):
+    run.write_agent_uid(0x7E000005)
+    assert run.create_stop("CANCELLED", "asked")
+    assert run.create_result({"status": "CANCELLED"})
+    for name in ("assignment.json", "pid", "agent_uid", "stop.json", "result.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
-    assert run.pid() == 123
+    assert (run.pid(), run.agent_uid()) == (123, 0x7E000005)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent_uid", "assignment.json", "pid", "result.json",
+                                                          "stop.json"]  # no temp file left behind
+
+
+def test_the_first_session_to_stop_or_judge_a_run_has_the_last_word(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    assert run.create_stop("CANCELLED", "asked") and not run.create_stop("FAILED", "timed out")
+    assert run.stop() == {"status": "CANCELLED", "reason": "asked"}
+    assert run.create_result({"status": "CANCELLED", "by": "first"})
+    assert not run.create_result({"status": "FAILED", "by": "second"})
+    assert run.result() == {"status": "CANCELLED", "by": "first"}
+
+
+def test_a_run_is_being_started_while_its_starter_holds_the_lock_and_not_after(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    assert not run.being_started()  # no lock file: an older Worker's Run, or one whose start is recorded
+    held = run.begin_start()
+    assert run.being_started()
+    run.end_start(held)
+    assert not run.being_started() and not (tmp_path / "starting").exists()
+    # A starter that died: its lock file is left, the kernel dropped its lock.
+    os.close(run.begin_start())
+    assert (tmp_path / "starting").exists() and not run.being_started()
+
+
+def test_the_groups_a_starter_left_unrecorded_are_found_by_the_run_directory_in_their_argv(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "runs" / "r1")
+    run.workspace.mkdir(parents=True)
+    other = RunDir(tmp_path / "runs" / "r2")
+    agent = subprocess.Popen(wrapped(run.path, ["sleep", "30"]), start_new_session=True)
+    bystander = subprocess.Popen(wrapped(other.path, ["sleep", "30"]), start_new_session=True)
+    try:
+        assert run.stray_groups() == [agent.pid]
+    finally:
+        for proc in (agent, bystander):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_a_run_has_ended_once_its_group_leader_has_whatever_it_left_behind(tmp_path: Path) -> None:

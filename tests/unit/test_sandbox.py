@@ -3,7 +3,9 @@ and an Agent's environment: the argv builder as a pure function, then real bwrap
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -20,15 +22,18 @@ from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.keys import Keyring
 from taskrunner.model import Priority, TaskStatus
 from taskrunner.worker import serve as serve_module
-from taskrunner.worker.confine import TURNED_OFF, Confinement, SandboxRefused, decide
+from taskrunner.worker.confine import TURNED_OFF, Confinement, SandboxRefused, allocate_uid, decide
 from taskrunner.worker.gate import GateRefused, parse_gate_command
 from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.sandbox import (
-    AGENT_UID,
+    AGENT_UID_BASE,
+    AGENT_UID_COUNT,
     HostView,
     Mount,
     RunSandbox,
     SandboxStatus,
+    agent_range_clashes,
+    agent_range_problem,
     bwrap_argv,
     hand_over,
     hidden_essential_dirs,
@@ -57,6 +62,8 @@ def host(*mounts: Mount, root: bool = False) -> HostView:
 
 RUN = RunSandbox(workspace="/srv/w/runs/r1/workspace", home="/srv/w/runs/r1/home",
                  inputs=("/srv/w/runs/r1/script.sh",), protected=("/srv/w",), status_fd=7)
+#: The uid the real sandboxes of these tests run their Agent as, when the test runs as root.
+AGENT = AGENT_UID_BASE + 1
 
 
 def pairs(argv: list[str], option: str, width: int = 2) -> list[tuple[str, ...]]:
@@ -123,13 +130,16 @@ def test_only_essential_directories_that_a_protected_path_takes_away_leave_no_sa
     assert hidden_essential_dirs(view, ["/usr/local/worker"]) == ["/usr"]
 
 
-def test_a_root_worker_runs_the_agent_as_nobody_through_setpriv_in_traversable_directories() -> None:
+def test_a_root_worker_runs_the_agent_as_its_own_uid_through_setpriv_in_traversable_directories() -> None:
     view = host(USR, BIN, ETC, Mount("/root/.pyenv/versions/3.11", "/root/.pyenv/versions/3.11",
                                      source="/root/.pyenv/versions/3.11"), root=True)
-    argv = bwrap_argv(view, RUN, ["bash", "x"])
+    with pytest.raises(ValueError, match="needs a uid of its own"):
+        bwrap_argv(view, RUN, ["bash", "x"])
+    argv = bwrap_argv(view, dataclasses.replace(RUN, uid=AGENT_UID_BASE + 7), ["bash", "x"])
 
     end = argv.index("--")
-    assert argv[end + 1:] == ["/usr/bin/setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups",
+    uid = AGENT_UID_BASE + 7
+    assert argv[end + 1:] == ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                               "--inh-caps=-all", "--no-new-privs", "--", "bash", "x"]
     assert argv[argv.index("--tmpfs") - 2:argv.index("--tmpfs") + 2] == ["--perms", "01777", "--tmpfs", "/tmp"]
     made = [argv[i + 1] for i, word in enumerate(argv[:end]) if word == "--dir"]
@@ -140,11 +150,50 @@ def test_a_root_worker_runs_the_agent_as_nobody_through_setpriv_in_traversable_d
     assert max(i for i, w in enumerate(argv) if w == "--dir") < argv.index("--ro-bind")
 
 
+def test_agents_uids_lie_in_a_range_no_account_of_this_host_uses() -> None:
+    # Above systemd's container ranges, below its foreign-UID range, far from nobody (65534).
+    assert 0x6FFFFFFF < AGENT_UID_BASE and AGENT_UID_BASE + AGENT_UID_COUNT <= 0x7FFE0000
+    assert agent_range_problem() is None
+    assert not any(AGENT_UID_BASE <= p.pw_uid < AGENT_UID_BASE + AGENT_UID_COUNT for p in pwd.getpwall())
+    clashes = agent_range_clashes([("user nobody", 65534), ("user squatter", AGENT_UID_BASE + 3),
+                                   ("group g", AGENT_UID_BASE + AGENT_UID_COUNT)],
+                                  [("/etc/subuid entry of alice", 100000, 65536),
+                                   ("/etc/subuid entry of bob", AGENT_UID_BASE - 10, 11)])
+    assert clashes == [f"user squatter ({AGENT_UID_BASE + 3})",
+                       f"/etc/subuid entry of bob ({AGENT_UID_BASE - 10}-{AGENT_UID_BASE})"]
+
+
+def test_a_root_worker_on_a_host_whose_accounts_use_the_agents_range_confines_nothing_and_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("taskrunner.worker.sandbox.agent_range_problem",
+                        lambda: "this host uses the uids its Agents run as: user squatter (2113929219)")
+    status = probe(HostView("/nonexistent/bwrap-for-the-range-test", "/usr/bin/setpriv", (USR, BIN, ETC), True))
+    assert status.kind is None and "user squatter" in (status.reason or "")
+
+
+def test_each_run_held_gets_a_uid_of_its_own_recorded_in_its_directory(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    runs = [RunDir.at(home, f"r{i}") for i in range(4)]
+    for run in runs:
+        run.path.mkdir(parents=True)
+    uids = [allocate_uid(home, run) for run in runs]
+    assert len(set(uids)) == len(uids)
+    assert all(AGENT_UID_BASE <= uid < AGENT_UID_BASE + AGENT_UID_COUNT for uid in uids)
+    assert [run.agent_uid() for run in runs] == uids
+    # The search starts at a number derived from the run id; a uid another Run holds is skipped.
+    (runs[0].path / "agent_uid").unlink()
+    assert allocate_uid(home, runs[0]) == uids[0]
+    squatter = RunDir.at(home, "squatter")
+    squatter.path.mkdir()
+    squatter.write_agent_uid(uids[0])
+    assert allocate_uid(home, runs[0]) not in {*uids, AGENT_UID_BASE + AGENT_UID_COUNT}
+
+
 def test_without_bwrap_or_for_a_root_worker_without_setpriv_there_is_no_argv() -> None:
     with pytest.raises(ValueError, match="bwrap"):
         bwrap_argv(HostView(None, "/usr/bin/setpriv", (USR,), False), RUN, ["true"])
     with pytest.raises(ValueError, match="setpriv"):
-        bwrap_argv(HostView("/usr/bin/bwrap", None, (USR,), True), RUN, ["true"])
+        bwrap_argv(HostView("/usr/bin/bwrap", None, (USR,), True), dataclasses.replace(RUN, uid=AGENT), ["true"])
 
 
 # ---------------------------------------------------------------- the host's view
@@ -174,7 +223,10 @@ def test_the_probe_finds_a_working_bwrap_once_per_process() -> None:
     view = host_view()
     status = probe(view, ["/nonexistent/worker-home"])
     assert status.kind == "bwrap" and status.version and status.reason is None
-    assert status.user == (AGENT_UID if os.geteuid() == 0 else None)
+    last = AGENT_UID_BASE + AGENT_UID_COUNT - 1
+    assert status.uids == ((AGENT_UID_BASE, last) if os.geteuid() == 0 else None)
+    assert status.hello() == {"kind": "bwrap", "version": status.version,
+                              **({"uids": [AGENT_UID_BASE, last]} if os.geteuid() == 0 else {})}
     assert probe(view, ["/nonexistent/worker-home"]) is status
 
 
@@ -211,10 +263,10 @@ def _confined(run_dir: Path, script: str, view: HostView, status_fd: int | None 
     (run_dir / "script.sh").write_text(script)
     (run_dir / "script.sh").chmod(0o600)
     paths = [str(run_dir / "workspace"), str(run_dir / "home"), str(run_dir / "script.sh")]
-    if os.geteuid() == 0:  # the Agent runs as AGENT_UID: as a root Worker's, or as the unprivileged Worker
-        hand_over(paths)
+    if os.geteuid() == 0:  # the Agent runs as AGENT: as a root Worker's, or as the unprivileged Worker
+        hand_over(paths, AGENT, AGENT)
     sandbox = RunSandbox(paths[0], paths[1], (paths[2],), protected=(str(run_dir.parent.parent),),
-                         status_fd=status_fd)
+                         status_fd=status_fd, uid=AGENT if view.root else None)
     return bwrap_argv(view, sandbox, ["bash", "-eu", paths[2]])
 
 
@@ -243,15 +295,15 @@ def test_an_unprivileged_worker_makes_the_same_sandbox_in_a_user_namespace(run_d
     # What a Worker running as an ordinary user runs: no setpriv, bwrap without privileges.
     view = host_view(path="/usr/bin:/bin", prefixes=())
     view = HostView(view.bwrap, None, view.mounts, root=False)
-    hand_over([str(run_dir.parent.parent)])
+    hand_over([str(run_dir.parent.parent)], AGENT, AGENT)
     argv = _confined(run_dir, "id -u\ntouch made-here\nhead -c1 /etc/shadow 2>/dev/null && echo LEAK\n"
                               "touch ../escape 2>/dev/null; ls /proc | grep -c '^[0-9]'\n", view)
-    done = subprocess.run(["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups", *argv],
+    done = subprocess.run(["setpriv", f"--reuid={AGENT}", f"--regid={AGENT}", "--clear-groups", *argv],
                           capture_output=True, text=True, timeout=30, cwd="/", start_new_session=True)
 
     assert done.returncode == 0, done.stderr
     uid, processes = done.stdout.split()
-    assert uid == str(AGENT_UID) and int(processes) < 5
+    assert uid == str(AGENT) and int(processes) < 5
     assert (run_dir / "workspace" / "made-here").exists()
     assert not (run_dir / "escape").exists()
 
@@ -426,4 +478,4 @@ def test_why_a_root_worker_needs_setpriv_bwraps_own_uid_switch_keeps_root_on_dis
     subprocess.run([*common, "--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "touch",
                     "switched"], check=True, timeout=30)
     assert (run_dir / "workspace" / "mapped").stat().st_uid == 0
-    assert (run_dir / "workspace" / "switched").stat().st_uid == AGENT_UID
+    assert (run_dir / "workspace" / "switched").stat().st_uid == 65534

@@ -3,8 +3,12 @@ has not given it can do on a real WorkerServer (nothing: no Run listed, streamed
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -16,6 +20,7 @@ from taskrunner.protocol import Message
 from taskrunner.sessionauth import AuthRefused, auth_envelope, new_challenge, verify_auth
 from taskrunner.signing import BUNDLE_TYPE, TRUST_TYPE, SigningKey, sign
 from taskrunner.worker import serve as serve_module
+from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.trust import worker_key
 from tests.signed import ControlPlane, enroll
 from tests.unit.test_worker_serve import Session, outcome, output_of, poll_until
@@ -192,3 +197,34 @@ def test_an_authenticated_session_lists_its_runs_only_in_ready(
     second.send_message(cp.auth(hello))
     ready = second.next()
     assert ready.type == "ready" and [r["run_id"] for r in ready["runs"]] == [run_id]
+
+
+def test_a_session_that_never_authenticates_adopts_checks_stops_and_judges_no_run(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_module, "AUTH_TIMEOUT_SECONDS", 1.0)
+    # A Run the daemon's session is still starting (its archive being extracted: no pid yet) ...
+    starting = RunDir.at(home, "run-starting")
+    starting.path.mkdir(parents=True)
+    lock = os.open(starting.path / "starting", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # rundir.py's starting lock, as the starting session holds it
+    starting.write_assignment({"run_id": "run-starting", "assigned_at": time.time(), "deadline": None})
+    # ... and one past its deadline whose Agent still runs.
+    overdue = RunDir.at(home, "run-overdue")
+    overdue.path.mkdir()
+    overdue.write_assignment({"run_id": "run-overdue", "assigned_at": time.time() - 60, "deadline": time.time() - 1,
+                              "timeout": 59})
+    agent = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    overdue.write_pid(agent.pid)
+    try:
+        stranger = sessions()
+        assert stranger.next().type == "hello"
+        error = stranger.next(timeout=10)
+        assert error["request"] == "auth" and "not authenticated within" in error["message"]
+        poll_until(lambda: not stranger.serving, "the session to end")
+        for run in (starting, overdue):
+            assert run.result() is None and run.stop() is None, run.run_id
+        assert agent.poll() is None, "an unauthenticated session stopped a Run"
+    finally:
+        os.close(lock)
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
 import json
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,8 +29,9 @@ from taskrunner.defaults import BUNDLE_TTL_SECONDS, CLOCK_SKEW_SECONDS
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.results import ResultRejected, verified_result
 from taskrunner.signing import SigningKey
-from taskrunner.worker.rundir import RunDir
-from taskrunner.worker.serve import WorkerServer
+from taskrunner import bundle
+from taskrunner.worker.rundir import RunDir, wrapped
+from taskrunner.worker.serve import ADOPTED_PROBE_SECONDS, WorkerServer
 from taskrunner.worker.trust import worker_key
 from tests.signed import NO_HURRY, TASK_FILE, ControlPlane, enroll, signed_result
 
@@ -917,3 +921,162 @@ def test_a_secret_is_masked_on_resume_even_if_the_new_session_no_longer_has_it(
     flag.touch()
     messages = second.until("result", "run-secret-gone")
     assert SECRET.encode() not in output_of(messages, "run-secret-gone")
+
+
+# ---------------------------------------------------------------- several sessions on one Worker home
+
+
+def test_a_run_another_session_is_still_starting_is_neither_judged_by_a_stranger_nor_by_a_new_session(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    extracting, release = threading.Event(), threading.Event()
+    extract = bundle.extract
+
+    def slow_extract(*args: Any, **kwargs: Any) -> Any:
+        extracting.set()
+        release.wait(DEADLINE)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(bundle, "extract", slow_extract)
+    first = sessions()
+    first.authenticate(cp)
+    assign(first, cp, "run-slow-start", "echo started")
+    poll_until(extracting.is_set, "the first session to be extracting the archive")
+    run = home / "runs" / "run-slow-start"
+    assert (run / "assignment.json").exists() and not (run / "pid").exists()
+
+    # The daemon's SSH key alone opens a session, reads hello, goes: it touched nothing.
+    stranger = sessions()
+    assert stranger.next().type == "hello"
+    stranger.close_input()
+    # A reconnect while the first session still starts the Run: it goes on, it has not ended.
+    second = sessions()
+    assert second.authenticate(cp)["runs"] == [{"run_id": "run-slow-start", "state": "running", "size": 0}]
+    second.send("resume", run_id="run-slow-start", offset=0)
+    time.sleep(5 * ADOPTED_PROBE_SECONDS)
+    assert not (run / "result.json").exists() and not (run / "stop.json").exists()
+
+    release.set()
+    messages = first.until("result", "run-slow-start")
+    assert outcome(first, messages[-1])["status"] == "COMPLETED"
+    resumed = second.until("result", "run-slow-start")
+    assert output_of(resumed, "run-slow-start") == b"started\n"
+    # Both sessions judged it: the first to write its result decided, the other sends the same one.
+    assert resumed[-1]["envelope"] == messages[-1]["envelope"]
+
+
+def test_a_run_cancelled_while_another_session_starts_it_is_stopped_once_its_agent_runs(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    extract = bundle.extract
+    monkeypatch.setattr(bundle, "extract", lambda *a, **k: release.wait(DEADLINE) and extract(*a, **k))
+    first = sessions()
+    first.authenticate(cp)
+    assign(first, cp, "run-cancel-early", "echo started\nsleep 60")
+    poll_until(lambda: (home / "runs" / "run-cancel-early" / "assignment.json").exists(), "the start to begin")
+    second = sessions()
+    second.authenticate(cp)
+    second.send("cancel", run_id="run-cancel-early", reason="user asked")
+    second.send("resume", run_id="run-cancel-early", offset=0)
+    release.set()
+    pid = first.until("started", "run-cancel-early")[-1]["pid"]
+    result = outcome(second, second.until("result", "run-cancel-early", timeout=10)[-1])
+    assert (result["status"], result["error"]) == ("CANCELLED", "user asked")
+    poll_until(lambda: group_gone(pid), "the cancelled Run's process group to be gone")
+
+
+def test_a_run_whose_starter_died_before_recording_its_agent_fails_and_that_agent_is_killed(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
+    run = RunDir.at(home, "run-orphan")
+    run.path.mkdir(parents=True)
+    os.close(run.begin_start())  # the starter died holding it: the kernel dropped its lock
+    run.write_assignment({"run_id": "run-orphan", "assigned_at": time.time(), "deadline": None, "nonce": "n1"})
+    # It got as far as starting the Agent, not as far as writing its pid.
+    agent = subprocess.Popen(wrapped(run.path, ["sleep", "60"]), start_new_session=True)
+    try:
+        session = sessions()
+        assert session.authenticate(cp)["runs"] == [{"run_id": "run-orphan", "state": "finished", "size": 0}]
+        assert agent.wait(timeout=10) == -signal.SIGKILL
+        session.send("resume", run_id="run-orphan", offset=0)
+        result = outcome(session, session.until("result", "run-orphan")[-1])
+        assert result["status"] == "FAILED"
+        assert result["error"] == "the Worker session starting the Agent ended before the start was recorded"
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+
+
+def test_two_live_sessions_send_one_result_and_an_ack_on_one_is_forgotten_by_the_other(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
+    first = sessions()
+    first.authenticate(cp)
+    assign(first, cp, "run-both", "echo one\nwhile [ ! -e go ]; do sleep 0.02; done\necho two")
+    first.until("output", "run-both")
+    second = sessions()  # the first lingers: its control plane reconnected
+    second.authenticate(cp)
+    second.send("resume", run_id="run-both", offset=0)
+    go_flag(home, "run-both").touch()
+    mine = first.until("result", "run-both")[-1]
+    theirs = second.until("result", "run-both")[-1]
+    assert theirs["envelope"] == mine["envelope"]
+
+    second.send("ack", run_id="run-both")
+    poll_until(lambda: not (home / "runs" / "run-both").exists(), "the acknowledged Run's directory to be removed")
+    first.send("resume", run_id="run-both", offset=0)
+    first.send("cancel", run_id="unknown", reason="x")
+    assert first.next()["run_id"] == "unknown"  # still serving; the Run is forgotten, not failed
+    first.send("resume", run_id="run-both", offset=0)
+    error = first.next()
+    assert error.type == "error" and error["message"] == "this Worker holds no Run run-both"
+
+
+# ---------------------------------------------------------------- an Agent tampering with its output
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(("tamper", "said"), [
+    ("import os; os.ftruncate(1, 0)", "the Agent truncated its output: 6 bytes were sent, output.log now holds 0"),
+    # Clears O_APPEND, then writes over a byte already sent (pwrite on an O_APPEND fd appends on Linux).
+    ("import fcntl, os; fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) & ~os.O_APPEND); "
+     "os.pwrite(1, b'J', 0)", "the Agent rewrote output already sent"),
+], ids=["truncated", "rewritten"])
+def test_an_agent_that_tampers_with_output_already_sent_fails_with_a_result_covering_what_was_sent(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path, tamper: str, said: str) -> None:
+    session = sessions()
+    session.authenticate(cp)
+    assign(session, cp, "run-tamper", "echo hello\nwhile [ ! -e go ]; do sleep 0.02; done\n"
+                                      f"{sys.executable} -c \"{tamper}\"\nsleep 0.5")
+    messages = session.until("output", "run-tamper")
+    assert output_of(messages, "run-tamper") == b"hello\n"
+    go_flag(home, "run-tamper").touch()
+    messages += session.until("result", "run-tamper")
+    assert output_of(messages, "run-tamper") == b"hello\n"
+    assert messages[-1]["output_size"] == 6
+    result = verified_result(messages[-1]["envelope"], worker_key(home).public, "run-tamper", (6, _sha256(b"hello\n")))
+    assert (result["status"], result["error"]) == ("FAILED", said)
+
+
+def test_output_truncated_after_the_run_ended_turns_its_result_into_one_covering_what_was_recorded(
+        sessions: Callable[[], Session], cp: ControlPlane, home: Path) -> None:
+    first = sessions()
+    first.authenticate(cp)
+    assign(first, cp, "run-shrunk", "echo 0123456789")
+    assert first.until("result", "run-shrunk")[-1]["output_size"] == 11
+    first.close_input()
+    # Something that outlived the Agent (say, unconfined) truncates the file after the result was signed.
+    os.truncate(home / "runs" / "run-shrunk" / "output.log", 4)
+
+    second = sessions()
+    second.authenticate(cp)
+    second.send("resume", run_id="run-shrunk", offset=3)  # the control plane recorded 3 bytes
+    messages = second.until("result", "run-shrunk")
+    assert output_of(messages, "run-shrunk", start=3) == b""
+    assert messages[-1]["output_size"] == 3
+    result = verified_result(messages[-1]["envelope"], worker_key(home).public, "run-shrunk", (3, _sha256(b"012")))
+    assert result["status"] == "FAILED" and "truncated its output" in result["error"]
+    # One result per resume: the session says nothing more about it.
+    second.send("cancel", run_id="unknown", reason="x")
+    assert second.next().type == "error"
