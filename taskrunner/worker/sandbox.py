@@ -79,7 +79,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any, Iterable, Sequence
 
 #: Read-only system directories, those that exist.
@@ -208,7 +207,13 @@ def bwrap_argv(host: HostView, run: RunSandbox, argv: Sequence[str]) -> list[str
 
 def visible_mounts(host: HostView, protected: Sequence[str]) -> list[Mount]:
     """The host's mounts that the protected-path rule keeps (see the module docstring)."""
-    return [m for m in host.mounts if not any(_overlaps(m.real, p) for p in protected)]
+    return list(_visible(host, tuple(protected)))
+
+
+@functools.lru_cache(maxsize=16)
+def _visible(host: HostView, protected: tuple[str, ...]) -> tuple[Mount, ...]:
+    # The same for every Run of a Worker: worked out once, not once per Run.
+    return tuple(m for m in host.mounts if not any(_overlaps(m.real, p) for p in protected))
 
 
 def hidden_essential_dirs(host: HostView, protected: Sequence[str]) -> list[str]:
@@ -217,21 +222,23 @@ def hidden_essential_dirs(host: HostView, protected: Sequence[str]) -> list[str]
 
 
 def _overlaps(a: str, b: str) -> bool:
-    pa, pb = PurePosixPath(a), PurePosixPath(b)
-    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+    return _within(a, b) or _within(b, a)
+
+
+def _within(path: str, top: str) -> bool:
+    """`path` is `top` or below it; both absolute and normalised (string work: this runs per Run)."""
+    return path == top or path.startswith(top if top.endswith("/") else top + "/")
 
 
 def _parents_to_make(paths: Sequence[str], mounted: Sequence[str]) -> list[str]:
     """The directories on the way to `paths` that bwrap creates: not /, /tmp, a mount or inside one."""
     made: set[str] = set()
-    mounts = [PurePosixPath(m) for m in mounted]
     for path in paths:
-        for parent in PurePosixPath(path).parents:
-            if parent in (PurePosixPath("/"), PurePosixPath("/tmp")):
-                continue
-            if any(parent.is_relative_to(m) for m in mounts):
-                continue  # it is there already, read-only
-            made.add(str(parent))
+        parent = os.path.dirname(path.rstrip("/"))
+        while parent not in ("/", "") and parent not in made:
+            if parent != "/tmp" and not any(_within(parent, m) for m in mounted):
+                made.add(parent)
+            parent = os.path.dirname(parent)
     return sorted(made, key=lambda p: (p.count("/"), p))
 
 
@@ -254,7 +261,7 @@ def host_view(path: str | None = None, prefixes: Sequence[str] | None = None) ->
             continue
         real = os.path.realpath(directory)
         essential = directory in ESSENTIAL_DIRS
-        if os.path.islink(directory) and any(_inside(real, d) for d in real_dirs):
+        if os.path.islink(directory) and any(_within(real, d) for d in real_dirs):
             mounts.append(Mount(directory, real, link=os.readlink(directory), essential=essential))
         else:
             mounts.append(Mount(directory, real, source=real, essential=essential))
@@ -263,20 +270,18 @@ def host_view(path: str | None = None, prefixes: Sequence[str] | None = None) ->
         if not os.path.isdir(candidate):
             continue
         real = os.path.realpath(candidate)
-        if any(_inside(real, m.real) for m in mounts):
+        if any(_within(real, m.real) for m in mounts):
             continue
-        mounts = [m for m in mounts if m.dest in SYSTEM_DIRS or not _inside(m.real, real)]
+        mounts = [m for m in mounts if m.dest in SYSTEM_DIRS or not _within(m.real, real)]
         mounts.append(Mount(real, real, source=real))
     for name in SYSTEM_FILES:
         real = os.path.realpath(name)
-        if os.path.isfile(real) and not any(_inside(real, m.real) for m in mounts):
+        if os.path.isfile(real) and not any(_within(real, m.real) for m in mounts):
             mounts.append(Mount(real, real, source=real))
     return HostView(bwrap=_which("bwrap", path), setpriv=_which("setpriv", path), mounts=tuple(mounts),
                     root=os.geteuid() == 0)
 
 
-def _inside(path: str, directory: str) -> bool:
-    return PurePosixPath(path).is_relative_to(directory)
 
 
 def _which(program: str, path: str) -> str | None:
