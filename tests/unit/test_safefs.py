@@ -129,6 +129,8 @@ def test_a_device_is_refused(tree: Beneath, root: Path) -> None:
     try:
         os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     except PermissionError:
+        if os.environ.get("CI") == "true":
+            raise  # CI runs as root: there the test must run, not skip
         pytest.skip("making a device node needs privileges")
     with pytest.raises(UnsafePath, match="a character device"):
         tree.read_bytes("null")
