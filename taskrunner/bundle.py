@@ -67,7 +67,15 @@ FIELDS: dict[str, tuple[type, ...]] = {
 
 
 class BundleRejected(WorkerError):
-    """Raised when a bundle is malformed or breaks a rule; nothing of it runs."""
+    """Raised when a bundle is malformed or breaks a rule; nothing of it runs.
+
+    `untrusted`: refused because the Worker trusts none of the keys that signed
+    it (or none at all), as SignatureRejected.untrusted.
+    """
+
+    def __init__(self, message: str, untrusted: bool = False) -> None:
+        super().__init__(message)
+        self.untrusted = untrusted
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,7 @@ def verified_envelope(envelope: Any, *, trusted: Mapping[str, bytes], refused: M
     try:
         manifest, signer = verify_json(envelope, BUNDLE_TYPE, trusted, refused, what="manifest")
     except SignatureRejected as exc:
-        raise BundleRejected(f"bundle rejected: {exc}") from None
+        raise BundleRejected(f"bundle rejected: {exc}", untrusted=exc.untrusted) from None
     for name, types in FIELDS.items():
         value = manifest.get(name)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) \

@@ -40,7 +40,16 @@ MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
 
 
 class SignatureRejected(TaskrunError):
-    """Raised when an envelope is malformed or no trusted signature on it verifies."""
+    """Raised when an envelope is malformed or no trusted signature on it verifies.
+
+    `untrusted` is True when the envelope is well formed but signed only by
+    keys the verifier does not trust (unknown or retired): a matter of trust,
+    not of a damaged or forged envelope.
+    """
+
+    def __init__(self, message: str, untrusted: bool = False) -> None:
+        super().__init__(message)
+        self.untrusted = untrusted
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,7 @@ def verify(envelope: Any, payload_type: str, trusted: Mapping[str, bytes],
         raise SignatureRejected("the payload is not valid base64") from None
     message = pae(kind, body)
     problems: list[str] = []
+    signed_by_trusted = False
     for entry in signatures:
         keyid = entry.get("keyid") if isinstance(entry, dict) else None
         sig = entry.get("sig") if isinstance(entry, dict) else None
@@ -184,6 +194,7 @@ def verify(envelope: Any, payload_type: str, trusted: Mapping[str, bytes],
             reason = (refused or {}).get(keyid)
             problems.append(reason or f"signed by unknown key id {keyid}")
             continue
+        signed_by_trusted = True
         try:
             Ed25519PublicKey.from_public_bytes(trusted[keyid]).verify(base64.b64decode(sig, validate=True), message)
         except (InvalidSignature, binascii.Error, ValueError):
@@ -193,4 +204,5 @@ def verify(envelope: Any, payload_type: str, trusted: Mapping[str, bytes],
     # The most telling reason first: a bad signature by a trusted key beats an unknown key.
     order = ("signature does not verify",)
     problems.sort(key=lambda p: (p not in order,))
-    raise SignatureRejected(problems[0] if problems else "the envelope carries no signature")
+    only_untrusted = bool(problems) and not signed_by_trusted and "a signature entry lacks keyid or sig" not in problems
+    raise SignatureRejected(problems[0] if problems else "the envelope carries no signature", untrusted=only_untrusted)

@@ -120,7 +120,7 @@ class Inbound:
             trusted, refused = self._trust.trusted(now)
             if not trusted and not refused:
                 raise bundle.BundleRejected("bundle rejected: this Worker trusts no control plane key yet; enroll "
-                                            "it with `taskrun worker add`")
+                                            "it with `taskrun worker add`", untrusted=True)
             manifest = bundle.verified_envelope(header.get("envelope"), trusted=trusted, refused=refused,
                                                 audience=self._own_key_id, now=now)
             if manifest["run_id"] != run_id:
@@ -134,8 +134,7 @@ class Inbound:
                 raise bundle.BundleRejected(f"bundle rejected: {header.size} archive bytes sent, the signed "
                                             f"manifest says {signed}")
         except WorkerError as exc:
-            return self._refuse(header, str(exc), untrusted=_signers_untrusted(header.get("envelope"), self._trust,
-                                                                                now))
+            return self._refuse(header, str(exc), untrusted=getattr(exc, "untrusted", False))
         digest = hashlib.sha256()
         archive = self._reader.read_payload(header, digest)
         try:
@@ -176,14 +175,3 @@ class Inbound:
         self._reader.skip_payload(header)
         return True
 
-
-def _signers_untrusted(envelope: Any, trust: TrustStore, now: float) -> bool:
-    """True when this Worker trusts no key now, or `envelope` is signed and by none of the keys it trusts
-    (a malformed envelope is just refused)."""
-    try:
-        live, _ = trust.trusted(now)
-    except WorkerError:
-        return True
-    signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
-    keyids = {s.get("keyid") for s in signatures if isinstance(s, dict)} if isinstance(signatures, list) else set()
-    return not live or bool(keyids - {None}) and not keyids & set(live)
