@@ -37,8 +37,6 @@ from taskrunner.safefs import kind_of
 from taskrunner.worker.confine import Confinement
 from taskrunner.worker.sandbox import INSTALL_HINT
 
-PRIVATE_KEY_MARK = "PRIVATE KEY-----"
-
 
 @dataclass(frozen=True)
 class Finding:
