@@ -185,16 +185,14 @@ class Records:
 
     def save_run(self, record: dict[str, Any]) -> None:
         task_id, number = record["task_id"], int(record["run"])
-        self._check_id(task_id)
-        self._claim(task_id, number)
+        self._claim(task_id, number)  # checks the id too, once per Run directory
         self._save(f"{RUNS_DIR}/{task_id}/run-{number}/status.json", record, sealed=True, claimed=True)
         if record.get("status") in _FINAL:
             # Nothing more is written there; a later write would look again (and find its seal).
             self._claimed.discard((task_id, number))
 
     def save_manifest(self, task_id: str, number: int, manifest: dict[str, Any]) -> None:
-        self._check_id(task_id)
-        self._claim(task_id, number)
+        self._claim(task_id, number)  # checks the id too, once per Run directory
         self._save(f"{RUNS_DIR}/{task_id}/run-{number}/manifest.json", manifest, sealed=False, claimed=True)
 
     def append_output(self, task_id: str, number: int, offset: int, data: bytes) -> int:
@@ -207,8 +205,7 @@ class Records:
 
     def write_output(self, task_id: str, number: int, offset: int, data: bytes) -> tuple[int, int]:
         """append_output, returning the recorded size before and after: one open of output.log, not two."""
-        self._check_id(task_id)
-        self._claim(task_id, number)
+        self._claim(task_id, number)  # checks the id too, once per Run directory
         rel = f"{RUNS_DIR}/{task_id}/run-{number}/output.log"
         try:
             fd = self._tree.open_file(rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT, repair=True)
@@ -222,6 +219,9 @@ class Records:
             while rest:
                 rest = rest[os.write(fd, rest):]
             return size, offset + len(data)
+        except OSError as exc:
+            # A full disk, say: the engine fails this Run with the reason and keeps serving.
+            raise RecordError(f"cannot write {rel}: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)
 
@@ -252,9 +252,14 @@ class Records:
             raise RecordError(f"'{task_id[:80]}' is not a Task id that can have a record under {RUNS_DIR}/")
 
     def _claim(self, task_id: str, number: int) -> None:
-        """Make sure runs/<id>/run-<n> is this daemon's before the first write into it in this process."""
+        """Make sure runs/<id>/run-<n> is this daemon's before the first write into it in this process.
+
+        The id is checked here, past the fast path: every output chunk of a Run
+        writes through this, and a claimed id was checked when it was claimed.
+        """
         if (task_id, number) in self._claimed:
             return
+        self._check_id(task_id)
         rel = f"{RUNS_DIR}/{task_id}/run-{number}"
         with self._claim_lock:
             if (task_id, number) in self._claimed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -41,6 +42,16 @@ def test_chunks_in_order_build_the_log_byte_for_byte(records: Records, run_dir: 
         assert records.append_output("t", 1, offset, chunk) == offset + len(chunk)
         offset += len(chunk)
     assert output(records) == DATA
+
+
+def test_a_full_disk_while_appending_output_is_a_record_error_not_a_crash(
+        records: Records, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(RecordError, match="cannot write runs/t/run-1/output.log: No space left on device"):
+        records.write_output("t", 1, 0, b"more than fits")
 
 
 def test_an_exact_resend_of_recorded_bytes_writes_nothing(records: Records, run_dir: Path) -> None:
