@@ -31,22 +31,9 @@ away once, and a session whose Run directory is gone forgets the Run. Killing
 a Run's group twice, or streaming it on two sessions, does no harm: the
 control plane listens to its newest session only.
 
-**Output the Agent tampers with.** The Agent's stdout is an O_APPEND fd to
-`output.log`, and nothing stops it from truncating that file (ftruncate) or
-clearing O_APPEND and writing over bytes already sent: no fd to a regular
-file can forbid that without privileges (chattr +a), and a pipe would need a
-reader per Run that outlives the session. So the Worker checks instead. It
-keeps the sha256 of what it has sent (`ActiveRun.digest`; on `resume` it
-hashes the recorded prefix once). A file found shorter than what was sent, or
-whose sent bytes changed by the time the Run ends, fails the Run ("the Agent
-truncated its output", "... rewrote output already sent") with a result that
-covers exactly the bytes sent, so it verifies against what the control plane
-recorded; nothing after them is sent. Once a result is made, nothing past
-its `output_size` is streamed, and a file that can no longer deliver the
-bytes a result covers turns that result into the same failure. Whatever the
-Agent does, one result per attachment is sent, and the control plane
-(engine.py) fails a result that covers less output than it recorded rather
-than ask again.
+**Output the Agent tampers with** (truncated, or rewritten after it was
+sent) is noticed from what the session sent, and fails the Run: see
+activerun.py.
 """
 
 from __future__ import annotations
@@ -60,9 +47,8 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from taskrunner import __version__, agents, bundle
 from taskrunner.defaults import AUTH_TIMEOUT_SECONDS, HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
@@ -71,6 +57,7 @@ from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
 from taskrunner.worker import secrets
+from taskrunner.worker.activerun import ActiveRun, output_digest, prefix_digest, read_masked, truncation
 from taskrunner.worker.inbound import Assignment, Authenticated, Inbound
 from taskrunner.worker.ledger import ReplayLedger
 from taskrunner.worker.confine import Confinement
@@ -81,30 +68,8 @@ from taskrunner.worker.trust import TrustStore, worker_key
 KILL_GRACE_SECONDS = 3.0
 #: How often a Run started by an earlier session is checked for having ended.
 ADOPTED_PROBE_SECONDS = 0.2
-#: The output digest of a finished Run is computed this many bytes at a time.
-DIGEST_CHUNK_BYTES = 1024 * 1024
 _EOF = object()
 _EXITED = object()  # an Agent this session started has ended: look now, not at the next poll
-
-
-@dataclass
-class ActiveRun:
-    dir: RunDir
-    proc: subprocess.Popen[bytes] | None  # None for Runs started by an earlier session
-    pid: int | None
-    deadline: float | None
-    attached: bool = False
-    sent: int = 0
-    kill_at: float | None = None
-    result: dict[str, Any] | None = None
-    log: IO[bytes] | None = None
-    next_probe: float = 0.0  # adopted Runs: when to look at their process group again
-    assignment: dict[str, Any] = field(default_factory=dict)  # as in assignment.json
-    secrets: list[bytes] = field(default_factory=list)  # values masked in the output sent
-    digest: Any = None  # sha256 of output bytes [0, sent) as sent (masked), when this session knows it
-    frozen: int | None = None  # the Agent tampered with output already sent: the result covers [0, frozen)
-    truncated: bool = False  # the Agent's truncation is noticed (once per session)
-    stop_checked: bool = False  # adopted Runs: a stop.json asked for by an earlier session is carried out
 
 
 class WorkerServer:
@@ -220,7 +185,7 @@ class WorkerServer:
             run.attached = True
             run.sent = int(message["offset"])
             if run.frozen is None:
-                run.digest = self._prefix_digest(run, run.sent)
+                run.digest = prefix_digest(run, run.sent)
         elif message.type == "cancel":
             self._guarded(run, lambda r: self._stop(r, "CANCELLED", message.get("reason") or "cancelled"))
         elif message.type == "ack":
@@ -427,7 +392,7 @@ class WorkerServer:
         that result covers (see `_truncated`).
         """
         assignment = run.assignment
-        size, digest, problem = self._output_digest(run)
+        size, digest, problem = output_digest(run)
         if problem is not None and status != "CANCELLED":
             status, error = "FAILED", problem
         result = {
@@ -442,60 +407,6 @@ class WorkerServer:
         elif not run.dir.create_result(made):
             made = run.dir.result() or made  # another session judged the Run first: one outcome, the same
         run.result = made
-
-    def _output_digest(self, run: ActiveRun) -> tuple[int, str, str | None]:
-        """Size and sha256 of the output the result covers (secrets masked), and what the Agent did to it.
-
-        Normally the whole output.log. When this session knows the digest of
-        what it sent and the file is now shorter, or its first `sent` bytes are
-        no longer what was sent, the result covers what was sent instead, and
-        the third value says why the Run fails.
-        """
-        if run.frozen is not None:
-            return run.frozen, run.digest.hexdigest(), None
-        size = run.dir.output_size()
-        sent = run.sent if run.digest is not None else 0
-        if sent > size:
-            run.frozen = sent
-            return sent, run.digest.hexdigest(), _truncation(sent, size)
-        digest = hashlib.sha256()
-        try:
-            with open(run.dir.output, "rb") as log:
-                start = 0
-                for end in sorted({*range(DIGEST_CHUNK_BYTES, size, DIGEST_CHUNK_BYTES), size, sent} - {0}):
-                    digest.update(self._read_masked(run, log, start, end, size))
-                    start = end
-                    if end == sent and digest.hexdigest() != run.digest.hexdigest():
-                        run.frozen = sent
-                        return sent, run.digest.hexdigest(), "the Agent rewrote output already sent"
-        except FileNotFoundError:
-            size = 0
-        return size, digest.hexdigest(), None
-
-    def _prefix_digest(self, run: ActiveRun, offset: int) -> Any:
-        """sha256 of output bytes [0, offset) as they were sent (masked); None if the file no longer has them.
-
-        Read once per `resume`, so that tampering with output sent before it
-        is noticed too.
-        """
-        size = run.dir.output_size()
-        if offset > size:
-            return None
-        digest = hashlib.sha256()
-        try:
-            with open(run.dir.output, "rb") as log:
-                for start in range(0, offset, DIGEST_CHUNK_BYTES):
-                    digest.update(self._read_masked(run, log, start, min(offset, start + DIGEST_CHUNK_BYTES), size))
-        except FileNotFoundError:
-            return None if offset else digest
-        return digest
-
-    @staticmethod
-    def _read_masked(run: ActiveRun, log: IO[bytes], start: int, end: int, size: int) -> bytes:
-        if run.secrets:
-            return secrets.masked_range(log, start, end, size, run.secrets)
-        log.seek(start)
-        return log.read(end - start)
 
     def _stop(self, run: ActiveRun, status: str, reason: str) -> None:
         if run.result is not None or run.kill_at is not None:
@@ -516,7 +427,7 @@ class WorkerServer:
             self._forget(run)  # not truncated: acknowledged and removed on another session
             return
         run.truncated = True
-        reason = _truncation(run.sent, size)
+        reason = truncation(run.sent, size)
         if run.digest is not None:
             run.frozen = run.sent  # the result covers exactly what the control plane has
         if run.result is None:
@@ -547,7 +458,7 @@ class WorkerServer:
             return
         while run.sent < end:
             stop = min(end, run.sent + OUTPUT_CHUNK_BYTES)
-            chunk = self._read_masked(run, run.log, run.sent, stop, size)
+            chunk = read_masked(run, run.log, run.sent, stop, size)
             if not chunk:
                 break
             self._send("output", payload=chunk, run_id=run.dir.run_id, offset=run.sent)
@@ -623,7 +534,3 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 def _seconds(run: ActiveRun) -> str:
     return f"{run.assignment.get('timeout')}s"
-
-
-def _truncation(sent: int, size: int) -> str:
-    return f"the Agent truncated its output: {sent} bytes were sent, output.log now holds {size}"

@@ -16,8 +16,9 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import pytest
 
@@ -40,6 +41,18 @@ def _as_key_holder(repo: Path, host: SshdHost, command: str, data: bytes = b"") 
     """`command` through the Worker's gate with the daemon's own SSH key: all its holder can do."""
     return subprocess.run(host.ssh_argv(repo / ".git/taskrun/ssh_key", command), input=data,
                           capture_output=True, timeout=60)
+
+
+@contextmanager
+def _key_holder_session(repo: Path, host: SshdHost) -> Iterator[tuple[IO[bytes], Reader, Message]]:
+    """`taskrun-worker serve` opened with the daemon's own SSH key: its stdin, a reader of its records, its hello."""
+    with subprocess.Popen(host.ssh_argv(repo / ".git/taskrun/ssh_key", "taskrun-worker serve"),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        reader = Reader(proc.stdout, FROM_WORKER_LIMITS)
+        hello = reader.read()
+        assert hello is not None and hello.type == "hello"
+        yield proc.stdin, reader, hello
 
 
 def _worker_key_id(repo: Path, host: SshdHost) -> str:
@@ -120,16 +133,11 @@ def test_the_key_holder_cannot_enroll_a_worker_with_no_token_a_wrong_one_a_repla
     assert status["trusted"] == []
 
     # And it cannot run `id` there: its session never authenticates, so its bundle is not even read.
-    with subprocess.Popen(host.ssh_argv(repo / ".git/taskrun/ssh_key", "taskrun-worker serve"),
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
-        reader = Reader(proc.stdout, FROM_WORKER_LIMITS)
-        hello = reader.read()
-        assert hello is not None and hello.type == "hello"
+    with _key_holder_session(repo, host) as (to_worker, reader, hello):
         own = SigningKey.generate()
-        proc.stdin.write(encode(Message("auth", {"envelope": auth_envelope([own], hello["challenge"], worker_id,
-                                                                           time.time())})))
-        proc.stdin.flush()
+        to_worker.write(encode(Message("auth", {"envelope": auth_envelope([own], hello["challenge"], worker_id,
+                                                                          time.time())})))
+        to_worker.flush()
         refusal = reader.read()
         assert refusal is not None and refusal.type == "error" and refusal["request"] == "auth"
         assert reader.read() is None  # the session ended
@@ -154,20 +162,15 @@ def test_the_key_holder_cannot_list_stream_cancel_or_ack_the_daemons_run(
                    and (repo / "runs/real/run-1/output.log").exists(), 60, "the Run to be running")
         run_id = run_record(repo, "real", 1)["run_id"]  # type: ignore[index]
 
-        with subprocess.Popen(host.ssh_argv(repo / ".git/taskrun/ssh_key", "taskrun-worker serve"),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
-            assert proc.stdin is not None and proc.stdout is not None
-            reader = Reader(proc.stdout, FROM_WORKER_LIMITS)
-            hello = reader.read()
-            assert hello is not None and hello.type == "hello"
+        with _key_holder_session(repo, host) as (to_worker, reader, hello):
             assert "runs" not in hello.fields and run_id not in json.dumps(hello.fields)
             requests = [Message("resume", {"run_id": run_id, "offset": 0}),
                         Message("cancel", {"run_id": run_id, "reason": "the key holder says so"}),
                         Message("ack", {"run_id": run_id})]
-            proc.stdin.write(b"".join(encode(m) for m in requests))
-            proc.stdin.flush()
+            to_worker.write(b"".join(encode(m) for m in requests))
+            to_worker.flush()
             replies = [reader.read() for _ in requests]
-            proc.stdin.close()
+            to_worker.close()
             rest = []
             while (message := reader.read()) is not None:
                 rest.append(message)

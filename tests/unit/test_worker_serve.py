@@ -484,7 +484,7 @@ def test_a_refused_bundle_runs_nothing_is_answered_with_the_reason_leaves_nothin
     messages = session.until("error", "run-refused")
     assert only(messages, "started") == []
     # Only a bundle signed by a key the Worker does not trust says so: the control plane then stops
-    # sending it Runs (engine._worker_error); the others fail just their Run.
+    # sending it Runs (sessions.WorkerSessions._worker_error); the others fail just their Run.
     untrusted = {"untrusted": True} if refused is _unknown_key else {}
     assert messages[-1].fields == {"run_id": "run-refused", "request": "assign", "message": reason, **untrusted}
     assert not (home / "runs" / "run-refused").exists()

@@ -1,0 +1,114 @@
+"""A Run a Worker session holds, and what the session has sent of its output.
+
+**Output the Agent tampers with.** The Agent's stdout is an O_APPEND fd to
+`output.log`, and nothing stops it from truncating that file (ftruncate) or
+clearing O_APPEND and writing over bytes already sent: no fd to a regular
+file can forbid that without privileges (chattr +a), and a pipe would need a
+reader per Run that outlives the session. So the Worker checks instead. It
+keeps the sha256 of what it has sent (`ActiveRun.digest`; on `resume` it
+hashes the recorded prefix once). A file found shorter than what was sent, or
+whose sent bytes changed by the time the Run ends, fails the Run ("the Agent
+truncated its output", "... rewrote output already sent") with a result that
+covers exactly the bytes sent, so it verifies against what the control plane
+recorded; nothing after them is sent. Once a result is made, nothing past
+its `output_size` is streamed, and a file that can no longer deliver the
+bytes a result covers turns that result into the same failure. Whatever the
+Agent does, one result per attachment is sent, and the control plane
+(sessions.py) fails a result that covers less output than it recorded rather
+than ask again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from taskrunner.worker import secrets
+from taskrunner.worker.rundir import RunDir
+
+#: The output digest of a finished Run is computed this many bytes at a time.
+DIGEST_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass
+class ActiveRun:
+    """A Run this session holds: its directory, its Agent, and how much of its output was sent."""
+
+    dir: RunDir
+    proc: subprocess.Popen[bytes] | None  # None for Runs started by an earlier session
+    pid: int | None
+    deadline: float | None
+    attached: bool = False
+    sent: int = 0
+    kill_at: float | None = None
+    result: dict[str, Any] | None = None
+    log: IO[bytes] | None = None
+    next_probe: float = 0.0  # adopted Runs: when to look at their process group again
+    assignment: dict[str, Any] = field(default_factory=dict)  # as in assignment.json
+    secrets: list[bytes] = field(default_factory=list)  # values masked in the output sent
+    digest: Any = None  # sha256 of output bytes [0, sent) as sent (masked), when this session knows it
+    frozen: int | None = None  # the Agent tampered with output already sent: the result covers [0, frozen)
+    truncated: bool = False  # the Agent's truncation is noticed (once per session)
+    stop_checked: bool = False  # adopted Runs: a stop.json asked for by an earlier session is carried out
+
+
+def output_digest(run: ActiveRun) -> tuple[int, str, str | None]:
+    """Size and sha256 of the output the result covers (secrets masked), and what the Agent did to it.
+
+    Normally the whole output.log. When this session knows the digest of
+    what it sent and the file is now shorter, or its first `sent` bytes are
+    no longer what was sent, the result covers what was sent instead, and
+    the third value says why the Run fails.
+    """
+    if run.frozen is not None:
+        return run.frozen, run.digest.hexdigest(), None
+    size = run.dir.output_size()
+    sent = run.sent if run.digest is not None else 0
+    if sent > size:
+        run.frozen = sent
+        return sent, run.digest.hexdigest(), truncation(sent, size)
+    digest = hashlib.sha256()
+    try:
+        with open(run.dir.output, "rb") as log:
+            start = 0
+            for end in sorted({*range(DIGEST_CHUNK_BYTES, size, DIGEST_CHUNK_BYTES), size, sent} - {0}):
+                digest.update(read_masked(run, log, start, end, size))
+                start = end
+                if end == sent and digest.hexdigest() != run.digest.hexdigest():
+                    run.frozen = sent
+                    return sent, run.digest.hexdigest(), "the Agent rewrote output already sent"
+    except FileNotFoundError:
+        size = 0
+    return size, digest.hexdigest(), None
+
+
+def prefix_digest(run: ActiveRun, offset: int) -> Any:
+    """sha256 of output bytes [0, offset) as they were sent (masked); None if the file no longer has them.
+
+    Read once per `resume`, so that tampering with output sent before it
+    is noticed too.
+    """
+    size = run.dir.output_size()
+    if offset > size:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with open(run.dir.output, "rb") as log:
+            for start in range(0, offset, DIGEST_CHUNK_BYTES):
+                digest.update(read_masked(run, log, start, min(offset, start + DIGEST_CHUNK_BYTES), size))
+    except FileNotFoundError:
+        return None if offset else digest
+    return digest
+
+
+def read_masked(run: ActiveRun, log: IO[bytes], start: int, end: int, size: int) -> bytes:
+    if run.secrets:
+        return secrets.masked_range(log, start, end, size, run.secrets)
+    log.seek(start)
+    return log.read(end - start)
+
+
+def truncation(sent: int, size: int) -> str:
+    return f"the Agent truncated its output: {sent} bytes were sent, output.log now holds {size}"
