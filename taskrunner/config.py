@@ -46,7 +46,7 @@ SANDBOXES = ("bwrap", "none")
 PROMPT_PLACEHOLDER = "{prompt_file}"
 EMBEDDED_SOURCE = "<embedded default>"
 
-_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git")
+_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security")
 _AGENT_KEYS = ("preset", "command", "backend", "env")
 _BACKEND_KEYS = ("provider", "model", "context_window")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
@@ -54,7 +54,15 @@ _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home
 _SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
 _BACKOFF_KEYS = ("base", "max")
 _GROUP_KEYS = ("parallel",)
-_GIT_KEYS = ("commit", "push", "remote", "result_branch_prefix")
+_GIT_KEYS = ("commit", "push", "remote", "result_branch_prefix", "author", "max_result_bytes", "poll",
+             "pull_requests")
+_PULL_REQUEST_KEYS = ("forge", "api_url", "repository", "token_env", "draft")
+_WEBHOOK_KEYS = ("listen", "secret_env", "max_body_bytes")
+_SECURITY_KEYS = ("allowed_signers", "revocation_file")
+#: `git.pull_requests.forge`: whose API opens pull / merge requests.
+FORGES = ("github", "gitea", "gitlab")
+#: "Name <email>", as git writes an identity.
+_IDENTITY_RE = re.compile(r"^([^<>\n]+?) <([^<>\s]+)>$")
 
 _ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _KEY_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9@.-]*$")
@@ -74,11 +82,48 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class PullRequestConfig:
+    """`git.pull_requests`: open or update a pull / merge request per new result branch."""
+
+    forge: str  # one of FORGES
+    api_url: str  # e.g. https://api.github.com, https://gitea.example/api/v1, https://gitlab.example/api/v4
+    repository: str  # owner/name (GitHub, Gitea) or the project path (GitLab)
+    token_env: str  # the environment variable holding the API token, read by the daemon
+    draft: bool = True
+
+
+@dataclass(frozen=True)
 class GitConfig:
     commit: bool = True
     push: bool = False
     remote: str = "origin"
     result_branch_prefix: str = "taskrun/"
+    #: Author and committer of the commits Agents' changes come back as.
+    author_name: str = "taskrun"
+    author_email: str = "taskrun@localhost"
+    #: A Run's returned change (its git objects, packed) may be at most this many bytes.
+    max_result_bytes: int = 64 * 1024 * 1024
+    #: Fetch `remote` this often (seconds) and fast-forward to it; None: only on `taskrun trigger`.
+    poll: float | None = None
+    pull_requests: PullRequestConfig | None = None
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """`webhook`: the receiver for forges' push deliveries (off when absent)."""
+
+    host: str
+    port: int
+    secret_env: str  # the environment variable holding the shared secret; the receiver refuses to start without it
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    #: git's allowed_signers file: when set, only Tasks whose revision a listed principal signed run.
+    allowed_signers: Path | None = None
+    #: gpg.ssh.revocationFile: keys (or a KRL) whose signatures are refused.
+    revocation_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +134,8 @@ class Config:
     scheduler: SchedulerConfig
     git: GitConfig
     source: str  # the file it came from, or "<embedded default>"
+    webhook: WebhookConfig | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def _implicit_agents() -> dict[str, AgentSpec]:
@@ -165,6 +212,8 @@ class _Parser:
             scheduler=self.scheduler(top.get("scheduler")),
             git=self.git(top.get("git")),
             source=self.file,
+            webhook=self.webhook(top.get("webhook")),
+            security=self.security(top.get("security")),
         )
 
     def agents(self, value: object) -> dict[str, AgentSpec]:
@@ -369,12 +418,66 @@ class _Parser:
                 f"expected a branch name prefix like 'taskrun/' (letters, digits, '.', '_', '-', '/'), "
                 f"got {describe(prefix)}",
             )
+        author = spec.get("author", f"{defaults.author_name} <{defaults.author_email}>")
+        match = _IDENTITY_RE.fullmatch(author) if isinstance(author, str) else None
+        if match is None:
+            raise self.fail("git.author", f"expected 'Name <email>', got {describe(author)}")
+        poll = spec.get("poll")
         return GitConfig(
             commit=self.boolean("git.commit", spec.get("commit", defaults.commit)),
             push=self.boolean("git.push", spec.get("push", defaults.push)),
             remote=remote,
             result_branch_prefix=prefix,
+            author_name=match.group(1).strip(),
+            author_email=match.group(2),
+            max_result_bytes=self.integer("git.max_result_bytes",
+                                          spec.get("max_result_bytes", defaults.max_result_bytes), 1),
+            poll=None if poll is None or poll is False else self.duration("git.poll", poll, 0.0) or None,
+            pull_requests=self.pull_requests(spec.get("pull_requests")),
         )
+
+    def pull_requests(self, value: object) -> PullRequestConfig | None:
+        if value is None:
+            return None
+        spec = self.section(value, "git.pull_requests", _PULL_REQUEST_KEYS,
+                            required=("forge", "api_url", "repository", "token_env"))
+        forge = spec["forge"]
+        if forge not in FORGES:
+            raise self.fail("git.pull_requests.forge", f"expected one of {', '.join(FORGES)}, got {describe(forge)}")
+        api_url = self.string("git.pull_requests.api_url", spec["api_url"])
+        if not re.fullmatch(r"https?://[^\s]+", api_url):
+            raise self.fail("git.pull_requests.api_url", f"expected an http(s) URL, got {describe(api_url)}")
+        return PullRequestConfig(
+            forge=forge, api_url=api_url.rstrip("/"),
+            repository=self.string("git.pull_requests.repository", spec["repository"]).strip("/"),
+            token_env=self.env_name("git.pull_requests.token_env", spec["token_env"]),
+            draft=self.boolean("git.pull_requests.draft", spec.get("draft", True)),
+        )
+
+    def webhook(self, value: object) -> WebhookConfig | None:
+        if value is None:
+            return None
+        spec = self.section(value, "webhook", _WEBHOOK_KEYS, required=("listen", "secret_env"))
+        listen = spec["listen"]
+        host, _, port = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise self.fail("webhook.listen", f"expected HOST:PORT such as 127.0.0.1:8787, got {describe(listen)}")
+        return WebhookConfig(
+            host=host.strip("[]"), port=int(port),
+            secret_env=self.env_name("webhook.secret_env", spec["secret_env"]),
+            max_body_bytes=self.integer("webhook.max_body_bytes", spec.get("max_body_bytes", 1024 * 1024), 1),
+        )
+
+    def security(self, value: object) -> SecurityConfig:
+        spec = {k: v for k, v in self.section(value, "security", _SECURITY_KEYS).items() if v is not None}
+        paths = {key: Path(self.string(f"security.{key}", spec[key])).expanduser() for key in spec}
+        return SecurityConfig(allowed_signers=paths.get("allowed_signers"),
+                              revocation_file=paths.get("revocation_file"))
+
+    def env_name(self, key: str, value: object) -> str:
+        if not isinstance(value, str) or not _ENV_NAME_RE.fullmatch(value):
+            raise self.fail(key, f"expected an environment variable name such as MY_SECRET, got {describe(value)}")
+        return value
 
     # ------------------------------------------------------------------ values
 
@@ -469,70 +572,3 @@ class _Parser:
             if item not in names:
                 names.append(item)
         return tuple(names)
-
-
-INIT_TEMPLATE = f"""\
-# taskrun configuration (DESIGN.md §2; every key is documented in README.md).
-# Every key is optional; the values below are the defaults, spelled out.
-
-# The Agent a Task uses when its front matter names none.
-default_agent: {DEFAULT_AGENT}
-
-# Agents: named ways of carrying out a Task.
-agents:
-  # Runs the Task body's ```sh / ```bash code blocks as one bash script.
-  shell:
-    preset: shell
-  # An AI coding CLI. Credentials are only named here and resolved on the
-  # Worker; they never enter the repository.
-  # claude:
-  #   preset: claude
-  #   backend: {{provider: anthropic, model: claude-sonnet-4-5}}
-  #   env: [ANTHROPIC_API_KEY]
-
-# Workers: machines that execute Runs (ssh Workers: see README, "Workers").
-workers:
-  {LOCAL_WORKER}:
-    transport: local
-    # How many Runs this Worker carries out at the same time.
-    slots: {LOCAL_SLOTS}
-    agents: [shell]
-    # Agents run confined in a bubblewrap sandbox (install bubblewrap). `none`
-    # accepts unconfined Agents on this Worker when it cannot make a sandbox.
-    sandbox: bwrap
-  # SSH Workers are added with `taskrun worker add` (see README, SSH Workers):
-  # build-1:
-  #   transport: ssh
-  #   host: 10.0.0.5
-  #   user: taskrun                     # default: your user name
-  #   identity: ~/.ssh/other_key        # default: the daemon's .git/taskrun/ssh_key
-  #   host_key: "ssh-ed25519 AAAA..."   # pinned by `taskrun worker add`
-  #   worker_key: "ed25519 AAAA..."     # the Worker's result key, pinned by `taskrun worker add`
-  #   slots: 4
-  #   labels: {{gpu: "true"}}
-  #   agents: [shell]
-
-scheduler:
-  # Retries after a failed Run (a Task's `retries` overrides it).
-  retries: {RETRIES}
-  # Wait before a retry: base, doubling each attempt, up to max, with jitter.
-  backoff:
-    base: {format_duration(BACKOFF_BASE)}
-    max: {format_duration(BACKOFF_MAX)}
-  # A Run still going after this long is killed (a Task's `timeout` overrides it).
-  timeout: {format_duration(TIMEOUT)}
-  # Parallel caps per Task group, e.g. {{backend: {{parallel: 1}}}}.
-  groups: {{}}
-  # A Worker that sends nothing (Workers heartbeat every {format_duration(HEARTBEAT_SECONDS)}) for this long is offline.
-  worker_offline_after: {format_duration(OFFLINE_AFTER_SECONDS)}
-  # Runs on an offline Worker wait this long for it to come back, then are retried.
-  worker_grace: {format_duration(GRACE_SECONDS)}
-
-git:
-  # Commit the runs/ records.
-  commit: true
-  # Reserved, not implemented yet: pushing those commits, and result branches.
-  push: false
-  remote: origin
-  result_branch_prefix: taskrun/
-"""

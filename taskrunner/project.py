@@ -9,7 +9,7 @@ from pathlib import Path
 from taskrunner import gitops, keys
 from taskrunner.atomic import write_bytes
 from taskrunner.errors import TaskrunError
-from taskrunner.config import INIT_TEMPLATE
+from taskrunner.config_template import INIT_TEMPLATE
 from taskrunner.defaults import CONFIG_FILE, HOOKS_DIR, RUNS_DIR, STATE_DIR, TASKS_DIR
 
 #: What git hooks run: tell the daemon to sync now; never fail the git command.

@@ -9,7 +9,6 @@ import pytest
 
 from taskrunner.config import (
     AGENT_PRESETS,
-    INIT_TEMPLATE,
     Config,
     GitConfig,
     SchedulerConfig,
@@ -17,6 +16,7 @@ from taskrunner.config import (
     load_config,
     parse_config,
 )
+from taskrunner.config_template import INIT_TEMPLATE
 from taskrunner.defaults import (
     BACKOFF_BASE,
     BACKOFF_MAX,
@@ -240,13 +240,13 @@ def test_unhashable_key_is_refused() -> None:
 def test_top_level_must_be_a_mapping(text: str) -> None:
     err = error(text)
     assert err.key is None
-    assert "expected a mapping with keys default_agent, agents, workers, scheduler, git" in err.reason
+    assert "expected a mapping with keys default_agent, agents, workers, scheduler, git, webhook, security" in err.reason
 
 
 def test_unknown_key_names_the_key_and_allowed_keys() -> None:
     err = error("shcheduler: {}\n")
     assert err.key == "shcheduler"
-    assert err.reason == "unknown key; allowed keys are default_agent, agents, workers, scheduler, git"
+    assert err.reason == "unknown key; allowed keys are default_agent, agents, workers, scheduler, git, webhook, security"
     assert str(err) == f"{FILE}: key 'shcheduler': {err.reason}"
 
 

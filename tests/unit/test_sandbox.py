@@ -16,7 +16,8 @@ import pytest
 
 from taskrunner import scheduler
 from taskrunner.cli.render import sandbox_text
-from taskrunner.config import INIT_TEMPLATE, parse_config
+from taskrunner.config import parse_config
+from taskrunner.config_template import INIT_TEMPLATE
 from taskrunner.errors import ConfigError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.keys import Keyring

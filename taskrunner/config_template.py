@@ -1,0 +1,98 @@
+"""The `.taskrun.yaml` that `taskrun init` writes: every key at its default, explained (README, Configuration)."""
+
+from __future__ import annotations
+
+from taskrunner.defaults import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    DEFAULT_AGENT,
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
+    LOCAL_SLOTS,
+    LOCAL_WORKER,
+    OFFLINE_AFTER_SECONDS,
+    RETRIES,
+    TIMEOUT,
+)
+from taskrunner.duration import format_duration
+
+INIT_TEMPLATE = f"""\
+# taskrun configuration (DESIGN.md §2; every key is documented in README.md).
+# Every key is optional; the values below are the defaults, spelled out.
+
+# The Agent a Task uses when its front matter names none.
+default_agent: {DEFAULT_AGENT}
+
+# Agents: named ways of carrying out a Task.
+agents:
+  # Runs the Task body's ```sh / ```bash code blocks as one bash script.
+  shell:
+    preset: shell
+  # An AI coding CLI. Credentials are only named here and resolved on the
+  # Worker; they never enter the repository.
+  # claude:
+  #   preset: claude
+  #   backend: {{provider: anthropic, model: claude-sonnet-4-5}}
+  #   env: [ANTHROPIC_API_KEY]
+
+# Workers: machines that execute Runs (ssh Workers: see README, "Workers").
+workers:
+  {LOCAL_WORKER}:
+    transport: local
+    # How many Runs this Worker carries out at the same time.
+    slots: {LOCAL_SLOTS}
+    agents: [shell]
+    # Agents run confined in a bubblewrap sandbox (install bubblewrap). `none`
+    # accepts unconfined Agents on this Worker when it cannot make a sandbox.
+    sandbox: bwrap
+  # SSH Workers are added with `taskrun worker add` (see README, SSH Workers):
+  # build-1:
+  #   transport: ssh
+  #   host: 10.0.0.5
+  #   user: taskrun                     # default: your user name
+  #   identity: ~/.ssh/other_key        # default: the daemon's .git/taskrun/ssh_key
+  #   host_key: "ssh-ed25519 AAAA..."   # pinned by `taskrun worker add`
+  #   worker_key: "ed25519 AAAA..."     # the Worker's result key, pinned by `taskrun worker add`
+  #   slots: 4
+  #   labels: {{gpu: "true"}}
+  #   agents: [shell]
+
+scheduler:
+  # Retries after a failed Run (a Task's `retries` overrides it).
+  retries: {RETRIES}
+  # Wait before a retry: base, doubling each attempt, up to max, with jitter.
+  backoff:
+    base: {format_duration(BACKOFF_BASE)}
+    max: {format_duration(BACKOFF_MAX)}
+  # A Run still going after this long is killed (a Task's `timeout` overrides it).
+  timeout: {format_duration(TIMEOUT)}
+  # Parallel caps per Task group, e.g. {{backend: {{parallel: 1}}}}.
+  groups: {{}}
+  # A Worker that sends nothing (Workers heartbeat every {format_duration(HEARTBEAT_SECONDS)}) for this long is offline.
+  worker_offline_after: {format_duration(OFFLINE_AFTER_SECONDS)}
+  # Runs on an offline Worker wait this long for it to come back, then are retried.
+  worker_grace: {format_duration(GRACE_SECONDS)}
+
+git:
+  # Commit the runs/ records.
+  commit: true
+  # Push the record commits and result branches to `remote`.
+  push: false
+  remote: origin
+  # An Agent's change comes back as a commit on <prefix><task-id>.
+  result_branch_prefix: taskrun/
+  author: "taskrun <taskrun@localhost>"
+  # Fetch `remote` this often and fast-forward (off: only `taskrun trigger`).
+  # poll: 30s
+  # pull_requests: {{forge: github, api_url: https://api.github.com, repository: owner/name, token_env: GITHUB_TOKEN}}
+
+# A receiver for forges' push webhooks (off unless configured):
+# webhook:
+#   listen: 127.0.0.1:8787
+#   secret_env: TASKRUN_WEBHOOK_SECRET
+
+# security:
+#   # Only Tasks whose revision was committed with a good signature by a listed
+#   # principal run (git's allowed_signers format; keep it outside the work tree).
+#   allowed_signers: ~/.config/taskrun/allowed_signers
+"""
