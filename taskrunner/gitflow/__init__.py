@@ -1,0 +1,1 @@
+"""The git workflow (DESIGN.md §6): the repository to the Worker, changes back as branches, pushes, syncs, triggers."""
