@@ -1,0 +1,69 @@
+"""summary.md: a Run in a page, the body of its pull request.
+
+Written at `runs/<task-id>/run-<n>/summary.md` when the Run reaches its final
+status (records.py writes it like the other records and it is committed with
+them). It holds the Task's title, the Agent's final message (until Agents
+report one: the last SUMMARY_OUTPUT_LINES lines of its output, secrets
+already masked by the Worker), the Run's status and error, Worker, Agent,
+duration, the result (commit, branch, or why there is no branch), the
+diffstat (`git diff --stat <base> <commit>` on the control plane) and the
+paths of the Run's records.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from taskrunner.state import RunState
+
+#: How many lines of output stand for the Agent's final message.
+SUMMARY_OUTPUT_LINES = 20
+#: Bytes of output read from the end of output.log to find those lines.
+SUMMARY_TAIL_BYTES = 16 * 1024
+
+
+def render(run: RunState, title: str, output_tail: bytes, diffstat: str | None, records: Sequence[str]) -> str:
+    """The summary's markdown text."""
+    lines = [f"# {_one_line(title)}", ""]
+    lines += [f"- **Status:** {run.status.value}" + (f" ({_one_line(run.error)})" if run.error else ""),
+              f"- **Task:** `{run.task_id}`, Run {run.number} (`{run.run_id}`), attempt {run.attempt}",
+              f"- **Worker:** {run.worker}", f"- **Agent:** {run.agent}",
+              f"- **Duration:** {_duration(run)}"]
+    if run.base_commit:
+        lines.append(f"- **Base commit:** `{run.base_commit}`")
+    if run.result_commit:
+        lines.append(f"- **Commit:** `{run.result_commit}`")
+        lines.append(f"- **Branch:** `{run.result_branch}`" if run.result_branch else
+                     f"- **Branch:** none: {_one_line(run.result_note or 'not moved')}")
+    elif run.result_note:
+        lines.append(f"- **Change:** {_one_line(run.result_note)}")
+    else:
+        lines.append("- **Change:** none (the workspace did not differ from the base commit)")
+    lines += ["", "## Final message", "", "_The last lines of the Agent's output:_", "", "```text",
+              *_tail(output_tail), "```", ""]
+    if diffstat:
+        lines += ["## Changes", "", "```text", diffstat.replace("```", "'''"), "```", ""]
+    lines += ["## Records", "", *(f"- `{path}`" for path in records), ""]
+    return "\n".join(lines)
+
+
+def _tail(data: bytes) -> list[str]:
+    text = data.decode("utf-8", errors="replace").replace("```", "'''")
+    # Control characters stay out of the page (terminal escapes in a pull request body do no good).
+    clean = "".join(c if c in "\n\t" or (c.isprintable()) else "?" for c in text)
+    return clean.rstrip("\n").splitlines()[-SUMMARY_OUTPUT_LINES:] or ["(no output)"]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _duration(run: RunState) -> str:
+    start = run.started_at or run.assigned_at
+    if start is None or run.finished_at is None:
+        return "unknown"
+    seconds = max(0.0, run.finished_at - start)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"

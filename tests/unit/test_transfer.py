@@ -1,0 +1,425 @@
+"""The repository to the Worker and changes back, on real git repositories: transfer, cache, change, import."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskrunner import bundle
+from taskrunner.gitflow import change
+from taskrunner.gitflow.cache import ObjectCache, cached_commits, missing_objects
+from taskrunner.gitflow.importer import ChangeRejected, import_change
+from taskrunner.gitflow.transfer import Transfer
+from taskrunner.protocol import Message, Reader, encode
+from taskrunner.results import verified_result
+from taskrunner.sessionauth import new_challenge
+from taskrunner.signing import RESULT_TYPE, sign
+from taskrunner.worker.inbound import Assignment, Inbound
+from taskrunner.worker.sandbox import HostView, RunSandbox, bwrap_argv
+from taskrunner.worker.trust import TrustStore, worker_key
+from tests.conftest import git
+from tests.signed import enroll
+
+ZERO = "0" * 40
+
+
+def _repo(path: Path, files: dict[str, str]) -> str:
+    path.mkdir(parents=True)
+    git(path, "init", "--quiet")
+    git(path, "config", "user.name", "U")
+    git(path, "config", "user.email", "u@example.com")
+    for rel, text in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "--quiet", "-m", "base")
+    return git(path, "rev-parse", "HEAD").strip()
+
+
+def _commit(path: Path, rel: str, text: str) -> str:
+    (path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (path / rel).write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "--quiet", "-m", f"change {rel}")
+    return git(path, "rev-parse", "HEAD").strip()
+
+
+def _pack(repo: Path, revs: str) -> bytes:
+    return subprocess.run(["git", "-C", str(repo), "pack-objects", "--stdout", "--revs", "-q"], input=revs.encode(),
+                          capture_output=True, check=True).stdout
+
+
+def _manifest(base: str, repo_id: str, files: list[dict[str, Any]] | None = None, **git_fields: Any) -> dict[str, Any]:
+    return {"run_id": "run-1", "task_id": "t", "agent": {"name": "shell"}, "base_commit": base, "files": files or [],
+            "repo": {"id": repo_id, "base": base, "sha256": "", "size": 0, "prerequisites": []},
+            "git": {"author_name": "Bot", "author_email": "bot@example.com", "max_result_bytes": 1 << 20,
+                    "branch": "taskrun/t", "title": "Do the thing", **git_fields}}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Path, str]:
+    root = tmp_path / "daemon"
+    base = _repo(root, {"README.md": "hello\n", "src/app.txt": "v1\n"})
+    return root, base
+
+
+def _checkout(tmp_path: Path, source: tuple[Path, str]) -> tuple[Path, Path, ObjectCache, str]:
+    root, base = source
+    home = tmp_path / "worker"
+    cache = ObjectCache(home, "a" * 32)
+    cache.receive(_pack(root, f"{base}\n"), base)
+    run_dir = home / "runs" / "run-1"
+    run_dir.mkdir(parents=True)
+    cache.checkout(run_dir / "index", run_dir / "workspace", base, "taskrun/t")
+    return home, run_dir, cache, base
+
+
+# -- transfer -------------------------------------------------------------------------------
+
+
+def test_a_worker_holding_the_base_gets_no_git_data_and_one_after_a_change_gets_only_it(
+        source: tuple[Path, str]) -> None:
+    root, base = source
+    for i in range(50):
+        (root / "data" / f"{i}.bin").parent.mkdir(exist_ok=True)
+        (root / "data" / f"{i}.bin").write_text(os.urandom(1024).hex())
+    git(root, "add", "-A")
+    git(root, "commit", "--quiet", "-m", "data")
+    first_base = git(root, "rev-parse", "HEAD").strip()
+    transfer = Transfer(root)
+    first, first_pack = transfer.repo_part("w", first_base)
+    assert first is not None and first["prerequisites"] == [] and first["size"] == len(first_pack) > 50_000
+    transfer._sent("w", first_base)
+    again, again_pack = transfer.repo_part("w", first_base)
+    assert again is not None and again_pack == b"" and again["prerequisites"] == [first_base]
+    second_base = _commit(root, "data/7.bin", "changed")
+    second, second_pack = transfer.repo_part("w", second_base)
+    assert second is not None and second["prerequisites"] == [first_base]
+    assert 0 < len(second_pack) < len(first_pack) / 100
+    assert second["sha256"] == hashlib.sha256(second_pack).hexdigest()
+
+
+def test_a_clone_with_no_commit_yet_sends_the_archive_alone(tmp_path: Path) -> None:
+    root = tmp_path / "empty"
+    root.mkdir()
+    git(root, "init", "--quiet")
+    assert Transfer(root).repo_part("w", None) == (None, b"")
+
+
+def test_the_repository_id_is_made_once_and_kept(source: tuple[Path, str]) -> None:
+    root, _ = source
+    made = Transfer(root).repo_id()
+    assert len(made) == 32 and Transfer(root).repo_id() == made
+    assert (root / ".git" / "taskrun" / "repo-id").read_text().strip() == made
+
+
+def test_a_shallow_clone_is_refused_with_a_message(tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, _ = source
+    _commit(root, "second.txt", "2")
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{root}", str(shallow)], check=True)
+    head = git(shallow, "rev-parse", "HEAD").strip()
+    with pytest.raises(Exception, match="git fetch --unshallow"):
+        Transfer(shallow).repo_part("w", head)
+
+
+# -- the Worker's cache and checkout ------------------------------------------------------
+
+
+def test_the_checkout_is_a_normal_git_working_tree_without_a_remote(tmp_path: Path,
+                                                                    source: tuple[Path, str]) -> None:
+    home, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    assert (workspace / "src" / "app.txt").read_text() == "v1\n"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"}
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=workspace, capture_output=True, text=True,
+                            env=env, check=True)
+    assert status.stdout == ""
+    log = subprocess.run(["git", "log", "--format=%H %D"], cwd=workspace, capture_output=True, text=True, env=env,
+                         check=True)
+    assert log.stdout.strip() == f"{base} HEAD -> taskrun/t"
+    assert subprocess.run(["git", "remote"], cwd=workspace, capture_output=True, text=True, env=env).stdout == ""
+    assert oct(os.stat(cache.path).st_mode & 0o777) == "0o700"
+    assert cached_commits(home) == {"a" * 32: [base]}
+
+
+def test_an_assignment_whose_prerequisites_are_missing_is_refused_with_a_reason(tmp_path: Path) -> None:
+    manifest = _manifest("b" * 40, "c" * 32)
+    manifest["repo"]["prerequisites"] = ["b" * 40]
+    assert "lacks 1 of the commits" in (missing_objects(tmp_path, manifest) or "")
+
+
+def test_a_damaged_pack_is_refused_by_the_cache(tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, base = source
+    pack = bytearray(_pack(root, f"{base}\n"))
+    pack[len(pack) // 2] ^= 0xFF
+    with pytest.raises(Exception, match="refused"):
+        ObjectCache(tmp_path / "w", "d" * 32).receive(bytes(pack), base)
+
+
+# -- changes back (Worker) -------------------------------------------------------------------
+
+
+def test_the_workspace_change_becomes_one_commit_with_trailers(tmp_path: Path, source: tuple[Path, str]) -> None:
+    home, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    (workspace / "src" / "app.txt").write_text("v2\n")
+    (workspace / "new.txt").write_text("new\n")
+    (workspace / "runs").mkdir()
+    (workspace / "runs" / "forged.json").write_text("{}")
+    os.symlink("/etc/passwd", workspace / "link")
+    os.mkfifo(workspace / "fifo")
+    found = change.collect(run_dir, workspace, _manifest(base, cache.repo_id), [], "w1")
+    assert found is not None
+    pack = change.read_pack(run_dir)
+    assert found["size"] == len(pack) and found["sha256"] == hashlib.sha256(pack).hexdigest()
+    root, _ = source
+    subprocess.run(["git", "-C", str(root), "index-pack", "--stdin", "--strict"], input=pack, check=True,
+                   capture_output=True)
+    commit = found["commit"]
+    assert git(root, "rev-parse", f"{commit}^").strip() == base
+    names = git(root, "diff", "--name-status", base, commit).split("\n")
+    assert sorted(filter(None, names)) == ["A\tlink", "A\tnew.txt", "M\tsrc/app.txt"]
+    assert git(root, "cat-file", "-p", f"{commit}:link") == "/etc/passwd"  # a link, never followed
+    body = git(root, "log", "-1", "--format=%an <%ae>%n%B", commit)
+    assert body.startswith("Bot <bot@example.com>\nDo the thing\n\nTask-Id: t\nRun-Id: run-1\nWorker: w1\nAgent: shell")
+
+
+def test_an_unchanged_workspace_and_untouched_task_files_are_no_change(tmp_path: Path,
+                                                                        source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    task = b"---\n---\n# T\n"
+    (workspace / "tasks").mkdir()
+    (workspace / "tasks" / "t.md").write_bytes(task)  # laid over the checkout by the bundle
+    laid = [{"path": "tasks/t.md", "sha256": hashlib.sha256(task).hexdigest(), "size": len(task)}]
+    assert change.collect(run_dir, workspace, _manifest(base, cache.repo_id, laid), [], "w1") is None
+
+
+def test_a_change_holding_a_secret_value_is_refused(tmp_path: Path, source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    (workspace / "config.txt").write_text("token = s3cr3t-value-123\n")
+    with pytest.raises(change.ChangeRefused, match="secrets"):
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id), [b"s3cr3t-value-123"], "w1")
+    assert not (run_dir / change.CHANGE_PACK).exists()
+
+
+def test_a_change_over_max_result_bytes_is_refused(tmp_path: Path, source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    (workspace / "big.bin").write_text(os.urandom(20_000).hex())
+    with pytest.raises(change.ChangeRefused, match="max_result_bytes"):
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id, max_result_bytes=1000), [], "w1")
+
+
+def test_a_planted_git_config_runs_nothing_when_the_change_is_collected(tmp_path: Path,
+                                                                        source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    pwned = tmp_path / "pwned"
+    evil = f"#!/bin/sh\ntouch {pwned}\ncat\n"
+    (workspace / "evil.sh").write_text(evil)
+    os.chmod(workspace / "evil.sh", 0o755)
+    hooks = workspace / ".git" / "hooks"
+    hooks.mkdir()
+    for hook in ("pre-commit", "post-index-change", "reference-transaction", "pre-auto-gc"):
+        (hooks / hook).write_text(evil)
+        os.chmod(hooks / hook, 0o755)
+    with open(workspace / ".git" / "config", "a") as handle:
+        handle.write(f"[core]\n\tfsmonitor = {workspace}/evil.sh\n\thooksPath = {hooks}\n"
+                     f"[filter \"x\"]\n\tclean = {workspace}/evil.sh\n\tsmudge = {workspace}/evil.sh\n"
+                     f"[diff \"x\"]\n\ttextconv = {workspace}/evil.sh\n")
+    (workspace / ".gitattributes").write_text("* filter=x diff=x\n")
+    (workspace / "src" / "app.txt").write_text("v2\n")
+    found = change.collect(run_dir, workspace, _manifest(base, cache.repo_id), [], "w1")
+    assert found is not None
+    assert not pwned.exists(), "the Agent's .git configuration ran a program as the Worker"
+
+
+# -- changes back (control plane) ----------------------------------------------------------
+
+
+def _signed(home: Path, found: dict[str, Any] | None, status: str = "COMPLETED") -> dict[str, Any]:
+    """A result signed with the Worker's real result key, as serve.py makes it."""
+    result = {"run_id": "run-1", "status": status, "exit_code": 0, "error": None, "started_at": 1.0,
+              "finished_at": 2.0, "output_size": 0, "output_sha256": hashlib.sha256(b"").hexdigest(),
+              "nonce": "n", "change": found}
+    key = worker_key(home)
+    envelope = sign(RESULT_TYPE, json.dumps(result, sort_keys=True, separators=(",", ":")).encode(), [key])
+    return verified_result(envelope, key.public, "run-1", (0, hashlib.sha256(b"").hexdigest()))
+
+
+def _import(root: Path, found: Any, pack: bytes, base: str, max_bytes: int = 1 << 20) -> Any:
+    return import_change(root / ".git", found, pack, run_id="run-1", task_id="t", base=base, prefix="taskrun/",
+                         max_bytes=max_bytes)
+
+
+def _agent_commit(tmp_path: Path, source: tuple[Path, str]) -> tuple[Path, dict[str, Any], bytes]:
+    home, run_dir, cache, base = _checkout(tmp_path, source)
+    (run_dir / "workspace" / "src" / "app.txt").write_text("v2\n")
+    found = change.collect(run_dir, run_dir / "workspace", _manifest(base, cache.repo_id), [], "w1")
+    assert found is not None
+    return home, found, change.read_pack(run_dir)
+
+
+def _refs(root: Path) -> str:
+    return git(root, "for-each-ref", "--format=%(refname) %(objectname)")
+
+
+def test_a_signed_change_is_imported_under_its_run_ref_and_result_branch(tmp_path: Path,
+                                                                        source: tuple[Path, str]) -> None:
+    root, base = source
+    home, found, pack = _agent_commit(tmp_path, source)
+    result = _signed(home, found)
+    imported = _import(root, result["change"], pack, base)
+    assert imported.branch == "taskrun/t" and imported.note is None
+    assert git(root, "rev-parse", "refs/taskrun/runs/run-1").strip() == found["commit"]
+    assert git(root, "rev-parse", "refs/heads/taskrun/t").strip() == found["commit"]
+
+
+def test_a_pack_whose_digest_or_size_is_not_the_signed_one_is_refused_unread(tmp_path: Path,
+                                                                             source: tuple[Path, str]) -> None:
+    root, base = source
+    home, found, pack = _agent_commit(tmp_path, source)
+    before = _refs(root)
+    with pytest.raises(ChangeRejected, match="does not match"):
+        _import(root, _signed(home, found)["change"], pack[:-1] + bytes([pack[-1] ^ 1]), base)
+    with pytest.raises(ChangeRejected, match="does not match"):
+        _import(root, _signed(home, found)["change"], pack + b"x", base)
+    assert _refs(root) == before
+
+
+def test_an_oversized_change_is_refused(tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, base = source
+    home, found, pack = _agent_commit(tmp_path, source)
+    with pytest.raises(ChangeRejected, match="max_result_bytes"):
+        _import(root, _signed(home, found)["change"], pack, base, max_bytes=len(pack) - 1)
+
+
+def test_a_corrupt_object_is_refused_and_nothing_is_referenced(tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, base = source
+    scratch = tmp_path / "scratch"
+    subprocess.run(["git", "clone", "-q", str(root), str(scratch)], check=True)
+    blob = git(scratch, "rev-parse", "HEAD:README.md").strip()
+    raw = bytes.fromhex(blob)
+    # A tree naming one entry twice: git's object checks (duplicateEntries) refuse it.
+    bad_tree = subprocess.run(["git", "-C", str(scratch), "hash-object", "-w", "-t", "tree", "--literally", "--stdin"],
+                              input=b"100644 a\0" + raw + b"100644 a\0" + raw, capture_output=True,
+                              check=True).stdout.decode().strip()
+    commit = subprocess.run(["git", "-C", str(scratch), "commit-tree", bad_tree, "-p", base, "-m", "bad"],
+                            capture_output=True, check=True, text=True).stdout.strip()
+    pack = _pack(scratch, f"{commit}\n^{base}\n")
+    home = tmp_path / "w"
+    found = {"commit": commit, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack)}
+    before = _refs(root)
+    with pytest.raises(ChangeRejected, match="object checks"):
+        _import(root, _signed(home, found)["change"], pack, base)
+    assert _refs(root) == before
+
+
+def test_a_commit_whose_parent_is_not_the_base_is_refused(tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, base = source
+    scratch = tmp_path / "scratch"
+    subprocess.run(["git", "clone", "-q", str(root), str(scratch)], check=True)
+    git(scratch, "config", "user.name", "U")
+    git(scratch, "config", "user.email", "u@example.com")
+    middle = _commit(scratch, "a.txt", "a")
+    top = _commit(scratch, "b.txt", "b")
+    pack = _pack(scratch, f"{top}\n^{base}\n")
+    found = {"commit": top, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack)}
+    before = _refs(root)
+    with pytest.raises(ChangeRejected, match="not the base commit"):
+        _import(root, _signed(tmp_path / "w", found)["change"], pack, base)
+    assert _refs(root) == before and middle
+
+
+def test_only_the_signed_commit_is_referenced_whatever_else_the_pack_holds(tmp_path: Path,
+                                                                          source: tuple[Path, str]) -> None:
+    root, base = source
+    scratch = tmp_path / "scratch"
+    subprocess.run(["git", "clone", "-q", str(root), str(scratch)], check=True)
+    git(scratch, "config", "user.name", "U")
+    git(scratch, "config", "user.email", "u@example.com")
+    signed = _commit(scratch, "a.txt", "a")
+    git(scratch, "checkout", "-q", "-b", "other", base)
+    extra = _commit(scratch, "main-takeover.txt", "x")  # would a Worker like it on main?
+    pack = _pack(scratch, f"{signed}\n{extra}\n^{base}\n")
+    found = {"commit": signed, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack)}
+    imported = _import(root, _signed(tmp_path / "w", found)["change"], pack, base)
+    assert imported.commit == signed
+    refs = _refs(root)
+    assert extra not in refs
+    assert git(root, "rev-parse", "HEAD").strip() == base
+
+
+def test_a_change_on_a_failed_result_or_a_base_that_is_not_the_runs_is_refused(tmp_path: Path,
+                                                                              source: tuple[Path, str]) -> None:
+    root, base = source
+    home, found, pack = _agent_commit(tmp_path, source)
+    with pytest.raises(ChangeRejected, match="builds on"):
+        _import(root, _signed(home, {**found, "base": "f" * 40})["change"], pack, base)
+
+
+def test_a_persons_commit_on_the_result_branch_stays(tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, base = source
+    git(root, "branch", "taskrun/t", base)
+    person = _commit(root, "person.txt", "mine")
+    git(root, "update-ref", "refs/heads/taskrun/t", person)
+    home, found, pack = _agent_commit(tmp_path, source)
+    imported = _import(root, _signed(home, found)["change"], pack, base)
+    assert imported.branch is None and "someone pushed" in (imported.note or "")
+    assert git(root, "rev-parse", "refs/heads/taskrun/t").strip() == person
+    assert git(root, "rev-parse", "refs/taskrun/runs/run-1").strip() == found["commit"]
+
+
+def test_the_cache_objects_are_bound_read_only_into_the_sandbox() -> None:
+    host = HostView("/usr/bin/bwrap", None, (), root=False)
+    argv = bwrap_argv(host, RunSandbox("/w/ws", "/w/home", shared=("/h/repos/x.git/objects",)), ["true"])
+    at = argv.index("/h/repos/x.git/objects")
+    assert argv[at - 1] == "--ro-bind" and argv[at + 1] == "/h/repos/x.git/objects"
+
+
+# -- the Worker's screen of an assignment carrying a pack ----------------------------------------
+
+
+def _screen(home: Path, message: bytes) -> tuple[list[dict[str, Any]], list[object]]:
+    """What the Worker's reader thread makes of `message` (an authenticated session)."""
+    sent: list[dict[str, Any]] = []
+    passed: list[object] = []
+    inbound = Inbound(Reader(io.BytesIO(message)), lambda kind, **f: sent.append({"type": kind, **f}),
+                      home, TrustStore(home), worker_key(home).key_id, new_challenge(), bundle.Limits())
+    inbound.authenticated = True
+    inbound.run(passed.append)
+    return sent, passed
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (None, None),
+    (lambda payload: payload[:-1] + bytes([payload[-1] ^ 1]), "repository pack does not match"),
+    (lambda payload: payload + b"x", "payload bytes sent, the signed manifest says"),
+])
+def test_an_assignment_carries_its_pack_after_the_archive_and_the_worker_checks_its_signed_hash(
+        tmp_path: Path, source: tuple[Path, str], tamper: Any, reason: str | None) -> None:
+    root, base = source
+    home = tmp_path / "worker"
+    plane = enroll(home, tmp_path / "cp")
+    pack = _pack(root, f"{base}\n")
+    repo = {"id": "a" * 32, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack),
+            "prerequisites": []}
+    built = plane.bundle("run-pack", base_commit=base, repo=repo)
+    payload = built.archive + pack
+    sent, passed = _screen(home, encode(Message("assign", {"run_id": "run-pack", "envelope": built.envelope},
+                                                tamper(payload) if tamper else payload)))
+    if reason is None:
+        assert sent == [] and isinstance(passed[0], Assignment)
+        assert passed[0].archive == built.archive and passed[0].pack == pack
+    else:
+        assert passed == [] and len(sent) == 1 and reason in sent[0]["message"]
