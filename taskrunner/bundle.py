@@ -21,6 +21,10 @@ A bundle is two things sent together in one `assign` record:
     base_commit  the repository commit the Run was assigned at
     archive      {sha256, size} of the archive bytes
     files        [{path, sha256, size}] of every file in the archive
+    repo         {id, base, sha256, size, prerequisites} of the git pack that follows the
+                 archive in the payload, or null (no commit yet): see gitflow/transfer.py
+    git          {author_name, author_email, max_result_bytes, branch, title}: how the Worker
+                 commits the Agent's change (gitflow/change.py)
 
 The Worker checks, before anything runs (`admit`): a trusted key id and a
 signature that verifies over the exact manifest bytes; only then does it parse
@@ -42,6 +46,7 @@ import math
 import os
 import posixpath
 import secrets
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +60,8 @@ BUNDLE_FORMAT = 1
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024 * 1024
+#: The largest git pack of repository state an assignment may carry.
+MAX_PACK_BYTES = 512 * 1024 * 1024
 #: Archive bytes per member besides its contents: header, PAX header and padding (5 tar blocks).
 ARCHIVE_OVERHEAD_PER_MEMBER = 5 * tarfile.BLOCKSIZE
 #: Manifest fields and the types they must have.
@@ -85,6 +92,7 @@ class Limits:
     members: int = MAX_MEMBERS
     member_bytes: int = MAX_MEMBER_BYTES
     total_bytes: int = MAX_TOTAL_BYTES
+    pack_bytes: int = MAX_PACK_BYTES  # the git pack of the repository state (gitflow/transfer.py)
 
     @property
     def archive_bytes(self) -> int:
@@ -172,6 +180,32 @@ def verified_envelope(envelope: Any, *, trusted: Mapping[str, bytes], refused: M
     return manifest
 
 
+def repo_of(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The manifest's `repo` object, checked for form; None when the Run has no repository state."""
+    repo = manifest.get("repo")
+    if repo is None:
+        return None
+    if not isinstance(repo, dict):
+        raise BundleRejected("bundle rejected: manifest field 'repo' is malformed")
+    size, prerequisites = repo.get("size"), repo.get("prerequisites")
+    if not (isinstance(repo.get("id"), str) and isinstance(repo.get("base"), str) and _is_sha(repo["base"])
+            and repo["base"] == manifest.get("base_commit")
+            and isinstance(repo.get("sha256"), str) and isinstance(size, int) and not isinstance(size, bool)
+            and size >= 0 and isinstance(prerequisites, list) and all(_is_sha(p) for p in prerequisites)):
+        raise BundleRejected("bundle rejected: manifest field 'repo' is malformed")
+    return repo
+
+
+def payload_size(manifest: Mapping[str, Any]) -> int:
+    """The `assign` payload's signed length: the archive, then the git pack (if any)."""
+    repo = repo_of(manifest)
+    return int(manifest["archive"]["size"]) + (repo["size"] if repo else 0)
+
+
+def _is_sha(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 40 and all(c in "0123456789abcdef" for c in value)
+
+
 def check_archive(manifest: Mapping[str, Any], size: int, sha256: str) -> None:
     """BundleRejected unless an archive of `size` bytes with digest `sha256` is the one the manifest signs."""
     whole = manifest["archive"]
@@ -179,13 +213,21 @@ def check_archive(manifest: Mapping[str, Any], size: int, sha256: str) -> None:
         raise BundleRejected("bundle rejected: the archive does not match the manifest's hash")
 
 
-def extract(manifest: Mapping[str, Any], archive_bytes: bytes, dest: Path, limits: Limits = Limits()) -> list[str]:
-    """Extract into `dest` (which must not exist yet); returns the paths written."""
+def extract(manifest: Mapping[str, Any], archive_bytes: bytes, dest: Path, limits: Limits = Limits(),
+            overlay: bool = False) -> list[str]:
+    """Extract into `dest` (which must not exist yet); returns the paths written.
+
+    `overlay`: `dest` is a fresh checkout the Worker just made (nothing else
+    writes there yet); a file of the archive replaces the checkout's file at
+    its path. A path that lies under a link of the checkout, or is a
+    directory there, is refused: nothing is written through a link.
+    """
     expected = _manifest_entries(manifest)
     try:
         dest.mkdir(parents=True, mode=0o700)
     except FileExistsError:
-        raise BundleRejected(f"bundle rejected: the extraction directory {dest} already exists") from None
+        if not overlay:
+            raise BundleRejected(f"bundle rejected: the extraction directory {dest} already exists") from None
     try:
         archive = tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r:")
     except tarfile.TarError as exc:
@@ -197,7 +239,7 @@ def extract(manifest: Mapping[str, Any], archive_bytes: bytes, dest: Path, limit
                 members.append(member)
                 if len(members) > limits.members:
                     raise BundleRejected(f"bundle rejected: more than {limits.members} members, over the limit")
-            written = _extract_members(archive, members, expected, dest, limits)
+            written = _extract_members(archive, members, expected, dest, limits, overlay)
         except tarfile.TarError as exc:
             # A damaged header past the first, or data cut short, surfaces only while reading.
             raise BundleRejected(f"bundle rejected: the archive is damaged ({exc})") from exc
@@ -224,7 +266,8 @@ def _manifest_entries(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
-                     expected: dict[str, dict[str, Any]], dest: Path, limits: Limits) -> list[str]:
+                     expected: dict[str, dict[str, Any]], dest: Path, limits: Limits,
+                     overlay: bool = False) -> list[str]:
     written: list[str] = []
     seen: set[str] = set()
     total = 0
@@ -236,6 +279,8 @@ def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
         seen.add(name)
         target = dest / name
         try:
+            if overlay:
+                _clear_overlay(dest, name, member.isdir())
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True, mode=0o700)
                 continue
@@ -263,6 +308,31 @@ def _extract_members(archive: tarfile.TarFile, members: list[tarfile.TarInfo],
             raise BundleRejected(f"bundle rejected: {name} is both a file and a directory") from exc
         written.append(name)
     return written
+
+
+def _clear_overlay(dest: Path, name: str, directory: bool) -> None:
+    """Make way for `name` in a checkout: refuse a link or a file on the way, remove a file or link there."""
+    parts = name.split("/")
+    here = dest
+    for part in parts[:-1]:
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(mode):
+            raise BundleRejected(f"bundle rejected: {name} lies under {here.relative_to(dest)}, which is not a "
+                                 "directory in the checkout")
+    target = dest / name
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        if directory:
+            return
+        raise BundleRejected(f"bundle rejected: {name} is a directory in the checkout")
+    os.unlink(target)
 
 
 def _check_path(path: str) -> None:

@@ -6,6 +6,8 @@ Threads and their one role each:
     link-*    one reader per Worker session -> LinkEvents on the queue
     control   the CLI's socket -> requests on the queue, replies back
     recorder  git: batches final records into commits
+    http      the webhook receiver (taskrunner/http.py), when configured:
+              queues syncs, never runs git
 
 Signals are the entry point's business: it calls `request_stop()` (drain:
 take no new work, record what arrives, commit, exit) and exits at once on a
@@ -27,12 +29,17 @@ from typing import Any
 from taskrunner import doctor
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
-from taskrunner.defaults import STATE_DIR
 from taskrunner.engine import Engine
-from taskrunner.errors import ConfigError, LockError
+from taskrunner.errors import ConfigError, GitError, LockError
 from taskrunner.fleet import Fleet
-from taskrunner.gitops import Git
+from taskrunner.gitflow import landing, pullrequests, signers
+from taskrunner.gitflow.pullrequests import BranchPushed, PullRequestOpened, PullRequests
+from taskrunner.gitflow.gitstate import GitState
+from taskrunner.gitflow.push import Pusher
+from taskrunner.gitflow.sync import Syncer
+from taskrunner.gitops import Git, state_dir
 from taskrunner.hooks import Hooks, emit
+from taskrunner.http import HttpServer, WebhookRoute
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
 from taskrunner.model import TaskStatus
@@ -56,7 +63,24 @@ class _Request:
 
 @dataclass(frozen=True)
 class _Committed:
+    """The recorder made a record commit `sha` on top of `parent` (None when unknown)."""
+
     sha: str
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class _Synced:
+    """A sync ended (gitflow.sync.Syncer, on the recorder thread); `head` is HEAD afterwards."""
+
+    head: str | None
+
+
+@dataclass(frozen=True)
+class _SyncRequest:
+    """A sync asked for off the main thread (the webhook receiver); `reason` is for the log."""
+
+    reason: str
 
 
 class Daemon:
@@ -65,12 +89,25 @@ class Daemon:
         self.config = config
         self.hooks = hooks or Hooks()
         self.once = once
-        self.state_dir = root / STATE_DIR
+        self.state_dir = state_dir(root)
         self.events: queue.Queue[object] = queue.Queue()
         self._stop = threading.Event()
         self.repo = Git(root, notice=lambda message: emit(self.hooks, "notice", message))
         self.recorder = Recorder(self.repo, enabled=config.git.commit, on_commit=self._committed,
-                                 on_error=lambda message: emit(self.hooks, "notice", message))
+                                 on_error=lambda message: emit(self.hooks, "notice", message),
+                                 recover=lambda: landing.unrecorded(self.repo, self.engine.records))
+        self.git_state = GitState(self.state_dir)
+        notice = lambda message: emit(self.hooks, "notice", message)  # noqa: E731
+        self.syncer = Syncer(self.repo, config.git.remote, self.git_state, notice,
+                             on_done=lambda head: self.events.put(_Synced(head)))
+        self.recorder.set_sync(self.syncer.sync)
+        self.pusher: Pusher | None = None
+        if config.git.push:
+            self.pusher = Pusher(self.repo, config.git.remote, config.git.result_branch_prefix, self.git_state, notice,
+                                 on_moved=lambda head: self.events.put(_Synced(head)),
+                                 on_branch_pushed=lambda branch: self.result_branch_pushed("", branch))
+            self.recorder.add_job(self.pusher)
+            self.recorder.after_commit.append(self.pusher.wanted)
         keyring, _ = Keyring.ensure(self.state_dir, time.time())
         self.fleet = Fleet(config, self.state_dir, self.events.put, keyring, self.hooks)
         self.writer = WriteBehind(on_error=lambda message: emit(self.hooks, "notice", message))
@@ -78,6 +115,19 @@ class Daemon:
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask)
         self._lock_file: int | None = None
+        #: HEAD as this daemon last made or saw it (record commits, syncs): see _Committed.
+        self._head: str | None = None
+        self._http: HttpServer | None = None
+        self._next_poll: float | None = None
+        self.pull_requests = PullRequests(self.events.put, lambda message: emit(self.hooks, "notice", message))
+
+    def result_branch_pushed(self, run_id: str, branch: str) -> None:
+        """A Run's result branch is on the forge (any thread may call this): open or update its pull request.
+
+        With `git.pull_requests` (gitflow/pullrequests.py); `run_id` may be
+        empty, meaning the latest Run whose result branch is `branch`.
+        """
+        self.events.put(BranchPushed(run_id, branch))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -85,18 +135,23 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped (or, with once, until nothing is left to do); the exit code."""
+        webhook = None if self.once else self._webhook_route(self.config)  # no secret: ConfigError, nothing started
         self._acquire_lock()
         try:
-            if self.config.git.push:
-                emit(self.hooks, "notice", "git.push is not implemented yet: result commits stay local")
             for finding in (doctor.key_findings(self.root, self.config) + doctor.pin_findings(self.config)
-                            + doctor.sandbox_findings(self.root, self.config)):
+                            + doctor.sandbox_findings(self.root, self.config)
+                            + doctor.git_findings(self.root, self.config)):
                 emit(self.hooks, "notice", f"{finding.level}: {finding.what} (fix: {finding.fix})")
+            for problem in pullrequests.problems(self.config):
+                emit(self.hooks, "notice", f"warning: {problem}")
             self.recorder.start()
-            self.engine.base_commit = self.repo.head()
+            self.pull_requests.start()
+            self.engine.base_commit = self._head = self.repo.head()
             self.engine.restore()
             self.watcher.start()
             self.control.start()
+            self._start_http(webhook, self.config)
+            self._schedule_poll(self.config)
             self.engine.scan()
             self._loop()
         finally:
@@ -117,9 +172,12 @@ class Daemon:
             retirement = self.fleet.keyring.next_retirement()
             if retirement is not None and now >= retirement:
                 self.engine.refresh_keys()
+            if self._next_poll is not None and now >= self._next_poll:
+                self._sync("poll")
+                self._schedule_poll(self.config)
             wakeup = self.engine.next_wakeup
-            if replan or (wakeup is not None and now >= wakeup):
-                self.engine.schedule()
+            if (replan or (wakeup is not None and now >= wakeup)) and not self.syncer.stale:
+                self.engine.schedule()  # not while the clone diverged from its remote: nothing stale runs
                 replan = False
             self._flush()
             if self.once and self.engine.idle():
@@ -127,7 +185,7 @@ class Daemon:
                 self._flush(force=True, wait=True)
                 return
             wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(), self.engine.pending.due,
-                                   self.fleet.keyring.next_retirement()) if t is not None]
+                                   self.fleet.keyring.next_retirement(), self._next_poll) if t is not None]
             sleep = min([now + MAX_SLEEP, *wakeups]) - now
             try:
                 event = self.events.get(timeout=max(0.0, sleep))
@@ -149,7 +207,22 @@ class Daemon:
             # every Task after each of them was most of the daemon's CPU.
             return event.message is None or event.message.type not in _NO_REPLAN
         if isinstance(event, _Committed):
-            self.engine.base_commit = event.sha
+            # A commit of records alone on the HEAD Runs start from changes nothing a workspace holds
+            # (runs/ is not checked out): Runs keep that base, and Workers need no new objects. Anything
+            # else that came in between (a user's commit, a submit) makes the new commit the base.
+            if event.parent is None or event.parent != self._head:
+                self.engine.base_commit = event.sha
+            self._head = event.sha
+            return False
+        if isinstance(event, _Synced):
+            self.engine.base_commit = self._head = event.head or self.engine.base_commit
+            self.engine.scan()  # Tasks a sync brought run as dropped files do; deleted ones are cancelled
+            return True
+        if isinstance(event, _SyncRequest):
+            self._sync(event.reason)
+            return True
+        if isinstance(event, (BranchPushed, PullRequestOpened)):
+            self.pull_requests.handle(event, self.engine, self.config, self.repo.branch)
             return False
         if isinstance(event, FileEvent):
             if event.kind == "changed":
@@ -184,8 +257,8 @@ class Daemon:
         if command == "retry":
             return self.engine.retry(task)
         if command == "trigger":
-            self.engine.scan()
-            return {"ok": True, "message": "tasks/ rescanned"}
+            self._sync("trigger")
+            return {"ok": True, "message": "sync queued"}
         if command == "keys":
             self.engine.refresh_keys()
             return {"ok": True, "message": "signing keys reloaded; online Workers are told"}
@@ -203,17 +276,82 @@ class Daemon:
             return {"ok": False, "error": "the daemon is busy; try again"}
 
     def _reload(self) -> None:
+        refusal = signers.config_refusal(self.root, self.config.security, self.engine.files.git_dirs)
+        if refusal:  # under security.allowed_signers only a signed configuration is taken
+            emit(self.hooks, "notice", f"configuration not reloaded, the previous one stays in force: {refusal}")
+            return
         try:
             config = load_config(self.root)
         except ConfigError as exc:
             emit(self.hooks, "notice", f"configuration not reloaded, the previous one stays in force: {exc}")
             return
-        self.config = config
+        previous, self.config = self.config, config
         self.engine.reconfigure(config)
+        if config.git.poll != previous.git.poll:
+            self._schedule_poll(config)
+        if config.webhook != previous.webhook and not self.once:
+            self._restart_http(config)
+        self.syncer.remote = config.git.remote  # read on the recorder thread at its next sync
+        if self.pusher is not None:
+            self.pusher.remote, self.pusher.result_prefix = config.git.remote, config.git.result_branch_prefix
+        if config.git.push != previous.git.push or config.git.commit != previous.git.commit:
+            emit(self.hooks, "notice", "git.push and git.commit take effect when the daemon restarts")
         emit(self.hooks, "notice", f"configuration reloaded from {config.source}")
 
+    # -- triggers: hooks (`taskrun trigger`), git.poll, the webhook receiver --------------
+
+    def _sync(self, reason: str) -> None:
+        """Bring in what the remote has: the git thread's sync (fetch, fast-forward; coalesced), on the main thread."""
+        sync = getattr(self.recorder, "sync", None)
+        if sync is None:
+            self.engine.scan()
+            emit(self.hooks, "notice", f"sync requested ({reason}): tasks/ rescanned")
+            return
+        if reason != "poll":  # a poll every few seconds would fill the log
+            emit(self.hooks, "notice", f"sync requested ({reason})")
+        sync(reason)
+
+    def _schedule_poll(self, config: Config) -> None:
+        self._next_poll = None if config.git.poll is None else time.time() + config.git.poll
+
+    def _webhook_route(self, config: Config) -> WebhookRoute | None:
+        """The receiver's route when `webhook` is configured; ConfigError without its secret (fail closed)."""
+        if config.webhook is None:
+            return None
+        return WebhookRoute(config.webhook.secret_env, config.webhook.max_body_bytes, self.state_dir,
+                            sync=lambda reason: self.events.put(_SyncRequest(reason)),
+                            notice=lambda message: emit(self.hooks, "notice", message))
+
+    def _start_http(self, route: WebhookRoute | None, config: Config) -> None:
+        if route is None or config.webhook is None:
+            return
+        server = HttpServer(config.webhook.host, config.webhook.port, {"/webhook": route, "/": route},
+                            notice=lambda message: emit(self.hooks, "notice", message))
+        server.start()
+        self._http = server
+        host, port = server.address
+        emit(self.hooks, "notice", f"webhook receiver listening on http://{host}:{port}/webhook")
+
+    def _restart_http(self, config: Config) -> None:
+        """After a reload: the old receiver stops; a new one starts if configured and possible (else a notice)."""
+        self._stop_http()
+        try:
+            self._start_http(self._webhook_route(config), config)
+        except ConfigError as exc:
+            emit(self.hooks, "notice", f"webhook receiver not started: {exc}")
+
+    def _stop_http(self) -> None:
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+
     def _committed(self, sha: str, items: list[CommitItem]) -> None:
-        self.events.put(_Committed(sha))
+        """On the recorder thread, which owns git."""
+        try:
+            parent: str | None = self.repo.run("rev-parse", "--verify", "--quiet", f"{sha}^")
+        except GitError:
+            parent = None
+        self.events.put(_Committed(sha, parent))
         emit(self.hooks, "committed", sha, f"{len(items)} record(s)")
 
     def _acquire_lock(self) -> None:
@@ -233,8 +371,8 @@ class Daemon:
         self._lock_file = fd
 
     def _shutdown(self) -> None:
-        for stop in (lambda: self.engine.flush(force=True), self.writer.stop, self.watcher.stop, self.control.stop,
-                     self.fleet.close, self.recorder.stop):
+        for stop in (self._stop_http, lambda: self.engine.flush(force=True), self.writer.stop, self.watcher.stop, self.control.stop,
+                     self.fleet.close, self.recorder.stop, self.pull_requests.stop):
             try:
                 stop()
             except Exception as exc:  # shutting down: report, keep going

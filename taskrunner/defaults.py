@@ -6,7 +6,8 @@ CONFIG_FILE = ".taskrun.yaml"
 TASKS_DIR = "tasks"
 RUNS_DIR = "runs"
 HOOKS_DIR = "hooks"
-#: Local state under .git/ so it can never be committed by accident.
+#: Local state in the git directory so it can never be committed by accident. This is
+#: where it is in an ordinary clone; gitops.state_dir asks git (worktrees, submodules, GIT_DIR).
 STATE_DIR = ".git/taskrun"
 
 DEFAULT_AGENT = "shell"

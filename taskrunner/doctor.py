@@ -7,10 +7,15 @@ Checks, each a Finding (level "error" or "warning", what, and the fix):
 - no file tracked by git holds a private key (a `-----BEGIN ... PRIVATE KEY-----`
   block, as PEM and OpenSSH write them, an OpenPGP or PuTTY one: leaks.py);
 - every ssh Worker has a pinned host key and a pinned result key;
+- under `security.allowed_signers`, its file (and the revocation file) can
+  be read and lies outside the work tree: otherwise every Task is refused;
 - nothing under runs/ is a symbolic link or a special file, in the work tree
   or tracked by git (`record_findings`): the daemon never follows one (it
   replaces those in its own paths and ignores the others), but a link that
   is there was put there by someone, and other tools may follow it.
+
+- with `git.push: true`, the clone has the remote `git.remote` and HEAD is
+  on a branch (`git_findings`);
 
 - every local Worker can confine Agents (`sandbox_findings`: the same probe
   its `taskrun-worker serve` runs, as the same user with the same PATH), or
@@ -30,7 +35,8 @@ from pathlib import Path
 
 from taskrunner import gitops
 from taskrunner.config import Config
-from taskrunner.defaults import CONFIG_FILE, RUNS_DIR, STATE_DIR
+from taskrunner.defaults import CONFIG_FILE, RUNS_DIR
+from taskrunner.gitflow import signers
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
 from taskrunner.leaks import PRIVATE_KEY_PATTERN
 from taskrunner.safefs import kind_of
@@ -47,7 +53,7 @@ class Finding:
 
 def key_findings(root: Path, config: Config | None) -> list[Finding]:
     found: list[Finding] = []
-    state = root / STATE_DIR
+    state = gitops.state_dir(root)
     keys = sorted((state / KEYS_DIR).glob("*.pem")) + [state / SSH_KEY_FILE, state / RECORD_KEY_FILE]
     if config is not None:
         keys += [Path(w.identity).expanduser() for w in config.workers.values() if w.identity]
@@ -60,6 +66,12 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
             found.append(Finding("error", f"private key {path} is readable by others (mode {mode:04o})",
                                  f"chmod 600 {path}"))
     found.extend(_tracked_keys(root))
+    problem = None
+    if config is not None and config.security.allowed_signers is not None:
+        problem = signers.policy_problem(root, config.security, gitops.git_dirs(root))
+    if problem:
+        found.append(Finding("error", problem, "make security.allowed_signers (and security.revocation_file) "
+                             "readable regular files outside the work tree"))
     return found
 
 
@@ -90,7 +102,7 @@ def sandbox_findings(root: Path, config: Config) -> list[Finding]:
     for worker in config.workers.values():
         if worker.transport != "local":
             continue
-        home = Path(worker.home).expanduser() if worker.home else root / STATE_DIR / "workers" / worker.name
+        home = Path(worker.home).expanduser() if worker.home else gitops.state_dir(root) / "workers" / worker.name
         status = Confinement(home, protect=[root]).status()
         if status.kind is not None:
             continue
@@ -103,6 +115,25 @@ def sandbox_findings(root: Path, config: Config) -> list[Finding]:
                                  f"{status.reason}",
                                  f"{INSTALL_HINT}, or accept unconfined Agents on it with "
                                  f"`workers.{worker.name}.sandbox: none` in {CONFIG_FILE}"))
+    return found
+
+
+def git_findings(root: Path, config: Config) -> list[Finding]:
+    """`git.push: true` without a usable remote, or on a detached HEAD: the daemon could push nothing."""
+    if not config.git.push:
+        return []
+    found: list[Finding] = []
+    remote = config.git.remote
+    url = subprocess.run(gitops.command("config", "--get", f"remote.{remote}.url"), cwd=root, capture_output=True,
+                         text=True)
+    if url.returncode != 0 or not url.stdout.strip():
+        found.append(Finding("error", f"git.push is true but this clone has no remote '{remote}' (git.remote): "
+                             "records and result branches stay local",
+                             f"git remote add {remote} URL, or set git.remote in {CONFIG_FILE}"))
+    head = subprocess.run(gitops.command("symbolic-ref", "--quiet", "HEAD"), cwd=root, capture_output=True)
+    if head.returncode != 0:
+        found.append(Finding("warning", "git.push is true but HEAD is detached: there is no branch to push",
+                             "git switch BRANCH"))
     return found
 
 

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner import bundle, gitops, scheduler
+from taskrunner import gitops, scheduler
 from taskrunner.batch import Batch, Pending
 from taskrunner.config import Config
 from taskrunner.defaults import LOST_RUN_RETRIES
@@ -36,13 +36,11 @@ from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
 from taskrunner.model import RunStatus, TaskStatus
 from taskrunner.protocol import Message
-from taskrunner.signing import key_id
-from taskrunner.records import Records
 from taskrunner.recorder import CommitItem
+from taskrunner.records import Records
 from taskrunner.sessions import WorkerSessions
 from taskrunner.state import RunState, TaskState
 from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
-
 
 #: Statuses the scheduler acts on; Tasks in the others only count as dependencies.
 _PLANNED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.BLOCKED})
@@ -81,13 +79,13 @@ class Engine:
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
         self._seq = 0
-        self._bundle_seq: dict[str, int] = {}  # Worker name -> last bundle sequence number sent
         self._progress = False
         self._cycles_stale = False
         self.pending = Pending(clock)
         self._views: dict[str, scheduler.TaskView] = {}
         self.sessions = WorkerSessions(self.fleet, self.records, self.runs, self.hooks, clock, self._send,
                                        self._finish, self._run_lost, self._save_run)
+        self.sessions.config = lambda: self.config
 
     # -- start-up -----------------------------------------------------------
 
@@ -374,6 +372,7 @@ class Engine:
             run_id=uuid.uuid4().hex[:16], task_id=task.id, number=number,
             revision=spec.revision, attempt=task.attempts + 1, worker=worker.name, agent=agent_name,
             backend_used=agent.backend.as_record() if agent.backend else None, created_at=now,
+            authorized_by=spec.authorized_by,
         )
         task.runs.append(run)
         task.attempts += 1
@@ -385,23 +384,13 @@ class Engine:
         try:
             # Tracked by git, within MAX_CONTEXT_BYTES together: one `git ls-files` (intake.RepoFiles.contexts).
             files.update(self.files.contexts(spec.path, spec.context))
+            run.base_commit = self.base_commit
+            # The Task's files, and the repository state the Worker lacks (gitflow/transfer.py).
+            package, assign = self.sessions.assignment(run, spec, worker, files, self.fleet.keyring.current, now)
         except TaskrunError as exc:
             self._save_task(task)
             self._finish(run, RunStatus.FAILED, None, str(exc))
             return
-        assert worker.result_key is not None  # a Worker is online only once its hello matched the pin
-        # Microseconds since the epoch, and above the last one sent: a restarted
-        # daemon continues above what the Worker's ledger holds.
-        seq = self._bundle_seq[worker.name] = max(self._bundle_seq.get(worker.name, 0) + 1, int(now * 1e6))
-        package = bundle.build(
-            files, self.fleet.keyring.current, now=now, run_id=run.run_id, task_id=task.id,
-            revision=run.revision, attempt=run.attempt, task_file=spec.path,
-            timeout=spec.timeout or self.config.scheduler.timeout, worker=worker.name,
-            audience=key_id(worker.result_key), seq=seq, base_commit=self.base_commit,
-            # sandbox "none": this Worker may run the Agent unconfined, if it cannot confine it (confine.py).
-            agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command), "env": list(agent.env),
-                   "sandbox": worker.spec.sandbox},
-        )
         # The record keeps the signatures: the manifest's compact JSON (bundle.manifest_bytes) is what they sign.
         self.pending.manifest(task.id, run.number, {**package.manifest,
                                                     "signatures": package.envelope["signatures"]})
@@ -411,7 +400,7 @@ class Engine:
         self._save_task(task, late=True)
         # A failed send means the session is down: the link reports that, and
         # the Run is reattached or found lost when the Worker says hello again.
-        self._send(worker, Message("assign", {"run_id": run.run_id, "envelope": package.envelope}, package.archive))
+        self._send(worker, assign)
 
     # -- Worker sessions (sessions.py) -----------------------------------------
 
@@ -441,6 +430,7 @@ class Engine:
         run.exit_code = exit_code
         run.error = error
         run.finished_at = finished_at or self._clock()
+        self.sessions.summarize(run, self.tasks.get(run.task_id))
         self._save_run(run)
         self.runs.pop(run.run_id, None)
         worker = self.fleet.get(run.worker)

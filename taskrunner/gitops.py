@@ -7,9 +7,27 @@ spawns one short-lived git process per call, while a long-lived `Repo` keeps
 Commits never go through the user's index: `git fast-import` builds the
 commit from HEAD with only our paths changed (on a scratch ref, writing one
 pack per batch), HEAD moves by compare-and-swap (`update-ref HEAD NEW OLD`),
-and afterwards only our paths are refreshed in the user's index, so whatever
-they staged stays staged. Every GC_EVERY_COMMITS commits `git gc --auto`
-folds the small packs together, as `git commit` would.
+and afterwards only our paths are set in the user's index, to exactly what
+was committed (`update-index --index-info`: mode, blob, path; the work tree
+is not read again), so whatever they staged stays staged. Every
+GC_EVERY_COMMITS commits `git gc --auto` folds the small packs together, as
+`git commit` would.
+
+The user's git may hold `index.lock` for seconds (an IDE, a long `git add`).
+The refresh waits for it up to INDEX_LOCK_WAIT_SECONDS, and if it is still
+held keeps the entries pending (`index_pending`) for the next
+`refresh_index`, never dropping them: an index that lacks a committed record
+shows it as a staged deletion, and the user's next commit would delete it.
+When HEAD moved while entries were pending, `refresh_index` also reports
+the records HEAD no longer holds as committed, so they are committed again.
+
+Remote commands exist (`remote`: fetch and push, for `git.push` and sync):
+they run with GIT_TERMINAL_PROMPT=0, stdin closed and no controlling
+terminal (they fail rather than wait for a password), the repository's
+GIT_* environment removed (the git directory is passed explicitly), SAFE_CONFIG,
+and a timeout (REMOTE_TIMEOUT_SECONDS). The remote's URL, `core.sshCommand`
+and credential helpers are the user's own, from the clone's .git/config,
+which no push can change.
 
 The files committed are read beneath the work tree without following links
 (safefs): a path that is a link, a special file or a file with other hard
@@ -29,7 +47,9 @@ update-ref, update-index and gc the daemon does.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -38,14 +58,23 @@ from typing import Callable, Sequence
 import git
 
 from taskrunner import leaks
+from taskrunner.defaults import STATE_DIR
 from taskrunner.errors import GitError, UnsafePath
 from taskrunner.safefs import REFUSAL, Beneath
 
 ZERO = "0" * 40
 #: Identity for commits in a repository whose user has none configured.
 FALLBACK_IDENTITY = {"name": "taskrun", "email": "taskrun@localhost"}
-#: The user's git may hold index.lock for a moment; retry this many times.
-INDEX_LOCK_RETRIES = 50
+#: How long one index refresh waits for the user's git to release index.lock
+#: before leaving the refresh pending (it is tried again with the next batch and on a timer).
+INDEX_LOCK_WAIT_SECONDS = 1.0
+#: Compare-and-swap attempts of one commit_paths before it gives up with a GitError
+#: (the recorder keeps the batch and tries again after a backoff).
+COMMIT_ATTEMPTS = 20
+#: A fetch or push that takes longer than this is stopped and counts as failed.
+REMOTE_TIMEOUT_SECONDS = 120.0
+#: git's variables of the daemon's environment that remote commands keep (how to reach the remote).
+REMOTE_ENV_KEPT = ("GIT_SSH", "GIT_SSH_COMMAND")
 #: fast-import builds each commit here; HEAD then moves to it by compare-and-swap.
 SCRATCH_REF = "refs/taskrun/recorder"
 #: Run `git gc --auto` after this many commits (what `git commit` does after each).
@@ -57,8 +86,8 @@ GC_EVERY_COMMITS = 50
 #: `post-index-change`, gc --auto a `pre-auto-gc`). With these git finds no hook
 #: (/dev/null is no directory: it holds none) and asks no file-system monitor
 #: program what changed. git passes `-c` settings on to the git processes it
-#: starts itself (gc's repack and prune). The daemon runs no git command that
-#: reaches a remote, so core.sshCommand and credential helpers never come into play.
+#: starts itself (gc's repack and prune). Remote commands (`Git.remote`) use the
+#: remote, core.sshCommand and credential helpers of the clone's own .git/config.
 SAFE_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
 
 
@@ -70,11 +99,22 @@ def command(*args: str) -> list[str]:
 class Git:
     def __init__(self, root: Path, notice: Callable[[str], None] | None = None) -> None:
         self.root = root
-        self._git = git.Git(str(root))
+        # A Path, not a str: GitPython expands "~" and "$VARS" in a str (a clone at /srv/$HOME/x would
+        # have git run elsewhere), and only resolves a Path.
+        self._git = git.Git(Path(root))
         self._env: dict[str, str] | None = None
         self._commits = 0
         self._notice = notice or (lambda message: None)
         self._tree = Beneath(root)
+        self._hash: str | None = None
+        self._index_file: Path | None = None
+        self._git_dir: Path | None = None
+        #: path -> (mode, blob) to set in the user's index, or None to remove it; see refresh_index.
+        self.index_pending: dict[str, tuple[str, str] | None] = {}
+        #: Committed paths a later commit removed or changed (see refresh_index): to commit again.
+        self.recommit: set[str] = set()
+        #: The commit the pending entries were last made for.
+        self._pending_commit: str | None = None
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -92,8 +132,16 @@ class Git:
             return None
 
     def commit_paths(self, paths: Sequence[str], message: str) -> str | None:
-        """Commit exactly `paths` as they are in the work tree; None if nothing changed."""
-        for _ in range(5):
+        """Commit exactly `paths` as they are in the work tree; None if nothing changed.
+
+        HEAD moves by compare-and-swap; when a user's commit moved it meanwhile
+        the commit is built again on the new HEAD, up to COMMIT_ATTEMPTS times
+        with a short random pause, then GitError (nothing is lost: the caller
+        tries again later). Afterwards the user's index gets the committed
+        entries (`refresh_index`); a refresh the user's git blocks stays
+        pending and does not fail the commit.
+        """
+        for attempt in range(COMMIT_ATTEMPTS):
             old = self.head()
             commit, changed, written, deleted = self._import(paths, message, old)
             if not changed:
@@ -101,21 +149,29 @@ class Git:
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError:
-                continue  # HEAD moved under us (a user commit): build on the new HEAD
-            self._refresh_user_index(written, deleted)
+                # HEAD moved under us (a user commit), or its ref is locked: build on the new HEAD.
+                time.sleep(random.uniform(0.0, 0.01 * min(attempt + 1, 10)))
+                continue
+            for path, blob in written:
+                self.index_pending[path] = ("100644", blob)
+            for path in deleted:
+                self.index_pending[path] = None
+            self._pending_commit = commit
+            self.refresh_index()
             self._commits += 1
             if self._commits % GC_EVERY_COMMITS == 0:
                 self._gc_auto()
             return commit
-        raise GitError("HEAD kept moving while committing records; will try again with the next batch")
+        raise GitError(f"HEAD kept moving while committing records ({COMMIT_ATTEMPTS} attempts); "
+                       "the records are kept and committed on the next attempt")
 
     def _import(self, paths: Sequence[str], message: str,
                 old: str | None) -> tuple[str, bool, list[str], list[str]]:
         """One commit on top of `old` through `git fast-import`.
 
         Returns its sha, whether its tree differs from `old`'s, the paths
-        committed as files and the paths committed as deleted (a path left
-        out, holding a private key, is in neither).
+        committed as files with their blob ids, and the paths committed as
+        deleted (a path left out, holding a private key, is in neither).
 
         fast-import writes the blobs, trees and commit of a batch as one pack
         instead of a loose object file (plus a link and an unlink) per object,
@@ -140,7 +196,7 @@ class Git:
             proc.stdin.write("".join(head).encode() + _data(text.encode()))
             if old:
                 proc.stdin.write(f"from {old}\n".encode())
-            written: list[str] = []
+            written: list[tuple[str, str]] = []
             deleted: list[str] = []
             for path in paths:
                 data = self._read(path)
@@ -152,7 +208,7 @@ class Git:
                                  "and replace the key if it was a real one)")
                 else:
                     proc.stdin.write(f"M 100644 inline {_quote(path)}\n".encode() + _data(data))
-                    written.append(path)
+                    written.append((path, self.blob_id(data)))
             proc.stdin.write(b'ls ""\n\nget-mark :1\n')
             out, err = proc.communicate()
         except (OSError, ValueError) as exc:
@@ -182,23 +238,75 @@ class Git:
         except GitError:
             pass  # housekeeping: the next round tries again
 
-    def _refresh_user_index(self, written: Sequence[str], deleted: Sequence[str]) -> None:
-        """Make the user's index agree with HEAD for our paths, and only those.
-
-        Paths committed as deleted are removed from the index without git
-        looking at the work tree, where a link or special file may be (git
-        would add a link as one, and refuse a path beneath one).
-        """
-        # update-index applies each option to the paths after it; ours all start with runs/, never '-'.
-        argv = ["update-index", "--add", "--remove", *written, "--force-remove", "--", *deleted]
-        for attempt in range(INDEX_LOCK_RETRIES):
+    def blob_id(self, data: bytes) -> str:
+        """The id git gives a blob of `data` (sha1 or sha256, as the repository uses)."""
+        if self._hash is None:
             try:
-                self.run(*argv)
-                return
-            except GitError as exc:
-                if "index.lock" not in str(exc) or attempt == INDEX_LOCK_RETRIES - 1:
-                    raise
-                time.sleep(0.02)  # the user's git holds the index; it releases it in milliseconds
+                self._hash = self.run("rev-parse", "--show-object-format") or "sha1"
+            except GitError:
+                self._hash = "sha1"
+        return hashlib.new(self._hash, b"blob %d\0" % len(data) + data).hexdigest()
+
+    def index_file(self) -> Path:
+        """The user's index (`git rev-parse --git-path index`: worktrees and GIT_INDEX_FILE included)."""
+        if self._index_file is None:
+            path = Path(self.run("rev-parse", "--git-path", "index"))
+            self._index_file = path if path.is_absolute() else self.root / path
+        return self._index_file
+
+    def refresh_index(self, wait: float | None = None) -> bool:
+        """Set the pending entries in the user's index (only those); False while they stay pending.
+
+        Waits up to `wait` seconds (None: INDEX_LOCK_WAIT_SECONDS) for the user's git to release index.lock.
+        If it is still held, or appears before update-index takes it, nothing
+        is lost: the entries stay pending and False comes back. Paths
+        committed as deleted are removed without git looking at the work tree,
+        where a link or special file may be. When HEAD has moved past the
+        commit the entries came from, the paths HEAD no longer holds as they
+        were committed (a user's commit made from an index that lacked them
+        removed them) are added to `recommit`, to be committed again. GitError for any other
+        failure of git (the entries stay pending).
+        """
+        if not self.index_pending:
+            return True
+        lock = self.index_file().with_name(self.index_file().name + ".lock")
+        deadline = time.monotonic() + (INDEX_LOCK_WAIT_SECONDS if wait is None else wait)
+        while os.path.lexists(lock):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        entries = dict(self.index_pending)
+        removed = "0" * len(self.blob_id(b""))  # mode 0 removes the entry (git-update-index(1), --index-info)
+        lines = [f"{entry[0]} {entry[1]}\t{path}" if entry else f"0 {removed}\t{path}"
+                 for path, entry in entries.items()]
+        done = subprocess.run(command("update-index", "-z", "--index-info"), cwd=self.root, capture_output=True,
+                              input=b"".join(os.fsencode(line) + b"\0" for line in lines))
+        if done.returncode != 0:
+            detail = done.stderr.decode(errors="replace").strip()
+            if "index.lock" in detail:
+                return False
+            raise GitError(f"git update-index failed: {detail or done.returncode}")
+        for path, entry in entries.items():
+            if self.index_pending.get(path) == entry:
+                del self.index_pending[path]
+        commit, self._pending_commit = self._pending_commit, None
+        head = self.head()
+        if commit is not None and head != commit:
+            self.recommit.update(self._lost(head, entries))
+        return True
+
+    def _lost(self, head: str | None, entries: dict[str, tuple[str, str] | None]) -> list[str]:
+        """Those of `entries` that HEAD does not hold as they were committed."""
+        held: dict[str, tuple[str, str]] = {}
+        if head is not None:
+            out = subprocess.run(command("--literal-pathspecs", "ls-tree", "-z", "--full-tree", head, "--",
+                                         *entries), cwd=self.root, capture_output=True)
+            for record in out.stdout.split(b"\0"):
+                meta, _, name = record.partition(b"\t")
+                if name:
+                    mode, _, blob = meta.decode().split(" ")
+                    held[os.fsdecode(name)] = (mode, blob)
+        return sorted(path for path, entry in entries.items() if held.get(path) != entry)
 
     def _identity(self) -> dict[str, str]:
         """Author and committer name and email, as git resolves them, with our fallback where it has none."""
@@ -219,10 +327,54 @@ class Git:
             self._env = env
         return self._env
 
+    def branch(self) -> str | None:
+        """The branch HEAD is on (`main`), or None when HEAD is detached."""
+        try:
+            return self.run("symbolic-ref", "--quiet", "--short", "HEAD") or None
+        except GitError:
+            return None
+
+    def remote(self, *args: str, timeout: float = REMOTE_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
+        """`git <args>` for a command that reaches a remote (fetch, push): never prompts, never hangs.
+
+        The repository is named explicitly (`--git-dir`), git's variables of
+        the daemon's environment are left out but GIT_SSH and GIT_SSH_COMMAND
+        (`REMOTE_ENV_KEPT`), GIT_TERMINAL_PROMPT=0, stdin closed, a new session
+        (no controlling terminal, so ssh cannot ask either). Returns the
+        finished process whatever its exit code (a rejected push is an
+        answer to read); GitError when git cannot be started or times out.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") or k in REMOTE_ENV_KEPT}
+        env.update(GIT_TERMINAL_PROMPT="0", SSH_ASKPASS_REQUIRE="never", LC_ALL="C")
+        argv = command(f"--git-dir={self.git_dir()}", *args)
+        try:
+            return subprocess.run(argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, errors="replace", timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired as exc:
+            raise GitError(f"git {args[0]} took longer than {timeout:.0f}s and was stopped") from exc
+        except OSError as exc:
+            raise GitError(f"git {args[0]} failed: {exc}") from exc
+
+    def git_dir(self) -> Path:
+        """This work tree's git directory, absolute (asked once)."""
+        if self._git_dir is None:
+            dirs = git_dirs(self.root)
+            if not dirs:
+                raise GitError(f"{self.root} is not in a git repository")
+            self._git_dir = dirs[0]
+        return self._git_dir
+
     def log(self, count: int = 10) -> list[str]:
         if self.head() is None:
             return []
         return self.run("log", f"-{count}", "--format=%h %s").splitlines()
+
+
+def error_text(stderr: str) -> str:
+    """What git said went wrong, on one line: its `fatal:`/`error:` lines, else its last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    return " ".join(errors or lines[-1:]) or "no message"
 
 
 def _data(payload: bytes) -> bytes:
@@ -244,12 +396,23 @@ def git_dirs(root: Path) -> tuple[Path, ...]:
     Absolute; empty when `root` is not in a repository. Files in them are
     never read for a Task (intake.RepoFiles), wherever they are.
     """
-    try:
-        out = git.Git(str(root)).execute(command("rev-parse", "--path-format=absolute", "--absolute-git-dir",
-                                                 "--git-common-dir"))
-    except (git.GitCommandError, OSError):
-        return ()
-    return tuple(dict.fromkeys(Path(line) for line in str(out).splitlines() if line))
+    out = _ask(root, "rev-parse", "--path-format=absolute", "--absolute-git-dir", "--git-common-dir")
+    return tuple(dict.fromkeys(Path(line) for line in (out or "").splitlines() if line))
+
+
+def state_dir(root: Path) -> Path:
+    """Where the daemon of the work tree at `root` keeps its local state: `<git dir>/taskrun`, absolute.
+
+    The git directory is git's answer (`rev-parse --absolute-git-dir`), so a
+    linked worktree (`.git` is a file), a submodule and `GIT_DIR` in the
+    environment all work. The state is per work tree: each worktree has its
+    own HEAD, tasks/ and runs/, so it has its own daemon, lock, socket, keys
+    and record key (README "Records, pushing and syncing"). Outside a
+    repository: `<root>/.git/taskrun`, which callers then fail to use with a
+    clear message.
+    """
+    dirs = git_dirs(root)
+    return dirs[0] / "taskrun" if dirs else root / STATE_DIR
 
 
 def tracked(root: Path, paths: Sequence[str]) -> set[str]:
@@ -272,15 +435,27 @@ def tracked(root: Path, paths: Sequence[str]) -> set[str]:
 
 
 def toplevel(path: Path) -> Path | None:
-    try:
-        out = git.Git(str(path)).execute(command("rev-parse", "--show-toplevel"))
-    except (git.GitCommandError, OSError):
+    out = _ask(path, "rev-parse", "--show-toplevel")
+    return Path(out) if out else None
+
+
+def _ask(cwd: Path, *args: str) -> str | None:
+    """The stripped output of `git <args>` run in `cwd`; None when git fails or `cwd` is no directory.
+
+    Run with `cwd` itself (never the process's own directory when `cwd` is
+    missing, as GitPython's runner would: that asked the wrong repository).
+    """
+    if not cwd.is_dir():
         return None
-    return Path(str(out))
+    try:
+        done = subprocess.run(command(*args), cwd=cwd, capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def init(path: Path) -> None:
     try:
-        git.Git(str(path)).execute(command("init", "--quiet"))
+        git.Git(Path(path)).execute(command("init", "--quiet"))  # a Path: see Git.__init__
     except (git.GitCommandError, OSError) as exc:
         raise GitError(f"git init failed in {path}: {exc}") from exc

@@ -28,10 +28,18 @@ Task without), not at intake: only tasks/ is watched, and a file may be
 added, or `git add`ed, after the Task was read. Then a Run fails with the
 fix, never the Task. So does one whose context files hold more than
 MAX_CONTEXT_BYTES together, known from their sizes before a byte is read.
+
+Under `security.allowed_signers` a valid Task file is taken only if an
+allowed signer signed the commit that introduced its bytes
+(gitflow/signers.py); the spec then carries the signer (`authorized_by`).
+Otherwise it is INVALID with a reason starting "refused: ", under a
+revision of its own (`refused_revision`), so that the same bytes, once
+committed signed, are a new revision and run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -44,6 +52,7 @@ from taskrunner import gitops
 from taskrunner.config import Config
 from taskrunner.defaults import MAX_CONTEXT_BYTES, MAX_TASK_FILE_BYTES, TASKS_DIR
 from taskrunner.errors import TaskFileError, UnsafePath
+from taskrunner.gitflow import signers
 from taskrunner.model import TaskSpec
 from taskrunner.safefs import REFUSAL, Beneath, kind_of, open_given, refused
 from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script, task_id_for
@@ -73,6 +82,11 @@ class RepoFiles:
         # is a link (they are refused), so root + rel is the real path.
         self._real_root = os.path.realpath(root)
         self._git_dirs = tuple(os.path.realpath(d) for d in git_dirs)
+
+    @property
+    def git_dirs(self) -> tuple[Path, ...]:
+        """The repository's git directories (real paths), whose files are never read for a Task."""
+        return tuple(Path(d) for d in self._git_dirs)
 
     def problem(self, rel: str) -> str | None:
         """What makes `rel` unreadable for a Task whatever is on disk (a '.git' part, the git directory)."""
@@ -253,7 +267,24 @@ def read_task(files: RepoFiles, task_id: str, path: str, config: Config) -> Inta
         _check_context(spec, files)
     except TaskFileError as exc:
         return Intake(task_id, path, revision, None, str(exc))
+    if config.security.allowed_signers is not None:
+        verdict = signers.authorize(files.root, path, data, config.security, files.git_dirs)
+        if verdict.principal is None:
+            reason = f"refused: {verdict.reason}"
+            return Intake(task_id, path, refused_revision(revision, reason), None, reason)
+        spec = dataclasses.replace(spec, authorized_by=verdict.principal)
     return Intake(task_id, path, spec.revision, spec, None)
+
+
+def refused_revision(revision: str, reason: str) -> str:
+    """The revision of a Task file refused under security.allowed_signers: `refused:<sha256 of bytes>:<reason's>`.
+
+    Not the file's own revision, so that the same bytes, once committed
+    signed, are a new revision and run; the reason is part of it, so that a
+    new reason (committed, but unsigned) is recorded. A reader waiting for
+    the file's revision R takes a record at `refused:R:...` as its answer.
+    """
+    return f"refused:{revision}:{hashlib.sha256(reason.encode()).hexdigest()[:16]}"
 
 
 def task_paths(files: RepoFiles, notice: list[str] | None = None) -> Iterator[str]:

@@ -128,6 +128,8 @@ class TaskSpec:
     timeout: float | None = None  # seconds
     retries: int | None = None
     context: tuple[str, ...] = ()
+    # The principal whose signed commit introduced this revision (security.allowed_signers), else None.
+    authorized_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ Worker -> control plane
                Runs. worker_key is the Worker's result key (`ed25519 BASE64`); trust lists
                the ids of the control plane keys it trusts and the issued_at of the last
                trust statement it took; challenge is fresh random hex (sessionauth.py).
-    ready      {runs: [{run_id, state, size}]}
+    ready      {runs: [{run_id, state, size}], repos?: {repo_id: [commits]}}
                the session is authenticated: the Runs this Worker holds. state is "running"
                or "finished"; size is the output bytes on the Worker.
     heartbeat  {time, running}
     started    {run_id, pid, started_at}
     output     {run_id, offset, len} + payload: output bytes [offset, offset+len)
-    result     {run_id, output_size, envelope}
+    result     {run_id, output_size, envelope} + payload: the pack of the Agent's change, if any
                sent only after every output byte up to output_size. The envelope (signing.py,
                RESULT_TYPE) is signed by the Worker's result key over {run_id, status,
                exit_code, error, started_at, finished_at, output_size, output_sha256, nonce};
@@ -73,8 +73,10 @@ MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
 LARGE_HEADERS = frozenset({"assign", "trust", "result", "ready"})
 #: Payload bytes a record type may carry; types not listed carry none.
 PAYLOAD_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES, "assign": MAX_PAYLOAD_BYTES}
-#: What the control plane reads from a Worker: only output carries bytes, one chunk at most.
-FROM_WORKER_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES}
+#: The largest pack of an Agent's change a `result` may carry (git.max_result_bytes is capped by it).
+MAX_RESULT_PAYLOAD_BYTES = 256 * 1024 * 1024
+#: What the control plane reads from a Worker: output, one chunk at most, and a result's pack (gitflow/change.py).
+FROM_WORKER_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES, "result": MAX_RESULT_PAYLOAD_BYTES}
 #: A payload that is skipped is read this many bytes at a time, never whole.
 SKIP_CHUNK_BYTES = 64 * 1024
 

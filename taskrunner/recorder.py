@@ -2,18 +2,30 @@
 
 The engine hands it a CommitItem whenever a Run (or a Task without a Run)
 reaches a final state; items arriving within COMMIT_WINDOW_SECONDS of each
-other share one commit. A commit that fails is retried with the next batch;
-the records stay on disk either way.
+other share one commit. Records are never dropped: a commit that fails (HEAD
+kept moving, a ref locked, git failing) keeps its batch, which grows with the
+items that arrive meanwhile and is tried again after a backoff
+(RETRY_BASE_SECONDS doubling up to RETRY_MAX_SECONDS, with jitter), for as
+long as the daemon runs. What is still uncommitted when it stops is on disk
+and committed by the next daemon (`recover`, run first on this thread).
+
+It also keeps the user's index in step (gitops.refresh_index: entries a held
+index.lock kept pending are tried again every INDEX_RETRY_SECONDS and with
+every batch), commits again the records a user's commit removed
+(gitops.Git.recommit), pushes after each commit (`pusher`, with `git.push`)
+and syncs the clone with its remote (`sync`, from `taskrun trigger`, hooks,
+polling and webhooks).
 """
 
 from __future__ import annotations
 
 import queue
+import random
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from taskrunner.defaults import COMMIT_WINDOW_SECONDS
 from taskrunner.errors import GitError
@@ -22,9 +34,25 @@ from taskrunner.textsafe import clean
 
 _STOP = object()
 _KICK = object()
-#: A batch that fails this many times in a row is dropped from the queue
-#: (its records stay in runs/ and are committed with the Task's next change).
-MAX_ATTEMPTS = 3
+_WAKE = object()
+#: First pause after a failed commit; it doubles with each failure in a row.
+RETRY_BASE_SECONDS = 0.05
+#: Longest pause between two attempts at a failing commit.
+RETRY_MAX_SECONDS = 10.0
+#: A refresh of the user's index kept pending by their index.lock is tried again this often.
+INDEX_RETRY_SECONDS = 0.5
+#: How long `stop()` keeps trying a failing commit before leaving it to the next daemon.
+STOP_GRACE_SECONDS = 10.0
+
+
+class GitJob(Protocol):
+    """A piece of git work the recorder thread does besides commits (push.Pusher, sync.Syncer)."""
+
+    def due(self, now: float) -> float | None:
+        """When (time.monotonic) it wants to run next; None: not until asked."""
+
+    def run(self) -> None:
+        """Do it; never raises (failures are reported and retried by the job itself)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +67,8 @@ class CommitItem:
     title: str
 
     def line(self) -> str:
+        if not self.task_id:
+            return clean(self.title)
         where = f" on {self.worker}" if self.worker else ""
         run = f" (run {self.run_number})" if self.run_number else ""
         return clean(f"{self.task_id} {self.status}{where}{run}")
@@ -72,14 +102,35 @@ class Recorder:
     def __init__(self, repo: Git, enabled: bool = True,
                  on_commit: Callable[[str, list[CommitItem]], None] | None = None,
                  on_error: Callable[[str], None] | None = None,
-                 window: float = COMMIT_WINDOW_SECONDS) -> None:
+                 window: float = COMMIT_WINDOW_SECONDS,
+                 recover: Callable[[], list[CommitItem]] | None = None,
+                 stop_grace: float = STOP_GRACE_SECONDS) -> None:
         self._repo = repo
         self._enabled = enabled
         self._on_commit = on_commit or (lambda sha, items: None)
         self._on_error = on_error or (lambda message: None)
         self._window = window
+        self._recover = recover
+        self._stop_grace = stop_grace
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
+        self._jobs: list[GitJob] = []
+        self._sync: Callable[[str], None] | None = None
+        self._sync_reasons: list[str] = []
+        self._sync_lock = threading.Lock()
+        self._failures = 0
+        self._commit_due = 0.0
+        self._index_due = 0.0
+        #: Called after each commit (on this thread), e.g. the pusher's `wanted`.
+        self.after_commit: list[Callable[[str], None]] = []
+
+    def add_job(self, job: GitJob) -> None:
+        """Run `job` on this thread whenever it is due (before `start`)."""
+        self._jobs.append(job)
+
+    def set_sync(self, sync: Callable[[str], None]) -> None:
+        """What `sync(reason)` runs on this thread (sync.Syncer.sync), before `start`."""
+        self._sync = sync
 
     def start(self) -> None:
         self._thread.start()
@@ -93,49 +144,154 @@ class Recorder:
         if self._enabled:
             self._queue.put(_KICK)
 
+    def sync(self, reason: str) -> None:
+        """Queue a sync of the clone with its remote (see sync.Syncer); repeats before it runs coalesce.
+
+        `reason` says who asked ("trigger", "post-receive", "poll", "webhook github ...") for the log.
+        Returns at once; the sync runs on this thread, after the commit in progress.
+        """
+        with self._sync_lock:
+            wake = not self._sync_reasons
+            if reason not in self._sync_reasons:
+                self._sync_reasons.append(reason)
+        if wake:
+            self._queue.put(_WAKE)
+
     def stop(self) -> None:
         """Commit everything submitted so far, then end the thread."""
         self._queue.put(_STOP)
         if self._thread.is_alive():
             self._thread.join()
 
+    # -- the thread ---------------------------------------------------------
+
     def _loop(self) -> None:
         pending: list[CommitItem] = []
-        attempts = 0
         stopping = False
-        while not stopping or pending:
-            if not stopping:
-                stopping = self._collect(pending)
-            if not pending:
-                continue
-            paths = sorted({path for item in pending for path in item.paths})
+        stop_by = 0.0
+        if self._recover is not None and self._enabled:
             try:
-                sha = self._repo.commit_paths(paths, commit_message(pending))
-            except GitError as exc:
-                attempts += 1
-                self._on_error(f"could not commit records: {exc}")
-                if attempts < MAX_ATTEMPTS and not stopping:
-                    continue
-                sha = None
-            if sha:
-                self._on_commit(sha, pending)
-            pending = []
-            attempts = 0
+                pending.extend(self._recover())
+            except (GitError, OSError) as exc:
+                self._on_error(f"could not look for records left uncommitted: {exc}")
+        while True:
+            if not stopping:
+                stopping = self._collect(pending, self._next_due(pending))
+                if stopping:
+                    stop_by = time.monotonic() + self._stop_grace
+            now = time.monotonic()
+            if self._repo.recommit:
+                pending.append(_restore_item(sorted(self._repo.recommit)))
+                self._repo.recommit.clear()
+            if pending and (now >= self._commit_due or stopping):
+                if self._commit(pending):
+                    pending = []
+            if self._repo.index_pending and now >= self._index_due:
+                self._refresh_index()
+            self._run_jobs(stopping)
+            if stopping:
+                if not pending and not self._repo.recommit:
+                    self._settle_index(stop_by)
+                    return
+                if time.monotonic() >= stop_by:
+                    self._on_error(f"stopping with {len(pending)} record(s) not committed: they are on disk "
+                                   "and the next daemon commits them")
+                    return
+                time.sleep(min(0.2, max(0.0, self._commit_due - time.monotonic())))
 
-    def _collect(self, pending: list[CommitItem]) -> bool:
-        """Add a window's worth of items to `pending`; True once asked to stop."""
-        first = self._queue.get() if not pending else self._get(self._window)
+    def _commit(self, pending: list[CommitItem]) -> bool:
+        """One attempt at committing the batch; True when it is done (committed, or nothing changed)."""
+        paths = sorted({path for item in pending for path in item.paths})
+        try:
+            sha = self._repo.commit_paths(paths, commit_message(pending))
+        except GitError as exc:
+            self._failures += 1
+            pause = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._failures - 1))
+            self._commit_due = time.monotonic() + pause * random.uniform(0.5, 1.0)
+            if self._failures & (self._failures - 1) == 0:  # the 1st, 2nd, 4th, 8th... failure in a row
+                self._on_error(f"could not commit records (attempt {self._failures}, {len(pending)} kept, "
+                               f"trying again): {exc}")
+            return False
+        if self._failures:
+            self._on_error(f"records committed after {self._failures} failed attempt(s)")
+        self._failures = 0
+        self._commit_due = 0.0
+        if sha:
+            self._on_commit(sha, list(pending))
+            for hook in self.after_commit:
+                hook(sha)
+        return True
+
+    def _refresh_index(self) -> None:
+        try:
+            done = self._repo.refresh_index(wait=0.0)
+        except GitError as exc:
+            self._on_error(f"could not update the index for committed records (trying again): {exc}")
+            done = False
+        if not done:
+            self._index_due = time.monotonic() + INDEX_RETRY_SECONDS
+
+    def _settle_index(self, until: float) -> None:
+        """Before the thread ends: wait (until `until`) for the user's index.lock to set what is pending."""
+        while self._repo.index_pending:
+            try:
+                if self._repo.refresh_index(wait=max(0.0, min(0.5, until - time.monotonic()))):
+                    continue
+            except GitError:
+                pass
+            if time.monotonic() >= until:
+                paths = sorted(self._repo.index_pending)
+                self._on_error(f"git's index stayed locked: it does not list {len(paths)} committed record file(s) "
+                               f"yet (`git reset -q -- {' '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}` "
+                               "makes it agree with HEAD)")
+                return
+
+    def _run_jobs(self, stopping: bool) -> None:
+        with self._sync_lock:
+            reasons, self._sync_reasons = self._sync_reasons, []
+        if reasons and self._sync is not None and not stopping:
+            try:
+                self._sync(", ".join(reasons))
+            except Exception as exc:  # a job's bug must not end the thread that owns git
+                self._on_error(f"sync failed: {exc}")
+        now = time.monotonic()
+        for job in self._jobs:
+            due = job.due(now)
+            if due is not None and due <= now:
+                try:
+                    job.run()
+                except Exception as exc:  # as above
+                    self._on_error(f"{type(job).__name__} failed: {exc}")
+
+    def _next_due(self, pending: list[CommitItem]) -> float | None:
+        """Seconds until something is due without a new item (a retry, an index refresh, a job); None: nothing."""
+        times = [job_due for job in self._jobs if (job_due := job.due(time.monotonic())) is not None]
+        if pending:
+            times.append(self._commit_due)
+        if self._repo.index_pending:
+            times.append(self._index_due)
+        if self._repo.recommit:
+            times.append(0.0)
+        if not times:
+            return None
+        return max(0.0, min(times) - time.monotonic())
+
+    def _collect(self, pending: list[CommitItem], timeout: float | None) -> bool:
+        """Add a window's worth of items to `pending`; True once asked to stop.
+
+        Waits up to `timeout` seconds (None: until something arrives) for the first.
+        """
+        first = self._queue.get() if timeout is None else self._get(timeout)
         if first is _STOP:
             return True
-        if first is _KICK:
+        if first is None or first is _KICK or first is _WAKE:
             return False
-        if first is not None:
-            pending.append(first)  # type: ignore[arg-type]
+        pending.append(first)  # type: ignore[arg-type]
         deadline = time.monotonic() + self._window
         while (item := self._get(deadline - time.monotonic())) is not None:
             if item is _STOP:
                 return True
-            if item is _KICK:
+            if item is _KICK or item is _WAKE:
                 break
             pending.append(item)  # type: ignore[arg-type]
         return False
@@ -145,3 +301,9 @@ class Recorder:
             return self._queue.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+
+
+def _restore_item(paths: list[str]) -> CommitItem:
+    """The batch entry for records a later commit removed from HEAD (gitops.Git.recommit)."""
+    return CommitItem(paths=tuple(paths), task_id="", run_id=None, run_number=None, worker=None, agent=None,
+                      status="RESTORED", title=f"{len(paths)} record file(s) that a later commit removed")

@@ -52,8 +52,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from taskrunner.defaults import RUNS_DIR, STATE_DIR
+from taskrunner.defaults import RUNS_DIR
 from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
+from taskrunner.gitops import state_dir
 from taskrunner.keys import record_key
 from taskrunner.model import RECORD_NAMES, RUN_DIR_RE
 from taskrunner.safefs import REFUSAL, Beneath
@@ -195,6 +196,19 @@ class Records:
         self._claim(task_id, number)  # checks the id too, once per Run directory
         self._save(f"{RUNS_DIR}/{task_id}/run-{number}/manifest.json", manifest, sealed=False, claimed=True)
 
+    def save_summary(self, task_id: str, number: int, text: str) -> str:
+        """Write runs/<id>/run-<n>/summary.md (gitflow/summary.py) atomically, following no link; its path.
+
+        Not sealed, like manifests: the daemon never reads it back.
+        """
+        self._claim(task_id, number)  # checks the id too, once per Run directory
+        rel = f"{RUNS_DIR}/{task_id}/run-{number}/summary.md"
+        try:
+            self._tree.write_atomic(rel, text.encode(), repair=True, look=False)
+        except (OSError, UnsafePath) as exc:
+            raise RecordError(f"cannot write {rel}: {exc}") from exc
+        return rel
+
     def append_output(self, task_id: str, number: int, offset: int, data: bytes) -> int:
         """Append the part of `data` (which starts at `offset`) not yet recorded.
 
@@ -237,7 +251,7 @@ class Records:
             with self._key_lock:
                 if self._key is None:
                     try:
-                        self._key = record_key(self.root / STATE_DIR, create)
+                        self._key = record_key(state_dir(self.root), create)
                     except TaskrunError as exc:
                         raise RecordError(str(exc)) from None
                 key = self._key

@@ -1,8 +1,9 @@
 """A Worker's signed result, checked before anything of it is recorded.
 
 The Worker signs (signing.RESULT_TYPE) {run_id, status, exit_code, error,
-started_at, finished_at, output_size, output_sha256, nonce} with its result
-key; the control plane verifies the signature with the key pinned at
+started_at, finished_at, output_size, output_sha256, nonce, change} with its
+result key (`change`: {commit, base, sha256, size} of the pack of the Agent's
+change that follows as the payload, or null; gitflow/importer.py takes it); the control plane verifies the signature with the key pinned at
 enrollment, that the result is for this Run, and that size and sha256 match
 the output.log it recorded. A result that fails any of this is recorded as
 FAILED with the reason, never as COMPLETED.

@@ -5,21 +5,33 @@ The engine owns one `WorkerSessions` and hands it every link event
 is given: the fleet, the records, the Runs not yet final, and the engine's
 own `send`, `finish`, `run_lost` and `save_run`, so a record is still written
 before any message that depends on it (engine.py, batch.py).
+
+It also holds the repository transfer (`transfer`, gitflow/transfer.py): what
+each Worker's cache has (from `ready`), the assignments to send again with the
+whole history when a Worker lacks objects, and, for each verified result that
+carries a change, the import and the result branch (gitflow/importer.py). Each
+Run's summary.md is written here as it reaches its final status (`summarize`,
+called by the engine).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from taskrunner.bundle import Bundle
+from taskrunner.errors import GitError, RecordError
 from taskrunner.fleet import Fleet, WorkerState
+from taskrunner.gitflow import summary
+from taskrunner.gitflow.importer import ChangeRejected, diffstat, import_change
+from taskrunner.gitflow.transfer import Transfer, git_fields
 from taskrunner.hooks import Hooks, emit
 from taskrunner.links import LinkEvent
-from taskrunner.model import RunStatus
+from taskrunner.model import RunStatus, TaskSpec
 from taskrunner.protocol import Message
 from taskrunner.records import Records
 from taskrunner.results import ResultRejected, more_output_owed, verified_result
-from taskrunner.state import RunState
-
+from taskrunner.signing import SigningKey, key_id
+from taskrunner.state import RunState, TaskState
 
 #: The records a Worker sends (README, the protocol table); any other ends its session.
 _FROM_WORKER = frozenset({"hello", "ready", "heartbeat", "error", "trusted", "started", "output", "result"})
@@ -47,6 +59,34 @@ class WorkerSessions:
         self._finish = finish
         self._run_lost = run_lost
         self._save_run = save_run
+        #: The repository to the Workers (gitflow/transfer.py); the engine builds assignments with it.
+        self.transfer = Transfer(records.root)
+        #: The configuration in force (the engine sets it): what `git` says for results.
+        self.config: Callable[[], Any] = lambda: None
+
+    def assignment(self, run: RunState, spec: TaskSpec, worker: WorkerState, files: dict[str, bytes],
+                   signer: SigningKey, now: float) -> tuple[Bundle, Message]:
+        """The signed bundle of a new Run and the `assign` message carrying it (gitflow/transfer.py).
+
+        TaskrunError (a git failure making the repository's pack) when none can be made.
+        """
+        config = self.config()
+        agent = config.agents[run.agent]
+        assert worker.result_key is not None  # a Worker is online only once its hello matched the pin
+        # Microseconds since the epoch, and above the last one sent: a restarted
+        # daemon continues above what the Worker's ledger holds.
+        seqs = self.transfer.seqs
+        seq = seqs[worker.name] = max(seqs.get(worker.name, 0) + 1, int(now * 1e6))
+        return self.transfer.assign(
+            worker.name, files, signer, now=now, run_id=run.run_id, task_id=run.task_id,
+            revision=run.revision, attempt=run.attempt, task_file=spec.path,
+            timeout=spec.timeout or config.scheduler.timeout, worker=worker.name,
+            audience=key_id(worker.result_key), seq=seq, base=run.base_commit,
+            git_fields=git_fields(config.git, run.task_id, spec.title),
+            # sandbox "none": this Worker may run the Agent unconfined, if it cannot confine it (confine.py).
+            agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command),
+                   "env": list(agent.env), "sandbox": worker.spec.sandbox},
+        )
 
     def on_link_event(self, event: LinkEvent) -> None:
         worker = self.fleet.current(event)
@@ -101,6 +141,7 @@ class WorkerSessions:
         now = self._clock()
         self.fleet.ready(worker, now)
         self.check_trust(worker, worker.hello.get("trust"), now)
+        self.transfer.worker_ready(worker.name, message.get("repos"))
         runs = message["runs"] if isinstance(message["runs"], list) else []
         held = {entry["run_id"]: entry for entry in runs if isinstance(entry, dict)}
         for run_id in sorted(worker.runs):
@@ -135,6 +176,8 @@ class WorkerSessions:
         run = self.runs.get(message.get("run_id"))
         if request == "assign" and run is not None and run.worker == worker.name \
                 and run.status is RunStatus.ASSIGNED:
+            if message.get("missing_objects") is True and self._resend(worker, run):
+                return
             if message.get("untrusted") is True:
                 # Its trust store changed under the session (`trust --reset`, say): no more Runs
                 # for it, and this one goes elsewhere without spending a retry.
@@ -145,7 +188,66 @@ class WorkerSessions:
             return
         emit(self.hooks, "notice", f"Worker '{worker.name}': {text}")
 
+    def _resend(self, worker: WorkerState, run: RunState) -> bool:
+        """The Worker's cache lacks what the pack builds on: the same Run again, with the whole history
+        (gitflow/transfer.py). False when it cannot be resent (the Run then fails with the Worker's reason)."""
+        try:
+            again = self.transfer.resend(worker.name, run.run_id, self._clock())
+        except GitError as exc:
+            emit(self.hooks, "notice", f"cannot send Run {run.run_id} again: {exc}")
+            return False
+        if again is None:
+            return False
+        package, assign = again
+        try:
+            self.records.save_manifest(run.task_id, run.number, {**package.manifest,
+                                                                 "signatures": package.envelope["signatures"]})
+        except RecordError as exc:
+            emit(self.hooks, "notice", str(exc))
+        emit(self.hooks, "notice", f"Worker '{worker.name}' lacks objects of the repository: Run {run.run_id} is "
+                                   "sent again with the whole history of its base commit")
+        self._send(worker, assign)
+        return True
+
+    def summarize(self, run: RunState, task: TaskState | None) -> None:
+        """Write the Run's summary.md (gitflow/summary.py) as it reaches its final status."""
+        self.transfer.done(run.run_id)
+        title = task.spec.title if task is not None and task.spec is not None else run.task_id
+        size = self.records.output_size(run.task_id, run.number)
+        tail = self.records.read_output(run.task_id, run.number, max(0, size - summary.SUMMARY_TAIL_BYTES)) or b""
+        stat = None
+        if run.result_commit and run.base_commit:
+            stat = diffstat(self.transfer.git_dir, run.base_commit, run.result_commit)
+        paths = [p for p in self.records.run_paths(run.task_id, run.number) if not p.endswith("summary.md")]
+        try:
+            run.summary = self.records.save_summary(run.task_id, run.number,
+                                                    summary.render(run, title, tail, stat, paths))
+        except RecordError as exc:
+            emit(self.hooks, "notice", str(exc))
+
+    def _take_change(self, run: RunState, result: dict[str, Any], pack: bytes) -> None:
+        """Import the change a verified result carries (gitflow/importer.py); ChangeRejected saying why not."""
+        change = result.get("change")
+        if change is None:
+            if pack:
+                raise ChangeRejected("change rejected: the result carries a pack but signs no change")
+            return
+        if result.get("status") != RunStatus.COMPLETED.value:
+            raise ChangeRejected("change rejected: only a COMPLETED Run returns a change")
+        git = getattr(self.config(), "git", None)
+        prefix = getattr(git, "result_branch_prefix", "taskrun/")
+        most = getattr(git, "max_result_bytes", 64 * 1024 * 1024)
+        try:
+            imported = import_change(self.transfer.git_dir, change, pack, run_id=run.run_id, task_id=run.task_id,
+                                     base=run.base_commit, prefix=prefix, max_bytes=most)
+        except GitError as exc:
+            raise ChangeRejected(f"change rejected: {exc}") from None
+        run.result_commit, run.result_branch, run.result_note = imported.commit, imported.branch, imported.note
+        if imported.note:
+            emit(self.hooks, "notice", f"Run {run.run_id} of '{run.task_id}': {imported.note}")
+
     def _on_started(self, worker: WorkerState, run: RunState, message: Message) -> None:
+        self.transfer.done(run.run_id)
         if run.status is RunStatus.ASSIGNED:
             run.move(RunStatus.RUNNING)
             run.started_at = message.get("started_at") or self._clock()
@@ -178,7 +280,8 @@ class WorkerSessions:
                 return
             result = verified_result(message["envelope"], worker.result_key, run.run_id,
                                      self.records.output_digest(run.task_id, run.number))
-        except ResultRejected as exc:
+            self._take_change(run, result, message.payload)
+        except (ResultRejected, ChangeRejected) as exc:
             self._finish(run, RunStatus.FAILED, None, str(exc))
         else:
             run.started_at = run.started_at or result.get("started_at")

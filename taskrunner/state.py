@@ -34,6 +34,13 @@ class RunState:
     error: str | None = None
     output_size: int = 0
     lost: bool = False  # failed because its Worker was lost, not because of its Agent
+    authorized_by: str | None = None  # the allowed signer who introduced its revision (security.allowed_signers)
+    pull_request: str | None = None  # the web URL of the pull / merge request for its result branch
+    base_commit: str | None = None  # the commit the Run's workspace was checked out at (gitflow/transfer.py)
+    result_commit: str | None = None  # the Agent's change, imported (gitflow/importer.py); None: no change
+    result_branch: str | None = None  # the branch moved to result_commit; None: not moved (result_note says why)
+    result_note: str | None = None
+    summary: str | None = None  # the work-tree path of the Run's summary.md (gitflow/summary.py)
     result_resumes: int = 0  # results answered with `resume` (results.more_output_owed); not recorded
 
     def move(self, status: RunStatus) -> None:
@@ -59,6 +66,13 @@ class RunState:
             "error": self.error,
             "output_bytes": self.output_size,
             "lost": self.lost,
+            "base_commit": self.base_commit,
+            "result_commit": self.result_commit,
+            "result_branch": self.result_branch,
+            "result_note": self.result_note,
+            "summary": self.summary,
+            "authorized_by": self.authorized_by,
+            "pull_request": self.pull_request,
         }
 
     @classmethod
@@ -71,6 +85,10 @@ class RunState:
             started_at=data.get("started_at"), finished_at=data.get("finished_at"),
             exit_code=data.get("exit_code"), error=data.get("error"),
             output_size=int(data.get("output_bytes") or 0), lost=bool(data.get("lost")),
+            base_commit=data.get("base_commit"), result_commit=data.get("result_commit"),
+            result_branch=data.get("result_branch"), result_note=data.get("result_note"),
+            summary=data.get("summary"),
+            authorized_by=data.get("authorized_by"), pull_request=data.get("pull_request"),
         )
 
 

@@ -13,7 +13,8 @@ from rich.text import Text
 from taskrunner import control, doctor
 from taskrunner.cli.main import find_root
 from taskrunner.config import load_config
-from taskrunner.defaults import KEY_OVERLAP_SECONDS, STATE_DIR
+from taskrunner.defaults import KEY_OVERLAP_SECONDS
+from taskrunner.gitops import state_dir
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError, DaemonNotRunning, TaskrunError
 from taskrunner.keys import Keyring
@@ -39,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
-    ring = Keyring.load(root / STATE_DIR)
+    ring = Keyring.load(state_dir(root))
     config = load_config(root)
     keys = [{"key_id": e.key.key_id, "public": e.key.public_line, "created_at": e.created_at,
              "retire_at": e.retire_at, "current": e.retire_at is None} for e in ring.entries]
@@ -65,13 +66,13 @@ def cmd_rotate(args: argparse.Namespace, out: Console) -> int:
     except ValueError as exc:
         raise TaskrunError(f"--overlap: {exc}") from None
     now = time.time()
-    ring = Keyring.load(root / STATE_DIR)
+    ring = Keyring.load(state_dir(root))
     old = ring.current
     new = ring.rotate(overlap, now)
     out.print(f"new signing key {new.key_id}; {old.key_id} stays trusted until {_when(now + overlap)}",
               markup=False)
     try:
-        control.request(root / STATE_DIR, {"command": "keys"})
+        control.request(state_dir(root), {"command": "keys"})
         out.print("the running daemon tells every online Worker now; the others when they next connect",
                   markup=False)
     except DaemonNotRunning:
@@ -90,12 +91,13 @@ def cmd_doctor(args: argparse.Namespace, out: Console) -> int:
         findings.append(doctor.Finding("error", str(exc), "fix the file, then run taskrun doctor again"))
     findings += doctor.key_findings(root, config)  # before loading the keyring, which tightens modes
     try:
-        Keyring.load(root / STATE_DIR)
+        Keyring.load(state_dir(root))
     except TaskrunError as exc:
         findings.append(doctor.Finding("error", str(exc), "taskrun init"))
     if config is not None:
         findings += doctor.pin_findings(config)
         findings += doctor.sandbox_findings(root, config)
+        findings += doctor.git_findings(root, config)
     findings += doctor.record_findings(root)
     if args.json:
         print(json.dumps({"ok": not findings, "findings": [f.__dict__ for f in findings]}, indent=2))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -17,14 +15,13 @@ from typing import Any, Callable
 from rich.console import Console
 
 from taskrunner import __version__, control, gitops
-from taskrunner.atomic import write_bytes
+from taskrunner.gitflow import gitstate
 from taskrunner.cli import render
 from taskrunner.config import load_config
-from taskrunner.defaults import STATE_DIR, TASKS_DIR
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.model import TaskStatus
 from taskrunner.records import Records
-from taskrunner.intake import RepoFiles, read_submitted, task_paths
+from taskrunner.intake import RepoFiles, task_paths
 from taskrunner.taskfile import task_id_for, task_id_problem
 from taskrunner.textsafe import StreamCleaner, clean
 
@@ -89,11 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="follow the output live until the Run ends")
     p.add_argument("--raw", action="store_true", help="at a terminal too, write the output byte for byte "
                    "(by default a terminal gets control characters other than newline and tab escaped)")
-    p = command("submit", cmd_submit, "add Task files to tasks/ (for CI)")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--wait", action="store_true", help="wait until they end: exit 0 all COMPLETED, 1 some not, 3 timeout")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S seconds")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    from taskrunner.cli import submit
+
+    submit.add_parsers(sub)
     for name, help in (("cancel", "stop a Task's Run on its Worker"), ("retry", "run a Task again")):
         p = command(name, cmd_request, help)
         p.add_argument("task", help="a Task id")
@@ -103,8 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker.add_parsers(sub)
     keys.add_parsers(sub)
-    p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs tasks/ now")
+    p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs now")
     p.add_argument("--quiet", action="store_true", help="print nothing")
+    hooks = sub.add_parser("hooks", help="git hooks that make the daemon sync").add_subparsers(
+        dest="hooks_command", required=True, metavar="ACTION")
+    p = hooks.add_parser("install", help="write a post-receive hook into BARE_REPO, or without it a post-merge hook "
+                         "into this clone's git directory; the hook asks this clone's daemon to sync")
+    p.set_defaults(handler=cmd_hooks_install)
+    p.add_argument("bare", nargs="?", metavar="BARE_REPO", help="the bare repository people push to")
+    p.add_argument("--force", action="store_true", help="replace a hook taskrun did not write (it is moved aside)")
+    p.add_argument("--print", action="store_true", help="print the hook instead of installing it")
     return parser
 
 
@@ -181,16 +184,26 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
         if runs:
             out.print()
             out.print(render.runs_table(runs))
+            last = runs[-1]
+            if last.get("status") in ("FAILED", "CANCELLED"):
+                out.print(f"\nits output: taskrun logs {args.task} --run {last.get('run')}", markup=False)
+            if last.get("result_branch"):
+                out.print("\n" + clean(f"its change: the branch {last['result_branch']} (git log -p "
+                                        f"{last.get('base_commit') or ''}..{last['result_branch']}); "
+                                        f"the pull request body: {last.get('summary')}"), markup=False)
         return EXIT_OK
     tasks = load_all(records, ignored)
     report_ignored(ignored)
+    git_state = gitstate.read(gitops.state_dir(records.root))  # pushing and syncing (gitflow/gitstate.py)
     if args.json:
-        print(json.dumps({"tasks": tasks}, indent=2, sort_keys=True))
+        print(json.dumps({"tasks": tasks, "git": git_state}, indent=2, sort_keys=True))
         return EXIT_OK
     if not tasks:
         out.print("No Tasks yet: add a file to tasks/ and start `taskrun up`.")
-        return EXIT_OK
-    out.print(render.tasks_table(tasks))
+    else:
+        out.print(render.tasks_table(tasks))
+    for line in gitstate.problems(git_state):
+        out.print(clean(line), markup=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -300,77 +313,11 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
         time.sleep(POLL_SECONDS)
 
 
-def cmd_submit(args: argparse.Namespace, out: Console) -> int:
-    root = find_root(args)
-    state_dir = root / STATE_DIR
-    if args.wait:
-        control.request(state_dir, {"command": "ping"})  # fail now, not after the timeout
-    submitted: dict[str, str] = {}
-    for name in args.files:
-        source = Path(name)
-        rel = f"{TASKS_DIR}/{source.name}"
-        task_id = task_id_for(rel)
-        if task_id is None:
-            raise UsageError(f"{name}: a Task file is named <id>.md with id [a-z0-9][a-z0-9._/-]*")
-        problem = task_id_problem(task_id)
-        if problem:
-            raise UsageError(f"{name}: {problem}")
-        # No link is followed at the file itself or inside the work tree, no FIFO waited on (intake.read_submitted).
-        data = read_submitted(name, root)
-        # Written under an ignored temp name, then renamed: the daemon reads it whole.
-        # Beneath the work tree: a tasks/ that is a link is refused, not written through.
-        try:
-            write_bytes(root / rel, data, beneath=root)
-        except OSError as exc:
-            raise UsageError(f"cannot write {rel}: {exc}") from exc
-        submitted[task_id] = hashlib.sha256(data).hexdigest()
-        if not args.json:
-            out.print(f"submitted {rel}", markup=False)
-    if not args.wait:
-        return EXIT_OK
-    return wait_for(Records(root), submitted, args.timeout, args.json, out)
-
-
-def wait_for(records: Records, submitted: dict[str, str], timeout: float | None, as_json: bool, out: Console) -> int:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    settled = {s.value for s in TaskStatus if s.final}
-    final: dict[str, dict[str, Any]] = {}
-    ignored: list[str] = []
-    with out.status("waiting for the Tasks to finish...") if out.is_terminal and not as_json else contextlib.nullcontext():
-        while len(final) < len(submitted):
-            for task_id, revision in submitted.items():
-                # A record this clone's daemon did not write (a forged COMPLETED) is not an answer.
-                record = believed(lambda: records.load_task(task_id), ignored)
-                if record and record.get("revision") == revision and record["status"] in settled:
-                    final[task_id] = record
-            if len(final) == len(submitted):
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            time.sleep(POLL_SECONDS)
-    report_ignored(ignored)
-    results = []
-    for task_id in submitted:
-        record = final.get(task_id) or believed(lambda: records.load_task(task_id), ignored) or {}
-        results.append({"task_id": task_id, "status": record.get("status", "PENDING"), "error": record.get("error"),
-                        "runs": len(record.get("runs") or []), "final": task_id in final})
-    if as_json:
-        print(json.dumps({"tasks": results, "timed_out": len(final) < len(submitted)}, indent=2))
-    else:
-        for result in results:
-            note = f": {clean(result['error'])}" if result["error"] else ""
-            out.print(render.literal(f"{result['task_id']} "), render.status_text(result["status"]),
-                      render.literal(note), sep="")
-    if len(final) < len(submitted):
-        return EXIT_TIMEOUT
-    return EXIT_OK if all(r["status"] == "COMPLETED" for r in results) else EXIT_NOT_COMPLETED
-
-
 def cmd_request(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
     payload = {"command": args.command, "task": getattr(args, "task", "")}
     try:
-        reply = control.request(root / STATE_DIR, payload)
+        reply = control.request(gitops.state_dir(root), payload)
     except DaemonNotRunning:
         if getattr(args, "quiet", False):
             return EXIT_OK  # a git hook with no daemon: the next `taskrun up` scans anyway
@@ -382,10 +329,30 @@ def cmd_request(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def cmd_hooks_install(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.gitflow import hooks
+
+    root = find_root(args)
+    if args.bare is not None:
+        git_dir = hooks.bare_git_dir(Path(args.bare))
+        name, script = "post-receive", hooks.post_receive_script(root, hooks.taskrun_command())
+    else:
+        git_dir = hooks.common_git_dir(root)
+        name, script = "post-merge", hooks.post_merge_script(root, hooks.taskrun_command())
+    if args.print:
+        sys.stdout.write(script)
+        return EXIT_OK
+    done = hooks.install(git_dir, name, script, force=args.force)
+    if done.kept is not None:
+        out.print(f"moved the hook that was there to {done.kept}", markup=False)
+    out.print(f"wrote {done.path}: it asks the daemon of {root} to sync", markup=False)
+    return EXIT_OK
+
+
 def cmd_workers(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
     try:
-        workers = control.request(root / STATE_DIR, {"command": "workers"})["workers"]
+        workers = control.request(gitops.state_dir(root), {"command": "workers"})["workers"]
         daemon = True
     except DaemonNotRunning:
         config = load_config(root)

@@ -31,7 +31,8 @@ from taskrunner.atomic import write_bytes
 from taskrunner.cli.main import find_root
 from taskrunner.config import load_config, parse_config
 from taskrunner.config_edit import remove_worker, set_worker
-from taskrunner.defaults import CONFIG_FILE, STATE_DIR
+from taskrunner.defaults import CONFIG_FILE
+from taskrunner.gitops import state_dir
 from taskrunner.errors import TaskrunError
 from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
@@ -82,7 +83,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def cmd_key(args: argparse.Namespace, out: Console) -> int:
-    state = find_root(args) / STATE_DIR
+    state = state_dir(find_root(args))
     _, public = keys.ensure_ssh_key(state)
     if out.is_terminal:
         signing = Keyring.ensure(state, time.time())[0].current.key_id
@@ -133,7 +134,7 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
         raise EnrollError(f"host key not pinned: pass --fingerprint {seen} once you have checked it on the "
                           "Worker (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); nothing was written")
     if not args.identity:
-        keys.ensure_ssh_key(root / STATE_DIR)
+        keys.ensure_ssh_key(state_dir(root))
     agents = [a for a in (args.agents or config.default_agent).split(",") if a]
     labels = _labels(args.labels)
     fields: dict[str, object] = {"transport": "ssh", "host": args.host, "port": args.port}
@@ -157,7 +158,7 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     spec = parse_config(set_worker(before, CONFIG_FILE, args.name, fields, config), CONFIG_FILE).workers[args.name]
     # One connection for both steps: the hello proves the gate answers, then the enrollment.
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
-    client = connect(spec, identity_path(spec, root / STATE_DIR))
+    client = connect(spec, identity_path(spec, state_dir(root)))
     try:
         hello, _ = _session(client, spec, root)
         worker_key = _enroll(client, spec, root, hello, token)
@@ -182,7 +183,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     if spec.worker_key is None:
         raise EnrollError(f"Worker '{args.name}' has no pinned result key: enroll it with `taskrun worker add "
                           f"{args.name} --host {spec.host}`")
-    client = connect(spec, identity_path(spec, root / STATE_DIR))
+    client = connect(spec, identity_path(spec, state_dir(root)))
     try:
         hello, ready = _session(client, spec, root, PublicKey.parse(spec.worker_key))
     finally:
@@ -238,7 +239,7 @@ def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
         message = reader.read()
         if message is None or message.type != "hello":
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
-            public = keys.ensure_ssh_key(root / STATE_DIR)[1] if not spec.identity else "<your public key>"
+            public = keys.ensure_ssh_key(state_dir(root))[1] if not spec.identity else "<your public key>"
             raise EnrollError(
                 f"Worker '{spec.name}' did not answer through the gate ({stderr or 'no hello'}). On the Worker, "
                 f"install taskrun and add the line printed by `taskrun-worker init --key '{public}'` "
@@ -251,7 +252,7 @@ def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
                               f"if it was reinstalled, enroll it again with `taskrun worker add {spec.name} "
                               f"--host {spec.host} --token TOKEN`")
         now = time.time()
-        ring = Keyring.load(root / STATE_DIR)
+        ring = Keyring.load(state_dir(root))
         envelope = auth_envelope(ring.signers(now), str(message.get("challenge")), audience.key_id, now)
         channel.sendall(encode(Message("auth", {"envelope": envelope})))
         while (reply := reader.read()) is not None:
@@ -279,7 +280,7 @@ def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dic
         raise EnrollError(f"Worker '{spec.name}' presents no result key ({exc}): upgrade taskrun-worker "
                           "on it; nothing was written") from None
     now = time.time()
-    ring = Keyring.ensure(root / STATE_DIR, now)[0]
+    ring = Keyring.ensure(state_dir(root), now)[0]
     request = json.dumps(trust_request(ring, presented.key_id, now, token)).encode()
     try:
         channel = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)  # type: ignore[union-attr]

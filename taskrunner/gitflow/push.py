@@ -49,7 +49,8 @@ class Pusher:
     """Pushes when `wanted` and due; see the module docstring. For Recorder.add_job."""
 
     def __init__(self, repo: Git, remote: str, result_prefix: str, state: GitState,
-                 notice: Callable[[str], None], on_moved: Callable[[str | None], None] | None = None) -> None:
+                 notice: Callable[[str], None], on_moved: Callable[[str | None], None] | None = None,
+                 on_branch_pushed: Callable[[str], None] | None = None) -> None:
         self.repo = repo
         self.remote = remote
         self.result_prefix = result_prefix
@@ -57,6 +58,8 @@ class Pusher:
         self._notice = notice
         #: Called with the new HEAD when a rejected push brought the remote's commits in (the daemon rescans tasks/).
         self._on_moved = on_moved or (lambda head: None)
+        #: Called with a result branch's name once a new commit of it is on the remote (pull requests).
+        self._on_branch_pushed = on_branch_pushed or (lambda name: None)
         self._wanted = True  # a start pushes whatever an earlier daemon could not
         self._next = 0.0
         self._failures = 0
@@ -135,6 +138,8 @@ class Pusher:
             flag, summary = statuses.get(f"refs/heads/{name}", ("", ""))
             if flag in (" ", "+", "*", "="):
                 self.repo.run("update-ref", f"{PUSHED_PREFIX}{self.remote}/{name}", local)
+                if flag != "=":
+                    self._on_branch_pushed(name)
             elif flag == "!":
                 reason = (f"the remote's {name} is not what taskrun last pushed there (a person's commits?): "
                           f"not overwritten ({summary})")

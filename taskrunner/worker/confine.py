@@ -21,9 +21,15 @@ writes `exit_status` (see rundir.py); unconfined, the bash wrapper writes
 A confined Agent of a root Worker runs as a uid of its own (sandbox.py,
 "Root"): `allocate_uid` picks one from the Agents' range, starting at a
 number derived from the run id, that no other Run held in this Worker home
-has, records it in `<run>/agent_uid`, and does so under a lock on
-`<home>/agent_uids.lock`, so two sessions starting Runs at once never pick
-the same. The workspace, HOME and input files are handed to it.
+has. Two sessions starting Runs at once never pick the same: each uid in use
+is claimed by a symlink `<home>/agent_uids/<uid>` naming its Run, made with
+one symlink(2) (atomic, and no scan of the held Runs), which is also the
+record of which uid the Run has; a claim whose Run is no longer held is taken
+over under a lock on `<home>/agent_uids.lock`. (Workers before the claims
+kept the uid in `<run>/agent_uid`; the claims directory is made from those
+once.) The workspace, HOME and input files are handed to it. Every file
+operation here counts: on a busy disk each create or rename waits for the
+journal, so a Run's start makes one link, not a file and a rename.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from taskrunner.errors import WorkerError
-from taskrunner.worker.rundir import RunDir, wrapped
+from taskrunner.worker.rundir import RUN_ID_RE, RunDir, wrapped
 from taskrunner.worker.sandbox import (
     AGENT_UID_BASE,
     AGENT_UID_COUNT,
@@ -54,8 +61,10 @@ from taskrunner.worker.sandbox import (
 SANDBOX_MODES = ("bwrap", "none")
 #: What a Worker says when its admin gave `--sandbox none`.
 TURNED_OFF = "the Worker's admin turned the sandbox off (taskrun-worker --sandbox none)"
-#: In the Worker home: held while a uid is picked for an Agent.
+#: In the Worker home: held while a claim is taken over or the claims directory is made.
 UID_LOCK = "agent_uids.lock"
+#: In the Worker home: the uids Agents of held Runs have, one symlink `<uid>` -> run id each (allocate_uid).
+UID_CLAIMS = "agent_uids"
 
 
 class SandboxRefused(WorkerError):
@@ -134,7 +143,8 @@ class Confinement:
             hand_over([workspace, home_dir, *inputs], uid, uid)
         fd = os.open(run_dir.exit_status_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            command = bwrap_argv(host, RunSandbox(workspace, home_dir, inputs, self.protected, status_fd=fd, uid=uid),
+            command = bwrap_argv(host, RunSandbox(workspace, home_dir, inputs, self.protected, status_fd=fd, uid=uid,
+                                                  shared=run_dir.shared_paths()),
                                  argv)
         except ValueError as exc:
             os.close(fd)
@@ -143,21 +153,88 @@ class Confinement:
 
 
 def allocate_uid(home: Path, run_dir: RunDir) -> int:
-    """A uid from the Agents' range for `run_dir`'s Agent that no other Run held in `home` has; recorded
-    in the Run's `agent_uid`. SandboxRefused when every one is taken."""
-    start = int.from_bytes(hashlib.sha256(run_dir.run_id.encode()).digest()[:4], "big") % AGENT_UID_COUNT
+    """A uid from the Agents' range for `run_dir`'s Agent that no other Run held in `home` has, recorded by
+    its claim. SandboxRefused when every one is taken.
+
+    Claims (`<home>/agent_uids/<uid>`, a symlink naming the Run's id, never
+    followed) make this one symlink(2) per Run, whatever the number of held
+    Runs: creating one is atomic across sessions. A claim whose Run is no
+    longer held (its directory is gone) is taken over under the lock.
+    """
+    claims = _claims(home)
+    runs = os.path.join(home, "runs")
+    run_id = run_dir.run_id
+    start = uid_search_start(run_id) - AGENT_UID_BASE
+    for step in range(AGENT_UID_COUNT):
+        uid = AGENT_UID_BASE + (start + step) % AGENT_UID_COUNT
+        claim = os.path.join(claims, str(uid))
+        try:
+            os.symlink(run_id, claim)
+        except FileExistsError:
+            owner = _owner(claim)
+            if owner != run_id and (_held(runs, owner) or not _take_over(home, runs, claim, run_id)):
+                continue
+        return uid
+    raise SandboxRefused(f"all {AGENT_UID_COUNT} uids for Agents are taken by the Runs this Worker holds")
+
+
+def uid_search_start(run_id: str) -> int:
+    """The uid `allocate_uid` tries first for `run_id` (derived from it, spread over the range)."""
+    return AGENT_UID_BASE + int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:4], "big") % AGENT_UID_COUNT
+
+
+def _owner(claim: str) -> str | None:
+    try:
+        return os.readlink(claim)
+    except OSError:
+        return None  # gone meanwhile, or not a link: not a held Run's
+
+
+def _held(runs: str, owner: str | None) -> bool:
+    return owner is not None and RUN_ID_RE.match(owner) is not None and os.path.isdir(os.path.join(runs, owner))
+
+
+def _take_over(home: Path, runs: str, claim: str, run_id: str) -> bool:
+    """Point `claim`, whose Run is no longer held, at `run_id`; False when another session took it first."""
     fd = os.open(home / UID_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        used = set()
-        for path in (home / "runs").iterdir():
-            if path != run_dir.path:
-                used.add(RunDir(path).agent_uid())
-        for step in range(AGENT_UID_COUNT):
-            uid = AGENT_UID_BASE + (start + step) % AGENT_UID_COUNT
-            if uid not in used:
-                run_dir.write_agent_uid(uid)
-                return uid
+        if _held(runs, _owner(claim)):
+            return False
+        fresh = f"{claim}.{run_id}"
+        try:
+            os.unlink(fresh)
+        except FileNotFoundError:
+            pass
+        os.symlink(run_id, fresh)
+        os.replace(fresh, claim)  # atomic: a claim is never missing
+        return True
     finally:
         os.close(fd)  # and the lock with it
-    raise SandboxRefused(f"all {AGENT_UID_COUNT} uids for Agents are taken by the Runs this Worker holds")
+
+
+def _claims(home: Path) -> str:
+    """The claims directory; made once, under the lock, from the uids held Runs of an older Worker recorded
+    (`<run>/agent_uid`)."""
+    claims = os.path.join(home, UID_CLAIMS)
+    if os.path.isdir(claims):
+        return claims
+    fd = os.open(home / UID_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.isdir(claims):
+            fresh = claims + ".new"
+            shutil.rmtree(fresh, ignore_errors=True)
+            os.mkdir(fresh, 0o700)
+            runs = home / "runs"
+            for path in runs.iterdir() if runs.is_dir() else ():
+                uid = RunDir(path).agent_uid()
+                if uid is not None:
+                    try:
+                        os.symlink(path.name, os.path.join(fresh, str(uid)))
+                    except FileExistsError:
+                        pass
+            os.rename(fresh, claims)
+    finally:
+        os.close(fd)
+    return claims

@@ -53,6 +53,7 @@ class Assignment:
     run_id: str
     manifest: dict[str, Any]
     archive: bytes
+    pack: bytes = b""  # the git pack the manifest's `repo` signs (gitflow/transfer.py), after the archive
 
 
 class Inbound:
@@ -130,19 +131,27 @@ class Inbound:
             if signed > self._limits.archive_bytes:
                 raise bundle.BundleRejected(f"bundle rejected: the archive is {signed} bytes, over this Worker's "
                                             f"limit of {self._limits.archive_bytes}")
-            if header.size != signed:
-                raise bundle.BundleRejected(f"bundle rejected: {header.size} archive bytes sent, the signed "
-                                            f"manifest says {signed}")
+            repo = bundle.repo_of(manifest)
+            if repo is not None and repo["size"] > self._limits.pack_bytes:
+                raise bundle.BundleRejected(f"bundle rejected: the repository pack is {repo['size']} bytes, over "
+                                            f"this Worker's limit of {self._limits.pack_bytes}")
+            whole = bundle.payload_size(manifest)
+            if header.size != whole:
+                what = "payload" if repo else "archive"
+                raise bundle.BundleRejected(f"bundle rejected: {header.size} {what} bytes sent, the signed "
+                                            f"manifest says {whole}")
         except WorkerError as exc:
             return self._refuse(header, str(exc), untrusted=getattr(exc, "untrusted", False))
-        digest = hashlib.sha256()
-        archive = self._reader.read_payload(header, digest)
+        payload = self._reader.read_payload(header)
+        archive, pack = payload[:signed], payload[signed:]
         try:
-            bundle.check_archive(manifest, len(archive), digest.hexdigest())
+            bundle.check_archive(manifest, len(archive), hashlib.sha256(archive).hexdigest())
+            if repo is not None and hashlib.sha256(pack).hexdigest() != repo["sha256"]:
+                raise bundle.BundleRejected("bundle rejected: the repository pack does not match the manifest's hash")
         except bundle.BundleRejected as exc:
             self._send("error", run_id=run_id, request="assign", message=str(exc))
             return True
-        put(Assignment(run_id, manifest, archive))
+        put(Assignment(run_id, manifest, archive, pack))
         return True
 
     def _take_trust(self, header: Header) -> None:
@@ -167,9 +176,10 @@ class Inbound:
             fields["run_id"] = header.get("run_id")
         if untrusted:
             fields["untrusted"] = True
-        if header.size > self._limits.archive_bytes:
+        most = self._limits.archive_bytes + self._limits.pack_bytes
+        if header.size > most:
             self._send("error", **fields, message=f"{message}; the session ends: its {header.size} payload bytes "
-                                                  f"are over this Worker's limit of {self._limits.archive_bytes}")
+                                                  f"are over this Worker's limit of {most}")
             return False
         self._send("error", **fields, message=message)
         self._reader.skip_payload(header)

@@ -4,7 +4,10 @@
         starting          locked (flock) by the session starting the Run, until `pid` or
                           `result.json` is written; then removed
         assignment.json   what was asked: task, agent, deadline; marks the Run as held
-        workspace/        the extracted bundle; the Agent's working directory
+        workspace/        a checkout of the base commit with the bundle's files laid over it
+                          (gitflow/cache.py); the Agent's working directory
+        index             the Worker's own index of the checkout, never the Agent's
+        objects/          the objects of the Agent's change, then change.pack: it packed (gitflow/change.py)
         home/             the Agent's HOME, its own for this Run
         script.sh, prompt.md   what agents.prepare wrote for the Agent (read-only to it)
         agent_uid         the uid (and gid) a root Worker runs this Agent as (confine.py)
@@ -107,6 +110,19 @@ class RunDir:
     def agent_inputs(self) -> list[Path]:
         """The files agents.prepare wrote for the Agent (script.sh, prompt.md), those that exist."""
         return [self.path / name for name in INPUT_FILES if (self.path / name).is_file()]
+
+    def shared_paths(self) -> tuple[str, ...]:
+        """Directories the Agent reads but does not own: the objects of the repository cache its
+        workspace's `.git` borrows (gitflow/cache.py), named by the assignment's repository id."""
+        try:
+            repo = self.assignment().get("repo")
+        except (FileNotFoundError, ValueError):
+            return ()
+        if not isinstance(repo, dict) or not isinstance(repo.get("id"), str) or not re.fullmatch(r"[0-9a-f]{32}",
+                                                                                                   repo["id"]):
+            return ()
+        objects = self.path.parent.parent / "repos" / f"{repo['id']}.git" / "objects"
+        return (os.path.abspath(objects),) if objects.is_dir() else ()
 
     def assignment(self) -> dict[str, Any]:
         return read_json(self.path / "assignment.json")

@@ -47,9 +47,23 @@ root-owned files in the read-only system directories (/etc/shadow, sshd's host
 keys) stay readable. `--unshare-user --uid 65534` does not help: the inner
 uid maps back to 0 outside, so the on-disk identity is still root. So a
 Worker running as root drops the Agent to a uid of its own (`RunSandbox.uid`,
-gid the same) with `setpriv --reuid --regid --clear-groups --no-new-privs`
-inside the sandbox, after bwrap has made its mounts (changing uid clears every
-capability); the Run's workspace, HOME and input files are handed to that uid.
+gid the same, no supplementary groups) with coreutils' `chroot --userspec=U:U
+--groups= --skip-chdir /` inside the sandbox, after bwrap has made its mounts
+(changing uid clears every capability; bwrap has already set no_new_privs, so
+no exec can give any back). With `/` as the new root and --skip-chdir, chroot
+is only the uid switch: it changes no root and no directory. It replaced
+`setpriv --reuid --regid --clear-groups --inh-caps=-all --no-new-privs`,
+which leaves the same credentials but costs 1-2 ms more per Run (libcap-ng,
+locale and NSS lookups). The Run's workspace, HOME and input files are handed
+to that uid.
+
+Why a separate exec at all: the mounts need root's own access (the Worker
+home and /root are 0700 root), and bwrap only drops to another uid through
+a user namespace, whose `--uid` maps back to 0 outside. Running bwrap itself
+as the Agent's uid (Popen's user=) gives a user namespace of the right
+identity but then bwrap cannot reach the Run's workspace or the PATH
+directories under /root to bind them; `--bind-fd` does not help, bwrap
+resolves the fd's path again (bwrap 0.8).
 Not `nobody`: every process of the host running as nobody could then read an
 Agent's /proc/<pid>/environ (its secrets) or ptrace it. The uid is
 AGENT_UID_BASE + n, n < AGENT_UID_COUNT (0x7E000000 to 0x7E00FFFF), one per
@@ -101,6 +115,8 @@ INSTALL_HINT = "install bubblewrap on the Worker (Debian/Ubuntu: apt-get install
 #: Modes of the directories bwrap creates on the way to a mount: traversable by the Agent's uid.
 _DIR_PERMS = "0755"
 _TMP_PERMS = "01777"
+#: Where chroot lives when the Worker's PATH lacks the sbin directories.
+_SBIN = "/usr/sbin:/sbin"
 
 
 @dataclass(frozen=True)
@@ -120,10 +136,10 @@ class Mount:
 
 @dataclass(frozen=True)
 class HostView:
-    """What this machine offers a sandbox: bwrap, setpriv (for a root Worker) and the read-only mounts."""
+    """What this machine offers a sandbox: bwrap, chroot (the uid switch of a root Worker) and the read-only mounts."""
 
     bwrap: str | None
-    setpriv: str | None
+    chroot: str | None
     mounts: tuple[Mount, ...]
     root: bool  # the Worker runs as root: Agents are switched to a uid of their own
 
@@ -140,6 +156,7 @@ class RunSandbox:
     protected: tuple[str, ...] = ()
     status_fd: int | None = None
     uid: int | None = None
+    shared: tuple[str, ...] = ()  # read-only, not the Agent's: the Worker's repository objects (gitflow/cache.py)
 
 
 @dataclass(frozen=True)
@@ -164,19 +181,68 @@ class SandboxStatus:
 def bwrap_argv(host: HostView, run: RunSandbox, argv: Sequence[str]) -> list[str]:
     """The command that runs `argv` confined; pure: no file is looked at.
 
-    Raises ValueError when the host has no bwrap (or, for a root Worker, no setpriv).
+    The part that is the same for every Run of a Worker (namespaces, /dev,
+    /proc, /tmp, the host's read-only mounts and, for a root Worker, the
+    directories leading to them) is worked out once per HostView and protected
+    paths (`_prefix`, cached); per Run come only the Run's own directories and
+    binds. Raises ValueError when the host has no bwrap (or, for a root Worker,
+    no chroot, or no uid for the Agent).
     """
     if host.bwrap is None:
         raise ValueError("bwrap is not installed")
-    mounts = visible_mounts(host, run.protected)
-    out = [host.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--dev", "/dev", "--proc", "/proc"]
     if host.root:
-        # bwrap makes /tmp 0755 and the directories on the way to a mount 0700, owned by root: the
-        # Agent's uid could neither write the one nor pass the others. An unprivileged
-        # Worker's Agent owns them (its user namespace), and older bwraps lack --perms.
+        if host.chroot is None:
+            raise ValueError("chroot is not installed")
+        if run.uid is None:
+            raise ValueError("a root Worker's Agent needs a uid of its own")
+    prefix = _prefix(host, tuple(run.protected))
+    out = list(prefix.argv)
+    if host.root:
+        # bwrap makes the directories on the way to a mount 0700, owned by root (the Worker's
+        # umask): the Agent's uid could not pass them. An unprivileged Worker's Agent owns them.
+        made: set[str] = set()
+        for path in (run.workspace, run.home, *run.inputs, *run.shared):
+            for directory in _to_make(prefix, os.path.dirname(path.rstrip("/"))):
+                if directory not in made:
+                    made.add(directory)
+                    out += ["--perms", _DIR_PERMS, "--dir", directory]
+    out += ["--bind", run.workspace, run.workspace, "--bind", run.home, run.home]
+    for path in (*run.inputs, *run.shared):
+        out += ["--ro-bind", path, path]
+    out += ["--chdir", run.workspace]
+    if run.status_fd is not None:
+        out += ["--json-status-fd", str(run.status_fd)]
+    if host.root:
+        # chroot starts with root's capabilities (bwrap needs them to enter the Agent's workspace,
+        # which the Agent's uid owns) and loses every one when it switches uid; new root "/" with
+        # --skip-chdir: it changes nothing else.
+        out += ["--", host.chroot, f"--userspec={run.uid}:{run.uid}", "--groups=", "--skip-chdir", "/"]
+    else:
+        out.append("--")
+    return out + list(argv)
+
+
+@dataclass(frozen=True, eq=False)
+class _Prefix:
+    """The Run-independent start of a Worker's bwrap argv, and what it leaves existing inside."""
+
+    argv: tuple[str, ...]
+    made: frozenset[str]  # directories the argv makes (root Worker)
+    mounted: tuple[str, ...]  # destinations of its binds: what lies inside them exists
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix(host: HostView, protected: tuple[str, ...]) -> _Prefix:
+    mounts = _visible(host, protected)
+    out = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--dev", "/dev", "--proc", "/proc"]
+    binds = [m.dest for m in mounts if m.link is None]
+    made: list[str] = []
+    if host.root:
+        # bwrap makes /tmp 0755: the Agent's uid could not write it. (Older bwraps lack --perms,
+        # and an unprivileged Worker's Agent owns its /tmp.)
         out += ["--perms", _TMP_PERMS, "--tmpfs", "/tmp"]
-        binds = [m.dest for m in mounts if m.link is None] + [run.workspace, run.home, *run.inputs]
-        for directory in _parents_to_make(binds, [m.dest for m in mounts]):
+        made = _parents_to_make(binds, [m.dest for m in mounts])
+        for directory in made:
             out += ["--perms", _DIR_PERMS, "--dir", directory]
     else:
         out += ["--tmpfs", "/tmp"]
@@ -185,24 +251,17 @@ def bwrap_argv(host: HostView, run: RunSandbox, argv: Sequence[str]) -> list[str
             out += ["--symlink", mount.link, mount.dest]
         else:
             out += ["--ro-bind", mount.source or mount.real, mount.dest]
-    out += ["--bind", run.workspace, run.workspace, "--bind", run.home, run.home]
-    for path in run.inputs:
-        out += ["--ro-bind", path, path]
-    out += ["--chdir", run.workspace]
-    if run.status_fd is not None:
-        out += ["--json-status-fd", str(run.status_fd)]
-    if host.root:
-        if host.setpriv is None:
-            raise ValueError("setpriv is not installed")
-        if run.uid is None:
-            raise ValueError("a root Worker's Agent needs a uid of its own")
-        # setpriv starts with root's capabilities (bwrap needs them to enter the Agent's
-        # workspace, which the Agent's uid owns) and loses every one when it switches uid.
-        out += ["--", host.setpriv, f"--reuid={run.uid}", f"--regid={run.uid}", "--clear-groups",
-                "--inh-caps=-all", "--no-new-privs", "--"]
-    else:
-        out.append("--")
-    return out + list(argv)
+    return _Prefix((host.bwrap or "bwrap", *out), frozenset(made), tuple(binds))
+
+
+@functools.lru_cache(maxsize=1024)
+def _to_make(prefix: _Prefix, directory: str) -> tuple[str, ...]:
+    """`directory` and its parents that the prefix leaves missing, outermost first (a Run's
+    directory is new each time; its parents are the same for every Run, and cached)."""
+    if directory in ("/", "", "/tmp") or directory in prefix.made or any(_within(directory, m)
+                                                                          for m in prefix.mounted):
+        return ()
+    return _to_make(prefix, os.path.dirname(directory)) + (directory,)
 
 
 def visible_mounts(host: HostView, protected: Sequence[str]) -> list[Mount]:
@@ -278,7 +337,8 @@ def host_view(path: str | None = None, prefixes: Sequence[str] | None = None) ->
         real = os.path.realpath(name)
         if os.path.isfile(real) and not any(_within(real, m.real) for m in mounts):
             mounts.append(Mount(real, real, source=real))
-    return HostView(bwrap=_which("bwrap", path), setpriv=_which("setpriv", path), mounts=tuple(mounts),
+    chroot = _which("chroot", path) or _which("chroot", _SBIN)
+    return HostView(bwrap=_which("bwrap", path), chroot=chroot, mounts=tuple(mounts),
                     root=os.geteuid() == 0)
 
 
@@ -346,10 +406,10 @@ def probe(host: HostView, protected: Sequence[str] = ()) -> SandboxStatus:
 def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
     if host.bwrap is None:
         return SandboxStatus(None, reason=f"bwrap is not on the Worker's PATH: {INSTALL_HINT}")
-    if host.root and host.setpriv is None:
-        return SandboxStatus(None, reason="the Worker runs as root and setpriv (util-linux) is not on its PATH, "
-                                          "so Agents cannot be run as an unprivileged user: install util-linux, "
-                                          "or run the Worker as an unprivileged user")
+    if host.root and host.chroot is None:
+        return SandboxStatus(None, reason="the Worker runs as root and chroot (coreutils) is not on its PATH or in "
+                                          "/usr/sbin, so Agents cannot be run as an unprivileged user: install "
+                                          "coreutils, or run the Worker as an unprivileged user")
     if host.root:
         clash = agent_range_problem()
         if clash is not None:
@@ -359,7 +419,7 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
         return SandboxStatus(None, reason=f"the Worker home (or a protected path: {', '.join(protected)}) lies "
                                           f"inside {', '.join(hidden)}, which Agents need read-only: move it")
     version = _version(host.bwrap)
-    true = shutil.which("true") or "/bin/true"
+    cat = shutil.which("cat") or "/bin/cat"
     with tempfile.TemporaryDirectory(prefix="taskrun-probe-") as scratch:
         workspace, home = os.path.join(scratch, "workspace"), os.path.join(scratch, "home")
         os.mkdir(workspace, 0o700)
@@ -368,7 +428,7 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
             if host.root:
                 hand_over([workspace, home], AGENT_UID_BASE, AGENT_UID_BASE)
             argv = bwrap_argv(host, RunSandbox(os.path.realpath(workspace), os.path.realpath(home),
-                                               protected=protected, uid=AGENT_UID_BASE), [true])
+                                               protected=protected, uid=AGENT_UID_BASE), [cat, "/proc/self/status"])
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=PROBE_TIMEOUT_SECONDS, start_new_session=True,
                                   env={"PATH": os.environ.get("PATH", os.defpath)})
@@ -379,8 +439,34 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
         detail = said[-1] if said else f"exit code {done.returncode}"
         return SandboxStatus(None, reason=f"bwrap cannot make a sandbox here ({detail}); it needs user "
                                           "namespaces (or root): see the README's 'Agents run confined'")
+    wrong = credentials_problem(done.stdout.decode(errors="replace"), AGENT_UID_BASE if host.root else None)
+    if wrong is not None:
+        return SandboxStatus(None, reason=f"an Agent in the sandbox would keep privileges ({wrong}): run the Worker "
+                                          "as an unprivileged user, or report this with the bwrap and coreutils "
+                                          "versions")
     last = AGENT_UID_BASE + AGENT_UID_COUNT - 1
     return SandboxStatus("bwrap", version=version, uids=(AGENT_UID_BASE, last) if host.root else None)
+
+
+def credentials_problem(status: str, uid: int | None) -> str | None:
+    """What is wrong with an Agent's credentials, from its /proc/self/status text, or None. Pure.
+
+    Always: no capability (effective, permitted, ambient) and no_new_privs set.
+    For a root Worker (`uid` given): real, effective, saved and filesystem uid
+    and gid are `uid`, and no supplementary group.
+    """
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    words = {key: value.split() for key, value in fields.items()}
+    wrong = [f"{key} {' '.join(words.get(key, ['missing']))}" for key in ("CapEff", "CapPrm", "CapAmb")
+             if words.get(key) != ["0000000000000000"]]
+    if words.get("NoNewPrivs") != ["1"]:
+        wrong.append(f"NoNewPrivs {' '.join(words.get('NoNewPrivs', ['missing']))}")
+    if uid is not None:
+        wrong += [f"{key} {' '.join(words.get(key, ['missing']))}" for key in ("Uid", "Gid")
+                  if words.get(key) != [str(uid)] * 4]
+        if words.get("Groups", []) != []:
+            wrong.append(f"Groups {' '.join(words['Groups'])}")
+    return ", ".join(wrong) or None
 
 
 def _version(bwrap: str) -> str | None:

@@ -57,6 +57,8 @@ from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
 from taskrunner.worker import secrets
+from taskrunner.gitflow import change
+from taskrunner.gitflow.cache import cached_commits, missing_objects, prepare_workspace
 from taskrunner.worker.activerun import ActiveRun, output_digest, prefix_digest, read_masked, truncation
 from taskrunner.worker.inbound import Assignment, Authenticated, Inbound
 from taskrunner.worker.ledger import ReplayLedger
@@ -169,8 +171,11 @@ class WorkerServer:
         if isinstance(message, Authenticated):
             self._authenticated = True
             self._take_up()
+            # repos: {repository id: base commits its cache received lately}, when it has any (gitflow/cache.py).
+            repos = cached_commits(self.home)
             self._send("ready", runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
-                                       "size": r.dir.output_size()} for r in self._runs.values()])
+                                       "size": r.dir.output_size()} for r in self._runs.values()],
+                       **({"repos": repos} if repos else {}))
             return
         if isinstance(message, Assignment):
             self._assign(message)
@@ -212,6 +217,11 @@ class WorkerServer:
             return
         now = time.time()
         manifest, archive = verified.manifest, verified.archive
+        refusal = missing_objects(self.home, manifest)
+        if refusal is not None:
+            # Before the ledger sees it: the control plane sends the same Run again with a full pack.
+            self._send("error", run_id=run_dir.run_id, request="assign", missing_objects=True, message=refusal)
+            return
         try:
             self._ledger.admit(manifest["nonce"], manifest["run_id"], manifest["seq"], manifest["expires_at"])
         except WorkerError as exc:
@@ -222,19 +232,20 @@ class WorkerServer:
         # Until the pid (or the result) is on disk, other sessions see this Run as being started.
         starting = run_dir.begin_start()
         try:
-            started = self._start(run_dir, manifest, archive, now)
+            started = self._start(run_dir, manifest, archive, now, verified.pack)
         finally:
             run_dir.end_start(starting)
         if started is not None:
             self._send("started", run_id=run_dir.run_id, pid=started, started_at=now)
 
-    def _start(self, run_dir: RunDir, manifest: dict[str, Any], archive: bytes, now: float) -> int | None:
+    def _start(self, run_dir: RunDir, manifest: dict[str, Any], archive: bytes, now: float,
+               pack: bytes = b"") -> int | None:
         """Start the Agent of a Run whose directory is made and locked: its pid, or None when the Run failed."""
         timeout = manifest.get("timeout")
         deadline = now + float(timeout) if timeout else None
         names = list(manifest.get("agent", {}).get("env") or [])
         kept = {k: manifest.get(k) for k in ("task_id", "revision", "attempt", "agent", "timeout", "task_file",
-                                               "nonce", "seq")}
+                                               "nonce", "seq", "repo", "git", "files", "worker")}
         assignment = {"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline}
         run_dir.write_assignment(assignment)
         run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment, digest=hashlib.sha256())
@@ -243,7 +254,8 @@ class WorkerServer:
         # the flag; the Worker notices that (see the module doc).
         with open(run_dir.output, "ab") as out:
             try:
-                bundle.extract(manifest, archive, run_dir.workspace, self.limits)
+                checked_out = prepare_workspace(self.home, run_dir, manifest, pack)
+                bundle.extract(manifest, archive, run_dir.workspace, self.limits, overlay=checked_out)
                 values = secrets.resolve(names, self.home)
                 run.secrets = secrets.redacted_values(values)
                 if run.secrets:
@@ -340,7 +352,9 @@ class WorkerServer:
         if run.attached:
             self._stream(run)
             if run.result is not None and run.sent >= run.result["output_size"]:
-                self._send("result", run_id=run.dir.run_id, output_size=run.result["output_size"],
+                # The pack of the Agent's change (its digest is in the signed result) is the payload.
+                pack = change.read_pack(run.dir.path) if run.result.get("change") else b""
+                self._send("result", pack, run_id=run.dir.run_id, output_size=run.result["output_size"],
                            envelope=run.result["envelope"])
                 run.attached = False  # sent once per attachment; the control plane acks
 
@@ -395,10 +409,19 @@ class WorkerServer:
         size, digest, problem = output_digest(run)
         if problem is not None and status != "CANCELLED":
             status, error = "FAILED", problem
+        found = None
+        if status == "COMPLETED" and not replace and run.dir.result() is None:
+            # Outside the sandbox, as the Worker, with its own git directory (gitflow/change.py).
+            try:
+                found = change.collect(run.dir.path, run.dir.workspace, assignment, run.secrets,
+                                       str(assignment.get("worker") or self.name))
+            except (WorkerError, OSError, ValueError, KeyError, TypeError) as exc:
+                status, error = "FAILED", f"the Agent's change was not returned: {exc}"
         result = {
             "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,
             "started_at": assignment.get("assigned_at"), "finished_at": time.time(),
             "output_size": size, "output_sha256": digest, "nonce": assignment.get("nonce"),
+            "change": found,
         }
         body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
         made = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}

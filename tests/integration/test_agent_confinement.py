@@ -184,9 +184,14 @@ def test_an_agent_cannot_see_or_change_what_is_not_its_own(repo: Path, worker: W
     own = worker.home / "runs" / own_id
     listed = {Path(line.split()[1]): set(line.split()[2:]) for line in output.splitlines()
               if line.startswith("LIST ")}
+    # Besides its own Run: the Worker's repository cache objects, read-only (README "The repository on the Worker").
+    cache_objects = next(worker.home.glob("repos/*.git/objects"), None)
     for directory, entries in listed.items():
         if directory in own.parents:
-            assert entries <= {own.relative_to(directory).parts[0]}, (directory, entries)
+            allowed = {own.relative_to(directory).parts[0]}
+            if cache_objects is not None and directory in cache_objects.parents:
+                allowed.add(cache_objects.relative_to(directory).parts[0])
+            assert entries <= allowed, (directory, entries)
         else:
             assert entries == set(), (directory, entries)  # the victim's Run: not there at all
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -158,6 +159,16 @@ def test_demo_runs_the_tour_on_a_fresh_machine() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for status in ("COMPLETED", "FAILED", "BLOCKED", "INVALID"):
         assert status in result.stdout
-    assert "taskrun: record" in result.stdout or "taskrun: " in result.stdout
+    assert "taskrun: record" in result.stdout
+    # The whole loop: pushed to a bare origin, the hook told the daemon, the Agent's change is on
+    # origin's result branch, and the records are on origin's main.
+    assert "post-receive hook told the daemon" in result.stdout
+    base = Path(re.search(r"^In (\S+): origin.git", result.stdout, re.M).group(1))  # type: ignore[union-attr]
+    origin = base / "origin.git"
+    change = git(origin, "diff", "taskrun/greeting~1", "taskrun/greeting", "--", "README.md")
+    assert "+Hello from an Agent, in a checkout of" in change
+    assert "Task-Id: greeting" in git(origin, "log", "-1", "--format=%B", "taskrun/greeting")
+    on_main = git(origin, "ls-tree", "-r", "--name-only", "main", "runs/greeting")
+    assert "runs/greeting/status.json" in on_main and "runs/greeting/run-1/summary.md" in on_main
     # Into a pipe the console is as wide as a table needs; a rule stays a line's width.
     assert max(len(line) for line in result.stdout.splitlines()) < 500

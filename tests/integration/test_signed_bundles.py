@@ -10,6 +10,7 @@ bundles never run an Agent. Replayed or forged enrollments never plant a key.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import time
@@ -145,6 +146,12 @@ def test_captured_assignments_replayed_tampered_or_sent_to_another_worker_never_
     envelope = {"payloadType": bundle.BUNDLE_TYPE, "signatures": signatures,
                 "payload": base64.b64encode(bundle.manifest_bytes(record)).decode()}
     archive, _ = bundle.pack({"tasks/once.md": (repo / "tasks/once.md").read_bytes()})
+    # The repository pack that followed it (README "The repository on the Worker"), built again the same way.
+    pack = subprocess.run(["git", "-C", str(repo), "pack-objects", "--stdout", "--revs", "--quiet",
+                           "--delta-base-offset", "--threads=1"], input=f"{record['repo']['base']}\n".encode(),
+                          capture_output=True, check=True).stdout
+    assert hashlib.sha256(pack).hexdigest() == record["repo"]["sha256"]
+    archive += pack
     run_id = record["run_id"]
     flipped = bytearray(archive)
     flipped[600] ^= 0x01

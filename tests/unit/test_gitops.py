@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 import taskrunner
+from taskrunner import gitops
 from taskrunner.errors import GitError
 from taskrunner.gitops import FALLBACK_IDENTITY, Git, command, toplevel
 
@@ -369,3 +371,125 @@ def test_every_git_command_of_the_package_goes_through_the_safe_argv() -> None:
                  if argv.search(line) and "SAFE_CONFIG" not in line]
     assert offenders == []
     assert command("status")[:5] == ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+
+
+# ---------------------------------------------------------------- the user's index.lock (issue 11, finding 1)
+
+
+def porcelain(repo: Path, *paths: str) -> str:
+    return git(repo, "status", "--porcelain", "--", *paths)
+
+
+def test_a_held_index_lock_keeps_the_refresh_pending_and_a_later_refresh_sets_what_was_committed(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitops, "INDEX_LOCK_WAIT_SECONDS", 0.05)
+    g = Git(repo)
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")  # an IDE holding the index
+    sha = g.commit_paths([write(repo, "runs/t/status.json", "{}\n"), write(repo, "runs/t/run-1/output.log", "x\n")],
+                         "m")
+    assert sha == head(repo)
+    assert set(g.index_pending) == {"runs/t/status.json", "runs/t/run-1/output.log"}
+    lock.unlink()
+    # What was committed goes into the index, not what the work tree holds now.
+    write(repo, "runs/t/run-1/output.log", "x\nmore\n")
+    assert g.refresh_index() is True
+    assert g.index_pending == {}
+    assert porcelain(repo, "runs/") == " M runs/t/run-1/output.log\n"
+    assert git(repo, "ls-files", "-s", "runs/t/status.json").split()[1] == git(
+        repo, "rev-parse", f"{sha}:runs/t/status.json").strip()
+
+
+def test_a_lock_held_longer_than_any_wait_loses_nothing_and_a_user_commit_after_it_keeps_the_records(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitops, "INDEX_LOCK_WAIT_SECONDS", 0.02)
+    g = Git(repo)
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    g.commit_paths([write(repo, "runs/a/status.json", "{}\n")], "m1")
+    for _ in range(5):
+        assert g.refresh_index() is False  # still held: pending, never given up
+    assert "runs/a/status.json" in g.index_pending
+    lock.unlink()
+    assert g.refresh_index() is True
+    assert porcelain(repo, "runs/") == ""
+    write(repo, "notes.txt", "mine\n")
+    git(repo, "add", "notes.txt")
+    git(repo, "commit", "--quiet", "-m", "user commit")
+    assert git(repo, "show", "HEAD:runs/a/status.json") == "{}\n"
+
+
+def test_a_lock_appearing_between_the_commit_and_the_refresh_keeps_the_refresh_pending(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitops, "INDEX_LOCK_WAIT_SECONDS", 0.02)
+    g = Git(repo)
+    original_run = g.run
+    lock = repo / ".git" / "index.lock"
+
+    def run(*args: str, env: dict[str, str] | None = None) -> str:
+        out = original_run(*args, env=env)
+        if args[0] == "update-ref":
+            lock.write_text("")  # the user's git takes the index right after HEAD moved
+        return out
+
+    monkeypatch.setattr(g, "run", run)
+    g.commit_paths([write(repo, "runs/b/status.json", "{}\n")], "m")
+    assert "runs/b/status.json" in g.index_pending
+    lock.unlink()
+    assert g.refresh_index() is True
+    assert porcelain(repo, "runs/") == ""
+
+
+def test_records_a_user_commit_removed_while_the_refresh_was_pending_are_listed_to_commit_again(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitops, "INDEX_LOCK_WAIT_SECONDS", 0.02)
+    g = Git(repo)
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    g.commit_paths([write(repo, "runs/c/status.json", "{}\n")], "m")
+    lock.unlink()
+    # The user's commit, from an index that lacks the record, deletes it from HEAD.
+    write(repo, "notes.txt", "mine\n")
+    git(repo, "add", "notes.txt")
+    git(repo, "commit", "--quiet", "-m", "user commit")
+    assert "runs/c/status.json" not in git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    assert g.refresh_index() is True
+    assert g.recommit == {"runs/c/status.json"}
+    g.commit_paths(sorted(g.recommit), "restore")
+    assert git(repo, "show", "HEAD:runs/c/status.json") == "{}\n"
+    assert git(repo, "show", "HEAD:notes.txt") == "mine\n"
+    assert porcelain(repo) == ""
+
+
+def test_head_moving_on_every_attempt_raises_git_error_and_changes_nothing(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gitops, "COMMIT_ATTEMPTS", 3)
+    g = Git(repo)
+    original_run = g.run
+
+    def run(*args: str, env: dict[str, str] | None = None) -> str:
+        if args[0] == "update-ref":
+            (repo / "src.py").write_text(f"print({time.monotonic()})\n")
+            git(repo, "commit", "--quiet", "-am", "racing user commit")
+        return original_run(*args, env=env)
+
+    monkeypatch.setattr(g, "run", run)
+    before = head(repo)
+    with pytest.raises(GitError, match="HEAD kept moving"):
+        g.commit_paths([write(repo, "runs/t/status.json", "{}\n")], "daemon")
+    assert git(repo, "rev-list", "--count", f"{before}..HEAD").strip() == "3"
+    assert "runs/t/status.json" not in git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    assert g.index_pending == {}
+
+
+def test_a_clone_whose_path_holds_a_set_variable_or_a_tilde_is_the_repository_git_runs_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKRUN_ELSEWHERE", str(tmp_path / "elsewhere"))
+    for name in ("$TASKRUN_ELSEWHERE", "~"):
+        root = tmp_path / name / "repo"
+        root.mkdir(parents=True)
+        gitops.init(root)
+        assert (root / ".git").is_dir()
+        sha = Git(root).commit_paths([write(root, "runs/t/status.json", "{}\n")], "m")
+        assert sha is not None and git(root, "rev-parse", "HEAD").strip() == sha
+    assert not (tmp_path / "elsewhere").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Callable
 import pytest
 
 from taskrunner.defaults import TRAILER_KEYS
+from taskrunner.errors import GitError
 from taskrunner.gitops import Git
 from taskrunner.recorder import CommitItem, Recorder, commit_message
 
@@ -216,8 +218,125 @@ def test_a_failing_commit_is_reported_and_the_recorder_keeps_running(repo: Path,
     broken = tmp_path / "not-a-repo"
     broken.mkdir()
     (broken / "runs").mkdir()
-    recorder = Recorder(Git(broken), on_error=errors.append, window=0.01)
+    recorder = Recorder(Git(broken), on_error=errors.append, window=0.01, stop_grace=0.3)
     recorder.start()
     recorder.submit(item(1))
     recorder.stop()
-    assert errors and errors[0].startswith("could not commit records:")
+    assert errors and errors[0].startswith("could not commit records (attempt 1, 1 kept")
+    assert "not committed: they are on disk and the next daemon commits them" in errors[-1]
+
+
+# ---------------------------------------------------------------- records always land (issue 11, findings 1 and 2)
+
+
+def git_out(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+def in_head(repo: Path, rel: str) -> bool:
+    return rel in git_out(repo, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+
+
+def test_a_batch_whose_commit_keeps_failing_is_kept_and_lands_once_git_lets_it(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = Git(repo)
+    original = g.commit_paths
+    failures = {"left": 6}
+
+    def flaky(paths: list[str], message: str) -> str | None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise GitError("HEAD kept moving while committing records")
+        return original(paths, message)
+
+    monkeypatch.setattr(g, "commit_paths", flaky)
+    monkeypatch.setattr("taskrunner.recorder.RETRY_MAX_SECONDS", 0.05)
+    errors: list[str] = []
+    recorder = Recorder(g, on_error=errors.append, window=0.01)
+    items = [item(n) for n in range(3)]
+    write_records(repo, items)
+    recorder.start()
+    recorder.submit(items[0])
+    wait_for(lambda: failures["left"] < 4)
+    recorder.submit(items[1])  # joins the kept batch
+    recorder.submit(items[2])
+    wait_for(lambda: all(in_head(repo, p) for it in items for p in it.paths))
+    recorder.stop()
+    assert failures["left"] == 0
+    assert any("records committed after" in e for e in errors)
+
+
+def test_an_index_refresh_blocked_by_a_held_lock_is_retried_without_a_new_batch(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("taskrunner.gitops.INDEX_LOCK_WAIT_SECONDS", 0.02)
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    recorder = Recorder(Git(repo), window=0.01)
+    items = [item(1)]
+    write_records(repo, items)
+    recorder.start()
+    recorder.submit(items[0])
+    wait_for(lambda: in_head(repo, items[0].paths[0]))
+    assert git_out(repo, "ls-files", "runs/") == ""  # the index lacks them while the lock is held
+    lock.unlink()
+    wait_for(lambda: git_out(repo, "status", "--porcelain", "runs/") == "")
+    recorder.stop()
+
+
+def test_records_a_user_commit_removed_are_committed_again(repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    monkeypatch.setattr("taskrunner.gitops.INDEX_LOCK_WAIT_SECONDS", 0.02)
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    recorder = Recorder(Git(repo), window=0.01)
+    items = [item(1)]
+    write_records(repo, items)
+    recorder.start()
+    recorder.submit(items[0])
+    wait_for(lambda: in_head(repo, items[0].paths[0]))
+    # The user's commit, from their index as it was while the daemon could not update it (no records in it),
+    # made while the lock is still held, so it surely comes before the daemon's refresh.
+    users_index = tmp_path / "users-index"
+    users_index.write_bytes((repo / ".git" / "index").read_bytes())
+    (repo / "notes.txt").write_text("mine\n")
+    env = {**os.environ, "GIT_INDEX_FILE": str(users_index)}
+    for args in (["add", "notes.txt"], ["commit", "--quiet", "-m", "user commit"]):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+    assert not in_head(repo, items[0].paths[0])
+    lock.unlink()
+    wait_for(lambda: all(in_head(repo, p) for p in items[0].paths) and in_head(repo, "notes.txt"))
+    recorder.stop()
+    assert "record file(s) that a later commit removed" in git_out(repo, "log", "-1", "--format=%B")
+    assert git_out(repo, "status", "--porcelain", "runs/") == ""
+
+
+def test_records_left_uncommitted_are_committed_first_on_start(repo: Path) -> None:
+    items = [item(1), item(2)]
+    write_records(repo, items)
+    committed: list[list[CommitItem]] = []
+    recorder = Recorder(Git(repo), on_commit=lambda sha, batch: committed.append(batch), recover=lambda: items)
+    recorder.start()
+    wait_for(lambda: committed)
+    recorder.stop()
+    assert all(in_head(repo, p) for it in items for p in it.paths)
+
+
+def test_a_sync_asked_for_repeatedly_runs_once_per_turn_and_on_the_recorder_thread(repo: Path) -> None:
+    ran: list[tuple[str, str]] = []
+    gate = threading.Event()
+    recorder = Recorder(Git(repo), window=0.01)
+
+    def sync(reason: str) -> None:
+        gate.wait(5)
+        ran.append((reason, threading.current_thread().name))
+
+    recorder.set_sync(sync)
+    recorder.start()
+    recorder.sync("trigger")
+    wait_for(lambda: not recorder._sync_reasons)  # taken by the thread, which now waits on the gate
+    for reason in ("poll", "poll", "webhook"):
+        recorder.sync(reason)
+    gate.set()
+    wait_for(lambda: len(ran) == 2)
+    recorder.stop()
+    assert ran == [("trigger", "recorder"), ("poll, webhook", "recorder")]

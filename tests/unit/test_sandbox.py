@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,7 +24,14 @@ from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.keys import Keyring
 from taskrunner.model import Priority, TaskStatus
 from taskrunner.worker import serve as serve_module
-from taskrunner.worker.confine import TURNED_OFF, Confinement, SandboxRefused, allocate_uid, decide
+from taskrunner.worker.confine import (
+    TURNED_OFF,
+    Confinement,
+    SandboxRefused,
+    allocate_uid,
+    decide,
+    uid_search_start,
+)
 from taskrunner.worker.gate import GateRefused, parse_gate_command
 from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.sandbox import (
@@ -36,6 +44,7 @@ from taskrunner.worker.sandbox import (
     agent_range_clashes,
     agent_range_problem,
     bwrap_argv,
+    credentials_problem,
     hand_over,
     hidden_essential_dirs,
     host_view,
@@ -57,7 +66,7 @@ TOOLS = Mount("/home/build/.local/bin", "/home/build/.local/bin", source="/home/
 
 
 def host(*mounts: Mount, root: bool = False) -> HostView:
-    return HostView(bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv", mounts=mounts or (USR, BIN, ETC, OPT),
+    return HostView(bwrap="/usr/bin/bwrap", chroot="/usr/sbin/chroot", mounts=mounts or (USR, BIN, ETC, OPT),
                     root=root)
 
 
@@ -131,7 +140,7 @@ def test_only_essential_directories_that_a_protected_path_takes_away_leave_no_sa
     assert hidden_essential_dirs(view, ["/usr/local/worker"]) == ["/usr"]
 
 
-def test_a_root_worker_runs_the_agent_as_its_own_uid_through_setpriv_in_traversable_directories() -> None:
+def test_a_root_worker_runs_the_agent_as_its_own_uid_through_chroot_in_traversable_directories() -> None:
     view = host(USR, BIN, ETC, Mount("/root/.pyenv/versions/3.11", "/root/.pyenv/versions/3.11",
                                      source="/root/.pyenv/versions/3.11"), root=True)
     with pytest.raises(ValueError, match="needs a uid of its own"):
@@ -140,15 +149,46 @@ def test_a_root_worker_runs_the_agent_as_its_own_uid_through_setpriv_in_traversa
 
     end = argv.index("--")
     uid = AGENT_UID_BASE + 7
-    assert argv[end + 1:] == ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                              "--inh-caps=-all", "--no-new-privs", "--", "bash", "x"]
+    assert argv[end + 1:] == ["/usr/sbin/chroot", f"--userspec={uid}:{uid}", "--groups=", "--skip-chdir", "/",
+                              "bash", "x"]
     assert argv[argv.index("--tmpfs") - 2:argv.index("--tmpfs") + 2] == ["--perms", "01777", "--tmpfs", "/tmp"]
     made = [argv[i + 1] for i, word in enumerate(argv[:end]) if word == "--dir"]
-    assert made == ["/root", "/srv", "/root/.pyenv", "/srv/w", "/root/.pyenv/versions", "/srv/w/runs",
+    # Those of the host's mounts (the same for every Run), then those of the Run's own paths.
+    assert made == ["/root", "/root/.pyenv", "/root/.pyenv/versions", "/srv", "/srv/w", "/srv/w/runs",
                     "/srv/w/runs/r1"]
     assert all(argv[i - 2:i] == ["--perms", "0755"] for i, word in enumerate(argv[:end]) if word == "--dir")
-    # Each directory exists before anything is mounted in it.
-    assert max(i for i, w in enumerate(argv) if w == "--dir") < argv.index("--ro-bind")
+    # Each directory is made before anything is mounted in or below it.
+    for i, word in enumerate(argv[:end]):
+        if word == "--dir":
+            binds = [j for j, w in enumerate(argv[:end]) if w in ("--bind", "--ro-bind")
+                     and (argv[j + 2] + "/").startswith(argv[i + 1] + "/")]
+            assert binds and min(binds) > i
+
+
+def test_the_part_of_the_argv_every_run_shares_is_worked_out_once_and_each_run_adds_its_own() -> None:
+    view = host(USR, BIN, ETC, Mount("/root/.pyenv/versions/3.11", "/root/.pyenv/versions/3.11",
+                                     source="/root/.pyenv/versions/3.11"), root=True)
+    runs = [RunSandbox(f"/srv/w/runs/r{n}/workspace", f"/srv/w/runs/r{n}/home", (f"/srv/w/runs/r{n}/script.sh",),
+                       protected=("/srv/w",), status_fd=7, uid=AGENT_UID_BASE + n) for n in (1, 2)]
+    first, second = (bwrap_argv(view, run, ["true"]) for run in runs)
+
+    # Everything up to the Run's own directories is the same words, from one cached prefix.
+    start = first.index("/srv")  # the first directory of the Run's own paths
+    assert first[:start] == second[:start] and "r1" not in " ".join(first[:start])
+    assert [d for (d,) in pairs(second, "--dir", 1) if d.startswith("/srv")] == \
+        ["/srv", "/srv/w", "/srv/w/runs", "/srv/w/runs/r2"]
+    assert not any("r1" in word for word in second)
+    assert pairs(second, "--bind")[0] == ("/srv/w/runs/r2/workspace", "/srv/w/runs/r2/workspace")
+
+
+def test_shared_paths_are_bound_read_only_after_the_runs_own_and_a_root_worker_makes_their_way() -> None:
+    shared = "/srv/w/cache/repo/objects"
+    run = dataclasses.replace(RUN, uid=AGENT_UID_BASE + 1, shared=(shared,))
+    argv = bwrap_argv(host(root=True), run, ["true"])
+    assert pairs(argv, "--ro-bind")[-2:] == [(RUN.inputs[0], RUN.inputs[0]), (shared, shared)]
+    assert (shared, shared) not in pairs(argv, "--bind")
+    made = [d for (d,) in pairs(argv, "--dir", 1)]
+    assert {"/srv/w/cache", "/srv/w/cache/repo"} <= set(made) and len(made) == len(set(made))
 
 
 def test_agents_uids_lie_in_a_range_no_account_of_this_host_uses() -> None:
@@ -168,7 +208,7 @@ def test_a_root_worker_on_a_host_whose_accounts_use_the_agents_range_confines_no
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("taskrunner.worker.sandbox.agent_range_problem",
                         lambda: "this host uses the uids its Agents run as: user squatter (2113929219)")
-    status = probe(HostView("/nonexistent/bwrap-for-the-range-test", "/usr/bin/setpriv", (USR, BIN, ETC), True))
+    status = probe(HostView("/nonexistent/bwrap-for-the-range-test", "/usr/sbin/chroot", (USR, BIN, ETC), True))
     assert status.kind is None and "user squatter" in (status.reason or "")
 
 
@@ -180,20 +220,63 @@ def test_each_run_held_gets_a_uid_of_its_own_recorded_in_its_directory(tmp_path:
     uids = [allocate_uid(home, run) for run in runs]
     assert len(set(uids)) == len(uids)
     assert all(AGENT_UID_BASE <= uid < AGENT_UID_BASE + AGENT_UID_COUNT for uid in uids)
-    assert [run.agent_uid() for run in runs] == uids
-    # The search starts at a number derived from the run id; a uid another Run holds is skipped.
-    (runs[0].path / "agent_uid").unlink()
+    assert [os.readlink(home / "agent_uids" / str(uid)) for uid in uids] == ["r0", "r1", "r2", "r3"]
+    assert [run.agent_uid() for run in runs] == [None] * 4  # the claim is the record: one link per Run
+    # The search starts at a number derived from the run id; a Run asking again keeps its uid.
     assert allocate_uid(home, runs[0]) == uids[0]
-    squatter = RunDir.at(home, "squatter")
-    squatter.path.mkdir()
-    squatter.write_agent_uid(uids[0])
-    assert allocate_uid(home, runs[0]) not in {*uids, AGENT_UID_BASE + AGENT_UID_COUNT}
+    # Each uid in use is claimed by a link naming its Run. One whose Run is still held is skipped; one
+    # whose Run is gone (acknowledged, its directory removed) is taken over.
+    claims = home / "agent_uids"
+    assert {os.readlink(claims / str(uid)) for uid in uids} == {"r0", "r1", "r2", "r3"}
+    late = RunDir.at(home, "late")
+    late.path.mkdir()
+    start = uid_search_start("late")
+    (claims / str(start)).unlink(missing_ok=True)
+    (claims / str(start)).symlink_to("r1")  # held
+    (claims / str(start + 1 if start + 1 < AGENT_UID_BASE + AGENT_UID_COUNT else AGENT_UID_BASE)).unlink(
+        missing_ok=True)
+    assert allocate_uid(home, late) not in {start, *uids}
+    gone = RunDir.at(home, "gone")
+    gone.path.mkdir()
+    start = uid_search_start("gone")
+    shutil.rmtree(late.path)
+    (claims / str(start)).unlink(missing_ok=True)
+    (claims / str(start)).symlink_to("late")  # no longer held
+    assert allocate_uid(home, gone) == start and os.readlink(claims / str(start)) == "gone"
 
 
-def test_without_bwrap_or_for_a_root_worker_without_setpriv_there_is_no_argv() -> None:
+def test_claims_are_made_from_the_uids_held_runs_record_when_a_worker_first_needs_them(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    held = RunDir.at(home, "held")
+    held.path.mkdir(parents=True)
+    held.write_agent_uid(uid_search_start("new"))  # recorded before claims existed
+    new = RunDir.at(home, "new")
+    new.path.mkdir()
+    assert allocate_uid(home, new) != uid_search_start("new")
+    assert os.readlink(home / "agent_uids" / str(uid_search_start("new"))) == "held"
+
+
+def test_two_sessions_allocating_at_once_never_give_two_held_runs_one_uid(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "runs").mkdir(parents=True)
+    # 200 Runs in a range cut down to 256 uids: the two processes contend for most of them.
+    script = ("import sys\nfrom pathlib import Path\nfrom taskrunner.worker import confine\n"
+              "from taskrunner.worker.confine import allocate_uid\nconfine.AGENT_UID_COUNT = 256\n"
+              "from taskrunner.worker.rundir import RunDir\nhome = Path(sys.argv[1])\n"
+              "for n in range(100):\n    run = RunDir.at(home, f'{sys.argv[2]}-{n}')\n    run.path.mkdir()\n"
+              "    allocate_uid(home, run)\n")
+    sessions = [subprocess.Popen([sys.executable, "-c", script, str(home), name]) for name in ("a", "b")]
+    assert [session.wait(timeout=60) for session in sessions] == [0, 0]
+    owners = {os.readlink(link): int(link.name) for link in (home / "agent_uids").iterdir()}
+    uids = [owners.get(path.name) for path in (home / "runs").iterdir()]
+    assert len(uids) == 200 and None not in uids and len(set(uids)) == 200
+    assert all(AGENT_UID_BASE <= uid < AGENT_UID_BASE + 256 for uid in uids)  # type: ignore[operator]
+
+
+def test_without_bwrap_or_for_a_root_worker_without_chroot_there_is_no_argv() -> None:
     with pytest.raises(ValueError, match="bwrap"):
-        bwrap_argv(HostView(None, "/usr/bin/setpriv", (USR,), False), RUN, ["true"])
-    with pytest.raises(ValueError, match="setpriv"):
+        bwrap_argv(HostView(None, "/usr/sbin/chroot", (USR,), False), RUN, ["true"])
+    with pytest.raises(ValueError, match="chroot"):
         bwrap_argv(HostView("/usr/bin/bwrap", None, (USR,), True), dataclasses.replace(RUN, uid=AGENT), ["true"])
 
 
@@ -232,7 +315,7 @@ def test_the_probe_finds_a_working_bwrap_once_per_process() -> None:
 
 
 def test_the_probe_says_why_there_is_no_sandbox_and_how_to_fix_it(tmp_path: Path) -> None:
-    missing = probe(HostView(None, "/usr/bin/setpriv", (USR,), False))
+    missing = probe(HostView(None, "/usr/sbin/chroot", (USR,), False))
     assert missing.kind is None and "bwrap is not on the Worker's PATH" in (missing.reason or "")
     assert "apt-get install bubblewrap" in (missing.reason or "")
 
@@ -243,7 +326,7 @@ def test_the_probe_says_why_there_is_no_sandbox_and_how_to_fix_it(tmp_path: Path
     broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     broken.chmod(0o755)
     view = host_view()
-    refused = probe(HostView(str(broken), view.setpriv, view.mounts, view.root))
+    refused = probe(HostView(str(broken), view.chroot, view.mounts, view.root))
     assert refused.kind is None and "No permissions to create new namespace" in (refused.reason or "")
     assert refused.hello() == {"kind": None, "reason": refused.reason}
 
@@ -294,12 +377,13 @@ def test_bwrap_leaves_the_exit_status_where_the_agent_cannot_reach_it(run_dir: P
 @pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
                     reason="as root only: it drops to an unprivileged user to try that mode")
 def test_an_unprivileged_worker_makes_the_same_sandbox_in_a_user_namespace(run_dir: Path) -> None:
-    # What a Worker running as an ordinary user runs: no setpriv, bwrap without privileges.
+    # What a Worker running as an ordinary user runs: no uid switch, bwrap without privileges.
     view = host_view(path="/usr/bin:/bin", prefixes=())
     view = HostView(view.bwrap, None, view.mounts, root=False)
     hand_over([str(run_dir.parent.parent)], AGENT, AGENT)
     argv = _confined(run_dir, "id -u\ntouch made-here\nhead -c1 /etc/shadow 2>/dev/null && echo LEAK\n"
-                              "touch ../escape 2>/dev/null; ls /proc | grep -c '^[0-9]'\n", view)
+                              "touch ../escape 2>/dev/null; ls /proc | grep -c '^[0-9]'\n"
+                              "cat /proc/self/status > status.txt\n", view)
     done = subprocess.run(["setpriv", f"--reuid={AGENT}", f"--regid={AGENT}", "--clear-groups", *argv],
                           capture_output=True, text=True, timeout=30, cwd="/", start_new_session=True)
 
@@ -308,6 +392,8 @@ def test_an_unprivileged_worker_makes_the_same_sandbox_in_a_user_namespace(run_d
     assert uid == str(AGENT) and int(processes) < 5
     assert (run_dir / "workspace" / "made-here").exists()
     assert not (run_dir / "escape").exists()
+    # No capability left, not even in its own user namespace, and no_new_privs (the probe checks the same).
+    assert credentials_problem((run_dir / "workspace" / "status.txt").read_text(), None) is None
 
 
 # ---------------------------------------------------------------- confined or unconfined: the rule
@@ -467,9 +553,10 @@ def test_the_ssh_client_cannot_choose_how_agents_run_only_the_workers_admin_can(
 
 @needs_bwrap
 @pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="about Workers running as root")
-def test_why_a_root_worker_needs_setpriv_bwraps_own_uid_switch_keeps_root_on_disk(run_dir: Path) -> None:
+def test_why_a_root_worker_switches_uid_inside_bwraps_own_uid_keeps_root_on_disk_and_bwrap_as_the_agent_sees_nothing(
+        run_dir: Path) -> None:
     # `--unshare-user --uid 65534` maps the inner uid back to 0 outside: the Agent would still own
-    # (and read) every root-owned file. setpriv switches the real uid.
+    # (and read) every root-owned file. chroot --userspec switches the real uid, after the mounts.
     view = host_view(path="/usr/bin:/bin", prefixes=())
     workspace = str(run_dir / "workspace")
     common = [view.bwrap or "bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -477,7 +564,42 @@ def test_why_a_root_worker_needs_setpriv_bwraps_own_uid_switch_keeps_root_on_dis
     subprocess.run([*common, "--unshare-user", "--uid", "65534", "--gid", "65534", "--", "touch", "mapped"],
                    check=True, timeout=30)
     os.chmod(workspace, 0o777)
-    subprocess.run([*common, "--", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", "touch",
-                    "switched"], check=True, timeout=30)
+    subprocess.run([*common, "--", "/usr/sbin/chroot", "--userspec=65534:65534", "--groups=", "--skip-chdir", "/",
+                    "touch", "switched"], check=True, timeout=30)
     assert (run_dir / "workspace" / "mapped").stat().st_uid == 0
     assert (run_dir / "workspace" / "switched").stat().st_uid == 65534
+    # bwrap started as the Agent's uid (no exec inside) cannot bind what only root may enter: the
+    # Worker home (here: the 0700 directory above the Run), even handed an open fd of it.
+    os.chmod(run_dir.parent.parent, 0o700)
+    fd = os.open(workspace, os.O_PATH)
+    try:
+        denied = subprocess.run([*common[:-5], "--bind-fd", str(fd), workspace, "--", "true"], check=False,
+                                pass_fds=(fd,),
+                                user=AGENT, group=AGENT, extra_groups=[], capture_output=True, text=True, timeout=30)
+    finally:
+        os.close(fd)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+@needs_bwrap
+def test_the_agent_has_no_capability_no_new_privileges_and_on_a_root_worker_only_its_own_uid(run_dir: Path) -> None:
+    view = host_view()
+    argv = _confined(run_dir, "cat /proc/self/status\n", view)
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30,
+                          cwd=run_dir / "workspace", start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    assert credentials_problem(done.stdout, AGENT if view.root else None) is None
+    if view.root:
+        assert f"Uid:\t{AGENT}\t{AGENT}\t{AGENT}\t{AGENT}" in done.stdout
+
+
+def test_credentials_that_keep_a_privilege_are_named() -> None:
+    good = ("Uid:\t7\t7\t7\t7\nGid:\t7\t7\t7\t7\nGroups:\t\nCapPrm:\t0000000000000000\n"
+            "CapEff:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\n")
+    assert credentials_problem(good, 7) is None
+    assert credentials_problem(good, 8) == "Uid 7 7 7 7, Gid 7 7 7 7"
+    assert credentials_problem(good.replace("Groups:\t", "Groups:\t0 27"), 7) == "Groups 0 27"
+    assert credentials_problem(good.replace("CapEff:\t0000000000000000", "CapEff:\t000001ffffffffff"), None) == \
+        "CapEff 000001ffffffffff"
+    assert credentials_problem(good.replace("NoNewPrivs:\t1", "NoNewPrivs:\t0"), None) == "NoNewPrivs 0"
+    assert credentials_problem("", None) == "CapEff missing, CapPrm missing, CapAmb missing, NoNewPrivs missing"
