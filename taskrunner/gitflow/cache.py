@@ -31,12 +31,14 @@ own, never with the workspace's `.git`, which is the Agent's.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from taskrunner.atomic import write_bytes
 from taskrunner.errors import GitError, WorkerError
@@ -147,10 +149,29 @@ class ObjectCache:
         except OSError:
             return
         if packs >= REPACK_AT:
+            with self.lock(exclusive=True) as held:
+                if not held:
+                    return  # a checkout or a change being collected reads the packs: the next pack tries again
+                try:
+                    git(self.path, "repack", "-a", "-d", "-q", "--keep-unreachable", config=CACHE_CONFIG)
+                except GitError:
+                    pass  # housekeeping: the next pack received tries again
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool = False) -> Iterator[bool]:
+        """The cache's lock: shared while git reads objects (a checkout, a change collected), exclusive
+        (never waited for; yields False when busy) while a repack replaces the packs they read."""
+        self.ensure()
+        fd = os.open(self.path / "taskrun.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
             try:
-                git(self.path, "repack", "-a", "-d", "-q", "--keep-unreachable", config=CACHE_CONFIG)
-            except GitError:
-                pass  # housekeeping: the next pack received tries again
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     def recent(self) -> list[str]:
         """The last RECENT_COMMITS base commits received, newest last."""
@@ -175,8 +196,9 @@ class ObjectCache:
         """
         workspace.mkdir(mode=0o700)
         try:
-            git(self.path, "read-tree", "--reset", "-u", base, work_tree=workspace, env={"GIT_INDEX_FILE": str(index)},
-                config=CHECKOUT_CONFIG)
+            with self.lock():
+                git(self.path, "read-tree", "--reset", "-u", base, work_tree=workspace,
+                    env={"GIT_INDEX_FILE": str(index)}, config=CHECKOUT_CONFIG)
         except GitError as exc:
             raise CacheError(f"cannot check out {base}: the repository cache does not hold it whole ({exc})") from None
         self._have(base)

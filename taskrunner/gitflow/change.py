@@ -62,11 +62,17 @@ def collect(run_dir: Path, workspace: Path, manifest: Mapping[str, Any], secrets
     ChangeRefused (secret, size) or GitError (git failed) when no change can be returned.
     """
     repo = manifest.get("repo")
-    fields = manifest.get("git") or {}
     if not isinstance(repo, dict):
         return None  # no checkout: the repository had no commit yet
-    base = repo["base"]
     cache = ObjectCache(run_dir.parent.parent, repo["id"])
+    with cache.lock():  # no repack replaces the packs while git reads them
+        return _collect(cache, run_dir, workspace, manifest, secrets, worker)
+
+
+def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mapping[str, Any],
+             secrets: Sequence[bytes], worker: str) -> dict[str, Any] | None:
+    fields = manifest.get("git") or {}
+    base = manifest["repo"]["base"]
     objects = run_dir / "objects"
     # The cache is the git directory, read only: what git writes goes to the Run's own index and objects.
     env = {"GIT_INDEX_FILE": str(run_dir / "index"), "GIT_OBJECT_DIRECTORY": str(objects),

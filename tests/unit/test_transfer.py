@@ -423,3 +423,20 @@ def test_an_assignment_carries_its_pack_after_the_archive_and_the_worker_checks_
         assert passed[0].archive == built.archive and passed[0].pack == pack
     else:
         assert passed == [] and len(sent) == 1 and reason in sent[0]["message"]
+
+
+def test_no_repack_replaces_the_caches_packs_while_a_checkout_or_a_collection_reads_them(tmp_path: Path,
+                                                                                           monkeypatch: pytest.MonkeyPatch
+                                                                                           ) -> None:
+    cache = ObjectCache(tmp_path, "0" * 32)
+    cache.ensure()
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr("taskrunner.gitflow.cache.REPACK_AT", 0)
+    monkeypatch.setattr("taskrunner.gitflow.cache.git", lambda path, *args, **kw: calls.append(args) or b"")
+    with cache.lock():  # a checkout in another session of this Worker
+        with cache.lock(exclusive=True) as held:
+            assert held is False
+        cache._consolidate()
+        assert calls == []
+    cache._consolidate()
+    assert calls and calls[0][:2] == ("repack", "-a")
