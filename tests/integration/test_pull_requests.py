@@ -136,7 +136,7 @@ def test_pull_requests_without_push_are_reported_at_start() -> None:
 
 
 @pytest.mark.slow
-def test_the_daemon_records_the_pull_request_of_a_pushed_result_branch(
+def test_pushing_a_result_branch_opens_its_pull_request_and_the_daemon_records_it(
         repo: Path, tmp_path: Path, github: StandInForge, monkeypatch: pytest.MonkeyPatch) -> None:
     origin = tmp_path / "origin.git"
     git(tmp_path, "init", "--quiet", "--bare", str(origin))
@@ -160,7 +160,7 @@ def test_the_daemon_records_the_pull_request_of_a_pushed_result_branch(
         wait_status(repo, "bump", "COMPLETED")
         record = wait_until(lambda: (r := run_record(repo, "bump", 1)) and r.get("result_branch") and r, 20,
                             "the result branch")
-        daemon.result_branch_pushed(record["run_id"], record["result_branch"])
+        # The push of the result branch opens the pull request (push.Pusher -> Daemon.result_branch_pushed).
         url = wait_until(lambda: (run_record(repo, "bump", 1) or {}).get("pull_request"), 20, "the URL recorded")
         committed = wait_until(lambda: _committed_run(repo, "bump", 1).get("pull_request"), 20,
                                "the URL committed")
