@@ -26,15 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskrunner import doctor
+from taskrunner import doctor, gitops
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
 from taskrunner.errors import ConfigError, GitError, LockError
 from taskrunner.fleet import Fleet
 from taskrunner.gitflow import landing, pullrequests, signers
-from taskrunner.gitflow.pullrequests import BranchPushed, PullRequestOpened, PullRequests
 from taskrunner.gitflow.gitstate import GitState
+from taskrunner.gitflow.pullrequests import (
+    BranchPushed,
+    PullRequestOpened,
+    PullRequests,
+)
 from taskrunner.gitflow.push import Pusher
 from taskrunner.gitflow.sync import Syncer
 from taskrunner.gitops import Git, state_dir
@@ -117,6 +121,7 @@ class Daemon:
         self._lock_file: int | None = None
         #: HEAD as this daemon last made or saw it (record commits, syncs): see _Committed.
         self._head: str | None = None
+        self._tasks_touched = False  # a Task file changed since HEAD was last looked at (_follow_head)
         self._http: HttpServer | None = None
         self._next_poll: float | None = None
         self.pull_requests = PullRequests(self.events.put, lambda message: emit(self.hooks, "notice", message))
@@ -176,8 +181,11 @@ class Daemon:
                 self._sync("poll")
                 self._schedule_poll(self.config)
             wakeup = self.engine.next_wakeup
-            if (replan or (wakeup is not None and now >= wakeup)) and not self.syncer.stale:
-                self.engine.schedule()  # not while the clone diverged from its remote: nothing stale runs
+            # Not while the clone diverged from its remote (nothing stale runs), nor while a sync moves it.
+            if (replan or (wakeup is not None and now >= wakeup)) and not self.syncer.stale and not self.repo.moving:
+                if self._tasks_touched:
+                    self._follow_head()
+                self.engine.schedule()
                 replan = False
             self._flush()
             if self.once and self.engine.idle():
@@ -216,6 +224,7 @@ class Daemon:
             return False
         if isinstance(event, _Synced):
             self.engine.base_commit = self._head = event.head or self.engine.base_commit
+            self.repo.moving = False
             self.engine.scan()  # Tasks a sync brought run as dropped files do; deleted ones are cancelled
             return True
         if isinstance(event, _SyncRequest):
@@ -225,6 +234,7 @@ class Daemon:
             self.pull_requests.handle(event, self.engine, self.config, self.repo.branch)
             return False
         if isinstance(event, FileEvent):
+            self._tasks_touched = True
             if event.kind == "changed":
                 self.engine.task_file_changed(event.path)
             elif event.kind == "removed":
@@ -344,6 +354,14 @@ class Daemon:
         if self._http is not None:
             self._http.stop()
             self._http = None
+
+    def _follow_head(self) -> None:
+        """New Runs start from HEAD as it is now when someone else moved it (a user's commit in this
+        clone that brought a Task with the files it needs). One `rev-parse`, only after Task files changed."""
+        self._tasks_touched = False
+        head = gitops.head_of(self.root)
+        if head is not None and head != self._head:
+            self.engine.base_commit = self._head = head
 
     def _committed(self, sha: str, items: list[CommitItem]) -> None:
         """On the recorder thread, which owns git."""

@@ -115,6 +115,9 @@ class Git:
         self.recommit: set[str] = set()
         #: The commit the pending entries were last made for.
         self._pending_commit: str | None = None
+        #: A sync is moving the work tree and HEAD (gitflow/sync.move); the daemon clears it once it
+        #: has taken the new HEAD as the base of new Runs.
+        self.moving = False
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -437,6 +440,13 @@ def tracked(root: Path, paths: Sequence[str]) -> set[str]:
 def toplevel(path: Path) -> Path | None:
     out = _ask(path, "rev-parse", "--show-toplevel")
     return Path(out) if out else None
+
+
+def head_of(root: Path) -> str | None:
+    """The commit HEAD of the work tree at `root` names, or None (no commit yet, or git failed).
+
+    A process of its own, so any thread may ask (the recorder thread's Git is not shared)."""
+    return _ask(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}")
 
 
 def _ask(cwd: Path, *args: str) -> str | None:

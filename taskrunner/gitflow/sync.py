@@ -143,9 +143,13 @@ def move(repo: Git, old: str, new: str, replayed: int = 0) -> Outcome:
     if not repo.refresh_index():
         return Outcome("refused", "the index is locked by another git command; trying again later", old)
     subprocess.run(command("update-index", "-q", "--refresh"), cwd=repo.root, capture_output=True)
+    # Task files appear before HEAD moves: no Run starts until the daemon has taken the new HEAD for
+    # its base (it clears this when the sync's outcome reaches it), or it would run them on `old`.
+    repo.moving = True
     done = subprocess.run(command("read-tree", "-m", "-u", old, new), cwd=repo.root, capture_output=True, text=True,
                           errors="replace")
     if done.returncode != 0:
+        repo.moving = False
         return Outcome("refused", "fast-forward refused, nothing changed: it would overwrite uncommitted work in "
                        f"the daemon's clone ({error_text(done.stderr)}); commit or remove it, then "
                        "`taskrun trigger`", old)
@@ -153,6 +157,7 @@ def move(repo: Git, old: str, new: str, replayed: int = 0) -> Outcome:
         repo.run("update-ref", "-m", "taskrun: sync", "HEAD", new, old)
     except GitError as exc:
         subprocess.run(command("read-tree", "-m", "-u", new, old), cwd=repo.root, capture_output=True)
+        repo.moving = False
         return Outcome("failed", f"HEAD moved during the sync; trying again later ({exc})", repo.head())
     what = f"rebased {replayed} record commit(s) onto the remote's" if replayed else "fast-forwarded to the remote's"
     return Outcome("ok", f"{what} {new[:12]}", new, moved=True)

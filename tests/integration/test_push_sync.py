@@ -17,7 +17,7 @@ from taskrunner.gitflow.gitstate import GitState
 from taskrunner.gitflow.push import Pusher
 from taskrunner.gitflow.sync import Syncer
 from taskrunner.gitops import Git, state_dir
-from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
+from tests.conftest import Daemon, git, run_record, taskrun, wait_status, wait_until, write_task
 
 
 def configure(root: Path) -> None:
@@ -338,3 +338,61 @@ def test_a_submit_commit_in_the_clone_is_rebased_like_a_record_commit(setup: Set
     setup.pusher().run()
     assert setup.state.get("push")["ok"] is True, setup.notices
     assert {"tasks/ci-1.md", "runs/ci-1/status.json", "other.txt"} <= setup.origin_files()
+
+
+@pytest.mark.slow
+def test_a_task_pushed_with_the_files_it_needs_runs_on_the_pushed_commit(setup: Setup) -> None:
+    daemon = Daemon(setup.clone)
+    try:
+        daemon.start()
+        for round in range(3):  # the watcher sees the Task file before HEAD moves: each time, not by luck
+            (setup.user / f"lib{round}.txt").write_text(f"library {round}\n")
+            (setup.user / "tasks" / f"uses{round}.md").write_text(
+                f"---\n---\n# uses lib{round}\n\n```sh\ncat lib{round}.txt\ngit status --porcelain\n```\n")
+            git(setup.user, "add", "-A")
+            git(setup.user, "commit", "--quiet", "-m", f"lib {round} and the Task that needs it")
+
+            def pushed_over_the_daemons_records() -> bool:
+                git(setup.user, "pull", "--quiet", "--rebase", "origin", "main")
+                return subprocess.run(["git", "-C", str(setup.user), "push", "--quiet", "origin", "HEAD:main"],
+                                      capture_output=True).returncode == 0
+
+            wait_until(pushed_over_the_daemons_records, 30, "the user's push")
+            pushed = git(setup.user, "rev-parse", "HEAD").strip()
+            assert taskrun(setup.clone, "trigger").returncode == 0
+            wait_status(setup.clone, f"uses{round}", "COMPLETED")
+            base = run_record(setup.clone, f"uses{round}", 1)["base_commit"]
+            # The pushed commit, or the daemon's own record commits rebased onto it.
+            assert subprocess.run(["git", "-C", str(setup.clone), "merge-base", "--is-ancestor", pushed, base]
+                                  ).returncode == 0
+            # The Task file is committed in the checkout: the Agent's git sees nothing untracked.
+            output = (setup.clone / "runs" / f"uses{round}" / "run-1" / "output.log").read_text()
+            assert output == f"library {round}\n"
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.slow
+def test_a_task_pulled_into_the_daemons_clone_with_its_files_runs_on_the_pulled_commit(setup: Setup) -> None:
+    daemon = Daemon(setup.clone)
+    try:
+        daemon.start()
+        write_task(setup.clone, "first", "true")
+        wait_status(setup.clone, "first", "COMPLETED")
+        (setup.user / "lib.txt").write_text("the library\n")
+        (setup.user / "tasks" / "uses.md").write_text("---\n---\n# uses lib\n\n```sh\ncat lib.txt\n```\n")
+        git(setup.user, "add", "lib.txt", "tasks/uses.md")
+        git(setup.user, "commit", "--quiet", "-m", "lib and the Task that needs it")
+        git(setup.user, "push", "--quiet", "origin", "HEAD:main")
+
+        def pulled_by_hand() -> bool:  # a person's `git pull` in the daemon's clone (no hook installed)
+            return subprocess.run(["git", "-C", str(setup.clone), "pull", "--quiet", "--rebase", "origin", "main"],
+                                  capture_output=True).returncode == 0
+
+        wait_until(pulled_by_hand, 30, "the pull in the daemon's clone")
+        wait_status(setup.clone, "uses", "COMPLETED")
+        base = run_record(setup.clone, "uses", 1)["base_commit"]
+        assert git(setup.clone, "show", f"{base}:lib.txt") == "the library\n"  # the pull's HEAD, lib and all
+        assert (setup.clone / "runs/uses/run-1/output.log").read_text() == "the library\n"
+    finally:
+        daemon.stop()
