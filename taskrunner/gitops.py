@@ -58,6 +58,7 @@ from typing import Callable, Sequence
 import git
 
 from taskrunner import leaks
+from taskrunner.atomic import write_bytes
 from taskrunner.defaults import STATE_DIR
 from taskrunner.errors import GitError, UnsafePath
 from taskrunner.safefs import REFUSAL, Beneath
@@ -77,6 +78,9 @@ REMOTE_TIMEOUT_SECONDS = 120.0
 REMOTE_ENV_KEPT = ("GIT_SSH", "GIT_SSH_COMMAND")
 #: fast-import builds each commit here; HEAD then moves to it by compare-and-swap.
 SCRATCH_REF = "refs/taskrun/recorder"
+#: In the state dir: the commits taskrun made in this clone, one sha a line (Git.remember_own).
+OWN_COMMITS = "own-commits"
+OWN_COMMITS_MAX_BYTES = 4 * 1024 * 1024
 #: Run `git gc --auto` after this many commits (what `git commit` does after each).
 GC_EVERY_COMMITS = 50
 #: Put before every git subcommand the daemon runs (`command`). The repository's
@@ -160,6 +164,7 @@ class Git:
             for path in deleted:
                 self.index_pending[path] = None
             self._pending_commit = commit
+            self.remember_own([commit])
             self.refresh_index()
             self._commits += 1
             if self._commits % GC_EVERY_COMMITS == 0:
@@ -357,6 +362,29 @@ class Git:
             raise GitError(f"git {args[0]} took longer than {timeout:.0f}s and was stopped") from exc
         except OSError as exc:
             raise GitError(f"git {args[0]} failed: {exc}") from exc
+
+    def remember_own(self, commits: Sequence[str]) -> None:
+        """Note `commits` as made by taskrun in this clone (OWN_COMMITS); only such commits are ever
+        rebuilt onto another parent (gitflow/sync.py). A message or an author says nothing: anyone
+        who can push can write `taskrun: ...` as a subject."""
+        path = self.git_dir() / "taskrun" / OWN_COMMITS
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "".join(f"{sha}\n" for sha in commits).encode())
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size > OWN_COMMITS_MAX_BYTES:  # keep the newer half: a rebase only ever looks at recent commits
+            kept = path.read_bytes()[-OWN_COMMITS_MAX_BYTES // 2:].split(b"\n", 1)[-1]
+            write_bytes(path, kept, mode=0o600, durable=False)
+
+    def own_commits(self) -> set[str]:
+        """The commits `remember_own` noted."""
+        try:
+            return set((self.git_dir() / "taskrun" / OWN_COMMITS).read_text().split())
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
 
     def git_dir(self) -> Path:
         """This work tree's git directory, absolute (asked once)."""

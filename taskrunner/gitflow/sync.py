@@ -76,7 +76,8 @@ def integrate(repo: Git, tip: str) -> Outcome:
         return move(repo, head, tip)
     base = repo.run("merge-base", head, tip)
     ahead = repo.run("rev-list", "--reverse", f"{base}..{head}").split()
-    foreign = [sha for sha in ahead if not own_commit(repo, sha)]
+    own = repo.own_commits()
+    foreign = [sha for sha in ahead if not own_commit(repo, sha, own)]
     if foreign:
         return Outcome("diverged", f"the clone's branch has {len(foreign)} commit(s) the remote lacks (first "
                        f"{foreign[0][:12]}) and the remote has commits the clone lacks; it is not reset or merged: "
@@ -85,13 +86,18 @@ def integrate(repo: Git, tip: str) -> Outcome:
     return move(repo, head, rebuilt, replayed=len(ahead))
 
 
-def own_commit(repo: Git, sha: str) -> bool:
+def own_commit(repo: Git, sha: str, own: set[str] | None = None) -> bool:
     """Whether `sha` is a commit taskrun made in this clone, safe to rebuild on another parent.
 
-    That is: one parent, a subject starting `taskrun: `, and only paths under
-    runs/ changed (a record commit), or only paths under tasks/ for a
-    `taskrun: submit ...` commit (cli/submit.py).
+    That is: one this clone's taskrun noted when it made it (Git.remember_own:
+    a commit someone pushed with a `taskrun: ` subject is not taskrun's, and
+    rebuilding it after the remote dropped it would push it back), with one
+    parent, a subject starting `taskrun: `, and only paths under runs/ changed
+    (a record commit), or only paths under tasks/ for a `taskrun: submit ...`
+    commit (cli/submit.py).
     """
+    if sha not in (own if own is not None else repo.own_commits()):
+        return False
     out = repo.run("show", "-s", "--format=%P%x00%s", sha)
     parents, _, subject = out.partition("\0")
     if not subject.startswith(OWN_SUBJECT) or len(parents.split()) != 1:
@@ -121,12 +127,14 @@ def replay(repo: Git, commits: list[str], onto: str) -> str:
                    f"data {len(message)}\n".encode() + message + b"\n",
                    (f"from {onto}\n" if number == 1 else f"from :{number - 1}\n").encode()]
         stream += _changes(repo, sha)
-    stream.append(f"get-mark :{len(commits)}\n".encode())
+    stream += [f"get-mark :{number}\n".encode() for number in range(1, len(commits) + 1)]
     done = subprocess.run(command("fast-import", "--quiet", "--force", "--date-format=raw"), cwd=repo.root,
                           input=b"".join(stream), capture_output=True)
     if done.returncode != 0:
         raise GitError(f"git fast-import failed rebuilding record commits: {error_text(done.stderr.decode())}")
-    return done.stdout.decode().strip().splitlines()[-1]
+    rebuilt = done.stdout.decode().split()
+    repo.remember_own(rebuilt)  # still taskrun's own, on their new parent
+    return rebuilt[-1]
 
 
 def move(repo: Git, old: str, new: str, replayed: int = 0) -> Outcome:

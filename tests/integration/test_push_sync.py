@@ -185,6 +185,30 @@ def test_sync_rebases_the_daemons_own_record_commits_onto_the_remote(setup: Setu
     assert git(setup.clone, "status", "--porcelain") == ""
 
 
+def test_a_pushed_commit_dressed_as_taskruns_is_never_rebuilt_after_the_remote_dropped_it(setup: Setup) -> None:
+    good = git(setup.origin, "rev-parse", "main").strip()
+    for subject, path in (("taskrun: submit evil", "tasks/evil.md"), ("taskrun: evil COMPLETED", "runs/evil/x")):
+        (setup.user / path).parent.mkdir(parents=True, exist_ok=True)
+        (setup.user / path).write_text("mallory\n")
+        git(setup.user, "add", "--", path)
+        git(setup.user, "commit", "--quiet", "-m", subject)
+    git(setup.user, "push", "--quiet", "origin", "HEAD:main")
+    setup.syncer().sync("test")  # fast-forwarded onto the pusher's commits
+    assert (setup.clone / "tasks" / "evil.md").exists()
+    # An admin removes them from the origin (force-push) and adds a commit of theirs.
+    git(setup.user, "reset", "--quiet", "--hard", good)
+    setup.user_commit("admin.txt", "removed mallory's commits\n", push=False)
+    git(setup.user, "push", "--quiet", "--force", "origin", "HEAD:main")
+    setup.record("mine")  # the daemon's own record commit, made on top of them meanwhile
+    before = git(setup.clone, "rev-parse", "HEAD")
+    syncer = setup.syncer()
+    syncer.sync("test")
+    # Not taskrun's: the clone is reported diverged, nothing is rebuilt or pushed back.
+    assert setup.state.get("sync")["state"] == "diverged" and syncer.stale
+    assert git(setup.clone, "rev-parse", "HEAD") == before
+    assert "tasks/evil.md" not in setup.origin_files()
+
+
 def test_sync_refuses_rather_than_overwrite_uncommitted_work(setup: Setup) -> None:
     setup.user_commit("notes.txt", "from the remote\n")
     (setup.clone / "notes.txt").write_text("uncommitted, in the daemon's clone\n")
