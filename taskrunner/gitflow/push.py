@@ -102,6 +102,9 @@ class Pusher:
         branch = self.repo.branch()
         if branch is None:
             return "HEAD is detached: no branch to push"
+        if self.repo.head() is None:
+            return (f"the clone has no commit yet: commit .taskrun.yaml and tasks/, then "
+                    f"`git push {self.remote} HEAD`")
         error = "not tried"
         for attempt in range(PUSH_ATTEMPTS):
             rejected, error = self._push(branch)

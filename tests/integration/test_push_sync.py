@@ -420,3 +420,13 @@ def test_a_task_pulled_into_the_daemons_clone_with_its_files_runs_on_the_pulled_
         assert (setup.clone / "runs/uses/run-1/output.log").read_text() == "the library\n"
     finally:
         daemon.stop()
+
+
+def test_pushing_from_a_clone_without_a_commit_says_what_to_do(tmp_path: Path, isolated_git: Path) -> None:
+    git(tmp_path, "init", "--quiet", "--bare", str(tmp_path / "origin.git"))
+    git(tmp_path, "clone", "--quiet", str(tmp_path / "origin.git"), str(tmp_path / "clone"))
+    state = GitState(tmp_path / "state")
+    notices: list[str] = []
+    Pusher(Git(tmp_path / "clone"), "origin", "taskrun/", state, notices.append).run()
+    assert "the clone has no commit yet: commit .taskrun.yaml and tasks/, then `git push origin HEAD`" in notices[-1]
+    assert state.get("push")["ok"] is False
