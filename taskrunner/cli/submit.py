@@ -116,6 +116,10 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
         submitted[task_id] = hashlib.sha256(data).hexdigest()
         if not args.json:
             out.print(f"submitted {rel}", markup=False)
+            earlier = _final_record(Records(root), task_id, submitted[task_id], [])
+            if earlier is not None:  # the same bytes already ran: the daemon does not run them again
+                out.print(f"  unchanged since its last Run ({earlier.get('status')}): not run again; "
+                          f"`taskrun retry {task_id}` runs it again", markup=False)
     commit = _commit(root, list(submitted)) if config.git.commit else None
     if commit and not args.json:
         out.print(f"committed {commit[:10]} ({len(submitted)} Task file(s))", markup=False)

@@ -85,6 +85,17 @@ def test_submit_wait_exits_zero_and_prints_a_line_per_task_when_all_complete(dae
         assert f"ci-{n} COMPLETED (run 1 on local" in result.stdout
 
 
+def test_submitting_the_same_bytes_again_says_they_are_not_run_again(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    task = _task_file(tmp_path, "ci-same.md", "echo once")
+    assert taskrun(daemon.root, "submit", str(task), "--wait").returncode == 0
+
+    again = taskrun(daemon.root, "submit", str(task), "--wait")
+
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "unchanged since its last Run (COMPLETED): not run again; `taskrun retry ci-same`" in again.stdout
+
+
 def test_a_timeout_exits_three_and_still_writes_the_report(daemon: Daemon, tmp_path: Path) -> None:
     daemon.start()
     quick = _task_file(tmp_path, "ci-quick.md", "echo quick")
