@@ -1,17 +1,25 @@
-"""Forges' webhook deliveries checked (gitflow.webhook), and the delivery log that deduplicates them (http)."""
+"""Forges' webhook deliveries checked (gitflow.webhook), the delivery log that deduplicates them (http), and
+the listener's limits on real sockets: the whole-request deadline, the per-address cap, duplicate
+Content-Length, rate-limited refusal notices."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import http.client
 import json
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from taskrunner import http as http_module
 from taskrunner.gitflow import webhook
-from taskrunner.http import DeliveryLog
+from taskrunner.http import DeliveryLog, HttpServer, WebhookRoute
+from tests.conftest import wait_until
 
 SECRET = b"s3cret-shared"
 NOW = 1_700_000_000.0
@@ -227,3 +235,179 @@ def test_an_unreadable_delivery_log_starts_afresh_with_a_notice(tmp_path: Path) 
     log = DeliveryLog(tmp_path / "seen.json", notices.append)
 
     assert "anything" not in log and len(notices) == 1
+
+
+# -- the listener, on real sockets -----------------------------------------------------------
+
+SECRET_ENV = "TASKRUN_UNIT_WEBHOOK_SECRET"
+DEADLINE = 1.0
+
+
+class Listener:
+    def __init__(self, server: HttpServer, notices: list[str], syncs: list[str]) -> None:
+        self.server, self.notices, self.syncs = server, notices, syncs
+        self.port = server.address[1]
+
+    def connect(self, source: str = "127.0.0.1") -> socket.socket:
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", self.port))
+        return sock
+
+    def deliver(self, delivery: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
+        """One well-signed GitHub push from `source`, on a fresh connection: (status, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10, source_address=(source, 0))
+        try:
+            conn.request("POST", "/webhook", PUSH, {**github(PUSH, "sha256=" + _hex(PUSH)),
+                                                     "x-github-delivery": delivery})
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Listener]:
+    monkeypatch.setattr(http_module, "REQUEST_DEADLINE", DEADLINE)
+    monkeypatch.setattr(http_module, "NOTICE_INTERVAL", 1.0)
+    monkeypatch.setenv(SECRET_ENV, SECRET.decode())
+    notices: list[str] = []
+    syncs: list[str] = []
+    route = WebhookRoute(SECRET_ENV, 4096, tmp_path, syncs.append, notices.append)
+    server = HttpServer("127.0.0.1", 0, {"/webhook": route}, notices.append)
+    server.start()
+    try:
+        yield Listener(server, notices, syncs)
+    finally:
+        server.stop()
+
+
+def _status_line(sock: socket.socket) -> bytes:
+    """The first line the server answers on `sock` (b"" when it closed without answering)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def _closed_while_trickling(sock: socket.socket, within: float) -> float:
+    """Send one body byte every 0.2 s (a slow sender) until the server closes `sock`; the seconds it took."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < within:
+        try:
+            sock.sendall(b"x")
+        except OSError:  # reset: closed
+            return time.monotonic() - start
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - start
+    raise AssertionError(f"the server did not close a slow sender within {within} s")
+
+
+SLOW_HEAD = b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+
+def test_a_slow_sender_is_cut_off_at_the_whole_request_deadline_not_per_read(listener: Listener) -> None:
+    # The per-read timeout (10 s) never fires: a byte arrives every 0.2 s. Only the deadline can end it.
+    assert http_module.SOCKET_TIMEOUT > 5 * DEADLINE
+    with listener.connect() as slow:
+        slow.sendall(SLOW_HEAD)
+
+        took = _closed_while_trickling(slow, within=DEADLINE + 5)
+
+    assert DEADLINE * 0.8 <= took <= DEADLINE + 3, took
+    wait_until(lambda: any("did not send a whole request within 1 s" in n for n in listener.notices), 5,
+               "the cut-off notice")
+    assert not listener.syncs
+    assert listener.deliver("after-the-slow-one")[0] == 200
+
+
+def test_one_address_gets_four_connections_others_still_answered_until_the_slow_ones_are_cut_off(
+        listener: Listener) -> None:
+    assert http_module.MAX_CONNECTIONS_PER_ADDRESS == 4
+    slow = [listener.connect("127.0.0.1") for _ in range(4)]
+    try:
+        for sock in slow:
+            sock.sendall(SLOW_HEAD + b"x")
+        # The slots are taken once the server has accepted them; a 5th from the same address is refused.
+        wait_until(lambda: listener.server._server.per_address.get("127.0.0.1") == 4, 5, "4 connections held")
+        with listener.connect("127.0.0.1") as fifth:
+            fifth.sendall(SLOW_HEAD)
+            assert _status_line(fifth) == b"HTTP/1.1 503 Service Unavailable"
+
+        # Another address is answered meanwhile.
+        assert listener.deliver("from-another-address", source="127.0.0.2") == (200, b"sync queued\n")
+
+        for sock in slow:
+            took = _closed_while_trickling(sock, within=DEADLINE + 5)
+            assert took <= DEADLINE + 3
+        wait_until(lambda: not listener.server._server.per_address, 5, "the slots given back")
+        # Once they are cut off, the address is answered again.
+        assert listener.deliver("same-address-again", source="127.0.0.1") == (200, b"sync queued\n")
+    finally:
+        for sock in slow:
+            sock.close()
+    assert len(listener.syncs) == 2
+
+
+def test_a_request_with_two_content_length_headers_is_refused_400(listener: Listener) -> None:
+    with listener.connect() as sock:
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}")
+
+        assert _status_line(sock) == b"HTTP/1.1 400 Bad Request"
+    with listener.connect() as sock:  # differing values too
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\n{}")
+
+        assert _status_line(sock) == b"HTTP/1.1 400 Bad Request"
+    assert not listener.syncs
+
+
+def test_refusal_notices_are_rate_limited_with_a_count_of_those_not_logged(listener: Listener) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=10)  # one kept-alive connection
+    start = time.monotonic()
+    try:
+        for n in range(60):
+            conn.request("POST", "/webhook", PUSH, {**gitlab_token(PUSH, f"client-token-{n}")})
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 401
+    finally:
+        conn.close()
+    elapsed = time.monotonic() - start
+
+    def counted() -> int:
+        shown = sum(1 for n in listener.notices if n.startswith("webhook: refused"))
+        held = sum(int(n.split()[2]) for n in listener.notices if "more refused deliveries since" in n)
+        return shown + held
+
+    wait_until(lambda: counted() == 60, 5, "every refusal logged or counted")
+    shown = [n for n in listener.notices if n.startswith("webhook: refused")]
+    # At most one refusal line, and one count line, per interval (1 s here).
+    assert len(shown) <= elapsed / 1.0 + 2, (len(shown), elapsed)
+    assert len(listener.notices) <= 2 * (elapsed / 1.0 + 2)
+    assert any(n.startswith("webhook: and ") and "more refused deliveries since" in n for n in listener.notices)
+    assert not any("client-token" in n or SECRET.decode() in n for n in listener.notices)
+
+
+def test_rate_limited_notice_logs_the_first_counts_the_rest_and_starts_afresh_after_the_count() -> None:
+    lines: list[str] = []
+    limited = http_module.RateLimitedNotice(lines.append, "refused deliveries", interval=60, prefix="webhook")
+
+    for n in range(500):
+        limited(f"webhook: refused (401): bad {n}")
+    assert lines == ["webhook: refused (401): bad 0"]
+
+    limited.flush()
+
+    assert len(lines) == 2 and lines[1].startswith("webhook: and 499 more refused deliveries since ")
+    limited.flush()
+    assert len(lines) == 2
