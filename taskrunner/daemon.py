@@ -360,7 +360,8 @@ class Daemon:
         clone that brought a Task with the files it needs). One `rev-parse`, only after Task files changed."""
         self._tasks_touched = False
         head = gitops.head_of(self.root)
-        if head is not None and head != self._head:
+        # A record commit the recorder just made is ours: its _Committed event is on its way.
+        if head is not None and head != self._head and head != self.repo.last_made:
             self.engine.base_commit = self._head = head
 
     def _committed(self, sha: str, items: list[CommitItem]) -> None:

@@ -122,6 +122,8 @@ class Git:
         #: A sync is moving the work tree and HEAD (gitflow/sync.move); the daemon clears it once it
         #: has taken the new HEAD as the base of new Runs.
         self.moving = False
+        #: The last commit commit_paths made (set before HEAD moves to it).
+        self.last_made: str | None = None
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -153,6 +155,7 @@ class Git:
             commit, changed, written, deleted = self._import(paths, message, old)
             if not changed:
                 return None
+            self.last_made = commit  # before HEAD moves: whoever sees it on HEAD knows it is ours
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError:

@@ -28,14 +28,24 @@ objects are packed (`pack-objects --revs <commit> --not <base>`) into
 
 Refused, never committed or sent (ChangeRefused; the Run ends FAILED saying
 why): a change holding the value of one of the Agent's secrets (in a file's
-contents or its path), and a pack over the manifest's `max_result_bytes`.
+contents, or its path with or without its `/` separators; exact values only,
+best effort: an encoded value is not caught), and a change over the manifest's
+`max_result_bytes`: its uncompressed size (the sum of its changed files'
+sizes) or its pack. The uncompressed size is checked before the Worker reads
+any content: first from the files' sizes on disk (before any git command hashes
+them: a sparse or zero-filled file of gigabytes costs nothing), then from the
+sizes git gives the new blobs (`cat-file --batch-check`). Only then are blobs
+read, for the secret check, a batch at a time; git writes the pack to a file
+itself, never through the Worker's memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -49,6 +59,8 @@ CHANGE_PACK = "change.pack"
 #: Work-tree paths that are never part of a change: the records' directory.
 METADATA_DIRS = ("runs",)
 _ZERO = "0" * 40
+#: The secret check reads new blobs in batches of about this many bytes (a larger blob alone).
+SCAN_BATCH_BYTES = 16 * 1024 * 1024
 
 
 class ChangeRefused(WorkerError):
@@ -84,11 +96,21 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
 
     laid_files = {entry["path"]: entry for entry in manifest.get("files") or []}
     pathspec = ("--", ".", *(f":(top,exclude){name}" for name in METADATA_DIRS))
+    index_only = {"GIT_INDEX_FILE": env["GIT_INDEX_FILE"]}
+    most = fields.get("max_result_bytes")
+    cap = most if isinstance(most, int) and not isinstance(most, bool) else None
+    if cap is not None:
+        # Before any git command hashes (reads) a file, even the dry run below: the sizes on disk of
+        # the new and modified files, from one `ls-files` (stat only). A sparse file of terabytes is
+        # refused by its size, not read.
+        listed = git(cache.path, "ls-files", "-z", "--others", "--modified", "--exclude-standard", *pathspec,
+                     work_tree=workspace, env=index_only, config=config)
+        _check_size(_disk_size(listed, workspace, laid_files), cap, "on disk")
     # A dry run writes nothing (no object directory of the Run's needed yet).
     dry_run = git(cache.path, "add", "--all", "--dry-run", *pathspec, work_tree=workspace,
-                  env={"GIT_INDEX_FILE": env["GIT_INDEX_FILE"]}, config=config)
+                  env=index_only, config=config)
     if not _anything_changed(dry_run, workspace, laid_files):
-        return None  # the usual quick Run: one git process to find that out
+        return None  # the usual quick Run: a git process or two to find that out
     objects.mkdir(exist_ok=True)
     run("add", "--all", *pathspec)
     changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
@@ -103,7 +125,10 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
         changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
     if not changes:
         return None
-    _check_secrets(run, changes, secrets)
+    sizes = _blob_sizes(run, changes)  # sizes only: no blob content is read before the size check
+    if cap is not None:
+        _check_size(sum(sizes[sha] for _, _, sha in changes.values() if sha in sizes), cap, "uncompressed")
+    _check_secrets(run, changes, sizes, secrets)
     tree = run("write-tree").decode().strip()
     name, email = str(fields.get("author_name") or "taskrun"), str(fields.get("author_email") or "taskrun@localhost")
     now = f"{int(time.time())} +0000"
@@ -111,15 +136,28 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
                 "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email, "GIT_COMMITTER_DATE": now}
     commit = run("commit-tree", tree, "-p", base, stdin=message(manifest, worker).encode(),
                  extra=identity).decode().strip()
-    pack = run("pack-objects", "--stdout", "--revs", "--quiet", stdin=f"{commit}\n^{base}\n".encode())
-    most = fields.get("max_result_bytes")
-    if isinstance(most, int) and len(pack) > most:
-        raise ChangeRefused(f"the change is {len(pack)} bytes packed, over git.max_result_bytes ({most}): "
-                            "nothing was returned")
-    fd = os.open(run_dir / CHANGE_PACK, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pack)
-    return {"commit": commit, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack)}
+    # git writes the pack to a file itself (never through the Worker's memory); after the size check
+    # above it is about as large as the change at most (plus its trees and commit).
+    scratch = Path(tempfile.mkdtemp(prefix=".change-pack-", dir=run_dir))
+    try:
+        names = git(cache.path, "pack-objects", "--revs", "--quiet", str(scratch / "change"), work_tree=workspace,
+                    stdin=f"{commit}\n^{base}\n".encode(), env=env,
+                    config=(*config, "pack.writeReverseIndex=false")).decode().split()
+        if len(names) != 1:
+            raise GitError(f"git pack-objects wrote {len(names)} packs, not one")
+        written = scratch / f"change-{names[0]}.pack"
+        size = os.lstat(written).st_size
+        if cap is not None:
+            _check_size(size, cap, "packed")
+        digest = hashlib.sha256()
+        with open(written, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                digest.update(chunk)
+        os.chmod(written, 0o600)
+        os.replace(written, run_dir / CHANGE_PACK)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"commit": commit, "base": base, "sha256": digest.hexdigest(), "size": size}
 
 
 def message(manifest: Mapping[str, Any], worker: str) -> str:
@@ -153,6 +191,52 @@ def _anything_changed(dry_run: bytes, workspace: Path, laid: Mapping[str, Mappin
     return False
 
 
+def _check_size(size: int, cap: int, what: str) -> None:
+    """ChangeRefused when the change's `size` (bytes, `what`: on disk, uncompressed, packed) is over `cap`."""
+    if size > cap:
+        raise ChangeRefused(f"the change is {size} bytes {what}, over git.max_result_bytes ({cap} bytes): "
+                            "nothing was returned")
+
+
+def _disk_size(listed: bytes, workspace: Path, laid: Mapping[str, Mapping[str, Any]]) -> int:
+    """The sizes on disk (`lstat`, nothing read) of the regular files `ls-files -z --others --modified`
+    names, summed (a laid-over file left as it was laid counts nothing): what the change would hold
+    uncompressed, known before git hashes any of them. A path that cannot be looked at counts nothing
+    here (the blobs' sizes are checked again after `git add`)."""
+    total = 0
+    for raw in set(listed.split(b"\0")):
+        if not raw:
+            continue
+        path = os.fsdecode(raw)
+        try:
+            info = os.lstat(workspace / path)
+        except (OSError, ValueError):
+            continue  # deleted
+        if not stat.S_ISREG(info.st_mode) or (path in laid and _unchanged(workspace, laid[path])):
+            continue
+        total += info.st_size
+    return total
+
+
+def _blob_sizes(run: Any, changes: Mapping[str, tuple[str, str, str]]) -> dict[str, int]:
+    """The size of each new object of `changes` (blob -> bytes), from `git cat-file --batch-check`:
+    object headers only, no content read."""
+    blobs = sorted({sha for _, mode, sha in changes.values() if sha != _ZERO and mode != "160000"})
+    if not blobs:
+        return {}
+    out = run("cat-file", "--batch-check=%(objectname) %(objectsize)",
+              stdin="".join(f"{sha}\n" for sha in blobs).encode())
+    sizes: dict[str, int] = {}
+    for line in out.decode().splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise GitError(f"git cat-file cannot tell the size of {parts[0] if parts else 'an object'}")
+        sizes[parts[0]] = int(parts[1])
+    if set(sizes) != set(blobs):
+        raise GitError("git cat-file did not tell the size of every new object")
+    return sizes
+
+
 def _diff(out: bytes) -> dict[str, tuple[str, str, str]]:
     """`diff-index -z` output: path -> (status, new mode, new object)."""
     parts = out.split(b"\0")
@@ -183,29 +267,50 @@ def _unchanged(workspace: Path, entry: Mapping[str, Any]) -> bool:
         os.close(fd)
 
 
-def _check_secrets(run: Any, changes: Mapping[str, tuple[str, str, str]], secrets: Sequence[bytes]) -> None:
-    """ChangeRefused when a secret value is in a changed path or in a new object's contents."""
+def _check_secrets(run: Any, changes: Mapping[str, tuple[str, str, str]], sizes: Mapping[str, int],
+                   secrets: Sequence[bytes]) -> None:
+    """ChangeRefused when a secret value is in a changed path (as it is, or with its `/` separators
+    removed: `d/change-secret-/0123` holds `change-secret-0123`) or in a new object's contents.
+
+    Exact values only, best effort: an encoded value (base64, reversed) is not caught. Blobs are read
+    after the size check (`sizes`: blob -> bytes), in batches of about SCAN_BATCH_BYTES.
+    """
+    secrets = [secret for secret in secrets if secret]
     if not secrets:
         return
     for path in changes:
-        if any(secret in os.fsencode(path) for secret in secrets):
+        raw = os.fsencode(path)
+        joined = raw.replace(b"/", b"")
+        if any(secret in raw or secret in joined for secret in secrets):
             raise ChangeRefused("the change holds the value of one of the Agent's secrets (in a file name): "
                                 "nothing was committed")
-    blobs = sorted({sha for status, mode, sha in changes.values() if sha != _ZERO and mode != "160000"})
-    if not blobs:
-        return
+    batch: list[str] = []
+    held = 0
+    for sha in sorted(sizes):
+        if batch and held + sizes[sha] > SCAN_BATCH_BYTES:
+            _scan(run, changes, batch, secrets)
+            batch, held = [], 0
+        batch.append(sha)
+        held += sizes[sha]
+    if batch:
+        _scan(run, changes, batch, secrets)
+
+
+def _scan(run: Any, changes: Mapping[str, tuple[str, str, str]], blobs: Sequence[str],
+          secrets: Sequence[bytes]) -> None:
+    """ChangeRefused when one of `blobs` (read with one `cat-file --batch`) holds a secret value."""
     out = run("cat-file", "--batch", stdin="".join(f"{sha}\n" for sha in blobs).encode())
     at = 0
     while at < len(out):
         end = out.index(b"\n", at)
         header = out[at:end].split()
         size = int(header[2]) if len(header) == 3 else 0
-        body = out[end + 1:end + 1 + size]
-        if any(secret in body for secret in secrets):
+        start, stop = end + 1, end + 1 + size
+        if any(out.find(secret, start, stop) >= 0 for secret in secrets):  # no copy of the body
             paths = sorted(p for p, (_, _, sha) in changes.items() if sha.encode() == header[0])
             raise ChangeRefused(f"the change holds the value of one of the Agent's secrets (in "
                                 f"{', '.join(paths[:3]) or 'a file'}): nothing was committed")
-        at = end + 1 + size + 1
+        at = stop + 1
 
 
 __all__ = ["CHANGE_PACK", "ChangeRefused", "GitError", "collect", "message", "read_pack"]

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,103 @@ def test_a_change_over_max_result_bytes_is_refused(tmp_path: Path, source: tuple
     (workspace / "big.bin").write_text(os.urandom(20_000).hex())
     with pytest.raises(change.ChangeRefused, match="max_result_bytes"):
         change.collect(run_dir, workspace, _manifest(base, cache.repo_id, max_result_bytes=1000), [], "w1")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def test_a_sparse_file_of_gigabytes_is_refused_by_its_size_before_anything_reads_it(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    with open(workspace / "big.bin", "wb") as handle:  # `truncate -s 1500M big.bin`: no block written
+        handle.truncate(1500 * 1024 * 1024)
+    before = _peak_rss_bytes()
+    with pytest.raises(change.ChangeRefused) as refused:
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id), [b"s3cr3t-value-123"], "w1")
+    assert _peak_rss_bytes() - before < 200 * 1024 * 1024
+    reason = str(refused.value)
+    assert f"{1500 * 1024 * 1024} bytes" in reason and f"git.max_result_bytes ({1 << 20} bytes)" in reason
+    # Refused before git hashed it (no `git add`, not even its dry run): no object directory was made.
+    assert not (run_dir / "objects").exists()
+    assert not (run_dir / change.CHANGE_PACK).exists()
+
+
+def test_a_file_of_zeros_is_refused_by_its_uncompressed_size_not_its_tiny_pack(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    block = bytes(1024 * 1024)
+    with open(workspace / "big.bin", "wb") as handle:  # `head -c 200000000 /dev/zero > big.bin`
+        for _ in range(200_000_000 // len(block)):
+            handle.write(block)
+        handle.write(bytes(200_000_000 % len(block)))
+    before = _peak_rss_bytes()
+    with pytest.raises(change.ChangeRefused, match=r"200000000 bytes .*over git\.max_result_bytes \(1048576 bytes\)"):
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id, max_result_bytes=1048576),
+                       [b"s3cr3t-value-123"], "w1")
+    assert _peak_rss_bytes() - before < 200 * 1024 * 1024
+    assert not (run_dir / change.CHANGE_PACK).exists()
+
+
+def test_blobs_larger_than_their_files_are_refused_by_the_blob_sizes_before_any_is_read(
+        tmp_path: Path, source: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    # working-tree-encoding: 2000 bytes of UTF-16 on disk become a 3000-byte UTF-8 blob when git adds them.
+    (workspace / ".gitattributes").write_text("*.wide working-tree-encoding=UTF-16LE\n")
+    (workspace / "text.wide").write_bytes(("\u4e2d" * 1000).encode("utf-16-le"))
+    read: list[tuple[str, ...]] = []
+    real_git = change.git
+    monkeypatch.setattr(change, "git", lambda *args, **kw: read.append(args[1:]) or real_git(*args, **kw))
+    with pytest.raises(change.ChangeRefused, match=r"bytes uncompressed, over git\.max_result_bytes \(2500 bytes\)"):
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id, max_result_bytes=2500),
+                       [b"s3cr3t-value-123"], "w1")
+    assert ("cat-file", "--batch") not in [args[:2] for args in read]  # no blob content was read
+    assert not (run_dir / change.CHANGE_PACK).exists()
+
+
+def test_a_secret_split_across_path_components_is_refused(tmp_path: Path, source: tuple[Path, str]) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    (workspace / "d" / "change-secret-").mkdir(parents=True)
+    (workspace / "d" / "change-secret-" / "0123456789").write_text("harmless\n")
+    with pytest.raises(change.ChangeRefused, match="secrets .*file name"):
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id), [b"change-secret-0123456789"], "w1")
+    assert not (run_dir / change.CHANGE_PACK).exists()
+
+
+def test_a_secret_in_any_batch_of_blobs_is_found(tmp_path: Path, source: tuple[Path, str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    monkeypatch.setattr(change, "SCAN_BATCH_BYTES", 64)  # one blob a batch
+    for i in range(5):
+        (workspace / f"f{i}.txt").write_text(f"file {i} " + "x" * 100 + "\n")
+    (workspace / "f3.txt").write_text("token = s3cr3t-value-123\n")
+    with pytest.raises(change.ChangeRefused, match="secrets .*f3.txt"):
+        change.collect(run_dir, workspace, _manifest(base, cache.repo_id), [b"s3cr3t-value-123"], "w1")
+
+
+def test_a_small_change_within_max_result_bytes_and_without_secrets_is_returned(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    root, _ = source
+    _, run_dir, cache, base = _checkout(tmp_path, source)
+    workspace = run_dir / "workspace"
+    (workspace / "src" / "app.txt").write_text("v2\n")
+    (workspace / "d" / "change-secret-").mkdir(parents=True)  # a part of the secret's value is no secret
+    (workspace / "d" / "change-secret-" / "notes.txt").write_text("small\n" * 100)
+    found = change.collect(run_dir, workspace, _manifest(base, cache.repo_id, max_result_bytes=4096),
+                           [b"change-secret-0123456789"], "w1")
+    assert found is not None
+    pack = change.read_pack(run_dir)
+    assert found["size"] == len(pack) <= 4096 and found["sha256"] == hashlib.sha256(pack).hexdigest()
+    assert os.stat(run_dir / change.CHANGE_PACK).st_mode & 0o777 == 0o600
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".change-pack-")] == []
+    subprocess.run(["git", "-C", str(root), "index-pack", "--stdin", "--strict"], input=pack, check=True,
+                   capture_output=True)
+    assert git(root, "show", f"{found['commit']}:src/app.txt") == "v2\n"
 
 
 def test_a_planted_git_config_runs_nothing_when_the_change_is_collected(tmp_path: Path,
