@@ -109,10 +109,12 @@ def test_a_signature_made_with_another_secret_is_refused(name, headers, good, fo
     assert verdict.status == 401 and verdict.delivery is None and "bad" in verdict.reason
 
 
-@pytest.mark.parametrize("name,headers,good,forge", STYLES, ids=[s[0] for s in STYLES])
+# A plain token (GitLab's X-Gitlab-Token) signs no body: nothing to change there.
+BODY_SIGNING = [s for s in STYLES if s[0] != "gitlab-token"]
+
+
+@pytest.mark.parametrize("name,headers,good,forge", BODY_SIGNING, ids=[s[0] for s in BODY_SIGNING])
 def test_a_good_signature_over_another_body_is_refused(name, headers, good, forge) -> None:
-    if name == "gitlab-token":
-        pytest.skip("a plain token signs no body")
     signature = good(PUSH)
 
     verdict = webhook.check(headers(PUSH, signature), PUSH + b" ", SECRET, NOW)
