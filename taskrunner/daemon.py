@@ -361,7 +361,7 @@ class Daemon:
         self._tasks_touched = False
         head = gitops.head_of(self.root)
         # A record commit the recorder just made is ours: its _Committed event is on its way.
-        if head is not None and head != self._head and head != self.repo.last_made:
+        if head is not None and head != self._head and head not in self.repo.made:
             self.engine.base_commit = self._head = head
 
     def _committed(self, sha: str, items: list[CommitItem]) -> None:

@@ -47,6 +47,7 @@ update-ref, update-index and gc the daemon does.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import random
@@ -122,8 +123,8 @@ class Git:
         #: A sync is moving the work tree and HEAD (gitflow/sync.move); the daemon clears it once it
         #: has taken the new HEAD as the base of new Runs.
         self.moving = False
-        #: The last commit commit_paths made (set before HEAD moves to it).
-        self.last_made: str | None = None
+        #: The last commits commit_paths made, each noted before HEAD moves to it.
+        self.made: collections.deque[str] = collections.deque(maxlen=64)
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> str:
         try:
@@ -155,7 +156,7 @@ class Git:
             commit, changed, written, deleted = self._import(paths, message, old)
             if not changed:
                 return None
-            self.last_made = commit  # before HEAD moves: whoever sees it on HEAD knows it is ours
+            self.made.append(commit)  # before HEAD moves: whoever sees it on HEAD knows it is ours
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError:
