@@ -162,7 +162,7 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     try:
         hello, _ = _session(client, spec, root)
         worker_key = _enroll(client, spec, root, hello, token)
-        _session(client, spec, root, worker_key)  # the Worker now answers this control plane's proof
+        _proof(client, spec, root, worker_key)  # the Worker now answers this control plane's proof
     finally:
         client.close()
     fields["worker_key"] = worker_key.public_line
@@ -225,6 +225,22 @@ def _pinned(kept: WorkerSpec | None, host: str, port: int) -> list[paramiko.PKey
         return []  # no usable pin (say an unreadable known_hosts): pinned anew, as for a new Worker
 
 
+#: A new enrollment's first authenticated session is tried this often: the Worker may end one
+#: that overlaps the running daemon's reconnecting session (its reason is in the message).
+PROOF_ATTEMPTS = 3
+
+
+def _proof(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, worker_key: PublicKey) -> None:
+    for attempt in range(1, PROOF_ATTEMPTS + 1):
+        try:
+            _session(client, spec, root, worker_key)
+            return
+        except EnrollError as exc:
+            if "ended the session before" not in str(exc) or attempt == PROOF_ATTEMPTS:
+                raise
+            time.sleep(0.5 * attempt)
+
+
 def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
              audience: PublicKey | None = None) -> tuple[dict[str, object], dict[str, object] | None]:
     """Open one session through the gate and read its hello: proof the gate answers.
@@ -260,7 +276,9 @@ def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
                 return message.fields, reply.fields
             if reply.type == "error":
                 raise EnrollError(f"Worker '{spec.name}' refused this control plane's session: {reply.get('message')}")
-        raise EnrollError(f"Worker '{spec.name}' ended the session before it was authenticated")
+        said = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
+        raise EnrollError(f"Worker '{spec.name}' ended the session before it was authenticated"
+                          + (f": {said.splitlines()[-1]}" if said else ""))
     except OSError as exc:
         raise EnrollError(f"Worker '{spec.name}': session failed: {exc}") from exc
     finally:
