@@ -312,14 +312,9 @@ class Daemon:
 
     def _sync(self, reason: str) -> None:
         """Bring in what the remote has: the git thread's sync (fetch, fast-forward; coalesced), on the main thread."""
-        sync = getattr(self.recorder, "sync", None)
-        if sync is None:
-            self.engine.scan()
-            emit(self.hooks, "notice", f"sync requested ({reason}): tasks/ rescanned")
-            return
         if reason != "poll":  # a poll every few seconds would fill the log
             emit(self.hooks, "notice", f"sync requested ({reason})")
-        sync(reason)
+        self.recorder.sync(reason)
 
     def _schedule_poll(self, config: Config) -> None:
         self._next_poll = None if config.git.poll is None else time.time() + config.git.poll
