@@ -73,10 +73,7 @@ class WorkerSessions:
         config = self.config()
         agent = config.agents[run.agent]
         assert worker.result_key is not None  # a Worker is online only once its hello matched the pin
-        # Microseconds since the epoch, and above the last one sent: a restarted
-        # daemon continues above what the Worker's ledger holds.
-        seqs = self.transfer.seqs
-        seq = seqs[worker.name] = max(seqs.get(worker.name, 0) + 1, int(now * 1e6))
+        seq = self.transfer.next_seq(worker.name, now)
         return self.transfer.assign(
             worker.name, files, signer, now=now, run_id=run.run_id, task_id=run.task_id,
             revision=run.revision, attempt=run.attempt, task_file=spec.path,

@@ -105,6 +105,7 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
         # No link is followed at the file itself or inside the work tree, no FIFO waited on (intake.read_submitted).
         files[task_id] = (name, read_submitted(name, root))
     submitted: dict[str, str | None] = {}
+    records = Records(root)
     for task_id, (_, data) in files.items():
         rel = f"{TASKS_DIR}/{task_id}.md"
         # Written under an ignored temp name, then renamed: the daemon reads it whole.
@@ -116,7 +117,7 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
         submitted[task_id] = hashlib.sha256(data).hexdigest()
         if not args.json:
             out.print(f"submitted {rel}", markup=False)
-            earlier = _final_record(Records(root), task_id, submitted[task_id], [])
+            earlier = _final_record(records, task_id, submitted[task_id], [])
             if earlier is not None:  # the same bytes already ran: the daemon does not run them again
                 out.print(f"  unchanged since its last Run ({earlier.get('status')}): not run again; "
                           f"`taskrun retry {task_id}` runs it again", markup=False)
@@ -128,7 +129,7 @@ def cmd_submit(args: argparse.Namespace, out: Console) -> int:
             tasks = [{"task_id": t, "file": f"{TASKS_DIR}/{t}.md", "revision": r} for t, r in submitted.items()]
             print(json.dumps({"tasks": tasks, "commit": commit}, indent=2, sort_keys=True))
         return EXIT_OK
-    waited = wait_for(Records(root), submitted, args.timeout, gitops.state_dir(root), out, quiet=args.json)
+    waited = wait_for(records, submitted, args.timeout, gitops.state_dir(root), out, quiet=args.json)
     return _answer(waited, args, out, {"commit": commit})
 
 

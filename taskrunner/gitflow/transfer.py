@@ -88,7 +88,7 @@ class Transfer:
         self._packs: OrderedDict[tuple[str, tuple[str, ...]], bytes] = OrderedDict()
         self._pending: dict[str, dict[str, Any]] = {}  # run id -> what its bundle was built from
         self._seen: set[str] = set()  # commits found in the daemon clone
-        #: The engine's per-Worker sequence numbers (engine._bundle_seq), shared so a resent bundle's is new.
+        #: Worker name -> the last bundle sequence number sent (next_seq).
         self.seqs: dict[str, int] = {}
 
     @property
@@ -190,6 +190,12 @@ class Transfer:
         return package, Message("assign", {"run_id": fields["run_id"], "envelope": package.envelope},
                                 package.archive + pack)
 
+    def next_seq(self, worker: str, now: float) -> int:
+        """The next bundle sequence number for `worker`: microseconds since the epoch, and above the last
+        one sent, so a restarted daemon continues above what the Worker's ledger holds."""
+        seq = self.seqs[worker] = max(self.seqs.get(worker, 0) + 1, int(now * 1e6))
+        return seq
+
     def resend(self, worker: str, run_id: str, now: float) -> tuple[bundle.Bundle, Message] | None:
         """The bundle of a Run the Worker refused for missing objects, again, with a full pack; None when
         this daemon did not build it (restarted since) or already resent it."""
@@ -197,7 +203,7 @@ class Transfer:
         sent = self._pending.pop(run_id, None)
         if sent is None or sent.get("resent") or sent["worker"] != worker:
             return None
-        seq = self.seqs[worker] = max(self.seqs.get(worker, 0) + 1, int(now * 1e6))
+        seq = self.next_seq(worker, now)
         repo, pack = self.repo_part(worker, sent["base"], full=True)
         package = bundle.build(sent["files"], sent["signer"], now=now, seq=seq, base_commit=sent["base"], repo=repo,
                                git=sent["git_fields"], **sent["fields"])
