@@ -91,7 +91,9 @@ class Watcher(FileSystemEventHandler):
         if any(is_ignored_name(part) for part in rel.split("/")[1:]):
             return
         event = FileEvent(kind, rel)
-        if kind == "removed" or at_once:
+        # A removal waits out the debounce too: git replaces a file it updates (a sync, a checkout) by
+        # unlinking and writing it, and a Task whose file is back is changed, not deleted (_flush_loop).
+        if at_once:
             self._now(event)
         else:
             self._later(event)
@@ -117,6 +119,9 @@ class Watcher(FileSystemEventHandler):
                 now = time.monotonic()
                 ready = [path for path, (due, _) in self._due.items() if due <= now]
                 for path in ready:
-                    self._post(self._due.pop(path)[1])
+                    event = self._due.pop(path)[1]
+                    if event.kind == "removed" and os.path.lexists(os.path.join(self.root, path)):
+                        event = FileEvent("changed", path)
+                    self._post(event)
                 wait = min((due for due, _ in self._due.values()), default=now + 3600) - now
                 self._cond.wait(timeout=max(wait, 0.001))
