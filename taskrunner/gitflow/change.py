@@ -16,9 +16,19 @@ What counts as the change (README "Changes come back as commits"):
   the work tree's `.gitignore` ignores are left out; links are committed as
   links (never followed); FIFOs, sockets and devices are skipped; a nested
   repository (a directory holding `.git`) is left out;
-- minus taskrun's own metadata: `runs/` (records are the control plane's)
-  and the Task and context files laid over the checkout, unless the Agent
-  changed them (then its version is committed).
+- minus taskrun's own metadata: `runs/` (records are the control plane's),
+  the Task and context files laid over the checkout, unless the Agent
+  changed them (then its version is committed), the Run's Task directory
+  `.task/<task-id>/run-<n>/` (agents/workspace.py; n is the manifest's
+  `run_number`, else its `attempt`), and taskrun's section of the context
+  index file of the Agent's preset (`CLAUDE.md`, `AGENTS.md`, `GEMINI.md`,
+  between `<!-- taskrun:begin -->` and `<!-- taskrun:end -->`): a file that
+  is the base's content plus that section (or the section alone, where the
+  base had no such file) is returned as the base had it (or absent); one the
+  Agent also edited is returned with only the section removed. The section
+  is taken out of the staged blob (git's view, after its filters), never by
+  reading the work tree again, and only from a regular file of at most
+  MAX_INDEX_STRIP_BYTES.
 
 The commit: tree of the above, parent the base commit, author and committer
 from the manifest's `git` object (the control plane's `git.author`), message
@@ -50,6 +60,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from taskrunner.agents.workspace import TaskDirError, index_file, run_number, strip_section, task_dir_rel
 from taskrunner.errors import GitError, WorkerError
 from taskrunner.gitflow.cache import CHECKOUT_CONFIG, ObjectCache
 from taskrunner.gitflow.plumbing import git
@@ -61,6 +72,8 @@ METADATA_DIRS = ("runs",)
 _ZERO = "0" * 40
 #: The secret check reads new blobs in batches of about this many bytes (a larger blob alone).
 SCAN_BATCH_BYTES = 16 * 1024 * 1024
+#: A context index file larger than this after the Run is left as the Agent left it (not read).
+MAX_INDEX_STRIP_BYTES = 64 * 1024 * 1024
 
 
 class ChangeRefused(WorkerError):
@@ -95,7 +108,7 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
         return git(cache.path, *args, work_tree=workspace, stdin=stdin, env={**env, **(extra or {})}, config=config)
 
     laid_files = {entry["path"]: entry for entry in manifest.get("files") or []}
-    pathspec = ("--", ".", *(f":(top,exclude){name}" for name in METADATA_DIRS))
+    pathspec = ("--", ".", *(f":(top,exclude,literal){name}" for name in _excluded(manifest)))
     index_only = {"GIT_INDEX_FILE": env["GIT_INDEX_FILE"]}
     most = fields.get("max_result_bytes")
     cap = most if isinstance(most, int) and not isinstance(most, bool) else None
@@ -122,6 +135,9 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
             run("reset", "--quiet", base, "--", *laid)
         if nested:
             run("update-index", "--force-remove", "--", *nested)
+        changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
+    index = index_file(_preset(manifest))
+    if index is not None and index in changes and _strip_index(run, base, index, changes[index]):
         changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
     if not changes:
         return None
@@ -167,6 +183,47 @@ def message(manifest: Mapping[str, Any], worker: str) -> str:
     agent = manifest.get("agent") or {}
     return (f"{title}\n\nTask-Id: {manifest.get('task_id')}\nRun-Id: {manifest.get('run_id')}\n"
             f"Worker: {worker}\nAgent: {agent.get('name')}\n")
+
+
+def _preset(manifest: Mapping[str, Any]) -> str | None:
+    agent = manifest.get("agent")
+    preset = agent.get("preset") if isinstance(agent, Mapping) else None
+    return preset if isinstance(preset, str) else None
+
+
+def _excluded(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """Work-tree paths never part of the change: METADATA_DIRS and the Run's `.task/<task-id>/run-<n>`."""
+    task_id = manifest.get("task_id")
+    try:
+        task_dir = task_dir_rel(task_id, run_number(manifest)) if isinstance(task_id, str) and task_id else None
+    except TaskDirError:
+        task_dir = None  # no such directory was written
+    return (*METADATA_DIRS, *([task_dir] if task_dir else []))
+
+
+def _strip_index(run: Any, base: str, path: str, entry: tuple[str, str, str]) -> bool:
+    """Take taskrun's section out of the staged index file `path` (see the module doc); True if the
+    index changed. `entry`: (status, new mode, new object) from `diff-index`."""
+    _, mode, sha = entry
+    if sha == _ZERO or mode not in ("100644", "100755"):
+        return False  # deleted, or a link: nothing of taskrun's is in it
+    if _blob_sizes(run, {path: entry})[sha] > MAX_INDEX_STRIP_BYTES:
+        return False
+    text = run("cat-file", "blob", sha)
+    listed = run("ls-tree", "-z", base, "--", path).split(b"\0")[0].split()
+    old = run("cat-file", "blob", listed[2].decode()) if len(listed) >= 3 and listed[0] in (b"100644", b"100755") \
+        else None
+    kept = strip_section(text, old)
+    if kept == text:
+        return False
+    if kept is None:
+        run("update-index", "--force-remove", "--", path)
+    elif kept == old:
+        run("reset", "--quiet", base, "--", path)
+    else:
+        made = run("hash-object", "-w", "--no-filters", "--stdin", stdin=kept).decode().strip()
+        run("update-index", "--cacheinfo", f"{mode},{made},{path}")
+    return True
 
 
 def read_pack(run_dir: Path) -> bytes:

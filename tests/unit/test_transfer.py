@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from taskrunner import bundle
+from taskrunner.agents import workspace
 from taskrunner.gitflow import change
 from taskrunner.gitflow.cache import ObjectCache, cached_commits, missing_objects
 from taskrunner.gitflow.importer import ChangeRejected, import_change
@@ -22,6 +23,7 @@ from taskrunner.protocol import Message, Reader, encode
 from taskrunner.results import verified_result
 from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
+from taskrunner.taskfile import parse_task
 from taskrunner.worker.inbound import Assignment, Inbound
 from taskrunner.worker.sandbox import HostView, RunSandbox, bwrap_argv
 from taskrunner.worker.trust import TrustStore, worker_key
@@ -538,3 +540,85 @@ def test_no_repack_replaces_the_caches_packs_while_a_checkout_or_a_collection_re
         assert calls == []
     cache._consolidate()
     assert calls and calls[0][:2] == ("repack", "-a")
+
+
+# -- the Task's directory and the context index never come back (agents/workspace.py) ---------
+
+_TASK = b"---\nagent: claude\ncontext: [src/app.txt]\n---\n# Do the thing\n\nChange it.\n"
+
+
+def _with_task_dir(tmp_path: Path, source: tuple[Path, str], preset: str = "claude",
+                   own_index: str | None = None) -> tuple[Path, Path, dict[str, Any]]:
+    """A checkout with the Task file laid over it and `write_task_dir` done, as the Worker does before
+    the Agent starts; `own_index`: the repository's own index file, committed at the base."""
+    root, base = source
+    if own_index is not None:
+        base = _commit(root, workspace.INDEX_FILES[preset], own_index)
+    _, run_dir, cache, base = _checkout(tmp_path, (root, base))
+    checkout = run_dir / "workspace"
+    (checkout / "tasks").mkdir()
+    (checkout / "tasks" / "t.md").write_bytes(_TASK)
+    laid = [{"path": "tasks/t.md", "sha256": hashlib.sha256(_TASK).hexdigest(), "size": len(_TASK)}]
+    manifest = {**_manifest(base, cache.repo_id, laid), "agent": {"name": preset, "preset": preset},
+                "run_number": 3, "attempt": 2}
+    workspace.write_task_dir(checkout, manifest, parse_task("t", "tasks/t.md", _TASK), preset)
+    return run_dir, checkout, manifest
+
+
+def _names(root: Path, found: dict[str, Any], run_dir: Path) -> list[str]:
+    subprocess.run(["git", "-C", str(root), "index-pack", "--stdin", "--strict"], input=change.read_pack(run_dir),
+                   check=True, capture_output=True)
+    return sorted(filter(None, git(root, "diff", "--name-status", found["base"], found["commit"]).split("\n")))
+
+
+@pytest.mark.parametrize("preset", ["claude", "codex", "gemini", "aider"])
+def test_a_run_that_changed_nothing_but_what_taskrun_wrote_returns_no_change(
+        tmp_path: Path, source: tuple[Path, str], preset: str) -> None:
+    run_dir, checkout, manifest = _with_task_dir(tmp_path, source, preset)
+    assert (checkout / ".task" / "t" / "run-3" / "prompt.md").is_file()
+    assert change.collect(run_dir, checkout, manifest, [], "w1") is None
+
+
+def test_the_task_directory_and_a_created_index_file_are_never_in_the_change(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    run_dir, checkout, manifest = _with_task_dir(tmp_path, source)
+    assert (checkout / "CLAUDE.md").is_file()
+    (checkout / "new.txt").write_text("new\n")
+    (checkout / ".task" / "t" / "run-3" / "notes.md").write_text("the Agent's scratch\n")
+    found = change.collect(run_dir, checkout, manifest, [], "w1")
+    assert found is not None
+    assert _names(source[0], found, run_dir) == ["A\tnew.txt"]
+
+
+def test_the_repositorys_own_claude_md_comes_back_untouched(tmp_path: Path, source: tuple[Path, str]) -> None:
+    run_dir, checkout, manifest = _with_task_dir(tmp_path, source, own_index="# Our rules\n")
+    assert (checkout / "CLAUDE.md").read_text().startswith("# Our rules\n\n" + workspace.BEGIN)
+    (checkout / "src" / "app.txt").write_text("v2\n")
+    found = change.collect(run_dir, checkout, manifest, [], "w1")
+    assert found is not None
+    assert _names(source[0], found, run_dir) == ["M\tsrc/app.txt"]
+
+
+def test_an_agents_own_edit_of_claude_md_is_kept_without_taskruns_section(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    run_dir, checkout, manifest = _with_task_dir(tmp_path, source, own_index="# Our rules\n")
+    text = (checkout / "CLAUDE.md").read_text()
+    (checkout / "CLAUDE.md").write_text("# Our rules\n- test first\n" + text[len("# Our rules\n"):]
+                                        + "- then lint\n")
+    found = change.collect(run_dir, checkout, manifest, [], "w1")
+    assert found is not None
+    root = source[0]
+    assert _names(root, found, run_dir) == ["M\tCLAUDE.md"]
+    assert git(root, "show", f"{found['commit']}:CLAUDE.md") == "# Our rules\n- test first\n- then lint\n"
+
+
+def test_an_index_file_the_agent_wrote_into_when_the_repository_had_none_comes_back_without_the_section(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    run_dir, checkout, manifest = _with_task_dir(tmp_path, source, preset="codex")
+    with open(checkout / "AGENTS.md", "a") as handle:
+        handle.write("Build with `make`.\n")
+    found = change.collect(run_dir, checkout, manifest, [], "w1")
+    assert found is not None
+    root = source[0]
+    assert _names(root, found, run_dir) == ["A\tAGENTS.md"]
+    assert git(root, "show", f"{found['commit']}:AGENTS.md") == "Build with `make`.\n"
