@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from taskrunner.worker import secrets
 from taskrunner.worker.rundir import RunDir
+from taskrunner.worker.streaming import Pump
 
 #: The output digest of a finished Run is computed this many bytes at a time.
 DIGEST_CHUNK_BYTES = 1024 * 1024
@@ -52,6 +53,14 @@ class ActiveRun:
     frozen: int | None = None  # the Agent tampered with output already sent: the result covers [0, frozen)
     truncated: bool = False  # the Agent's truncation is noticed (once per session)
     stop_checked: bool = False  # adopted Runs: a stop.json asked for by an earlier session is carried out
+    pump: Pump | None = None  # an Agent read through its event stream (streaming.py)
+
+    def close(self) -> None:
+        """Close the files this session holds open for the Run."""
+        if self.log:
+            self.log.close()
+        if self.pump is not None:
+            self.pump.close()
 
 
 def output_digest(run: ActiveRun) -> tuple[int, str, str | None]:

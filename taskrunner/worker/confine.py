@@ -38,10 +38,13 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from taskrunner import safefs
 from taskrunner.errors import WorkerError
 from taskrunner.worker.rundir import RUN_ID_RE, RunDir, wrapped
 from taskrunner.worker.sandbox import (
@@ -67,6 +70,59 @@ UID_LOCK = "agent_uids.lock"
 UID_CLAIMS = "agent_uids"
 
 
+#: The Worker's variables an Agent keeps: where programs are, and the locale.
+AGENT_VARIABLES = ("PATH", "LANG", "TZ")
+#: PATH for an Agent when the Worker has none.
+DEFAULT_AGENT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def agent_environment(run_id: str, task_id: str, workspace: Path, home: Path,
+                      environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """An Agent's whole environment, before the secrets its Agent names are added.
+
+    PATH, LANG, LC_* and TZ from the Worker (those set), HOME (the Run's own)
+    and TASKRUN_RUN_ID, TASKRUN_TASK_ID, TASKRUN_WORKSPACE; nothing else of the
+    Worker's environment, whose credentials, SSH_AUTH_SOCK and the like are
+    not the Agent's. (Nor are sshd's SSH_CLIENT and friends: Debian's bash
+    sources ~/.bashrc for a `bash -c` that sees them.)
+    """
+    env = {k: v for k, v in environ.items() if k in AGENT_VARIABLES or k.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_AGENT_PATH)
+    env.update(HOME=str(home), TASKRUN_RUN_ID=run_id, TASKRUN_TASK_ID=task_id, TASKRUN_WORKSPACE=str(workspace))
+    return env
+
+
+def missing_program(argv: Sequence[str], path: str) -> str | None:
+    """Why the Agent's program (argv[0]) cannot be started here, or None when it can: not on `path` (the
+    Agent's PATH), or a configured path (`agent.path`) that is not an executable file on this Worker."""
+    program = argv[0] if argv else ""
+    if not program:
+        return "the Agent has no program to run"
+    if shutil.which(program, path=path) is not None:
+        return None
+    if "/" in program:
+        return f"the Agent's program {program} is not an executable file on this Worker"
+    return f"the Agent's program {program!r} is not on this Worker's PATH ({path})"
+
+
+def open_input(path: Path, workspace: Path) -> int:
+    """An fd of the regular file `path` for the Agent's stdin. Within `workspace` (content a repository
+    controls) it is opened beneath it without following any link (safefs); elsewhere (the Run's
+    directory) without following a link at its end. OSError (UnsafePath) otherwise."""
+    absolute, top = os.path.abspath(path), os.path.abspath(workspace)
+    if absolute.startswith(top + os.sep):
+        tree = safefs.Beneath(Path(top))
+        try:
+            return tree.open_file(os.path.relpath(absolute, top))
+        finally:
+            tree.close()
+    fd = os.open(absolute, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"the Agent's input {absolute} is not a regular file")
+    return fd
+
+
 class SandboxRefused(WorkerError):
     """Raised when an Agent may not run unconfined and this Worker cannot confine it."""
 
@@ -79,6 +135,23 @@ class Launch:
     home: Path
     confined: bool
     pass_fds: tuple[int, ...] = ()
+
+    def start(self, cwd: Path, env: Mapping[str, str], stdout: int, stdin: Path | None) -> subprocess.Popen[bytes]:
+        """Start the Agent in `cwd` (its workspace): stdout and stderr to the fd `stdout`, stdin from the file
+        `stdin` (opened here by the Worker, see `open_input`) or /dev/null. OSError when it cannot start.
+
+        Its own session: no controlling terminal (TIOCSTI), its own process
+        group to kill. umask 077: what the Agent and its wrapper create is
+        theirs alone. The caller still calls `close`.
+        """
+        source = open_input(stdin, cwd) if stdin is not None else None
+        try:
+            return subprocess.Popen(self.argv, cwd=cwd, stdin=subprocess.DEVNULL if source is None else source,
+                                    stdout=stdout, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True,
+                                    umask=0o077, pass_fds=self.pass_fds)
+        finally:
+            if source is not None:
+                os.close(source)
 
     def close(self) -> None:
         """Close the parent's copies of `pass_fds` once the Agent is started (or failed to)."""
@@ -121,11 +194,14 @@ class Confinement:
                 self._status = probe(self._host, self.protected)
         return self._status
 
-    def launch(self, run_dir: RunDir, argv: list[str], agent: Mapping[str, Any], worker: str) -> Launch:
+    def launch(self, run_dir: RunDir, argv: list[str], agent: Mapping[str, Any], worker: str,
+               inputs: Sequence[Path] = ()) -> Launch:
         """The Agent's command for `argv` (from agents.prepare), confined or not; SandboxRefused if neither.
 
         Makes the Run's HOME; for a confined Run opens its exit-status file (the
         caller passes `pass_fds` to the Agent's Popen and then calls `close`).
+        `inputs` (Prepared.inputs) are bound read-only in the sandbox, with the
+        Run's own input files (rundir.agent_inputs).
         """
         home = run_dir.agent_home
         home.mkdir(mode=0o700)
@@ -136,14 +212,17 @@ class Confinement:
         assert host is not None  # a sandbox status other than none comes from a probe of a host view
         # The paths the Agent is told (argv, TASKRUN_WORKSPACE): bound at the same place inside.
         workspace, home_dir = os.path.abspath(run_dir.workspace), os.path.abspath(home)
-        inputs = tuple(os.path.abspath(p) for p in run_dir.agent_inputs())
+        files = tuple(dict.fromkeys(p for p in (os.path.abspath(f) for f in (*run_dir.agent_inputs(), *inputs))
+                                    if os.path.exists(p)))
         uid = None
         if host.root:
             uid = allocate_uid(self.home, run_dir)
-            hand_over([workspace, home_dir, *inputs], uid, uid)
+            # Only what is the Run's own: an input elsewhere (a configured program) keeps its owner.
+            own = [p for p in files if p.startswith(os.path.abspath(run_dir.path) + os.sep)]
+            hand_over([workspace, home_dir, *own], uid, uid)
         fd = os.open(run_dir.exit_status_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            command = bwrap_argv(host, RunSandbox(workspace, home_dir, inputs, self.protected, status_fd=fd, uid=uid,
+            command = bwrap_argv(host, RunSandbox(workspace, home_dir, files, self.protected, status_fd=fd, uid=uid,
                                                   shared=run_dir.shared_paths()),
                                  argv)
         except ValueError as exc:

@@ -11,7 +11,9 @@
         home/             the Agent's HOME, its own for this Run
         script.sh, prompt.md   what agents.prepare wrote for the Agent (read-only to it)
         agent_uid         the uid (and gid) a root Worker runs this Agent as (confine.py)
-        output.log        the Agent's stdout and stderr, appended as it runs
+        output.log        the Agent's stdout and stderr, appended as it runs; for an Agent read through
+                          its event stream, the text its reader renders, written by the Worker (streaming.py)
+        events.jsonl      such an Agent's stdout and stderr: its raw event stream
         pid               the Agent's process group id
         exit_status       a confined Agent's end, written by bwrap outside the sandbox
         exit_code         an unconfined Agent's end, written by the wrapper
@@ -47,6 +49,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +304,16 @@ def group_alive(pgid: int) -> bool:
         return True
     # A pid reused by another process after the leader died is not this Run's.
     return fields[0] != b"Z" and int(fields[2]) == pgid
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send `sig` to the Run's process group `pgid` (gone or not ours: nothing happens)."""
+    if pgid <= 1:
+        return  # 0 is this process's own group, 1 init's: never a Run's
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _bwrap_exit_code(data: bytes) -> int | None:

@@ -34,6 +34,12 @@ control plane listens to its newest session only.
 **Output the Agent tampers with** (truncated, or rewritten after it was
 sent) is noticed from what the session sent, and fails the Run: see
 activerun.py.
+
+**Agents read through their event stream** (Claude Code, Codex, Gemini CLI,
+Aider) write events.jsonl, not output.log: each tick the loop feeds what is
+new to the Run's reader, writes the text it renders to output.log, and stops
+the Run once the reader reports a usage limit or a budget passed. Their
+result adds the reader's report and the events shipped: see streaming.py.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from taskrunner import __version__, agents, bundle
 from taskrunner.defaults import AUTH_TIMEOUT_SECONDS, HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
@@ -56,14 +63,14 @@ from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
-from taskrunner.worker import secrets
+from taskrunner.worker import agentprobe, secrets, streaming
 from taskrunner.gitflow import change
 from taskrunner.gitflow.cache import cached_commits, missing_objects, prepare_workspace
 from taskrunner.worker.activerun import ActiveRun, output_digest, prefix_digest, read_masked, truncation
 from taskrunner.worker.inbound import Assignment, Authenticated, Inbound
 from taskrunner.worker.ledger import ReplayLedger
-from taskrunner.worker.confine import Confinement
-from taskrunner.worker.rundir import RunDir, group_alive, held_runs
+from taskrunner.worker.confine import Confinement, agent_environment, missing_program
+from taskrunner.worker.rundir import RunDir, group_alive, held_runs, signal_group
 from taskrunner.worker.trust import TrustStore, worker_key
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
@@ -72,11 +79,22 @@ KILL_GRACE_SECONDS = 3.0
 ADOPTED_PROBE_SECONDS = 0.2
 _EOF = object()
 _EXITED = object()  # an Agent this session started has ended: look now, not at the next poll
+#: The keys of a manifest a Run keeps in its assignment.json.
+KEPT_KEYS = ("task_id", "revision", "attempt", "agent", "timeout", "task_file", "nonce", "seq", "repo", "git", "files",
+             "worker", "budget", "run_number", "title")
+
+
+@dataclass
+class _Probed:
+    """The Agents this Worker can run (agentprobe.available), found after authentication: send `ready`."""
+
+    agents: dict[str, dict[str, Any]]
 
 
 class WorkerServer:
     def __init__(self, home: Path, name: str, reader: Reader, writer: Writer, slots: int | None = None,
-                 limits: bundle.Limits = bundle.Limits(), confinement: Confinement | None = None) -> None:
+                 limits: bundle.Limits = bundle.Limits(), confinement: Confinement | None = None,
+                 agent_probe: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
         self.home = home
         self._confinement = confinement or Confinement(home)
         self.name = name
@@ -93,12 +111,13 @@ class WorkerServer:
         self._removals: queue.Queue[Path] = queue.Queue()
         self._challenge = new_challenge()
         self._authenticated = False  # the loop's view: set when it takes Authenticated from the inbox
+        self._probe = agent_probe or (lambda: agentprobe.available(home, agents.PRESETS))
 
     def serve(self) -> None:
         trust = self._trust.state()
         # Before the session is authenticated: nothing about the Runs held here, and nothing done to them.
         self._send("hello", protocol=PROTOCOL_VERSION, version=__version__, worker=self.name,
-                   pid=os.getpid(), agents=available_presets(), slots=self.slots,
+                   pid=os.getpid(), agents=agentprobe.available_presets(), slots=self.slots,
                    worker_key=self._key.public_line,
                    trust={"keys": [k["key_id"] for k in trust["keys"]], "issued_at": trust.get("issued_at")},
                    challenge=self._challenge, sandbox=self._confinement.status().hello())
@@ -149,6 +168,14 @@ class WorkerServer:
         while True:
             shutil.rmtree(self._removals.get(), ignore_errors=True)
 
+    def _probe_loop(self) -> None:
+        # `<cli> --version` takes seconds: off the loop, which keeps its Runs and heartbeats going meanwhile.
+        try:
+            found = self._probe()
+        except Exception:  # a thread's boundary: `ready` must still go out
+            found = {preset: {"version": None, "path": ""} for preset in agentprobe.ALWAYS}
+        self._inbox.put(_Probed(found))
+
     def _wait_loop(self, proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
         self._inbox.put(_EXITED)
@@ -167,15 +194,19 @@ class WorkerServer:
             except FileNotFoundError:
                 pass  # acknowledged by another session meanwhile
 
-    def _handle(self, message: Message | Authenticated | Assignment) -> None:
+    def _handle(self, message: Message | Authenticated | Assignment | _Probed) -> None:
         if isinstance(message, Authenticated):
             self._authenticated = True
             self._take_up()
+            threading.Thread(target=self._probe_loop, name="worker-agent-probe", daemon=True).start()
+            return
+        if isinstance(message, _Probed):
             # repos: {repository id: base commits its cache received lately}, when it has any (gitflow/cache.py).
+            # agents: {preset: {version, path}} this Worker can run (agentprobe.py).
             repos = cached_commits(self.home)
             self._send("ready", runs=[{"run_id": r.dir.run_id, "state": "finished" if r.result else "running",
                                        "size": r.dir.output_size()} for r in self._runs.values()],
-                       **({"repos": repos} if repos else {}))
+                       agents=message.agents, **({"repos": repos} if repos else {}))
             return
         if isinstance(message, Assignment):
             self._assign(message)
@@ -195,8 +226,7 @@ class WorkerServer:
             self._guarded(run, lambda r: self._stop(r, "CANCELLED", message.get("reason") or "cancelled"))
         elif message.type == "ack":
             if run.result is not None:
-                if run.log:
-                    run.log.close()
+                run.close()
                 # One rename on the loop; the janitor thread deletes it.
                 gone = self._trash / run.dir.run_id
                 try:
@@ -240,12 +270,16 @@ class WorkerServer:
 
     def _start(self, run_dir: RunDir, manifest: dict[str, Any], archive: bytes, now: float,
                pack: bytes = b"") -> int | None:
-        """Start the Agent of a Run whose directory is made and locked: its pid, or None when the Run failed."""
+        """Start the Agent of a Run whose directory is made and locked: its pid, or None when the Run failed.
+
+        An Agent with a stream reader writes its stdout and stderr to
+        events.jsonl and reads its prompt on stdin (streaming.py renders
+        output.log); any other writes output.log itself.
+        """
         timeout = manifest.get("timeout")
         deadline = now + float(timeout) if timeout else None
         names = list(manifest.get("agent", {}).get("env") or [])
-        kept = {k: manifest.get(k) for k in ("task_id", "revision", "attempt", "agent", "timeout", "task_file",
-                                               "nonce", "seq", "repo", "git", "files", "worker")}
+        kept = {k: manifest.get(k) for k in KEPT_KEYS}
         assignment = {"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline}
         run_dir.write_assignment(assignment)
         run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment, digest=hashlib.sha256())
@@ -261,32 +295,38 @@ class WorkerServer:
                 if run.secrets:
                     # A later session masks from this file, whatever its own environment holds.
                     secrets.keep(run_dir.path, run.secrets)
-                argv = agents.prepare(manifest["agent"], run_dir.path, run_dir.workspace,
-                                      manifest["task_id"], manifest["task_file"])
-            except (WorkerError, OSError, ValueError, TypeError, KeyError) as exc:
-                # Whatever is wrong with one assignment fails that Run, not the session.
+                prepared = agents.prepare(manifest["agent"], run_dir.path, run_dir.workspace, manifest)
+                env = (agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace,
+                                         run_dir.agent_home) | dict(prepared.env) | values)
+                missing = missing_program(prepared.argv, env["PATH"]) if prepared.reader is not None else None
+                if missing is not None:
+                    raise WorkerError(missing)
+            except Exception as exc:
+                # Whatever is wrong with one assignment (a prompt template that does not render included)
+                # fails that Run, not the session.
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
                 return None
             try:
                 # Confined in bwrap, or unconfined where both sides accept it (confine.py); else the Run fails.
-                launch = self._confinement.launch(run_dir, argv, manifest["agent"], manifest["worker"])
+                launch = self._confinement.launch(run_dir, list(prepared.argv), manifest["agent"], manifest["worker"],
+                                                  inputs=prepared.inputs)
             except (WorkerError, OSError) as exc:
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
                 return None
-            env = agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace, launch.home) | values
+            env["HOME"] = str(launch.home)
+            stdout = out.fileno()
             try:
-                # Its own session: no controlling terminal (TIOCSTI), its own process group to kill.
-                # umask 077: what the Agent and its wrapper create is theirs alone.
-                run.proc = subprocess.Popen(
-                    launch.argv,
-                    cwd=run_dir.workspace, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True, umask=0o077, pass_fds=launch.pass_fds,
-                )
-            except OSError as exc:
+                if prepared.reader is not None:
+                    stdout = streaming.open_events(run_dir.path)
+                    run.pump = streaming.Pump(run_dir.path, prepared.reader, assignment.get("budget"), run.secrets)
+                run.proc = launch.start(run_dir.workspace, env, stdout, prepared.stdin)
+            except (OSError, ValueError, TypeError) as exc:
                 self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
                 return None
             finally:
                 launch.close()
+                if stdout != out.fileno():
+                    os.close(stdout)
         run.pid = run.proc.pid
         run_dir.write_pid(run.pid)
         threading.Thread(target=self._wait_loop, args=(run.proc,), name="agent-wait", daemon=True).start()
@@ -300,6 +340,8 @@ class WorkerServer:
                         assignment=assignment)
         run.secrets = secrets.kept(run_dir.path)
         if run.result is None:
+            if run.pid is not None:  # its stream is read again from the start (streaming.py, "Replay")
+                run.pump = streaming.replay(run_dir.path, assignment, run.secrets)
             self._check_exit(run)
         return run
 
@@ -323,9 +365,11 @@ class WorkerServer:
             run.result = found  # it failed before its Agent started
             return False
         run.pid = run.dir.pid()
-        if run.pid is None:
+        if run.pid is not None:
+            run.pump = streaming.replay(run.dir.path, run.assignment, run.secrets)
+        else:
             for pgid in run.dir.stray_groups():
-                _signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
             self._finish(run, "FAILED", None, "the Worker session starting the Agent ended before the start was "
                                               "recorded")
             return False
@@ -337,7 +381,7 @@ class WorkerServer:
         (its stop.json, or this session's, while it was being started) is stopped now."""
         run.stop_checked = True
         if run.pid and (run.kill_at is None or run.kill_at == float("inf")) and run.dir.stop() is not None:
-            _signal_group(run.pid, signal.SIGTERM)
+            signal_group(run.pid, signal.SIGTERM)
             run.kill_at = time.monotonic() + KILL_GRACE_SECONDS
 
     def _tick(self, run: ActiveRun) -> None:
@@ -346,17 +390,30 @@ class WorkerServer:
             if run.deadline is not None and now >= run.deadline and run.kill_at is None:
                 self._stop(run, "FAILED", f"timed out after {_seconds(run)}")
             if run.kill_at is not None and time.monotonic() >= run.kill_at and run.pid:
-                _signal_group(run.pid, signal.SIGKILL)
+                signal_group(run.pid, signal.SIGKILL)
                 run.kill_at = float("inf")
+            if run.pump is not None:
+                self._pump(run)
             self._check_exit(run)
         if run.attached:
             self._stream(run)
             if run.result is not None and run.sent >= run.result["output_size"]:
                 # The pack of the Agent's change (its digest is in the signed result) is the payload.
                 pack = change.read_pack(run.dir.path) if run.result.get("change") else b""
+                # Then the events shipped (their size and digest are in the signed result too).
+                pack += streaming.shipped_bytes(run.dir.path, run.result.get("events"), run.secrets)
                 self._send("result", pack, run_id=run.dir.run_id, output_size=run.result["output_size"],
                            envelope=run.result["envelope"])
                 run.attached = False  # sent once per attachment; the control plane acks
+
+    def _pump(self, run: ActiveRun) -> None:
+        """Read what the Agent streamed since the last tick; stop the Run when its reader says to."""
+        assert run.pump is not None
+        if run.pid is None:
+            return  # still being started by another session
+        reason = run.pump.step()
+        if reason is not None:
+            self._stop(run, "FAILED", reason)
 
     def _check_exit(self, run: ActiveRun) -> None:
         # The wrapper's exit_code is complete once it has exited: read it only then.
@@ -384,26 +441,39 @@ class WorkerServer:
         if not run.dir.path.is_dir():
             self._forget(run)  # another session acknowledged it: its pid may name another group by now
             return
+        if run.pid and (run.pump is None or run.pump.end is None):
+            # A Run's processes do not outlive it: stragglers in its group are ended (before the rest of its
+            # stream is read: nothing writes to it after).
+            signal_group(run.pid, signal.SIGKILL)
+        if run.pump is not None:
+            run.pump.ending()
+            if not run.pump.caught_up():
+                self._pump(run)
+                if not run.pump.caught_up():
+                    return  # more on the next tick: a long stream never holds up the loop
         stop = run.dir.stop()
+        outcome = run.pump.outcome(code) if run.pump is not None else None
         if stop is not None:
             status, error = stop["status"], stop["reason"]
+        elif outcome is not None:
+            status, error = outcome.status, outcome.error
         elif code == 0:
             status, error = "COMPLETED", None
         elif code is None:
             status, error = "FAILED", "the Agent ended without an exit status (killed by a signal?)"
         else:
             status, error = "FAILED", f"the Agent exited with code {code}"
-        # A Run's processes do not outlive it: stragglers in its group are ended.
-        if run.pid:
-            _signal_group(run.pid, signal.SIGKILL)
-        self._finish(run, status, code, error)
+        self._finish(run, status, code, error, usage_limit=outcome.usage_limit if outcome else None)
 
     def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None,
-                replace: bool = False) -> None:
+                replace: bool = False, usage_limit: Any = None) -> None:
         """Sign the Run's result and write it, unless another session did first (then that one stands).
 
         `replace`: the Run had a result, but its output no longer holds what
-        that result covers (see `_truncated`).
+        that result covers (see `_truncated`). A Run read through a stream
+        reader (run.pump) adds what its reader reports, the `usage_limit`
+        its reader saw, and the digest of the events shipped (streaming.py);
+        other Runs carry null there.
         """
         assignment = run.assignment
         size, digest, problem = output_digest(run)
@@ -421,8 +491,15 @@ class WorkerServer:
             "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,
             "started_at": assignment.get("assigned_at"), "finished_at": time.time(),
             "output_size": size, "output_sha256": digest, "nonce": assignment.get("nonce"),
-            "change": found,
+            "change": found, "report": None, "usage_limit": streaming.limit_record(usage_limit), "events": None,
         }
+        if replace and run.result is not None:
+            result.update({k: run.result.get(k) for k in ("report", "usage_limit", "events")})
+        elif run.pump is not None:
+            result["report"] = run.pump.report()
+            if run.pump.keeps_events:
+                result["events"] = streaming.shipped(run.dir.path, run.secrets)
+            run.pump.close()
         body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
         made = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
         if replace:
@@ -436,7 +513,7 @@ class WorkerServer:
             return
         run.dir.create_stop(status, reason)  # unless a session gave a reason first: that one stands
         if run.pid:
-            _signal_group(run.pid, signal.SIGTERM)
+            signal_group(run.pid, signal.SIGTERM)
             run.kill_at = time.monotonic() + KILL_GRACE_SECONDS
         else:
             run.kill_at = float("inf")  # being started by another session: stopped once its pid is known
@@ -499,15 +576,13 @@ class WorkerServer:
             self._forget(run)
 
     def _forget(self, run: ActiveRun) -> None:
-        if run.log:
-            run.log.close()
+        run.close()
         if self._runs.get(run.dir.run_id) is run:
             del self._runs[run.dir.run_id]
 
     def _close(self) -> None:
         for run in self._runs.values():
-            if run.log:
-                run.log.close()
+            run.close()
 
     def _send(self, kind: str, payload: bytes = b"", **fields: Any) -> None:
         self._writer.write(Message(kind, fields, payload))
@@ -517,42 +592,6 @@ class WorkerServer:
             self._send(kind, **fields)
         except OSError:
             pass
-
-
-#: The Worker's variables an Agent keeps: where programs are, and the locale.
-AGENT_VARIABLES = ("PATH", "LANG", "TZ")
-#: PATH for an Agent when the Worker has none.
-DEFAULT_AGENT_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-def agent_environment(run_id: str, task_id: str, workspace: Path, home: Path,
-                      environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """An Agent's whole environment, before the secrets its Agent names are added.
-
-    PATH, LANG, LC_* and TZ from the Worker (those set), HOME (the Run's own)
-    and TASKRUN_RUN_ID, TASKRUN_TASK_ID, TASKRUN_WORKSPACE; nothing else of the
-    Worker's environment, whose credentials, SSH_AUTH_SOCK and the like are
-    not the Agent's. (Nor are sshd's SSH_CLIENT and friends: Debian's bash
-    sources ~/.bashrc for a `bash -c` that sees them.)
-    """
-    env = {k: v for k, v in environ.items() if k in AGENT_VARIABLES or k.startswith("LC_")}
-    env.setdefault("PATH", DEFAULT_AGENT_PATH)
-    env.update(HOME=str(home), TASKRUN_RUN_ID=run_id, TASKRUN_TASK_ID=task_id, TASKRUN_WORKSPACE=str(workspace))
-    return env
-
-
-def available_presets() -> list[str]:
-    found = [preset for preset in agents.PRESETS if preset in ("shell", "command") or shutil.which(preset)]
-    return found
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    if pgid <= 1:
-        return  # 0 is this process's own group, 1 init's: never a Run's
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _seconds(run: ActiveRun) -> str:
