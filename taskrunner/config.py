@@ -31,24 +31,21 @@ from taskrunner.defaults import (
     RETRIES,
     TIMEOUT,
 )
+# AGENT_PRESETS and PROMPT_PLACEHOLDER are re-exported: callers know them as config's.
+from taskrunner.config_agents import AGENT_PRESETS, PROMPT_PLACEHOLDER, AgentParsing  # noqa: F401
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError, UnsafePath
-from taskrunner.model import NAME_RE, AgentSpec, ModelBackend, WorkerSpec
+from taskrunner.model import NAME_RE, AgentSpec, Prices, WorkerSpec
 from taskrunner.safefs import REFUSAL, Beneath
 from taskrunner.signing import SignatureRejected, parse_public_line
 from taskrunner.taskfile import describe, load_yaml, parse_labels
 
-AGENT_PRESETS = ("shell", "command", "claude", "codex", "aider")
 TRANSPORTS = ("local", "ssh")
 #: `workers.<name>.sandbox`: confine Agents (bwrap), or accept them unconfined on that Worker (none).
 SANDBOXES = ("bwrap", "none")
-#: The placeholder a `command` Agent's argv may carry; replaced by the prompt file's path.
-PROMPT_PLACEHOLDER = "{prompt_file}"
 EMBEDDED_SOURCE = "<embedded default>"
 
-_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security")
-_AGENT_KEYS = ("preset", "command", "backend", "env")
-_BACKEND_KEYS = ("provider", "model", "context_window")
+_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security", "prices")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
 _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home", "sandbox")
 _SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
@@ -136,6 +133,8 @@ class Config:
     source: str  # the file it came from, or "<embedded default>"
     webhook: WebhookConfig | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: `prices`: model name -> USD per million tokens, to estimate the cost of a Run whose tool reports none.
+    prices: Mapping[str, Prices] = field(default_factory=dict)
 
 
 def _implicit_agents() -> dict[str, AgentSpec]:
@@ -181,19 +180,24 @@ def load_config(root: Path) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), f"not UTF-8 text (invalid byte at offset {exc.start})") from exc
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), root)
 
 
-def parse_config(text: str, file: str) -> Config:
-    """Validate configuration text; `file` names it in errors and in `source`."""
-    return _Parser(file).config(load_yaml(text, file, ConfigError))
+def parse_config(text: str, file: str, root: Path | None = None) -> Config:
+    """Validate configuration text; `file` names it in errors and in `source`.
+
+    `root` is the repository that `agents.<name>.prompt_template_file` paths
+    are read from (default: the directory of `file`).
+    """
+    return _Parser(file, root).config(load_yaml(text, file, ConfigError))
 
 
-class _Parser:
+class _Parser(AgentParsing):
     """Validators that know the file, so every error carries file and dotted key."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, root: Path | None = None) -> None:
         self.file = file
+        self.root = root
 
     def fail(self, key: str | None, reason: str) -> ConfigError:
         return ConfigError(self.file, reason, key=key)
@@ -214,6 +218,7 @@ class _Parser:
             source=self.file,
             webhook=self.webhook(top.get("webhook")),
             security=self.security(top.get("security")),
+            prices=self.prices(top.get("prices")),
         )
 
     def agents(self, value: object) -> dict[str, AgentSpec]:
@@ -221,37 +226,6 @@ class _Parser:
         if value is None:
             return _implicit_agents()
         return {name: self.agent(name, spec) for name, spec in self.named("agents", value).items()}
-
-    def agent(self, name: str, value: object) -> AgentSpec:
-        key = f"agents.{name}"
-        spec = self.section(value, key, _AGENT_KEYS, required=("preset",))
-        preset = spec["preset"]
-        if preset not in AGENT_PRESETS:
-            raise self.fail(f"{key}.preset", f"expected one of {', '.join(AGENT_PRESETS)}, got {describe(preset)}")
-        command: tuple[str, ...] = ()
-        if spec.get("command") is not None:
-            if preset == "shell":
-                raise self.fail(f"{key}.command", "the shell preset runs the Task's code blocks and takes no command")
-            command = self.argv(f"{key}.command", spec["command"])
-        elif preset == "command":
-            raise self.fail(
-                f"{key}.command",
-                f"required for preset 'command': a list of arguments, e.g. [my-agent, --prompt, '{PROMPT_PLACEHOLDER}']",
-            )
-        backend = None
-        if spec.get("backend") is not None:
-            backend = self.backend(f"{key}.backend", spec["backend"])
-        env = self.string_list(f"{key}.env", spec.get("env"), "environment variable names", _ENV_NAME_RE)
-        return AgentSpec(name=name, preset=preset, command=command, backend=backend, env=env)
-
-    def backend(self, key: str, value: object) -> ModelBackend:
-        spec = self.section(value, key, _BACKEND_KEYS, required=("provider", "model"))
-        window = spec.get("context_window")
-        return ModelBackend(
-            provider=self.string(f"{key}.provider", spec["provider"]),
-            model=self.string(f"{key}.model", spec["model"]),
-            context_window=None if window is None else self.integer(f"{key}.context_window", window, minimum=1),
-        )
 
     def default_agent(self, value: object, agents: Mapping[str, AgentSpec]) -> str:
         configured = ", ".join(agents) or "none"

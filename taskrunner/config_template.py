@@ -28,12 +28,21 @@ agents:
   # Runs the Task body's ```sh / ```bash code blocks as one bash script.
   shell:
     preset: shell
-  # An AI coding CLI. Credentials are only named here and resolved on the
-  # Worker; they never enter the repository.
+  # An AI coding CLI (presets claude, codex, gemini, aider), run headless;
+  # its event stream is read into output.log and the Run's record. The CLI
+  # must be on the Worker's PATH (or set `path`). Credentials are only named
+  # here and resolved on the Worker; they never enter the repository.
   # claude:
   #   preset: claude
   #   backend: {{provider: anthropic, model: claude-sonnet-4-5}}
   #   env: [ANTHROPIC_API_KEY]
+  #   max_turns: 30                  # budgets, enforced by the Worker (a Task's front matter overrides)
+  #   max_cost_usd: 5.00
+  #   permission_mode: acceptEdits
+  #   allowed_tools: [Read, Edit, Write, "Bash(git diff:*)"]
+  #   pause_scope: everywhere        # a usage limit pauses it on every Worker (worker: only there)
+  #   # path: /opt/claude/bin/claude   # the CLI, when it is not on the Worker's PATH
+  #   # prompt_template_file: .taskrun/prompt.md.j2
 
 # Workers: machines that execute Runs (ssh Workers: see README, "Workers").
 workers:
@@ -85,6 +94,11 @@ git:
   # Fetch `remote` this often and fast-forward (off: only `taskrun trigger`).
   # poll: 30s
   # pull_requests: {{forge: github, api_url: https://api.github.com, repository: owner/name, token_env: GITHUB_TOKEN}}
+
+# What models cost, USD per million tokens: estimates a Run's cost where the
+# tool reports tokens but no cost (cache prices default to the input price).
+# prices:
+#   claude-sonnet-4-5: {{input: 3.00, output: 15.00, cache_read: 0.30, cache_write: 3.75}}
 
 # A receiver for forges' push webhooks (off unless configured):
 # webhook:

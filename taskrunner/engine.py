@@ -24,11 +24,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner import gitops, scheduler
+from taskrunner import gitops, pauses, restore, scheduler
 from taskrunner.batch import Batch, Pending
 from taskrunner.config import Config
 from taskrunner.defaults import LOST_RUN_RETRIES
-from taskrunner.errors import ForeignRecord, RecordError, TaskrunError
+from taskrunner.errors import RecordError, TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.hooks import Hooks, emit
 from taskrunner.intake import Intake, RepoFiles, agent_of, read_task, task_paths
@@ -44,8 +44,6 @@ from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
 
 #: Statuses the scheduler acts on; Tasks in the others only count as dependencies.
 _PLANNED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.BLOCKED})
-#: Records not written by this daemon named one by one at start; the rest are counted.
-_FOREIGN_NAMED = 5
 
 
 class Engine:
@@ -66,6 +64,9 @@ class Engine:
         self.hooks = hooks or Hooks()
         self.records = Records(root, notice=lambda message: emit(self.hooks, "notice", message))
         self.files = RepoFiles(root, gitops.git_dirs(root))
+        self.state_dir = gitops.state_dir(root)
+        #: Agents paused for a usage limit (pauses.py), kept in the state dir across restarts.
+        self.pauses = pauses.load(self.state_dir)
         self._commit = commit
         self._deliver = deliver
         self._clock = clock
@@ -90,71 +91,23 @@ class Engine:
     # -- start-up -----------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuild state from runs/ after a (re)start; unfinished Runs await their Worker.
-
-        A record this daemon did not write (records.py: no valid seal) is not
-        believed: its Task is taken up again from its file, as if it had no
-        record, and a notice says so.
-        """
-        foreign: list[str] = []
-        for task_id in sorted(self.records.task_ids()):
-            try:
-                data = self.records.load_task(task_id)
-                if data is None:
-                    continue
-                if data.get("task_id") != task_id:
-                    raise RecordError(f"runs/{task_id}/status.json is the record of '{data.get('task_id')}'")
-                runs = []
-                for entry in data.get("runs", []):
-                    try:
-                        run_data = self.records.load_run(task_id, int(entry["run"]))
-                    except ForeignRecord as exc:
-                        foreign.append(str(exc))
-                        continue
-                    if run_data is not None:
-                        runs.append(RunState.from_record(run_data))
-                # The Task record of a Run just assigned may trail its Run record
-                # (RECORD_LAG_SECONDS): a Run record it does not list yet counts.
-                # Numbers may skip run-<n> directories this daemon did not make.
-                number = max((run.number for run in runs), default=0) + 1
-                while self.records.run_taken(task_id, number):
-                    try:
-                        run_data = self.records.load_run(task_id, number)
-                    except ForeignRecord:
-                        run_data = None
-                    if run_data is not None:
-                        runs.append(RunState.from_record(run_data))
-                    number += 1
-                task = TaskState.from_record(data, runs)
-                if task.active_run is not None and task.status is TaskStatus.PENDING:
-                    task.status = TaskStatus.RUNNING
-                    task.attempts = max(task.attempts, task.active_run.attempt)
-            except ForeignRecord as exc:
-                foreign.append(str(exc))
-                continue
-            except (RecordError, KeyError, ValueError, TypeError) as exc:
-                emit(self.hooks, "notice", f"skipping the record of '{task_id}': {exc}")
-                continue
-            self.tasks[task_id] = task
+        """Rebuild state from runs/ after a (re)start (restore.py); unfinished Runs await their Worker."""
+        tasks, foreign = restore.read_tasks(self.records, lambda message: emit(self.hooks, "notice", message))
+        for task in tasks:
+            self.tasks[task.id] = task
             self._seq = max(self._seq, task.seq + 1)
             run = task.active_run
             if run is None:
                 continue
             self.runs[run.run_id] = run
-            self.touched.add(task_id)
+            self.touched.add(task.id)
             worker = self.fleet.get(run.worker)
             if worker is None:
                 self._run_lost(run, f"Worker '{run.worker}' is no longer configured", RunStatus.FAILED)
             else:
                 worker.runs.add(run.run_id)
-        for message in foreign[:_FOREIGN_NAMED]:
+        for message in restore.foreign_notices(foreign):
             emit(self.hooks, "notice", message)
-        if len(foreign) > _FOREIGN_NAMED:
-            emit(self.hooks, "notice", f"{len(foreign) - _FOREIGN_NAMED} more records under runs/ were not written "
-                 "by this daemon (no valid seal); ignored")
-        if foreign:
-            emit(self.hooks, "notice", "Tasks whose records were ignored are taken up again from their files "
-                 "(README \"Records\": records another clone wrote)")
 
     def scan(self) -> None:
         """Bring every Task file into step with its record (start-up and `taskrun trigger`).
@@ -298,7 +251,9 @@ class Engine:
                    and not (self.tasks[d].removed and self.tasks[d].status.final)]
         views = [self._view(t) for t in (*live, *settled)]
         groups = dict(self.config.scheduler.groups)
-        plan = scheduler.plan(views, self.fleet.views(), groups, now)
+        if self.pauses.prune(now):
+            self._save_pauses()
+        plan = scheduler.plan(views, self.fleet.views(self.pauses, now), groups, now, self.pauses.everywhere(now))
         for blocked in plan.blocked:
             self._settle(self.tasks[blocked.task_id], TaskStatus.BLOCKED, blocked.reason)
         for task_id in plan.unblocked:
@@ -438,6 +393,9 @@ class Engine:
             worker.runs.discard(run.run_id)
         task = self.tasks[run.task_id]
         retries = self._retries(task)
+        limited = run.usage_limit is not None and status is RunStatus.FAILED
+        if limited:
+            self._pause(run)
         if task.cancel_requested and status is not RunStatus.COMPLETED:
             next_status, reason = TaskStatus.CANCELLED, error
         elif run.revision != task.revision:
@@ -451,6 +409,13 @@ class Engine:
             task.attempts -= 1
             task.move(TaskStatus.PENDING)
             task.error = error
+            next_status, reason = None, None
+        elif limited:
+            # The provider's limit, not the Task's doing: no retry spent; it runs once the pause ends.
+            # Its `waiting` (the pause, scheduler.py) says why, not the Run's error.
+            task.attempts -= 1
+            task.move(TaskStatus.PENDING)
+            task.error = None
             next_status, reason = None, None
         elif status is RunStatus.FAILED and task.attempts <= retries:
             delay = scheduler.backoff_delay(task.attempts, self.config.scheduler.backoff_base,
@@ -470,6 +435,24 @@ class Engine:
             run_number=run.number, worker=run.worker, agent=run.agent, status=run.status.value,
             title=task.spec.title if task.spec else task.id,
         ))
+
+    def _pause(self, run: RunState) -> None:
+        """Pause the Run's Agent until its usage limit resets: everywhere, or on its Worker (pause_scope)."""
+        agent = self.config.agents.get(run.agent)
+        limit = run.usage_limit or {}
+        now = self._clock()
+        pause = self.pauses.add(pauses.Pause(
+            agent=run.agent, worker=run.worker if agent is not None and agent.pause_scope == "worker" else None,
+            until=pauses.pause_until(limit.get("resets_at"), now), since=now,
+            message=str(limit.get("message") or "")[:pauses.MAX_MESSAGE_CHARS]))
+        emit(self.hooks, "notice", pauses.reason(pause.agent, pause.until, pause.worker))
+        self._save_pauses()
+
+    def _save_pauses(self) -> None:
+        try:
+            pauses.save(self.state_dir, self.pauses)
+        except OSError as exc:
+            emit(self.hooks, "notice", f"cannot save the Agents' pauses in {self.state_dir}: {exc}")
 
     def _run_lost(self, run: RunState, reason: str, status: RunStatus) -> None:
         run.output_size = self.records.output_size(run.task_id, run.number)

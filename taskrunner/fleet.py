@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from taskrunner import scheduler
-from taskrunner.config import Config
+from taskrunner.config import AGENT_PRESETS, Config
 from taskrunner.defaults import CLOCK_SKEW_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.enroll import enroll_local, trust_request, wanted_keys
 from taskrunner.errors import WorkerError
@@ -31,7 +31,8 @@ from taskrunner.hooks import Hooks, emit
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent, WorkerLink, make_link
 from taskrunner.links.local import LocalLink
-from taskrunner.model import WorkerSpec
+from taskrunner.model import AgentSpec, WorkerSpec
+from taskrunner.pauses import Pauses
 from taskrunner.protocol import Message
 from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import SignatureRejected, key_id, parse_public_line
@@ -39,6 +40,8 @@ from taskrunner.sshkeys import HostKeyError
 
 #: A Worker's reason for having no sandbox is shown at most this long.
 MAX_REASON_CHARS = 300
+#: A CLI version or path from a Worker's `ready` is kept at most this long.
+MAX_AGENT_FIELD_CHARS = 200
 #: Reconnect delays grow from this, doubling, up to RECONNECT_MAX.
 RECONNECT_BASE = 0.5
 RECONNECT_MAX = 30.0
@@ -62,10 +65,37 @@ class WorkerState:
     failures: int = 0
     running: int = 0
     runs: set[str] = field(default_factory=set)
+    #: `ready`'s `agents`: preset -> {"version": str|None, "path": str|None}; None: its ready listed none.
+    presets: dict[str, dict[str, str | None]] | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def offered_presets(self) -> dict[str, dict[str, str | None]] | None:
+        """The presets whose CLI this Worker has, with version and path; None while it never said.
+
+        A Worker whose `ready` carries no `agents` (an older taskrun-worker) offers every preset its
+        hello lists, version unknown.
+        """
+        if self.presets is not None:
+            return self.presets
+        listed = self.hello.get("agents") if self.hello else None
+        if not isinstance(listed, list):
+            return None
+        return {p: {"version": None, "path": None} for p in listed if isinstance(p, str) and p in AGENT_PRESETS}
+
+    def lacking(self, agents: Mapping[str, AgentSpec]) -> dict[str, str]:
+        """Agent -> preset, for the Agents it offers whose CLI it does not have (DESIGN "Placement")."""
+        presets = self.offered_presets()
+        if presets is None:
+            return {}
+        missing: dict[str, str] = {}
+        for name in self.spec.agents:
+            agent = agents.get(name)
+            if agent is not None and not agent.always_available and agent.preset not in presets:
+                missing[name] = agent.preset
+        return missing
 
     def view(self) -> dict[str, Any]:
         return {
@@ -78,7 +108,28 @@ class WorkerState:
             "error": self.error or (sandbox_refusal(self.spec, self.hello) if self.online else None),
             "version": self.hello.get("version"),
             "sandbox": self.hello.get("sandbox") if self.hello else None, "sandbox_accepted": self.spec.sandbox,
+            "presets": self.offered_presets(),
         }
+
+
+def ready_presets(value: Any) -> dict[str, dict[str, str | None]] | None:
+    """`ready`'s `agents` ({preset: {version, path}}) as far as it is well-formed; None when absent.
+
+    Input from a Worker: unknown presets and malformed entries are dropped, texts are cut.
+    """
+    if not isinstance(value, dict):
+        return None
+    presets: dict[str, dict[str, str | None]] = {}
+    for preset, entry in value.items():
+        if preset not in AGENT_PRESETS:
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        version, path = entry.get("version"), entry.get("path")
+        presets[preset] = {
+            "version": version[:MAX_AGENT_FIELD_CHARS] if isinstance(version, str) else None,
+            "path": path[:MAX_AGENT_FIELD_CHARS] if isinstance(path, str) else None,
+        }
+    return presets
 
 
 def sandbox_refusal(spec: WorkerSpec, hello: Mapping[str, Any]) -> str | None:
@@ -106,12 +157,14 @@ class Fleet:
         self._post = post
         self.hooks = hooks or Hooks()
         self.workers: dict[str, WorkerState] = {}
+        self.agents: Mapping[str, AgentSpec] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> list[WorkerState]:
         """Apply a (re)loaded configuration; returns Workers that were removed."""
         self.grace = config.scheduler.worker_grace
         self.offline_after = config.scheduler.worker_offline_after
+        self.agents = config.agents
         removed = [w for name, w in self.workers.items() if name not in config.workers]
         for worker in removed:
             if worker.link:
@@ -151,7 +204,8 @@ class Fleet:
             return None
         return worker
 
-    def views(self) -> list[scheduler.WorkerView]:
+    def views(self, pauses: Pauses | None = None, now: float = 0.0) -> list[scheduler.WorkerView]:
+        """The scheduler's view of every Worker; `pauses` gives each its per-Worker Agent pauses."""
         views = []
         for w in self.workers.values():
             presets = w.hello.get("agents")
@@ -161,6 +215,7 @@ class Fleet:
                 name=w.name, slots=w.spec.slots, used=len(w.runs), agents=agents,
                 labels=w.spec.labels, online=w.online and presets is not None and not w.trust_pending
                 and w.trusted is not False and refusal is None, note=refusal,
+                lacking=w.lacking(self.agents), paused=pauses.on_worker(w.name, now) if pauses else {},
             ))
         return views
 
@@ -225,8 +280,9 @@ class Fleet:
         envelope = auth_envelope(self.keyring.signers(now), challenge, key_id(worker.result_key), now)
         return Message("auth", {"envelope": envelope})
 
-    def ready(self, worker: WorkerState, now: float) -> None:
-        """The session is authenticated: the Worker is online."""
+    def ready(self, worker: WorkerState, now: float, agents: Any = None) -> None:
+        """The session is authenticated: the Worker is online. `agents`: its ready's presets (ready_presets)."""
+        worker.presets = ready_presets(agents)
         if worker.offline_since is not None:
             emit(self.hooks, "notice", f"Worker '{worker.name}' back online after {now - worker.offline_since:.1f}s")
         worker.online = True

@@ -130,6 +130,8 @@ class TaskSpec:
     context: tuple[str, ...] = ()
     # The principal whose signed commit introduced this revision (security.allowed_signers), else None.
     authorized_by: str | None = None
+    max_turns: int | None = None  # budget: the Run is stopped past this many reported turns
+    max_cost_usd: float | None = None  # budget: the Run is stopped past this reported (or estimated) cost, USD
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,29 @@ class ModelBackend:
     provider: str
     model: str
     context_window: int | None = None
+    base_url: str | None = None  # the provider's API endpoint, for the tool (http(s) URL); None: the tool's own
 
     def as_record(self) -> dict[str, object]:
+        """The Run record's `backend_used` before the tool reports: {provider, model, context_window}."""
         return {"provider": self.provider, "model": self.model, "context_window": self.context_window}
+
+    def as_manifest(self) -> dict[str, object]:
+        """`manifest.agent.backend`: {provider, model, context_window, base_url}."""
+        return {**self.as_record(), "base_url": self.base_url}
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What a model costs, USD per million tokens; used to estimate a Run's cost when the tool reports none."""
+
+    input: float
+    output: float
+    cache_read: float = 0.0
+    cache_write: float = 0.0
+
+    def as_manifest(self) -> dict[str, float]:
+        return {"input": self.input, "output": self.output, "cache_read": self.cache_read,
+                "cache_write": self.cache_write}
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,30 @@ class AgentSpec:
     command: tuple[str, ...] = ()
     backend: ModelBackend | None = None
     env: tuple[str, ...] = ()  # names of credentials, resolved on the Worker
+    path: str | None = None  # argv[0] instead of the preset's program name; such an Agent counts as available
+    model: str | None = None  # the tool's --model; None: the backend's model, else the tool's default
+    max_turns: int | None = None  # budget, unless the Task's front matter sets one
+    max_cost_usd: float | None = None  # budget, unless the Task's front matter sets one
+    max_budget_usd: float | None = None  # claude's own --max-budget-usd
+    permission_mode: str | None = None  # claude
+    allowed_tools: tuple[str, ...] = ()  # claude
+    disallowed_tools: tuple[str, ...] = ()  # claude
+    append_system_prompt: str | None = None  # claude
+    approval_mode: str | None = None  # gemini: default, auto_edit, yolo
+    sandbox_mode: str | None = None  # codex --sandbox (the preset's default: workspace-write)
+    extra_args: tuple[str, ...] = ()  # appended to the argv
+    prompt_template: str | None = None  # jinja2 source; None: the default template
+    pause_scope: str = "everywhere"  # where a usage limit pauses this Agent: "everywhere" | "worker"
+
+    @property
+    def always_available(self) -> bool:
+        """True when no Worker's PATH decides where it runs: shell, command, or an Agent with `path`."""
+        return self.preset in ("shell", "command") or self.path is not None
+
+    @property
+    def model_name(self) -> str | None:
+        """The model the Agent asks for: `model`, else the backend's."""
+        return self.model or (self.backend.model if self.backend else None)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     runs/<task-id>/status.json          the Task's record (schema: README "Records")
     runs/<task-id>/run-<n>/status.json  one Run's record
     runs/<task-id>/run-<n>/output.log   the Agent's output, appended as it arrives
+    runs/<task-id>/run-<n>/events.jsonl the raw event stream of an Agent's tool, as its Worker shipped it
     runs/<task-id>/run-<n>/manifest.json  what was sent to the Worker
 
 JSON records are replaced atomically (temp file, rename), without fsync: a
@@ -104,7 +105,7 @@ class Records:
         a path with no file is simply left out of the commit.
         """
         run_dir = self.run_dir(task_id, number)
-        names = ("status.json", "output.log", "manifest.json", "summary.md")
+        names = ("status.json", "output.log", "events.jsonl", "manifest.json", "summary.md")
         return [self.relative(self.task_file(task_id))] + [self.relative(run_dir / name) for name in names]
 
     # -- reading -----------------------------------------------------------
@@ -205,6 +206,20 @@ class Records:
         rel = f"{RUNS_DIR}/{task_id}/run-{number}/summary.md"
         try:
             self._tree.write_atomic(rel, text.encode(), repair=True, look=False)
+        except (OSError, UnsafePath) as exc:
+            raise RecordError(f"cannot write {rel}: {exc}") from exc
+        return rel
+
+    def save_events(self, task_id: str, number: int, data: bytes) -> str:
+        """Write runs/<id>/run-<n>/events.jsonl atomically, following no link; its work-tree path.
+
+        The Worker masked secrets in it and capped it (agentwire.MAX_EVENTS_BYTES); like output.log it is
+        never read back as a record.
+        """
+        self._claim(task_id, number)  # checks the id too, once per Run directory
+        rel = f"{RUNS_DIR}/{task_id}/run-{number}/events.jsonl"
+        try:
+            self._tree.write_atomic(rel, data, repair=True, look=False)
         except (OSError, UnsafePath) as exc:
             raise RecordError(f"cannot write {rel}: {exc}") from exc
         return rel

@@ -18,7 +18,14 @@ Rules, in the order `plan` applies them:
    Runs start strictly in arrival order: the group is one queue that competes
    with the priority of the most urgent Task it holds, because that Task can
    only start after the ones ahead of it (no priority inversion).
-4. Placement. An online Worker with a free slot, the Agent and every label.
+   A Worker can run a Task only if it offers the Task's Agent, carries its
+   labels and has the Agent's CLI (`WorkerView.lacking`: its `ready` did not
+   list the preset's program).
+4. Pauses. An Agent paused for a usage limit (pauses.py) starts nothing until
+   the pause ends, everywhere (`plan(paused=...)`) or on one Worker
+   (`WorkerView.paused`); its Tasks wait with the pause's reason, and the end
+   of the pause is a wakeup.
+5. Placement. An online Worker with a free slot, the Agent and every label.
    Retries prefer a Worker not tried before, then the most free slots, then the
    name.
 """
@@ -33,6 +40,7 @@ from typing import Callable, Mapping, Sequence
 
 from taskrunner.defaults import CONFIG_FILE
 from taskrunner.model import Priority, TaskStatus
+from taskrunner.pauses import reason as pause_reason
 
 _FAILED = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.BLOCKED, TaskStatus.INVALID})
 _NOT_FAILED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED})
@@ -65,6 +73,8 @@ class WorkerView:
     labels: Mapping[str, str] = field(default_factory=dict)
     online: bool = True
     note: str | None = None  # why an online Worker takes no Runs (it cannot confine Agents), for `waiting`
+    lacking: Mapping[str, str] = field(default_factory=dict)  # Agent -> preset whose CLI this Worker lacks
+    paused: Mapping[str, float] = field(default_factory=dict)  # Agent -> end of its usage-limit pause here
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,13 @@ def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float
     return delay / 2 + delay / 2 * jitter
 
 
-def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mapping[str, int], now: float) -> Plan:
-    """Decide which PENDING Tasks start where, and which Tasks change state."""
+def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mapping[str, int], now: float,
+         paused: Mapping[str, float] | None = None) -> Plan:
+    """Decide which PENDING Tasks start where, and which Tasks change state.
+
+    `paused`: Agent -> end (epoch seconds) of a usage-limit pause on every Worker.
+    """
+    paused = paused or {}
     ordered = sorted(tasks, key=_urgency)
     by_id = {t.id: t for t in ordered}
     effective, culprit = _resolve_dependencies(by_id)
@@ -133,13 +148,17 @@ def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mappi
         if task.not_before > now:
             wakeups.append(task.not_before)
         reason = _ineligible(task, by_id, effective, fits, now)
+        pause = _pause(task, fits.capable(task), paused, now) if reason is None else None
+        if pause is not None:
+            reason, until = pause
+            wakeups.append(until)
         if reason is None:
             eligible.append(task)
         else:
             waiting[task.id] = reason
 
     running = Counter(t.group for t in ordered if t.status is TaskStatus.RUNNING and t.group is not None)
-    assignments = _place(eligible, pool, fits, groups, running, waiting)
+    assignments = _place(eligible, pool, fits, groups, running, waiting, now)
     return Plan(
         assignments=tuple(assignments),
         blocked=tuple(blocked),
@@ -229,6 +248,20 @@ def _ineligible(
     return None
 
 
+def _pause(task: TaskView, capable: Sequence[WorkerView], paused: Mapping[str, float],
+           now: float) -> tuple[str, float] | None:
+    """(reason, end) when the Task's Agent is paused everywhere, or on every Worker that could run it."""
+    until = paused.get(task.agent)
+    if until is not None and until > now:
+        return pause_reason(task.agent, until), until
+    ends = [w.paused.get(task.agent) for w in capable]
+    if capable and all(end is not None and end > now for end in ends):
+        until = min(end for end in ends if end is not None)
+        where = capable[0].name if len(capable) == 1 else None
+        return pause_reason(task.agent, until, where), until
+    return None
+
+
 def _place(
     eligible: Sequence[TaskView],
     workers: Sequence[WorkerView],
@@ -236,6 +269,7 @@ def _place(
     groups: Mapping[str, int],
     running: Mapping[str, int],
     waiting: dict[str, str],
+    now: float = 0.0,
 ) -> list[Assignment]:
     """Assign eligible Tasks (in urgency order) to Workers; fills `waiting` for the rest."""
     used = {w.name: w.used for w in workers}
@@ -266,7 +300,7 @@ def _place(
                 waiting[task.id] = f"group '{group}' is at its cap of {cap} parallel Run(s)"
             continue
         # Once every slot is taken (the usual case with a backlog), no Worker is looked at again.
-        worker = _pick_worker(head, fits.capable(head), used) if free else None
+        worker = _pick_worker(head, fits.capable(head), used, now) if free else None
         if worker is None:
             waiting[head.id] = fits.busy_reason(head)
             for task in queue[1:]:
@@ -293,6 +327,7 @@ def _could_ever_run(worker: WorkerView, task: TaskView) -> bool:
     return (
         worker.slots > 0
         and task.agent in worker.agents
+        and task.agent not in worker.lacking
         and all(worker.labels.get(k) == v for k, v in task.labels.items())
     )
 
@@ -328,8 +363,9 @@ class _Fits:
         return reason
 
 
-def _pick_worker(task: TaskView, capable: Sequence[WorkerView], used: Mapping[str, int]) -> WorkerView | None:
-    fitting = [w for w in capable if w.online and used[w.name] < w.slots]
+def _pick_worker(task: TaskView, capable: Sequence[WorkerView], used: Mapping[str, int],
+                 now: float = 0.0) -> WorkerView | None:
+    fitting = [w for w in capable if w.online and used[w.name] < w.slots and w.paused.get(task.agent, 0.0) <= now]
     if not fitting:
         return None
     tried = set(task.tried_workers)
@@ -345,6 +381,11 @@ def _no_worker_offers(task: TaskView, workers: Sequence[WorkerView]) -> str:
     """Why no Worker could ever run `task`, and the change to the configuration that would let one."""
     labelled = [w.name for w in workers if all(w.labels.get(k) == v for k, v in task.labels.items())]
     offering = [w.name for w in workers if task.agent in w.agents]
+    lacking = [w.lacking[task.agent] for w in workers if task.agent in w.agents and task.agent in w.lacking
+               and all(w.labels.get(k) == v for k, v in task.labels.items())]
+    if lacking:
+        return (f"no Worker has the {lacking[0]} CLI (Agent '{task.agent}'): install it on a Worker's PATH "
+                f"or set agents.{task.agent}.path")
     labels = ", ".join(f"{k}={v}" for k, v in sorted(task.labels.items()))
     if labelled:
         fix = f"add '{task.agent}' to {_worker_key(labelled, 'agents')}"

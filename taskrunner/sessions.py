@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from taskrunner import agentwire
 from taskrunner.bundle import Bundle
 from taskrunner.errors import GitError, RecordError
 from taskrunner.fleet import Fleet, WorkerState
@@ -81,8 +82,8 @@ class WorkerSessions:
             audience=key_id(worker.result_key), seq=seq, base=run.base_commit,
             git_fields=git_fields(config.git, run.task_id, spec.title),
             # sandbox "none": this Worker may run the Agent unconfined, if it cannot confine it (confine.py).
-            agent={"name": agent.name, "preset": agent.preset, "command": list(agent.command),
-                   "env": list(agent.env), "sandbox": worker.spec.sandbox},
+            agent=agentwire.agent_manifest(agent, worker.spec.sandbox, config.prices),
+            budget=agentwire.budget(spec, agent), run_number=run.number, title=spec.title,
         )
 
     def on_link_event(self, event: LinkEvent) -> None:
@@ -136,7 +137,7 @@ class WorkerSessions:
     def _ready(self, worker: WorkerState, message: Message) -> None:
         """The session is authenticated and the Worker lists its Runs: reattach ours, stop the rest."""
         now = self._clock()
-        self.fleet.ready(worker, now)
+        self.fleet.ready(worker, now, message.get("agents"))
         self.check_trust(worker, worker.hello.get("trust"), now)
         self.transfer.worker_ready(worker.name, message.get("repos"))
         runs = message["runs"] if isinstance(message["runs"], list) else []
@@ -243,6 +244,29 @@ class WorkerSessions:
         if imported.note:
             emit(self.hooks, "notice", f"Run {run.run_id} of '{run.task_id}': {imported.note}")
 
+    def _take_report(self, run: RunState, result: dict[str, Any], payload: bytes) -> bytes:
+        """Record what a verified result reports of the Agent (agentwire.py) and save its events.jsonl;
+        returns the part of the payload that is the change pack."""
+        pack, events, notice = agentwire.split_payload(payload, result.get("events"))
+        if notice is not None:
+            emit(self.hooks, "notice", f"Run {run.run_id} of '{run.task_id}': {notice}")
+        if events is not None:
+            try:
+                run.events = self.records.save_events(run.task_id, run.number, events)
+            except RecordError as exc:
+                emit(self.hooks, "notice", str(exc))
+        report = agentwire.run_report(result.get("report"))
+        if report is not None:
+            run.session_id, run.turns, run.usage = report.session_id, report.turns, report.usage
+            run.cost_usd, run.cost_estimated = report.cost_usd, report.cost_estimated and report.cost_usd is not None
+            run.final_message = report.final_message
+        if report is not None or run.backend_used is not None:
+            run.backend_used = agentwire.backend_used(run.backend_used, report)
+        limit = agentwire.usage_limit(result.get("usage_limit"))
+        # Only a FAILED Run ended on a limit: a COMPLETED one that saw a warning did its work.
+        run.usage_limit = limit if result.get("status") == RunStatus.FAILED.value else None
+        return pack
+
     def _on_started(self, worker: WorkerState, run: RunState, message: Message) -> None:
         self.transfer.done(run.run_id)
         if run.status is RunStatus.ASSIGNED:
@@ -277,7 +301,8 @@ class WorkerSessions:
                 return
             result = verified_result(message["envelope"], worker.result_key, run.run_id,
                                      self.records.output_digest(run.task_id, run.number))
-            self._take_change(run, result, message.payload)
+            pack = self._take_report(run, result, message.payload)
+            self._take_change(run, result, pack)
         except (ResultRejected, ChangeRejected) as exc:
             self._finish(run, RunStatus.FAILED, None, str(exc))
         else:

@@ -41,6 +41,15 @@ class RunState:
     result_branch: str | None = None  # the branch moved to result_commit; None: not moved (result_note says why)
     result_note: str | None = None
     summary: str | None = None  # the work-tree path of the Run's summary.md (gitflow/summary.py)
+    # What the Agent's tool reported (agentwire.RunReport), None when it reported nothing.
+    session_id: str | None = None
+    turns: int | None = None
+    cost_usd: float | None = None
+    cost_estimated: bool = False
+    usage: dict[str, int] | None = None
+    final_message: str | None = None
+    usage_limit: dict[str, Any] | None = None  # {resets_at, message}: the Run ended on a usage limit
+    events: str | None = None  # the work-tree path of the Run's events.jsonl, once recorded
     result_resumes: int = 0  # results answered with `resume` (results.more_output_owed); not recorded
 
     def move(self, status: RunStatus) -> None:
@@ -73,6 +82,14 @@ class RunState:
             "summary": self.summary,
             "authorized_by": self.authorized_by,
             "pull_request": self.pull_request,
+            "session_id": self.session_id,
+            "turns": self.turns,
+            "cost_usd": self.cost_usd,
+            "cost_estimated": self.cost_estimated,
+            "usage": self.usage,
+            "final_message": self.final_message,
+            "usage_limit": self.usage_limit,
+            "events": self.events,
         }
 
     @classmethod
@@ -89,6 +106,10 @@ class RunState:
             result_branch=data.get("result_branch"), result_note=data.get("result_note"),
             summary=data.get("summary"),
             authorized_by=data.get("authorized_by"), pull_request=data.get("pull_request"),
+            session_id=data.get("session_id"), turns=data.get("turns"), cost_usd=data.get("cost_usd"),
+            cost_estimated=bool(data.get("cost_estimated")), usage=data.get("usage"),
+            final_message=data.get("final_message"), usage_limit=data.get("usage_limit"),
+            events=data.get("events"),
         )
 
 

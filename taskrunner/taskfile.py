@@ -26,7 +26,8 @@ from taskrunner.model import (MAX_TASK_ID_CHARS, MAX_TASK_ID_PART_CHARS, NAME_RE
                               TASK_ID_RE, Priority, TaskSpec)
 
 #: Front matter keys, in the order the documentation lists them.
-TASK_KEYS = ("agent", "priority", "depends_on", "labels", "group", "timeout", "retries", "context")
+TASK_KEYS = ("agent", "priority", "depends_on", "labels", "group", "timeout", "retries", "context", "max_turns",
+             "max_cost_usd")
 
 _PRIORITIES = {p.label: p for p in Priority}
 _IGNORED_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp", ".part")
@@ -321,6 +322,18 @@ def _retries(value: object, _task_id: str) -> int:
     return value
 
 
+def _max_turns(value: object, _task_id: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number >= 1 (turns the Agent may take), got {describe(value)}")
+    return value
+
+
+def _max_cost_usd(value: object, _task_id: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"expected an amount in USD above 0, such as 2.50, got {describe(value)}")
+    return float(value)
+
+
 def _context(value: object, _task_id: str) -> tuple[str, ...]:
     paths: list[str] = []
     for item in _str_list(value, "repository paths"):
@@ -352,6 +365,8 @@ _FIELD_PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "timeout": _timeout,
     "retries": _retries,
     "context": _context,
+    "max_turns": _max_turns,
+    "max_cost_usd": _max_cost_usd,
 }
 
 

@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("task", help="a Task id")
     p = command("workers", cmd_workers, "Workers: reachable, trusted, sandbox, slots used, Agents, last seen")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    from taskrunner.cli import keys, worker
+    from taskrunner.cli import agents, keys, worker
 
     worker.add_parsers(sub)
     keys.add_parsers(sub)
+    agents.add_parsers(sub)
     p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs now")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     hooks = sub.add_parser("hooks", help="git hooks that make the daemon sync").add_subparsers(

@@ -2,9 +2,10 @@
 
 Written at `runs/<task-id>/run-<n>/summary.md` when the Run reaches its final
 status (records.py writes it like the other records and it is committed with
-them). It holds the Task's title, the Agent's final message (until Agents
-report one: the last SUMMARY_OUTPUT_LINES lines of its output, secrets
-already masked by the Worker), the Run's status and error, Worker, Agent,
+them). It holds the Task's title, the Agent's final message (as its tool
+reported it; for an Agent that reports none, the last SUMMARY_OUTPUT_LINES
+lines of its output, secrets already masked by the Worker), the Run's status
+and error, Worker, Agent, the model, turns and cost its tool reported,
 duration, the result (commit, branch, or why there is no branch), the
 diffstat (`git diff --stat <base> <commit>` on the control plane) and the
 paths of the Run's records.
@@ -29,6 +30,7 @@ def render(run: RunState, title: str, output_tail: bytes, diffstat: str | None, 
               f"- **Task:** `{run.task_id}`, Run {run.number} (`{run.run_id}`), attempt {run.attempt}",
               f"- **Worker:** {run.worker}", f"- **Agent:** {run.agent}",
               f"- **Duration:** {_duration(run)}"]
+    lines += _report(run)
     if run.base_commit:
         lines.append(f"- **Base commit:** `{run.base_commit}`")
     if run.result_commit:
@@ -39,12 +41,38 @@ def render(run: RunState, title: str, output_tail: bytes, diffstat: str | None, 
         lines.append(f"- **Change:** {_one_line(run.result_note)}")
     else:
         lines.append("- **Change:** none (the workspace did not differ from the base commit)")
-    lines += ["", "## Final message", "", "_The last lines of the Agent's output:_", "", "```text",
-              *_tail(output_tail), "```", ""]
+    if run.final_message:
+        lines += ["", "## Final message", "", *_quoted(run.final_message), ""]
+    else:
+        lines += ["", "## Final message", "", "_The last lines of the Agent's output:_", "", "```text",
+                  *_tail(output_tail), "```", ""]
     if diffstat:
         lines += ["## Changes", "", "```text", diffstat.replace("```", "'''"), "```", ""]
     lines += ["## Records", "", *(f"- `{path}`" for path in records), ""]
     return "\n".join(lines)
+
+
+def _report(run: RunState) -> list[str]:
+    """The lines for what the Agent's tool reported: model, turns, cost, tokens."""
+    lines = []
+    backend = run.backend_used or {}
+    if backend.get("model"):
+        used = f"{backend.get('provider')} / {backend['model']}" if backend.get("provider") else backend["model"]
+        version = f" (CLI {_one_line(backend['cli_version'])})" if backend.get("cli_version") else ""
+        lines.append(f"- **Model:** {_one_line(used)}{version}")
+    if run.turns is not None:
+        lines.append(f"- **Turns:** {run.turns}")
+    if run.cost_usd is not None:
+        lines.append(f"- **Cost:** ${run.cost_usd:.4f}" + (" (estimated from tokens)" if run.cost_estimated else ""))
+    if run.usage:
+        lines.append("- **Tokens:** " + ", ".join(f"{_one_line(k)} {v}" for k, v in sorted(run.usage.items())))
+    return lines
+
+
+def _quoted(message: str) -> list[str]:
+    """The Agent's final message as a block quote (markdown it wrote stays readable; nothing escapes the quote)."""
+    clean = "".join(c if c in "\n\t" or c.isprintable() else "?" for c in message)
+    return [f"> {line}".rstrip() for line in clean.rstrip("\n").splitlines()] or ["> (empty)"]
 
 
 def _tail(data: bytes) -> list[str]:

@@ -246,7 +246,7 @@ def test_top_level_must_be_a_mapping(text: str) -> None:
 def test_unknown_key_names_the_key_and_allowed_keys() -> None:
     err = error("shcheduler: {}\n")
     assert err.key == "shcheduler"
-    assert err.reason == "unknown key; allowed keys are default_agent, agents, workers, scheduler, git, webhook, security"
+    assert err.reason == "unknown key; allowed keys are default_agent, agents, workers, scheduler, git, webhook, security, prices"
     assert str(err) == f"{FILE}: key 'shcheduler': {err.reason}"
 
 
@@ -280,7 +280,7 @@ def test_unknown_keys_are_refused_at_every_level(text: str, key: str) -> None:
         ("agents: {shell: }", "agents.shell", "expected a mapping with keys preset"),
         ("agents: {shell: {env: [A]}}", "agents.shell.preset", "required, but missing"),
         ("agents: {shell: {preset: gpt}}", "agents.shell.preset",
-         "expected one of shell, command, claude, codex, aider, got 'gpt'"),
+         "expected one of shell, command, claude, codex, gemini, aider, got 'gpt'"),
         ("agents: {shell: {preset: shell}, x: {preset: command}}", "agents.x.command", "required for preset 'command'"),
         ("agents: {shell: {preset: shell}, x: {preset: command, command: 'my-agent --go'}}", "agents.x.command",
          "expected a list of arguments (argv), not a shell string"),
@@ -476,3 +476,163 @@ def test_worker_grace_error_names_the_file_key_and_reason(tmp_path: Path) -> Non
 
 def _without_source(config: Config) -> tuple[object, ...]:
     return (config.default_agent, config.agents, config.workers, config.scheduler, config.git)
+
+
+# ----------------------------------------------------------------------------- Agents of AI coding CLIs
+
+
+CLAUDE_FULL = """\
+agents:
+  shell: {preset: shell}
+  claude:
+    preset: claude
+    path: /opt/claude/bin/claude
+    model: claude-opus-4-1
+    backend: {provider: anthropic, model: claude-sonnet-4-5, context_window: 200000, base_url: "http://127.0.0.1:9/v1"}
+    env: [ANTHROPIC_API_KEY]
+    max_turns: 12
+    max_cost_usd: 1.5
+    max_budget_usd: 2
+    permission_mode: acceptEdits
+    allowed_tools: [Read, "Bash(git diff:*)", Read]
+    disallowed_tools: WebFetch
+    append_system_prompt: "Be brief."
+    extra_args: [--debug]
+    prompt_template: "Do {{ task.title }}"
+    pause_scope: worker
+prices:
+  claude-opus-4-1: {input: 15, output: 75, cache_read: 1.5}
+"""
+
+
+def test_a_claude_agent_takes_every_claude_key() -> None:
+    config = parse_config(CLAUDE_FULL, FILE)
+    agent = config.agents["claude"]
+    assert (agent.path, agent.model, agent.max_turns, agent.max_cost_usd, agent.max_budget_usd) == (
+        "/opt/claude/bin/claude", "claude-opus-4-1", 12, 1.5, 2.0)
+    assert agent.permission_mode == "acceptEdits"
+    assert agent.allowed_tools == ("Read", "Bash(git diff:*)") and agent.disallowed_tools == ("WebFetch",)
+    assert agent.append_system_prompt == "Be brief." and agent.extra_args == ("--debug",)
+    assert agent.prompt_template == "Do {{ task.title }}" and agent.pause_scope == "worker"
+    assert agent.backend == ModelBackend("anthropic", "claude-sonnet-4-5", 200000, "http://127.0.0.1:9/v1")
+    prices = config.prices["claude-opus-4-1"]
+    # Cache writes default to the input price when not given.
+    assert (prices.input, prices.output, prices.cache_read, prices.cache_write) == (15.0, 75.0, 1.5, 15.0)
+
+
+def test_an_agent_without_new_keys_has_their_defaults() -> None:
+    agent = parse_config("agents: {shell: {preset: shell}, c: {preset: codex}}", FILE).agents["c"]
+    assert agent.pause_scope == "everywhere" and agent.path is None and agent.extra_args == ()
+    assert agent.max_turns is None and agent.prompt_template is None
+
+
+@pytest.mark.parametrize(
+    ("preset", "key", "value", "takers"),
+    [
+        ("codex", "permission_mode", "plan", "preset claude"),
+        ("gemini", "allowed_tools", "[Read]", "preset claude"),
+        ("aider", "append_system_prompt", "x", "preset claude"),
+        ("claude", "approval_mode", "yolo", "preset gemini"),
+        ("gemini", "sandbox_mode", "read-only", "preset codex"),
+        ("codex", "max_budget_usd", "1", "preset claude"),
+        ("shell", "max_turns", "3", "presets claude, codex, gemini, aider"),
+        ("command", "path", "/bin/x", "presets claude, codex, gemini, aider"),
+        ("shell", "prompt_template", "x", "presets command, claude, codex, gemini, aider"),
+    ],
+)
+def test_a_key_for_another_preset_is_refused_naming_the_preset_that_takes_it(
+        preset: str, key: str, value: str, takers: str) -> None:
+    command = ", command: [x]" if preset == "command" else ""
+    err = error(f"agents: {{shell: {{preset: shell}}, a: {{preset: {preset}{command}, {key}: {value}}}}}")
+    assert err.key == f"agents.a.{key}"
+    assert err.reason == f"only for {takers}; this Agent is preset {preset}"
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "fragment"),
+    [
+        ("{preset: claude, max_turns: 0}", "agents.a.max_turns", "expected a whole number >= 1, got 0"),
+        ("{preset: claude, max_turns: true}", "agents.a.max_turns", "expected a whole number"),
+        ("{preset: claude, max_cost_usd: -1}", "agents.a.max_cost_usd", "expected an amount in USD above 0"),
+        ("{preset: claude, max_cost_usd: '3'}", "agents.a.max_cost_usd", "expected an amount in USD above 0"),
+        ("{preset: gemini, approval_mode: always}", "agents.a.approval_mode",
+         "expected one of default, auto_edit, yolo, got 'always'"),
+        ("{preset: codex, sandbox_mode: open}", "agents.a.sandbox_mode",
+         "expected one of read-only, workspace-write, danger-full-access"),
+        ("{preset: claude, pause_scope: here}", "agents.a.pause_scope", "expected one of everywhere, worker"),
+        ("{preset: claude, permission_mode: 'a b'}", "agents.a.permission_mode", "expected a mode name"),
+        ("{preset: claude, extra_args: '--x --y'}", "agents.a.extra_args", "not a shell string"),
+        ("{preset: claude, allowed_tools: {a: 1}}", "agents.a.allowed_tools", "expected a list of tool names"),
+        ("{preset: claude, path: ''}", "agents.a.path", "expected a non-empty string"),
+        ('{preset: claude, model: "a\\nb"}', "agents.a.model", "expected a single line of text"),
+        ("{preset: claude, backend: {provider: p, model: m, base_url: 'ftp://x'}}", "agents.a.backend.base_url",
+         "expected an http(s) URL"),
+        ("{preset: claude, prompt_template: '{% if %}'}", "agents.a.prompt_template", "not a valid jinja2 template"),
+        ("{preset: claude, prompt_template: x, prompt_template_file: y}", "agents.a.prompt_template_file",
+         "not both"),
+        ("{preset: claude, prompt_template_file: ../x.j2}", "agents.a.prompt_template_file",
+         "expected a path relative to the repository root"),
+    ],
+)
+def test_agent_key_errors_name_the_file_the_key_and_the_reason(body: str, key: str, fragment: str) -> None:
+    err = error(f"agents: {{shell: {{preset: shell}}, a: {body}}}")
+    assert err.key == key
+    assert fragment in err.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("prices: [1]", "prices", "expected a mapping of model names to prices"),
+        ("prices: {m: {input: 1}}", "prices.m.output", "required, but missing"),
+        ("prices: {m: {input: -1, output: 1}}", "prices.m.input", "USD per million tokens"),
+        ("prices: {m: {input: 1, output: 1, cached: 1}}", "prices.m.cached", "unknown key"),
+    ],
+)
+def test_price_errors_name_the_key(text: str, key: str, fragment: str) -> None:
+    err = error(text)
+    assert err.key == key and fragment in err.reason
+
+
+def test_a_prompt_template_file_is_read_from_the_repository_at_load(tmp_path: Path) -> None:
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "task.j2").write_text("Work on {{ task.title }}\n")
+    (tmp_path / ".taskrun.yaml").write_text(
+        "agents: {shell: {preset: shell}, c: {preset: claude, prompt_template_file: prompts/task.j2}}\n")
+    assert load_config(tmp_path).agents["c"].prompt_template == "Work on {{ task.title }}\n"
+
+
+def test_a_prompt_template_file_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path.parent / f"{tmp_path.name}-secret"
+    secret.write_text("not for Agents")
+    (tmp_path / "t.j2").symlink_to(secret)
+    (tmp_path / ".taskrun.yaml").write_text(
+        "agents: {shell: {preset: shell}, c: {preset: claude, prompt_template_file: t.j2}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert caught.value.key == "agents.c.prompt_template_file"
+    assert "cannot read t.j2" in caught.value.reason and "follows no links" in caught.value.reason
+
+
+def test_a_missing_prompt_template_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / ".taskrun.yaml").write_text(
+        "agents: {shell: {preset: shell}, c: {preset: claude, prompt_template_file: none.j2}}\n")
+    with pytest.raises(ConfigError, match="cannot read none.j2"):
+        load_config(tmp_path)
+
+
+def test_the_init_templates_commented_claude_example_is_valid_configuration() -> None:
+    lines = INIT_TEMPLATE.splitlines()
+    start = lines.index("  # claude:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  #") or line.startswith("  #   #"):
+            break
+        block.append(line.replace("  # ", "  ", 1))
+    prices = [line.replace("# ", "", 1) for line in lines if line.startswith(("# prices:", "#   claude-sonnet"))]
+    text = INIT_TEMPLATE.replace("  shell:\n    preset: shell\n", "  shell:\n    preset: shell\n" + "\n".join(block)
+                                 + "\n") + "\n".join(prices) + "\n"
+    config = parse_config(text, FILE)
+    agent = config.agents["claude"]
+    assert agent.max_turns == 30 and agent.permission_mode == "acceptEdits"
+    assert config.prices["claude-sonnet-4-5"].output == 15.0

@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pytest
+
 from taskrunner.config import parse_config
 from taskrunner.enroll import wanted_keys
 from taskrunner.fleet import Fleet, WorkerState
@@ -256,3 +258,61 @@ def test_the_local_worker_is_enrolled_at_connect_and_its_hello_must_present_its_
         fleet.close()
         wait_until(lambda: [e for e in events if e.message is None], 20, "the session to end")
         from_worker.close()
+
+
+# ---------------------------------------------------------------- which Agents' CLIs a Worker has
+
+AGENTS = ("agents: {shell: {preset: shell}, claude: {preset: claude}, codex: {preset: codex}, "
+          "own: {preset: aider, path: /opt/aider/bin/aider}, cmd: {preset: command, command: [x]}}\n")
+ALL = "workers: {local: {transport: local, agents: [shell, claude, codex, own, cmd]}}\n"
+
+
+def _agents_fleet(tmp_path: Path) -> tuple[Fleet, WorkerState]:
+    fleet, worker = _fleet(tmp_path, "{}", workers=AGENTS + ALL)
+    worker.online, worker.hello = True, _hello(None)
+    return fleet, worker
+
+
+def test_a_worker_runs_only_agents_whose_cli_its_ready_lists(tmp_path: Path) -> None:
+    fleet, worker = _agents_fleet(tmp_path)
+    fleet.ready(worker, 1.0, {"claude": {"version": "2.1.332 (Claude Code)", "path": "/usr/bin/claude"},
+                              "shell": {"version": None, "path": "bash"}})
+    view = fleet.views()[0]
+    # shell and command need no CLI, an Agent with `path` is taken as available wherever offered.
+    assert view.lacking == {"codex": "codex"}
+    assert worker.view()["presets"]["claude"] == {"version": "2.1.332 (Claude Code)", "path": "/usr/bin/claude"}
+
+
+def test_an_older_worker_without_agents_in_ready_offers_the_presets_its_hello_lists(tmp_path: Path) -> None:
+    fleet, worker = _agents_fleet(tmp_path)
+    worker.hello["agents"] = ["shell", "command", "codex"]
+    fleet.ready(worker, 1.0)
+    assert fleet.views()[0].lacking == {"claude": "claude"}
+    assert worker.view()["presets"]["codex"] == {"version": None, "path": None}
+
+
+def test_a_worker_never_seen_lacks_nothing_yet(tmp_path: Path) -> None:
+    fleet, _ = _fleet(tmp_path, "{}", workers=AGENTS + ALL)
+    assert fleet.views()[0].lacking == {}
+
+
+@pytest.mark.parametrize("agents", [
+    "not a mapping", ["claude"], {"claude": "2.1"}, {"claude": {"version": 7, "path": ["x"]}},
+    {"no-such-preset": {"version": "1"}, "claude": {"version": "v" * 5000}},
+])
+def test_a_malformed_agents_list_in_ready_never_raises(tmp_path: Path, agents: Any) -> None:
+    fleet, worker = _agents_fleet(tmp_path)
+    fleet.ready(worker, 1.0, agents)
+    presets = worker.offered_presets() or {}
+    assert set(presets) <= {"shell", "command", "claude", "codex", "gemini", "aider"}
+    assert all(len(entry["version"] or "") <= 200 for entry in presets.values())
+    fleet.views()
+
+
+def test_a_pause_on_one_worker_shows_in_its_view_only(tmp_path: Path) -> None:
+    from taskrunner.pauses import Pause, Pauses
+
+    fleet, _ = _agents_fleet(tmp_path)
+    table = Pauses([Pause("claude", "local", 100.0, 0.0), Pause("codex", "elsewhere", 100.0, 0.0)])
+    assert fleet.views(table, 50.0)[0].paused == {"claude": 100.0}
+    assert fleet.views(table, 100.0)[0].paused == {}

@@ -175,7 +175,7 @@ def test_run_paths_lists_the_task_record_and_every_run_file_written_or_not(recor
     # Records are written behind, so the list cannot depend on what is on disk yet.
     assert records.run_paths("a/b", 2) == [
         "runs/a/b/status.json", "runs/a/b/run-2/status.json", "runs/a/b/run-2/output.log",
-        "runs/a/b/run-2/manifest.json", "runs/a/b/run-2/summary.md"]
+        "runs/a/b/run-2/events.jsonl", "runs/a/b/run-2/manifest.json", "runs/a/b/run-2/summary.md"]
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe{}", b'{"a": 1'])

@@ -429,3 +429,54 @@ def test_plan_is_deterministic_whatever_the_input_order(state: Any, rnd: random.
     rnd.shuffle(tasks)
     rnd.shuffle(workers)
     assert plan(tasks, workers, groups, NOW) == first
+
+
+# ---------------------------------------------------------------- Agents: CLIs and usage-limit pauses
+
+
+def test_a_worker_lacking_the_agents_cli_gets_none_of_its_tasks() -> None:
+    workers = [worker("a", agents=frozenset({"claude"}), lacking={"claude": "claude"}),
+               worker("b", agents=frozenset({"claude"}))]
+    assert plan([task("t", agent="claude")], workers, {}, NOW).assignments == (Assignment("t", "b"),)
+
+
+def test_a_task_whose_cli_no_worker_has_waits_saying_how_to_fix_it() -> None:
+    workers = [worker("a", agents=frozenset({"claude"}), lacking={"claude": "claude"})]
+    p = plan([task("t", agent="claude")], workers, {}, NOW)
+    assert p.assignments == ()
+    assert p.waiting["t"] == ("no Worker has the claude CLI (Agent 'claude'): install it on a Worker's PATH "
+                              "or set agents.claude.path")
+
+
+def test_an_agent_paused_everywhere_starts_nothing_until_the_pause_ends() -> None:
+    until = 1_795_993_200.0  # 2026-11-29T23:00:00Z
+    now = until - 600
+    tasks = [task("t", agent="claude"), task("s", 2)]
+    workers = [worker("w", slots=2, agents=frozenset({"claude", "shell"}))]
+    p = plan(tasks, workers, {}, now, paused={"claude": until})
+    assert started(p) == ["s"]
+    assert p.waiting["t"] == "Agent 'claude' paused: usage limit until 2026-11-29T23:00:00Z"
+    assert p.next_wakeup == until
+    # At T it runs on its own.
+    assert started(plan(tasks, workers, {}, until, paused={"claude": until})) == ["t", "s"]
+
+
+def test_an_agent_paused_on_one_worker_runs_on_another() -> None:
+    workers = [worker("a", agents=frozenset({"claude"}), paused={"claude": NOW + 60}),
+               worker("b", agents=frozenset({"claude"}))]
+    assert plan([task("t", agent="claude")], workers, {}, NOW).assignments == (Assignment("t", "b"),)
+
+
+def test_an_agent_paused_on_every_worker_that_could_run_it_waits_for_the_first_end() -> None:
+    workers = [worker("a", agents=frozenset({"claude"}), paused={"claude": NOW + 60}),
+               worker("b", agents=frozenset({"claude"}), paused={"claude": NOW + 30})]
+    p = plan([task("t", agent="claude")], workers, {}, NOW)
+    assert p.assignments == ()
+    assert p.waiting["t"].startswith("Agent 'claude' paused: usage limit until ")
+    assert p.next_wakeup == NOW + 30
+    assert plan([task("t", agent="claude")], workers, {}, NOW + 30).assignments == (Assignment("t", "b"),)
+
+
+def test_a_pause_of_another_agent_changes_nothing() -> None:
+    p = plan([task("t")], [worker("w")], {}, NOW, paused={"claude": NOW + 60})
+    assert started(p) == ["t"] and p.next_wakeup is None

@@ -1,0 +1,80 @@
+"""Reading runs/ back after a (re)start: the Task states the records hold.
+
+The engine's `restore` takes what `read_tasks` gives and reattaches each
+unfinished Run to its Worker. A record this daemon did not write (records.py:
+no valid seal) is not believed: its Task is taken up again from its file, as
+if it had no record, and `foreign_notices` says so.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from taskrunner.errors import ForeignRecord, RecordError
+from taskrunner.model import TaskStatus
+from taskrunner.records import Records
+from taskrunner.state import RunState, TaskState
+
+#: Records not written by this daemon named one by one at start; the rest are counted.
+FOREIGN_NAMED = 5
+
+
+def read_tasks(records: Records, notice: Callable[[str], None]) -> tuple[list[TaskState], list[str]]:
+    """(every Task with a believed record, the messages of records not believed), sorted by Task id.
+
+    A record that cannot be read is skipped with a notice.
+    """
+    tasks: list[TaskState] = []
+    foreign: list[str] = []
+    for task_id in sorted(records.task_ids()):
+        try:
+            data = records.load_task(task_id)
+            if data is None:
+                continue
+            if data.get("task_id") != task_id:
+                raise RecordError(f"runs/{task_id}/status.json is the record of '{data.get('task_id')}'")
+            runs = []
+            for entry in data.get("runs", []):
+                try:
+                    run_data = records.load_run(task_id, int(entry["run"]))
+                except ForeignRecord as exc:
+                    foreign.append(str(exc))
+                    continue
+                if run_data is not None:
+                    runs.append(RunState.from_record(run_data))
+            # The Task record of a Run just assigned may trail its Run record
+            # (RECORD_LAG_SECONDS): a Run record it does not list yet counts.
+            # Numbers may skip run-<n> directories this daemon did not make.
+            number = max((run.number for run in runs), default=0) + 1
+            while records.run_taken(task_id, number):
+                try:
+                    run_data = records.load_run(task_id, number)
+                except ForeignRecord:
+                    run_data = None
+                if run_data is not None:
+                    runs.append(RunState.from_record(run_data))
+                number += 1
+            task = TaskState.from_record(data, runs)
+            if task.active_run is not None and task.status is TaskStatus.PENDING:
+                task.status = TaskStatus.RUNNING
+                task.attempts = max(task.attempts, task.active_run.attempt)
+        except ForeignRecord as exc:
+            foreign.append(str(exc))
+            continue
+        except (RecordError, KeyError, ValueError, TypeError) as exc:
+            notice(f"skipping the record of '{task_id}': {exc}")
+            continue
+        tasks.append(task)
+    return tasks, foreign
+
+
+def foreign_notices(foreign: list[str]) -> list[str]:
+    """The notices for records not believed: the first FOREIGN_NAMED by name, the rest counted."""
+    notices = foreign[:FOREIGN_NAMED]
+    if len(foreign) > FOREIGN_NAMED:
+        notices.append(f"{len(foreign) - FOREIGN_NAMED} more records under runs/ were not written "
+                       "by this daemon (no valid seal); ignored")
+    if foreign:
+        notices.append("Tasks whose records were ignored are taken up again from their files "
+                       "(README \"Records\": records another clone wrote)")
+    return notices
