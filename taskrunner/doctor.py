@@ -40,6 +40,7 @@ from taskrunner.gitflow import signers
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
 from taskrunner.leaks import PRIVATE_KEY_PATTERN
 from taskrunner.safefs import kind_of
+from taskrunner.links.local import default_home
 from taskrunner.worker.confine import Confinement
 from taskrunner.worker.sandbox import INSTALL_HINT
 
@@ -102,7 +103,7 @@ def sandbox_findings(root: Path, config: Config) -> list[Finding]:
     for worker in config.workers.values():
         if worker.transport != "local":
             continue
-        home = Path(worker.home).expanduser() if worker.home else gitops.state_dir(root) / "workers" / worker.name
+        home = Path(worker.home).expanduser() if worker.home else default_home(gitops.state_dir(root), worker.name)
         status = Confinement(home, protect=[root]).status()
         if status.kind is not None:
             continue

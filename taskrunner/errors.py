@@ -22,6 +22,8 @@
         ├── AuthRefused      (sessionauth) a session's proof of a trusted key is refused
         ├── EnrollmentRefused (worker.enrollment) a first enrollment is not by whom the admin named
         ├── AgentError       (agents) an Agent cannot be prepared for a Task
+        ├── PromptError      (agents.prompt) a prompt template does not render
+        ├── TaskDirError     (agents.workspace) the Task's directory cannot be written in the checkout
         ├── SandboxRefused   (worker.confine) an Agent may not run unconfined and no sandbox can be made
         └── GateRefused      (worker.gate) the gate refuses an SSH command
 

@@ -31,7 +31,8 @@ from taskrunner.atomic import write_json
 FILE_NAME = "pauses.json"
 #: How long an Agent is paused when its tool reported a limit without a reset time.
 DEFAULT_PAUSE_SECONDS = 15 * 60.0
-#: A reset time already past still pauses this long, so a Task does not hit the same limit at once.
+#: A reset time already past (a skewed clock) still pauses this long, so a Task does not hit the same
+#: limit at once; a reset time ahead, however near, is kept as it is.
 MIN_PAUSE_SECONDS = 60.0
 #: A reset time further away than this is taken as this (a week-long limit plus a day; a bad clock or a
 #: hostile report must not park an Agent for years).
@@ -75,7 +76,9 @@ def pause_until(resets_at: object, now: float) -> float:
     """When a pause for a limit reported with `resets_at` (epoch seconds, or None/anything else) ends."""
     if isinstance(resets_at, bool) or not isinstance(resets_at, (int, float)) or math.isnan(resets_at):
         return now + DEFAULT_PAUSE_SECONDS
-    return min(max(float(resets_at), now + MIN_PAUSE_SECONDS), now + MAX_PAUSE_SECONDS)
+    if resets_at <= now:
+        return now + MIN_PAUSE_SECONDS
+    return min(float(resets_at), now + MAX_PAUSE_SECONDS)
 
 
 class Pauses:

@@ -244,7 +244,8 @@ class WorkerSessions:
         if imported.note:
             emit(self.hooks, "notice", f"Run {run.run_id} of '{run.task_id}': {imported.note}")
 
-    def _take_report(self, run: RunState, result: dict[str, Any], payload: bytes) -> bytes:
+    def _take_report(self, run: RunState, result: dict[str, Any], payload: bytes,
+                     worker: WorkerState | None = None) -> bytes:
         """Record what a verified result reports of the Agent (agentwire.py) and save its events.jsonl;
         returns the part of the payload that is the change pack."""
         pack, events, notice = agentwire.split_payload(payload, result.get("events"))
@@ -262,6 +263,11 @@ class WorkerSessions:
             run.final_message = report.final_message
         if report is not None or run.backend_used is not None:
             run.backend_used = agentwire.backend_used(run.backend_used, report)
+            if run.backend_used is not None and run.backend_used.get("cli_version") is None and worker is not None:
+                # codex and gemini name no version in their stream: the one the Worker's `ready` found.
+                agent = self.config().agents.get(run.agent) if self.config() is not None else None
+                found = (worker.offered_presets() or {}).get(agent.preset) if agent is not None else None
+                run.backend_used["cli_version"] = (found or {}).get("version")
         limit = agentwire.usage_limit(result.get("usage_limit"))
         # Only a FAILED Run ended on a limit: a COMPLETED one that saw a warning did its work.
         run.usage_limit = limit if result.get("status") == RunStatus.FAILED.value else None
@@ -301,7 +307,7 @@ class WorkerSessions:
                 return
             result = verified_result(message["envelope"], worker.result_key, run.run_id,
                                      self.records.output_digest(run.task_id, run.number))
-            pack = self._take_report(run, result, message.payload)
+            pack = self._take_report(run, result, message.payload, worker)
             self._take_change(run, result, pack)
         except (ResultRejected, ChangeRejected) as exc:
             self._finish(run, RunStatus.FAILED, None, str(exc))

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
+from taskrunner.gitops import state_dir
+from taskrunner.links.local import default_home
 from tests.agentprobes import Counter, Gate
 
 T = TypeVar("T")
@@ -81,6 +83,23 @@ def status_of(root: Path, task_id: str) -> str | None:
 def wait_status(root: Path, task_id: str, *statuses: str, timeout: float = 30.0) -> dict[str, Any]:
     return wait_until(lambda: (r := task_record(root, task_id)) and r["status"] in statuses and r,
                       timeout, f"'{task_id}' to be {' or '.join(statuses)} (now {status_of(root, task_id)})")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _local_worker_homes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Local Workers' default homes (under XDG_STATE_HOME) go to this session's temporary directory."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
+def local_worker_home(root: Path, name: str = "local") -> Path:
+    """The default home of the repository's local Worker `name` (links/local.py default_home)."""
+    return default_home(state_dir(root), name)
 
 
 @pytest.fixture
@@ -186,7 +205,7 @@ def daemon(repo: Path) -> Iterator[Daemon]:
 
 def _kill_leftover_agents(root: Path) -> None:
     """Agents outlive daemons by design; a test must not leave them behind."""
-    runs = root / ".git" / "taskrun" / "workers"
+    runs = local_worker_home(root).parent
     for pid_file in runs.glob("*/runs/*/pid"):
         try:
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)

@@ -45,6 +45,8 @@ SHELL_ARGV = ("bash", "-euo", "pipefail")
 SCRIPT_FILE = "script.sh"
 PROMPT_FILE = "prompt.md"
 INPUT_FILES = (SCRIPT_FILE, PROMPT_FILE)
+#: In a tool preset's HOME: the directory the Worker makes its TMPDIR.
+TMP_DIR = "tmp/"
 
 _MODULES: Mapping[str, ModuleType] = {"claude": claude, "codex": codex, "gemini": gemini, "aider": aider}
 _READERS: Mapping[str, type[StreamReader]] = {
@@ -66,6 +68,10 @@ class Prepared:
     stdin   the file fed on stdin (the prompt), or None for /dev/null
     reader  the StreamReader of its output, or None (shell, command: stdout is output.log)
     inputs  extra files outside the workspace the sandbox must bind read-only
+    home_files  files the Worker writes into the Agent's fresh HOME before it starts (path relative
+            to HOME -> text; "dir/" a directory): a tool's settings. Every tool preset gets TMP_DIR,
+            which the Worker makes the Agent's TMPDIR (codex refuses its tools when its home lies
+            under TMPDIR, and gemini leaves error reports there: a Run's own, inside its HOME)
     """
 
     argv: list[str]
@@ -73,6 +79,7 @@ class Prepared:
     stdin: Path | None = None
     reader: StreamReader | None = None
     inputs: list[Path] = field(default_factory=list)
+    home_files: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(agent: Mapping[str, Any], run_dir: Path, workspace: Path, manifest: Mapping[str, Any]) -> Prepared:
@@ -113,7 +120,8 @@ def prepare(agent: Mapping[str, Any], run_dir: Path, workspace: Path, manifest: 
         argv, env, stdin = aider.command(agent, budget, task_dir.prompt_file, workspace, run_dir=task_dir.path)
     else:
         argv, env, stdin = _MODULES[preset].command(agent, budget, task_dir.prompt_file, workspace)
-    return Prepared(argv, env, stdin, reader_for(agent, manifest))
+    home_files = {TMP_DIR: "", **(gemini.home_files(budget) if preset == "gemini" else {})}
+    return Prepared(argv, env, stdin, reader_for(agent, manifest), home_files=home_files)
 
 
 def reader_for(agent: Mapping[str, Any], manifest: Mapping[str, Any]) -> StreamReader | None:

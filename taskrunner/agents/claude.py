@@ -94,6 +94,7 @@ class ClaudeReader(StreamReader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._messages: dict[str, dict[str, int] | None] = {}
+        self._total: dict[str, int] | None = None  # the sum of _messages' usage
         self._result: dict[str, Any] | None = None
         self._retry_resets: float | None = None
         self._placeholder = False   # the usage limit's message is rate_limit_event's summary
@@ -143,14 +144,16 @@ class ClaudeReader(StreamReader):
             return ""
         model = message.get("model")
         synthetic = model == "<synthetic>" or bool(event.get("error"))
+        if synthetic:
+            self._error_params(event)
         if not synthetic:
             self._model(model)
             ident = message.get("id")
             if isinstance(ident, str):
                 # The same message arrives once per content block with the same usage: last one wins.
+                self._count_usage(self._messages.get(ident), _usage(message.get("usage")))
                 self._messages[ident] = _usage(message.get("usage"))
                 self.state.turns = len(self._messages)
-                self._sum_usage()
         out = []
         for block in message.get("content") or ():
             if not isinstance(block, dict):
@@ -224,6 +227,7 @@ class ClaudeReader(StreamReader):
             for text in texts:
                 if isinstance(text, str):
                     self._limit_text(text, False)
+            self._error_params(event)
             if event.get("api_error_status") == 429 or event.get("api_error") == "usage_limit_reached":
                 message = next((t for t in texts if isinstance(t, str) and t.strip()), "API error 429")
                 self._hit_limit(message, self._retry_resets)
@@ -265,6 +269,15 @@ class ClaudeReader(StreamReader):
             return Verdict("FAILED", exit_text(exit_code) + " after a successful result")
         return Verdict("COMPLETED")
 
+    def _error_params(self, event: dict[str, Any]) -> None:
+        """An API error's `api_error_params.rate_limit_info.resetsAt` (epoch seconds): the exact reset
+        time, which the message text gives only to the minute (and a rate_limit_event may not precede)."""
+        params = event.get("api_error_params")
+        info = params.get("rate_limit_info") if isinstance(params, dict) else None
+        resets = info.get("resetsAt") if isinstance(info, dict) else None
+        if isinstance(resets, (int, float)) and not isinstance(resets, bool) and self._retry_resets is None:
+            self._retry_resets = epoch_seconds(resets)
+
     def _limit_text(self, text: str, certain: bool) -> None:
         if certain or LIMIT_TEXT.search(text):
             if self._placeholder and self.usage_limit is not None:
@@ -277,12 +290,17 @@ class ClaudeReader(StreamReader):
         if isinstance(event.get("session_id"), str) and self.state.session_id is None:
             self.state.session_id = event["session_id"]
 
-    def _sum_usage(self) -> None:
-        total: dict[str, int] | None = None
-        for usage in self._messages.values():
-            if usage:
-                total = {k: (total or {}).get(k, 0) + v for k, v in usage.items()}
-        if self._result is None and total is not None:
+    def _count_usage(self, before: dict[str, int] | None, after: dict[str, int] | None) -> None:
+        """Keep the running total of the messages' usage (one update per event, whatever the stream's length)."""
+        if after is None and before is None:
+            return
+        total = dict(self._total or {})
+        for key, value in (before or {}).items():
+            total[key] = total.get(key, 0) - value
+        for key, value in (after or {}).items():
+            total[key] = total.get(key, 0) + value
+        self._total = total
+        if self._result is None:
             self.state.usage = total
 
 

@@ -30,6 +30,8 @@ or unknown.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -74,6 +76,28 @@ def command(agent: Mapping[str, Any], budget: Budget, prompt_file: Path,
     if backend.get("base_url"):
         env["GOOGLE_GEMINI_BASE_URL"] = str(backend["base_url"])
     return argv, env, prompt_file
+
+
+#: ~/.gemini/settings.json keys for a headless Run: API-key authentication (without it Gemini CLI
+#: exits 41, "Invalid auth method selected"), no usage statistics or telemetry (they call Google's
+#: hosts), no update checks, and few attempts per model call (its default, 10 with backoff, keeps
+#: a Run that hit a quota waiting for minutes).
+SETTINGS: dict[str, Any] = {
+    "security": {"auth": {"selectedType": "gemini-api-key"}},
+    "privacy": {"usageStatisticsEnabled": False},
+    "telemetry": {"enabled": False},
+    "general": {"disableAutoUpdate": True, "disableUpdateNag": True, "maxAttempts": 3},
+}
+
+
+def home_files(budget: Budget) -> dict[str, str]:
+    """The Agent's ~/.gemini/settings.json: SETTINGS, and the budget's max_turns as Gemini CLI's own
+    turn limit (`model.maxSessionTurns`, which has no command-line flag; exit 53 when reached)."""
+    settings: dict[str, Any] = json.loads(json.dumps(SETTINGS))
+    turns = count(budget.get("max_turns"))
+    if turns:
+        settings["model"] = {"maxSessionTurns": turns}
+    return {".gemini/settings.json": json.dumps(settings, indent=2) + "\n"}
 
 
 class GeminiReader(StreamReader):

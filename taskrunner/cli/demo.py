@@ -16,6 +16,7 @@ from rich.rule import Rule
 from taskrunner import control, gitops
 from taskrunner.cli.render import LiveView
 from taskrunner.config import load_config
+from taskrunner.links.local import default_home
 from taskrunner.daemon import Daemon
 from taskrunner.defaults import LOCAL_WORKER
 from taskrunner.errors import GitError, TaskrunError
@@ -179,7 +180,7 @@ def _configure(clone: Path, out: Console) -> None:
     config_file = clone / ".taskrun.yaml"
     config = (config_file.read_text().replace("groups: {}", "groups: {checks: {parallel: 1}}")
               .replace("  push: false\n", "  push: true\n"))
-    sandbox = Confinement(state_dir(clone) / "workers" / LOCAL_WORKER, protect=[clone]).status()
+    sandbox = Confinement(default_home(state_dir(clone), LOCAL_WORKER), protect=[clone]).status()
     if sandbox.kind is None:
         # The tour must run on a fresh machine: its own throwaway Tasks may run unconfined; yours do not.
         config = config.replace("    sandbox: bwrap\n", "    sandbox: none\n")

@@ -195,16 +195,19 @@ class Confinement:
         return self._status
 
     def launch(self, run_dir: RunDir, argv: list[str], agent: Mapping[str, Any], worker: str,
-               inputs: Sequence[Path] = ()) -> Launch:
+               inputs: Sequence[Path] = (), home_files: Mapping[str, str] = {}) -> Launch:
         """The Agent's command for `argv` (from agents.prepare), confined or not; SandboxRefused if neither.
 
         Makes the Run's HOME; for a confined Run opens its exit-status file (the
         caller passes `pass_fds` to the Agent's Popen and then calls `close`).
         `inputs` (Prepared.inputs) are bound read-only in the sandbox, with the
-        Run's own input files (rundir.agent_inputs).
+        Run's own input files (rundir.agent_inputs). `home_files` (Prepared.home_files:
+        path relative to HOME -> text; a path ending in "/" is a directory) are
+        written into the fresh HOME before it is handed to the Agent.
         """
         home = run_dir.agent_home
         home.mkdir(mode=0o700)
+        write_home_files(home, home_files)
         status = self.status()
         if not decide(status, agent, worker):
             return Launch(wrapped(run_dir.path, argv), home, confined=False)
@@ -229,6 +232,26 @@ class Confinement:
             os.close(fd)
             raise SandboxRefused(f"cannot confine the Agent: {exc}") from None
         return Launch(command, home, confined=True, pass_fds=(fd,))
+
+
+def write_home_files(home: Path, files: Mapping[str, str]) -> None:
+    """Write `files` (relative path -> text, "dir/" for a directory) into a HOME the Worker just made.
+
+    ValueError for a path that is absolute or climbs out (`..`): the names come from the preset
+    modules, never from a Task, but a HOME is written only beneath itself.
+    """
+    for name, text in files.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise ValueError(f"not a path inside the Agent's HOME: {name!r}")
+        target = home.joinpath(*parts)
+        if name.endswith("/"):
+            target.mkdir(mode=0o700, parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
 
 
 def allocate_uid(home: Path, run_dir: RunDir) -> int:

@@ -309,11 +309,13 @@ class WorkerServer:
             try:
                 # Confined in bwrap, or unconfined where both sides accept it (confine.py); else the Run fails.
                 launch = self._confinement.launch(run_dir, list(prepared.argv), manifest["agent"], manifest["worker"],
-                                                  inputs=prepared.inputs)
+                                                  inputs=prepared.inputs, home_files=prepared.home_files)
             except (WorkerError, OSError) as exc:
                 self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
                 return None
             env["HOME"] = str(launch.home)
+            if agents.TMP_DIR in prepared.home_files:
+                env["TMPDIR"] = str(launch.home / agents.TMP_DIR)
             stdout = out.fileno()
             try:
                 if prepared.reader is not None:

@@ -29,7 +29,7 @@ import pytest
 from taskrunner import keys
 from taskrunner.worker.sandbox import AGENT_UID_BASE, AGENT_UID_COUNT
 from tests.agentprobes import Gate, marker, processes_named
-from tests.conftest import Daemon, run_record, task_record, taskrun, wait_status, wait_until, write_task
+from tests.conftest import Daemon, run_record, task_record, taskrun, wait_status, wait_until, write_task, local_worker_home
 from tests.sshd import SshdHost, start_sshd
 
 SECRET = "confined-secret-0123456789"
@@ -75,7 +75,7 @@ def worker(request: pytest.FixtureRequest, repo: Path, tmp_path: Path) -> Iterat
     """The repository's only Worker: the embedded local one, or one real sshd host."""
     keys.ensure_ssh_key(repo / ".git" / "taskrun")  # the daemon's SSH key: one more thing no Agent may read
     if request.param == "local":
-        made = Worker("local", repo / ".git" / "taskrun" / "workers" / "local")
+        made = Worker("local", local_worker_home(repo))
         made.home.mkdir(parents=True, exist_ok=True)
     else:
         _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")

@@ -10,6 +10,7 @@ from taskrunner.records import Records
 from taskrunner.worker.rundir import RunDir
 from tests.agentprobes import Gate, marker, processes_named
 from tests.conftest import (
+    local_worker_home,
     Daemon,
     git,
     run_record,
@@ -181,7 +182,7 @@ def test_run_finished_while_the_daemon_was_down_is_recorded_on_restart(daemon: D
     _kill_mid_run(daemon, "finishes-alone", gate)
 
     gate.open()
-    worker_runs = daemon.root / ".git/taskrun/workers/local/runs"
+    worker_runs = local_worker_home(daemon.root) / "runs"
     wait_until(lambda: any(RunDir(path).exit_code() is not None for path in worker_runs.iterdir()), 20,
                "the Agent to finish on its own")
     daemon.start()

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from taskrunner import keys
-from tests.conftest import Daemon, git, run_record, taskrun, wait_status, wait_until, write_task
+from tests.conftest import Daemon, git, run_record, taskrun, wait_status, wait_until, write_task, local_worker_home
 from tests.sshd import SshdHost, start_sshd
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ class Worker:
 def worker(request: pytest.FixtureRequest, repo: Path, tmp_path: Path) -> Iterator[Worker]:
     """The embedded local Worker, or one real sshd host (then the only Worker); its Agent knows API_TOKEN."""
     if request.param == "local":
-        made = Worker("local", repo / ".git" / "taskrun" / "workers" / "local")
+        made = Worker("local", local_worker_home(repo))
         made.home.mkdir(parents=True, exist_ok=True)
     else:
         _, public = keys.ensure_ssh_key(repo / ".git" / "taskrun")

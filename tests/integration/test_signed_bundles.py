@@ -25,7 +25,7 @@ from taskrunner.keys import Keyring
 from taskrunner.protocol import Message, Reader, encode
 from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import TRUST_TYPE, SigningKey, sign
-from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
+from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task, local_worker_home
 from tests.integration.test_ssh_workers import _add, hosts  # noqa: F401 (hosts is a fixture)
 from tests.sshd import SshdHost
 
@@ -197,7 +197,7 @@ def test_a_rotated_key_is_learnt_by_the_worker_and_the_old_one_retired_after_the
 
 def test_secrets_reach_the_agent_but_never_a_bundle_record_or_commit(repo: Path, daemon: Daemon) -> None:
     secret = "s3cr3t-value-0123456789"
-    home = repo / ".git/taskrun/workers/local"
+    home = local_worker_home(repo)
     home.mkdir(parents=True, exist_ok=True)
     (home / "secrets.env").write_text(f"API_TOKEN={secret}\n")
     config = (repo / ".taskrun.yaml").read_text()

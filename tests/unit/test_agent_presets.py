@@ -6,6 +6,8 @@ pinned CLIs against the scripted model API (tests/integration drives them).
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +190,26 @@ def test_prepare_a_cli_preset_gives_argv_env_stdin_and_a_reader(checkout: tuple[
         assert prepared.argv[prepared.argv.index("--max-turns") + 1] == "4"
     if preset == "aider":
         assert str(prompt) in prepared.argv and str(prompt.parent / "aider.chat.md") in prepared.argv
+
+
+@pytest.mark.parametrize("preset", ["claude", "codex", "gemini", "aider"])
+def test_a_tool_preset_gets_a_tmpdir_in_its_home(checkout: tuple[Path, Path, list[Any]], preset: str) -> None:
+    # codex refuses its tools when its home lies under TMPDIR (/tmp on most Workers): a Run's own TMPDIR.
+    workspace, run_dir, _ = checkout
+    prepared = agents.prepare({"preset": preset}, run_dir, workspace, manifest())
+    assert prepared.home_files[agents.TMP_DIR] == ""
+
+
+def test_gemini_gets_headless_settings_with_the_turn_budget(checkout: tuple[Path, Path, list[Any]]) -> None:
+    workspace, run_dir, _ = checkout
+    prepared = agents.prepare({"preset": "gemini"}, run_dir, workspace, manifest(budget={"max_turns": 3}))
+    settings = json.loads(prepared.home_files[".gemini/settings.json"])
+    assert settings["security"]["auth"]["selectedType"] == "gemini-api-key"
+    assert settings["privacy"]["usageStatisticsEnabled"] is False
+    assert settings["model"]["maxSessionTurns"] == 3
+    shutil.rmtree(workspace / ".task")
+    unbudgeted = agents.prepare({"preset": "gemini"}, run_dir, workspace, manifest())
+    assert "model" not in json.loads(unbudgeted.home_files[".gemini/settings.json"])
 
 
 def test_prepare_uses_the_agents_path_as_argv0(checkout: tuple[Path, Path, list[Any]]) -> None:

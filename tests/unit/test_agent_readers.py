@@ -537,3 +537,23 @@ def test_aider_error_followed_by_a_successful_retry_completes() -> None:
     read(reader, [b"litellm.RateLimitError: RateLimitError: OpenAIException - slow down",
                   b"Retrying in 0.2 seconds...", b"Tokens: 10 sent, 2 received."])
     assert reader.verdict(0).status == "COMPLETED"
+
+
+def test_claude_takes_the_exact_reset_time_from_the_api_errors_params_without_a_rate_limit_event() -> None:
+    # Seen live: no rate_limit_event, the text gives the reset only to the minute ("resets 10:38pm (UTC)").
+    reader = ClaudeReader(now=lambda: 1_795_990_000.0)
+    lines = [json.dumps(e) for e in (
+        {"type": "system", "subtype": "init", "session_id": "s", "model": "m"},
+        {"type": "assistant", "session_id": "s", "error": "rate_limit", "api_error_status": 429,
+         "api_error": "usage_limit_reached",
+         "api_error_params": {"rate_limit_info": {"status": "rejected", "resetsAt": 1_795_993_135}},
+         "message": {"model": "<synthetic>", "content": [
+             {"type": "text", "text": "You've hit your 5-hour limit · resets 10:38pm (UTC)"}]}},
+        {"type": "result", "subtype": "success", "is_error": True, "api_error_status": 429,
+         "result": "You've hit your 5-hour limit · resets 10:38pm (UTC)"},
+    )]
+    for line in lines:
+        reader.feed(line.encode())
+    limit = reader.limit()
+    assert limit is not None and limit.resets_at == 1_795_993_135
+    assert reader.verdict(1).usage_limit == limit

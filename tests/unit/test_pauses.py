@@ -34,6 +34,10 @@ def test_a_reset_time_in_the_past_still_pauses_briefly_and_one_far_away_is_cappe
     assert pauses.pause_until(NOW + 10 * 365 * 86400, NOW) == NOW + MAX_PAUSE_SECONDS
 
 
+def test_a_reset_time_ahead_is_kept_however_near() -> None:
+    assert pauses.pause_until(NOW + 5, NOW) == NOW + 5
+
+
 def test_the_waiting_reason_names_the_agent_and_the_end_in_utc() -> None:
     until = 1_795_993_200.0  # 2026-11-29T23:00:00Z
     assert pauses.reason("claude", until) == "Agent 'claude' paused: usage limit until 2026-11-29T23:00:00Z"

@@ -25,6 +25,7 @@ from taskrunner.keys import Keyring
 from taskrunner.model import Priority, TaskStatus
 from taskrunner.worker import serve as serve_module
 from taskrunner.worker.confine import (
+    write_home_files,
     TURNED_OFF,
     Confinement,
     SandboxRefused,
@@ -603,3 +604,15 @@ def test_credentials_that_keep_a_privilege_are_named() -> None:
         "CapEff 000001ffffffffff"
     assert credentials_problem(good.replace("NoNewPrivs:\t1", "NoNewPrivs:\t0"), None) == "NoNewPrivs 0"
     assert credentials_problem("", None) == "CapEff missing, CapPrm missing, CapAmb missing, NoNewPrivs missing"
+
+
+def test_home_files_are_written_into_the_fresh_home_and_only_beneath_it(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    write_home_files(home, {"tmp/": "", ".gemini/settings.json": "{}\n"})
+    assert (home / "tmp").is_dir() and (home / ".gemini" / "settings.json").read_text() == "{}\n"
+    assert (home / ".gemini" / "settings.json").stat().st_mode & 0o777 == 0o600
+    for bad in ("../escape", "/etc/x", "a/../../b"):
+        with pytest.raises(ValueError, match="inside the Agent's HOME"):
+            write_home_files(home, {bad: "x"})
+    assert not (tmp_path / "escape").exists()
