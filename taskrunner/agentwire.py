@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -118,6 +119,15 @@ def backend_used(configured: Mapping[str, Any] | None, report: RunReport | None)
         used["model"] = report.model or used["model"]
         used["cli_version"] = report.cli_version
     return used
+
+
+def version_number(line: Any) -> str | None:
+    """The version in a `--version` line, as the tools' streams report theirs: "codex-cli 0.171.0" ->
+    "0.171.0", "2.1.332 (Claude Code)" -> "2.1.332"; the line itself when it holds none, None for no text."""
+    if not isinstance(line, str) or not line.strip():
+        return None
+    found = re.search(r"\d+(?:\.\d+)+(?:[-+][0-9A-Za-z.]+)?", line)
+    return found.group(0) if found else line.strip()
 
 
 def split_payload(payload: bytes, events: Any) -> tuple[bytes, bytes | None, str | None]:

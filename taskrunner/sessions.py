@@ -267,7 +267,7 @@ class WorkerSessions:
                 # codex and gemini name no version in their stream: the one the Worker's `ready` found.
                 agent = self.config().agents.get(run.agent) if self.config() is not None else None
                 found = (worker.offered_presets() or {}).get(agent.preset) if agent is not None else None
-                run.backend_used["cli_version"] = (found or {}).get("version")
+                run.backend_used["cli_version"] = agentwire.version_number((found or {}).get("version"))
         limit = agentwire.usage_limit(result.get("usage_limit"))
         # Only a FAILED Run ended on a limit: a COMPLETED one that saw a warning did its work.
         run.usage_limit = limit if result.get("status") == RunStatus.FAILED.value else None

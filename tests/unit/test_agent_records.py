@@ -368,3 +368,11 @@ def test_taskrun_agents_without_a_daemon_lists_agents_and_saved_pauses(repo: Pat
     assert claude["workers"] == [{"worker": "local", "online": None, "status": "unknown", "version": None}]
     text = taskrun(repo, "agents")
     assert "until 2096-10-02T07:06:40Z" in text.stdout and "local (not seen yet)" in text.stdout
+
+
+@pytest.mark.parametrize(("line", "number"), [
+    ("codex-cli 0.171.0", "0.171.0"), ("2.1.332 (Claude Code)", "2.1.332"), ("0.61.0", "0.61.0"),
+    ("aider 0.86.2", "0.86.2"), ("tool 1.2.3-beta.1", "1.2.3-beta.1"), ("weird", "weird"), ("", None), (None, None),
+])
+def test_a_version_line_gives_the_version_number_streams_report(line: object, number: str | None) -> None:
+    assert agentwire.version_number(line) == number
