@@ -130,9 +130,12 @@ def run_demo(out: Console) -> int:
     `taskrun hooks install` writes), `clone` (the daemon's, `git.push: true`) and `you` (a user's).
     """
     base = Path(tempfile.mkdtemp(prefix="taskrun-demo-"))
+    # The local Worker's home (links/local.py default_home) stays inside the demo's directory too.
+    os.environ["XDG_STATE_HOME"] = str(base / "state")
     origin, clone, you = base / "origin.git", base / "clone", base / "you"
     _rule(out, "taskrun demo")
-    out.print(f"In {base}: origin.git (a bare origin), clone (the daemon's), you (your clone)", markup=False)
+    out.print(f"In {base}: origin.git (a bare origin), clone (the daemon's), you (your clone), state (its local "
+              "Worker's home)", markup=False)
     _git(base, "init", "--quiet", "--bare", "--initial-branch=main", str(origin))
     _git(base, "clone", "--quiet", str(origin), str(clone))
     init_repository(clone)
