@@ -193,7 +193,7 @@ class ClaudeReader(StreamReader):
             return ""
         status = info.get("status")
         resets = info.get("resetsAt")
-        resets_at = epoch_seconds(resets) if isinstance(resets, (int, float)) and not isinstance(resets, bool) else None
+        resets_at = epoch_seconds(resets, self.now())
         kind = info.get("rateLimitType") or "usage"
         if status == "rejected" and info.get("overageStatus") not in ("allowed", "allowed_warning"):
             self._retry_resets = resets_at
@@ -205,6 +205,8 @@ class ClaudeReader(StreamReader):
         return ""
 
     def _on_result(self, event: dict[str, Any]) -> str:
+        if self._result is not None:
+            return self._another_result(event)
         self._result = event
         self._session(event)
         turns = count(event.get("num_turns"))
@@ -213,10 +215,12 @@ class ClaudeReader(StreamReader):
         cost = usd(event.get("total_cost_usd"))
         if cost is not None:
             self.state.cost_usd = cost
-        usage = _usage(event.get("usage"))
-        if usage is not None:
-            self.state.usage = usage
+        # modelUsage is the session's total per model; the result's `usage` can be the last turn's only
+        # (error_max_budget_usd) or zeros: the larger of them, else the running total of the messages.
         models = event.get("modelUsage")
+        reported = [u for u in (_usage(event.get("usage")), _model_usage(models)) if u and sum(u.values()) > 0]
+        if reported:
+            self.state.usage = max(reported, key=lambda u: sum(u.values()))
         if isinstance(models, dict) and models:
             self._model(max(models, key=lambda name: _weight(models[name])))
         if isinstance(event.get("result"), str):
@@ -275,8 +279,8 @@ class ClaudeReader(StreamReader):
         params = event.get("api_error_params")
         info = params.get("rate_limit_info") if isinstance(params, dict) else None
         resets = info.get("resetsAt") if isinstance(info, dict) else None
-        if isinstance(resets, (int, float)) and not isinstance(resets, bool) and self._retry_resets is None:
-            self._retry_resets = epoch_seconds(resets)
+        if self._retry_resets is None:
+            self._retry_resets = epoch_seconds(resets, self.now())
 
     def _limit_text(self, text: str, certain: bool) -> None:
         if certain or LIMIT_TEXT.search(text):
@@ -309,6 +313,21 @@ def _usage(value: Any) -> dict[str, int] | None:
         return None
     return usage_of(value.get("input_tokens"), value.get("output_tokens"),
                     value.get("cache_read_input_tokens"), value.get("cache_creation_input_tokens"))
+
+
+def _model_usage(models: Any) -> dict[str, int] | None:
+    """The sum over `modelUsage`'s models ({inputTokens, outputTokens, cacheReadInputTokens,
+    cacheCreationInputTokens}), in the Report's keys; None when it holds none."""
+    if not isinstance(models, dict):
+        return None
+    total: dict[str, int] | None = None
+    for value in models.values():
+        if isinstance(value, dict):
+            usage = usage_of(value.get("inputTokens"), value.get("outputTokens"),
+                             value.get("cacheReadInputTokens"), value.get("cacheCreationInputTokens"))
+            if usage:
+                total = {k: (total or {}).get(k, 0) + v for k, v in usage.items()}
+    return total
 
 
 def _weight(value: Any) -> float:

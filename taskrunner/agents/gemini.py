@@ -173,6 +173,8 @@ class GeminiReader(StreamReader):
             self._reply = []
 
     def _on_result(self, event: dict[str, Any]) -> str:
+        if self._result is not None:
+            return self._another_result(event)
         self._result = event
         stats = event.get("stats")
         if isinstance(stats, dict):

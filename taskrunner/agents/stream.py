@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -186,11 +187,22 @@ class StreamReader:
             return Verdict("COMPLETED")
         return Verdict("FAILED", exit_text(exit_code))
 
+    def _another_result(self, event: dict[str, Any]) -> str:
+        """A result event after the first: the tool reports once per session, so anything later came from
+        something else writing to its stdout (a process the Agent started). The first result's verdict
+        stands; a higher cost it reports still counts against the budget."""
+        for key in ("total_cost_usd", "cost_usd"):
+            cost = usd(event.get(key))
+            if cost is not None and cost > (self.state.cost_usd or 0.0):
+                self.state.cost_usd = cost
+        return "[result] another result after the first, ignored\n"
+
     def _hit_limit(self, message: str, resets_at: float | None = None) -> None:
         """Keep the first usage limit seen; a later one only adds a reset time the first lacked."""
         message = " ".join(message.split())[:1000]
         if resets_at is None:
             resets_at = reset_time(message, self.now())
+        resets_at = epoch_seconds(resets_at, self.now())  # finite and in range, whatever the tool said
         if self.usage_limit is None:
             self.usage_limit = UsageLimit(resets_at, message)
         elif self.usage_limit.resets_at is None and resets_at is not None:
@@ -288,7 +300,7 @@ def reset_time(text: str, now: float, tz: tzinfo | None = None) -> float | None:
         return None
     match = _EPOCH_AFTER_BAR.search(text)
     if match:
-        return epoch_seconds(int(match.group(1)))
+        return epoch_seconds(int(match.group(1)), now)
     match = _ISO.search(text)
     if match:
         parsed = parse_iso(match.group(1), tz)
@@ -310,10 +322,32 @@ def reset_time(text: str, now: float, tz: tzinfo | None = None) -> float | None:
     return None
 
 
-def epoch_seconds(value: float) -> float:
-    """Epoch seconds from seconds or milliseconds (a value past the year 5138 is taken as ms)."""
-    value = float(value)
-    return value / 1000 if value > 1e11 else value
+#: The latest reset time kept (9999-12-31T23:59:59Z): later ones are taken as this, and pauses are capped
+#: far below it anyway (pauses.py).
+LATEST_EPOCH = 253402300799.0
+#: A figure is read as milliseconds only when that puts it this close to now (ten years).
+_MS_WINDOW_SECONDS = 10 * 365 * 86400.0
+
+
+def epoch_seconds(value: Any, now: float | None = None) -> float | None:
+    """Epoch seconds from a reported reset time in seconds or milliseconds; None when it is no number.
+
+    Read as milliseconds when it is over 1e11 and, as milliseconds, within ten years of `now`
+    (default: the clock); else as seconds. Clamped to [0, LATEST_EPOCH], so no value from a stream
+    (1e999, NaN, -1e20, a year-9999 time in seconds) can break the date arithmetic after it.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        return LATEST_EPOCH if value > 0 else 0.0
+    if math.isnan(seconds):
+        return None
+    now = time.time() if now is None else now
+    if seconds > 1e11 and abs(seconds / 1000 - now) <= _MS_WINDOW_SECONDS:
+        seconds /= 1000
+    return min(max(seconds, 0.0), LATEST_EPOCH)
 
 
 def parse_iso(text: str, tz: tzinfo | None = None) -> float | None:
@@ -328,8 +362,14 @@ def parse_iso(text: str, tz: tzinfo | None = None) -> float | None:
 
 
 def iso_utc(epoch: float) -> str:
-    """"2026-11-29T23:00:00Z" for epoch seconds."""
+    """"2026-11-29T23:00:00Z" for epoch seconds (clamped to [0, LATEST_EPOCH]; NaN is 0)."""
+    epoch = min(max(epoch, 0.0), LATEST_EPOCH) if epoch == epoch else 0.0
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: A reset time read from a clock time in text ("resets 10:38pm", "try again at 11:01 PM") is the end of
+#: the minute it names, and a time within the current minute is today's, not tomorrow's.
+_CLOCK_PRECISION = timedelta(minutes=1)
 
 
 def _clock(match: re.Match[str], now: float, tz: tzinfo | None) -> float | None:
@@ -353,11 +393,12 @@ def _clock(match: re.Match[str], now: float, tz: tzinfo | None) -> float | None:
                 moment = moment.replace(year=year + 1)
         else:
             moment = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
-            if moment <= current:
+            if moment + _CLOCK_PRECISION <= current:
                 moment += timedelta(days=1)
     except ValueError:
         return None
-    return moment.timestamp()
+    # A time the text gives to the minute resets somewhere within that minute: its end.
+    return (moment + _CLOCK_PRECISION).timestamp()
 
 
 def _zone(name: str | None, default: tzinfo | None) -> tzinfo | None:

@@ -15,6 +15,7 @@ masked together with the bytes around it (`masked_range`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -76,7 +77,27 @@ def kept(run_dir: Path) -> list[bytes]:
 
 
 def redacted_values(values: Mapping[str, str]) -> list[bytes]:
-    return sorted({v.encode() for v in values.values() if len(v) >= MIN_REDACTED_CHARS}, key=len, reverse=True)
+    """The byte strings masked for `values`: each value, and the forms JSON gives it (see with_json_escapes)."""
+    return with_json_escapes(tuple(v.encode() for v in values.values() if len(v) >= MIN_REDACTED_CHARS))
+
+
+@functools.lru_cache(maxsize=64)
+def with_json_escapes(values: tuple[bytes, ...]) -> list[bytes]:
+    """`values` and each one as a JSON string escapes it (`"` and `\\` and control characters escaped;
+    non-ASCII as is and as \\uXXXX), longest first: a tool that prints a secret inside its JSON events
+    (Claude Code, codex, Gemini CLI) writes it escaped. An Agent that encodes a secret on purpose
+    (base64, escapes of every character) is not caught by masking: it holds the secrets its Agent names.
+    """
+    forms: set[bytes] = set()
+    for value in values:
+        forms.add(value)
+        text = value.decode("utf-8", "surrogateescape")
+        for ascii_only in (True, False):
+            try:
+                forms.add(json.dumps(text, ensure_ascii=ascii_only)[1:-1].encode("utf-8", "surrogateescape"))
+            except (UnicodeEncodeError, ValueError):
+                pass
+    return sorted(forms, key=len, reverse=True)
 
 
 def mask(data: bytes, secrets: Sequence[bytes]) -> bytes:

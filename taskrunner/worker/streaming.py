@@ -138,6 +138,7 @@ def mask_line(line: bytes, values: Sequence[bytes], cut: bool) -> bytes:
     """`line` with the secrets masked; a `cut` line's ending that begins a secret is masked too."""
     if not values:
         return line
+    values = secret_values.with_json_escapes(tuple(values))
     masked = secret_values.mask(line, values)
     if cut:
         end = _opening_secret(masked, values)
@@ -383,6 +384,6 @@ def _shipped_size(stream: Any) -> int:
 
 def _masked(stream: Any, start: int, end: int, size: int, values: Sequence[bytes]) -> bytes:
     if values:
-        return secret_values.masked_range(stream, start, end, size, values)
+        return secret_values.masked_range(stream, start, end, size, secret_values.with_json_escapes(tuple(values)))
     stream.seek(start)
     return bytes(stream.read(end - start))

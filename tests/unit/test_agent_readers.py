@@ -557,3 +557,20 @@ def test_claude_takes_the_exact_reset_time_from_the_api_errors_params_without_a_
     limit = reader.limit()
     assert limit is not None and limit.resets_at == 1_795_993_135
     assert reader.verdict(1).usage_limit == limit
+
+
+def test_claude_usage_is_the_sessions_total_when_the_result_gives_only_the_last_turn_or_zeros() -> None:
+    # error_max_budget_usd: `usage` holds the last turn (or zeros), modelUsage the whole session.
+    lines = (STREAMS / "claude-max-budget.jsonl").read_bytes().splitlines()
+    reader = ClaudeReader()
+    for line in lines:
+        reader.feed(line)
+    assert reader.report().usage["input_tokens"] == 800_000
+    assert reader.report().usage["output_tokens"] == 40_000
+    zeroed = json.loads(lines[-1])
+    zeroed["usage"] = {"input_tokens": 0, "output_tokens": 0}
+    zeroed["modelUsage"] = {}
+    again = ClaudeReader()
+    for line in [*lines[:-1], json.dumps(zeroed).encode()]:
+        again.feed(line)
+    assert again.report().usage["input_tokens"] > 0  # the running total of the turns, not zeros

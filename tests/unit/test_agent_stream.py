@@ -118,17 +118,20 @@ def test_feed_never_raises_on_arbitrary_events(preset: str, events: list[dict[st
 # ---------------------------------------------------------------------------- stream.py helpers
 
 
+MINUTE = 60
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("usage limit reached|1764450000", 1764450000),
     ("resets at 2026-11-30T01:00:00Z", at(2026, 11, 30, 1, 0)),
     ("reset 2026-11-30T03:00:00+02:00", at(2026, 11, 30, 1, 0)),
-    ("limit · resets 3pm (UTC)", at(2026, 11, 30, 15, 0)),
-    ("limit · resets 11:30pm", at(2026, 11, 29, 23, 30)),
-    ("resets 3:30pm (Europe/Berlin)", at(2026, 11, 30, 14, 30)),
-    ("try again at 2:15 PM", at(2026, 11, 30, 14, 15)),
-    ("try again at 22:45", at(2026, 11, 29, 22, 45)),
-    ("try again at Dec 4th, 2026 10:03 PM.", at(2026, 12, 4, 22, 3)),
-    ("resets Jan 2 at 9am", at(2027, 1, 2, 9, 0)),
+    ("limit · resets 3pm (UTC)", at(2026, 11, 30, 15, 0) + MINUTE),
+    ("limit · resets 11:30pm", at(2026, 11, 29, 23, 30) + MINUTE),
+    ("resets 3:30pm (Europe/Berlin)", at(2026, 11, 30, 14, 30) + MINUTE),
+    ("try again at 2:15 PM", at(2026, 11, 30, 14, 15) + MINUTE),
+    ("try again at 22:45", at(2026, 11, 29, 22, 45) + MINUTE),
+    ("try again at Dec 4th, 2026 10:03 PM.", at(2026, 12, 4, 22, 3) + MINUTE),
+    ("resets Jan 2 at 9am", at(2027, 1, 2, 9, 0) + MINUTE),
     ("try again in 2 hours 5 minutes", NOW + 7500),
     ("Please retry in 37.5s", NOW + 37.5),
     ("retry in 250ms", NOW + 0.25),
@@ -138,7 +141,14 @@ def test_feed_never_raises_on_arbitrary_events(preset: str, events: list[dict[st
     ("", None),
 ])
 def test_reset_time_forms(text: str, expected: float | None) -> None:
+    # A clock time in text is given to the minute: the reset is the end of that minute.
     assert utc_reset(text) == expected
+
+
+def test_a_clock_time_within_the_current_minute_is_todays_not_tomorrows() -> None:
+    # Seen live: "resets 10:38pm (UTC)" printed at 22:38:20 for a reset at 22:38:55.
+    now = at(2026, 11, 29, 22, 38) + 20
+    assert reset_time("limit · resets 10:38pm (UTC)", now) == at(2026, 11, 29, 22, 39)
 
 
 def test_reset_time_without_a_zone_is_the_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,7 +156,7 @@ def test_reset_time_without_a_zone_is_the_local_time(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TZ", "Asia/Tokyo")
     time.tzset()
     try:
-        assert reset_time("resets 9am", NOW) == at(2026, 11, 30, 0, 0)  # 09:00 JST = 00:00 UTC
+        assert reset_time("resets 9am", NOW) == at(2026, 11, 30, 0, 0) + MINUTE  # 09:00 JST = 00:00 UTC
     finally:
         monkeypatch.undo()
         time.tzset()
