@@ -27,12 +27,24 @@ the other presets (aider, command).
 
 Neither `.task/<task-id>/run-<n>/` nor the section is ever part of the
 returned change: gitflow/change.py leaves out the directory and calls
-`strip_section` on the index file's new content.
+`strip_section` on the index file's new content. `strip_section` removes
+exactly taskrun's section, byte for byte as `section` writes it: a BEGIN..END
+block whose every line is one `section` writes for this Run (its heading
+names the Task id and run number, then the fixed sentence, the task file's
+line, then only lines naming copies under the Run's `context/`), never any
+other block between the same markers. A block of the repository's own, one
+the Agent appended (before or after taskrun's), and a taskrun section the
+base commit already held all stay. When the Agent edited inside taskrun's
+section, it is no longer taskrun's exact bytes: nothing is removed, and the
+change keeps the file as the Agent left it (`section_edited` tells, and the
+result commit's message notes it).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -115,15 +127,24 @@ def index_lines(preset: str | None, task_file: str, context: tuple[str, ...]) ->
     """The lines pointing at the task file and the context copies: `@path` for Claude Code, else `- path`."""
     if preset == "claude":
         return [f"@{task_file}", *(f"@{path}" for path in context)]
-    return [f"- {task_file} (the requirement)", *(f"- {path}" for path in context)]
+    return [f"- {task_file}{_REQUIREMENT}", *(f"- {path}" for path in context)]
+
+
+#: The sentence after the heading of taskrun's section.
+_SENTENCE = ("The requirement of the Task being worked on, and its context files (taskrun's copies; they are "
+             "not part of the change):")
+#: What follows the task file's path on its line, for the presets that name plain paths.
+_REQUIREMENT = " (the requirement)"
 
 
 def section(preset: str | None, task_id: str, number: int, task_file: str, context: tuple[str, ...]) -> str:
     """taskrun's section of an index file, from the line BEGIN to the line END, ending with a newline."""
-    return "\n".join([BEGIN, f"## taskrun: Task {task_id}, run {number}", "",
-                      "The requirement of the Task being worked on, and its context files (taskrun's "
-                      "copies; they are not part of the change):", "",
+    return "\n".join([BEGIN, _heading(task_id, number), "", _SENTENCE, "",
                       *index_lines(preset, task_file, context), END]) + "\n"
+
+
+def _heading(task_id: str, number: int) -> str:
+    return f"## taskrun: Task {task_id}, run {number}"
 
 
 def with_section(base: bytes | None, block: bytes) -> bytes:
@@ -133,18 +154,41 @@ def with_section(base: bytes | None, block: bytes) -> bytes:
     return base + (b"\n" if base.endswith(b"\n") else b"\n\n") + block
 
 
-def strip_section(text: bytes, base: bytes | None) -> bytes | None:
+@dataclass(frozen=True)
+class Expected:
+    """What taskrun's section of this Run must say: its Task id, run number and the Agent's preset.
+
+    Given to `strip_section` by a caller that knows the Run (gitflow/change.py, from the manifest):
+    only a block that is exactly `section(preset, task_id, number, <rel>/task.md, copies)` for some
+    copies under `<rel>/context/` is then taskrun's.
+    """
+
+    task_id: str
+    number: int
+    preset: str | None
+
+
+def strip_section(text: bytes, base: bytes | None, expected: Expected | None = None) -> bytes | None:
     """The index file's content as the change should hold it: None for no file.
 
-    `text` is its content after the Run, `base` its content at the base commit (None: no such file).
-    Exactly `base` plus taskrun's last section -> `base` (None when there was none); otherwise the last
-    BEGIN..END block and the blank line before it are removed, and what the Agent wrote stays.
-    An empty result where the base had no file is no file.
+    `text` is its content after the Run, `base` its content at the base commit (None: no such file),
+    `expected` this Run's section (None: any section of the form `section` writes).
+
+    Only a block that is byte for byte a section `section` writes (for `expected`'s Task, run and
+    preset when given) is taskrun's; every other BEGIN..END block (the repository's own, one the Agent
+    wrote) is content like any other. When `text` holds more copies of such a block than `base` did,
+    the last extra copy is removed with the blank line `with_section` put before it; exactly `base`
+    plus the section gives `base` back (None when there was none). When there is no extra copy, `text`
+    is returned unchanged: nothing is removed (`section_edited` tells whether that is because the Agent
+    edited inside the section). An empty result where the base had no file is no file.
     """
-    found = _last_block(text)
-    if found is None:
+    spans = _sections(text, expected)
+    before_counts = Counter(base[a:b] for a, b in _sections(base, expected)) if base else Counter()
+    counts = Counter(text[a:b] for a, b in spans)
+    extra = [(a, b) for a, b in spans if counts[text[a:b]] > before_counts[text[a:b]]]
+    if not extra:
         return text
-    start, end = found
+    start, end = extra[-1]
     if text == with_section(base, text[start:end]):
         return base
     before, after = text[:start], text[end:]
@@ -154,21 +198,80 @@ def strip_section(text: bytes, base: bytes | None) -> bytes | None:
     return None if base is None and not kept else kept
 
 
-def _last_block(text: bytes) -> tuple[int, int] | None:
-    """(start, end) byte offsets of the last line BEGIN through the next line END (its newline included)."""
-    begin, finish = BEGIN.encode(), END.encode()
+def _lines(text: bytes) -> tuple[list[bytes], list[int]]:
+    """`text`'s lines (newlines kept) and the byte offset each starts at."""
     lines = text.splitlines(keepends=True)
     offsets, at = [], 0
     for line in lines:
         offsets.append(at)
         at += len(line)
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].rstrip(b"\r\n") != begin:
+    return lines, offsets
+
+
+def _sections(text: bytes, expected: Expected | None) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each block of `text` that is exactly a section `section` writes
+    (for `expected` when given), its last newline included, in order."""
+    lines, offsets = _lines(text)
+    found = []
+    i = 0
+    while i < len(lines):
+        end = _section_end(lines, i, expected) if lines[i] == BEGIN.encode() + b"\n" else None
+        if end is None:
+            i += 1
             continue
-        for j in range(i + 1, len(lines)):
-            if lines[j].rstrip(b"\r\n") == finish:
-                return offsets[i], offsets[j] + len(lines[j])
+        found.append((offsets[i], offsets[end] + len(lines[end])))
+        i = end + 1
+    return found
+
+
+_HEADING = re.compile(rb"## taskrun: Task (\S(?:.*\S)?), run ([1-9][0-9]*)\n")
+_TASK_LINE = re.compile(rb"(@|- )(" + re.escape(TASK_ROOT.encode()) + rb"/.+/run-[1-9][0-9]*)/"
+                        + re.escape(TASK_FILE.encode()) + rb"(.*)\n")
+
+
+def _section_end(lines: list[bytes], i: int, expected: Expected | None) -> int | None:
+    """The index of the END line closing the section that opens at `lines[i]` (a BEGIN line), when the
+    lines from `i` are exactly one `section` writes; else None."""
+    head = _HEADING.fullmatch(lines[i + 1]) if i + 1 < len(lines) else None
+    if head is None or lines[i + 2:i + 5] != [b"\n", _SENTENCE.encode() + b"\n", b"\n"] or i + 5 >= len(lines):
+        return None
+    task = _TASK_LINE.fullmatch(lines[i + 5])
+    if task is None:
+        return None
+    style, rel, rest = task.group(1), task.group(2), task.group(3)
+    if rest != (b"" if style == b"@" else _REQUIREMENT.encode()):
+        return None
+    if expected is not None:
+        try:
+            want = task_dir_rel(expected.task_id, expected.number).encode()
+        except TaskDirError:
+            return None
+        if (head.group(1), int(head.group(2)), rel) != (expected.task_id.encode(), expected.number, want) \
+                or style != (b"@" if expected.preset == "claude" else b"- "):
+            return None
+    copies = style + rel + b"/" + CONTEXT_DIR.encode() + b"/"
+    for j in range(i + 6, len(lines)):
+        if lines[j] == END.encode() + b"\n":
+            return j
+        line = lines[j]
+        if not (line.startswith(copies) and line.endswith(b"\n") and len(line) > len(copies) + 1):
+            return None
     return None
+
+
+def section_edited(text: bytes, base: bytes | None, expected: Expected) -> bool:
+    """Whether `text` holds taskrun's section for `expected` in a form other than the one it wrote: more
+    BEGIN lines followed by this Run's heading than `base` has, and no more exact sections than `base`
+    (the Agent edited inside the section, so `strip_section` left the file as it is)."""
+    heading = (_heading(expected.task_id, expected.number) + "\n").encode()
+
+    def opened(data: bytes) -> int:
+        lines, _ = _lines(data)
+        return sum(1 for k in range(len(lines) - 1)
+                   if lines[k].rstrip(b"\r\n") == BEGIN.encode() and lines[k + 1].replace(b"\r\n", b"\n") == heading)
+
+    old = base or b""
+    return opened(text) > opened(old) and len(_sections(text, expected)) <= len(_sections(old, expected))
 
 
 def write_task_dir(workspace: Path, manifest: Mapping[str, Any], spec: TaskSpec, preset: str) -> TaskDir:
@@ -382,5 +485,5 @@ def _metadata(values: Mapping[str, Any]) -> str:
         yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-__all__ = ["BEGIN", "END", "INDEX_FILES", "TASK_ROOT", "TaskDir", "TaskDirError", "index_file", "run_number",
-           "section", "strip_section", "task_dir_rel", "with_section", "write_task_dir"]
+__all__ = ["BEGIN", "END", "INDEX_FILES", "TASK_ROOT", "Expected", "TaskDir", "TaskDirError", "index_file",
+           "run_number", "section", "section_edited", "strip_section", "task_dir_rel", "with_section", "write_task_dir"]

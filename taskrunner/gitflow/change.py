@@ -25,16 +25,22 @@ What counts as the change (README "Changes come back as commits"):
   between `<!-- taskrun:begin -->` and `<!-- taskrun:end -->`): a file that
   is the base's content plus that section (or the section alone, where the
   base had no such file) is returned as the base had it (or absent); one the
-  Agent also edited is returned with only the section removed. The section
-  is taken out of the staged blob (git's view, after its filters), never by
-  reading the work tree again, and only from a regular file of at most
-  MAX_INDEX_STRIP_BYTES.
+  Agent also edited is returned with only the section removed. Only the
+  exact section this Run wrote is taken out (agents/workspace.py
+  `strip_section`, told the Task id, run number and preset from the
+  manifest); a block of the repository's own or of the Agent's between the
+  same markers stays. When the Agent edited inside the section, nothing is
+  taken out and the commit message says so. The section is taken out of the
+  staged blob (git's view, after its filters), never by reading the work
+  tree again, and only from a regular file of at most MAX_INDEX_STRIP_BYTES.
 
 The commit: tree of the above, parent the base commit, author and committer
 from the manifest's `git` object (the control plane's `git.author`), message
-the Task's title with trailers `Task-Id`, `Run-Id`, `Worker`, `Agent`. Its new
-objects are packed (`pack-objects --revs <commit> --not <base>`) into
-`<run_dir>/change.pack`.
+the Task's title with trailers `Task-Id`, `Run-Id`, `Worker`, `Agent`. Every
+text in the message is made inert with textsafe.clean (one line each: a
+terminal escape shows as `\\x1b`, a newline in the title becomes a space and
+cannot start a trailer). Its new objects are packed (`pack-objects --revs
+<commit> --not <base>`) into `<run_dir>/change.pack`.
 
 Refused, never committed or sent (ChangeRefused; the Run ends FAILED saying
 why): a change holding the value of one of the Agent's secrets (in a file's
@@ -60,10 +66,19 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from taskrunner.agents.workspace import TaskDirError, index_file, run_number, strip_section, task_dir_rel
+from taskrunner.agents.workspace import (
+    Expected,
+    TaskDirError,
+    index_file,
+    run_number,
+    section_edited,
+    strip_section,
+    task_dir_rel,
+)
 from taskrunner.errors import GitError, WorkerError
 from taskrunner.gitflow.cache import CHECKOUT_CONFIG, ObjectCache
 from taskrunner.gitflow.plumbing import git
+from taskrunner.textsafe import clean
 
 #: The pack of a Run's change, in its run directory.
 CHANGE_PACK = "change.pack"
@@ -137,8 +152,14 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
             run("update-index", "--force-remove", "--", *nested)
         changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
     index = index_file(_preset(manifest))
-    if index is not None and index in changes and _strip_index(run, base, index, changes[index]):
-        changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
+    notes: list[str] = []
+    if index is not None and index in changes:
+        stripped, edited = _strip_index(run, base, index, changes[index], _expected(manifest))
+        if stripped:
+            changes = _diff(run("diff-index", "--cached", "-z", "--no-renames", base))
+        if edited:
+            notes.append(f"The Agent edited inside taskrun's section of {index}: it was left in this change as "
+                         "the Agent wrote it.")
     if not changes:
         return None
     sizes = _blob_sizes(run, changes)  # sizes only: no blob content is read before the size check
@@ -150,7 +171,7 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
     now = f"{int(time.time())} +0000"
     identity = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_AUTHOR_DATE": now,
                 "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email, "GIT_COMMITTER_DATE": now}
-    commit = run("commit-tree", tree, "-p", base, stdin=message(manifest, worker).encode(),
+    commit = run("commit-tree", tree, "-p", base, stdin=message(manifest, worker, notes).encode(),
                  extra=identity).decode().strip()
     # git writes the pack to a file itself (never through the Worker's memory); after the size check
     # above it is about as large as the change at most (plus its trees and commit).
@@ -176,13 +197,33 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
     return {"commit": commit, "base": base, "sha256": digest.hexdigest(), "size": size}
 
 
-def message(manifest: Mapping[str, Any], worker: str) -> str:
-    """The commit message: the Task's title, then the trailers."""
-    fields = manifest.get("git") or {}
-    title = " ".join(str(fields.get("title") or manifest.get("task_id")).split()) or str(manifest.get("task_id"))
-    agent = manifest.get("agent") or {}
-    return (f"{title}\n\nTask-Id: {manifest.get('task_id')}\nRun-Id: {manifest.get('run_id')}\n"
-            f"Worker: {worker}\nAgent: {agent.get('name')}\n")
+def message(manifest: Mapping[str, Any], worker: str, notes: Sequence[str] = ()) -> str:
+    """The commit message: the Task's title (else its id), a paragraph per note, then the trailers
+    `Task-Id`, `Run-Id`, `Worker`, `Agent`.
+
+    Every value is one line made inert by textsafe.clean: control characters and bidi controls show as
+    escapes (``\\x1b``), line breaks become spaces, so no value can add a line, let alone a trailer.
+    """
+    fields = manifest.get("git") if isinstance(manifest.get("git"), Mapping) else {}
+    agent = manifest.get("agent") if isinstance(manifest.get("agent"), Mapping) else {}
+    task_id = _line(manifest.get("task_id"))
+    title = _line(fields.get("title")) or task_id
+    body = "".join(f"{_line(note)}\n\n" for note in notes if _line(note))
+    return (f"{title}\n\n{body}Task-Id: {task_id}\nRun-Id: {_line(manifest.get('run_id'))}\n"
+            f"Worker: {_line(worker)}\nAgent: {_line(agent.get('name'))}\n")
+
+
+def _line(value: Any) -> str:
+    """`value` as one inert line for the commit message: textsafe.clean, runs of spaces made one."""
+    return " ".join(clean(str(value)).split()) if value is not None else ""
+
+
+def _expected(manifest: Mapping[str, Any]) -> Expected | None:
+    """This Run's section as the manifest names it (Task id, run number, preset), or None when it names
+    no Task (then no block is taken for taskrun's)."""
+    task_id = manifest.get("task_id")
+    return Expected(task_id, run_number(manifest), _preset(manifest)) if isinstance(task_id, str) and task_id \
+        else None
 
 
 def _preset(manifest: Mapping[str, Any]) -> str | None:
@@ -201,21 +242,23 @@ def _excluded(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     return (*METADATA_DIRS, *([task_dir] if task_dir else []))
 
 
-def _strip_index(run: Any, base: str, path: str, entry: tuple[str, str, str]) -> bool:
-    """Take taskrun's section out of the staged index file `path` (see the module doc); True if the
-    index changed. `entry`: (status, new mode, new object) from `diff-index`."""
+def _strip_index(run: Any, base: str, path: str, entry: tuple[str, str, str],
+                 expected: Expected | None) -> tuple[bool, bool]:
+    """Take taskrun's section out of the staged index file `path` (see the module doc): (whether the
+    index changed, whether the Agent edited inside the section so that it stays). `entry`: (status,
+    new mode, new object) from `diff-index`; `expected`: the Run's section (None: nothing is taken)."""
     _, mode, sha = entry
-    if sha == _ZERO or mode not in ("100644", "100755"):
-        return False  # deleted, or a link: nothing of taskrun's is in it
+    if expected is None or sha == _ZERO or mode not in ("100644", "100755"):
+        return False, False  # deleted, or a link: nothing of taskrun's is in it
     if _blob_sizes(run, {path: entry})[sha] > MAX_INDEX_STRIP_BYTES:
-        return False
+        return False, False
     text = run("cat-file", "blob", sha)
     listed = run("ls-tree", "-z", base, "--", path).split(b"\0")[0].split()
     old = run("cat-file", "blob", listed[2].decode()) if len(listed) >= 3 and listed[0] in (b"100644", b"100755") \
         else None
-    kept = strip_section(text, old)
+    kept = strip_section(text, old, expected)
     if kept == text:
-        return False
+        return False, section_edited(text, old, expected)
     if kept is None:
         run("update-index", "--force-remove", "--", path)
     elif kept == old:
@@ -223,7 +266,7 @@ def _strip_index(run: Any, base: str, path: str, entry: tuple[str, str, str]) ->
     else:
         made = run("hash-object", "-w", "--no-filters", "--stdin", stdin=kept).decode().strip()
         run("update-index", "--cacheinfo", f"{mode},{made},{path}")
-    return True
+    return True, False
 
 
 def read_pack(run_dir: Path) -> bytes:

@@ -9,6 +9,13 @@ and error, Worker, Agent, the model, turns and cost its tool reported,
 duration, the result (commit, branch, or why there is no branch), the
 diffstat (`git diff --stat <base> <commit>` on the control plane) and the
 paths of the Run's records.
+
+Every text from outside (the title, the error, the result note, Worker and
+Agent names, the model, the final message, the output's tail, the diffstat's
+file names, the records' paths) goes through textsafe.clean: a terminal
+escape, a bell, a carriage return or a bidi control shows as its escape
+(``\\x1b``) and nothing acts on a terminal or a page. Values on a list line
+are one line each; the final message and the output keep their newlines.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from taskrunner.state import RunState
+from taskrunner.textsafe import clean
 
 #: How many lines of output stand for the Agent's final message.
 SUMMARY_OUTPUT_LINES = 20
@@ -27,15 +35,16 @@ def render(run: RunState, title: str, output_tail: bytes, diffstat: str | None, 
     """The summary's markdown text."""
     lines = [f"# {_one_line(title)}", ""]
     lines += [f"- **Status:** {run.status.value}" + (f" ({_one_line(run.error)})" if run.error else ""),
-              f"- **Task:** `{run.task_id}`, Run {run.number} (`{run.run_id}`), attempt {run.attempt}",
-              f"- **Worker:** {run.worker}", f"- **Agent:** {run.agent}",
+              (f"- **Task:** `{_one_line(run.task_id)}`, Run {run.number} (`{_one_line(run.run_id)}`), "
+               f"attempt {run.attempt}"),
+              f"- **Worker:** {_one_line(run.worker)}", f"- **Agent:** {_one_line(run.agent)}",
               f"- **Duration:** {_duration(run)}"]
     lines += _report(run)
     if run.base_commit:
-        lines.append(f"- **Base commit:** `{run.base_commit}`")
+        lines.append(f"- **Base commit:** `{_one_line(run.base_commit)}`")
     if run.result_commit:
-        lines.append(f"- **Commit:** `{run.result_commit}`")
-        lines.append(f"- **Branch:** `{run.result_branch}`" if run.result_branch else
+        lines.append(f"- **Commit:** `{_one_line(run.result_commit)}`")
+        lines.append(f"- **Branch:** `{_one_line(run.result_branch)}`" if run.result_branch else
                      f"- **Branch:** none: {_one_line(run.result_note or 'not moved')}")
     elif run.result_note:
         lines.append(f"- **Change:** {_one_line(run.result_note)}")
@@ -47,8 +56,8 @@ def render(run: RunState, title: str, output_tail: bytes, diffstat: str | None, 
         lines += ["", "## Final message", "", "_The last lines of the Agent's output:_", "", "```text",
                   *_tail(output_tail), "```", ""]
     if diffstat:
-        lines += ["## Changes", "", "```text", diffstat.replace("```", "'''"), "```", ""]
-    lines += ["## Records", "", *(f"- `{path}`" for path in records), ""]
+        lines += ["## Changes", "", "```text", clean(diffstat, multiline=True).replace("```", "'''"), "```", ""]
+    lines += ["## Records", "", *(f"- `{_one_line(path)}`" for path in records), ""]
     return "\n".join(lines)
 
 
@@ -71,19 +80,20 @@ def _report(run: RunState) -> list[str]:
 
 def _quoted(message: str) -> list[str]:
     """The Agent's final message as a block quote (markdown it wrote stays readable; nothing escapes the quote)."""
-    clean = "".join(c if c in "\n\t" or c.isprintable() else "?" for c in message)
-    return [f"> {line}".rstrip() for line in clean.rstrip("\n").splitlines()] or ["> (empty)"]
+    text = clean(message, multiline=True).rstrip("\n")
+    return [f"> {line}".rstrip() for line in text.split("\n")] if text else ["> (empty)"]
 
 
 def _tail(data: bytes) -> list[str]:
-    text = data.decode("utf-8", errors="replace").replace("```", "'''")
-    # Control characters stay out of the page (terminal escapes in a pull request body do no good).
-    clean = "".join(c if c in "\n\t" or (c.isprintable()) else "?" for c in text)
-    return clean.rstrip("\n").splitlines()[-SUMMARY_OUTPUT_LINES:] or ["(no output)"]
+    """The last SUMMARY_OUTPUT_LINES lines of the output, inert, its code fences defused."""
+    text = clean(data.decode("utf-8", errors="replace"), multiline=True).replace("```", "'''")
+    text = text.rstrip("\n")
+    return text.split("\n")[-SUMMARY_OUTPUT_LINES:] if text else ["(no output)"]
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _one_line(text: object) -> str:
+    """`text` as one inert line: textsafe.clean, runs of white space made one space."""
+    return " ".join(clean(str(text)).split())
 
 
 def _duration(run: RunState) -> str:

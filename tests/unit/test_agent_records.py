@@ -40,7 +40,7 @@ agents:
     permission_mode: acceptEdits
     allowed_tools: [Read]
     extra_args: [--verbose]
-    prompt_template: "{{ task.title }}"
+    prompt_template: "{{ title }}"
   codex: {preset: codex, pause_scope: worker, model: gpt-5-codex, sandbox_mode: read-only}
 workers:
   local: {transport: local, agents: [shell, claude, codex]}
@@ -67,7 +67,7 @@ def test_the_manifest_carries_every_agent_key_and_the_price_of_its_model() -> No
                                 "base_url": None}
     assert agent["prices"] == {"input": 3.0, "output": 15.0, "cache_read": 3.0, "cache_write": 3.0}
     assert agent["permission_mode"] == "acceptEdits" and agent["allowed_tools"] == ["Read"]
-    assert agent["extra_args"] == ["--verbose"] and agent["prompt_template"] == "{{ task.title }}"
+    assert agent["extra_args"] == ["--verbose"] and agent["prompt_template"] == "{{ title }}"
     assert agent["pause_scope"] == "everywhere"
     # The manifest is signed as JSON: every value must be JSON.
     json.dumps(agent, allow_nan=False)
@@ -248,7 +248,7 @@ def test_summary_shows_the_final_message_model_turns_and_cost() -> None:
     text = summary.render(run, "Add a thing", b"raw output tail", None, ["runs/t/run-1/events.jsonl"])
     assert "- **Model:** anthropic / claude-opus-4-1 (CLI 2.1.332)" in text
     assert "- **Turns:** 4" in text and "- **Cost:** $0.1234 (estimated from tokens)" in text
-    assert "> I added `hello.txt`.\n>\n> Nothing else?[2J changed." in text
+    assert "> I added `hello.txt`.\n>\n> Nothing else\\x1b[2J changed." in text
     assert "raw output tail" not in text
 
 
