@@ -34,6 +34,8 @@ MAX_EVENTS_BYTES = 16 * 1024 * 1024
 MAX_FIELD_CHARS = 200
 #: At most this many token counters are kept in `usage`.
 MAX_USAGE_KEYS = 32
+#: A reported cost is recorded rounded to this many decimals (USD): 0.0012000000000000001 -> 0.0012.
+COST_DECIMALS = 6
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -90,7 +92,7 @@ def run_report(value: Any) -> RunReport | None:
         provider=_text(value.get("provider")), model=_text(value.get("model")),
         cli_version=_text(value.get("cli_version")), session_id=_text(value.get("session_id")),
         turns=_count(value.get("turns")),
-        cost_usd=float(cost) if _number(cost) else None,
+        cost_usd=round(float(cost), COST_DECIMALS) if _number(cost) else None,
         cost_estimated=value.get("cost_estimated") is True,
         usage=_usage(value.get("usage")),
         final_message=_final_message(value.get("final_message")),

@@ -434,7 +434,8 @@ class _Parser(AgentParsing):
         spec = self.section(value, "webhook", _WEBHOOK_KEYS, required=("listen", "secret_env"))
         listen = spec["listen"]
         host, _, port = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # isascii: str.isdigit takes '²' and other digits int() refuses; five digits at most.
+        if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
             raise self.fail("webhook.listen", f"expected HOST:PORT such as 127.0.0.1:8787, got {describe(listen)}")
         return WebhookConfig(
             host=host.strip("[]"), port=int(port),
@@ -444,9 +445,19 @@ class _Parser(AgentParsing):
 
     def security(self, value: object) -> SecurityConfig:
         spec = {k: v for k, v in self.section(value, "security", _SECURITY_KEYS).items() if v is not None}
-        paths = {key: Path(self.string(f"security.{key}", spec[key])).expanduser() for key in spec}
+        paths = {key: self.path(f"security.{key}", spec[key]) for key in spec}
         return SecurityConfig(allowed_signers=paths.get("allowed_signers"),
                               revocation_file=paths.get("revocation_file"))
+
+    def path(self, key: str, value: object) -> Path:
+        """A file path; a leading `~` or `~user` is expanded (a user this machine lacks is refused)."""
+        text = self.string(key, value)
+        if "\0" in text:
+            raise self.fail(key, f"expected a file path, got {describe(text)} (contains a NUL character)")
+        try:
+            return Path(text).expanduser()
+        except RuntimeError as exc:  # `~nobody-here/x`: pathlib cannot find that user's home
+            raise self.fail(key, f"cannot expand {describe(text)}: {exc}") from None
 
     def env_name(self, key: str, value: object) -> str:
         if not isinstance(value, str) or not _ENV_NAME_RE.fullmatch(value):
@@ -502,6 +513,8 @@ class _Parser(AgentParsing):
     def integer(self, key: str, value: object, minimum: int, maximum: int | None = None) -> int:
         # bool is an int subclass; `slots: true` is a mistake, not 1.
         if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected a whole number, got {describe(value)}")
+        if value.bit_length() > 63:  # `0xfff...` converts at any length; records and JSON want int64
             raise self.fail(key, f"expected a whole number, got {describe(value)}")
         if value < minimum or (maximum is not None and value > maximum):
             bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"

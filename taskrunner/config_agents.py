@@ -42,6 +42,8 @@ AGENT_KEYS = ("preset", "command", "backend", "env", "path", "model", "max_turns
               "approval_mode", "sandbox_mode", "extra_args", "prompt_template", "prompt_template_file",
               "pause_scope")
 BACKEND_KEYS = ("provider", "model", "context_window", "base_url")
+#: `backend.provider` when the configuration gives none: the provider each preset's tool talks to.
+DEFAULT_PROVIDERS: Mapping[str, str] = {"claude": "anthropic", "codex": "openai", "gemini": "google"}
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 _NOT_SHELL = ("command", *TOOL_PRESETS)
 #: Which presets take each key that not every preset does.
@@ -101,11 +103,12 @@ class AgentParsing:
             raise self.fail(f"{key}.prompt_template_file", "give prompt_template or prompt_template_file, not both")
         backend = None
         if spec.get("backend") is not None:
-            backend = self.backend(f"{key}.backend", spec["backend"])
+            backend = self.backend(f"{key}.backend", spec["backend"], preset,
+                                   self._text(f"{key}.model", spec.get("model")))
         env = self.string_list(f"{key}.env", spec.get("env"), "environment variable names", _ENV_NAME_RE)
         return AgentSpec(
             name=name, preset=preset, command=command, backend=backend, env=env,
-            path=self._text(f"{key}.path", spec.get("path")),
+            path=self._program_path(f"{key}.path", spec.get("path")),
             model=self._text(f"{key}.model", spec.get("model")),
             max_turns=None if "max_turns" not in spec else self.integer(f"{key}.max_turns", spec["max_turns"], 1),
             max_cost_usd=self.dollars(f"{key}.max_cost_usd", spec.get("max_cost_usd")),
@@ -122,16 +125,23 @@ class AgentParsing:
             pause_scope=self._choice(f"{key}.pause_scope", spec.get("pause_scope"), PAUSE_SCOPES) or "everywhere",
         )
 
-    def backend(self, key: str, value: object) -> ModelBackend:
-        spec = self.section(value, key, BACKEND_KEYS, required=("provider", "model"))
+    def backend(self, key: str, value: object, preset: str = "command", model: str | None = None) -> ModelBackend:
+        """`backend: {provider, model, context_window, base_url}`, every key optional.
+
+        `provider` defaults to the preset's (DEFAULT_PROVIDERS; None for aider, shell and command),
+        `model` to the Agent's `model` (None: the tool's default model). Unknown keys and wrong
+        types are refused, naming the dotted key.
+        """
+        spec = {k: v for k, v in self.section(value, key, BACKEND_KEYS).items() if v is not None}
         window = spec.get("context_window")
         base_url = spec.get("base_url")
         if base_url is not None and (not isinstance(base_url, str) or not _URL_RE.fullmatch(base_url)):
             raise self.fail(f"{key}.base_url", f"expected an http(s) URL such as https://api.anthropic.com, "
                                                f"got {describe(base_url)}")
         return ModelBackend(
-            provider=self.string(f"{key}.provider", spec["provider"]),
-            model=self.string(f"{key}.model", spec["model"]),
+            provider=self.string(f"{key}.provider", spec["provider"]) if "provider" in spec
+            else DEFAULT_PROVIDERS.get(preset),
+            model=self.string(f"{key}.model", spec["model"]) if "model" in spec else model,
             context_window=None if window is None else self.integer(f"{key}.context_window", window, minimum=1),
             base_url=base_url,
         )
@@ -171,6 +181,15 @@ class AgentParsing:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise self.fail(key, f"expected USD per million tokens (a number >= 0), got {describe(value)}")
         return float(value)
+
+    def _program_path(self, key: str, value: object) -> str | None:
+        """An Agent's `path`: absolute, or the program would be looked up from the Run's checkout, which
+        the repository controls."""
+        path = self._text(key, value)
+        if path is not None and not path.startswith("/"):
+            raise self.fail(key, f"expected an absolute path to the CLI on the Worker, got {path!r} (a relative "
+                                 "one would be found in the Run's checkout, which the repository controls)")
+        return path
 
     def _text(self, key: str, value: object, multiline: bool = False) -> str | None:
         if value is None:
@@ -220,6 +239,7 @@ class AgentParsing:
         else:
             return None
         _check_template(self, where, source or "")
+        _trial_render(self, where, source or "", spec.get("prompt_template_file"))
         return source
 
     def _template_file(self, key: str, value: object) -> str:
@@ -254,3 +274,20 @@ def _check_template(parser: AgentParsing, key: str, source: str) -> None:
         SandboxedEnvironment().parse(source)
     except TemplateSyntaxError as exc:
         raise parser.fail(key, f"not a valid jinja2 template: {exc.message} (line {exc.lineno})") from None
+    except RecursionError:  # jinja2's parser recurses per nesting level: `{{ ((((...` thousands deep
+        raise parser.fail(key, "not a valid jinja2 template: nested too deeply") from None
+
+
+def _trial_render(parser: AgentParsing, key: str, source: str, file: object) -> None:
+    """Refuse a template that cannot render with sample values of its variables (a misspelt name):
+    the error names the key, the line (in the template file, when it is one) and the variables."""
+    from taskrunner.agents.prompt import PromptError, trial_render
+
+    name = file if isinstance(file, str) else key
+    try:
+        trial_render(source, name)
+    except PromptError as exc:
+        reason = str(exc)
+        if name == key:
+            reason = reason.removeprefix(f"{key}, ").removeprefix(f"{key}: ")
+        raise parser.fail(key, f"the template does not render: {reason}") from None

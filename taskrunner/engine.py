@@ -132,13 +132,17 @@ class Engine:
                 del self.unusable[rel]
 
     def reconfigure(self, config: Config) -> None:
-        """A reloaded configuration: Runs on Workers that are gone are retried elsewhere."""
+        """A reloaded configuration: Runs on Workers that are gone are retried elsewhere, and every
+        INVALID Task is read again through intake, so one the new configuration makes valid (an Agent
+        it names was added) becomes PENDING."""
         self.config = config
         self._views.clear()  # the default Agent may have changed
         for worker in self.fleet.configure(config):
             for run_id in sorted(worker.runs):
                 self._run_lost(self.runs[run_id], f"Worker '{worker.name}' was removed from the configuration",
                                RunStatus.FAILED)
+        for task in [t for t in self.tasks.values() if t.status is TaskStatus.INVALID and not t.removed]:
+            self.task_file_changed(task.file)
 
     # -- Task files ----------------------------------------------------------
 
@@ -161,7 +165,7 @@ class Engine:
         task = self.tasks.get(task_id)
         if task is None:
             task = self.tasks[task_id] = TaskState(task_id, rel, self._next_seq())
-        elif intake.revision == task.revision and not task.removed:
+        elif intake.revision == task.revision and not task.removed and not _judged_anew(task, intake):
             # Same bytes: a restart or a touch. Keep the status, refresh the spec.
             task.spec = intake.spec or task.spec
             self._views.pop(task_id, None)
@@ -570,3 +574,11 @@ class Engine:
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+
+def _judged_anew(task: TaskState, intake: Intake) -> bool:
+    """Whether the same bytes read under another configuration change an INVALID Task's verdict:
+    now valid, or invalid for another reason (not a dependency cycle, which schedule() judges)."""
+    if task.status is not TaskStatus.INVALID or task.cycle or task.active_run is not None:
+        return False
+    return intake.spec is not None or intake.error != task.error

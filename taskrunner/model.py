@@ -138,8 +138,8 @@ class TaskSpec:
 class ModelBackend:
     """The model behind an Agent, recorded on each Run as `backend_used`."""
 
-    provider: str
-    model: str
+    provider: str | None  # None: the preset's default provider, if it has one
+    model: str | None  # None: the Agent's `model`, else the tool's default
     context_window: int | None = None
     base_url: str | None = None  # the provider's API endpoint, for the tool (http(s) URL); None: the tool's own
 

@@ -43,6 +43,8 @@ undefined name, a sandbox refusal, a prompt over the size limit).
 from __future__ import annotations
 
 import operator
+import re
+import time
 import traceback
 from typing import Any, Iterator, Mapping
 
@@ -104,9 +106,15 @@ class PromptError(WorkerError):
 
 
 class _Sandbox(SandboxedEnvironment):
-    """SandboxedEnvironment whose `*` and `**` cannot make a value larger than the prompt may be."""
+    """SandboxedEnvironment in which no single expression can build a value larger than a prompt may be.
 
-    intercepted_binops = frozenset(["*", "**"])
+    The prompt's size is checked as it is rendered; what is checked here is each step that could
+    allocate gigabytes at once: `*`, `**` and `%`, the str methods that pad, repeat or substitute
+    (center, ljust, rjust, zfill, expandtabs, replace, join, format), the filters doing the same,
+    and any call's result. Jinja's `lipsum` is not offered, and range() is bounded (MAX_RANGE).
+    """
+
+    intercepted_binops = frozenset(["*", "**", "%"])
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "**":
@@ -120,7 +128,78 @@ class _Sandbox(SandboxedEnvironment):
                         len(seq) * times > MAX_PROMPT_CHARS:
                     raise SecurityError(f"the result of * would be over {MAX_PROMPT_CHARS} items")
             return operator.mul(left, right)
+        if operator_name == "%" and isinstance(left, str):
+            _check_widths(left)
+            return _bounded(operator.mod(left, right))
         return super().call_binop(context, operator_name, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            _check_str_call(owner, getattr(__obj, "__name__", ""), args, kwargs)
+        return _bounded(super().call(__context, __obj, *args, **kwargs))
+
+
+#: A width, precision or count in a template's format string or padding call longer than this many digits
+#: would build more than a prompt may hold.
+_MAX_DIGITS = len(str(MAX_PROMPT_CHARS))
+
+
+def _check_widths(spec: str) -> None:
+    """SecurityError when a %- or {}-format string asks for a field wider than a prompt may be."""
+    for run in re.findall(r"\d+", spec):
+        if len(run) >= _MAX_DIGITS and int(run) > MAX_PROMPT_CHARS:
+            raise SecurityError(f"a field of {run} characters is over the prompt's {MAX_PROMPT_CHARS}")
+
+
+def _check_str_call(text: str, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """SecurityError when str.`method`(*args) on `text` would build more than MAX_PROMPT_CHARS characters."""
+    values = list(args) + list(kwargs.values())
+    if method in ("center", "ljust", "rjust", "zfill"):
+        size = values[0] if values and isinstance(values[0], int) else 0
+    elif method == "expandtabs":
+        size = len(text) + text.count("\t") * (values[0] if values and isinstance(values[0], int) else 8)
+    elif method == "replace" and len(values) >= 2 and isinstance(values[0], str) and isinstance(values[1], str):
+        hits = text.count(values[0]) if values[0] else len(text) + 1
+        size = len(text) + hits * (len(values[1]) - len(values[0]))
+    elif method == "join" and values:
+        items = values[0] if isinstance(values[0], (list, tuple, str)) else []
+        size = len(text) * max(len(items) - 1, 0) + sum(len(i) for i in items if isinstance(i, str))
+    elif method in ("format", "format_map"):
+        _check_widths(text)
+        return
+    else:
+        return
+    if size > MAX_PROMPT_CHARS:
+        raise SecurityError(f"str.{method} would build {size} characters, over the prompt's {MAX_PROMPT_CHARS}")
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_PROMPT_CHARS:
+        raise SecurityError(f"a value of {len(value)} items, over the prompt's {MAX_PROMPT_CHARS}")
+    return value
+
+
+def _checked_filter(name: str, builtin: Any) -> Any:
+    """Jinja's filter `name`, with the same size rule as the str methods it stands for."""
+    passed = getattr(builtin, "jinja_pass_arg", None)  # pass_eval_context and the like: a first argument
+
+    def checked(*given: Any, **kwargs: Any) -> Any:
+        value, args = (given[1], given[2:]) if passed is not None else (given[0], given[1:])
+        if isinstance(value, str):
+            _check_str_call(value, {"format": "format", "center": "center", "replace": "replace",
+                                    "indent": "expandtabs"}.get(name, ""), args, kwargs)
+            if name == "indent":
+                width = args[0] if args and isinstance(args[0], int) else 4
+                if width * (value.count("\n") + 1) + len(value) > MAX_PROMPT_CHARS:
+                    raise SecurityError(f"indent would build over the prompt's {MAX_PROMPT_CHARS} characters")
+        elif name == "join" and isinstance(value, (list, tuple)):
+            joint = args[0] if args and isinstance(args[0], str) else ""
+            _check_str_call(joint, "join", ([str(v) for v in value],), {})
+        return _bounded(builtin(*given, **kwargs))
+    if passed is not None:
+        checked.jinja_pass_arg = passed  # type: ignore[attr-defined]
+    return checked
 
 
 def _range(*args: int) -> range:
@@ -134,6 +213,9 @@ def _environment() -> _Sandbox:
     env = _Sandbox(undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True,
                    keep_trailing_newline=True)
     env.globals["range"] = _range
+    env.globals.pop("lipsum", None)
+    for name in ("format", "center", "replace", "indent", "join"):
+        env.filters[name] = _checked_filter(name, env.filters[name])
     return env
 
 
@@ -176,6 +258,77 @@ def check(template: str, name: str = TEMPLATE_NAME) -> None:
         raise PromptError(f"{name}, line {exc.lineno}: {exc.message or 'syntax error'}") from None
 
 
+#: The variables a template sees (agents/workspace.py gives them at a Run), with sample values: every
+#: optional one set, so that a trial rendering takes the branches a Run with context files and budgets would.
+SAMPLE_VALUES: Mapping[str, Any] = {
+    "task_id": "db/schema", "title": "Add the schema", "body": "Create the tables.\n", "run_id": "r-1a2b3c",
+    "run_number": 1, "attempt": 1, "worker": "local", "agent": "claude", "preset": "claude",
+    "branch": "taskrun/db/schema", "base_commit": "0" * 40, "task_dir": ".task/db/schema/run-1",
+    "task_file": ".task/db/schema/run-1/task.md", "metadata_file": ".task/db/schema/run-1/metadata.yaml",
+    "source_file": "tasks/db/schema.md", "context": [".task/db/schema/run-1/context/docs/db.md"],
+    "skipped": ["docs/big.bin: over the size limit"], "index_file": "CLAUDE.md",
+    "budget": {"max_turns": 10, "max_cost_usd": 2.5}, "timeout": 1800.0,
+}
+#: The same with every optional variable empty, as a Run without context, index or budget sees them.
+BARE_VALUES: Mapping[str, Any] = {
+    **SAMPLE_VALUES, "base_commit": None, "context": [], "skipped": [], "index_file": None,
+    "budget": {"max_turns": None, "max_cost_usd": None}, "timeout": None,
+}
+#: The longest a trial rendering may take, in seconds (checked at each range() and each output piece).
+TRIAL_SECONDS = 2.0
+
+
+def trial_render(template: str, name: str = TEMPLATE_NAME) -> None:
+    """Render `template` (jinja2 source) once with SAMPLE_VALUES and once with BARE_VALUES.
+
+    For loading configuration: a misspelt variable (`{{ titel }}`) is refused then, not when a Run
+    fails. PromptError "NAME, line L: 'titel' is undefined; a template sees task_id, title, ..." for a
+    syntax error, an undefined name (with either sample), or any other failure with SAMPLE_VALUES (a
+    BARE_VALUES failure such as `None * 2` is left to the Run: the configuration may always set a budget),
+    or a rendering over TRIAL_SECONDS.
+    """
+    from jinja2 import UndefinedError
+
+    known = ", ".join(SAMPLE_VALUES)
+    deadline = time.monotonic() + TRIAL_SECONDS
+
+    def timed_range(*args: int) -> range:
+        _in_time(deadline)
+        return _range(*args)
+
+    for values, strict in ((SAMPLE_VALUES, True), (BARE_VALUES, False)):
+        try:
+            env = _environment()
+            env.globals["range"] = timed_range
+            size = 0
+            for chunk in _generate(env.from_string(template), values):
+                _in_time(deadline)
+                size += len(chunk)
+                if size > MAX_PROMPT_CHARS:
+                    raise PromptError(f"{name}: the prompt is over {MAX_PROMPT_CHARS} characters")
+        except TemplateSyntaxError as exc:
+            raise PromptError(f"{name}, line {exc.lineno}: {exc.message or 'syntax error'}") from None
+        except UndefinedError as exc:
+            line = _template_line(exc)
+            where = f"{name}, line {line}" if line is not None else name
+            raise PromptError(f"{where}: {exc}; a template sees {known}") from None
+        except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
+                RecursionError, MemoryError) as exc:
+            if not strict:
+                continue
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, SecurityError):
+                reason = f"refused by the sandbox: {reason}"
+            line = _template_line(exc)
+            where = f"{name}, line {line}" if line is not None else name
+            raise PromptError(f"{where}: {reason} (rendered with sample values)") from None
+
+
+def _in_time(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise SecurityError(f"rendering took over {TRIAL_SECONDS:g} s")
+
+
 def _generate(compiled: Any, values: Mapping[str, Any]) -> Iterator[str]:
     yield from compiled.generate(**dict(values))
 
@@ -189,4 +342,5 @@ def _template_line(exc: BaseException) -> int | None:
     return found
 
 
-__all__ = ["DEFAULT_TEMPLATE", "MAX_PROMPT_CHARS", "PromptError", "check", "render"]
+__all__ = ["DEFAULT_TEMPLATE", "MAX_PROMPT_CHARS", "PromptError", "SAMPLE_VALUES", "check", "render",
+           "trial_render"]

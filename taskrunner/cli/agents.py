@@ -49,6 +49,9 @@ def cmd_agents(args: argparse.Namespace, out: Console) -> int:
         print(json.dumps({"daemon": daemon, "agents": rows}, indent=2, sort_keys=True))
         return EXIT_OK
     out.print(agents_table(rows))
+    for row in rows:
+        if row.get("fix"):  # the table cuts long cells: the fix is shown whole
+            out.print(clean(f"{row['name']}: {_where(row)}: {row['fix']}"), markup=False, soft_wrap=True)
     if not daemon:
         out.print("daemon not running: where each CLI is installed is known once Workers connect "
                   "(`taskrun up`)", markup=False)
@@ -61,14 +64,17 @@ def agents_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(column, overflow="fold" if column in ("AVAILABLE ON", "PAUSED") else "ellipsis")
     for row in rows:
         table.add_row(literal(row["name"]), literal(row["preset"]), literal(row.get("model") or "-"),
-                      literal(_where(row["workers"])), literal(_paused(row["pauses"])))
+                      literal(_where(row)), literal(_paused(row["pauses"])))
     return table
 
 
-def _where(places: list[dict[str, Any]]) -> str:
+def _where(row: dict[str, Any]) -> str:
+    """The AVAILABLE ON cell: each Worker offering the Agent, with its CLI's version or why it cannot run it."""
     parts = []
-    for place in places:
-        if place["status"] == "available":
+    for place in row["workers"]:
+        if place["status"] == "configured":
+            parts.append(f"{place['worker']}: configured path {row.get('path')} (checked when a Run starts)")
+        elif place["status"] == "available":
             version = f" {place['version']}" if place.get("version") else ""
             parts.append(f"{place['worker']}{version}")
         elif place["status"] == "missing":

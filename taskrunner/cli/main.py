@@ -187,7 +187,10 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
             out.print(render.runs_table(runs))
             last = runs[-1]
             if last.get("status") in ("FAILED", "CANCELLED"):
-                out.print(f"\nits output: taskrun logs {args.task} --run {last.get('run')}", markup=False)
+                if records.output_size(args.task, int(last.get("run") or 0)):
+                    out.print(f"\nits output: taskrun logs {args.task} --run {last.get('run')}", markup=False)
+                else:  # it failed before any output (a prompt template error, a Worker that refused it)
+                    out.print("\n" + render.no_output(args.task, last), markup=False)
             if last.get("result_branch"):
                 out.print("\n" + clean(f"its change: the branch {last['result_branch']} (git log -p "
                                         f"{last.get('base_commit') or ''}..{last['result_branch']}); "
@@ -293,8 +296,6 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
         if number is not None:
             # Read beneath the work tree without following links: a link counts as no output.
             data = records.read_output(args.task, number, offset)
-            if data is None and not args.follow:
-                raise UsageError(f"'{args.task}' has no Run {number}")
             if data is not None:
                 offset += len(data)
                 if cleaner is not None:
@@ -303,11 +304,15 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
                 stdout.flush()
             run = believed(lambda: records.load_run(args.task, number), ignored)
             report_ignored(ignored, shown)
-            if not args.follow or (run and run["status"] in ("COMPLETED", "FAILED", "CANCELLED")
-                                   and records.output_size(args.task, number) == offset):
+            if run is None and data is None and not args.follow:
+                raise UsageError(f"'{args.task}' has no Run {number}")
+            final = bool(run) and run.get("status") in ("COMPLETED", "FAILED", "CANCELLED")
+            if not args.follow or (final and records.output_size(args.task, number) == offset):
                 if cleaner is not None:
                     stdout.write(cleaner.feed(b"", final=True).encode(encoding, errors="replace"))
                     stdout.flush()
+                if offset == 0 and run:  # a Run that failed before any output, or has none yet
+                    print(render.no_output(args.task, run), file=sys.stderr)
                 return EXIT_OK
         elif not args.follow:
             raise UsageError(f"'{args.task}' has no Runs yet")
@@ -364,6 +369,7 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
                     "labels": dict(w.labels), "last_seen": None, "error": None, "version": None,
                     "sandbox": None, "sandbox_accepted": w.sandbox}
                    for w in config.workers.values()]
+    _add_homes(root, workers)
     if args.json:
         print(json.dumps({"daemon": daemon, "workers": workers}, indent=2, sort_keys=True))
     else:
@@ -373,3 +379,19 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
                 # The table cuts long notes: why a Worker is untrusted, and the fix, are shown whole.
                 out.print(clean(f"{w['name']} is untrusted: {w['error']}"), markup=False, soft_wrap=True)
     return EXIT_OK
+
+
+def _add_homes(root: Path, workers: list[dict[str, Any]]) -> None:
+    """Give each Worker view `home`: a local Worker's home directory (`workers.<name>.home`, else the
+    default under XDG_STATE_HOME, whose name holds a hash of the clone's path); None for ssh Workers."""
+    from taskrunner.links.local import default_home
+
+    try:
+        specs = load_config(root).workers
+    except TaskrunError:
+        specs = {}
+    for view in workers:
+        spec = specs.get(view.get("name")) if isinstance(view.get("name"), str) else None
+        if view.get("home") is None:
+            view["home"] = None if spec is None or spec.transport != "local" else str(
+                Path(spec.home).expanduser() if spec.home else default_home(gitops.state_dir(root), spec.name))

@@ -40,6 +40,14 @@ def literal(value: object, style: str = "") -> Text:
     return Text(clean("" if value is None else str(value)), style=style)
 
 
+def no_output(task_id: str, run: dict[str, Any]) -> str:
+    """What is said of a Run whose output.log is missing or empty: "Run 2 of 'x' has no output (FAILED: why)"."""
+    status = run.get("status") or "UNKNOWN"
+    done = status in ("COMPLETED", "FAILED", "CANCELLED")
+    why = f"{status}: {run['error']}" if run.get("error") else str(status)
+    return clean(f"Run {run.get('run')} of '{task_id}' has no output{'' if done else ' yet'} ({why})")
+
+
 def when(timestamp: float | None) -> str:
     if not timestamp:
         return "-"

@@ -355,13 +355,19 @@ def _result(records: Records, task_id: str, record: dict[str, Any], revision: st
                "duration": None if duration is None else round(duration, 3),
                "result_branch": found.get("result_branch"), "result_commit": found.get("result_commit"),
                "result_note": found.get("result_note"), "summary": found.get("summary"),
-               "output": records.relative(records.output(task_id, number))}
+               "output": records.relative(records.output(task_id, number)) if _has_output(records, task_id, number)
+               else None}  # a Run that failed before any output has no output.log
         tail = output_tail(records, task_id, number)
     result = {"task_id": task_id, "status": record.get("status", TaskStatus.PENDING.value),
               "error": record.get("error"), "revision": revision or record.get("revision"),
               "title": record.get("title"), "file": record.get("file", f"{TASKS_DIR}/{task_id}.md"),
               "runs": len(record.get("runs") or []), "run": run, "timed_out": timed_out}
     return result, tail
+
+
+def _has_output(records: Records, task_id: str, number: int) -> bool:
+    """Whether the Run has an output.log (empty or not); reads nothing of it."""
+    return records.read_output(task_id, number, records.output_size(task_id, number)) is not None
 
 
 def output_tail(records: Records, task_id: str, number: int) -> str:

@@ -291,10 +291,10 @@ def test_unknown_keys_are_refused_at_every_level(text: str, key: str) -> None:
         ("agents: {shell: {preset: shell, command: [bash]}}", "agents.shell.command", "takes no command"),
         ("agents: {shell: {preset: shell}, c: {preset: claude, backend: anthropic}}", "agents.c.backend",
          "expected a mapping with keys provider, model, context_window"),
-        ("agents: {shell: {preset: shell}, c: {preset: claude, backend: {model: m}}}", "agents.c.backend.provider",
-         "required"),
-        ("agents: {shell: {preset: shell}, c: {preset: claude, backend: {provider: p}}}", "agents.c.backend.model",
-         "required"),
+        ("agents: {shell: {preset: shell}, c: {preset: claude, backend: {model: [m]}}}", "agents.c.backend.model",
+         "expected a non-empty string"),
+        ("agents: {shell: {preset: shell}, c: {preset: claude, backend: {base_url: 'http://h:1', url: x}}}",
+         "agents.c.backend.url", "unknown key"),
         ("agents: {shell: {preset: shell}, c: {preset: claude, backend: {provider: 1, model: m}}}",
          "agents.c.backend.provider", "expected a non-empty string"),
         ("agents: {shell: {preset: shell}, c: {preset: claude, backend: {provider: p, model: m, context_window: 0}}}",
@@ -498,7 +498,7 @@ agents:
     disallowed_tools: WebFetch
     append_system_prompt: "Be brief."
     extra_args: [--debug]
-    prompt_template: "Do {{ task.title }}"
+    prompt_template: "Do {{ title }}"
     pause_scope: worker
 prices:
   claude-opus-4-1: {input: 15, output: 75, cache_read: 1.5}
@@ -513,7 +513,7 @@ def test_a_claude_agent_takes_every_claude_key() -> None:
     assert agent.permission_mode == "acceptEdits"
     assert agent.allowed_tools == ("Read", "Bash(git diff:*)") and agent.disallowed_tools == ("WebFetch",)
     assert agent.append_system_prompt == "Be brief." and agent.extra_args == ("--debug",)
-    assert agent.prompt_template == "Do {{ task.title }}" and agent.pause_scope == "worker"
+    assert agent.prompt_template == "Do {{ title }}" and agent.pause_scope == "worker"
     assert agent.backend == ModelBackend("anthropic", "claude-sonnet-4-5", 200000, "http://127.0.0.1:9/v1")
     prices = config.prices["claude-opus-4-1"]
     # Cache writes default to the input price when not given.
@@ -596,10 +596,10 @@ def test_price_errors_name_the_key(text: str, key: str, fragment: str) -> None:
 
 def test_a_prompt_template_file_is_read_from_the_repository_at_load(tmp_path: Path) -> None:
     (tmp_path / "prompts").mkdir()
-    (tmp_path / "prompts" / "task.j2").write_text("Work on {{ task.title }}\n")
+    (tmp_path / "prompts" / "task.j2").write_text("Work on {{ title }}\n")
     (tmp_path / ".taskrun.yaml").write_text(
         "agents: {shell: {preset: shell}, c: {preset: claude, prompt_template_file: prompts/task.j2}}\n")
-    assert load_config(tmp_path).agents["c"].prompt_template == "Work on {{ task.title }}\n"
+    assert load_config(tmp_path).agents["c"].prompt_template == "Work on {{ title }}\n"
 
 
 def test_a_prompt_template_file_that_is_a_link_is_refused(tmp_path: Path) -> None:
