@@ -217,7 +217,10 @@ class GeminiReader(StreamReader):
         if result.get("status") != "success":
             detail = message or one_line(result.get("status") or "error")
             if exit_code == 53 or (isinstance(error, dict) and error.get("type") == "FatalTurnLimitedError"):
-                return Verdict("FAILED", f"turn limit reached: Gemini CLI stopped at its maxSessionTurns ({detail})")
+                limit = count(self.budget.get("max_turns"))
+                return Verdict("FAILED", f"turn limit reached: Gemini CLI stopped at max_turns"
+                                         f"{f' {limit}' if limit else ''} (raise max_turns in the Task's front "
+                                         "matter or the Agent's configuration)")
             return Verdict("FAILED", f"Gemini CLI reported an error{f' ({exit_text(exit_code)}: {named})' if named else ''}"
                                      f": {detail}")
         if exit_code != 0:

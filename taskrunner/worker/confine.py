@@ -92,7 +92,7 @@ def agent_environment(run_id: str, task_id: str, workspace: Path, home: Path,
     return env
 
 
-def missing_program(argv: Sequence[str], path: str) -> str | None:
+def missing_program(argv: Sequence[str], path: str, agent: str = "<name>") -> str | None:
     """Why the Agent's program (argv[0]) cannot be started here, or None when it can: not on `path` (the
     Agent's PATH), or a configured path (`agent.path`) that is not an executable file on this Worker."""
     program = argv[0] if argv else ""
@@ -101,8 +101,10 @@ def missing_program(argv: Sequence[str], path: str) -> str | None:
     if shutil.which(program, path=path) is not None:
         return None
     if "/" in program:
-        return f"the Agent's program {program} is not an executable file on this Worker"
-    return f"the Agent's program {program!r} is not on this Worker's PATH ({path})"
+        return (f"the Agent's program {program} is not an executable file on this Worker: fix agents.{agent}.path "
+                "in .taskrun.yaml, or install the CLI there")
+    return (f"the Agent's program {program!r} is not on this Worker's PATH ({path}): install it there, or set "
+            f"agents.{agent}.path in .taskrun.yaml")
 
 
 def open_input(path: Path, workspace: Path) -> int:

@@ -141,8 +141,8 @@ def test_codex_shell_overrun_counts_one_turn_per_round_trip_and_passes_max_turns
 
 
 @pytest.mark.parametrize(("name", "resets_at"), [
-    ("codex-usage-limit.jsonl", at(2026, 12, 2, 9, 30)),
-    ("codex-usage-limit-today.jsonl", at(2026, 11, 29, 22, 24)),
+    ("codex-usage-limit.jsonl", at(2026, 12, 2, 9, 31)),  # the end of the minute the text names
+    ("codex-usage-limit-today.jsonl", at(2026, 11, 29, 22, 25)),
     ("codex-usage-limit-unknown.jsonl", None),
 ])
 def test_codex_usage_limits_are_recognised_with_their_reset_time(name: str, resets_at: float | None,
@@ -335,8 +335,8 @@ def test_claude_stream_without_a_result_is_a_crash() -> None:
 @pytest.mark.parametrize(("text", "resets_at"), [
     ("Claude AI usage limit reached|1796000000", 1796000000),
     ("Claude AI usage limit reached|1796000000000", 1796000000),
-    ("5-hour limit reached ∙ resets 11pm", at(2026, 11, 29, 23, 0)),
-    ("You've hit your session limit · resets 3:30pm (Europe/Berlin)", at(2026, 11, 30, 14, 30)),
+    ("5-hour limit reached ∙ resets 11pm", at(2026, 11, 29, 23, 1)),  # the end of the minute named
+    ("You've hit your session limit · resets 3:30pm (Europe/Berlin)", at(2026, 11, 30, 14, 31)),
     ("Claude AI usage limit reached", None),
 ])
 def test_claude_limit_texts_in_an_error_result_are_usage_limits(text: str, resets_at: float | None) -> None:
@@ -458,7 +458,7 @@ def test_codex_msg_wrapped_events_of_old_versions_are_read() -> None:
 
 @pytest.mark.parametrize(("message", "resets_at"), [
     ("You've hit your usage limit. Upgrade to Plus to continue using Codex, or try again at 11:15 PM.",
-     at(2026, 11, 29, 23, 15)),
+     at(2026, 11, 29, 23, 16)),  # the end of the minute the text names
     ("You've hit your usage limit. Try again in 2 hours 5 minutes.", NOW + 2 * 3600 + 300),
     ("You've hit your usage limit ... try again in 3 days", NOW + 3 * 86400),
 ])

@@ -345,7 +345,8 @@ def test_an_agent_whose_configured_program_is_missing_fails_saying_so(
     assert only(messages, "started") == []
     result = outcome(session, messages[-1])
     assert result["status"] == "FAILED"
-    assert result["error"] == f"the Agent's program {missing} is not an executable file on this Worker"
+    assert result["error"].startswith(f"the Agent's program {missing} is not an executable file on this Worker: fix "
+                                      "agents.")
 
 
 def test_a_run_without_a_stream_reader_signs_null_report_usage_limit_and_events(
