@@ -355,9 +355,12 @@ class _Handler(BaseHTTPRequestHandler):
         length_text = self.headers.get("Content-Length")
         if length_text is None and self.command in ("POST", "PUT"):
             return self._send(Response(411, "a Content-Length is required"), close=True)
-        length = int(length_text) if length_text and length_text.isdigit() else (0 if length_text is None else -1)
-        if length < 0:
+        if length_text is not None and not (length_text.isascii() and length_text.isdigit()):
+            # isascii: str.isdigit takes '²' and other digits int() refuses.
             return self._send(Response(400, "malformed Content-Length"), close=True)
+        digits = (length_text or "").lstrip("0")
+        # More than 18 digits is past any limit (and, past 4300, past what int() converts).
+        length = int(digits or 0) if len(digits) <= 18 else route.max_body_bytes + 1
         if length > route.max_body_bytes:
             # Not read: the connection is closed instead.
             return self._send(Response(413, f"body over {route.max_body_bytes} bytes"), close=True)

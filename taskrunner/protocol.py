@@ -52,6 +52,12 @@ result and ready), and a payload only on the record types in the reader's `limit
 at most that many bytes. `Reader.read` enforces both; a Worker screening an
 assignment reads the header alone (`read_header`) and then reads, skips or
 refuses its payload.
+
+Over SSH the Worker account's shell starts taskrun-worker, and a shell whose
+startup files print (`echo welcome` in ~/.bashrc) puts that text before the
+hello. The control plane reads a Worker's stream through `FromWorker`, which
+turns a first line that is not a record header into `BytesBeforeHello`,
+saying what arrived, where it comes from and how to silence it.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from typing import Any, BinaryIO, Mapping
 
 from taskrunner.defaults import OUTPUT_CHUNK_BYTES
 from taskrunner.errors import ProtocolError
+from taskrunner.textsafe import clean
 
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1024 * 1024
@@ -122,12 +129,26 @@ def encode(message: Message) -> bytes:
     return line + b"\n" + message.payload
 
 
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (RFC 8259 §6): a header carrying one is malformed."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode_header(line: bytes) -> tuple[str, dict[str, Any], int]:
-    """Parse one header line into (type, fields, payload length)."""
+    """Parse one header line into (type, fields, payload length).
+
+    ProtocolError, naming the reason, for anything that is not one JSON object
+    with a known `type` and its required fields: bad UTF-8 or JSON, NaN or
+    Infinity, integers too long to convert, nesting deeper than the parser goes.
+    """
     try:
-        header = json.loads(line)
+        header = json.loads(line, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"malformed record header: {exc}") from exc
+    except ValueError as exc:  # NaN/Infinity, or an integer of more digits than Python converts
+        raise ProtocolError(f"malformed record header: {exc}") from exc
+    except RecursionError as exc:  # arrays or objects nested deeper than the parser recurses
+        raise ProtocolError("malformed record header: nested too deeply") from exc
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("record header is not an object with a 'type'")
     kind = header.pop("type")
@@ -228,3 +249,56 @@ class Writer:
         with self._lock:
             self._stream.write(data)
             self._stream.flush()
+
+
+#: Characters of a stray first line that BytesBeforeHello quotes.
+SHOWN_NOISE_CHARS = 200
+
+
+class BytesBeforeHello(ProtocolError):
+    """Raised when a Worker session's first line is not a record header: something printed before the hello."""
+
+
+def bytes_before_hello(line: bytes) -> BytesBeforeHello:
+    """The error for a session whose first line is `line`: what arrived (cut, made inert), whence, the fix."""
+    text = line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+    shown = clean(text[:SHOWN_NOISE_CHARS]) + ("..." if len(text) > SHOWN_NOISE_CHARS else "")
+    return BytesBeforeHello(
+        f'the Worker account\'s shell printed "{shown}" before taskrun-worker\'s hello (the session\'s first line is '
+        "not a record header). It comes from the account's shell startup files (~/.bashrc, ~/.profile, "
+        "/etc/bash.bashrc; ~/.zshenv for zsh), which run even when sshd starts a command: make them print "
+        'nothing for non-interactive shells, e.g. put `[ -z "$PS1" ] && return` at the top of ~/.bashrc')
+
+
+class FromWorker:
+    """A Worker session's stream as the control plane reads it: its first line must be a record header.
+
+    Wraps the channel's binary stream for `Reader`; `readline` raises
+    BytesBeforeHello when the first line is not a JSON object with a `type`
+    (a clean end passes through; a header that is merely malformed is left
+    to `Reader`). Everything after the first line is passed on untouched.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._first = True
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._stream.readline(size)
+        if self._first and line:
+            self._first = False
+            if not _record_like(line):
+                raise bytes_before_hello(line)
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
+
+
+def _record_like(line: bytes) -> bool:
+    """Whether `line` is a JSON object with a string `type`: a record header, maybe a malformed one."""
+    try:
+        header = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    return isinstance(header, dict) and isinstance(header.get("type"), str)

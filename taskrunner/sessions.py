@@ -104,7 +104,7 @@ class WorkerSessions:
             return
         try:
             self._on_message(worker, message)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             # A Worker's records are input like any other: a malformed one ends its session
             # (it reconnects with backoff), never the daemon.
             self.fleet.link_down(worker, f"protocol error: a malformed {message.type} record "

@@ -153,7 +153,7 @@ def verify_json(envelope: Any, payload_type: str, trusted: Mapping[str, bytes],
     body, signer = verify(envelope, payload_type, trusted, refused)
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser recurses
         raise SignatureRejected(f"the signed {what} is not JSON") from None
     if not isinstance(data, dict):
         raise SignatureRejected(f"the signed {what} is not an object")

@@ -30,6 +30,8 @@ TASK_KEYS = ("agent", "priority", "depends_on", "labels", "group", "timeout", "r
              "max_cost_usd")
 
 _PRIORITIES = {p.label: p for p in Priority}
+#: The largest whole number a Task file may give (JSON records; `0xfff...` converts at any length).
+MAX_WHOLE = 2 ** 63 - 1
 _IGNORED_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp", ".part")
 
 
@@ -135,6 +137,42 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: Deepest nesting of lists and mappings a Task file or the configuration may have.
+MAX_YAML_DEPTH = 64
+#: Most values a document may hold with its aliases (`*name`) expanded: a "billion laughs" (each anchor
+#: a list of aliases of the one before) holds more than memory wherever anything walks it (repr, JSON).
+MAX_YAML_VALUES = 100_000
+
+
+def _check_shape(text: str, file: str, error: type[TaskFileError] | type[ConfigError], first_line: int) -> None:
+    """Refuse nesting past MAX_YAML_DEPTH and expansions past MAX_YAML_VALUES before anything is built
+    (PyYAML's event parser neither recurses nor expands: cheap where the composer recurses and fails)."""
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    open_: list[tuple[str | None, int]] = [(None, 0)]  # (anchor, values so far) per open collection
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_) > MAX_YAML_DEPTH:  # the same words as the composer's RecursionError below
+                raise error(file, "invalid YAML: nested too deeply")
+            open_.append((event.anchor, 1))
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = open_.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, size = None, sizes.get(event.anchor or "", 1)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = size
+        parent, total = open_[-1]
+        open_[-1] = (parent, total + size)
+        if total + size > MAX_YAML_VALUES:
+            where = f"line {event.start_mark.line + first_line}, column {event.start_mark.column + 1}"
+            raise error(file, f"invalid YAML at {where}: more than {MAX_YAML_VALUES} values, each alias "
+                              "(*name) counted as what it stands for")
+
+
 def load_yaml(
     text: str,
     file: str,
@@ -144,9 +182,10 @@ def load_yaml(
     """Parse YAML text, raising `error(file, reason)` with line and column.
 
     `first_line` is the file line the text starts on, so that positions in
-    front matter point into the Task file rather than into the snippet.
+    front matter point into the Task file rather than into the snippet. Any PyYAML failure is `error`.
     """
     try:
+        _check_shape(text, file, error, first_line)
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -164,6 +203,9 @@ def load_yaml(
         raise error(file, f"invalid YAML: {exc}") from exc
     except RecursionError as exc:  # PyYAML's composer recurses per nesting level
         raise error(file, "invalid YAML: nested too deeply") from exc
+    except (ValueError, OverflowError, TypeError) as exc:
+        # PyYAML's constructors call int() and datetime() unguarded: 5000 digits, 2001-13-40, a zone of -99:99.
+        raise error(file, f"invalid YAML: a value cannot be read: {exc}") from exc
 
 
 def describe(value: object) -> str:
@@ -172,6 +214,8 @@ def describe(value: object) -> str:
         return "nothing (null)"
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"a number of {value.bit_length()} bits"
     if isinstance(value, (int, float)):
         return f"the number {value}"
     if isinstance(value, str):
@@ -317,13 +361,13 @@ def _timeout(value: object, _task_id: str) -> float:
 
 
 def _retries(value: object, _task_id: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WHOLE:
         raise ValueError(f"expected a whole number >= 0, got {describe(value)}")
     return value
 
 
 def _max_turns(value: object, _task_id: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WHOLE:
         raise ValueError(f"expected a whole number >= 1 (turns the Agent may take), got {describe(value)}")
     return value
 
@@ -409,7 +453,13 @@ def _scan(body: str) -> Iterator[tuple[str | None, list[str]]]:
 
 
 def _title(body: str) -> str | None:
-    """The text of the first ATX heading outside code blocks, if any."""
+    """The text of the first ATX heading outside code blocks, if any.
+
+    Kept exactly as written (`status --json` shows it so): it may hold control characters, terminal
+    escapes and bidi controls (only a line feed ends it). Where it lands for people to read (the CLI,
+    summary.md, the result commit's message, a pull request's title) it is made inert with
+    textsafe.clean.
+    """
     for info, lines in _scan(body):
         if info is not None:
             continue

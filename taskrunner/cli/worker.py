@@ -36,7 +36,7 @@ from taskrunner.gitops import state_dir
 from taskrunner.errors import TaskrunError
 from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
-from taskrunner.protocol import FROM_WORKER_LIMITS, Message, Reader, encode
+from taskrunner.protocol import FROM_WORKER_LIMITS, BytesBeforeHello, FromWorker, Message, Reader, encode
 from taskrunner.sshkeys import (CONNECT_TIMEOUT, HostKeyError, check_host_key, fingerprint, host_entry, is_pinned,
                                 key_line, pinned_keys, scan_host_key)
 from taskrunner.taskfile import parse_labels
@@ -251,8 +251,11 @@ def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
     """
     channel = open_serve(client, spec)
     try:
-        reader = Reader(channel.makefile("rb"), FROM_WORKER_LIMITS)  # type: ignore[arg-type]
-        message = reader.read()
+        reader = Reader(FromWorker(channel.makefile("rb")), FROM_WORKER_LIMITS)  # type: ignore[arg-type]
+        try:
+            message = reader.read()
+        except BytesBeforeHello as exc:
+            raise EnrollError(f"Worker '{spec.name}': {exc}") from None
         if message is None or message.type != "hello":
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace").strip()  # type: ignore[no-untyped-call]
             public = keys.ensure_ssh_key(state_dir(root))[1] if not spec.identity else "<your public key>"

@@ -184,7 +184,7 @@ def branches_of(forge: str, body: bytes) -> tuple[str, ...]:
     """
     try:
         payload: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         return ()
     if not isinstance(payload, dict):
         return ()
@@ -226,7 +226,9 @@ def _standard_webhooks(headers: Mapping[str, str], body: bytes, secret: bytes, n
     delivery_id, timestamp = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
     if not delivery_id or not timestamp:
         return "webhook-signature without webhook-id and webhook-timestamp"
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > TIMESTAMP_TOLERANCE:
+    # isascii: str.isdigit takes '²' and other digits int() refuses; 20 digits: past int()'s digit limit is no time.
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 20) \
+            or abs(now - int(timestamp)) > TIMESTAMP_TOLERANCE:
         return f"webhook-timestamp is not within {TIMESTAMP_TOLERANCE:.0f} s of now"
     expected = standard_signature(delivery_id, timestamp, body, secret)
     # Compare every entry whatever the outcome, so the time taken says nothing about which matched.

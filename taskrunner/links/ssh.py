@@ -5,6 +5,10 @@ changed host key fails the handshake before any command is sent. Every read on
 the channel is bounded (the link's `read_timeout`, a little longer than
 `scheduler.worker_offline_after`), and transport keepalives run, so a dead
 peer ends the session instead of blocking a thread forever.
+
+The Worker's stream is read through protocol.FromWorker: text the account's
+shell prints before the hello ends the session with what it was and how to
+silence it, not with a JSON parse error.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from taskrunner.keys import SSH_KEY_FILE
 from taskrunner.errors import WorkerError
 from taskrunner.links.base import LinkEvent, WorkerLink
 from taskrunner.model import WorkerSpec
+from taskrunner.protocol import FromWorker
 from taskrunner.sshkeys import (
     CONNECT_TIMEOUT,
     HostKeyError,
@@ -49,7 +54,7 @@ class SshLink(WorkerLink):
         client = connect(self.spec, self._identity)
         channel = open_serve(client, self.spec, self.read_timeout)
         self._client = client
-        return channel.makefile("rb"), channel.makefile_stdin("wb")  # type: ignore[return-value]
+        return FromWorker(channel.makefile("rb")), channel.makefile_stdin("wb")  # type: ignore[return-value]
 
     def _disconnect(self) -> None:
         client, self._client = self._client, None

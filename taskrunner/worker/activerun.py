@@ -53,6 +53,7 @@ class ActiveRun:
     frozen: int | None = None  # the Agent tampered with output already sent: the result covers [0, frozen)
     truncated: bool = False  # the Agent's truncation is noticed (once per session)
     stop_checked: bool = False  # adopted Runs: a stop.json asked for by an earlier session is carried out
+    unwanted: bool = False  # cancelled by a control plane that settled it: removed once stopped, no result sent
     pump: Pump | None = None  # an Agent read through its event stream (streaming.py)
 
     def close(self) -> None:

@@ -16,6 +16,14 @@ Nothing the control plane sends is acted on, listed or buffered before it is all
 - A `trust` statement (key rotation) is taken here too, so an `assign` read
   right after it is judged by the keys it installs.
 - Any other record that announces a payload ends the session unread.
+- A `resume`, `cancel` or `ack` whose run_id is not a string, or a `resume`
+  whose offset is not a whole number >= 0, is answered with an `error`
+  naming it and goes no further (`malformed`).
+
+Each refusal is also appended to the Worker's audit log (audit.py): a failed
+`auth`, records before authentication (at most audit.MAX_SESSION_ENTRIES a
+session), refused assignments, and a session that ends before it is
+authenticated. Refused trust statements are logged by TrustStore.apply.
 
 What passes reaches the loop as `Authenticated`, `Assignment` (the verified
 manifest and its archive) or the Message itself. Verifying here, on the reader
@@ -35,6 +43,7 @@ from taskrunner import bundle
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import Header, Message, Reader
 from taskrunner.sessionauth import verify_auth
+from taskrunner.worker import audit
 from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.trust import TrustStore
 
@@ -56,6 +65,21 @@ class Assignment:
     pack: bytes = b""  # the git pack the manifest's `repo` signs (gitflow/transfer.py), after the archive
 
 
+def malformed(header: Header) -> str | None:
+    """Why a `resume`, `cancel` or `ack` cannot be acted on (its fields' types), or None.
+
+    The serve loop looks Runs up by `run_id` and seeks to `offset`: a list there, or an offset of
+    -1 or 1.5, is answered with an error here rather than reaching it.
+    """
+    run_id = header.get("run_id")
+    if header.type in ("resume", "cancel", "ack") and not isinstance(run_id, str):
+        return f"{header.type} refused: its run_id is not a string"
+    offset = header.get("offset")
+    if header.type == "resume" and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+        return f"resume refused: its offset is not a whole number >= 0 (run {str(run_id)[:80]})"
+    return None
+
+
 class Inbound:
     """The screen between a session's stream and its serve loop (see the module doc)."""
 
@@ -70,6 +94,7 @@ class Inbound:
         self._limits = limits
         self._clock = clock
         self.authenticated = False
+        self._audited = 0  # entries this session wrote to the audit log
 
     def run(self, put: Callable[[object], None]) -> None:
         """Pass allowed records to `put` until the stream ends or the session must end.
@@ -77,24 +102,34 @@ class Inbound:
         Raises ProtocolError (a malformed record, or a payload where none may be)
         and OSError as the stream does.
         """
-        while (header := self._reader.read_header()) is not None:
-            if header.type != "assign" and header.size:
-                raise ProtocolError(f"a {header.type} record carries no payload, this one announces {header.size} "
-                                    "bytes")
-            if header.type == "auth":
-                if not self._auth(header, put):
-                    return
-            elif not self.authenticated:
-                if not self._refuse(header, f"{header.type} refused: this session is not authenticated (the "
-                                            "control plane answers hello's challenge with `auth` first)"):
-                    return
-            elif header.type == "assign":
-                if not self._assign(header, put):
-                    return
-            elif header.type == "trust":
-                self._take_trust(header)
-            else:
-                put(Message(header.type, header.fields))
+        try:
+            while (header := self._reader.read_header()) is not None:
+                if header.type != "assign" and header.size:
+                    raise ProtocolError(f"a {header.type} record carries no payload, this one announces "
+                                        f"{header.size} bytes")
+                if header.type == "auth":
+                    if not self._auth(header, put):
+                        return
+                elif not self.authenticated:
+                    if not self._refuse(header, f"{header.type} refused: this session is not authenticated (the "
+                                                "control plane answers hello's challenge with `auth` first)"):
+                        return
+                elif header.type == "assign":
+                    if not self._assign(header, put):
+                        return
+                elif header.type == "trust":
+                    self._take_trust(header)
+                elif (problem := malformed(header)) is not None:
+                    self._send("error", request=header.type, message=problem)
+                else:
+                    put(Message(header.type, header.fields))
+        except (ProtocolError, OSError, ValueError) as exc:
+            if not self.authenticated:
+                audit.record(self._home, audit.SESSION_UNAUTHENTICATED, f"session closed: {exc}")
+            raise
+        if not self.authenticated:
+            audit.record(self._home, audit.SESSION_UNAUTHENTICATED,
+                         "the peer ended the session before it was authenticated")
 
     def _auth(self, header: Header, put: Callable[[object], None]) -> bool:
         if self.authenticated:
@@ -106,6 +141,7 @@ class Inbound:
                                  self._clock())
         except WorkerError as exc:
             self._send("error", request="auth", message=str(exc))
+            audit.record(self._home, audit.AUTH_REFUSED, str(exc), signers=audit.signers(header.get("envelope")))
             return False
         self.authenticated = True
         put(Authenticated(signer))
@@ -141,6 +177,7 @@ class Inbound:
                 raise bundle.BundleRejected(f"bundle rejected: {header.size} {what} bytes sent, the signed "
                                             f"manifest says {whole}")
         except WorkerError as exc:
+            self._audit(audit.BUNDLE_REFUSED, str(exc), run_id=run_id, signers=audit.signers(header.get("envelope")))
             return self._refuse(header, str(exc), untrusted=getattr(exc, "untrusted", False))
         payload = self._reader.read_payload(header)
         archive, pack = payload[:signed], payload[signed:]
@@ -150,6 +187,7 @@ class Inbound:
                 raise bundle.BundleRejected("bundle rejected: the repository pack does not match the manifest's hash")
         except bundle.BundleRejected as exc:
             self._send("error", run_id=run_id, request="assign", message=str(exc))
+            self._audit(audit.BUNDLE_REFUSED, str(exc), run_id=run_id, signers=audit.signers(header.get("envelope")))
             return True
         put(Assignment(run_id, manifest, archive, pack))
         return True
@@ -174,6 +212,8 @@ class Inbound:
         fields: dict[str, Any] = {"request": header.type}
         if header.get("run_id") is not None:
             fields["run_id"] = header.get("run_id")
+        if not self.authenticated:
+            self._audit(audit.UNAUTHENTICATED_REQUEST, message, **fields)
         if untrusted:
             fields["untrusted"] = True
         most = self._limits.archive_bytes + self._limits.pack_bytes
@@ -185,3 +225,11 @@ class Inbound:
         self._reader.skip_payload(header)
         return True
 
+    def _audit(self, event: str, reason: str, **detail: Any) -> None:
+        """An audit entry, unless this session wrote MAX_SESSION_ENTRIES already (then one saying so)."""
+        self._audited += 1
+        if self._audited <= audit.MAX_SESSION_ENTRIES:
+            audit.record(self._home, event, reason, **detail)
+        elif self._audited == audit.MAX_SESSION_ENTRIES + 1:
+            audit.record(self._home, event, f"{audit.MAX_SESSION_ENTRIES} entries written for this session; "
+                                            "its later refusals are not logged one by one")

@@ -12,6 +12,8 @@
     taskrun-worker init --key PUBKEY_LINE [--home DIR] [--command PATH] [--trust-key KEY]... [--token-ttl D]
                                                                 print the authorized_keys line; name who
                                                                 may enroll this Worker
+    taskrun-worker audit [--home DIR] [--json] [--tail N]      what this Worker refused (audit.py), for
+                                                                its admin; the gate does not allow it
 
 `gate` reads SSH_ORIGINAL_COMMAND, allows only `[taskrun-worker] serve
 [--name N] [--slots N]`, `[taskrun-worker] status [--json]` and
@@ -55,6 +57,7 @@ from taskrunner.defaults import ENROLL_TOKEN_TTL_SECONDS, WORKER_HOME
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import WorkerError
 from taskrunner.protocol import Reader, Writer
+from taskrunner.worker import audit
 from taskrunner.worker.gate import PROGRAM, GateRefused, authorized_keys_line, parse_gate_command
 from taskrunner.worker.rundir import held_runs
 from taskrunner.worker.confine import SANDBOX_MODES, Confinement
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return trust(home, args.reset, args.trust_key, args.token_ttl)
     if args.command == "gate":
         return gate(home, os.environ.get("SSH_ORIGINAL_COMMAND"), _limits(args), args.sandbox)
+    if args.command == "audit":
+        return show_audit(home, args.json, args.tail)
     return init(args.key, home, args.command_path, args.trust_key, args.token_ttl)
 
 
@@ -127,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     init_cmd.add_argument("--command", dest="command_path", default=None, metavar="PATH",
                           help="absolute path of taskrun-worker on this Worker (default: this one's)")
     _enroller_options(init_cmd)
+    audit_cmd = commands.add_parser("audit", help="what this Worker refused: bundles, trust statements, gate "
+                                                  "requests, unauthenticated sessions (its audit log)")
+    audit_cmd.add_argument("--home", default=default_home, help=home_help)
+    audit_cmd.add_argument("--json", action="store_true", help="the entries as JSON lines, as stored")
+    audit_cmd.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N entries")
     return parser
 
 
@@ -226,6 +236,8 @@ def trust(home: Path, reset: bool, trust_keys: list[str] | None = None, token_tt
         request = json.loads(sys.stdin.buffer.read(1024 * 1024))
         keys = store.apply(request, worker_key(home).key_id, time.time())
     except (ValueError, WorkerError) as exc:
+        if isinstance(exc, ValueError):  # TrustStore.apply logs its own refusals
+            audit.record(home, audit.TRUST_REFUSED, f"the trust statement is not JSON ({exc})")
         print(f"{PROGRAM} trust: {exc}", file=sys.stderr)
         return EXIT_USAGE
     sys.stdout.buffer.write(reply(home, keys) + b"\n")
@@ -258,12 +270,25 @@ def gate(home: Path, original: str | None, limits: Limits = Limits(), sandbox: s
         command = parse_gate_command(original)
     except GateRefused as exc:
         print(f"{PROGRAM} gate: {exc}", file=sys.stderr)
+        audit.record(home, audit.GATE_REFUSED, str(exc), request=original)
         return EXIT_USAGE
     if command.subcommand == "serve":
         return serve(home, command.name, command.slots, limits, sandbox)
     if command.subcommand == "trust":
         return trust(home, reset=False)
     return status(home, command.json, runs_shown=False)
+
+
+def show_audit(home: Path, as_json: bool, tail: int | None) -> int:
+    """Print the audit log (audit.py), oldest first: one readable line an entry, or JSON lines."""
+    try:
+        entries = audit.read(home, tail)
+    except OSError as exc:
+        print(f"{PROGRAM} audit: cannot read {home / audit.AUDIT_FILE}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for entry in entries:
+        print(json.dumps(entry) if as_json else audit.format_entry(entry))
+    return EXIT_OK
 
 
 def init(key_line: str, home: Path, command: str | None, trust_keys: list[str] | None = None,

@@ -31,15 +31,8 @@ away once, and a session whose Run directory is gone forgets the Run. Killing
 a Run's group twice, or streaming it on two sessions, does no harm: the
 control plane listens to its newest session only.
 
-**Output the Agent tampers with** (truncated, or rewritten after it was
-sent) is noticed from what the session sent, and fails the Run: see
-activerun.py.
-
-**Agents read through their event stream** (Claude Code, Codex, Gemini CLI,
-Aider) write events.jsonl, not output.log: each tick the loop feeds what is
-new to the Run's reader, writes the text it renders to output.log, and stops
-the Run once the reader reports a usage limit or a budget passed. Their
-result adds the reader's report and the events shipped: see streaming.py.
+Output the Agent tampers with fails the Run (activerun.py). Tool presets' event streams are read
+into output.log each tick, and stop the Run on a usage limit or a budget passed (streaming.py).
 """
 
 from __future__ import annotations
@@ -63,7 +56,7 @@ from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
-from taskrunner.worker import agentprobe, secrets, streaming
+from taskrunner.worker import agentprobe, audit, secrets, streaming
 from taskrunner.gitflow import change
 from taskrunner.gitflow.cache import cached_commits, missing_objects, prepare_workspace
 from taskrunner.worker.activerun import ActiveRun, output_digest, prefix_digest, read_masked, truncation
@@ -143,6 +136,7 @@ class WorkerServer:
                 if time.monotonic() >= auth_deadline:
                     self._try_send("error", request="auth", message="session closed: not authenticated within "
                                                                      f"{AUTH_TIMEOUT_SECONDS:.0f}s")
+                    audit.record(self.home, audit.SESSION_UNAUTHENTICATED, f"no auth in {AUTH_TIMEOUT_SECONDS:.0f}s")
                     return self._close()
                 continue  # no heartbeat either: it would tell how many Runs are held
             if time.monotonic() >= next_beat:
@@ -218,25 +212,29 @@ class WorkerServer:
                 self._send("error", run_id=run_id, request=message.type, message=f"this Worker holds no Run {run_id}")
             return
         if message.type == "resume":
-            run.attached = True
+            run.attached, run.unwanted = True, False
             run.sent = int(message["offset"])
             if run.frozen is None:
                 run.digest = prefix_digest(run, run.sent)
         elif message.type == "cancel":
+            # Cancelled without being resumed: the control plane settled it and wants no result (its ready).
+            run.unwanted = not run.attached
             self._guarded(run, lambda r: self._stop(r, "CANCELLED", message.get("reason") or "cancelled"))
-        elif message.type == "ack":
-            if run.result is not None:
-                run.close()
-                # One rename on the loop; the janitor thread deletes it.
-                gone = self._trash / run.dir.run_id
-                try:
-                    os.rename(run.dir.path, gone)
-                    self._removals.put(gone)
-                except FileNotFoundError:
-                    pass
-                del self._runs[run_id]
+        elif message.type == "ack" and run.result is not None:
+            self._acknowledge(run)
         else:
             self._send("error", run_id=run_id, message=f"a Worker does not accept {message.type} records")
+
+    def _acknowledge(self, run: ActiveRun) -> None:
+        """The Run is done with: one rename on the loop (the janitor thread deletes it), and forgotten."""
+        run.close()
+        gone = self._trash / run.dir.run_id
+        try:
+            os.rename(run.dir.path, gone)
+            self._removals.put(gone)
+        except FileNotFoundError:
+            pass
+        del self._runs[run.dir.run_id]
 
     def _assign(self, verified: Assignment) -> None:
         """Start a verified assignment (inbound.py checked its signature, manifest and archive)."""
@@ -256,6 +254,7 @@ class WorkerServer:
             self._ledger.admit(manifest["nonce"], manifest["run_id"], manifest["seq"], manifest["expires_at"])
         except WorkerError as exc:
             # A replay: refused before anything of it is on disk; the control plane fails the Run.
+            audit.record(self.home, audit.BUNDLE_REFUSED, str(exc), run_id=run_dir.run_id)
             self._send("error", run_id=run_dir.run_id, request="assign", message=str(exc))
             return
         run_dir.path.mkdir(parents=True)
@@ -298,7 +297,8 @@ class WorkerServer:
                 prepared = agents.prepare(manifest["agent"], run_dir.path, run_dir.workspace, manifest)
                 env = (agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace,
                                          run_dir.agent_home) | dict(prepared.env) | values)
-                missing = missing_program(prepared.argv, env["PATH"]) if prepared.reader is not None else None
+                missing = (missing_program(prepared.argv, env["PATH"], manifest["agent"].get("name"))
+                           if prepared.reader is not None else None)
                 if missing is not None:
                     raise WorkerError(missing)
             except Exception as exc:
@@ -390,14 +390,16 @@ class WorkerServer:
         if run.result is None:
             now = time.time()
             if run.deadline is not None and now >= run.deadline and run.kill_at is None:
-                self._stop(run, "FAILED", f"timed out after {_seconds(run)}")
+                self._stop(run, "FAILED", f"timed out after {run.assignment.get('timeout')}s")
             if run.kill_at is not None and time.monotonic() >= run.kill_at and run.pid:
                 signal_group(run.pid, signal.SIGKILL)
                 run.kill_at = float("inf")
             if run.pump is not None:
                 self._pump(run)
             self._check_exit(run)
-        if run.attached:
+        if run.unwanted and run.result is not None:
+            self._acknowledge(run)
+        elif run.attached:
             self._stream(run)
             if run.result is not None and run.sent >= run.result["output_size"]:
                 # The pack of the Agent's change (its digest is in the signed result) is the payload.
@@ -594,7 +596,3 @@ class WorkerServer:
             self._send(kind, **fields)
         except OSError:
             pass
-
-
-def _seconds(run: ActiveRun) -> str:
-    return f"{run.assignment.get('timeout')}s"

@@ -51,6 +51,7 @@ from taskrunner.defaults import CLOCK_SKEW_SECONDS, ENROLL_TOKEN_TTL_SECONDS
 from taskrunner.errors import WorkerError
 from taskrunner.signing import (TRUST_TYPE, SignatureRejected, SigningKey, key_id, outside_validity,
                                 parse_public_line, verify_json)
+from taskrunner.worker import audit
 from taskrunner.worker.enrollment import Enrollment, EnrollmentRefused
 
 TRUST_FORMAT = 1
@@ -121,7 +122,24 @@ class TrustStore:
         return live, retired
 
     def apply(self, request: Any, own_key_id: str, now: float) -> list[dict[str, Any]]:
-        """Take a trust statement (see the module doc) or raise TrustRefused; returns the new set."""
+        """Take a trust statement (see the module doc) or raise TrustRefused; returns the new set.
+
+        A refusal is appended to the audit log (audit.py) as `enrollment_refused`
+        while the Worker trusts no key, else `trust_refused`.
+        """
+        try:
+            return self._apply(request, own_key_id, now)
+        except TrustRefused as exc:
+            try:
+                enrolled = bool(self.state()["keys"])
+            except (WorkerError, KeyError, TypeError):
+                enrolled = True
+            envelope = request.get("envelope") if isinstance(request, dict) else None
+            audit.record(self.home, audit.TRUST_REFUSED if enrolled else audit.ENROLLMENT_REFUSED, str(exc),
+                         signers=audit.signers(envelope))
+            raise
+
+    def _apply(self, request: Any, own_key_id: str, now: float) -> list[dict[str, Any]]:
         if not isinstance(request, dict) or not isinstance(request.get("keys"), list):
             raise TrustRefused("trust refused: the request is not {keys, envelope}")
         with self._locked():
