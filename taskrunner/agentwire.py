@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping
 
+from taskrunner.agents.stream import Report
 from taskrunner.model import AgentSpec, Prices, TaskSpec
 
 #: The Agent's final message is kept up to this many bytes (UTF-8).
@@ -68,27 +68,12 @@ def budget(spec: TaskSpec, agent: AgentSpec) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class RunReport:
-    """What the Agent's tool reported about a Run, checked (see the module docstring)."""
-
-    provider: str | None = None
-    model: str | None = None
-    cli_version: str | None = None
-    session_id: str | None = None
-    turns: int | None = None
-    cost_usd: float | None = None
-    cost_estimated: bool = False
-    usage: dict[str, int] | None = None
-    final_message: str | None = None
-
-
-def run_report(value: Any) -> RunReport | None:
-    """The result's `report` as a RunReport; None when there is none or it is not a mapping."""
+def run_report(value: Any) -> Report | None:
+    """The result's `report` as a Report; None when there is none or it is not a mapping."""
     if not isinstance(value, dict):
         return None
     cost = value.get("cost_usd")
-    return RunReport(
+    return Report(
         provider=_text(value.get("provider")), model=_text(value.get("model")),
         cli_version=_text(value.get("cli_version")), session_id=_text(value.get("session_id")),
         turns=_count(value.get("turns")),
@@ -109,7 +94,7 @@ def usage_limit(value: Any) -> dict[str, Any] | None:
             "message": _text(message) or ""}
 
 
-def backend_used(configured: Mapping[str, Any] | None, report: RunReport | None) -> dict[str, Any] | None:
+def backend_used(configured: Mapping[str, Any] | None, report: Report | None) -> dict[str, Any] | None:
     """`backend_used` {provider, model, context_window, cli_version}: the configured backend, the provider
     and model the tool reports winning; None when neither says anything."""
     if configured is None and report is None:

@@ -41,7 +41,7 @@ class RunState:
     result_branch: str | None = None  # the branch moved to result_commit; None: not moved (result_note says why)
     result_note: str | None = None
     summary: str | None = None  # the work-tree path of the Run's summary.md (gitflow/summary.py)
-    # What the Agent's tool reported (agentwire.RunReport), None when it reported nothing.
+    # What the Agent's tool reported (agentwire.Report), None when it reported nothing.
     session_id: str | None = None
     turns: int | None = None
     cost_usd: float | None = None

@@ -240,14 +240,22 @@ def render(template: str | None, values: Mapping[str, Any], name: str = TEMPLATE
         return "".join(out)
     except TemplateSyntaxError as exc:
         raise PromptError(f"{shown}, line {exc.lineno}: {exc.message or 'syntax error'}") from None
-    except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
-            RecursionError, MemoryError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if isinstance(exc, SecurityError):
-            reason = f"refused by the sandbox: {reason}"
-        line = _template_line(exc)
-        where = f"{shown}, line {line}" if line is not None else shown
-        raise PromptError(f"{where}: {reason}") from None
+    except _RENDER_ERRORS as exc:
+        raise PromptError(_failure(shown, exc)) from None
+
+
+#: What rendering a template can raise besides a syntax error: the template's fault, reported as such.
+_RENDER_ERRORS = (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
+                  RecursionError, MemoryError)
+
+
+def _failure(name: str, exc: BaseException) -> str:
+    """ "NAME, line L: reason" for an error raised while rendering the template `name`."""
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, SecurityError):
+        reason = f"refused by the sandbox: {reason}"
+    line = _template_line(exc)
+    return f"{name}, line {line}: {reason}" if line is not None else f"{name}: {reason}"
 
 
 def check(template: str, name: str = TEMPLATE_NAME) -> None:
@@ -312,16 +320,10 @@ def trial_render(template: str, name: str = TEMPLATE_NAME) -> None:
             line = _template_line(exc)
             where = f"{name}, line {line}" if line is not None else name
             raise PromptError(f"{where}: {exc}; a template sees {known}") from None
-        except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
-                RecursionError, MemoryError) as exc:
+        except _RENDER_ERRORS as exc:
             if not strict:
                 continue
-            reason = str(exc) or type(exc).__name__
-            if isinstance(exc, SecurityError):
-                reason = f"refused by the sandbox: {reason}"
-            line = _template_line(exc)
-            where = f"{name}, line {line}" if line is not None else name
-            raise PromptError(f"{where}: {reason} (rendered with sample values)") from None
+            raise PromptError(f"{_failure(name, exc)} (rendered with sample values)") from None
 
 
 def _in_time(deadline: float) -> None:

@@ -99,7 +99,7 @@ def test_a_well_formed_report_is_taken_as_is() -> None:
         "provider": "anthropic", "model": "claude-opus-4-1", "cli_version": "2.1.332", "session_id": "s-1",
         "turns": 3, "cost_usd": 0.25, "cost_estimated": False, "usage": {"input_tokens": 10, "output_tokens": 5},
         "final_message": "Done: wrote hello.txt"})
-    assert report == agentwire.RunReport("anthropic", "claude-opus-4-1", "2.1.332", "s-1", 3, 0.25, False,
+    assert report == agentwire.Report("anthropic", "claude-opus-4-1", "2.1.332", "s-1", 3, 0.25, False,
                                          {"input_tokens": 10, "output_tokens": 5}, "Done: wrote hello.txt")
 
 
@@ -135,7 +135,7 @@ def test_a_usage_limit_is_checked(value: Any, expected: Any) -> None:
 
 def test_the_reported_model_wins_in_backend_used() -> None:
     configured = {"provider": "anthropic", "model": "claude-sonnet-4-5", "context_window": 200000}
-    report = agentwire.RunReport(model="claude-opus-4-1", cli_version="2.1.332")
+    report = agentwire.Report(model="claude-opus-4-1", cli_version="2.1.332")
     assert agentwire.backend_used(configured, report) == {
         "provider": "anthropic", "model": "claude-opus-4-1", "context_window": 200000, "cli_version": "2.1.332"}
     assert agentwire.backend_used(None, None) is None
