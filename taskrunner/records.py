@@ -58,7 +58,7 @@ from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePa
 from taskrunner.gitops import state_dir
 from taskrunner.keys import record_key
 from taskrunner.model import RECORD_NAMES, RUN_DIR_RE
-from taskrunner.safefs import REFUSAL, Beneath
+from taskrunner.safefs import REFUSAL, Beneath, kind_of
 from taskrunner.taskfile import task_id_for, task_id_problem
 
 __all__ = ["RUN_DIR_RE", "RECORD_NAMES", "Records", "SEAL_KEY"]
@@ -163,6 +163,14 @@ class Records:
         with os.fdopen(fd, "rb") as handle:
             handle.seek(offset)
             return handle.read()
+
+    def output_refused(self, task_id: str, number: int) -> str | None:
+        """Why a Run's output.log is not read although something is there: "a symbolic link", "a FIFO", …;
+        None when it is a regular file or absent."""
+        found = self._lstat(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
+        if found is None or stat.S_ISREG(found.st_mode):
+            return None
+        return kind_of(found.st_mode)
 
     def output_digest(self, task_id: str, number: int) -> tuple[int, str]:
         """(size, sha256 hex) of a Run's output.log, read without following links; (0, sha256 of nothing) if none."""

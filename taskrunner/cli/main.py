@@ -306,6 +306,10 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
             report_ignored(ignored, shown)
             if run is None and data is None and not args.follow:
                 raise UsageError(f"'{args.task}' has no Run {number}")
+            refused = records.output_refused(args.task, number) if data is None else None
+            if refused is not None:
+                raise UsageError(f"runs/{args.task}/run-{number}/output.log is {refused}: not read (records never "
+                                 "follow links or open special files); restore it with `git checkout -- runs/`")
             final = bool(run) and run.get("status") in ("COMPLETED", "FAILED", "CANCELLED")
             if not args.follow or (final and records.output_size(args.task, number) == offset):
                 if cleaner is not None:
