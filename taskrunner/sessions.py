@@ -265,7 +265,8 @@ class WorkerSessions:
             run.backend_used = agentwire.backend_used(run.backend_used, report)
             if run.backend_used is not None and run.backend_used.get("cli_version") is None and worker is not None:
                 # codex and gemini name no version in their stream: the one the Worker's `ready` found.
-                agent = self.config().agents.get(run.agent) if self.config() is not None else None
+                config = self.config()
+                agent = config.agents.get(run.agent) if config is not None else None
                 found = (worker.offered_presets() or {}).get(agent.preset) if agent is not None else None
                 run.backend_used["cli_version"] = agentwire.version_number((found or {}).get("version"))
         limit = agentwire.usage_limit(result.get("usage_limit"))

@@ -115,11 +115,7 @@ def prepare(agent: Mapping[str, Any], run_dir: Path, workspace: Path, manifest: 
                   "workspace": str(workspace), "run_id": str(manifest.get("run_id") or "")}
         return Prepared([_fill(str(arg), values) for arg in agent.get("command") or ()])
     budget = _budget(manifest)
-    if preset == "aider":
-        # The history files go beside the prompt: in the checkout, never part of the change.
-        argv, env, stdin = aider.command(agent, budget, task_dir.prompt_file, workspace, run_dir=task_dir.path)
-    else:
-        argv, env, stdin = _MODULES[preset].command(agent, budget, task_dir.prompt_file, workspace)
+    argv, env, stdin = _MODULES[preset].command(agent, budget, task_dir.prompt_file, workspace)
     home_files = {TMP_DIR: "", **(gemini.home_files(budget) if preset == "gemini" else {})}
     return Prepared(argv, env, stdin, reader_for(agent, manifest), home_files=home_files)
 

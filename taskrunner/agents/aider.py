@@ -50,13 +50,11 @@ _RATE_LIMIT = ("litellm.ratelimiterror", "rate limited you")
 
 
 def command(agent: Mapping[str, Any], budget: Budget, prompt_file: Path,
-            workspace: Path, run_dir: Path | None = None) -> tuple[list[str], dict[str, str], Path | None]:
-    """(argv, env additions, stdin file: None) for aider; see the module doc.
-
-    `run_dir`: where the history files go (default: beside the prompt file's directory's parent).
-    """
+            workspace: Path) -> tuple[list[str], dict[str, str], Path | None]:
+    """(argv, env additions, stdin file: None) for aider; see the module doc. Its history files go beside
+    the prompt file, in the Task's directory: in the checkout, never part of the change."""
     backend = agent.get("backend") or {}
-    history = run_dir if run_dir is not None else prompt_file.parent
+    history = prompt_file.parent
     argv = [str(agent.get("path") or PROGRAM), "--message-file", str(prompt_file), *HEADLESS_FLAGS,
             "--chat-history-file", str(history / CHAT_HISTORY_FILE),
             "--input-history-file", str(history / INPUT_HISTORY_FILE)]

@@ -111,7 +111,7 @@ def test_gemini_argv_is_headless_with_an_approval_mode_and_the_prompt_on_stdin()
 def test_aider_argv_uses_the_message_file_and_keeps_its_files_out_of_the_checkout() -> None:
     run = Path("/w/.task/t/run-1")
     argv, env, stdin = aider.command({"preset": "aider", "model": "openai/gpt-4o",
-                                      "backend": {"base_url": "http://127.0.0.1:9/v1"}}, {}, PROMPT, WS, run_dir=run)
+                                      "backend": {"base_url": "http://127.0.0.1:9/v1"}}, {}, PROMPT, WS)
     assert argv[:4] == ["aider", "--message-file", str(PROMPT), "--yes-always"]
     for flag in ("--no-auto-commits", "--no-pretty", "--no-stream", "--no-check-update", "--no-analytics",
                  "--no-gitignore", "--no-show-model-warnings"):
