@@ -123,7 +123,8 @@ def ready_presets(value: Any) -> dict[str, dict[str, str | None]] | None:
     for preset, entry in value.items():
         if preset not in AGENT_PRESETS:
             continue
-        entry = entry if isinstance(entry, dict) else {}
+        if not isinstance(entry, dict):
+            continue
         version, path = entry.get("version"), entry.get("path")
         presets[preset] = {
             "version": version[:MAX_AGENT_FIELD_CHARS] if isinstance(version, str) else None,

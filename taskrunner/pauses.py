@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from taskrunner.agents.stream import LATEST_EPOCH
 from taskrunner.atomic import write_json
 
 FILE_NAME = "pauses.json"
@@ -158,7 +159,13 @@ def _entry(entry: Any) -> Pause | None:
         return None
     if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (until, since)):
         return None
-    return Pause(agent=agent, worker=worker, until=float(until), since=float(since),
+    try:
+        until, since = float(until), float(since)
+    except OverflowError:
+        return None
+    if not all(math.isfinite(t) and 0 <= t <= LATEST_EPOCH for t in (until, since)):
+        return None  # no time a pause could have (its end must print as a date)
+    return Pause(agent=agent, worker=worker, until=until, since=since,
                  message=message[:MAX_MESSAGE_CHARS] if isinstance(message, str) else "")
 
 
@@ -172,7 +179,7 @@ def load(state_dir: Path) -> Pauses:
     try:
         with os.fdopen(fd, "rb") as handle:
             data = json.loads(handle.read(1024 * 1024))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return Pauses()
     return Pauses.from_records(data)
 

@@ -354,11 +354,11 @@ def parse_iso(text: str, tz: tzinfo | None = None) -> float | None:
     """Epoch seconds of an ISO-8601 time ("2026-11-29T23:00:00Z"); no zone means `tz`/local; None if invalid."""
     try:
         parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "T", 1))
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=tz) if tz is not None else parsed.astimezone()
+        return parsed.timestamp()
+    except (ValueError, OverflowError):  # not a time, or one at the ends of the calendar (year 1, 9999)
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=tz) if tz is not None else parsed.astimezone()
-    return parsed.timestamp()
 
 
 def iso_utc(epoch: float) -> str:
@@ -395,10 +395,12 @@ def _clock(match: re.Match[str], now: float, tz: tzinfo | None) -> float | None:
             moment = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
             if moment + _CLOCK_PRECISION <= current:
                 moment += timedelta(days=1)
+        # A time the text gives to the minute resets somewhere within that minute: its end.
+        return (moment + _CLOCK_PRECISION).timestamp()
     except ValueError:
         return None
-    # A time the text gives to the minute resets somewhere within that minute: its end.
-    return (moment + _CLOCK_PRECISION).timestamp()
+    except OverflowError:  # past the calendar's end (year 9999): the latest time kept
+        return LATEST_EPOCH
 
 
 def _zone(name: str | None, default: tzinfo | None) -> tzinfo | None:
@@ -469,14 +471,18 @@ def exit_text(exit_code: int | None) -> str:
     return f"the Agent exited with code {exit_code}"
 
 
+#: The largest count kept: a float holds every whole number up to it, so costs and budgets stay arithmetic.
+MAX_COUNT = 2 ** 53
+
+
 def count(value: Any) -> int | None:
-    """A token count: a non-negative whole number, else None."""
+    """A token count: a non-negative whole number (capped at MAX_COUNT), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
         return None
     try:
-        return int(value)
+        return min(int(value), MAX_COUNT)
     except (OverflowError, ValueError):
-        return None
+        return MAX_COUNT if value > 0 else None
 
 
 def usd(value: Any) -> float | None:

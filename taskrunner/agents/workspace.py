@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from taskrunner.defaults import MAX_CONTEXT_BYTES
 from taskrunner.errors import UnsafePath, WorkerError
 from taskrunner.model import TaskSpec
 from taskrunner.safefs import Beneath, split
+from taskrunner.taskfile import task_id_problem
 
 #: The directory, at the checkout's root, that holds each Task's Run directories.
 TASK_ROOT = ".task"
@@ -111,6 +113,10 @@ def run_number(manifest: Mapping[str, Any]) -> int:
 def task_dir_rel(task_id: str, number: int) -> str:
     """`.task/<task-id>/run-<n>`; TaskDirError when the Task id is not a plain relative path."""
     rel = f"{TASK_ROOT}/{task_id}/run-{number}"
+    problem = task_id_problem(task_id) or next(
+        (f"it holds the character U+{ord(c):04X}" for c in task_id if unicodedata.category(c).startswith("C")), None)
+    if problem is not None:  # the control plane never sends such an id (taskfile.task_id_for); a manifest might
+        raise TaskDirError(f"the Task id {task_id!r} cannot name a directory: {problem}")
     try:
         split(rel)
     except UnsafePath as exc:
