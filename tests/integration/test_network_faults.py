@@ -3,7 +3,7 @@
 Each Worker is a real OpenSSH sshd inside a network namespace of its own
 (tests/netns.py), reached by the real `taskrun up` over a veth pair; the
 faults are iptables rules and a tbf qdisc on that link: a blackhole, resets,
-30% random loss, partitions that heal after 5 s or after the grace period,
+30% random loss, partitions that heal after 5 s, 30 s or after the grace period,
 one-way loss either way, and a bandwidth limit.
 
 The Agent (the shell preset) prints a numbered line every 0.1 s, so for every
@@ -282,21 +282,24 @@ def test_resets_are_detected_in_bound_and_the_run_is_reattached_with_every_line_
     assert_reattached(daemon.root, "resets", lines(40))
 
 
-def test_a_partition_healing_after_5s_is_detected_in_bound_and_the_run_reattached(
-        daemon: Daemon, net_workers: Callable[..., list[NetWorker]]) -> None:
-    (w1,) = net_workers(1, LONG_GRACE)
+@pytest.mark.parametrize(("seconds", "grace", "count"), [(5.0, LONG_GRACE, 60), (30.0, "75s", 450)],
+                         ids=["5s", "30s"])
+def test_a_partition_healing_within_the_grace_period_is_detected_in_bound_and_the_run_reattached(
+        daemon: Daemon, net_workers: Callable[..., list[NetWorker]], seconds: float, grace: str, count: int) -> None:
+    # 30 s: the Agent (45 s of output) still runs when the link heals, so its output resumes mid-Run.
+    (w1,) = net_workers(1, grace)
     up(daemon)
-    write_task(daemon.root, "partition", agent(60))
+    write_task(daemon.root, "partition", agent(count))
     started(daemon.root, "partition", 5)
 
     since, log = cut(daemon, w1.ns.blackhole)
     elapsed = detected(log, "w1", since)
     assert elapsed <= DETECTION_BOUND, f"offline after {elapsed:.1f}s"
-    wait_until(lambda: time.monotonic() - since >= 5.0, 10, "5 s of partition")
+    wait_until(lambda: time.monotonic() - since >= seconds, seconds + 5, f"{seconds:.0f} s of partition")
     w1.ns.heal()
 
     wait_until(lambda: "Worker 'w1' back online" in log.text(), BACK_ONLINE_SECONDS, "w1 to come back")
-    assert_reattached(daemon.root, "partition", lines(60))
+    assert_reattached(daemon.root, "partition", lines(count))
 
 
 def test_thirty_percent_random_loss_loses_and_repeats_no_byte(
