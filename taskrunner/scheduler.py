@@ -28,12 +28,14 @@ Rules, in the order `plan` applies them:
 5. Placement. An online Worker with a free slot, the Agent and every label.
    Retries prefer a Worker not tried before, then the most free slots, then the
    name.
+
+The rules are carried out by `queues.Backlog`, which keeps the Tasks indexed
+between plans so that a plan costs the Tasks that changed, not the backlog;
+`plan` below builds one for a single decision.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Mapping, Sequence
@@ -120,52 +122,15 @@ def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float
 
 def plan(tasks: Sequence[TaskView], workers: Sequence[WorkerView], groups: Mapping[str, int], now: float,
          paused: Mapping[str, float] | None = None) -> Plan:
-    """Decide which PENDING Tasks start where, and which Tasks change state.
+    """Decide which PENDING Tasks start where, and which Tasks change state; `waiting` covers every PENDING Task.
 
     `paused`: Agent -> end (epoch seconds) of a usage-limit pause on every Worker.
+    A daemon keeps a `queues.Backlog` instead and plans with it, so that a plan
+    does not cost the whole backlog; this builds one for the Tasks given.
     """
-    paused = paused or {}
-    ordered = sorted(tasks, key=_urgency)
-    by_id = {t.id: t for t in ordered}
-    effective, culprit = _resolve_dependencies(by_id)
-    pool = sorted(workers, key=lambda w: w.name)
-    fits = _Fits(pool)
+    from taskrunner.queues import Backlog  # queues.py builds on the types above
 
-    blocked: list[Blocked] = []
-    unblocked: list[str] = []
-    waiting: dict[str, str] = {}
-    eligible: list[TaskView] = []
-    wakeups: list[float] = []
-    for task in ordered:
-        if task.status is TaskStatus.BLOCKED and effective[task.id] is TaskStatus.PENDING:
-            unblocked.append(task.id)
-        if task.status is not TaskStatus.PENDING:
-            continue
-        if effective[task.id] is TaskStatus.BLOCKED:
-            dep = culprit[task.id]
-            blocked.append(Blocked(task.id, dep, f"dependency '{dep}' is {effective[dep].value}"))
-            continue
-        if task.not_before > now:
-            wakeups.append(task.not_before)
-        reason = _ineligible(task, by_id, effective, fits, now)
-        pause = _pause(task, fits.capable(task), paused, now) if reason is None else None
-        if pause is not None:
-            reason, until = pause
-            wakeups.append(until)
-        if reason is None:
-            eligible.append(task)
-        else:
-            waiting[task.id] = reason
-
-    running = Counter(t.group for t in ordered if t.status is TaskStatus.RUNNING and t.group is not None)
-    assignments = _place(eligible, pool, fits, groups, running, waiting, now)
-    return Plan(
-        assignments=tuple(assignments),
-        blocked=tuple(blocked),
-        unblocked=tuple(unblocked),
-        waiting=waiting,
-        next_wakeup=min(wakeups, default=None),
-    )
+    return Backlog(tasks).plan(workers, groups, now, paused)
 
 
 def _urgency(task: TaskView) -> tuple[int, int, str]:
@@ -223,29 +188,10 @@ def _settle(task: TaskView, status_of: Callable[[str], TaskStatus | None], culpr
     return task.status
 
 
-def _ineligible(
-    task: TaskView,
-    by_id: Mapping[str, TaskView],
-    effective: Mapping[str, TaskStatus],
-    fits: _Fits,
-    now: float,
-) -> str | None:
-    """Why a PENDING, unblocked Task cannot start in any case; None if it may."""
-    if not fits.capable(task):
-        # Checked first: this needs a person to change the configuration,
-        # while the other reasons pass by themselves.
-        return fits.missing_reason(task)
-    unmet = [
-        f"'{dep}' ({effective[dep].value})" if dep in by_id else f"'{dep}' (no such Task)"
-        for dep in dict.fromkeys(task.depends_on)
-        if effective.get(dep) is not TaskStatus.COMPLETED
-    ]
-    if unmet:
-        return "waiting for " + ", ".join(unmet)
-    if now < task.not_before:
-        until = datetime.fromtimestamp(task.not_before, tz=timezone.utc).isoformat(timespec="seconds")
-        return f"retry backoff until {until} ({task.not_before - now:.0f}s)"
-    return None
+def backoff_text(not_before: float, now: float) -> str:
+    """The waiting reason of a Task in retry backoff until `not_before` (epoch seconds)."""
+    until = datetime.fromtimestamp(not_before, tz=timezone.utc).isoformat(timespec="seconds")
+    return f"retry backoff until {until} ({not_before - now:.0f}s)"
 
 
 def _pause(task: TaskView, capable: Sequence[WorkerView], paused: Mapping[str, float],
@@ -260,67 +206,6 @@ def _pause(task: TaskView, capable: Sequence[WorkerView], paused: Mapping[str, f
         where = capable[0].name if len(capable) == 1 else None
         return pause_reason(task.agent, until, where), until
     return None
-
-
-def _place(
-    eligible: Sequence[TaskView],
-    workers: Sequence[WorkerView],
-    fits: _Fits,
-    groups: Mapping[str, int],
-    running: Mapping[str, int],
-    waiting: dict[str, str],
-    now: float = 0.0,
-) -> list[Assignment]:
-    """Assign eligible Tasks (in urgency order) to Workers; fills `waiting` for the rest."""
-    used = {w.name: w.used for w in workers}
-    free = sum(max(0, w.slots - w.used) for w in workers if w.online)
-    started = dict(running)
-    # One queue per group in arrival order, one queue of one per ungrouped Task.
-    queues: list[list[TaskView]] = []
-    by_group: dict[str, list[TaskView]] = {}
-    for task in eligible:
-        if task.group is None:
-            queues.append([task])
-        else:
-            by_group.setdefault(task.group, []).append(task)
-    for members in by_group.values():
-        queues.append(sorted(members, key=lambda t: (t.seq, t.id)))
-
-    heap = [(_queue_key(q), i) for i, q in enumerate(queues)]
-    heapq.heapify(heap)
-    assignments: list[Assignment] = []
-    while heap:
-        _, i = heapq.heappop(heap)
-        queue = queues[i]
-        head = queue[0]
-        group = head.group
-        cap = groups.get(group) if group is not None else None
-        if group is not None and cap is not None and started.get(group, 0) >= cap:
-            for task in queue:
-                waiting[task.id] = f"group '{group}' is at its cap of {cap} parallel Run(s)"
-            continue
-        # Once every slot is taken (the usual case with a backlog), no Worker is looked at again.
-        worker = _pick_worker(head, fits.capable(head), used, now) if free else None
-        if worker is None:
-            waiting[head.id] = fits.busy_reason(head)
-            for task in queue[1:]:
-                waiting[task.id] = f"behind '{head.id}' in group '{group}' (its Runs start in arrival order)"
-            continue
-        assignments.append(Assignment(head.id, worker.name))
-        used[worker.name] += 1
-        free -= 1
-        if group is not None:
-            started[group] = started.get(group, 0) + 1
-        del queue[0]
-        if queue:
-            heapq.heappush(heap, (_queue_key(queue), i))
-    return assignments
-
-
-def _queue_key(queue: Sequence[TaskView]) -> tuple[int, int, str]:
-    # A queue competes with its most urgent member's priority, but its head goes first.
-    top = max(int(t.priority) for t in queue)
-    return (-top, queue[0].seq, queue[0].id)
 
 
 def _could_ever_run(worker: WorkerView, task: TaskView) -> bool:

@@ -1,0 +1,196 @@
+"""`taskrun status` over many Tasks: the query from the arguments, the daemon's answer or the records, the output.
+
+With a daemon running, the Tasks come from its memory (the `status`
+request on the control socket, status_query.answer); without one, from the
+records under runs/, through the record index (record_index.py), so only
+records changed since the index was written are read. Either way the same
+selection (status_query.select) decides what is shown.
+
+`--json` is one document, written one Task at a time (render.write_listing):
+
+    {"counts": {"COMPLETED": 9980, "RUNNING": 2, ...},   every matching Task, per status
+     "git": {...},                                      pushing and syncing (gitflow/gitstate.py)
+     "omitted": 0,                                      matching Tasks not listed (--limit)
+     "source": "daemon" | "records",
+     "tasks": [Task record, ...],                       as under runs/<id>/status.json, without "seal"
+     "total": 9982}                                     matching Tasks
+
+`tasks` and `git` are as before; the other keys were added. Without
+`--limit`, `--json` lists every matching Task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from taskrunner import control, gitops
+from taskrunner.cli import render
+from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
+from taskrunner.gitflow import gitstate
+from taskrunner.intake import RepoFiles, task_paths
+from taskrunner.model import TaskStatus
+from taskrunner.record_index import RecordIndex
+from taskrunner.records import Records
+from taskrunner.status_query import DEFAULT_LIMIT, STATUSES, Selection, StatusQuery, record_key, select
+from taskrunner.taskfile import task_id_for, task_id_problem
+from taskrunner.textsafe import clean
+
+
+def query_of(args: argparse.Namespace) -> StatusQuery:
+    """The query the arguments ask for; TaskrunError for an unknown status or a negative limit."""
+    statuses: set[str] = set()
+    for value in args.status or []:
+        for name in value.split(","):
+            name = name.strip().upper()
+            if name not in STATUSES:
+                raise TaskrunError(f"--status {name or '(empty)'}: not a status; one of {', '.join(STATUSES)}")
+            statuses.add(name)
+    if args.limit is not None and args.limit < 0:
+        raise TaskrunError("--limit must be 0 or more")
+    if args.all:
+        limit = None
+    elif args.limit is not None:
+        limit = args.limit
+    else:
+        limit = None if args.json else DEFAULT_LIMIT
+    return StatusQuery(tuple(args.task or ()), frozenset(statuses), limit)
+
+
+def from_daemon(records: Records, query: StatusQuery) -> Selection[dict[str, Any]] | None:
+    """The daemon's answer; None when no daemon runs (or it is too old to answer `status`)."""
+    try:
+        reply = control.request(gitops.state_dir(records.root), {"command": "status", **query.as_payload()})
+    except DaemonNotRunning:
+        return None
+    if not reply.get("ok"):
+        if any(why in str(reply.get("error")) for why in ("unknown command", "busy")):
+            return None  # a daemon too old to answer, or too busy: the records say the same
+        raise TaskrunError(str(reply.get("error") or "the daemon refused the request"))
+    tasks = [t for t in reply.get("tasks") or [] if isinstance(t, dict) and isinstance(t.get("task_id"), str)
+             and isinstance(t.get("status"), str)]
+    counts = reply.get("counts")
+    counts = {str(k): v for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, dict) else {}
+    total, omitted = reply.get("total"), reply.get("omitted")
+    return Selection(tasks, counts, total if isinstance(total, int) else len(tasks),
+                     omitted if isinstance(omitted, int) else 0)
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    """A Task whose record the index holds unchanged: selected on these, its record parsed only if shown."""
+
+    task_id: str
+    status: str
+    updated_at: float
+    seq: int
+
+
+def _key(item: _Indexed | dict[str, Any]) -> tuple[str, str, float, int]:
+    if isinstance(item, _Indexed):
+        return item.task_id, item.status, item.updated_at, item.seq if item.seq > 0 else 1 << 62
+    return record_key(item)
+
+
+def from_records(records: Records, query: StatusQuery, ignored: list[str]) -> Selection[dict[str, Any]]:
+    """The selection read from runs/ through the record index (written back when it was stale).
+
+    What `load_all` lists, in the same form: every Task with a record this
+    clone's daemon wrote (others' messages go to `ignored`), an unreadable
+    one as UNKNOWN, and every Task file without a record (PENDING, or INVALID
+    when its id can have none).
+    """
+    index = RecordIndex(records, gitops.state_dir(records.root))
+    index.load()
+    items: list[_Indexed | dict[str, Any]] = []
+    seen: set[str] = set()
+    for task_id in index.task_ids():
+        summary = index.task_summary(task_id)
+        if summary is not None:
+            items.append(_Indexed(task_id, *summary))
+            seen.add(task_id)
+            continue
+        try:
+            record = index.load_task(task_id)
+        except ForeignRecord as exc:
+            ignored.append(str(exc))
+            continue
+        except RecordError as exc:
+            record = {"task_id": task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
+        if record:
+            items.append(record)
+            seen.add(task_id)
+    items.extend(unrecorded_files(records, seen))
+    chosen = select(items, _key, query)
+    shown: list[dict[str, Any]] = []
+    for item in chosen.shown:
+        if isinstance(item, _Indexed):
+            try:
+                record = index.load_task(item.task_id)
+            except (ForeignRecord, RecordError) as exc:  # changed since it was looked at
+                record = {"task_id": item.task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
+            item = record or {"task_id": item.task_id, "status": "UNKNOWN", "error": "its record is gone",
+                              "runs": []}
+        shown.append(item)
+    if index.misses or not index.loaded:
+        index.save()  # best effort: a reader that cannot write it reads the records again next time
+    return Selection(shown, chosen.counts, chosen.total, chosen.omitted)
+
+
+def unrecorded_files(records: Records, seen: set[str]) -> list[dict[str, Any]]:
+    """Task files with no record in `seen`: PENDING "not yet seen by the daemon", or INVALID with the
+    reason their id can have no record (taskfile.task_id_problem), as the daemon says."""
+    found = []
+    for rel in task_paths(RepoFiles(records.root)):
+        task_id = task_id_for(rel)
+        if not task_id or task_id in seen:
+            continue
+        problem = task_id_problem(task_id)
+        if problem:
+            found.append({"task_id": task_id, "status": TaskStatus.INVALID.value, "runs": [],
+                          "error": f"{rel}: {problem}", "file": rel})
+        else:
+            found.append({"task_id": task_id, "status": TaskStatus.PENDING.value, "runs": [],
+                          "waiting": "not yet seen by the daemon", "file": rel})
+    return found
+
+
+def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
+    """`taskrun status [GLOB...] [--all] [--status S] [--limit N] [--json]`; the exit code."""
+    from taskrunner.cli.main import EXIT_OK, report_ignored
+
+    query = query_of(args)
+    ignored: list[str] = []
+    chosen = from_daemon(records, query)
+    source = "daemon"
+    if chosen is None:
+        chosen, source = from_records(records, query, ignored), "records"
+    report_ignored(ignored)
+    git_state = gitstate.read(gitops.state_dir(records.root))  # pushing and syncing (gitflow/gitstate.py)
+    try:
+        if args.json:
+            render.write_listing(sys.stdout, {"counts": chosen.counts, "git": git_state, "omitted": chosen.omitted,
+                                              "source": source, "total": chosen.total}, "tasks", chosen.shown)
+            sys.stdout.flush()
+            return EXIT_OK
+        filtered = bool(query.patterns or query.statuses)
+        if not chosen.total:
+            out.print("No Task matches." if filtered else
+                      "No Tasks yet: add a file to tasks/ and start `taskrun up`.", markup=False)
+        else:
+            render.print_tasks(out, chosen.shown)
+        if chosen.omitted:
+            out.print(render.summary_line(chosen, query.limit), markup=False, soft_wrap=True)
+        for line in gitstate.problems(git_state):
+            out.print(clean(line), markup=False, soft_wrap=True)
+    except BrokenPipeError:
+        # `taskrun status --json | head`: the reader has what it wanted.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_OK

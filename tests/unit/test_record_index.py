@@ -1,0 +1,201 @@
+"""The record index (record_index.py): a start reads only changed records, and the index never wins over runs/."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from taskrunner import record_index, restore
+from taskrunner.errors import ForeignRecord
+from taskrunner.gitops import state_dir
+from taskrunner.model import RunStatus, TaskStatus
+from taskrunner.record_index import INDEX_NAME, RecordIndex
+from taskrunner.records import Records
+from taskrunner.state import RunState, TaskState
+
+
+def seed(records: Records, count: int, runs: int = 1, updated: float = 1_000.0) -> None:
+    """`count` finished Tasks t-<n>, each with `runs` COMPLETED Runs, sealed as the daemon writes them."""
+    for n in range(count):
+        task_id = f"t-{n}"
+        states = [RunState(run_id=f"{n}-{k}", task_id=task_id, number=k, revision="r", attempt=k, worker="local",
+                           agent="shell", status=RunStatus.COMPLETED, created_at=updated, exit_code=0)
+                  for k in range(1, runs + 1)]
+        for run in states:
+            records.save_run(run.record())
+        records.save_task(TaskState(task_id, f"tasks/{task_id}.md", n + 1, TaskStatus.COMPLETED, revision="r",
+                                    attempts=runs, runs=states, updated_at=updated + n).record())
+
+
+def summary(tasks: list[TaskState]) -> list[tuple[str, str, list[tuple[int, str, str]]]]:
+    return [(t.id, t.status.value, [(r.number, r.status.value, r.run_id) for r in t.runs]) for t in tasks]
+
+
+@pytest.fixture()
+def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Records:
+    # Records written just before the index are read again (the racy rule, tested on its own below):
+    # without the window, a test need not wait for the clock to move on.
+    monkeypatch.setattr(record_index, "RACY_NS", 0)
+    made = Records(tmp_path)
+    seed(made, 5, runs=2)
+    return made
+
+
+def read(records: Records) -> tuple[list[TaskState], list[str], RecordIndex]:
+    index = RecordIndex(records, state_dir(records.root))
+    index.load()
+    tasks, foreign = restore.read_tasks(index, lambda message: None)
+    index.save()
+    return tasks, foreign, index
+
+
+def test_a_missing_index_is_built_and_the_next_start_reads_no_record(records: Records) -> None:
+    direct, _ = restore.read_tasks(records, lambda message: None)
+    first, _, index = read(records)
+    assert not index.loaded and index.misses > 0
+    assert (state_dir(records.root) / INDEX_NAME).stat().st_mode & 0o777 == 0o600
+    second, foreign, index = read(records)
+    assert index.loaded and index.misses == 0 and index.hits == 15  # 5 Task records, 10 Run records
+    assert summary(first) == summary(second) == summary(direct) and foreign == []
+    assert [t.record() for t in second] == [t.record() for t in direct]
+
+
+def test_a_record_the_daemon_rewrote_is_read_again(records: Records) -> None:
+    read(records)
+    task = records.load_task("t-1")
+    assert task is not None
+    records.save_task({**task, "status": "FAILED", "error": "again"})
+    tasks, _, index = read(records)
+    # Only that record (and the listing of its directory, where the rename happened) is read again.
+    assert {t.id: t.status.value for t in tasks}["t-1"] == "FAILED" and index.hits == 14 and index.misses == 2
+
+
+def test_a_record_replaced_behind_the_index_is_never_believed_even_with_its_times_and_size(records: Records) -> None:
+    read(records)
+    path = records.task_file("t-2")
+    before = os.lstat(path)
+    # Someone else's record, the same size, its times put back: only the ctime gives it away.
+    forged = json.dumps({"task_id": "t-2", "status": "COMPLETED", "pad": ""}).encode()
+    forged = forged.replace(b'""', b'"' + b"x" * (before.st_size - len(forged)) + b'"')
+    with open(path, "r+b") as handle:
+        handle.write(forged)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    tasks, foreign, _ = read(records)
+    assert "t-2" not in {t.id for t in tasks}
+    assert any("runs/t-2/status.json was not written by this daemon" in m for m in foreign)
+
+
+def test_a_run_record_swapped_for_a_link_is_refused_as_without_an_index(records: Records, tmp_path: Path) -> None:
+    read(records)
+    target = records.run_dir("t-3", 2) / "status.json"
+    elsewhere = tmp_path / "elsewhere.json"
+    os.rename(target, elsewhere)
+    os.symlink(elsewhere, target)
+    tasks, foreign, _ = read(records)
+    assert [r.number for r in {t.id: t for t in tasks}["t-3"].runs] == [1]
+    assert any("run-2/status.json" in m for m in foreign)
+    with pytest.raises(ForeignRecord):
+        RecordIndex(records, state_dir(records.root)).load_run("t-3", 2)
+
+
+def test_a_new_task_directory_and_a_new_run_directory_are_found(records: Records) -> None:
+    read(records)
+    seed_one = Records(records.root)
+    run = RunState(run_id="new", task_id="t-0", number=3, revision="r", attempt=3, worker="local", agent="shell",
+                   status=RunStatus.RUNNING)
+    seed_one.save_run(run.record())  # the Task record does not list it yet (RECORD_LAG_SECONDS)
+    seed_one.save_task(TaskState("nested/x", "tasks/nested/x.md", 50, TaskStatus.PENDING).record())
+    tasks, _, _ = read(records)
+    by_id = {t.id: t for t in tasks}
+    assert "nested/x" in by_id
+    assert [r.number for r in by_id["t-0"].runs] == [1, 2, 3]
+    assert summary(tasks) == summary(restore.read_tasks(records, lambda message: None)[0])
+
+
+def test_a_deleted_task_is_gone(records: Records) -> None:
+    read(records)
+    for path in sorted(records.runs.joinpath("t-4").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    records.runs.joinpath("t-4").rmdir()
+    tasks, _, _ = read(records)
+    assert "t-4" not in {t.id for t in tasks} and len(tasks) == 4
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"garbage", b"0" * 64 + b"\n{}", b"\xff\xfe\n\n", json.dumps({"version": 1}).encode(),
+])
+def test_a_corrupt_or_forged_index_is_ignored_and_rebuilt(records: Records, content: bytes) -> None:
+    read(records)
+    path = state_dir(records.root) / INDEX_NAME
+    path.write_bytes(content)
+    tasks, foreign, index = read(records)
+    assert not index.loaded and len(tasks) == 5 and foreign == []
+    assert RecordIndex(records, state_dir(records.root)).load()
+
+
+def test_an_index_that_is_a_link_is_not_followed(records: Records, tmp_path: Path) -> None:
+    read(records)
+    path = state_dir(records.root) / INDEX_NAME
+    os.rename(path, tmp_path / "moved")
+    os.symlink(tmp_path / "moved", path)
+    assert not RecordIndex(records, state_dir(records.root)).load()
+
+
+def test_an_index_sealed_with_our_key_but_holding_nonsense_crashes_nothing(records: Records) -> None:
+    """Shapes that are wrong (a bug in an older version, say) make entries misses, never a crash."""
+    read(records)
+    key = (state_dir(records.root) / "record.key").read_bytes()
+    head = {"version": 1, "stamp": 5, "shapes": [["a"]], "dirs": {"runs": [[1, 2, 3, 4, 5], ["../x"], True, []],
+                                                                   "runs/t-0": "x"},
+            "tasks": {"t-0": [[0, 0, 0, 0, 0], ["COMPLETED", 1.0, 1], "{"], "t-1": 7, "t-2": [None, None, None]}}
+    for runs in (b'{"t-0/1": [[1], 99, {}]}', b"[", b'{"t-0/1": 5}'):
+        body = json.dumps(head).encode() + b"\n" + runs
+        mac = hmac.new(key, b"taskrun-record-index-v1\0" + body, hashlib.sha256).hexdigest().encode()
+        (state_dir(records.root) / INDEX_NAME).write_bytes(mac + b"\n" + body)
+        index = RecordIndex(records, state_dir(records.root))
+        assert index.load()
+        untouched = RecordIndex(records, state_dir(records.root))
+        assert untouched.load() and untouched.save()  # nothing consulted: what is carried over is checked
+        tasks, foreign = restore.read_tasks(index, lambda message: None)
+        assert len(tasks) == 5 and foreign == [] and all(len(t.runs) == 2 for t in tasks)
+        assert index.save()
+
+
+def test_another_key_makes_the_index_worthless(records: Records) -> None:
+    read(records)
+    key_file = state_dir(records.root) / "record.key"
+    key_file.write_bytes(os.urandom(len(key_file.read_bytes())))
+    index = RecordIndex(Records(records.root), state_dir(records.root))
+    assert not index.load()
+
+
+def test_a_record_written_within_the_racy_window_of_the_index_is_read_again(
+        records: Records, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(record_index, "RACY_NS", 3600 * 10**9)  # everything is "just before" the index
+    read(records)
+    _, _, index = read(records)
+    assert index.loaded and index.hits == 0 and index.misses > 0
+
+
+def test_run_taken_from_the_listing_agrees_with_the_records(records: Records) -> None:
+    read(records)
+    index = RecordIndex(records, state_dir(records.root))
+    index.load()
+    list(index.task_ids())
+    for number in range(0, 5):
+        assert index.run_taken("t-1", number) == records.run_taken("t-1", number)
+
+
+def test_task_summary_parses_no_record_and_agrees_with_it(records: Records) -> None:
+    read(records)
+    index = RecordIndex(records, state_dir(records.root))
+    index.load()
+    assert sorted(index.task_ids()) == sorted(records.task_ids())
+    assert index.task_summary("t-3") == ("COMPLETED", 1003.0, 4)
+    assert index.task_summary("nope") is None
+    assert index.load_task("t-3") == records.load_task("t-3")
