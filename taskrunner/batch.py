@@ -6,7 +6,8 @@ commits and messages that depend on them. Each record is written once per
 batch whatever number of changes it saw.
 
 Records marked late (a Task or Run turning RUNNING) are held back until
-`due`, RECORD_LAG_SECONDS after the first of them, unless the batch is forced:
+`due` (monotonic clock: a wall-clock jump neither writes them early nor holds
+them back), RECORD_LAG_SECONDS after the first of them, unless the batch is forced:
 when the Run ends within that time, the record is written once, finished,
 instead of twice. A change that cannot wait takes a held-back one along.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from taskrunner.clock import monotonic
 from taskrunner.defaults import RECORD_LAG_SECONDS
 from taskrunner.fleet import WorkerState
 from taskrunner.protocol import Message
@@ -34,8 +36,8 @@ class Batch:
 
 @dataclass
 class Pending:
-    clock: Callable[[], float]
-    #: When the records held back are to be written; None when none are.
+    clock: Callable[[], float] = monotonic  # seconds, for durations only (clock.py)
+    #: When (on `clock`) the records held back are to be written; None when none are.
     due: float | None = None
     _tasks: dict[str, TaskState] = field(default_factory=dict)
     _runs: dict[str, RunState] = field(default_factory=dict)

@@ -44,8 +44,11 @@ TRANSPORTS = ("local", "ssh")
 #: `workers.<name>.sandbox`: confine Agents (bwrap), or accept them unconfined on that Worker (none).
 SANDBOXES = ("bwrap", "none")
 EMBEDDED_SOURCE = "<embedded default>"
+#: The least `records.max_log_bytes`: room for a head, the marker line and a tail.
+MIN_LOG_BYTES = 4096
 
-_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security", "prices")
+_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security", "prices", "records")
+_RECORDS_KEYS = ("max_log_bytes", "keep_full_logs", "full_logs_max_bytes")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
 _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home", "sandbox")
 _SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
@@ -124,6 +127,18 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class RecordsConfig:
+    """`records`: how much of a Run's output is committed, and how long its full log is kept (fulllogs.py)."""
+
+    #: A final Run's output.log over this many bytes is committed as its head and tail with a marker.
+    max_log_bytes: int = 4 * 1024 * 1024
+    #: Full logs (`.git/taskrun/logs/`) older than this (seconds, since their last byte) are removed.
+    keep_full_logs: float = 30 * 86400.0
+    #: And the oldest go first while all of them together hold more than this many bytes.
+    full_logs_max_bytes: int = 10 * 1024 ** 3
+
+
+@dataclass(frozen=True)
 class Config:
     default_agent: str
     agents: Mapping[str, AgentSpec]
@@ -135,6 +150,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     #: `prices`: model name -> USD per million tokens, to estimate the cost of a Run whose tool reports none.
     prices: Mapping[str, Prices] = field(default_factory=dict)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
 
 
 def _implicit_agents() -> dict[str, AgentSpec]:
@@ -219,6 +235,7 @@ class _Parser(AgentParsing):
             webhook=self.webhook(top.get("webhook")),
             security=self.security(top.get("security")),
             prices=self.prices(top.get("prices")),
+            records=self.records(top.get("records")),
         )
 
     def agents(self, value: object) -> dict[str, AgentSpec]:
@@ -448,6 +465,15 @@ class _Parser(AgentParsing):
         paths = {key: self.path(f"security.{key}", spec[key]) for key in spec}
         return SecurityConfig(allowed_signers=paths.get("allowed_signers"),
                               revocation_file=paths.get("revocation_file"))
+
+    def records(self, value: object) -> RecordsConfig:
+        spec, default = self.section(value, "records", _RECORDS_KEYS), RecordsConfig()
+        return RecordsConfig(
+            max_log_bytes=self.integer("records.max_log_bytes", spec.get("max_log_bytes", default.max_log_bytes),
+                                       MIN_LOG_BYTES),
+            keep_full_logs=self.duration("records.keep_full_logs", spec.get("keep_full_logs"), default.keep_full_logs),
+            full_logs_max_bytes=self.integer("records.full_logs_max_bytes",
+                                             spec.get("full_logs_max_bytes", default.full_logs_max_bytes), 0))
 
     def path(self, key: str, value: object) -> Path:
         """A file path; a leading `~` or `~user` is expanded (a user this machine lacks is refused)."""

@@ -95,6 +95,15 @@ git:
   # poll: 30s
   # pull_requests: {{forge: github, api_url: https://api.github.com, repository: owner/name, token_env: GITHUB_TOKEN}}
 
+records:
+  # A finished Run's output.log over this many bytes is committed as its head and
+  # tail with a marker line; the full log stays in .git/taskrun/logs/ (`taskrun logs`).
+  max_log_bytes: 4194304
+  # Full logs are removed this long after their last byte, and the oldest first
+  # while all of them hold more than full_logs_max_bytes.
+  keep_full_logs: 30d
+  full_logs_max_bytes: 10737418240
+
 # What models cost, USD per million tokens: estimates a Run's cost where the
 # tool reports tokens but no cost (cache prices default to the input price).
 # prices:

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from taskrunner import diskspace
 from taskrunner.atomic import read_json, write_json
 from taskrunner.errors import DaemonNotRunning
 
@@ -63,8 +64,11 @@ def _runtime_dir() -> str | None:
 
 
 class ControlServer:
-    def __init__(self, state_dir: Path, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    def __init__(self, state_dir: Path, handle: Callable[[dict[str, Any]], dict[str, Any]],
+                 notice: Callable[[str], None] = lambda message: None) -> None:
         self._state_dir = state_dir
+        self._notice = notice
+        self._stopped = threading.Event()
         self.path: Path | None = None  # set by start()
         self._private: Path | None = None  # the mkdtemp directory holding the socket, if any
         self._info = state_dir / "daemon.json"
@@ -94,8 +98,30 @@ class ControlServer:
         self._sock.bind(str(path))
         os.chmod(path, 0o600)
         self._sock.listen(16)
-        write_json(self._info, {"pid": os.getpid(), "socket": str(path)}, mode=0o600)
         self._thread.start()
+        try:
+            self._write_info()
+        except OSError as exc:
+            if not diskspace.is_full(exc):
+                raise
+            # Serving all the same; commands find the daemon once the file is written (when there is room).
+            self._notice(f"cannot write {self._info} yet, so commands do not find this daemon: "
+                         f"{diskspace.reason('the git directory', self._state_dir, exc)}; it is written by itself "
+                         "once there is room")
+            threading.Thread(target=self._write_info_later, name="control-info", daemon=True).start()
+
+    def _write_info(self) -> None:
+        assert self.path is not None
+        write_json(self._info, {"pid": os.getpid(), "socket": str(self.path)}, mode=0o600)
+
+    def _write_info_later(self) -> None:
+        while not self._stopped.wait(diskspace.RETRY_SECONDS):
+            try:
+                self._write_info()
+            except OSError:
+                continue
+            self._notice(f"{self._info} written: commands find this daemon")
+            return
 
     def _remove_stale_private_dir(self) -> None:
         """The private socket directory a killed daemon left behind (we hold the lock: it is gone)."""
@@ -107,6 +133,7 @@ class ControlServer:
             shutil.rmtree(old, ignore_errors=True)
 
     def stop(self) -> None:
+        self._stopped.set()
         for path in (self._info, self.path):
             if path is not None:
                 try:

@@ -21,12 +21,11 @@ import fcntl
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskrunner import doctor, gitops
+from taskrunner import clock, diskspace, doctor, fulllogs, gitops, status_query
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
@@ -112,12 +111,13 @@ class Daemon:
                                  on_branch_pushed=lambda branch: self.result_branch_pushed("", branch))
             self.recorder.add_job(self.pusher)
             self.recorder.after_commit.append(self.pusher.wanted)
-        keyring, _ = Keyring.ensure(self.state_dir, time.time())
+        keyring, _ = Keyring.ensure(self.state_dir, clock.wall())
         self.fleet = Fleet(config, self.state_dir, self.events.put, keyring, self.hooks)
         self.writer = WriteBehind(on_error=lambda message: emit(self.hooks, "notice", message))
         self.engine = Engine(root, config, self.fleet, self.recorder.submit, self.hooks, deliver=self.writer.run)
+        self.recorder.add_job(fulllogs.Pruner(self.engine.full_logs, lambda: self.engine.config.records, notice))
         self.watcher = Watcher(root, self.events.put)
-        self.control = ControlServer(self.state_dir, self._ask)
+        self.control = ControlServer(self.state_dir, self._ask, lambda message: emit(self.hooks, "notice", message))
         self._lock_file: int | None = None
         #: HEAD as this daemon last made or saw it (record commits, syncs): see _Committed.
         self._head: str | None = None
@@ -149,10 +149,11 @@ class Daemon:
                 emit(self.hooks, "notice", f"{finding.level}: {finding.what} (fix: {finding.fix})")
             for problem in pullrequests.problems(self.config):
                 emit(self.hooks, "notice", f"warning: {problem}")
+            self.engine.base_commit = self._head = self.repo.head()
+            # Before the recorder commits what it finds on disk: a log to cap is capped first (fulllogs.py).
+            self.engine.restore()
             self.recorder.start()
             self.pull_requests.start()
-            self.engine.base_commit = self._head = self.repo.head()
-            self.engine.restore()
             self.watcher.start()
             self.control.start()
             self._start_http(webhook, self.config)
@@ -168,9 +169,29 @@ class Daemon:
         return 0 if all(t.status is TaskStatus.COMPLETED for t in done) and not self.engine.unusable else 1
 
     def _loop(self) -> None:
+        """Handle events and wake for timers until stopped; every wait is on the monotonic clock (clock.py).
+
+        Wall times (a key's retirement, a usage limit's end in the engine's
+        next wakeup, the next git poll) are placed on the monotonic clock
+        afresh at each turn, and one already past never makes the loop spin.
+        A wall-clock jump (wall minus monotonic moves by more than
+        clock.JUMP_SECONDS) makes the engine plan again (its backoffs stay
+        true to the monotonic clock; pauses end by the wall clock) and moves
+        the next poll with it: a poll interval is a duration.
+        """
+
+        def monotonic_at(when: float | None, now: float, mono: float) -> float | None:
+            return None if when is None else mono + (when - now)
+
         replan = True
+        skew: float | None = None  # wall minus monotonic clock at the last turn
         while not self._stop.is_set():
-            now = time.time()
+            now, mono = clock.wall(), clock.monotonic()
+            jumped, skew = (0.0 if skew is None else now - mono - skew), now - mono
+            if abs(jumped) > clock.JUMP_SECONDS:
+                replan = True
+                if self._next_poll is not None:
+                    self._next_poll += jumped
             for worker in self.fleet.tick(now):
                 self.engine.grace_expired(worker)
                 replan = True
@@ -192,20 +213,24 @@ class Daemon:
                 self.engine.give_up_waiting()
                 self._flush(force=True, wait=True)
                 return
-            wakeups = [t for t in (self.engine.next_wakeup, self.fleet.next_wakeup(), self.engine.pending.due,
-                                   self.fleet.keyring.next_retirement(), self._next_poll) if t is not None]
-            sleep = min([now + MAX_SLEEP, *wakeups]) - now
+            retirement = self.fleet.keyring.next_retirement()  # one refresh_keys could not take waits a turn
+            wakeups = [t for t in (monotonic_at(self.engine.next_wakeup, now, mono), self.fleet.next_wakeup(),
+                                   self.engine.pending.due, monotonic_at(self._next_poll, now, mono),
+                                   monotonic_at(retirement, now, mono) if retirement and retirement > now else None)
+                       if t is not None]
+            sleep = min([mono + MAX_SLEEP, *wakeups]) - mono
             try:
                 event = self.events.get(timeout=max(0.0, sleep))
             except queue.Empty:
                 replan = True  # a quiet moment: look again (heartbeats, reconnects)
                 continue
-            for _ in range(BATCH):
-                replan = self._handle(event) or replan
+            replan = self._handle(event) or replan
+            for _ in range(BATCH - 1):  # the rest of a burst, up to BATCH events in all, then plan
                 try:
                     event = self.events.get_nowait()
                 except queue.Empty:
                     break
+                replan = self._handle(event) or replan
 
     def _handle(self, event: object) -> bool:
         """Apply one event; True if it may change what the scheduler would decide."""
@@ -274,6 +299,8 @@ class Daemon:
             return {"ok": True, "message": "signing keys reloaded; online Workers are told"}
         if command == "workers":
             return {"ok": True, "workers": [w.view() for w in self.fleet]}
+        if command == "status":  # from memory, not runs/ (status_query.py)
+            return status_query.answer(self.engine.tasks.values(), self.engine.unusable, payload)
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -317,7 +344,7 @@ class Daemon:
         self.recorder.sync(reason)
 
     def _schedule_poll(self, config: Config) -> None:
-        self._next_poll = None if config.git.poll is None else time.time() + config.git.poll
+        self._next_poll = None if config.git.poll is None else clock.wall() + config.git.poll
 
     def _webhook_route(self, config: Config) -> WebhookRoute | None:
         """The receiver's route when `webhook` is configured; ConfigError without its secret (fail closed)."""
@@ -380,8 +407,12 @@ class Daemon:
                 f"a taskrun daemon is already running in {self.root} (pid {holder}); "
                 "use `taskrun status`, or stop it before starting another"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())  # only to name the holder in the message above
+        except OSError as exc:
+            if not diskspace.is_full(exc):
+                raise
         self._lock_file = fd
 
     def _shutdown(self) -> None:

@@ -19,16 +19,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner import gitops, pauses, restore, scheduler
+from taskrunner import crashpoints, gitops, pauses, restore, scheduler
 from taskrunner.batch import Batch, Pending
+from taskrunner.clock import Deadlines, wall
 from taskrunner.config import Config
 from taskrunner.defaults import LOST_RUN_RETRIES
-from taskrunner.errors import RecordError, TaskrunError
+from taskrunner.errors import TaskrunError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.hooks import Hooks, emit
 from taskrunner.intake import Intake, RepoFiles, agent_of, read_task, task_paths
@@ -36,14 +36,18 @@ from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
 from taskrunner.model import RunStatus, TaskStatus
 from taskrunner.protocol import Message
+from taskrunner.queues import Backlog, TaskViews
 from taskrunner.recorder import CommitItem
+from taskrunner.fulllogs import FullLogs
 from taskrunner.records import Records
+from taskrunner.scancache import ScanCache
 from taskrunner.sessions import WorkerSessions
 from taskrunner.state import RunState, TaskState
 from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
+from taskrunner.unwritten import Unwritten
 
-#: Statuses the scheduler acts on; Tasks in the others only count as dependencies.
-_PLANNED = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.BLOCKED})
+#: The crash point after a message of each kind that matters to a Run left for its Worker (crashpoints.py).
+_SENT_POINTS = {"assign": "daemon.assign_sent", "ack": "daemon.ack_sent", "cancel": "daemon.cancel_sent"}
 
 
 class Engine:
@@ -54,7 +58,7 @@ class Engine:
         fleet: Fleet,
         commit: Callable[[CommitItem], None],
         hooks: Hooks | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall,  # the wall clock, for records; durations: clock.py
         rand: Callable[[], float] = random.random,
         deliver: Callable[[Callable[[], None]], None] = lambda job: job(),
     ) -> None:
@@ -65,6 +69,7 @@ class Engine:
         self.records = Records(root, notice=lambda message: emit(self.hooks, "notice", message))
         self.files = RepoFiles(root, gitops.git_dirs(root))
         self.state_dir = gitops.state_dir(root)
+        self.full_logs = FullLogs(self.records, self.state_dir, lambda message: emit(self.hooks, "notice", message))
         #: Agents paused for a usage limit (pauses.py), kept in the state dir across restarts.
         self.pauses = pauses.load(self.state_dir)
         self._commit = commit
@@ -82,8 +87,10 @@ class Engine:
         self._seq = 0
         self._progress = False
         self._cycles_stale = False
-        self.pending = Pending(clock)
-        self._views: dict[str, scheduler.TaskView] = {}
+        self.pending = Pending()
+        self._backoffs = Deadlines()  # retry backoffs (`not_before`), true to the monotonic clock
+        self.unwritten = Unwritten()  # records a batch could not write, and what waits for them (unwritten.py)
+        self._views = TaskViews()  # the scheduler's view of each Task, and its index (queues.py)
         self.sessions = WorkerSessions(self.fleet, self.records, self.runs, self.hooks, clock, self._send,
                                        self._finish, self._run_lost, self._save_run)
         self.sessions.config = lambda: self.config
@@ -91,8 +98,13 @@ class Engine:
     # -- start-up -----------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuild state from runs/ after a (re)start (restore.py); unfinished Runs await their Worker."""
-        tasks, foreign = restore.read_tasks(self.records, lambda message: emit(self.hooks, "notice", message))
+        """Rebuild state from runs/ after a (re)start (restore.py); unfinished Runs await their Worker.
+
+        Through the record index in the state dir (record_index.py): only changed records are read.
+        """
+        tasks, foreign = restore.read_indexed(self.records, self.state_dir,
+                                              lambda message: emit(self.hooks, "notice", message))
+        self.full_logs.settle_restored(tasks, self.config.records, self.pending.commit)  # fulllogs.py
         for task in tasks:
             self.tasks[task.id] = task
             self._seq = max(self._seq, task.seq + 1)
@@ -108,6 +120,7 @@ class Engine:
                 worker.runs.add(run.run_id)
         for message in restore.foreign_notices(foreign):
             emit(self.hooks, "notice", message)
+        crashpoints.reached("daemon.restored")
 
     def scan(self) -> None:
         """Bring every Task file into step with its record (start-up and `taskrun trigger`).
@@ -117,19 +130,18 @@ class Engine:
         """
         seen: set[str] = set()
         refused: list[str] = []
+        cache = ScanCache(self.state_dir, self.config)  # unchanged files are not parsed again (scancache.py)
         for rel in task_paths(self.files, refused):
-            task_id = task_id_for(rel)
-            if task_id:
-                seen.add(task_id)
-            self.task_file_changed(rel)
+            seen.add(task_id_for(rel) or "")  # "" is no Task's id
+            self.task_file_changed(rel, cache)
+        cache.save(lambda message: emit(self.hooks, "notice", message))
         for message in refused:
             emit(self.hooks, "notice", message)
         for task in list(self.tasks.values()):
             if task.id not in seen and not task.removed:
                 self.task_file_removed(task.file)
-        for rel in list(self.unusable):
-            if task_id_for(rel) not in seen:
-                del self.unusable[rel]
+        for rel in [r for r in self.unusable if task_id_for(r) not in seen]:
+            del self.unusable[rel]
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: Runs on Workers that are gone are retried elsewhere, and every
@@ -146,7 +158,7 @@ class Engine:
 
     # -- Task files ----------------------------------------------------------
 
-    def task_file_changed(self, rel: str) -> None:
+    def task_file_changed(self, rel: str, cache: ScanCache | None = None) -> None:
         task_id = task_id_for(rel)
         if task_id is None:
             emit(self.hooks, "notice", f"ignoring {rel}: a Task id is [a-z0-9][a-z0-9._/-]* under tasks/")
@@ -156,7 +168,7 @@ class Engine:
             self._unusable(rel, problem)
             return
         try:
-            intake = read_task(self.files, task_id, rel, self.config)
+            intake = (cache.read if cache else read_task)(self.files, task_id, rel, self.config)
         except FileNotFoundError:
             self.task_file_removed(rel)
             return
@@ -247,17 +259,14 @@ class Engine:
             self._cycles_stale = False
             self._check_cycles()
         now = self._clock()
-        live = [t for t in self.tasks.values() if t.status in _PLANNED and not (t.removed and t.status.final)]
-        # Settled Tasks matter to the plan only as dependencies of live ones:
-        # leaving the others out keeps a plan's cost to the Tasks in play.
-        needed = {dep for t in live if t.spec for dep in t.spec.depends_on}
-        settled = [self.tasks[d] for d in needed if d in self.tasks and self.tasks[d].status not in _PLANNED
-                   and not (self.tasks[d].removed and self.tasks[d].status.final)]
-        views = [self._view(t) for t in (*live, *settled)]
+        backing_off = [self.tasks[i] for i in self._backlog().backing_off() if i in self.tasks]
+        for task in self._backoffs.keep_true(backing_off, now):  # a wall-clock jump neither ends nor extends a backoff
+            self._save_task(task)
+        backlog = self._backlog()
         groups = dict(self.config.scheduler.groups)
         if self.pauses.prune(now):
             self._save_pauses()
-        plan = scheduler.plan(views, self.fleet.views(self.pauses, now), groups, now, self.pauses.everywhere(now))
+        plan = backlog.plan(self.fleet.views(self.pauses, now), groups, now, self.pauses.everywhere(now))
         for blocked in plan.blocked:
             self._settle(self.tasks[blocked.task_id], TaskStatus.BLOCKED, blocked.reason)
         for task_id in plan.unblocked:
@@ -267,16 +276,23 @@ class Engine:
             # Its BLOCKED record was committed: commit the change back too, so
             # the work tree never holds a record newer than its last commit.
             self._save_task(task, commit=True)
-        for assignment in plan.assignments:
+        full = self.records.space.still_full()  # no new Run while runs/ cannot be written (diskspace.py)
+        for assignment in () if full else plan.assignments:
             self._assign(self.tasks[assignment.task_id], self.fleet[assignment.worker])
-        for task in live:
-            waiting = plan.waiting.get(task.id) if task.status is TaskStatus.PENDING else None
-            if waiting != task.waiting:
+        # Only the Tasks whose reason may have changed since the last plan (queues.py): not the whole backlog.
+        changed = {**plan.waiting, **({a.task_id: full for a in plan.assignments} if full else {})}
+        for task_id, waiting in changed.items():
+            task = self.tasks[task_id]
+            if task.status is TaskStatus.PENDING and waiting != task.waiting:
                 task.waiting = waiting
                 self._save_task(task)
         self.next_wakeup = plan.next_wakeup
         # Unblocked Tasks start in the next plan: that is progress, not idleness.
         self._progress = bool(plan.assignments or plan.unblocked)
+
+    def _backlog(self) -> Backlog:
+        """The scheduler's index, told about every Task changed since (deleted and final: absent, queues.py)."""
+        return self._views.index(self.tasks, lambda t: None if t.removed and t.status.final else self._view(t))
 
     def _view(self, task: TaskState) -> scheduler.TaskView:
         """The scheduler's view of a Task, kept until the Task next changes (`_save_task`)."""
@@ -389,6 +405,7 @@ class Engine:
         run.exit_code = exit_code
         run.error = error
         run.finished_at = finished_at or self._clock()
+        crashpoints.reached("daemon.run_finished")
         self.sessions.summarize(run, self.tasks.get(run.task_id))
         self._save_run(run)
         self.runs.pop(run.run_id, None)
@@ -455,6 +472,7 @@ class Engine:
     def _save_pauses(self) -> None:
         try:
             pauses.save(self.state_dir, self.pauses)
+            crashpoints.reached("daemon.pauses_saved")
         except OSError as exc:
             emit(self.hooks, "notice", f"cannot save the Agents' pauses in {self.state_dir}: {exc}")
 
@@ -530,27 +548,24 @@ class Engine:
         `deliver` runs the job: inline, unless the daemon gives it a thread
         (writeback.py).
         """
+        self.sessions.resume_stalled()  # output a full disk held up, once there is room (sessions.py)
         batch = self.pending.take(force)
         self._deliver(lambda: self._apply(batch))
         return len(batch.commits)
 
     def _apply(self, batch: Batch) -> None:
-        """Write a batch's records, then hand over its commits and send its messages, which depend on them."""
-        writes: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
-            *((self.records.save_manifest, item) for item in batch.manifests),
-            *((self.records.save_run, (record,)) for record in batch.runs),
-            *((self.records.save_task, (record,)) for record in batch.tasks),
-        ]
-        for write, args in writes:
-            try:
-                write(*args)
-            except RecordError as exc:
-                # The state stays in memory and is written again with its next change.
-                emit(self.hooks, "notice", str(exc))
-        for item in batch.commits:
+        """Write a batch's records, then hand over its commits and send its messages, which depend on them.
+        A record not written (a full disk) is kept, written again, and waited for (unwritten.py)."""
+        commits, sends = self.unwritten.apply(batch, self.records, lambda text: emit(self.hooks, "notice", text))
+        crashpoints.reached("daemon.records_batch_written")
+        self.full_logs.settle_commits(commits, batch.runs, self.config.records)  # capped output.log (fulllogs.py)
+        for item in commits:
             self._commit(item)
-        for worker, messages in batch.sends:
+        for worker, messages in sends:
             self.fleet.send(worker, *messages)
+            for message in messages:
+                if message.type in _SENT_POINTS:
+                    crashpoints.reached(_SENT_POINTS[message.type])
 
     def _send(self, worker: WorkerState, message: Message) -> None:
         self.pending.send(worker, message)

@@ -51,18 +51,19 @@ import collections
 import hashlib
 import os
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
-import git
-
-from taskrunner import leaks
+from taskrunner import crashpoints, diskspace, leaks
 from taskrunner.atomic import write_bytes
 from taskrunner.defaults import STATE_DIR
 from taskrunner.errors import GitError, UnsafePath
+from taskrunner.lazymodule import lazy
 from taskrunner.safefs import REFUSAL, Beneath
+git = lazy("git")  # GitPython, imported when a command first runs git through it
 
 ZERO = "0" * 40
 #: Identity for commits in a repository whose user has none configured.
@@ -82,6 +83,13 @@ SCRATCH_REF = "refs/taskrun/recorder"
 #: In the state dir: the commits taskrun made in this clone, one sha a line (Git.remember_own).
 OWN_COMMITS = "own-commits"
 OWN_COMMITS_MAX_BYTES = 4 * 1024 * 1024
+#: A file committed is read and written to fast-import in chunks of this many bytes (one read when smaller).
+STREAM_CHUNK_BYTES = 1024 * 1024
+#: fast-import streams a blob larger than this straight into its pack instead of holding it in memory.
+BIG_FILE_BYTES = 8 * 1024 * 1024
+#: A chunk is checked for a private key block together with this much of the chunk before it: a key
+#: header (leaks.PRIVATE_KEY_PATTERN) split between two chunks is found while it is shorter than this.
+KEY_OVERLAP_BYTES = 4096
 #: Run `git gc --auto` after this many commits (what `git commit` does after each).
 GC_EVERY_COMMITS = 50
 #: Put before every git subcommand the daemon runs (`command`). The repository's
@@ -157,19 +165,25 @@ class Git:
             if not changed:
                 return None
             self.made.append(commit)  # before HEAD moves: whoever sees it on HEAD knows it is ours
+            # Noted before HEAD moves too: killed in between, the next daemon still knows the commit on
+            # HEAD for its own (a push rebases it instead of calling the clone diverged). A noted commit
+            # that never reached HEAD is on no branch, and nothing is ever rebuilt from it.
+            self.remember_own([commit])
+            crashpoints.reached("daemon.commit_built")
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError:
                 # HEAD moved under us (a user commit), or its ref is locked: build on the new HEAD.
                 time.sleep(random.uniform(0.0, 0.01 * min(attempt + 1, 10)))
                 continue
+            crashpoints.reached("daemon.head_moved")
             for path, blob in written:
                 self.index_pending[path] = ("100644", blob)
             for path in deleted:
                 self.index_pending[path] = None
             self._pending_commit = commit
-            self.remember_own([commit])
             self.refresh_index()
+            crashpoints.reached("daemon.index_refreshed")
             self._commits += 1
             if self._commits % GC_EVERY_COMMITS == 0:
                 self._gc_auto()
@@ -190,9 +204,15 @@ class Git:
         which was most of the cost of recording a Run. It works on
         SCRATCH_REF, never on the user's index or HEAD; HEAD moves afterwards by
         compare-and-swap.
+
+        A failed fast-import (a full disk, say) leaves nothing behind: the
+        crash report it writes into the git directory is removed, its pack
+        is never kept (unpackLimit), and the GitError says why, in words a
+        user acts on when the disk is full; the recorder tries again later.
         """
         identity = self._identity()
-        argv = command("-c", "fastimport.unpackLimit=1", "fast-import", "--quiet", "--force", "--date-format=now")
+        argv = command("-c", "fastimport.unpackLimit=1", "fast-import", "--quiet", "--force", "--date-format=now",
+                       f"--big-file-threshold={BIG_FILE_BYTES}")
         try:
             proc = subprocess.Popen(argv, cwd=self.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=dict(os.environ, **identity))
@@ -211,32 +231,104 @@ class Git:
             written: list[tuple[str, str]] = []
             deleted: list[str] = []
             for path in paths:
-                data = self._read(path)
-                if data is None:
+                fd = self._read(path)
+                if fd is None:
                     proc.stdin.write(f"D {_quote(path)}\n".encode())
                     deleted.append(path)
-                elif leaks.holds_private_key(data):
+                    continue
+                with os.fdopen(fd, "rb") as handle:
+                    blob = self._stream_blob(path, handle, proc.stdin)
+                if blob is None:
                     self._notice(f"{path} holds a private key block: left out of the commit (delete the file, "
                                  "and replace the key if it was a real one)")
                 else:
-                    proc.stdin.write(f"M 100644 inline {_quote(path)}\n".encode() + _data(data))
-                    written.append((path, self.blob_id(data)))
+                    written.append((path, blob))
             proc.stdin.write(b'ls ""\n\nget-mark :1\n')
             out, err = proc.communicate()
         except (OSError, ValueError) as exc:
             proc.kill()
             proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    pipe.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass  # its unwritten buffer: the process is gone
+            self._drop_crash_report(proc.pid, "")
             raise GitError(f"git fast-import failed: {exc}") from exc
         lines = out.decode().splitlines()
         if proc.returncode != 0 or len(lines) != (3 if old else 2):
-            raise GitError(f"git fast-import failed: {err.decode().strip() or f'exit {proc.returncode}'}")
+            detail = err.decode(errors="replace").strip() or f"exit {proc.returncode}"
+            self._drop_crash_report(proc.pid, detail)
+            full = diskspace.full_text(detail)
+            if full:
+                detail = f"{diskspace.reason('the repository', self.root)} ({full})"
+            raise GitError(f"git fast-import failed: {detail}")
         trees = [line.split()[2] for line in lines[:-1]]
         return lines[-1].strip(), len(trees) == 1 or trees[0] != trees[1], written, deleted
 
-    def _read(self, path: str) -> bytes | None:
-        """A work-tree file's bytes for a commit; None for one to commit as deleted (missing, or refused)."""
+    def _drop_crash_report(self, pid: int, stderr: str) -> None:
+        """Remove what a failed fast-import (process `pid`) left in the git directory: its crash report
+        (fast_import_crash_<pid>) and the temp packs its `stderr` names (objects/pack/tmp_pack_*)."""
+        packs = set(re.findall(r"\btmp_pack_[A-Za-z0-9]{6}\b", stderr))
+        for directory in git_dirs(self.root):
+            for path in [directory / f"fast_import_crash_{pid}", *(directory / "objects" / "pack" / name
+                                                                  for name in sorted(packs))]:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def _stream_blob(self, path: str, handle: BinaryIO, out: BinaryIO) -> str | None:
+        """Write `M 100644 inline <path>` and the file's bytes into fast-import's `out`; the blob id, or
+        None when the file holds a private key block (nothing is written then).
+
+        A file up to STREAM_CHUNK_BYTES is read at once. A larger one is read twice in chunks, never
+        whole: once for its blob id and the key check, then into `data <size>`; memory stays the same
+        whatever its size. A file that changes between the two reads fails the commit (GitError; the
+        recorder tries again), since what was checked must be what is committed.
+        """
+        size = os.fstat(handle.fileno()).st_size
+        if size <= STREAM_CHUNK_BYTES:
+            data = handle.read()
+            if leaks.holds_private_key(data):
+                return None
+            out.write(f"M 100644 inline {_quote(path)}\n".encode() + _data(data))
+            return self.blob_id(data)
+        first = self._scan(handle, size, None)
+        if first is None:
+            return None
+        handle.seek(0)
+        out.write(f"M 100644 inline {_quote(path)}\ndata {size}\n".encode())
+        if self._scan(handle, size, out) != first:
+            raise OSError(f"{path} changed while it was committed")
+        out.write(b"\n")
+        return first
+
+    def _scan(self, handle: BinaryIO, size: int, out: BinaryIO | None) -> str | None:
+        """Read `size` bytes of `handle` in chunks (copying them to `out`); their blob id, None when they
+        hold a private key block. Each chunk is checked with the tail of the one before it
+        (KEY_OVERLAP_BYTES), so a key block across two chunks is found. OSError when the file is shorter."""
+        digest = hashlib.new(self._object_format(), b"blob %d\0" % size)
+        carry = b""
+        left = size
+        while left:
+            chunk = handle.read(min(STREAM_CHUNK_BYTES, left))
+            if not chunk:
+                raise OSError("the file got shorter while it was committed")
+            left -= len(chunk)
+            digest.update(chunk)
+            if leaks.holds_private_key(carry + chunk):
+                return None
+            carry = chunk[-KEY_OVERLAP_BYTES:]
+            if out is not None:
+                out.write(chunk)
+        return digest.hexdigest()
+
+    def _read(self, path: str) -> int | None:
+        """A read-only fd of a work-tree file for a commit (the caller closes it); None for one to commit as
+        deleted (missing, or refused). Opened beneath the work tree without following links (safefs)."""
         try:
-            return self._tree.read_bytes(path)
+            return self._tree.open_file(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except UnsafePath as exc:
@@ -252,12 +344,16 @@ class Git:
 
     def blob_id(self, data: bytes) -> str:
         """The id git gives a blob of `data` (sha1 or sha256, as the repository uses)."""
+        return hashlib.new(self._object_format(), b"blob %d\0" % len(data) + data).hexdigest()
+
+    def _object_format(self) -> str:
+        """The repository's hash, "sha1" or "sha256" (asked once)."""
         if self._hash is None:
             try:
                 self._hash = self.run("rev-parse", "--show-object-format") or "sha1"
             except GitError:
                 self._hash = "sha1"
-        return hashlib.new(self._hash, b"blob %d\0" % len(data) + data).hexdigest()
+        return self._hash
 
     def index_file(self) -> Path:
         """The user's index (`git rev-parse --git-path index`: worktrees and GIT_INDEX_FILE included)."""

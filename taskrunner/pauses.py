@@ -10,7 +10,10 @@ gives, and run again on their own once the pause ends.
 `Pauses` is plain data and pure functions of `now`; `load` and `save` keep it
 as JSON at `<state dir>/pauses.json` (.git/taskrun/, never committed), so a
 restarted daemon keeps its pauses. A damaged or foreign file there is read as
-no pauses: a bad file never stops the daemon.
+no pauses: a bad file never stops the daemon. A save that fails (a full disk)
+leaves the pauses `unsaved`, and `prune` then asks for another save, so the
+file catches up by itself once there is room; only the first failure in a row
+raises (one notice, not one per plan).
 
     pauses.json: {"version": 1, "pauses": [{"agent": str, "worker": str|null,
                   "until": float (epoch s), "since": float, "message": str}]}
@@ -87,6 +90,8 @@ class Pauses:
 
     def __init__(self, entries: Iterable[Pause] = ()) -> None:
         self._entries: dict[tuple[str, str | None], Pause] = {}
+        #: The last save failed: the file is behind (see `save`).
+        self.unsaved = False
         for pause in entries:
             self.add(pause)
 
@@ -106,11 +111,11 @@ class Pauses:
         return pause
 
     def prune(self, now: float) -> bool:
-        """Forget pauses that ended; True when any did."""
+        """Forget pauses that ended; True when any did, or when the last save failed: either way, save."""
         ended = [key for key, pause in self._entries.items() if pause.until <= now]
         for key in ended:
             del self._entries[key]
-        return bool(ended)
+        return bool(ended) or self.unsaved
 
     def clear(self, agent: str) -> bool:
         """End every pause of `agent`; True when there was one."""
@@ -185,5 +190,17 @@ def load(state_dir: Path) -> Pauses:
 
 
 def save(state_dir: Path, pauses: Pauses) -> None:
-    """Write the pauses atomically to `state_dir`; OSError when it cannot."""
-    write_json(state_dir / FILE_NAME, pauses.records(), mode=0o600)
+    """Write the pauses atomically to `state_dir`.
+
+    OSError when it cannot (a full disk, say; its temp file is removed), the
+    first time in a row only: the pauses stay `unsaved` and a failing retry is
+    quiet. They stay in force in memory meanwhile.
+    """
+    try:
+        write_json(state_dir / FILE_NAME, pauses.records(), mode=0o600)
+    except OSError:
+        again, pauses.unsaved = pauses.unsaved, True
+        if not again:
+            raise
+        return
+    pauses.unsaved = False

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from taskrunner import crashpoints
 from taskrunner.defaults import COMMIT_WINDOW_SECONDS
 from taskrunner.errors import GitError
 from taskrunner.gitops import Git
@@ -220,6 +221,7 @@ class Recorder:
             self._on_commit(sha, list(pending))
             for hook in self.after_commit:
                 hook(sha)
+            crashpoints.reached("daemon.commit_done")
         return True
 
     def _refresh_index(self) -> None:

@@ -39,6 +39,13 @@ rules keep the daemon's files its own:
 
 Manifests are not sealed: the daemon never reads them back, and they carry
 their own Ed25519 signatures.
+
+A full disk (ENOSPC, EDQUOT, EFBIG; EIO and EROFS alike, diskspace.py) fails
+a write with RecordsFull, a RecordError that says so in words a user acts
+on; `space` remembers it (the engine then starts no new Run and writes the
+record again by itself, engine.py; a Run's output stalls until there is
+room, sessions.py). Nothing half written stays behind: a record's temp file
+is removed, and output.log keeps the bytes that made it, at their offset.
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from taskrunner import crashpoints
 from taskrunner.defaults import RUNS_DIR
+from taskrunner.diskspace import RecordsFull, Space, is_full
 from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
 from taskrunner.gitops import state_dir
 from taskrunner.keys import record_key
@@ -83,6 +92,12 @@ class Records:
         self._key_lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self._claimed: set[tuple[str, int]] = set()
+        #: (task id, Run) -> (inode, size, sha256 so far) of output.log as write_output appended it (output_digest).
+        self._digests: dict[tuple[str, int], tuple[int, int, Any]] = {}
+        #: Whether the disk holding runs/ is full, and the Runs whose output waits for room (diskspace.py).
+        self.space = Space(root)
+        self._kept_lock = threading.Lock()
+        self._kept: dict[str, tuple[str, int, bytes]] = {}  # path -> (task id, Run, bytes): see _write_kept
 
     # -- paths -------------------------------------------------------------
 
@@ -154,15 +169,41 @@ class Records:
         finally:
             os.close(fd)
 
-    def read_output(self, task_id: str, number: int, offset: int = 0) -> bytes | None:
-        """A Run's output from `offset` on; None when there is no output.log (a link counts as none)."""
-        try:
-            fd = self._tree.open_file(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
-        except (OSError, UnsafePath):
+    def read_output(self, task_id: str, number: int, offset: int = 0, limit: int | None = None) -> bytes | None:
+        """A Run's output from `offset` on, at most `limit` bytes (None: to its end); None when there is no
+        output.log (a link counts as none). Output can be gigabytes: readers that may meet a whole one pass
+        a limit, or read `open_output` in chunks."""
+        fd = self.open_output(task_id, number)
+        if fd is None:
             return None
         with os.fdopen(fd, "rb") as handle:
             handle.seek(offset)
-            return handle.read()
+            return handle.read() if limit is None else handle.read(limit)
+
+    def open_output(self, task_id: str, number: int) -> int | None:
+        """A read-only fd of a Run's output.log, opened without following links; None when there is none
+        (or only a link or special file). The caller closes it; it keeps reading the same file even when
+        output.log is replaced meanwhile (a capped log, fulllogs.py)."""
+        try:
+            return self._tree.open_file(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
+        except (OSError, UnsafePath):
+            return None
+
+    def open_run_dir(self, task_id: str, number: int) -> int:
+        """An fd of runs/<id>/run-<n>, opened without following links; the caller closes it.
+        FileNotFoundError, UnsafePath or OSError when it cannot be opened."""
+        self._check_id(task_id)
+        return self._tree.open_dir(f"{RUNS_DIR}/{task_id}/run-{number}")
+
+    def write_capped(self, task_id: str, number: int, data: bytes) -> None:
+        """Replace a final Run's output.log with `data` (its capped form, fulllogs.py) atomically, following
+        no link; RecordError (RecordsFull on a full disk) when it cannot be written."""
+        self._check_id(task_id)
+        rel = f"{RUNS_DIR}/{task_id}/run-{number}/output.log"
+        try:
+            self._tree.write_atomic(rel, data, repair=True)
+        except (OSError, UnsafePath) as exc:
+            raise self._failed(rel, exc) from exc
 
     def output_refused(self, task_id: str, number: int) -> str | None:
         """Why a Run's output.log is not read although something is there: "a symbolic link", "a FIFO", …;
@@ -173,13 +214,22 @@ class Records:
         return kind_of(found.st_mode)
 
     def output_digest(self, task_id: str, number: int) -> tuple[int, str]:
-        """(size, sha256 hex) of a Run's output.log, read without following links; (0, sha256 of nothing) if none."""
+        """(size, sha256 hex) of a Run's output.log, read without following links; (0, sha256 of nothing) if none.
+
+        The digest this process kept while appending (write_output) answers when it covers the whole file
+        as it is (same inode, same size); otherwise the file is read again, in 1 MiB chunks.
+        """
         digest = hashlib.sha256()
         size = 0
         try:
             fd = self._tree.open_file(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
         except (OSError, UnsafePath):
             return size, digest.hexdigest()
+        found = os.fstat(fd)
+        kept = self._digests.get((task_id, number))
+        if kept is not None and kept[0] == found.st_ino and kept[1] == found.st_size:
+            os.close(fd)
+            return kept[1], kept[2].copy().hexdigest()
         with os.fdopen(fd, "rb") as handle:
             while chunk := handle.read(1024 * 1024):
                 digest.update(chunk)
@@ -192,30 +242,31 @@ class Records:
         task_id = record["task_id"]
         self._check_id(task_id)
         self._save(f"{RUNS_DIR}/{task_id}/status.json", record, sealed=True)
+        crashpoints.reached("daemon.task_record_written")
 
     def save_run(self, record: dict[str, Any]) -> None:
         task_id, number = record["task_id"], int(record["run"])
         self._claim(task_id, number)  # checks the id too, once per Run directory
         self._save(f"{RUNS_DIR}/{task_id}/run-{number}/status.json", record, sealed=True, claimed=True)
+        crashpoints.reached("daemon.run_record_written")
         if record.get("status") in _FINAL:
             # Nothing more is written there; a later write would look again (and find its seal).
             self._claimed.discard((task_id, number))
+            self._digests.pop((task_id, number), None)
 
     def save_manifest(self, task_id: str, number: int, manifest: dict[str, Any]) -> None:
         self._claim(task_id, number)  # checks the id too, once per Run directory
         self._save(f"{RUNS_DIR}/{task_id}/run-{number}/manifest.json", manifest, sealed=False, claimed=True)
+        crashpoints.reached("daemon.manifest_written")
 
     def save_summary(self, task_id: str, number: int, text: str) -> str:
         """Write runs/<id>/run-<n>/summary.md (gitflow/summary.py) atomically, following no link; its path.
 
         Not sealed, like manifests: the daemon never reads it back.
         """
-        self._claim(task_id, number)  # checks the id too, once per Run directory
         rel = f"{RUNS_DIR}/{task_id}/run-{number}/summary.md"
-        try:
-            self._tree.write_atomic(rel, text.encode(), repair=True, look=False)
-        except (OSError, UnsafePath) as exc:
-            raise RecordError(f"cannot write {rel}: {exc}") from exc
+        self._write_kept(task_id, number, rel, text.encode())
+        crashpoints.reached("daemon.summary_written")
         return rel
 
     def save_events(self, task_id: str, number: int, data: bytes) -> str:
@@ -224,13 +275,49 @@ class Records:
         The Worker masked secrets in it and capped it (agentwire.MAX_EVENTS_BYTES); like output.log it is
         never read back as a record.
         """
-        self._claim(task_id, number)  # checks the id too, once per Run directory
         rel = f"{RUNS_DIR}/{task_id}/run-{number}/events.jsonl"
-        try:
-            self._tree.write_atomic(rel, data, repair=True, look=False)
-        except (OSError, UnsafePath) as exc:
-            raise RecordError(f"cannot write {rel}: {exc}") from exc
+        self._write_kept(task_id, number, rel, data)
+        crashpoints.reached("daemon.events_written")
         return rel
+
+    def kept(self) -> list[str]:
+        """The summary.md and events.jsonl files a full disk kept out, by work-tree path (see `write_kept`)."""
+        with self._kept_lock:
+            return list(self._kept)
+
+    def write_kept(self) -> list[str]:
+        """Write again what a full disk kept out of summary.md and events.jsonl; the paths written now.
+        What still fails stays kept (RecordsFull), and so does anything else that fails (it is said once)."""
+        with self._kept_lock:
+            waiting = list(self._kept.items())
+        done = []
+        for rel, (task_id, number, data) in waiting:
+            try:
+                self._write_kept(task_id, number, rel, data)
+            except RecordError:
+                continue
+            done.append(rel)
+        return done
+
+    def _write_kept(self, task_id: str, number: int, rel: str, data: bytes) -> None:
+        """Write a file of a Run's directory that the daemon never reads back (summary.md, events.jsonl)
+        atomically, following no link. On a full disk its bytes are kept here until `write_kept` writes them:
+        they came once (events.jsonl from a result the Worker then forgets) and are not lost."""
+        try:
+            self._claim(task_id, number)  # checks the id too, once per Run directory
+            self._tree.write_atomic(rel, data, repair=True, look=False)
+        except RecordsFull:
+            with self._kept_lock:
+                self._kept[rel] = (task_id, number, data)
+            raise
+        except (OSError, UnsafePath) as exc:
+            error = self._failed(rel, exc)
+            if isinstance(error, RecordsFull):
+                with self._kept_lock:
+                    self._kept[rel] = (task_id, number, data)
+            raise error from exc
+        with self._kept_lock:
+            self._kept.pop(rel, None)
 
     def append_output(self, task_id: str, number: int, offset: int, data: bytes) -> int:
         """Append the part of `data` (which starts at `offset`) not yet recorded.
@@ -247,20 +334,37 @@ class Records:
         try:
             fd = self._tree.open_file(rel, os.O_WRONLY | os.O_APPEND | os.O_CREAT, repair=True)
         except (OSError, UnsafePath) as exc:
-            raise RecordError(f"cannot write {rel}: {exc}") from exc
+            raise self._failed(rel, exc) from exc
         try:
-            size = os.fstat(fd).st_size
+            found = os.fstat(fd)
+            size = found.st_size
             if offset > size or offset + len(data) <= size:
                 return size, size
             rest = memoryview(data)[size - offset:]
+            self._digest_append(task_id, number, found.st_ino, size, rest)
             while rest:
                 rest = rest[os.write(fd, rest):]
-            return size, offset + len(data)
         except OSError as exc:
-            # A full disk, say: the engine fails this Run with the reason and keeps serving.
-            raise RecordError(f"cannot write {rel}: {exc.strerror or exc}") from exc
+            # A full disk, say: what was written stays, at its offset (the size says how much); the
+            # caller asks for the rest again once there is room (sessions.py).
+            raise self._failed(rel, exc) from exc
         finally:
             os.close(fd)
+        return size, offset + len(data)
+
+    def _digest_append(self, task_id: str, number: int, inode: int, size: int, data: memoryview) -> None:
+        """Carry the running digest of output.log over `data`, about to be appended at `size`; a digest
+        that does not end at `size` (another process wrote, a restart) is dropped and read again later."""
+        key = (task_id, number)
+        kept = self._digests.pop(key, None)
+        if kept is None and size == 0:
+            kept = (inode, 0, hashlib.sha256())
+        if kept is None or kept[0] != inode or kept[1] != size:
+            return
+        kept[2].update(data)
+        if len(self._digests) >= _CLAIMED_MAX:
+            self._digests.clear()
+        self._digests[key] = (inode, size + len(data), kept[2])
 
     # -- seals -------------------------------------------------------------
 
@@ -310,7 +414,7 @@ class Records:
                                      f"{', …' if len(removed) > 5 else ''}); removed them before recording "
                                      f"Run {number} of '{task_id}' there")
             except (OSError, UnsafePath) as exc:
-                raise RecordError(f"cannot write {rel}: {exc}") from exc
+                raise self._failed(rel, exc) from exc
             if len(self._claimed) >= _CLAIMED_MAX:
                 self._claimed.clear()
             self._claimed.add((task_id, number))
@@ -332,7 +436,15 @@ class Records:
             # In a claimed Run directory nothing else is expected: no look at what the rename replaces.
             self._tree.write_atomic(rel, text.encode(), repair=True, look=not claimed)
         except (OSError, UnsafePath) as exc:
-            raise RecordError(f"cannot write {rel}: {exc}") from exc
+            raise self._failed(rel, exc) from exc
+
+    def _failed(self, rel: str, exc: BaseException) -> RecordError:
+        """The RecordError for a write of `rel` that raised `exc`: RecordsFull when the disk is full."""
+        if not isinstance(exc, UnsafePath) and is_full(exc):
+            text = self.space.failed(exc)
+            said = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return RecordsFull(f"cannot write {rel}: {said}: {text}", text)
+        return RecordError(f"cannot write {rel}: {exc}")
 
     def _load(self, rel: str) -> dict[str, Any] | None:
         try:

@@ -4,14 +4,20 @@ The engine's `restore` takes what `read_tasks` gives and reattaches each
 unfinished Run to its Worker. A record this daemon did not write (records.py:
 no valid seal) is not believed: its Task is taken up again from its file, as
 if it had no record, and `foreign_notices` says so.
+
+`read_indexed` reads through the record index (record_index.py): only
+records whose files changed since the index was written are read and their
+seals checked again; the index is then written back for the next start.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
 
 from taskrunner.errors import ForeignRecord, RecordError
 from taskrunner.model import TaskStatus
+from taskrunner.record_index import RecordIndex
 from taskrunner.records import Records
 from taskrunner.state import RunState, TaskState
 
@@ -19,7 +25,31 @@ from taskrunner.state import RunState, TaskState
 FOREIGN_NAMED = 5
 
 
-def read_tasks(records: Records, notice: Callable[[str], None]) -> tuple[list[TaskState], list[str]]:
+class RecordSource(Protocol):
+    """What read_tasks reads: `Records`, or a `RecordIndex` in front of it."""
+
+    def task_ids(self) -> Iterator[str]: ...
+    def load_task(self, task_id: str) -> dict[str, Any] | None: ...
+    def load_run(self, task_id: str, number: int) -> dict[str, Any] | None: ...
+    def run_taken(self, task_id: str, number: int) -> bool: ...
+
+
+def read_indexed(records: Records, state_dir: Path,
+                 notice: Callable[[str], None]) -> tuple[list[TaskState], list[str]]:
+    """read_tasks through the record index in `state_dir`, which is then written back.
+
+    A missing or unusable index costs one full read of runs/ (and is rebuilt);
+    an index that cannot be written is said in a notice and changes nothing else.
+    """
+    index = RecordIndex(records, state_dir)
+    index.load()
+    result = read_tasks(index, notice)
+    if (index.misses or not index.loaded) and not index.save():
+        notice(f"cannot write the record index {index.path}: the next start reads every record again")
+    return result
+
+
+def read_tasks(records: RecordSource, notice: Callable[[str], None]) -> tuple[list[TaskState], list[str]]:
     """(every Task with a believed record, the messages of records not believed), sorted by Task id.
 
     A record that cannot be read is skipped with a notice.

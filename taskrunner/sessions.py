@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from taskrunner import agentwire
+from taskrunner import agentwire, crashpoints, diskspace
 from taskrunner.bundle import Bundle
+from taskrunner.diskspace import RecordsFull, Stall
 from taskrunner.errors import GitError, RecordError
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.gitflow import summary
@@ -120,6 +121,8 @@ class WorkerSessions:
             self._ready(worker, message)
         elif message.type == "heartbeat":
             worker.running = int(message.get("running") or 0)
+            full = message.get("home_full")
+            worker.home_full = str(full)[:500] if full else None
         elif message.type == "error":
             self._worker_error(worker, message)
         elif message.type == "trusted":
@@ -176,7 +179,11 @@ class WorkerSessions:
                 and run.status is RunStatus.ASSIGNED:
             if message.get("missing_objects") is True and self._resend(worker, run):
                 return
-            if message.get("untrusted") is True:
+            if message.get("disk_full") is True:
+                # Nothing of it is on the Worker: it goes elsewhere (or here once its heartbeat says there is room).
+                worker.home_full = text[:500]
+                self._run_lost(run, f"Worker '{worker.name}' refused it: {text}", RunStatus.FAILED)
+            elif message.get("untrusted") is True:
                 # Its trust store changed under the session (`trust --reset`, say): no more Runs
                 # for it, and this one goes elsewhere without spending a retry.
                 self.fleet.lost_trust(worker, text, self._clock())
@@ -239,6 +246,11 @@ class WorkerSessions:
             imported = import_change(self.transfer.git_dir, change, pack, run_id=run.run_id, task_id=run.task_id,
                                      base=run.base_commit, prefix=prefix, max_bytes=most)
         except GitError as exc:
+            full = diskspace.full_text(str(exc))
+            if full is not None:
+                # Nothing wrong with the change: the repository's disk is full. Taken again after the resume.
+                raise RecordsFull(f"cannot import the change of Run {run.run_id}: {full}",
+                                  diskspace.reason("the repository", self.transfer.git_dir)) from None
             raise ChangeRejected(f"change rejected: {exc}") from None
         run.result_commit, run.result_branch, run.result_note = imported.commit, imported.branch, imported.note
         if imported.note:
@@ -282,9 +294,23 @@ class WorkerSessions:
             self._save_run(run, late=True)
 
     def _on_output(self, worker: WorkerState, run: RunState, message: Message) -> None:
+        """Record a chunk of a Run's output at its offset (a gap asks the Worker to resume from the end).
+
+        On a full disk the Run goes on and nothing is lost: its output stalls (diskspace.Space): what
+        arrives meanwhile is not recorded, its result is neither judged nor acknowledged, and once there is
+        room the engine asks the Worker, which keeps the Agent's output, to resume from the recorded offset.
+        """
         offset = int(message["offset"])
+        if self.records.space.stalled(run.run_id):
+            return
         try:
             before, after = self.records.write_output(run.task_id, run.number, offset, message.payload)
+            crashpoints.reached("daemon.output_written")
+        except RecordsFull as exc:
+            if self.records.space.stall(Stall(run.run_id, worker.name, run.task_id, run.number)):
+                emit(self.hooks, "notice", f"Run {run.number} of '{run.task_id}' goes on, its output waits: "
+                                           f"{exc.reason}")
+            return
         except RecordError as exc:
             # Asking for the bytes again would only fail again: the Run ends, saying why.
             self._send(worker, Message("cancel", {"run_id": run.run_id, "reason": "its output cannot be recorded"}))
@@ -297,7 +323,21 @@ class WorkerSessions:
         if after > before:
             emit(self.hooks, "run_output", run, message.payload[before - offset:])
 
+    def resume_stalled(self) -> None:
+        """Runs whose output stalled on a full disk (`_on_output`) resume from the recorded offset once there
+        is room (diskspace.Space.due; the engine calls this before each batch); a Worker away gets its
+        `resume` from `ready` instead."""
+        for stall in self.records.space.due():
+            run, worker = self.runs.get(stall.run_id), self.fleet.get(stall.worker)
+            if run is not None and worker is not None and worker.online and run.worker == worker.name:
+                offset = self.records.output_size(run.task_id, run.number)
+                self._send(worker, Message("resume", {"run_id": run.run_id, "offset": offset}))
+
     def _on_result(self, worker: WorkerState, run: RunState, message: Message) -> None:
+        space = self.records.space
+        if space.stalled(run.run_id) or (space.still_full() and space.stall(Stall(run.run_id, worker.name, run.task_id,
+                                                                          run.number))):
+            return  # runs/ is full (_on_output): not judged, not acknowledged; sent again after the resume
         size = self.records.output_size(run.task_id, run.number)
         run.output_size = size
         try:
@@ -308,8 +348,15 @@ class WorkerSessions:
                 return
             result = verified_result(message["envelope"], worker.result_key, run.run_id,
                                      self.records.output_digest(run.task_id, run.number))
+            crashpoints.reached("daemon.result_verified")
             pack = self._take_report(run, result, message.payload, worker)
             self._take_change(run, result, pack)
+        except RecordsFull as exc:
+            # Not judged, not acknowledged: the Worker keeps the result and sends it again after the resume.
+            space.failed(exc)
+            if space.stall(Stall(run.run_id, worker.name, run.task_id, run.number)):
+                emit(self.hooks, "notice", f"Run {run.number} of '{run.task_id}' waits for room: {exc.reason}")
+            return
         except (ResultRejected, ChangeRejected) as exc:
             self._finish(run, RunStatus.FAILED, None, str(exc))
         else:

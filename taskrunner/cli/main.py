@@ -15,11 +15,11 @@ from typing import Any, Callable
 from rich.console import Console
 
 from taskrunner import __version__, control, gitops
-from taskrunner.gitflow import gitstate
 from taskrunner.cli import render
 from taskrunner.config import load_config
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.model import TaskStatus
+from taskrunner.fulllogs import FullLogs
 from taskrunner.records import Records
 from taskrunner.intake import RepoFiles, task_paths
 from taskrunner.taskfile import task_id_for, task_id_problem
@@ -77,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", action="store_true", help="also print the Runs' output (plain mode)")
     p = command("demo", cmd_demo, "a self-contained tour on the embedded local Worker")
     p.add_argument("--keep", action="store_true", help="(always kept) print where the demo repository is")
-    p = command("status", cmd_status, "Tasks, or one Task with its Runs")
-    p.add_argument("task", nargs="?", help="a Task id")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("status", cmd_status, "Tasks (counts per status, the Tasks not finished, the latest finished), "
+                "or one Task with its Runs")
+    p.add_argument("task", nargs="*", metavar="TASK", help="a Task id: that Task with its Runs; or globs on the id "
+                   "('auth/*', quoted): the Tasks that match any of them")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every matching Task unless --limit)")
+    p.add_argument("--all", action="store_true", help="every matching Task, not only the latest finished ones")
+    p.add_argument("--status", action="append", metavar="S", help="only Tasks in status S (repeat it, or S1,S2)")
+    p.add_argument("--limit", type=int, metavar="N", help="the latest N finished Tasks (default 20; with --json: all)")
     p = command("logs", cmd_logs, "a Run's output")
     p.add_argument("task", help="a Task id")
     p.add_argument("--run", type=int, help="the Run number (default: the latest)")
@@ -165,8 +170,15 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.cli import status
+    from taskrunner.status_query import is_glob
+
     records = Records(find_root(args))
     ignored: list[str] = []
+    if (len(args.task) != 1 or not args.task[0] or is_glob(args.task[0]) or args.all or args.status
+            or args.limit is not None):
+        return status.list_tasks(args, out, records)  # many Tasks (cli/status.py)
+    args.task = args.task[0]
     if args.task:
         task = believed(lambda: records.load_task(args.task), ignored)
         report_ignored(ignored)
@@ -195,19 +207,6 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
                 out.print("\n" + clean(f"its change: the branch {last['result_branch']} (git log -p "
                                         f"{last.get('base_commit') or ''}..{last['result_branch']}); "
                                         f"the pull request body: {last.get('summary')}"), markup=False)
-        return EXIT_OK
-    tasks = load_all(records, ignored)
-    report_ignored(ignored)
-    git_state = gitstate.read(gitops.state_dir(records.root))  # pushing and syncing (gitflow/gitstate.py)
-    if args.json:
-        print(json.dumps({"tasks": tasks, "git": git_state}, indent=2, sort_keys=True))
-        return EXIT_OK
-    if not tasks:
-        out.print("No Tasks yet: add a file to tasks/ and start `taskrun up`.")
-    else:
-        out.print(render.tasks_table(tasks))
-    for line in gitstate.problems(git_state):
-        out.print(clean(line), markup=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -275,7 +274,9 @@ def report_ignored(ignored: list[str], shown: set[str] | None = None) -> None:
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
-    records = Records(find_root(args))
+    root = find_root(args)
+    records = Records(root)
+    full_logs = FullLogs(records, gitops.state_dir(root))
     stdout = sys.stdout.buffer
     # Like `cat` into a pipe or a file; at a terminal, escape sequences in the
     # output are shown, not obeyed (unless --raw).
@@ -283,44 +284,80 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     encoding = sys.stdout.encoding or "utf-8"
     number = args.run
     offset = 0
+    source: int | None = None  # the log read, in chunks: the full one when kept (fulllogs.py), else output.log
+    pruned: int | None = None
     ignored: list[str] = []
     shown: set[str] = set()
-    while True:
-        task = believed(lambda: records.load_task(args.task), ignored)
-        report_ignored(ignored, shown)
-        if task is None and not args.follow:
-            raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
-        runs = (task or {}).get("runs") or []
-        if number is None and runs:
-            number = runs[-1]["run"]
-        if number is not None:
-            # Read beneath the work tree without following links: a link counts as no output.
-            data = records.read_output(args.task, number, offset)
-            if data is not None:
-                offset += len(data)
-                if cleaner is not None:
-                    data = cleaner.feed(data).encode(encoding, errors="replace")
-                stdout.write(data)
-                stdout.flush()
-            run = believed(lambda: records.load_run(args.task, number), ignored)
+    try:
+        while True:
+            task = believed(lambda: records.load_task(args.task), ignored)
             report_ignored(ignored, shown)
-            if run is None and data is None and not args.follow:
-                raise UsageError(f"'{args.task}' has no Run {number}")
-            refused = records.output_refused(args.task, number) if data is None else None
-            if refused is not None:
-                raise UsageError(f"runs/{args.task}/run-{number}/output.log is {refused}: not read (records never "
-                                 "follow links or open special files); restore it with `git checkout -- runs/`")
-            final = bool(run) and run.get("status") in ("COMPLETED", "FAILED", "CANCELLED")
-            if not args.follow or (final and records.output_size(args.task, number) == offset):
-                if cleaner is not None:
-                    stdout.write(cleaner.feed(b"", final=True).encode(encoding, errors="replace"))
+            if task is None and not args.follow:
+                raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
+            runs = (task or {}).get("runs") or []
+            if number is None and runs:
+                number = runs[-1]["run"]
+            if number is not None:
+                run = believed(lambda: records.load_run(args.task, number), ignored)
+                report_ignored(ignored, shown)
+                final = bool(run) and run.get("status") in ("COMPLETED", "FAILED", "CANCELLED")
+                if source is None:
+                    source, pruned = _open_log(records, full_logs, args.task, number, run if final else None)
+                # Read beneath the work tree without following links: a link counts as no output.
+                while source is not None and (data := os.pread(source, LOG_CHUNK_BYTES, offset)):
+                    offset += len(data)
+                    if cleaner is not None:
+                        data = cleaner.feed(data).encode(encoding, errors="replace")
+                    stdout.write(data)
                     stdout.flush()
-                if offset == 0 and run:  # a Run that failed before any output, or has none yet
-                    print(render.no_output(args.task, run), file=sys.stderr)
-                return EXIT_OK
-        elif not args.follow:
-            raise UsageError(f"'{args.task}' has no Runs yet")
-        time.sleep(POLL_SECONDS)
+                if run is None and source is None and not args.follow:
+                    raise UsageError(f"'{args.task}' has no Run {number}")
+                refused = records.output_refused(args.task, number) if source is None else None
+                if refused is not None:
+                    raise UsageError(f"runs/{args.task}/run-{number}/output.log is {refused}: not read (records "
+                                     "never follow links or open special files); restore it with "
+                                     "`git checkout -- runs/`")
+                if not args.follow or (final and (source is None or os.fstat(source).st_size == offset)):
+                    if cleaner is not None:
+                        stdout.write(cleaner.feed(b"", final=True).encode(encoding, errors="replace"))
+                        stdout.flush()
+                    if offset == 0 and run:  # a Run that failed before any output, or has none yet
+                        print(render.no_output(args.task, run), file=sys.stderr)
+                    if pruned is not None:
+                        print(f"taskrun: this is the committed log of Run {number}, its head and tail: its full "
+                              f"log ({pruned} bytes) was removed (records.keep_full_logs, "
+                              "records.full_logs_max_bytes)", file=sys.stderr)
+                    return EXIT_OK
+            elif not args.follow:
+                raise UsageError(f"'{args.task}' has no Runs yet")
+            time.sleep(POLL_SECONDS)
+    finally:
+        if source is not None:
+            os.close(source)
+
+
+#: `taskrun logs` reads and writes a log this many bytes at a time: its memory does not grow with the log.
+LOG_CHUNK_BYTES = 1024 * 1024
+
+
+def _open_log(records: Records, full_logs: FullLogs, task_id: str, number: int,
+              final_run: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(an fd of the log `taskrun logs` shows, the full size when only the capped one is left).
+
+    A final Run's full log (fulllogs.py) when it is kept and as long as its record says; otherwise
+    output.log, read without following links (None when there is none). An fd of output.log keeps
+    reading the whole output even when the Run ends meanwhile and output.log is replaced by its capped form.
+    """
+    size = (final_run or {}).get("output_bytes")
+    size = size if isinstance(size, int) and not isinstance(size, bool) else None
+    if size is not None:
+        fd = full_logs.open_full(task_id, number, size)
+        if fd is not None:
+            return fd, None
+    fd = records.open_output(task_id, number)
+    if fd is not None and size is not None and size > os.fstat(fd).st_size:
+        return fd, size
+    return fd, None
 
 
 def cmd_request(args: argparse.Namespace, out: Console) -> int:

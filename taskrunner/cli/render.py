@@ -7,11 +7,13 @@ title like ``[/x]`` is shown as written, an ESC as ``\\x1b``.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterable, TextIO
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -19,8 +21,12 @@ from rich.text import Text
 
 from taskrunner.hooks import Hooks
 from taskrunner.state import RunState, TaskState
+from taskrunner.status_query import Selection
 from taskrunner.textsafe import clean
 
+#: Tables longer than this are written as plain aligned lines: rich lays a table out
+#: cell by cell, which for 10,000 rows took seconds. Up to here the output is rich's.
+RICH_ROWS = 200
 #: The width of a Console that is not a terminal: tables in a pipe or a log are as wide as their
 #: content (rich would otherwise fit them into 80 columns and cut every value with "…").
 PIPE_WIDTH = 100_000
@@ -65,6 +71,55 @@ def tasks_table(records: list[dict[str, Any]]) -> Table:
         table.add_row(literal(record["task_id"]), status_text(record["status"]), str(len(runs)),
                       literal(last.get("worker", "-")), when(record.get("updated_at")), literal(note))
     return table
+
+
+def _task_row(record: dict[str, Any]) -> list[str]:
+    runs = record.get("runs") or []
+    last = runs[-1] if runs and isinstance(runs[-1], dict) else {}
+    note = record.get("error") or record.get("waiting") or record.get("title") or ""
+    return [literal(record["task_id"]).plain, clean(str(record["status"])), str(len(runs)),
+            literal(last.get("worker", "-")).plain, when(record.get("updated_at")), literal(note).plain]
+
+
+def print_tasks(out: Console, records: list[dict[str, Any]]) -> None:
+    """The Tasks table: rich's up to RICH_ROWS rows, beyond that the same columns as plain lines
+    (every column padded to its widest cell, two spaces apart, as rich lays out `tasks_table`)."""
+    if len(records) <= RICH_ROWS:
+        out.print(tasks_table(records))
+        return
+    rows = [["TASK", "STATUS", "RUNS", "WORKER", "UPDATED", "NOTE"], *(_task_row(r) for r in records)]
+    widths = [max(cell_len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    write = out.file.write
+    for row in rows:
+        write("  ".join(cell + " " * (width - cell_len(cell)) for cell, width in zip(row, widths)) + "\n")
+    out.file.flush()
+
+
+def summary_line(chosen: Selection[Any], limit: int | None) -> str:
+    """What a summarised listing left out: "20 of 10,000 Tasks shown (9,990 COMPLETED, 10 FAILED): …"."""
+    counts = ", ".join(f"{n:,} {status}" for status, n in chosen.counts.items())
+    latest = f"the latest {limit} finished and every other one" if limit is not None else "the ones asked for"
+    return clean(f"{len(chosen.shown):,} of {chosen.total:,} Tasks shown ({counts}): {latest}. "
+                 "More: --all, --limit N, --status S, or a glob on the id ('auth/*').")
+
+
+def write_listing(stream: TextIO, fields: dict[str, Any], name: str, items: Iterable[Any]) -> None:
+    """Write the JSON document `{**fields, name: [items]}` and a newline to `stream`, one item at a time
+    (the document is never held whole): keys sorted, indented by 2 as `json.dumps(indent=2)` would, except
+    that each item is on one line of its own (json.dumps(item, sort_keys=True)): a quarter of the cost of
+    indenting 10,000 records, and a line per Task for grep."""
+    stream.write("{")
+    for n, key in enumerate(sorted([*fields, name])):
+        stream.write(f"{',' if n else ''}\n  {json.dumps(key)}: ")
+        if key != name:
+            stream.write(json.dumps(fields[key], indent=2, sort_keys=True).replace("\n", "\n  "))
+            continue
+        first = True
+        for item in items:
+            stream.write(f"{'[' if first else ','}\n    {json.dumps(item, sort_keys=True)}")
+            first = False
+        stream.write("[]" if first else "\n  ]")
+    stream.write("\n}\n")
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Table:

@@ -134,6 +134,11 @@ def _collect(cache: ObjectCache, run_dir: Path, workspace: Path, manifest: Mappi
         listed = git(cache.path, "ls-files", "-z", "--others", "--modified", "--exclude-standard", *pathspec,
                      work_tree=workspace, env=index_only, config=config)
         _check_size(_disk_size(listed, workspace, laid_files), cap, "on disk")
+    if objects.exists():
+        # An earlier collect of this Run got past its dry run, and its Worker was killed before the result
+        # was written: the Run's index already holds (part of) the change, against which nothing would
+        # look changed. It is the base's again (index only; runs/ is out of the pathspec) and all is redone.
+        git(cache.path, "read-tree", base, env=index_only, config=config)
     # A dry run writes nothing (no object directory of the Run's needed yet).
     dry_run = git(cache.path, "add", "--all", "--dry-run", *pathspec, work_tree=workspace,
                   env=index_only, config=config)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taskrunner import crashpoints, diskspace
 from taskrunner.errors import GitError, TaskrunError
 from taskrunner.gitflow.cache import SHA_RE
 from taskrunner.gitflow.plumbing import git
@@ -80,6 +81,8 @@ def import_change(git_dir: Path, change: Any, pack: bytes, *, run_id: str, task_
     try:
         git(git_dir, "index-pack", "--strict", "--stdin", stdin=pack, config=IMPORT_CONFIG)
     except GitError as exc:
+        if diskspace.full_text(str(exc)):
+            raise  # the repository's disk is full: nothing wrong with the pack (the caller waits for room)
         raise ChangeRejected(f"change rejected: the pack failed git's object checks ({exc})") from None
     try:
         parents = git(git_dir, "rev-list", "--parents", "-n", "1", f"{commit}^{{commit}}").decode().split()
@@ -91,13 +94,17 @@ def import_change(git_dir: Path, change: Any, pack: bytes, *, run_id: str, task_
         git(git_dir, "rev-list", "--objects", "--quiet", commit, "--not", base)
     except GitError as exc:
         raise ChangeRejected(f"change rejected: objects of {commit[:12]} are missing ({exc})") from None
+    crashpoints.reached("daemon.change_imported")
     run_ref = f"{RUN_REFS}{run_id}"
     try:
         git(git_dir, "update-ref", "-m", "taskrun: a Run's change", run_ref, commit, _ZERO)
     except GitError as exc:
         existing = _resolve(git_dir, run_ref)
+        if existing is None and diskspace.full_text(str(exc)):
+            raise
         if existing != commit:
             raise ChangeRejected(f"change rejected: {run_ref} already names another commit ({exc})") from None
+    crashpoints.reached("daemon.run_ref_moved")
     return Imported(commit, *_move_branch(git_dir, f"{prefix}{task_id}", commit, run_ref))
 
 
@@ -116,6 +123,7 @@ def _move_branch(git_dir: Path, branch: str, commit: str, run_ref: str) -> tuple
                           f"as it is; this Run's change is at {run_ref}")
         try:
             git(git_dir, "update-ref", "-m", "taskrun: result branch", ref, commit, current or _ZERO)
+            crashpoints.reached("daemon.result_ref_moved")
             return branch, None
         except GitError:
             continue  # moved meanwhile: look again

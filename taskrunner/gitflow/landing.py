@@ -29,16 +29,20 @@ from taskrunner.gitops import Git, command
 from taskrunner.model import RECORD_NAMES, RUN_DIR_RE, RunStatus, TaskStatus
 from taskrunner.recorder import CommitItem
 from taskrunner.records import Records
+from taskrunner.safefs import Beneath, UnsafePath
 
 
 def unrecorded(repo: Git, records: Records) -> list[CommitItem]:
     """One CommitItem per Task whose sealed records in the work tree differ from HEAD's (missing or changed).
 
     Files deleted from the work tree are not counted (a record HEAD has and
-    the work tree lacks is not one HEAD lacks). GitError when git fails.
+    the work tree lacks is not one HEAD lacks). Records HEAD already holds
+    as the work tree does but the user's index does not (a daemon killed
+    after HEAD moved, before it refreshed the index) are put into
+    `repo.index_pending`, for the recorder to refresh. GitError when git fails.
     """
     by_task: dict[str, list[str]] = defaultdict(list)
-    for path in _differing(repo):
+    for path in _differing(repo) - _reindex(repo, records):
         owner = _owner(path)
         if owner is not None and _regular(repo.root / path):
             by_task[owner[0]].append(path)
@@ -59,6 +63,57 @@ def unrecorded(repo: Git, records: Records) -> list[CommitItem]:
     return items
 
 
+def _reindex(repo: Git, records: Records) -> set[str]:
+    """Queue HEAD's entry (mode, blob) in `repo.index_pending` for each of this daemon's records that HEAD
+    holds as the work tree does while the user's index holds it otherwise or not at all; those paths."""
+    if repo.head() is None:
+        return set()
+    staged = _listed(repo, command("diff", "--cached", "--no-renames", "--name-only", "-z", "HEAD", "--",
+                                   f"{RUNS_DIR}/"))
+    wanted = sorted(path for path in staged if (owner := _owner(path)) is not None
+                    and _sealed_task(records, owner[0]) and _run_is_ours(records, owner[0], path))
+    if not wanted:
+        return set()
+    done = subprocess.run(command("--literal-pathspecs", "ls-tree", "-z", "--full-tree", "HEAD", "--", *wanted),
+                          cwd=repo.root, capture_output=True)
+    if done.returncode != 0:
+        raise GitError(f"git failed listing HEAD's {RUNS_DIR}/: {done.stderr.decode(errors='replace').strip()}")
+    tree = Beneath(repo.root)
+    queued: set[str] = set()
+    for entry in done.stdout.split(b"\0"):
+        meta, _, name = entry.partition(b"\t")
+        if not name:
+            continue
+        mode, _, blob = meta.decode().split(" ")
+        path = os.fsdecode(name)
+        try:
+            same = mode == "100644" and repo.blob_id(tree.read_bytes(path)) == blob
+        except (OSError, UnsafePath):
+            same = False
+        if same:
+            repo.index_pending[path] = (mode, blob)
+            queued.add(path)
+    return queued
+
+
+def _sealed_task(records: Records, task_id: str) -> bool:
+    try:
+        return records.load_task(task_id) is not None
+    except RecordError:  # ForeignRecord included: not this daemon's
+        return False
+
+
+def _listed(repo: Git, argv: list[str]) -> set[str]:
+    """The NUL-separated paths git prints for `argv`; GitError when it fails."""
+    try:
+        done = subprocess.run(argv, cwd=repo.root, capture_output=True)
+    except OSError as exc:
+        raise GitError(f"git failed listing {RUNS_DIR}/: {exc}") from exc
+    if done.returncode != 0:
+        raise GitError(f"git failed listing {RUNS_DIR}/: {done.stderr.decode(errors='replace').strip()}")
+    return {os.fsdecode(name) for name in done.stdout.split(b"\0") if name}
+
+
 def _differing(repo: Git) -> set[str]:
     """Paths under runs/ whose work-tree file is not what HEAD holds, untracked and ignored ones included."""
     found: set[str] = set()
@@ -66,13 +121,7 @@ def _differing(repo: Git) -> set[str]:
     if repo.head() is not None:
         argvs.append(command("diff", "--no-renames", "--name-only", "-z", "HEAD", "--", f"{RUNS_DIR}/"))
     for argv in argvs:
-        try:
-            done = subprocess.run(argv, cwd=repo.root, capture_output=True)
-        except OSError as exc:
-            raise GitError(f"git failed listing {RUNS_DIR}/: {exc}") from exc
-        if done.returncode != 0:
-            raise GitError(f"git failed listing {RUNS_DIR}/: {done.stderr.decode(errors='replace').strip()}")
-        found.update(os.fsdecode(name) for name in done.stdout.split(b"\0") if name)
+        found |= _listed(repo, argv)
     return found
 
 

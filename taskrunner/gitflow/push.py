@@ -31,6 +31,7 @@ import random
 import time
 from typing import Callable
 
+from taskrunner import crashpoints
 from taskrunner.errors import GitError
 from taskrunner.gitflow import sync
 from taskrunner.gitflow.gitstate import GitState
@@ -134,7 +135,10 @@ class Pusher:
             self._refused.pop(name, None)
             refspecs.append(f"{local}:refs/heads/{name}")
             leases.append(f"--force-with-lease=refs/heads/{name}:{pushed}")
+        crashpoints.reached("daemon.push_started")
         done = self.repo.remote("push", "--porcelain", *leases, self.remote, *refspecs)
+        if done.returncode == 0:
+            crashpoints.reached("daemon.push_done")
         self.pushes += 1
         statuses = _statuses(done.stdout)
         for name, (local, pushed) in results.items():

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from taskrunner import crashpoints
 from taskrunner.defaults import RUNS_DIR, TASKS_DIR
 from taskrunner.errors import GitError
 from taskrunner.gitflow.gitstate import STALE_STATES, GitState
@@ -163,6 +164,7 @@ def move(repo: Git, old: str, new: str, replayed: int = 0) -> Outcome:
                        "`taskrun trigger`", old)
     try:
         repo.run("update-ref", "-m", "taskrun: sync", "HEAD", new, old)
+        crashpoints.reached("daemon.sync_moved")
     except GitError as exc:
         subprocess.run(command("read-tree", "-m", "-u", new, old), cwd=repo.root, capture_output=True)
         repo.moving = False
@@ -208,6 +210,7 @@ class Syncer:
             return Outcome("no-remote", f"no remote '{self.remote}' (git.remote): tasks/ rescanned only",
                            self.repo.head())
         tip = fetch(self.repo, self.remote, branch)
+        crashpoints.reached("daemon.sync_fetched")
         self.state.update("sync", remote_tip=tip)
         return integrate(self.repo, tip)
 

@@ -16,15 +16,25 @@ bytes a result covers turns that result into the same failure. Whatever the
 Agent does, one result per attachment is sent, and the control plane
 (sessions.py) fails a result that covers less output than it recorded rather
 than ask again.
+
+**A Run's timeout** counts from its assignment on CLOCK_BOOTTIME (clock.py),
+not the wall clock: a wall-clock jump neither ends nor extends it, and a
+restarted `taskrun-worker` that adopts the Run keeps it. assignment.json
+keeps the timeout (`timeout`, seconds), the boot it was assigned in and
+that clock's reading then (`boot`: {"id", "at"}), and the wall time it
+ends (`deadline`), which is what people read and what a Run found after a
+reboot (or assigned by an older taskrun-worker) is timed by instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Mapping
 
+from taskrunner import clock
 from taskrunner.worker import secrets
 from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.streaming import Pump
@@ -40,7 +50,7 @@ class ActiveRun:
     dir: RunDir
     proc: subprocess.Popen[bytes] | None  # None for Runs started by an earlier session
     pid: int | None
-    deadline: float | None
+    deadline: float | None  # when it times out, on clock.boottime() (run_deadline); None: never
     attached: bool = False
     sent: int = 0
     kill_at: float | None = None
@@ -56,12 +66,60 @@ class ActiveRun:
     unwanted: bool = False  # cancelled by a control plane that settled it: removed once stopped, no result sent
     pump: Pump | None = None  # an Agent read through its event stream (streaming.py)
 
+    def timed_out(self) -> bool:
+        """Whether the Run's timeout has passed (clock.boottime: a wall-clock jump changes nothing)."""
+        return self.deadline is not None and clock.boottime() >= self.deadline
+
     def close(self) -> None:
         """Close the files this session holds open for the Run."""
         if self.log:
             self.log.close()
         if self.pump is not None:
             self.pump.close()
+
+
+def _finite(value: Any) -> float | None:
+    """A finite number, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _seconds(value: Any) -> float | None:
+    """A finite, positive number of seconds, or None."""
+    seconds = _finite(value)
+    return seconds if seconds is not None and seconds > 0 else None
+
+
+def run_clock(now: float, timeout: Any) -> dict[str, Any]:
+    """assignment.json's clock fields for a Run assigned at `now` (wall clock) with `timeout` seconds.
+
+    {"deadline": the wall time it times out, or None without a timeout;
+    "boot": {"id": clock.boot_id(), "at": clock.boottime()}, or None where
+    the system names no boot}. Read back by `run_deadline`.
+    """
+    seconds = _seconds(timeout)
+    boot = clock.boot_id()
+    return {"deadline": None if seconds is None else now + seconds,
+            "boot": None if boot is None else {"id": boot, "at": clock.boottime()}}
+
+
+def run_deadline(assignment: Mapping[str, Any]) -> float | None:
+    """When (clock.boottime) the Run of an assignment.json times out; None: it has no timeout.
+
+    Counted from `boot.at` when it was assigned in this boot, so a restarted
+    Worker keeps the timeout; else from the wall clock's `deadline` as it
+    stands now. The file is the Worker's own, yet a value of the wrong type
+    or not finite is taken as absent, never raised.
+    """
+    if not isinstance(assignment, Mapping):
+        return None
+    timeout, boot, here = _seconds(assignment.get("timeout")), assignment.get("boot"), clock.boot_id()
+    at = _finite(boot.get("at")) if isinstance(boot, dict) and here is not None and boot.get("id") == here else None
+    if timeout is not None and at is not None:
+        return at + timeout
+    wall_deadline = _finite(assignment.get("deadline"))
+    return None if wall_deadline is None else clock.boottime() + (wall_deadline - clock.wall())
 
 
 def output_digest(run: ActiveRun) -> tuple[int, str, str | None]:

@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from taskrunner import diskspace
 from taskrunner.textsafe import clean
 
 AUDIT_FILE = "audit.jsonl"
@@ -190,7 +191,11 @@ def _append(path: Path, line: bytes) -> None:
             os.close(fd)
             fd = -1
             fd = _open(path)
-        os.write(fd, line)
+        start = os.fstat(fd).st_size
+        if os.write(fd, line) != len(line):
+            # Out of room part way (a full disk): no half line stays for the next entry to run into.
+            os.ftruncate(fd, start)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     finally:
         if fd >= 0:
             os.close(fd)
@@ -207,7 +212,8 @@ def _same_file(path: Path, fd: int) -> bool:
 
 def _dropped(home: Path, exc: BaseException) -> None:
     try:
-        why = clean(str(exc)) or type(exc).__name__
+        why = clean(diskspace.reason("the Worker home", home, exc) if diskspace.is_full(exc) else str(exc)) \
+            or type(exc).__name__
         print(f"taskrun-worker: audit entry not written to {home / AUDIT_FILE}: {why}", file=sys.stderr)
     except Exception:  # stderr closed: nothing left to tell
         pass

@@ -41,6 +41,12 @@ once the process that writes it (the group leader) is gone.
 
 Files here are written atomically but not fsynced: a power loss ends the
 Agents too, and the control plane then finds the Run lost and retries it.
+
+**A full Worker home** (ENOSPC, EDQUOT, EFBIG; EIO and EROFS alike,
+diskspace.py) refuses new Runs before anything of them is on disk
+(`home_refusal`, `HomeFull`); a Run whose start fails for want of room is
+removed whole (`discard`), so no empty directory stays behind. A write that
+fails leaves no temp file: `_create` removes its own, safefs.write_in too.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -56,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from taskrunner.agents import INPUT_FILES, SHELL_ARGV
+from taskrunner import diskspace
 from taskrunner.atomic import read_json, write_bytes, write_json
 from taskrunner.errors import WorkerError
 
@@ -71,6 +79,21 @@ WRAPPER = 'd=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit
 #: start: the script runs in a subshell of the wrapper (a fork, no exec), with
 #: the same options, no positional parameters, and its own EXIT traps.
 SHELL_WRAPPER = 'd=$1; s=$2; shift 2; (set -euo pipefail; . "$s"); rc=$?; printf "%s\\n" "$rc" > "$d/exit_code"; exit "$rc"'
+
+
+class HomeFull(WorkerError):
+    """The Worker home has no room for a new Run (diskspace.py); str() is the reason the control plane shows."""
+
+
+def home_reason(home: Path, exc: BaseException | None = None) -> str:
+    """The sentence for a full Worker home, naming the disk and what happens next."""
+    return diskspace.reason("the Worker home", home, exc, resumes="this Worker takes new Runs again by itself "
+                                                                 "once there is room; the Runs it holds go on")
+
+
+def home_refusal(home: Path, need: int = diskspace.ROOM_BYTES) -> str | None:
+    """Why the Worker home cannot take a new Run now (statvfs shows less than `need` bytes free); None if it can."""
+    return None if diskspace.has_room(home, need) else home_reason(home)
 
 
 def wrapped(run_dir: Path, argv: list[str]) -> list[str]:
@@ -129,6 +152,23 @@ class RunDir:
 
     def assignment(self) -> dict[str, Any]:
         return read_json(self.path / "assignment.json")
+
+    def create(self, home: Path) -> None:
+        """Make this Run's directory (0700). FileExistsError when it is there; HomeFull when there is no room
+        (nothing is left behind); any other OSError as raised."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if diskspace.is_full(exc):
+                raise HomeFull(home_reason(home, exc)) from exc
+            raise
+
+    def discard(self) -> None:
+        """Remove this Run's directory and all in it (its start failed for want of room); never raises."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def write_assignment(self, data: dict[str, Any]) -> None:
         write_json(self.path / "assignment.json", data, mode=FILE_MODE, durable=False)

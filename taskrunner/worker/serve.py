@@ -50,20 +50,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner import __version__, agents, bundle
+from taskrunner import __version__, agents, bundle, crashpoints
 from taskrunner.defaults import AUTH_TIMEOUT_SECONDS, HEARTBEAT_SECONDS, OUTPUT_CHUNK_BYTES, WORKER_POLL_SECONDS
 from taskrunner.errors import ProtocolError, WorkerError
 from taskrunner.protocol import PROTOCOL_VERSION, Message, Reader, Writer
 from taskrunner.sessionauth import new_challenge
 from taskrunner.signing import RESULT_TYPE, sign
-from taskrunner.worker import agentprobe, audit, secrets, streaming
+from taskrunner import diskspace
+from taskrunner.worker import agentprobe, audit, rundir, secrets, streaming
 from taskrunner.gitflow import change
-from taskrunner.gitflow.cache import cached_commits, missing_objects, prepare_workspace
-from taskrunner.worker.activerun import ActiveRun, output_digest, prefix_digest, read_masked, truncation
+from taskrunner.gitflow.cache import cached_commits, missing_objects
+from taskrunner.worker.activerun import (ActiveRun, prefix_digest, read_masked, run_clock,
+                                         run_deadline, truncation)
 from taskrunner.worker.inbound import Assignment, Authenticated, Inbound
 from taskrunner.worker.ledger import ReplayLedger
-from taskrunner.worker.confine import Confinement, agent_environment, missing_program
+from taskrunner.worker.confine import Confinement
 from taskrunner.worker.rundir import RunDir, group_alive, held_runs, signal_group
+from taskrunner.worker.runresult import result_body
+from taskrunner.worker.starter import StartFailed, start_agent
 from taskrunner.worker.trust import TrustStore, worker_key
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
@@ -114,6 +118,7 @@ class WorkerServer:
                    worker_key=self._key.public_line,
                    trust={"keys": [k["key_id"] for k in trust["keys"]], "issued_at": trust.get("issued_at")},
                    challenge=self._challenge, sandbox=self._confinement.status().hello())
+        crashpoints.reached("worker.hello_sent")
         threading.Thread(target=self._read_loop, name="worker-reader", daemon=True).start()
         auth_deadline = time.monotonic() + AUTH_TIMEOUT_SECONDS
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
@@ -141,7 +146,8 @@ class WorkerServer:
                 continue  # no heartbeat either: it would tell how many Runs are held
             if time.monotonic() >= next_beat:
                 running = sum(1 for r in self._runs.values() if r.result is None)
-                self._send("heartbeat", time=time.time(), running=running)
+                # home_full: why this Worker takes no new Run now (its home has no room), or None.
+                self._send("heartbeat", time=time.time(), running=running, home_full=rundir.home_refusal(self.home))
                 next_beat = time.monotonic() + HEARTBEAT_SECONDS
 
     # -- records from the control plane ------------------------------------
@@ -221,6 +227,7 @@ class WorkerServer:
             run.unwanted = not run.attached
             self._guarded(run, lambda r: self._stop(r, "CANCELLED", message.get("reason") or "cancelled"))
         elif message.type == "ack" and run.result is not None:
+            crashpoints.reached("worker.ack_received")
             self._acknowledge(run)
         else:
             self._send("error", run_id=run_id, message=f"a Worker does not accept {message.type} records")
@@ -231,6 +238,7 @@ class WorkerServer:
         gone = self._trash / run.dir.run_id
         try:
             os.rename(run.dir.path, gone)
+            crashpoints.reached("worker.acknowledged")
             self._removals.put(gone)
         except FileNotFoundError:
             pass
@@ -245,6 +253,11 @@ class WorkerServer:
             return
         now = time.time()
         manifest, archive = verified.manifest, verified.archive
+        full = rundir.home_refusal(self.home)
+        if full is not None:
+            # Before the ledger or anything else sees it: the control plane runs it later, here or elsewhere.
+            self._send("error", run_id=run_dir.run_id, request="assign", disk_full=True, message=full)
+            return
         refusal = missing_objects(self.home, manifest)
         if refusal is not None:
             # Before the ledger sees it: the control plane sends the same Run again with a full pack.
@@ -252,93 +265,88 @@ class WorkerServer:
             return
         try:
             self._ledger.admit(manifest["nonce"], manifest["run_id"], manifest["seq"], manifest["expires_at"])
+            crashpoints.reached("worker.ledger_admitted")
         except WorkerError as exc:
             # A replay: refused before anything of it is on disk; the control plane fails the Run.
             audit.record(self.home, audit.BUNDLE_REFUSED, str(exc), run_id=run_dir.run_id)
             self._send("error", run_id=run_dir.run_id, request="assign", message=str(exc))
             return
-        run_dir.path.mkdir(parents=True)
-        # Until the pid (or the result) is on disk, other sessions see this Run as being started.
-        starting = run_dir.begin_start()
+        except OSError as exc:
+            if not diskspace.is_full(exc):
+                raise
+            self._send("error", run_id=run_dir.run_id, request="assign", disk_full=True,
+                       message=rundir.home_reason(self.home, exc))
+            return
         try:
-            started = self._start(run_dir, manifest, archive, now, verified.pack)
-        finally:
-            run_dir.end_start(starting)
+            run_dir.create(self.home)
+            # Until the pid (or the result) is on disk, other sessions see this Run as being started.
+            starting = run_dir.begin_start()
+            try:
+                started = self._start(run_dir, manifest, archive, now, verified.pack)
+            finally:
+                run_dir.end_start(starting)
+        except OSError as exc:  # writing assignment.json, pid, the checkout, the archive...
+            if not diskspace.is_full(exc):
+                raise
+            self._no_room(run_dir, rundir.home_reason(self.home, exc))
+            return
+        except rundir.HomeFull as exc:
+            self._no_room(run_dir, str(exc))
+            return
         if started is not None:
             self._send("started", run_id=run_dir.run_id, pid=started, started_at=now)
+            crashpoints.reached("worker.started_sent")
+
+    def _no_room(self, run_dir: RunDir, reason: str) -> None:
+        """A Run whose start found the Worker home full: nothing of it stays, and the control plane hears why."""
+        run = self._runs.pop(run_dir.run_id, None)
+        if run is not None:
+            if run.proc is not None and run.pid:
+                signal_group(run.pid, signal.SIGKILL)
+            run.close()
+        run_dir.discard()
+        self._send("error", run_id=run_dir.run_id, request="assign", disk_full=True, message=reason)
 
     def _start(self, run_dir: RunDir, manifest: dict[str, Any], archive: bytes, now: float,
                pack: bytes = b"") -> int | None:
-        """Start the Agent of a Run whose directory is made and locked: its pid, or None when the Run failed.
-
-        An Agent with a stream reader writes its stdout and stderr to
-        events.jsonl and reads its prompt on stdin (streaming.py renders
-        output.log); any other writes output.log itself.
-        """
-        timeout = manifest.get("timeout")
-        deadline = now + float(timeout) if timeout else None
-        names = list(manifest.get("agent", {}).get("env") or [])
+        """Start the Agent of a Run whose directory is made and locked (starter.py): its pid, or None when
+        the Run failed."""
         kept = {k: manifest.get(k) for k in KEPT_KEYS}
-        assignment = {"run_id": run_dir.run_id, **kept, "assigned_at": now, "deadline": deadline}
+        # Its timeout counts on CLOCK_BOOTTIME from now, in this process and any that adopts it (activerun.py).
+        assignment = {"run_id": run_dir.run_id, **kept, "assigned_at": now, **run_clock(now, manifest.get("timeout"))}
         run_dir.write_assignment(assignment)
-        run = ActiveRun(run_dir, None, None, deadline, attached=True, assignment=assignment, digest=hashlib.sha256())
+        crashpoints.reached("worker.assignment_written")
+        run = ActiveRun(run_dir, None, None, run_deadline(assignment), attached=True, assignment=assignment,
+                        digest=hashlib.sha256())
         self._runs[run_dir.run_id] = run
-        # O_APPEND: every write of the Agent lands at the end. It can still truncate the file or clear
-        # the flag; the Worker notices that (see the module doc).
-        with open(run_dir.output, "ab") as out:
-            try:
-                checked_out = prepare_workspace(self.home, run_dir, manifest, pack)
-                bundle.extract(manifest, archive, run_dir.workspace, self.limits, overlay=checked_out)
-                values = secrets.resolve(names, self.home)
-                run.secrets = secrets.redacted_values(values)
-                if run.secrets:
-                    # A later session masks from this file, whatever its own environment holds.
-                    secrets.keep(run_dir.path, run.secrets)
-                prepared = agents.prepare(manifest["agent"], run_dir.path, run_dir.workspace, manifest)
-                env = (agent_environment(run_dir.run_id, manifest["task_id"], run_dir.workspace,
-                                         run_dir.agent_home) | dict(prepared.env) | values)
-                missing = (missing_program(prepared.argv, env["PATH"], manifest["agent"].get("name"))
-                           if prepared.reader is not None else None)
-                if missing is not None:
-                    raise WorkerError(missing)
-            except Exception as exc:
-                # Whatever is wrong with one assignment (a prompt template that does not render included)
-                # fails that Run, not the session.
-                self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
-                return None
-            try:
-                # Confined in bwrap, or unconfined where both sides accept it (confine.py); else the Run fails.
-                launch = self._confinement.launch(run_dir, list(prepared.argv), manifest["agent"], manifest["worker"],
-                                                  inputs=prepared.inputs, home_files=prepared.home_files)
-            except (WorkerError, OSError) as exc:
-                self._finish(run, "FAILED", None, str(exc) or type(exc).__name__)
-                return None
-            env["HOME"] = str(launch.home)
-            if agents.TMP_DIR in prepared.home_files:
-                env["TMPDIR"] = str(launch.home / agents.TMP_DIR)
-            stdout = out.fileno()
-            try:
-                if prepared.reader is not None:
-                    stdout = streaming.open_events(run_dir.path)
-                    run.pump = streaming.Pump(run_dir.path, prepared.reader, assignment.get("budget"), run.secrets)
-                run.proc = launch.start(run_dir.workspace, env, stdout, prepared.stdin)
-            except (OSError, ValueError, TypeError) as exc:
-                self._finish(run, "FAILED", None, f"cannot start the Agent: {exc}")
-                return None
-            finally:
-                launch.close()
-                if stdout != out.fileno():
-                    os.close(stdout)
+        try:
+            start_agent(self.home, self._confinement, self.limits, run, manifest, archive, pack)
+        except StartFailed as exc:
+            self._finish(run, "FAILED", None, str(exc))
+            return None
+        assert run.proc is not None
         run.pid = run.proc.pid
         run_dir.write_pid(run.pid)
+        crashpoints.reached("worker.pid_written")
         threading.Thread(target=self._wait_loop, args=(run.proc,), name="agent-wait", daemon=True).start()
         return run.pid
 
     # -- the loop's work on each Run ---------------------------------------
 
     def _adopt(self, run_dir: RunDir) -> ActiveRun:
+        """A Run held here, taken up by this session; FileNotFoundError when it is not (any more).
+
+        A Run whose starting session died before its Agent's pid (or a result) was recorded never
+        really started: whatever it may have started is killed and its directory removed, so `ready`
+        does not list it and the control plane runs it again as a lost Run.
+        """
         assignment = run_dir.assignment()
-        run = ActiveRun(run_dir, None, run_dir.pid(), assignment.get("deadline"), result=run_dir.result(),
+        if run_dir.pid() is None and run_dir.result() is None and not run_dir.being_started():
+            for pgid in run_dir.stray_groups():
+                signal_group(pgid, signal.SIGKILL)
+            run_dir.discard()
+            raise FileNotFoundError(run_dir.path)
+        run = ActiveRun(run_dir, None, run_dir.pid(), run_deadline(assignment), result=run_dir.result(),
                         assignment=assignment)
         run.secrets = secrets.kept(run_dir.path)
         if run.result is None:
@@ -388,8 +396,7 @@ class WorkerServer:
 
     def _tick(self, run: ActiveRun) -> None:
         if run.result is None:
-            now = time.time()
-            if run.deadline is not None and now >= run.deadline and run.kill_at is None:
+            if run.timed_out() and run.kill_at is None:
                 self._stop(run, "FAILED", f"timed out after {run.assignment.get('timeout')}s")
             if run.kill_at is not None and time.monotonic() >= run.kill_at and run.pid:
                 signal_group(run.pid, signal.SIGKILL)
@@ -408,6 +415,7 @@ class WorkerServer:
                 pack += streaming.shipped_bytes(run.dir.path, run.result.get("events"), run.secrets)
                 self._send("result", pack, run_id=run.dir.run_id, output_size=run.result["output_size"],
                            envelope=run.result["envelope"])
+                crashpoints.reached("worker.result_sent")
                 run.attached = False  # sent once per attachment; the control plane acks
 
     def _pump(self, run: ActiveRun) -> None:
@@ -455,6 +463,7 @@ class WorkerServer:
                 self._pump(run)
                 if not run.pump.caught_up():
                     return  # more on the next tick: a long stream never holds up the loop
+        crashpoints.reached("worker.agent_exited")
         stop = run.dir.stop()
         outcome = run.pump.outcome(code) if run.pump is not None else None
         if stop is not None:
@@ -471,53 +480,27 @@ class WorkerServer:
 
     def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None,
                 replace: bool = False, usage_limit: Any = None) -> None:
-        """Sign the Run's result and write it, unless another session did first (then that one stands).
-
-        `replace`: the Run had a result, but its output no longer holds what
-        that result covers (see `_truncated`). A Run read through a stream
-        reader (run.pump) adds what its reader reports, the `usage_limit`
-        its reader saw, and the digest of the events shipped (streaming.py);
-        other Runs carry null there.
-        """
-        assignment = run.assignment
-        size, digest, problem = output_digest(run)
-        if problem is not None and status != "CANCELLED":
-            status, error = "FAILED", problem
-        found = None
-        if status == "COMPLETED" and not replace and run.dir.result() is None:
-            # Outside the sandbox, as the Worker, with its own git directory (gitflow/change.py).
-            try:
-                found = change.collect(run.dir.path, run.dir.workspace, assignment, run.secrets,
-                                       str(assignment.get("worker") or self.name))
-            except (WorkerError, OSError, ValueError, KeyError, TypeError) as exc:
-                status, error = "FAILED", f"the Agent's change was not returned: {exc}"
-        result = {
-            "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,
-            "started_at": assignment.get("assigned_at"), "finished_at": time.time(),
-            "output_size": size, "output_sha256": digest, "nonce": assignment.get("nonce"),
-            "change": found, "report": None, "usage_limit": streaming.limit_record(usage_limit), "events": None,
-        }
-        if replace and run.result is not None:
-            result.update({k: run.result.get(k) for k in ("report", "usage_limit", "events")})
-        elif run.pump is not None:
-            result["report"] = run.pump.report()
-            if run.pump.keeps_events:
-                result["events"] = streaming.shipped(run.dir.path, run.secrets)
-            run.pump.close()
+        """Sign the Run's result (runresult.py) and write it, unless another session did first (then that one
+        stands). `replace`: the Run had a result, but its output no longer holds what it covers (`_truncated`)."""
+        result = result_body(run, status, code, error, self.name, replace, usage_limit)
         body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
         made = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
+        crashpoints.reached("worker.result_signed")
         if replace:
             run.dir.write_result(made)
         elif not run.dir.create_result(made):
             made = run.dir.result() or made  # another session judged the Run first: one outcome, the same
+        crashpoints.reached("worker.result_written")
         run.result = made
 
     def _stop(self, run: ActiveRun, status: str, reason: str) -> None:
         if run.result is not None or run.kill_at is not None:
             return
         run.dir.create_stop(status, reason)  # unless a session gave a reason first: that one stands
+        crashpoints.reached("worker.stop_written")
         if run.pid:
             signal_group(run.pid, signal.SIGTERM)
+            crashpoints.reached("worker.group_killed")
             run.kill_at = time.monotonic() + KILL_GRACE_SECONDS
         else:
             run.kill_at = float("inf")  # being started by another session: stopped once its pid is known
@@ -565,7 +548,9 @@ class WorkerServer:
             chunk = read_masked(run, run.log, run.sent, stop, size)
             if not chunk:
                 break
+            crashpoints.reached("worker.output_read")
             self._send("output", payload=chunk, run_id=run.dir.run_id, offset=run.sent)
+            crashpoints.reached("worker.output_sent")
             run.sent += len(chunk)
             if run.digest is not None:
                 run.digest.update(chunk)
@@ -578,6 +563,10 @@ class WorkerServer:
             if run.dir.path.is_dir():
                 raise
             self._forget(run)
+        except OSError as exc:
+            # A full home: the Run and its session go on; what failed is done again on a later tick.
+            if not diskspace.is_full(exc):
+                raise
 
     def _forget(self, run: ActiveRun) -> None:
         run.close()

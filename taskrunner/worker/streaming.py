@@ -42,6 +42,11 @@ stdout is its log) ships none.
 
 A reader that raises anyway (it must not) fails its Run with the reason
 (`Pump.failed`), never the session.
+
+**A full disk** (diskspace.py) fails neither: rendered text output.log has no
+room for is kept (`Pump.unwritten`, at most one tick's worth: nothing more is
+read meanwhile) and appended first on each later tick, so output.log loses
+nothing and the Run is judged only once it is all written (`caught_up`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from taskrunner import agents
+from taskrunner import agents, diskspace
 from taskrunner.agents.stream import MAX_LINE_BYTES, exceeded
 from taskrunner.worker import secrets as secret_values
 
@@ -185,6 +190,7 @@ class Pump:
     failed: str | None = None
     stopped: bool = False  # a reason to stop was given once
     cutter: LineCutter = field(default_factory=LineCutter)
+    unwritten: bytes = b""  # rendered text output.log had no room for yet (see "A full disk")
     _fd: int | None = None
 
     @property
@@ -194,6 +200,8 @@ class Pump:
     def step(self, limit: int = PUMP_TICK_BYTES) -> str | None:
         """Read up to `limit` new bytes, feed them, append the text; a reason to stop the Run (once), or None."""
         try:
+            if self.unwritten and not self._write_unwritten():
+                return None  # still no room: read nothing more until it is written
             fed = self._step(limit)
         except OSError as exc:
             fed, self.failed = False, f"the Agent's stream could not be read: {exc}"
@@ -221,6 +229,8 @@ class Pump:
 
     def caught_up(self) -> bool:
         """True once everything up to `end` is read (`ending` must have been called)."""
+        if self.unwritten:
+            return False
         return self.failed is not None or self.reader is None or (self.end is not None and self.pos >= self.end)
 
     def ending(self) -> None:
@@ -285,19 +295,37 @@ class Pump:
             self.failed = f"the Agent's stream could not be read: {exc!r}"
         data = "".join(t for t in texts if isinstance(t, str)).encode("utf-8", "replace")
         if data:
-            self._append(data)
+            self.unwritten += data
+            self._write_unwritten()
+
+    def _write_unwritten(self) -> bool:
+        """Append `unwritten` (see `_append`); True once it is all written, False while there is no room.
+        Any other OSError is raised."""
+        try:
+            self._append(self.unwritten)
+        except OSError as exc:
+            if not diskspace.is_full(exc):
+                raise
+            return False
+        return True
 
     def _append(self, data: bytes) -> None:
-        """Append the part of `data` output.log does not hold yet (see "Replay" in the module doc)."""
+        """Append the part of `data` (rendered text from byte `rendered - len(unwritten)` on) output.log does
+        not hold yet (see "Replay" in the module doc). On a full disk what made it stays, and the rest stays
+        in `unwritten` (OSError raised)."""
         before = self.rendered
-        self.rendered += len(data)
         fd = os.open(self.run_path / "output.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             held = os.fstat(fd).st_size
             view = memoryview(data)[max(0, held - before):]
-            while view:
-                view = view[os.write(fd, view):]
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                done = len(data) - len(view)
+                self.rendered += done
+                self.unwritten = bytes(view) if view else b""
         finally:
             os.close(fd)  # and the lock with it
 

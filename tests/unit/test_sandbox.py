@@ -51,7 +51,7 @@ from taskrunner.worker.sandbox import (
     host_view,
     probe,
 )
-from taskrunner.worker.serve import agent_environment
+from taskrunner.worker.confine import agent_environment
 from tests.signed import ControlPlane
 from tests.unit.test_worker_serve import Session, assign, outcome, output_of, reap_orphans_here  # noqa: F401
 

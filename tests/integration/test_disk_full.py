@@ -1,0 +1,225 @@
+"""A full disk under a real daemon: the repository on a 20 MB tmpfs, a Task printing more than fits.
+
+The daemon keeps serving (its control socket answers, its session with the Worker stays up), starts
+no new Run while runs/ cannot be written, loses no byte of output, and catches up by itself once
+space returns: every record written, committed, and no fast-import crash report left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import Daemon, _kill_leftover_agents, git, local_worker_home, taskrun, wait_status, \
+    wait_until, write_task
+
+pytestmark = pytest.mark.slow
+
+#: What the big Task prints: 12 MB, more than the disk has left once the filler is written.
+BIG_BYTES = 12 * 1024 * 1024
+BIG_SCRIPT = f"{{ yes 0123456789abcdefghijklmnopqrstuvwxyz || true; }} | head -c {BIG_BYTES}"
+
+
+def _expected_big() -> bytes:
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz\n"
+    return (line * (BIG_BYTES // len(line) + 1))[:BIG_BYTES]
+
+
+@pytest.fixture()
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MB tmpfs at tmp_path/fs, always unmounted afterwards (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _repo(where: Path) -> Path:
+    root = where / "repo"
+    root.mkdir()
+    git(root, "init", "--quiet")
+    git(root, "config", "user.name", "Test User")
+    git(root, "config", "user.email", "test@example.com")
+    assert taskrun(root, "init").returncode == 0
+    config = root / ".taskrun.yaml"
+    config.write_text(config.read_text().replace("sandbox: bwrap", "sandbox: none"))
+    git(root, "add", "-A")
+    git(root, "commit", "--quiet", "-m", "initial")
+    return root
+
+
+def _fill(directory: Path, leave: int) -> Path:
+    """Write a filler file until only about `leave` bytes are free on the filesystem of `directory`."""
+    filler = directory / "filler"
+    stat = os.statvfs(directory)
+    size = max(0, stat.f_bavail * stat.f_frsize - leave)
+    with open(filler, "wb") as handle:
+        chunk = b"\0" * (1024 * 1024)
+        try:
+            while size > 0:
+                size -= handle.write(chunk[:min(len(chunk), size)])
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_repository_disk_stalls_output_refuses_new_runs_and_catches_up(tmpfs: Path) -> None:
+    root = _repo(tmpfs)
+    daemon = Daemon(root)
+    try:
+        daemon.start()
+        write_task(root, "warm", "echo warm")
+        wait_status(root, "warm", "COMPLETED")
+        reserve = tmpfs / "reserve"
+        reserve.write_bytes(b"\0" * 64 * 1024)  # room for a user to write a Task file while full
+        filler = _fill(tmpfs, 3 * 1024 * 1024)
+        write_task(root, "big", BIG_SCRIPT)
+        # The big Task's output fills the disk: the daemon says so, keeps the Run, and keeps serving.
+        wait_until(lambda: "goes on, its output waits" in daemon.output(), 60, "the daemon to stall the output")
+        assert "is full (ENOSPC)" in daemon.output()
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert taskrun(root, "workers", "--json").returncode == 0  # the control socket answers
+        reserve.unlink()
+        write_task(root, "later", "echo later")
+        worker_runs = local_worker_home(root) / "runs"
+        big_runs = {p.name for p in worker_runs.iterdir()} if worker_runs.is_dir() else set()
+        # No new Run starts while runs/ cannot be written.
+        with pytest.raises(AssertionError):
+            wait_until(lambda: len(set(os.listdir(worker_runs)) - big_runs) > 0, 3, "a new Run to start")
+        assert not (root / "runs" / "later").exists() or not any((root / "runs" / "later").glob("run-*"))
+        # Room again: everything catches up by itself.
+        filler.unlink()
+        big = wait_status(root, "big", "COMPLETED", "FAILED", timeout=120)
+        assert big["status"] == "COMPLETED", big
+        wait_status(root, "later", "COMPLETED", timeout=60)
+        assert (root / "runs" / "big" / "run-1" / "output.log").read_bytes() == _expected_big()
+        assert not (root / "runs" / "big" / "run-2").exists()  # one Run: the full disk cost no retry
+        wait_until(lambda: '"COMPLETED"' in _committed(root, "runs/big/status.json"), 60, "the record to be committed")
+        assert '"COMPLETED"' in _committed(root, "runs/later/status.json")
+        git_dir = root / ".git"
+        assert [n for n in os.listdir(git_dir) if n.startswith("fast_import_crash_")] == []
+        subprocess.run(["git", "-C", str(root), "fsck", "--no-progress"], check=True, capture_output=True)
+    except BaseException:
+        print(daemon.output()[-20000:])  # the log is on the tmpfs, gone once it is unmounted
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(root)
+
+
+def _committed(root: Path, path: str) -> str:
+    result = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{path}"], capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else ""
+
+
+def test_a_full_worker_home_refuses_new_runs_keeps_its_session_and_takes_them_once_there_is_room(
+        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs))  # the local Worker's home goes on the tmpfs (conftest)
+    config = repo / ".taskrun.yaml"
+    config.write_text(config.read_text().replace("sandbox: bwrap", "sandbox: none"))
+    git(repo, "commit", "-qam", "unconfined")
+    daemon = Daemon(repo)
+    try:
+        daemon.start()
+        write_task(repo, "warm", "echo warm")
+        wait_status(repo, "warm", "COMPLETED")
+        home = local_worker_home(repo)
+        assert str(home).startswith(str(tmpfs))
+        filler = _fill(tmpfs, 0)
+        write_task(repo, "t", "echo made-it")
+        # Refused with the reason, while the session stays up: the Task waits, saying why.
+        waiting = wait_until(lambda: (r := _task(repo, "t")) and "Worker home is full" in (r.get("waiting") or "")
+                             and r, 60, "the Task to wait for the Worker home")
+        assert waiting["status"] == "PENDING", waiting
+        assert taskrun(repo, "workers", "--json").returncode == 0
+        assert "is unreachable" not in daemon.output() and "no longer holds" not in daemon.output()
+        assert [p for p in (home / "runs").iterdir()] == []  # nothing of a refused Run on the Worker
+        filler.unlink()
+        done = wait_status(repo, "t", "COMPLETED", "FAILED", timeout=60)
+        assert done["status"] == "COMPLETED", done
+        for run in (repo / "runs" / "t").glob("run-*"):
+            assert (run / "status.json").is_file(), f"{run} holds no record"  # no empty run-<n>
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(repo)
+
+
+def _task(root: Path, task_id: str) -> dict[str, object] | None:
+    from tests.conftest import task_record
+    return task_record(root, task_id)
+
+
+def test_a_change_returned_while_the_repository_disk_is_full_waits_for_room_and_lands(
+        tmpfs: Path, tmp_path: Path) -> None:
+    # The Agent writes 1 MiB that does not compress, then waits: its result carries a pack bigger than
+    # the room left, so importing the change (git index-pack) fails for want of room, not for the pack.
+    root = _repo(tmpfs)
+    daemon = Daemon(root)
+    daemon.log = tmp_path / "daemon.log"
+    try:
+        daemon.start()
+        # The Agent may be confined: it waits for a file the test puts in its workspace.
+        write_task(root, "change", "head -c 1048576 /dev/urandom > blob.bin\n"
+                                   "while [ ! -e go ]; do sleep 0.1; done; rm go")
+        wait_status(root, "change", "RUNNING")
+        run_id = json.loads((root / "runs" / "change" / "run-1" / "status.json").read_text())["run_id"]
+        workspace = local_worker_home(root) / "runs" / run_id / "workspace"
+        filler = _fill(tmpfs, 256 * 1024)
+        (workspace / "go").touch()
+        wait_until(lambda: "waits for room" in daemon.output() or "goes on, its output waits" in daemon.output(),
+                   60, "the daemon to wait for room")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert _task(root, "change")["status"] == "RUNNING"  # not judged while full: no FAILED Run
+        filler.unlink()
+        done = wait_status(root, "change", "COMPLETED", "FAILED", timeout=120)
+        assert done["status"] == "COMPLETED", done
+        run = json.loads((root / "runs" / "change" / "run-1" / "status.json").read_text())
+        assert run["result_branch"] == "taskrun/change", run
+        assert git(root, "rev-parse", "--verify", "refs/heads/taskrun/change").strip() == run["result_commit"]
+        assert not (root / "runs" / "change" / "run-2").exists()
+        subprocess.run(["git", "-C", str(root), "fsck", "--no-progress"], check=True, capture_output=True)
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(root)
+
+
+def test_a_daemon_started_on_a_full_disk_serves_and_is_found_once_there_is_room(tmpfs: Path, tmp_path: Path) -> None:
+    root = _repo(tmpfs)
+    write_task(root, "first", "echo first")
+    filler = _fill(tmpfs, 0)
+    daemon = Daemon(root)
+    daemon.log = tmp_path / "daemon.log"  # the daemon's stdout is not on the full disk
+    try:
+        with open(daemon.log, "ab") as log:
+            daemon.proc = subprocess.Popen([sys.executable, "-m", "taskrunner", "-C", str(root), "up"],
+                                           stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: "commands do not find this daemon" in daemon.output(), 60,
+                   "the daemon to say it cannot write daemon.json")
+        assert daemon.proc is not None and daemon.proc.poll() is None  # serving, not dead
+        filler.unlink()
+        wait_until(lambda: taskrun(root, "workers", "--json").returncode == 0, 30, "commands to find the daemon")
+        assert wait_status(root, "first", "COMPLETED", timeout=60)["status"] == "COMPLETED"
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(root)

@@ -1,0 +1,1 @@
+"""Fault tests: crash points, the crash matrix and its checker."""
