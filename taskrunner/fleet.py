@@ -14,15 +14,33 @@ a silent Worker stays online (`scheduler.worker_offline_after`) and how long
 an offline Worker's Runs wait for it (`scheduler.worker_grace`) come from the
 configuration, and a reload applies them. Like the engine, a Fleet is used
 from one thread only.
+
+**Clocks.** Every `now` handed to a Fleet is the wall clock's, read just
+then: it is what `last_seen` and the signatures carry. Silence, grace and
+reconnect delays are measured on the monotonic clock (clock.py): each
+moment is also kept where it falls there (`clock.as_monotonic`), so a
+wall-clock jump neither takes a Worker offline nor ends or extends its
+Runs' grace.
+
+**Reconnects.** A dropped session is opened again after a delay drawn at
+random (`reconnect_delay`): its ceiling doubles with each failed attempt, from
+RECONNECT_BASE to RECONNECT_MAX, and the draw is never under half of it, so
+Workers that dropped at the same instant (the network blinked, every sshd
+restarted) come back one after another, not in one burst. With many Workers
+the window is at least SPREAD_PER_WORKER per Worker, and the sessions a
+configuration adds at once (the daemon's start) are spread over the same
+window (`startup_delay`); a single Worker connects at once.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from taskrunner import scheduler
+from taskrunner.clock import as_monotonic, wall
 from taskrunner.config import AGENT_PRESETS, Config
 from taskrunner.defaults import CLOCK_SKEW_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.enroll import enroll_local, trust_request, wanted_keys
@@ -42,9 +60,47 @@ from taskrunner.sshkeys import HostKeyError
 MAX_REASON_CHARS = 300
 #: A CLI version or path from a Worker's `ready` is kept at most this long.
 MAX_AGENT_FIELD_CHARS = 200
-#: Reconnect delays grow from this, doubling, up to RECONNECT_MAX.
+#: Reconnect delays grow from this, doubling, up to RECONNECT_MAX (seconds; each drawn with jitter).
 RECONNECT_BASE = 0.5
 RECONNECT_MAX = 30.0
+#: Sessions due together are spread over at least this many seconds per Worker in the fleet (100: 2 s).
+SPREAD_PER_WORKER = 0.02
+
+
+def reconnect_delay(failures: int, workers: int, rng: random.Random) -> float:
+    """Seconds until a dropped session is opened again, after `failures` failed attempts in a row.
+
+    Drawn uniformly from [ceiling / 2, max(ceiling, spread)], where the ceiling is
+    RECONNECT_BASE * 2**failures capped at RECONNECT_MAX and the spread is
+    SPREAD_PER_WORKER * `workers` (the fleet's size), also capped: always in
+    [RECONNECT_BASE / 2, RECONNECT_MAX]. `rng` draws (seed it for tests).
+    """
+    ceiling = min(RECONNECT_MAX, RECONNECT_BASE * 2.0 ** min(max(failures, 0), 16))
+    upper = max(ceiling, min(RECONNECT_MAX, SPREAD_PER_WORKER * workers))
+    return rng.uniform(ceiling / 2, upper)
+
+
+def startup_delay(opening: int, rng: random.Random) -> float:
+    """Seconds to wait before a first session, when `opening` sessions are due at once (a start).
+
+    Uniform in [0, SPREAD_PER_WORKER * (opening - 1)], capped at RECONNECT_MAX: 0 for one
+    Worker, at most 60 ms for four, 2 s for a hundred.
+    """
+    return rng.uniform(0.0, min(RECONNECT_MAX, SPREAD_PER_WORKER * max(opening - 1, 0)))
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A moment as the wall clock told it (seconds since the epoch, for people) and where it falls on the
+    monotonic clock (for durations)."""
+
+    wall: float
+    mono: float
+
+    @classmethod
+    def at(cls, now: float | None) -> Moment | None:
+        """The moment `now` (a wall time read just now), or None."""
+        return None if now is None else cls(now, as_monotonic(now))
 
 
 @dataclass
@@ -56,12 +112,14 @@ class WorkerState:
     tried: bool = False  # a session has said hello or failed at least once
     trusted: bool | None = None  # host key, result key and trust store as expected (None: not checked yet)
     trust_pending: bool = False  # a trust statement is out: no Runs until the Worker takes it
+    home_full: str | None = None  # why the Worker's home takes no new Run (its heartbeat says), or None
     result_key: bytes | None = None  # the Worker's result key, once its hello matched the pin
     hello: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    last_seen: float | None = None
-    offline_since: float | None = None
-    reconnect_at: float | None = 0.0
+    # last_seen, offline_since and reconnect_at (properties below) are these moments' wall times.
+    seen: Moment | None = None
+    down: Moment | None = None
+    reconnect: Moment | None = field(default_factory=lambda: Moment.at(0.0))  # at once
     failures: int = 0
     running: int = 0
     runs: set[str] = field(default_factory=set)
@@ -71,6 +129,33 @@ class WorkerState:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def last_seen(self) -> float | None:
+        """When the Worker last said anything (wall clock)."""
+        return self.seen.wall if self.seen else None
+
+    @last_seen.setter
+    def last_seen(self, now: float | None) -> None:
+        self.seen = Moment.at(now)
+
+    @property
+    def offline_since(self) -> float | None:
+        """When its session went down (wall clock); None while online."""
+        return self.down.wall if self.down else None
+
+    @offline_since.setter
+    def offline_since(self, now: float | None) -> None:
+        self.down = Moment.at(now)
+
+    @property
+    def reconnect_at(self) -> float | None:
+        """When a session is opened again (wall clock); None: not until asked."""
+        return self.reconnect.wall if self.reconnect else None
+
+    @reconnect_at.setter
+    def reconnect_at(self, when: float | None) -> None:
+        self.reconnect = Moment.at(when)
 
     def offered_presets(self) -> dict[str, dict[str, str | None]] | None:
         """The presets whose CLI this Worker has, with version and path; None while it never said.
@@ -152,8 +237,10 @@ def sandbox_refusal(spec: WorkerSpec, hello: Mapping[str, Any]) -> str | None:
 
 class Fleet:
     def __init__(self, config: Config, state_dir: Path, post: Callable[[LinkEvent], None],
-                 keyring: Keyring, hooks: Hooks | None = None) -> None:
+                 keyring: Keyring, hooks: Hooks | None = None, rng: random.Random | None = None) -> None:
         self._state_dir = state_dir
+        #: Draws the reconnect and start-up jitter (`reconnect_delay`, `startup_delay`).
+        self.random = rng or random.Random()
         self.keyring = keyring
         self._post = post
         self.hooks = hooks or Hooks()
@@ -171,10 +258,13 @@ class Fleet:
             if worker.link:
                 worker.link.close()
             del self.workers[worker.name]
+        added = [name for name in config.workers if name not in self.workers]
         for name, spec in config.workers.items():
             current = self.workers.get(name)
             if current is None:
                 self.workers[name] = WorkerState(spec)
+                if len(added) > 1:  # many sessions due at once (a start): spread over a short window
+                    self.workers[name].reconnect_at = wall() + startup_delay(len(added), self.random)
             elif current.spec != spec:
                 if (current.spec.transport, current.spec.host, current.spec.port) != (spec.transport, spec.host, spec.port):
                     if current.link:
@@ -215,7 +305,7 @@ class Fleet:
             views.append(scheduler.WorkerView(
                 name=w.name, slots=w.spec.slots, used=len(w.runs), agents=agents,
                 labels=w.spec.labels, online=w.online and presets is not None and not w.trust_pending
-                and w.trusted is not False and refusal is None, note=refusal,
+                and w.trusted is not False and refusal is None and w.home_full is None, note=refusal or w.home_full,
                 lacking=w.lacking(self.agents), paused=pauses.on_worker(w.name, now) if pauses else {},
             ))
         return views
@@ -224,21 +314,25 @@ class Fleet:
         return all(w.tried for w in self.workers.values())
 
     def next_wakeup(self) -> float | None:
-        times = [w.reconnect_at for w in self.workers.values() if w.reconnect_at is not None]
+        """When (monotonic clock) the next session is due to be opened; None when none is."""
+        times = [w.reconnect.mono for w in self.workers.values() if w.reconnect is not None]
         return min(times) if times else None
 
     # -- sessions --------------------------------------------------------------
 
     def tick(self, now: float) -> list[WorkerState]:
-        """Reconnect what is due, notice silent Workers; returns Workers whose grace ran out."""
+        """Reconnect what is due, notice silent Workers; returns Workers whose grace ran out.
+
+        `now`: the wall clock, read just now; the silence and the grace are measured on the monotonic clock.
+        """
+        mono = as_monotonic(now)
         expired = []
         for worker in self.workers.values():
-            if worker.online and worker.last_seen is not None and now - worker.last_seen > self.offline_after:
-                self.link_down(worker, f"no heartbeat for {now - worker.last_seen:.0f}s", now)
-            if not worker.online and worker.reconnect_at is not None and now >= worker.reconnect_at:
+            if worker.online and worker.seen is not None and mono - worker.seen.mono > self.offline_after:
+                self.link_down(worker, f"no heartbeat for {mono - worker.seen.mono:.0f}s", now)
+            if not worker.online and worker.reconnect is not None and mono >= worker.reconnect.mono:
                 self._connect(worker, now)
-            if not worker.online and worker.runs and worker.offline_since is not None and \
-                    now - worker.offline_since > self.grace:
+            if not worker.online and worker.runs and worker.down is not None and mono - worker.down.mono > self.grace:
                 expired.append(worker)
         return expired
 
@@ -284,8 +378,9 @@ class Fleet:
     def ready(self, worker: WorkerState, now: float, agents: Any = None) -> None:
         """The session is authenticated: the Worker is online. `agents`: its ready's presets (ready_presets)."""
         worker.presets = ready_presets(agents)
-        if worker.offline_since is not None:
-            emit(self.hooks, "notice", f"Worker '{worker.name}' back online after {now - worker.offline_since:.1f}s")
+        if worker.down is not None:
+            emit(self.hooks, "notice", f"Worker '{worker.name}' back online after "
+                                       f"{as_monotonic(now) - worker.down.mono:.1f}s")
         worker.online = True
         worker.tried = True
         worker.error = None
@@ -384,7 +479,7 @@ class Fleet:
             worker.offline_since = now
         if worker.link is not None:
             worker.link.close()
-        delay = min(RECONNECT_MAX, RECONNECT_BASE * 2 ** worker.failures)
+        delay = reconnect_delay(worker.failures, len(self.workers), self.random)
         worker.failures += 1
         worker.reconnect_at = now + delay
         if was_online or worker.failures == 1:

@@ -134,7 +134,7 @@ def test_opening_a_session_does_not_wait_for_the_host_and_a_refused_key_marks_it
     (event,) = wait_until(lambda: events, 10, "the session to end")
     assert (event.generation, event.message) == (1, None) and "does not match the pinned key" in event.reason
     fleet.link_down(worker, event.reason, 2.0)
-    assert worker.trusted is False and not worker.online and worker.reconnect_at == 2.5
+    assert worker.trusted is False and not worker.online and 2.25 <= (worker.reconnect_at or 0) <= 2.5
 
 
 # ---------------------------------------------------------------- result keys in hello
@@ -207,7 +207,7 @@ def test_a_hello_presenting_another_result_key_is_refused_naming_both_keys(tmp_p
     assert worker.error is not None
     assert f"result key changed: pinned {PINNED.key_id}, seen {OTHER.key_id}" in worker.error
     assert "enroll it again with `taskrun worker add build --host 127.0.0.1`" in worker.error
-    assert worker.reconnect_at == 5.5 and worker.offline_since == 5.0
+    assert 5.25 <= (worker.reconnect_at or 0) <= 5.5 and worker.offline_since == 5.0
 
 
 def test_a_hello_from_an_ssh_worker_with_no_pinned_result_key_is_refused(tmp_path: Path) -> None:
