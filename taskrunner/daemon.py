@@ -235,7 +235,11 @@ class Daemon:
     def _handle(self, event: object) -> bool:
         """Apply one event; True if it may change what the scheduler would decide."""
         if isinstance(event, LinkEvent):
-            self.engine.on_link_event(event)
+            try:
+                self.engine.on_link_event(event)
+            finally:
+                if event.release is not None:
+                    event.release()  # its output is handled: the session may read more (links/base.py)
             # Output, starts and heartbeats change no placement; planning over
             # every Task after each of them was most of the daemon's CPU.
             return event.message is None or event.message.type not in _NO_REPLAN

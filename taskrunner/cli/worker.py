@@ -17,8 +17,8 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import paramiko
 from rich.console import Console
 from rich.prompt import Confirm
 
@@ -29,18 +29,16 @@ from taskrunner.sessionauth import auth_envelope
 from taskrunner.signing import PublicKey, SignatureRejected
 from taskrunner.atomic import write_bytes
 from taskrunner.cli.main import find_root
-from taskrunner.config import load_config, parse_config
-from taskrunner.config_edit import remove_worker, set_worker
 from taskrunner.defaults import CONFIG_FILE
 from taskrunner.gitops import state_dir
 from taskrunner.errors import TaskrunError
-from taskrunner.links.ssh import connect, identity_path, open_serve
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import FROM_WORKER_LIMITS, BytesBeforeHello, FromWorker, Message, Reader, encode
-from taskrunner.sshkeys import (CONNECT_TIMEOUT, HostKeyError, check_host_key, fingerprint, host_entry, is_pinned,
-                                key_line, pinned_keys, scan_host_key)
 from taskrunner.taskfile import parse_labels
 from taskrunner.textsafe import clean
+
+if TYPE_CHECKING:  # paramiko (SSH) is imported by the commands that connect, not by every `taskrun`
+    import paramiko
 
 
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
@@ -101,6 +99,12 @@ def cmd_key(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_add(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config import load_config, parse_config
+    from taskrunner.config_edit import set_worker
+    from taskrunner.links.ssh import connect, identity_path
+    from taskrunner.sshkeys import (HostKeyError, check_host_key, fingerprint, host_entry, is_pinned, key_line,
+                                    scan_host_key)
+
     root = find_root(args)
     config = load_config(root)
     current = config.workers.get(args.name)
@@ -175,6 +179,9 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config import load_config
+    from taskrunner.links.ssh import connect, identity_path
+
     root = find_root(args)
     config = load_config(root)
     spec = config.workers.get(args.name)
@@ -196,6 +203,8 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config_edit import remove_worker
+
     path = find_root(args) / CONFIG_FILE
     text = path.read_text() if path.exists() else ""
     write_bytes(path, remove_worker(text, CONFIG_FILE, args.name).encode())
@@ -217,6 +226,8 @@ def _keep_settings(args: argparse.Namespace, kept: WorkerSpec | None) -> None:
 
 def _pinned(kept: WorkerSpec | None, host: str, port: int) -> list[paramiko.PKey]:
     """The host keys pinned for the configured Worker being added again; none for a new Worker."""
+    from taskrunner.sshkeys import HostKeyError, pinned_keys
+
     if kept is None:
         return []
     try:
@@ -249,6 +260,8 @@ def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
     challenge with this control plane's keys and read `ready`: proof the Worker
     trusts this control plane. Returns (hello fields, ready fields or None).
     """
+    from taskrunner.links.ssh import open_serve
+
     channel = open_serve(client, spec)
     try:
         reader = Reader(FromWorker(channel.makefile("rb")), FROM_WORKER_LIMITS)  # type: ignore[arg-type]
@@ -283,7 +296,7 @@ def _session(client: paramiko.SSHClient, spec: WorkerSpec, root: Path,
         raise EnrollError(f"Worker '{spec.name}' ended the session before it was authenticated"
                           + (f": {said.splitlines()[-1]}" if said else ""))
     except OSError as exc:
-        raise EnrollError(f"Worker '{spec.name}': session failed: {exc}") from exc
+        raise EnrollError(f"Worker '{spec.name}': session failed: {str(exc) or type(exc).__name__}") from exc
     finally:
         channel.close()
 
@@ -295,6 +308,10 @@ def _enroll(client: paramiko.SSHClient, spec: WorkerSpec, root: Path, hello: dic
     `token` (the Worker's one-time enrollment token) is bound into the signed statement as a MAC;
     the token itself is not sent.
     """
+    import paramiko
+
+    from taskrunner.sshkeys import CONNECT_TIMEOUT
+
     try:
         presented = PublicKey.parse(str(hello.get("worker_key")))
     except SignatureRejected as exc:
