@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskrunner import clock, diskspace, doctor, fulllogs, gitops, status_query
+from taskrunner import clock, diskspace, doctor, fulllogs, gitops, safefs, status_query
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
@@ -418,6 +418,12 @@ class Daemon:
             if not diskspace.is_full(exc):
                 raise
         self._lock_file = fd
+        # Ours alone now: temp files a killed daemon left mid-write (the record key's, say) go.
+        state = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            safefs.drop_stale_temps(state)
+        finally:
+            os.close(state)
 
     def _shutdown(self) -> None:
         for stop in (self._stop_http, lambda: self.engine.flush(force=True), self.writer.stop, self.watcher.stop, self.control.stop,

@@ -60,7 +60,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from taskrunner import crashpoints
+from taskrunner import crashpoints, safefs
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.diskspace import RecordsFull, Space, is_full
 from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
@@ -92,6 +92,7 @@ class Records:
         self._key_lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self._claimed: set[tuple[str, int]] = set()
+        self._swept: set[str] = set()  # Task directories swept of temp files a killed daemon left (_sweep)
         #: (task id, Run) -> (inode, size, sha256 so far) of output.log as write_output appended it (output_digest).
         self._digests: dict[tuple[str, int], tuple[int, int, Any]] = {}
         #: Whether the disk holding runs/ is full, and the Runs whose output waits for room (diskspace.py).
@@ -241,6 +242,9 @@ class Records:
     def save_task(self, record: dict[str, Any]) -> None:
         task_id = record["task_id"]
         self._check_id(task_id)
+        if task_id not in self._swept:
+            self._sweep(f"{RUNS_DIR}/{task_id}")
+            self._swept.add(task_id)
         self._save(f"{RUNS_DIR}/{task_id}/status.json", record, sealed=True)
         crashpoints.reached("daemon.task_record_written")
 
@@ -407,6 +411,8 @@ class Records:
                 return
             try:
                 fresh = self._tree.make_dir(rel)
+                if not fresh:
+                    self._sweep(rel)
                 if not fresh and not self._ours(f"{rel}/status.json"):
                     removed = self._tree.clear_dir(rel)
                     if removed:
@@ -418,6 +424,20 @@ class Records:
             if len(self._claimed) >= _CLAIMED_MAX:
                 self._claimed.clear()
             self._claimed.add((task_id, number))
+
+    def _sweep(self, rel: str) -> None:
+        """Remove the temp files a killed writer left in the directory `rel` (safefs.drop_stale_temps), once per
+        directory and process, before this daemon writes there; never raises (a missing directory is fine)."""
+        try:
+            fd = self._tree.open_dir(rel)
+        except (OSError, UnsafePath):
+            return
+        try:
+            safefs.drop_stale_temps(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def _ours(self, rel: str) -> bool:
         try:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import stat
 import sys
 import threading
@@ -122,6 +123,41 @@ def split(rel: str) -> list[str]:
         if part in ("", ".", "..") or "\0" in part:
             raise UnsafePath(rel, "not a plain relative path", "expected names joined by '/', without '.' or '..'")
     return parts
+
+
+#: The temp files this project's writers make beside the file they replace (`write_in`, keys.record_key,
+#: fulllogs.py): `.<name>.<pid>[.<thread id>].tmp`. One is left only when its writer was killed mid-write.
+TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?P<pid>[0-9]{1,10})(?:\.[0-9]+)?\.tmp$")
+
+
+def drop_stale_temps(dir_fd: int) -> list[str]:
+    """Remove from the directory `dir_fd` the temp files (TEMP_RE) whose writer process is gone; their names.
+
+    A temp file of a live process (its pid may have been reused by another: then
+    it stays until that one ends) and of this process is kept. Never raises
+    for a file that went away meanwhile.
+    """
+    removed: list[str] = []
+    for name in os.listdir(dir_fd):
+        found = TEMP_RE.match(name)
+        if found is None or int(found["pid"]) == os.getpid() or _alive(int(found["pid"])):
+            continue
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's (alive), or a number no process can have: leave it
+    return True
 
 
 def write_in(dir_fd: int, name: str, data: bytes, mode: int = 0o644, durable: bool = False) -> None:

@@ -48,6 +48,8 @@ UNREACHABLE: dict[str, str] = {
     "daemon.pauses_saved": "only an AI Agent's usage limit pauses it; the shell Agent has none",
     "daemon.events_written": "events.jsonl is written only for an Agent read through a stream reader "
                              "(claude, codex, gemini, aider); the shell Agent has none",
+    "daemon.full_log_moved": "only an output over records.max_log_bytes (4 MiB) is moved out; this scenario's "
+                             "are small (tests/integration/test_big_output.py kills the daemon there)",
 }
 
 #: How long a (re)started daemon may take to answer with its Worker reachable, in seconds.

@@ -251,3 +251,22 @@ def test_write_json_then_read_json_round_trips(tmp_path: Path) -> None:
     atomic.write_json(tmp_path / "x.json", data)
     assert atomic.read_json(tmp_path / "x.json") == data
     assert (tmp_path / "x.json").read_text().endswith("\n")
+
+
+def test_a_restarted_daemon_drops_the_temp_files_a_killed_one_left_in_its_record_directories(tmp_path: Path) -> None:
+    import subprocess
+    first = Records(tmp_path)
+    first.save_task({"task_id": "t", "status": "RUNNING"})
+    first.save_run({"task_id": "t", "run": 1, "status": "RUNNING"})
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    task_temp = tmp_path / "runs" / "t" / f".status.json.{gone.pid}.1.tmp"
+    run_temp = tmp_path / "runs" / "t" / "run-1" / f".status.json.{gone.pid}.1.tmp"
+    for temp in (task_temp, run_temp):
+        temp.write_bytes(b"{half")  # killed mid-write
+
+    second = Records(tmp_path)  # the next daemon
+    second.save_run({"task_id": "t", "run": 1, "status": "COMPLETED"})
+    second.save_task({"task_id": "t", "status": "COMPLETED"})
+    assert not task_temp.exists() and not run_temp.exists()
+    assert second.load_run("t", 1)["status"] == "COMPLETED"

@@ -317,3 +317,26 @@ def test_a_file_whose_other_name_is_gone_is_its_own_again(tree: Beneath, root: P
     os.link(outside / "secret", root / "f")
     (outside / "secret").unlink()
     assert tree.read_bytes("f") == b"the secret\n"
+
+
+def test_temp_files_of_writers_that_are_gone_are_dropped_and_others_kept(tmp_path: Path) -> None:
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        names = [f".status.json.{gone.pid}.140213.tmp", f".record.key.{gone.pid}.tmp",
+                 f".status.json.{alive.pid}.1.tmp", f".status.json.{os.getpid()}.7.tmp",
+                 "status.json", ".gitkeep", f"notes.{gone.pid}.tmp"]
+        for name in names:
+            (tmp_path / name).write_bytes(b"x")
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            removed = safefs.drop_stale_temps(fd)
+        finally:
+            os.close(fd)
+        assert sorted(removed) == sorted(names[:2])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    finally:
+        alive.kill()
+        alive.wait()
