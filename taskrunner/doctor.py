@@ -40,9 +40,6 @@ from taskrunner.gitflow import signers
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
 from taskrunner.leaks import PRIVATE_KEY_PATTERN
 from taskrunner.safefs import kind_of
-from taskrunner.links.local import default_home
-from taskrunner.worker.confine import Confinement
-from taskrunner.worker.sandbox import INSTALL_HINT
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,11 @@ def pin_findings(config: Config) -> list[Finding]:
 
 def sandbox_findings(root: Path, config: Config) -> list[Finding]:
     """Local Workers that cannot confine Agents: an error, or a warning where `sandbox: none` accepts it."""
+    # Imported here: the Worker's modules (and, through taskrunner.links, paramiko) are not for every `taskrun`.
+    from taskrunner.links.local import default_home
+    from taskrunner.worker.confine import Confinement
+    from taskrunner.worker.sandbox import INSTALL_HINT
+
     found = []
     for worker in config.workers.values():
         if worker.transport != "local":

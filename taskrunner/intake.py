@@ -46,16 +46,17 @@ import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from taskrunner import gitops
-from taskrunner.config import Config
 from taskrunner.defaults import MAX_CONTEXT_BYTES, MAX_TASK_FILE_BYTES, TASKS_DIR
 from taskrunner.errors import TaskFileError, UnsafePath
-from taskrunner.gitflow import signers
 from taskrunner.model import TaskSpec
 from taskrunner.safefs import REFUSAL, Beneath, kind_of, open_given, refused
 from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script, task_id_for
+
+if TYPE_CHECKING:  # the configuration's modules (cryptography) are not for `taskrun status`, which lists Task files
+    from taskrunner.config import Config
 
 #: Why a path in the git directory is refused, whatever it is.
 GIT_REFUSAL = "taskrun never reads git's files (its configuration, the daemon's keys) for a Task"
@@ -263,17 +264,28 @@ def read_task(files: RepoFiles, task_id: str, path: str, config: Config) -> Inta
     revision = hashlib.sha256(data).hexdigest()
     try:
         spec = parse_task(task_id, path, data)
-        _check_against(spec, config)
-        _check_context(spec, files)
+        check_spec(spec, files, config)
     except TaskFileError as exc:
         return Intake(task_id, path, revision, None, str(exc))
     if config.security.allowed_signers is not None:
+        from taskrunner.gitflow import signers
+
         verdict = signers.authorize(files.root, path, data, config.security, files.git_dirs)
         if verdict.principal is None:
             reason = f"refused: {verdict.reason}"
             return Intake(task_id, path, refused_revision(revision, reason), None, reason)
         spec = dataclasses.replace(spec, authorized_by=verdict.principal)
     return Intake(task_id, path, spec.revision, spec, None)
+
+
+def check_spec(spec: TaskSpec, files: RepoFiles, config: Config, has_script: bool | None = None) -> None:
+    """What read_task checks of a parsed spec beyond its bytes: its Agent under `config`, its context files.
+
+    `has_script`: whether the body holds a ```sh or ```bash block, when known (None: looked at here).
+    Raises TaskFileError (the Task is INVALID for that reason).
+    """
+    _check_against(spec, config, has_script)
+    _check_context(spec, files)
 
 
 def refused_revision(revision: str, reason: str) -> str:
@@ -302,16 +314,17 @@ def task_paths(files: RepoFiles, notice: list[str] | None = None) -> Iterator[st
         if notice is not None:
             notice.append(f"{TASKS_DIR} is {kind_of(top.st_mode)}; {REFUSAL}: no Task is read through it")
         return
-    base = files.root / TASKS_DIR
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-        here = Path(dirpath)
+    # Strings, not pathlib: at 10,000 files pathlib's joins and relative_to cost more than the walk.
+    root = str(files.root)
+    cut = len(root) + 1
+    for dirpath, dirnames, filenames in os.walk(f"{root}/{TASKS_DIR}", followlinks=False):
+        here = dirpath[cut:]  # relative to the root, '/'-separated
         for name in sorted(dirnames):
-            if os.path.islink(here / name) and notice is not None and not is_ignored_name(name):
-                notice.append(f"{(here / name).relative_to(files.root).as_posix()} is a symbolic link; "
-                              f"{REFUSAL}: no Task is read through it")
+            if notice is not None and not is_ignored_name(name) and os.path.islink(f"{dirpath}/{name}"):
+                notice.append(f"{here}/{name} is a symbolic link; {REFUSAL}: no Task is read through it")
         for name in sorted([*filenames, *dirnames]):
             if name.endswith(".md") and not is_ignored_name(name):
-                yield (here / name).relative_to(files.root).as_posix()
+                yield f"{here}/{name}"
         # Hidden directories hold no Tasks (task_id_for refuses a part starting with '.').
         dirnames[:] = [d for d in dirnames if not is_ignored_name(d)]
 
@@ -320,12 +333,13 @@ def agent_of(spec: TaskSpec, config: Config) -> str:
     return spec.agent or config.default_agent
 
 
-def _check_against(spec: TaskSpec, config: Config) -> None:
+def _check_against(spec: TaskSpec, config: Config, has_script: bool | None = None) -> None:
     agent = agent_of(spec, config)
     if agent not in config.agents:
         configured = ", ".join(sorted(config.agents)) or "none"
         raise TaskFileError(spec.path, f"unknown Agent '{agent}' (configured: {configured})", key="agent")
-    if config.agents[agent].preset == "shell" and shell_script(spec.body) is None:
+    if config.agents[agent].preset == "shell" and not (
+            shell_script(spec.body) is not None if has_script is None else has_script):
         # Known now, from the file alone: no Run is started to find it out.
         raise TaskFileError(spec.path, f"the shell Agent '{agent}' runs the body's ```sh or ```bash blocks, and "
                             "this Task has none")

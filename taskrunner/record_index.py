@@ -4,18 +4,22 @@ runs/ stays the source of truth: the index only remembers, for each record
 this clone's daemon sealed, what the record said and the file it was read
 from, and every entry is checked against the file before it is used.
 
-    .git/taskrun/record-index     line 1: HMAC-SHA256 (hex) of lines 2 and 3, keyed with the record key
+    .git/taskrun/record-index     line 1: HMAC-SHA256 (hex) of everything after it, keyed with the record key
                                   line 2: one JSON object (compact, UTF-8):
     {"version": 1, "stamp": <ns>,                      when the index was written (time.time_ns)
      "dirs":  {"runs/<dir>": [fingerprint, [subdirectory names], has status.json, [run numbers]]},
      "shapes": [[key, ...], ...],                       the key sets of the Run records (line 3)
-     "tasks": {"<task id>": [fingerprint, [status, updated_at, seq], "the Task record (JSON, without seal)"]}}
+     "tasks": {"<task id>": [fingerprint, [status, updated_at, seq], [offset, length] (or, as
+                                earlier versions wrote it, the Task record's JSON text itself)]}}
                                   line 3: {"<task id>/<n>": [fingerprint, shape, Run record without its
                                            seal and its null values]}
+                                  then: the Task records (JSON, without seal), one a line; a Task's
+                                        [offset, length] (bytes, from the start of the first) points at its own
 
 Line 3 is parsed only when a Run record is asked for, and a Task record only
-when it is: `taskrun status` selects Tasks by the status, time and sequence
-number beside each record and parses only the records it shows.
+when it is (its bytes sliced out by offset): `taskrun status` selects Tasks by
+the status, time and sequence number beside each record in line 2, which
+stays small, and parses only the records it shows.
 
 A fingerprint is `[st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]` of
 the file (or directory) taken with lstat *before* it was read. An entry is
@@ -92,6 +96,7 @@ class RecordIndex:
         self._tasks: dict[str, list[Any]] = {}
         self._runs: dict[str, list[Any]] = {}
         self._runs_raw: bytes | None = None  # line 3, until a Run record is asked for
+        self._blob = b""  # the Task records after line 3, each found by its [offset, length]
         self._shapes: list[Any] = []
         self._new_dirs: dict[str, list[Any]] = {}
         self._new_tasks: dict[str, list[Any]] = {}
@@ -106,7 +111,7 @@ class RecordIndex:
     def load(self) -> bool:
         """Read and verify the index file; False (and an empty index) when it is missing or not usable."""
         self._dirs, self._tasks, self._runs, self._stamp, self.loaded = {}, {}, {}, 0, False
-        self._runs_raw, self._shapes = None, []
+        self._runs_raw, self._shapes, self._blob = None, [], b""
         try:
             key = record_key(self._state_dir, create=False)
         except TaskrunError:
@@ -120,7 +125,8 @@ class RecordIndex:
         expected = hmac.new(key, _DOMAIN + body, hashlib.sha256).hexdigest().encode()
         if not hmac.compare_digest(mac, expected):
             return False
-        head, _, runs_raw = body.partition(b"\n")
+        head, _, rest = body.partition(b"\n")
+        runs_raw, _, blob = rest.partition(b"\n")
         try:
             data = json.loads(head)
             if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
@@ -134,8 +140,22 @@ class RecordIndex:
         except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             return False
         self._stamp, self._dirs, self._tasks, self.loaded = stamp, dirs, tasks, True
-        self._shapes, self._runs_raw = shapes, runs_raw
+        self._shapes, self._runs_raw, self._blob = shapes, runs_raw, blob
         return True
+
+    def _text(self, ref: Any) -> str | None:
+        """The Task record (JSON text) an index entry points at with [offset, length]; None if it cannot be."""
+        if isinstance(ref, str):
+            return ref
+        if not (isinstance(ref, list) and len(ref) == 2 and all(type(n) is int for n in ref)):
+            return None
+        start, length = ref
+        if start < 0 or length < 0 or start + length > len(self._blob):
+            return None
+        try:
+            return self._blob[start:start + length].decode()
+        except UnicodeDecodeError:
+            return None
 
     def _old_runs(self) -> dict[str, list[Any]]:
         """The Run entries of the file read by `load` (line 3), parsed on first use; {} if unusable."""
@@ -165,14 +185,23 @@ class RecordIndex:
         shapes: dict[tuple[str, ...], int] = {}
         runs = _compact(self._new_runs if self._new_runs else self._old_runs(), shapes)
         tasks = self._new_tasks if self._new_tasks or self._fresh_dirs else {
-            k: e for k, e in self._tasks.items() if isinstance(e, list) and len(e) == 3 and isinstance(e[2], str)}
+            k: [e[0], e[1], text] for k, e in self._tasks.items()
+            if isinstance(e, list) and len(e) == 3 and (text := self._text(e[2])) is not None}
+        blob: list[bytes] = []
+        at = 0
+        refs: dict[str, list[int]] = {}
+        for task_id, e in tasks.items():
+            # Compact JSON holds no raw newline: one record a line.
+            text = (e[2] if e[2] is not None else json.dumps(e[3], separators=(",", ":"), ensure_ascii=False)).encode()
+            refs[task_id] = [at, len(text)]
+            blob.append(text)
+            at += len(text) + 1
         data = {"version": INDEX_VERSION, "stamp": stamp,
                 "dirs": {k: v for k, v in dirs.items() if not self._racy(v[0], stamp)},
-                "tasks": {k: [e[0], e[1], e[2] if e[2] is not None else json.dumps(
-                    e[3], separators=(",", ":"), ensure_ascii=False)] for k, e in tasks.items()},
+                "tasks": {k: [e[0], e[1], refs[k]] for k, e in tasks.items()},
                 "shapes": [list(shape) for shape in shapes]}
         body = (json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-                + json.dumps(runs, separators=(",", ":"), ensure_ascii=False).encode())
+                + json.dumps(runs, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" + b"\n".join(blob))
         mac = hmac.new(key, _DOMAIN + body, hashlib.sha256).hexdigest().encode()
         try:
             write_bytes(self.path, mac + b"\n" + body, mode=0o600, durable=False)
@@ -238,8 +267,7 @@ class RecordIndex:
         if entry is not None:
             return entry
         entry = self._tasks.get(task_id)
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str)
-                and isinstance(entry[1], list) and len(entry[1]) == 3):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], list) and len(entry[1]) == 3):
             return None
         info = self._lstat(f"{RUNS_DIR}/{task_id}/status.json")
         if info is None or not stat.S_ISREG(info.st_mode):
@@ -250,7 +278,12 @@ class RecordIndex:
         status, updated, seq = entry[1]
         if not (isinstance(status, str) and isinstance(updated, (int, float)) and isinstance(seq, int)):
             return None
-        fresh = self._new_tasks[task_id] = [entry[0], [status, float(updated), seq], entry[2], None]
+        text = self._text(entry[2])
+        if text is None:
+            return None
+        if isinstance(entry[2], str):
+            self.misses += 1  # the earlier form (the record inline in line 2): counted so the index is rewritten
+        fresh = self._new_tasks[task_id] = [entry[0], [status, float(updated), seq], text, None]
         return fresh
 
     def load_run(self, task_id: str, number: int) -> dict[str, Any] | None:

@@ -15,10 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from taskrunner import control, gitops, pauses
-from taskrunner.availability import agent_rows
+from taskrunner import control, gitops
 from taskrunner.cli.render import literal
-from taskrunner.config import load_config
 from taskrunner.errors import DaemonNotRunning
 from taskrunner.textsafe import clean
 
@@ -32,7 +30,10 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_agents(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner import pauses  # with the Agents' stream readers: only for this command
+    from taskrunner.availability import agent_rows
     from taskrunner.cli.main import EXIT_OK, find_root
+    from taskrunner.config import load_config
 
     root = find_root(args)
     config = load_config(root)

@@ -10,9 +10,8 @@ from datetime import datetime, timezone
 from rich.console import Console
 from rich.text import Text
 
-from taskrunner import control, doctor
+from taskrunner import control
 from taskrunner.cli.main import find_root
-from taskrunner.config import load_config
 from taskrunner.defaults import KEY_OVERLAP_SECONDS
 from taskrunner.gitops import state_dir
 from taskrunner.duration import format_duration, parse_duration
@@ -39,6 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def cmd_show(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config import load_config
+
     root = find_root(args)
     ring = Keyring.load(state_dir(root))
     config = load_config(root)
@@ -82,6 +83,9 @@ def cmd_rotate(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner import doctor  # the checks and what they import: only for this command
+    from taskrunner.config import load_config
+
     root = find_root(args)
     findings: list[doctor.Finding] = []
     try:

@@ -16,7 +16,6 @@ from rich.console import Console
 
 from taskrunner import __version__, control, gitops
 from taskrunner.cli import render
-from taskrunner.config import load_config
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.model import TaskStatus
 from taskrunner.fulllogs import FullLogs
@@ -141,6 +140,7 @@ def cmd_init(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_up(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config import load_config
     from taskrunner.daemon import Daemon
 
     root = find_root(args)
@@ -397,6 +397,8 @@ def cmd_hooks_install(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_workers(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config import load_config
+
     root = find_root(args)
     try:
         workers = control.request(gitops.state_dir(root), {"command": "workers"})["workers"]
@@ -425,6 +427,7 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
 def _add_homes(root: Path, workers: list[dict[str, Any]]) -> None:
     """Give each Worker view `home`: a local Worker's home directory (`workers.<name>.home`, else the
     default under XDG_STATE_HOME, whose name holds a hash of the clone's path); None for ssh Workers."""
+    from taskrunner.config import load_config
     from taskrunner.links.local import default_home
 
     try:

@@ -28,7 +28,6 @@ from taskrunner.atomic import write_bytes
 from taskrunner.cli import render
 from taskrunner.cli.main import (EXIT_NOT_COMPLETED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, POLL_SECONDS, UsageError,
                                  believed, find_root, report_ignored)
-from taskrunner.config import load_config
 from taskrunner.defaults import TASKS_DIR
 from taskrunner.errors import DaemonNotRunning, GitError, UnsafePath
 from taskrunner.intake import RepoFiles, read_submitted
@@ -83,6 +82,8 @@ def _wait_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.config import load_config
+
     if not args.wait and (args.timeout is not None or args.junit):
         raise UsageError("--timeout and --junit go with --wait")
     _check_wait_options(args)
