@@ -120,7 +120,7 @@ def select(items: Iterable[T], key: Callable[[T], tuple[str, str, float, int]], 
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, str, float, int]:
-    """`select`'s key for a Task record (as written under runs/, or as `load_all` makes one)."""
+    """`select`'s key for a Task record (as written under runs/, or as `from_records` lists one)."""
     updated = record.get("updated_at")
     seq = record.get("seq")
     return (str(record.get("task_id")), str(record.get("status")),

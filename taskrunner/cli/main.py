@@ -16,12 +16,9 @@ from rich.console import Console
 
 from taskrunner import __version__, control, gitops
 from taskrunner.cli import render
-from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
-from taskrunner.model import TaskStatus
+from taskrunner.errors import DaemonNotRunning, ForeignRecord, TaskrunError
 from taskrunner.fulllogs import FullLogs
 from taskrunner.records import Records
-from taskrunner.intake import RepoFiles, task_paths
-from taskrunner.taskfile import task_id_for, task_id_problem
 from taskrunner.textsafe import StreamCleaner, clean
 
 EXIT_OK = 0
@@ -208,40 +205,6 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
                                         f"{last.get('base_commit') or ''}..{last['result_branch']}); "
                                         f"the pull request body: {last.get('summary')}"), markup=False)
     return EXIT_OK
-
-
-def load_all(records: Records, ignored: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every Task with a record this clone's daemon wrote, and every Task file it has not recorded.
-
-    Records it did not write are left out (their messages go to `ignored`);
-    a file whose id can have no record (taskfile.task_id_problem) is INVALID
-    with its reason, as the daemon says.
-    """
-    tasks = []
-    for task_id in records.task_ids():
-        try:
-            record = records.load_task(task_id)
-        except ForeignRecord as exc:
-            record = None
-            if ignored is not None:
-                ignored.append(str(exc))
-        except RecordError as exc:
-            record = {"task_id": task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
-        if record:
-            tasks.append(record)
-    seen = {t["task_id"] for t in tasks}
-    for rel in task_paths(RepoFiles(records.root)):
-        task_id = task_id_for(rel)
-        if not task_id or task_id in seen:
-            continue
-        problem = task_id_problem(task_id)
-        if problem:
-            tasks.append({"task_id": task_id, "status": TaskStatus.INVALID.value, "runs": [],
-                          "error": f"{rel}: {problem}", "file": rel})
-        else:
-            tasks.append({"task_id": task_id, "status": TaskStatus.PENDING.value, "runs": [],
-                          "waiting": "not yet seen by the daemon", "file": rel})
-    return sorted(tasks, key=lambda t: (t.get("seq") or 1 << 30, t["task_id"]))
 
 
 def believed(load: Callable[[], dict[str, Any] | None], ignored: list[str]) -> dict[str, Any] | None:

@@ -100,7 +100,7 @@ def _key(item: _Indexed | dict[str, Any]) -> tuple[str, str, float, int]:
 def from_records(records: Records, query: StatusQuery, ignored: list[str]) -> Selection[dict[str, Any]]:
     """The selection read from runs/ through the record index (written back when it was stale).
 
-    What `load_all` lists, in the same form: every Task with a record this
+    Every Task with a record this
     clone's daemon wrote (others' messages go to `ignored`), an unreadable
     one as UNKNOWN, and every Task file without a record (PENDING, or INVALID
     when its id can have none).

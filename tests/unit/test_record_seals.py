@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taskrunner.cli.main import load_all
+from taskrunner.cli.status import from_records
+from taskrunner.status_query import StatusQuery
 from taskrunner.cli.submit import _final_record
 from taskrunner.errors import ForeignRecord, RecordError
 from taskrunner.keys import RECORD_KEY_FILE
@@ -169,7 +170,8 @@ def test_status_lists_only_believed_records_and_says_which_it_ignored(records: R
     records.task_file("check").parent.mkdir(parents=True)
     records.task_file("check").write_text(json.dumps(TASK))
     ignored: list[str] = []
-    assert [t["task_id"] for t in load_all(records, ignored)] == ["mine"]
+    shown = from_records(records, StatusQuery(limit=None), ignored).shown
+    assert [t["task_id"] for t in shown] == ["mine"]
     assert ignored == ["runs/check/status.json was not written by this daemon (no valid seal); ignored"]
 
 
