@@ -95,7 +95,8 @@ def _git(cwd: Path, *args: str, env: dict[str, str]) -> str:
 @dataclass
 class Report:
     """What a soak saw. `violations`: broken invariants (target none); `gave_up`: Tasks failed after their
-    Runs were lost more than LOST_LIMIT times (documented, not a violation; listed); `runs`: Run counts by
+    Runs were lost more than LOST_LIMIT times, or whose Agent's own write found the disk full (documented,
+    not a violation; listed); `runs`: Run counts by
     outcome (COMPLETED, FAILED, FAILED-lost, CANCELLED); `faults`: injected by kind; `skipped`: faults that
     had no target then; samples of the daemon at the start and end (idle)."""
 
@@ -522,6 +523,15 @@ class Soak:
                 found.append(f"{task_id}: {len(kept)} Runs that were not lost, exit codes "
                              f"{[r.get('exit_code') for r in kept]}; expected {task.retries + 1} with "
                              f"{task.spec.exit_code}")
+        last = records[-1] if records else {}
+        log = self.root / "runs" / task_id / f"run-{last.get('run')}" / "output.log"
+        if (last.get("status") == "FAILED" and not last.get("lost") and task.spec.status != "FAILED"
+                and last.get("worker") == "local" and _says_no_room(log)):
+            # The Agent's own write into its workspace (on the pressured tmpfs) failed: its failure, recorded
+            # as it happened; taskrun does not retry an Agent's failure. Listed apart, like a Task given up.
+            self.report.gave_up.append(f"{task_id}: the Agent's own write failed for want of room on the Worker "
+                                       "home's disk (its output says so)")
+            found = [line for line in found if not line.startswith((f"{task_id}: ", f"{task_id} run-"))]
         lost = [r for r in records if r.get("lost")]
         if records and records[-1].get("lost") and len(lost) > LOST_LIMIT and task.spec.status != "FAILED":
             self.report.gave_up.append(f"{task_id}: {len(lost)} Runs lost ({records[-1].get('error')})")
@@ -552,3 +562,13 @@ class Soak:
         if self.mounted:
             subprocess.run(["umount", "-l", str(self.disk)], check=False, capture_output=True)
             self.mounted = False
+
+
+def _says_no_room(log: Path) -> bool:
+    """Whether a Run's output.log ends saying a write found no room (the Agent's own ENOSPC)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
+            return b"No space left on device" in handle.read()
+    except OSError:
+        return False
