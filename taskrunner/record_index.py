@@ -179,7 +179,7 @@ class RecordIndex:
         except TaskrunError:
             return False
         if key is None:
-            return False
+            return True  # this clone sealed no record yet: there is nothing its index could vouch for
         stamp = time.time_ns()
         dirs = self._new_dirs  # directories not walked are listed afresh next time
         shapes: dict[tuple[str, ...], int] = {}
