@@ -32,7 +32,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         seconds = _parse_text(value)
     else:
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past any float: no duration
+            raise ValueError(f"{_EXPECTED}, got a number of {len(str(value))} digits") from None
     if not math.isfinite(seconds):
         raise ValueError(f"{_EXPECTED}, got {value!r}")
     if seconds <= 0:
