@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -211,3 +212,22 @@ def _kill_leftover_agents(root: Path) -> None:
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError, PermissionError):
             pass
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's size=, e.g. "20m") at where/fs, always unmounted afterwards.
+
+    Needs root: skipped without it on a developer's machine, failed under CI (CI=true), where it must run.
+    """
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a tmpfs needs root, and CI runs as root: run the suite as root")
+        pytest.skip("mounting a tmpfs needs root")
+    mount = where / "fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

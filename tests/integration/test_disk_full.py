@@ -17,8 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import Daemon, _kill_leftover_agents, git, local_worker_home, taskrun, wait_status, \
-    wait_until, write_task
+from tests.conftest import Daemon, _kill_leftover_agents, git, local_worker_home, mounted_tmpfs, taskrun, \
+    wait_status, wait_until, write_task
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +34,9 @@ def _expected_big() -> bytes:
 
 @pytest.fixture()
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 20 MB tmpfs at tmp_path/fs, always unmounted afterwards (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
-    try:
+    """A 20 MB tmpfs at tmp_path/fs (tests/conftest.py mounted_tmpfs)."""
+    with mounted_tmpfs(tmp_path, "20m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _repo(where: Path) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -17,21 +16,14 @@ from taskrunner.diskspace import RecordsFull, Space, Stall
 from taskrunner.errors import GitError, RecordError
 from taskrunner.gitops import Git
 from taskrunner.records import Records
-from tests.conftest import git
+from tests.conftest import git, mounted_tmpfs
 
 
 @pytest.fixture()
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs at tmp_path/fs, unmounted afterwards (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
+    """A 2 MB tmpfs at tmp_path/fs (tests/conftest.py mounted_tmpfs)."""
+    with mounted_tmpfs(tmp_path, "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(directory: Path) -> Path:
