@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from taskrunner.model import Priority, TaskStatus
 from taskrunner.pauses import reason as pause_reason
 from taskrunner.queues import Backlog
+from taskrunner.taskfile import dependency_cycles
 from taskrunner.scheduler import (
     Assignment,
     Blocked,
@@ -410,15 +411,33 @@ def test_a_backlog_kept_up_to_date_by_events_plans_as_the_reference(state: Any, 
         views[view.id] = view
         backlog.put(view)
 
+    in_cycle: set[str] = set()
+
+    def check_cycles() -> None:
+        # As the engine does before each plan: an edit that closes a dependency cycle makes every Task on it
+        # that is not running INVALID (a cycle never reaches the planner), and one no longer on a cycle PENDING.
+        on_cycle = {i for cycle in dependency_cycles({i: v.depends_on for i, v in views.items()}) for i in cycle}
+        for task_id in sorted(on_cycle - in_cycle):
+            if views[task_id].status is not S.RUNNING:
+                in_cycle.add(task_id)
+                change(dataclasses.replace(views[task_id], status=S.INVALID))
+        for task_id in sorted(in_cycle - on_cycle):
+            in_cycle.discard(task_id)
+            if task_id in views:
+                change(dataclasses.replace(views[task_id], status=S.PENDING))
+
     for kind, value in [("time", 0.0), *steps]:
         if kind == "task":
+            in_cycle.discard(value.id)  # a new revision starts afresh
             change(value)
+            check_cycles()
         elif kind == "finish" and value[0] in views and views[value[0]].status is S.RUNNING:
             change(dataclasses.replace(views[value[0]], status=value[1], not_before=now + 20 if value[1] is S.PENDING
                                        else 0.0))
         elif kind == "drop" and value[0] in views:
             del views[value[0]]
             backlog.drop(value[0])
+            check_cycles()
         elif kind == "workers":
             workers = value
         elif kind == "time":
