@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from taskrunner.gitops import state_dir
 from taskrunner.model import RunStatus, TaskStatus
-from taskrunner.record_index import RecordIndex
+from taskrunner.record_index import RACY_NS, RecordIndex
 from taskrunner.records import Records
 from taskrunner.state import RunState, TaskState
 from taskrunner.taskfile import parse_task
-from tests.conftest import Daemon, git, taskrun
+from tests.conftest import Daemon, git, taskrun, wait_until
 
 COUNT = 120
 
@@ -43,6 +44,10 @@ def listing(root: Path, *args: str) -> dict:
 
 def test_a_restart_reads_the_index_and_status_comes_from_the_daemon(repo: Path, daemon: Daemon) -> None:
     seed(repo, COUNT)
+    # An index written within RACY_NS of a record's last change does not vouch for it (git's racy rule):
+    # the daemon's index below is to vouch for all of them.
+    newest = max(path.lstat().st_ctime_ns for path in (repo / "runs").rglob("*"))
+    wait_until(lambda: time.time_ns() > newest + RACY_NS, 10, "the records to be older than the racy window")
     without = listing(repo)
     assert without["source"] == "records" and without["total"] == COUNT
     (state_dir(repo) / "record-index").unlink()  # written by that status: the daemon must write its own
