@@ -92,6 +92,9 @@ BIG_FILE_BYTES = 8 * 1024 * 1024
 KEY_OVERLAP_BYTES = 4096
 #: Run `git gc --auto` after this many commits (what `git commit` does after each).
 GC_EVERY_COMMITS = 50
+#: In the git directory while a person's git command is half way through (as `git status` tells them).
+IN_PROGRESS = (("rebase-merge", "a rebase"), ("rebase-apply", "a rebase or `git am`"), ("MERGE_HEAD", "a merge"),
+               ("CHERRY_PICK_HEAD", "a cherry-pick"), ("REVERT_HEAD", "a revert"))
 #: Put before every git subcommand the daemon runs (`command`). The repository's
 #: configuration may name programs for git to run, and may name them in the work
 #: tree, which anyone who can push controls (`core.hooksPath hooks` makes every
@@ -157,9 +160,14 @@ class Git:
         with a short random pause, then GitError (nothing is lost: the caller
         tries again later). Afterwards the user's index gets the committed
         entries (`refresh_index`); a refresh the user's git blocks stays
-        pending and does not fail the commit.
+        pending and does not fail the commit. While a person's rebase, merge,
+        cherry-pick or revert is half way through in the clone, GitError: HEAD
+        is theirs until it ends, and the records wait.
         """
         for attempt in range(COMMIT_ATTEMPTS):
+            busy = self.in_progress()
+            if busy:
+                raise GitError(f"{busy} is in progress in this clone: the records are committed once it ends")
             old = self.head()
             commit, changed, written, deleted = self._import(paths, message, old)
             if not changed:
@@ -486,6 +494,10 @@ class Git:
         except (FileNotFoundError, NotADirectoryError):
             return set()
 
+    def in_progress(self) -> str | None:
+        """What a person's git is half way through in this work tree ("a rebase", "a merge", ...), or None."""
+        return next((what for name, what in IN_PROGRESS if os.path.lexists(self.git_dir() / name)), None)
+
     def git_dir(self) -> Path:
         """This work tree's git directory, absolute (asked once)."""
         if self._git_dir is None:
@@ -544,25 +556,6 @@ def state_dir(root: Path) -> Path:
     """
     dirs = git_dirs(root)
     return dirs[0] / "taskrun" if dirs else root / STATE_DIR
-
-
-def tracked(root: Path, paths: Sequence[str]) -> set[str]:
-    """Those of `paths` (relative to the work tree `root`) that are in git's index: one `git ls-files`.
-
-    Names are matched literally (`--literal-pathspecs`: a `*` in a name is no
-    pattern), and only files, not directories, are in the answer. GitError
-    when git fails.
-    """
-    if not paths:
-        return set()
-    argv = command("--literal-pathspecs", "ls-files", "-z", "--cached", "--", *paths)
-    try:
-        done = subprocess.run(argv, cwd=root, capture_output=True)
-    except OSError as exc:
-        raise GitError(f"git ls-files failed: {exc}") from exc
-    if done.returncode != 0:
-        raise GitError(f"git ls-files failed: {done.stderr.decode(errors='replace').strip() or done.returncode}")
-    return {os.fsdecode(name) for name in done.stdout.split(b"\0") if name} & set(paths)
 
 
 def toplevel(path: Path) -> Path | None:

@@ -44,13 +44,14 @@ import hashlib
 import os
 import shlex
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from taskrunner import gitops
 from taskrunner.defaults import MAX_CONTEXT_BYTES, MAX_TASK_FILE_BYTES, TASKS_DIR
-from taskrunner.errors import TaskFileError, UnsafePath
+from taskrunner.errors import GitError, TaskFileError, UnsafePath
 from taskrunner.model import TaskSpec
 from taskrunner.safefs import REFUSAL, Beneath, kind_of, open_given, refused
 from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script, task_id_for
@@ -146,7 +147,7 @@ class RepoFiles:
                 total += os.fstat(fd).st_size
                 if total > MAX_CONTEXT_BYTES:
                     raise _too_much(task_path, rel, total)
-            tracked = gitops.tracked(self.root, list(fds))
+            tracked = tracked_files(self.root, list(fds))
             for rel in fds:
                 if rel not in tracked:
                     task = task_id_for(task_path) or task_path
@@ -351,3 +352,22 @@ def _check_context(spec: TaskSpec, files: RepoFiles) -> None:
         problem = files.check(rel)
         if problem:
             raise TaskFileError(spec.path, f"context file '{rel}': {problem}", key="context")
+
+
+def tracked_files(root: Path, paths: Sequence[str]) -> set[str]:
+    """Those of `paths` (relative to the work tree `root`) that are in git's index: one `git ls-files`.
+
+    Names are matched literally (`--literal-pathspecs`: a `*` in a name is no
+    pattern), and only files, not directories, are in the answer. GitError
+    when git fails.
+    """
+    if not paths:
+        return set()
+    argv = gitops.command("--literal-pathspecs", "ls-files", "-z", "--cached", "--", *paths)
+    try:
+        done = subprocess.run(argv, cwd=root, capture_output=True)
+    except OSError as exc:
+        raise GitError(f"git ls-files failed: {exc}") from exc
+    if done.returncode != 0:
+        raise GitError(f"git ls-files failed: {done.stderr.decode(errors='replace').strip() or done.returncode}")
+    return {os.fsdecode(name) for name in done.stdout.split(b"\0") if name} & set(paths)

@@ -100,6 +100,9 @@ class Pusher:
 
     def _round(self) -> str | None:
         """Push until the branch is on the remote; None on success, else why not."""
+        busy = self.repo.in_progress()
+        if busy:
+            return f"{busy} is in progress in the daemon's clone; pushing once it ends"
         branch = self.repo.branch()
         if branch is None:
             return "HEAD is detached: no branch to push"

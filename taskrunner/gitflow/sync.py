@@ -68,6 +68,9 @@ def fetch(repo: Git, remote: str, branch: str) -> str:
 
 def integrate(repo: Git, tip: str) -> Outcome:
     """Bring the clone up to `tip` without losing anything: fast-forward, or replay own commits, or report."""
+    busy = repo.in_progress()
+    if busy:
+        return Outcome("refused", f"{busy} is in progress in the daemon's clone; syncing once it ends", repo.head())
     head = repo.head()
     if head is None:
         return Outcome("refused", "the clone has no commit yet; nothing to fast-forward from")
@@ -146,8 +149,8 @@ def move(repo: Git, old: str, new: str, replayed: int = 0) -> Outcome:
     committed a moment ago counts as clean. `read-tree -m -u` changes only
     the paths that differ between `old` and `new`, and changes nothing when
     one of them is modified or untracked in the work tree. If HEAD moved
-    meanwhile, the work tree is put back to `old` and the sync is retried
-    later.
+    meanwhile (a person's `git pull` in the clone), the index and work tree
+    follow HEAD as it is now and the sync is retried later.
     """
     if not repo.refresh_index():
         return Outcome("refused", "the index is locked by another git command; trying again later", old)
@@ -166,9 +169,13 @@ def move(repo: Git, old: str, new: str, replayed: int = 0) -> Outcome:
         repo.run("update-ref", "-m", "taskrun: sync", "HEAD", new, old)
         crashpoints.reached("daemon.sync_moved")
     except GitError as exc:
-        subprocess.run(command("read-tree", "-m", "-u", new, old), cwd=repo.root, capture_output=True)
+        # Someone's git (a `git pull` in this clone, say) moved HEAD meanwhile: the index and work tree go
+        # to what HEAD is now, not back to `old`, which would undo the files that git just brought.
+        head = repo.head()
+        if head is not None and head != new:
+            subprocess.run(command("read-tree", "-m", "-u", new, head), cwd=repo.root, capture_output=True)
         repo.moving = False
-        return Outcome("failed", f"HEAD moved during the sync; trying again later ({exc})", repo.head())
+        return Outcome("failed", f"HEAD moved during the sync; trying again later ({exc})", head)
     what = f"rebased {replayed} record commit(s) onto the remote's" if replayed else "fast-forwarded to the remote's"
     return Outcome("ok", f"{what} {new[:12]}", new, moved=True)
 
@@ -203,6 +210,10 @@ class Syncer:
         self._on_done(outcome.head)
 
     def _sync(self) -> Outcome:
+        busy = self.repo.in_progress()
+        if busy:  # its HEAD is detached meanwhile: said as what it is
+            return Outcome("refused", f"{busy} is in progress in the daemon's clone; syncing once it ends",
+                           self.repo.head())
         branch = self.repo.branch()
         if branch is None:
             return Outcome("refused", "HEAD is detached: there is no branch to sync", self.repo.head())

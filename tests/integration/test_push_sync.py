@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from taskrunner.errors import GitError
 from taskrunner.gitflow.gitstate import GitState
 from taskrunner.gitflow.push import Pusher
 from taskrunner.gitflow.sync import Syncer
@@ -175,6 +176,49 @@ def test_sync_fast_forwards_the_clone_work_tree_and_index(setup: Setup) -> None:
     assert git(setup.clone, "status", "--porcelain") == ""
     assert done == [git(setup.clone, "rev-parse", "HEAD").strip()]
     assert setup.state.get("sync")["state"] == "ok"
+
+
+def test_a_pull_by_hand_racing_the_sync_keeps_the_files_it_brought(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A person's `git pull` moves HEAD between the sync's work-tree update and its compare-and-swap: the
+    # sync gives up, and the index and work tree follow HEAD as the pull left it (not the commit before).
+    setup.user_commit("lib.txt", "the library\n")
+    repo = Git(setup.clone)
+    original = Git.run
+
+    def pulled_first(self: Git, *args: str, **kwargs: object) -> str:
+        if args[:1] == ("update-ref",) and "taskrun: sync" in args:
+            git(setup.clone, "pull", "--quiet", "--ff-only", "origin", "main")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Git, "run", pulled_first)
+    Syncer(repo, "origin", setup.state, setup.notices.append, lambda head: None).sync("test")
+    monkeypatch.undo()
+    assert setup.state.get("sync")["state"] == "failed"
+    assert (setup.clone / "lib.txt").read_text() == "the library\n"
+    assert git(setup.clone, "status", "--porcelain") == ""
+    assert git(setup.clone, "rev-parse", "HEAD") == git(setup.origin, "rev-parse", "main")
+
+
+def test_a_persons_rebase_half_way_through_in_the_clone_is_left_alone_until_it_ends(setup: Setup) -> None:
+    setup.record("a")
+    setup.user_commit("lib.txt", "the library\n")
+    git(setup.clone, "-c", "sequence.editor=sed -i 1ibreak", "rebase", "--quiet", "-i", "HEAD~1")  # stops at once
+    assert (Git(setup.clone).git_dir() / "rebase-merge").is_dir()
+    stopped_at = git(setup.clone, "rev-parse", "HEAD")
+    setup.syncer().sync("test")
+    assert setup.state.get("sync")["state"] == "refused"
+    assert "a rebase is in progress" in setup.state.get("sync")["message"]
+    setup.pusher().run()
+    assert "a rebase is in progress" in setup.state.get("push")["error"]
+    (setup.clone / "runs" / "b").mkdir(parents=True)
+    (setup.clone / "runs" / "b" / "status.json").write_text("{}\n")
+    with pytest.raises(GitError, match="a rebase is in progress in this clone"):
+        Git(setup.clone).commit_paths(["runs/b/status.json"], "taskrun: b COMPLETED\n")
+    assert git(setup.clone, "rev-parse", "HEAD") == stopped_at  # HEAD is the person's until the rebase ends
+    git(setup.clone, "rebase", "--continue")
+    assert Git(setup.clone).commit_paths(["runs/b/status.json"], "taskrun: b COMPLETED\n")
+    setup.syncer().sync("test")
+    assert setup.state.get("sync")["state"] == "ok" and (setup.clone / "lib.txt").exists()
 
 
 def test_sync_rebases_the_daemons_own_record_commits_onto_the_remote(setup: Setup) -> None:
@@ -403,17 +447,32 @@ def test_a_task_pulled_into_the_daemons_clone_with_its_files_runs_on_the_pulled_
         daemon.start()
         write_task(setup.clone, "first", "true")
         wait_status(setup.clone, "first", "COMPLETED")
+        # The daemon's records are pushed before the person's commit exists: it has nothing of its own to
+        # integrate, so only the person's git moves HEAD (two gits moving one HEAD at once can leave the
+        # loser's index half done; the README says so).
+        wait_until(lambda: "runs/first/status.json" in setup.origin_files()
+                   and git(setup.origin, "rev-parse", "main") == git(setup.clone, "rev-parse", "HEAD"),
+                   30, "the daemon's push of the first records")
+        git(setup.user, "pull", "--quiet", "origin", "main")
         (setup.user / "lib.txt").write_text("the library\n")
         (setup.user / "tasks" / "uses.md").write_text("---\n---\n# uses lib\n\n```sh\ncat lib.txt\n```\n")
         git(setup.user, "add", "lib.txt", "tasks/uses.md")
         git(setup.user, "commit", "--quiet", "-m", "lib and the Task that needs it")
         git(setup.user, "push", "--quiet", "origin", "HEAD:main")
 
-        def pulled_by_hand() -> bool:  # a person's `git pull` in the daemon's clone (no hook installed)
-            return subprocess.run(["git", "-C", str(setup.clone), "pull", "--quiet", "--rebase", "origin", "main"],
-                                  capture_output=True).returncode == 0
+        refused: list[str] = []
 
-        wait_until(pulled_by_hand, 30, "the pull in the daemon's clone")
+        def pulled_by_hand() -> bool:  # a person's `git pull` in the daemon's clone (no hook installed)
+            pull = subprocess.run(["git", "-C", str(setup.clone), "pull", "--quiet", "--rebase", "origin", "main"],
+                                  capture_output=True, text=True)
+            refused[:] = [pull.stderr]
+            return pull.returncode == 0
+
+        try:
+            wait_until(pulled_by_hand, 30, "the pull in the daemon's clone")
+        except AssertionError as error:
+            status = git(setup.clone, "status", "--porcelain", "--untracked-files=all") + git(setup.clone, "reflog", "-n", "12") + daemon.output()[-3000:]
+            raise AssertionError(f"{error}; git said: {refused}; status: {status}") from None
         wait_status(setup.clone, "uses", "COMPLETED")
         base = run_record(setup.clone, "uses", 1)["base_commit"]
         assert git(setup.clone, "show", f"{base}:lib.txt") == "the library\n"  # the pull's HEAD, lib and all

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from taskrunner import doctor, gitops
+from taskrunner import doctor, gitops, intake
 from taskrunner.config import default_config, load_config
 from taskrunner.errors import ConfigError, TaskFileError
 from taskrunner.defaults import MAX_CONTEXT_BYTES
@@ -227,15 +227,16 @@ def test_context_files_cost_one_git_ls_files_per_bundle_and_none_without_context
         (repo / name).write_text(name)
     git(repo, "add", ".")
     asked: list[list[str]] = []
-    tracked = gitops.tracked
-    monkeypatch.setattr(gitops, "tracked", lambda root, paths: asked.append(list(paths)) or tracked(root, paths))
+    tracked = intake.tracked_files
+    monkeypatch.setattr(intake, "tracked_files",
+                        lambda root, paths: asked.append(list(paths)) or tracked(root, paths))
 
     assert files.contexts("tasks/x.md", []) == {}
     assert files.contexts("tasks/x.md", ["a.md", "b.md", "c d*.md"]) == {
         "a.md": b"a.md", "b.md": b"b.md", "c d*.md": b"c d*.md"}
     assert asked == [["a.md", "b.md", "c d*.md"]]
     # A name is no pattern: 'c*' matches no tracked file by that name.
-    assert gitops.tracked(repo, ["c*", "a.md"]) == {"a.md"}
+    assert intake.tracked_files(repo, ["c*", "a.md"]) == {"a.md"}
 
 
 def test_context_files_over_the_cap_fail_before_a_byte_is_read(
