@@ -41,7 +41,7 @@ from taskrunner.gitflow.pullrequests import (
 from taskrunner.gitflow.push import Pusher
 from taskrunner.gitflow.sync import Syncer
 from taskrunner.gitops import Git, state_dir
-from taskrunner.hooks import Hooks, emit
+from taskrunner.hooks import Hooks, HookSet, emit
 from taskrunner.http import HttpServer, WebhookRoute
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
@@ -90,7 +90,8 @@ class Daemon:
     def __init__(self, root: Path, config: Config, hooks: Hooks | None = None, once: bool = False) -> None:
         self.root = root
         self.config = config
-        self.hooks = hooks or Hooks()
+        #: What hears the engine's events: the CLI's view first; the metrics, notifier and log `add` theirs.
+        self.hooks = HookSet(hooks or Hooks())
         self.once = once
         self.state_dir = state_dir(root)
         self.events: queue.Queue[object] = queue.Queue()
