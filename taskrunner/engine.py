@@ -460,13 +460,13 @@ class Engine:
     def _pause(self, run: RunState) -> None:
         """Pause the Run's Agent until its usage limit resets: everywhere, or on its Worker (pause_scope)."""
         agent = self.config.agents.get(run.agent)
-        limit = run.usage_limit or {}
-        now = self._clock()
+        limit, now = run.usage_limit or {}, self._clock()
         pause = self.pauses.add(pauses.Pause(
             agent=run.agent, worker=run.worker if agent is not None and agent.pause_scope == "worker" else None,
             until=pauses.pause_until(limit.get("resets_at"), now), since=now,
             message=str(limit.get("message") or "")[:pauses.MAX_MESSAGE_CHARS]))
         emit(self.hooks, "notice", pauses.reason(pause.agent, pause.until, pause.worker))
+        emit(self.hooks, "event", "usage_limited", {"agent": pause.agent, "worker": pause.worker, "until": pause.until})
         self._save_pauses()
 
     def _save_pauses(self) -> None:

@@ -422,10 +422,13 @@ class Fleet:
         worker.trusted = False
         worker.error = f"Worker '{worker.name}' no longer trusts this control plane ({message}); {self._reenroll(worker)}"
         emit(self.hooks, "notice", worker.error)
+        emit(self.hooks, "event", "worker_untrusted", {"worker": worker.name, "reason": worker.error})
         emit(self.hooks, "worker_changed", worker.view())
 
     def untrusted(self, worker: WorkerState, reason: str, now: float, fix: bool = True) -> None:
         """No Runs for this Worker, with the reason and how to fix it, until it proves trustworthy again."""
+        if worker.trusted is not False:  # once per loss of trust, not at each reconnect it refuses
+            emit(self.hooks, "event", "worker_untrusted", {"worker": worker.name, "reason": reason})
         worker.trusted = False
         worker.trust_pending = False
         self.link_down(worker, f"{reason}; {self._reenroll(worker)}" if fix else reason, now)

@@ -31,7 +31,11 @@ RESULT_RESUMES = 3
 
 
 class ResultRejected(TaskrunError):
-    """Raised when a Worker's result does not verify; the message says why."""
+    """Raised when a Worker's result does not verify; the message says why, `reason` in one fixed word."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason  # for the "rejected" event (hooks.py): a metric's label, never free text
 
 
 def verified_result(envelope: Any, result_key: bytes | None, run_id: str,
@@ -43,18 +47,19 @@ def verified_result(envelope: Any, result_key: bytes | None, run_id: str,
     a path to hash.
     """
     if result_key is None:
-        raise ResultRejected("result rejected: no result key is pinned for this Worker")
+        raise ResultRejected("result rejected: no result key is pinned for this Worker", "no_key")
     try:
         result, _ = verify_json(envelope, RESULT_TYPE, {key_id(result_key): result_key}, what="result")
     except SignatureRejected as exc:
-        raise ResultRejected(f"result rejected: {exc}") from None
+        raise ResultRejected(f"result rejected: {exc}", "signature") from None
     if result.get("run_id") != run_id:
-        raise ResultRejected(f"result rejected: signed for another Run than {run_id}")
+        raise ResultRejected(f"result rejected: signed for another Run than {run_id}", "wrong_run")
     if result.get("status") not in STATUSES:
-        raise ResultRejected(f"result rejected: unknown status {result.get('status')!r}")
+        raise ResultRejected(f"result rejected: unknown status {result.get('status')!r}", "bad_status")
     size, digest = output if isinstance(output, tuple) else _digest(output)
     if result.get("output_size") != size or result.get("output_sha256") != digest:
-        raise ResultRejected("result rejected: the output recorded does not match the output the Worker signed")
+        raise ResultRejected("result rejected: the output recorded does not match the output the Worker signed",
+                             "output_mismatch")
     return result
 
 
@@ -67,15 +72,15 @@ def more_output_owed(recorded: int, signed: Any, resumes: int) -> bool:
     `resume` already.
     """
     if not isinstance(signed, int) or isinstance(signed, bool) or signed < 0:
-        raise ResultRejected(f"result rejected: output_size {signed!r} is not a byte count")
+        raise ResultRejected(f"result rejected: output_size {signed!r} is not a byte count", "output_size")
     if signed < recorded:
         raise ResultRejected(f"result rejected: it covers {signed} bytes of output, {recorded} were recorded "
-                             "(the Agent truncated its output)")
+                             "(the Agent truncated its output)", "output_size")
     if signed > recorded:
         if resumes < RESULT_RESUMES:
             return True
         raise ResultRejected(f"result rejected: it covers {signed} bytes of output, {recorded} were recorded "
-                             f"after asking {resumes} times for the rest")
+                             f"after asking {resumes} times for the rest", "output_missing")
     return False
 
 

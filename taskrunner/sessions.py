@@ -179,6 +179,9 @@ class WorkerSessions:
                 and run.status is RunStatus.ASSIGNED:
             if message.get("missing_objects") is True and self._resend(worker, run):
                 return
+            refusal = next((k for k in ("disk_full", "untrusted", "missing_objects") if message.get(k) is True),
+                           "refused")
+            emit(self.hooks, "event", "rejected", {"what": "bundle", "reason": refusal, "worker": worker.name})
             if message.get("disk_full") is True:
                 # Nothing of it is on the Worker: it goes elsewhere (or here once its heartbeat says there is room).
                 worker.home_full = text[:500]
@@ -358,6 +361,8 @@ class WorkerSessions:
                 emit(self.hooks, "notice", f"Run {run.number} of '{run.task_id}' waits for room: {exc.reason}")
             return
         except (ResultRejected, ChangeRejected) as exc:
+            emit(self.hooks, "event", "rejected", {"what": "result", "reason": getattr(exc, "reason", "change"),
+                                                   "worker": worker.name})
             self._finish(run, RunStatus.FAILED, None, str(exc))
         else:
             run.started_at = run.started_at or result.get("started_at")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from taskrunner import crashpoints
 from taskrunner.errors import GitError
@@ -51,7 +51,8 @@ class Pusher:
 
     def __init__(self, repo: Git, remote: str, result_prefix: str, state: GitState,
                  notice: Callable[[str], None], on_moved: Callable[[str | None], None] | None = None,
-                 on_branch_pushed: Callable[[str], None] | None = None) -> None:
+                 on_branch_pushed: Callable[[str], None] | None = None,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         self.repo = repo
         self.remote = remote
         self.result_prefix = result_prefix
@@ -61,6 +62,8 @@ class Pusher:
         self._on_moved = on_moved or (lambda head: None)
         #: Called with a result branch's name once a new commit of it is on the remote (pull requests).
         self._on_branch_pushed = on_branch_pushed or (lambda name: None)
+        #: Called with ("push", {"ok", "error"}) after each round (hooks.Hooks.event: metrics, notifications).
+        self._on_event = on_event or (lambda kind, fields: None)
         self._wanted = True  # a start pushes whatever an earlier daemon could not
         self._next = 0.0
         self._failures = 0
@@ -89,6 +92,7 @@ class Pusher:
             self._next = 0.0
             self.state.update("push", ok=True, error=None, failures=0, last_ok_at=time.time(),
                               refused={b: r for b, (_, r) in self._refused.items()})
+            self._on_event("push", {"ok": True, "error": None})
             return
         self._failures += 1
         pause = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._failures - 1))
@@ -97,6 +101,7 @@ class Pusher:
                           refused={b: r for b, (_, r) in self._refused.items()})
         self._notice(f"push to {self.remote} failed (round {self._failures}; records stay committed in the clone, "
                      f"retried in {pause:.0f}s): {error}")
+        self._on_event("push", {"ok": False, "error": error})
 
     def _round(self) -> str | None:
         """Push until the branch is on the remote; None on success, else why not."""
