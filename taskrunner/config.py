@@ -33,6 +33,8 @@ from taskrunner.defaults import (
 )
 # AGENT_PRESETS and PROMPT_PLACEHOLDER are re-exported: callers know them as config's.
 from taskrunner.config_agents import AGENT_PRESETS, PROMPT_PLACEHOLDER, AgentParsing  # noqa: F401
+from taskrunner.config_metrics import MetricsConfig, parse_metrics
+from taskrunner.config_notify import NotifyTarget, parse_notify
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError, UnsafePath
 from taskrunner.model import NAME_RE, AgentSpec, Prices, WorkerSpec
@@ -47,7 +49,8 @@ EMBEDDED_SOURCE = "<embedded default>"
 #: The least `records.max_log_bytes`: room for a head, the marker line and a tail.
 MIN_LOG_BYTES = 4096
 
-_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security", "prices", "records")
+_TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security", "prices", "records",
+             "notify", "metrics")
 _RECORDS_KEYS = ("max_log_bytes", "keep_full_logs", "full_logs_max_bytes")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
 _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home", "sandbox")
@@ -151,6 +154,9 @@ class Config:
     #: `prices`: model name -> USD per million tokens, to estimate the cost of a Run whose tool reports none.
     prices: Mapping[str, Prices] = field(default_factory=dict)
     records: RecordsConfig = field(default_factory=RecordsConfig)
+    #: `notify`: where events are sent (config_notify.py, notify.py).
+    notify: tuple[NotifyTarget, ...] = ()
+    metrics: MetricsConfig | None = None  # `metrics`: the Prometheus endpoint (config_metrics.py)
 
 
 def _implicit_agents() -> dict[str, AgentSpec]:
@@ -236,6 +242,8 @@ class _Parser(AgentParsing):
             security=self.security(top.get("security")),
             prices=self.prices(top.get("prices")),
             records=self.records(top.get("records")),
+            notify=parse_notify(self, top.get("notify")),
+            metrics=parse_metrics(top.get("metrics"), self.fail),
         )
 
     def agents(self, value: object) -> dict[str, AgentSpec]:

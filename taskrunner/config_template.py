@@ -17,7 +17,7 @@ from taskrunner.defaults import (
 from taskrunner.duration import format_duration
 
 INIT_TEMPLATE = f"""\
-# taskrun configuration (DESIGN.md §2; every key is documented in README.md).
+# taskrun configuration (DESIGN.md §2; every key is documented in docs/configuration.md).
 # Every key is optional; the values below are the defaults, spelled out.
 
 # The Agent a Task uses when its front matter names none.
@@ -44,7 +44,7 @@ agents:
   #   # path: /opt/claude/bin/claude   # the CLI, when it is not on the Worker's PATH
   #   # prompt_template_file: .taskrun/prompt.md.j2
 
-# Workers: machines that execute Runs (ssh Workers: see README, "Workers").
+# Workers: machines that execute Runs (ssh Workers: see docs/protocol.md).
 workers:
   {LOCAL_WORKER}:
     transport: local
@@ -54,7 +54,7 @@ workers:
     # Agents run confined in a bubblewrap sandbox (install bubblewrap). `none`
     # accepts unconfined Agents on this Worker when it cannot make a sandbox.
     sandbox: bwrap
-  # SSH Workers are added with `taskrun worker add` (see README, SSH Workers):
+  # SSH Workers are added with `taskrun worker add` (see docs/protocol.md, SSH Workers):
   # build-1:
   #   transport: ssh
   #   host: 10.0.0.5
@@ -113,6 +113,10 @@ records:
 # webhook:
 #   listen: 127.0.0.1:8787
 #   secret_env: TASKRUN_WEBHOOK_SECRET
+
+# A Prometheus /metrics endpoint (off unless configured; docs/metrics.md):
+# metrics:
+#   listen: 127.0.0.1:9464
 
 # security:
 #   # Only Tasks whose revision was committed with a good signature by a listed

@@ -7,7 +7,7 @@ Threads and their one role each:
     control   the CLI's socket -> requests on the queue, replies back
     recorder  git: batches final records into commits
     http      the webhook receiver (taskrunner/http.py), when configured:
-              queues syncs, never runs git
+              queues syncs, never runs git; and /metrics (metrics.py): reads a snapshot
 
 Signals are the entry point's business: it calls `request_stop()` (drain:
 take no new work, record what arrives, commit, exit) and exits at once on a
@@ -45,7 +45,9 @@ from taskrunner.hooks import Hooks, HookSet, emit
 from taskrunner.http import HttpServer, WebhookRoute
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
+from taskrunner.metrics import PATH as METRICS_PATH, Metrics, MetricsRoute, listeners
 from taskrunner.model import TaskStatus
+from taskrunner.notify import Notifier
 from taskrunner.recorder import CommitItem, Recorder
 from taskrunner.watcher import FileEvent, Watcher
 from taskrunner.writeback import WriteBehind
@@ -105,11 +107,14 @@ class Daemon:
         self.syncer = Syncer(self.repo, config.git.remote, self.git_state, notice,
                              on_done=lambda head: self.events.put(_Synced(head)))
         self.recorder.set_sync(self.syncer.sync)
+        self.notifier = Notifier(config, notice)  # `notify`: events to commands and URLs (notify.py)
+        self.hooks.add(self.notifier)
         self.pusher: Pusher | None = None
         if config.git.push:
             self.pusher = Pusher(self.repo, config.git.remote, config.git.result_branch_prefix, self.git_state, notice,
                                  on_moved=lambda head: self.events.put(_Synced(head)),
-                                 on_branch_pushed=lambda branch: self.result_branch_pushed("", branch))
+                                 on_branch_pushed=lambda branch: self.result_branch_pushed("", branch),
+                                 on_event=lambda kind, fields: emit(self.hooks, "event", kind, fields))
             self.recorder.add_job(self.pusher)
             self.recorder.after_commit.append(self.pusher.wanted)
         keyring, _ = Keyring.ensure(self.state_dir, clock.wall())
@@ -124,6 +129,8 @@ class Daemon:
         self._head: str | None = None
         self._tasks_touched = False  # a Task file changed since HEAD was last looked at (_follow_head)
         self._http: HttpServer | None = None
+        self._metrics_http: HttpServer | None = None  # `metrics.listen` when not the webhook's address
+        self.metrics: Metrics | None = None  # made when `metrics` is first configured (metrics.py)
         self._next_poll: float | None = None
         self.pull_requests = PullRequests(self.events.put, lambda message: emit(self.hooks, "notice", message))
 
@@ -153,6 +160,8 @@ class Daemon:
             self.engine.base_commit = self._head = self.repo.head()
             # Before the recorder commits what it finds on disk: a log to cap is capped first (fulllogs.py).
             self.engine.restore()
+            self.notifier.seed(self.engine.tasks.values())  # a restored status is no change to tell
+            self.notifier.start()
             self.recorder.start()
             self.pull_requests.start()
             self.watcher.start()
@@ -329,9 +338,10 @@ class Daemon:
             return
         previous, self.config = self.config, config
         self.engine.reconfigure(config)
+        self.notifier.configure(config)
         if config.git.poll != previous.git.poll:
             self._schedule_poll(config)
-        if config.webhook != previous.webhook and not self.once:
+        if (config.webhook != previous.webhook or config.metrics != previous.metrics) and not self.once:
             self._restart_http(config)
         self.syncer.remote = config.git.remote  # read on the recorder thread at its next sync
         if self.pusher is not None:
@@ -360,14 +370,28 @@ class Daemon:
                             notice=lambda message: emit(self.hooks, "notice", message))
 
     def _start_http(self, route: WebhookRoute | None, config: Config) -> None:
-        if route is None or config.webhook is None:
-            return
-        server = HttpServer(config.webhook.host, config.webhook.port, {"/webhook": route, "/": route},
-                            notice=lambda message: emit(self.hooks, "notice", message))
-        server.start()
-        self._http = server
-        host, port = server.address
-        emit(self.hooks, "notice", f"webhook receiver listening on http://{host}:{port}/webhook")
+        """The webhook receiver and the metrics route: one listener when they share an address (metrics.py)."""
+        wanted = None if self.once else config.metrics
+        if wanted is not None and self.metrics is None:
+            self.metrics = Metrics()
+            self.metrics.seed(self.engine.tasks.values(), [w.view() for w in self.fleet])
+            self.hooks.add(self.metrics)
+        webhook = (config.webhook.host, config.webhook.port) if route is not None and config.webhook else None
+        plan = listeners(webhook, {"/webhook": route, "/": route} if route is not None else {}, wanted,
+                         MetricsRoute(self.metrics) if wanted is not None and self.metrics is not None else None)
+        for host, port, routes, where in plan:
+            server = HttpServer(host, port, routes, notice=lambda message: emit(self.hooks, "notice", message),
+                                where=where)
+            server.start()
+            if where == "webhook.listen":
+                self._http = server
+            else:
+                self._metrics_http = server
+            host, port = server.address
+            if "/webhook" in routes:
+                emit(self.hooks, "notice", f"webhook receiver listening on http://{host}:{port}/webhook")
+            if METRICS_PATH in routes:
+                emit(self.hooks, "notice", f"metrics listening on http://{host}:{port}{METRICS_PATH}")
 
     def _restart_http(self, config: Config) -> None:
         """After a reload: the old receiver stops; a new one starts if configured and possible (else a notice)."""
@@ -375,12 +399,15 @@ class Daemon:
         try:
             self._start_http(self._webhook_route(config), config)
         except ConfigError as exc:
-            emit(self.hooks, "notice", f"webhook receiver not started: {exc}")
+            emit(self.hooks, "notice", f"HTTP listener not started (webhook, metrics): {exc}")
 
     def _stop_http(self) -> None:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
+            self._metrics_http = None
 
     def _follow_head(self) -> None:
         """New Runs start from HEAD as it is now when someone else moved it (a user's commit in this
@@ -428,7 +455,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         for stop in (self._stop_http, lambda: self.engine.flush(force=True), self.writer.stop, self.watcher.stop, self.control.stop,
-                     self.fleet.close, self.recorder.stop, self.pull_requests.stop):
+                     self.fleet.close, self.recorder.stop, self.pull_requests.stop, self.notifier.stop):
             try:
                 stop()
             except Exception as exc:  # shutting down: report, keep going

@@ -246,7 +246,7 @@ def test_top_level_must_be_a_mapping(text: str) -> None:
 def test_unknown_key_names_the_key_and_allowed_keys() -> None:
     err = error("shcheduler: {}\n")
     assert err.key == "shcheduler"
-    assert err.reason == "unknown key; allowed keys are default_agent, agents, workers, scheduler, git, webhook, security, prices, records"
+    assert err.reason == "unknown key; allowed keys are default_agent, agents, workers, scheduler, git, webhook, security, prices, records, notify, metrics"
     assert str(err) == f"{FILE}: key 'shcheduler': {err.reason}"
 
 
