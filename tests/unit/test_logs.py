@@ -1,0 +1,247 @@
+"""logs.py: engine events and the package's `logging` calls as JSON lines or text, never with a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+from rich.console import Console
+
+from taskrunner import logs
+from taskrunner.cli.render import LiveView
+from taskrunner.hooks import Hooks, HookSet, emit
+from taskrunner.model import RunStatus, TaskStatus
+from taskrunner.state import RunState, TaskState
+
+# Token-shaped strings, built here so no whole token sits in the source.
+GITHUB = "ghp_" + "Ab1" * 12
+GITLAB = "glpat-" + "x9Y" * 7
+ANTHROPIC = "sk-ant-api03-" + "Zz7" * 10
+SLACK = "xoxb-" + "1234-" * 3 + "abcdefgh"
+AWS = "AKIA" + "ABCDEFGH23456789"
+FINE = "github_pat_" + "11A" * 10
+
+
+@pytest.mark.parametrize("text, secret", [
+    (f"push failed: {GITHUB} refused", GITHUB),
+    (f"GITLAB_TOKEN {GITLAB}", GITLAB),
+    (f"key {ANTHROPIC} is over its limit", ANTHROPIC),
+    (f"slack said {SLACK}", SLACK),
+    (f"aws {AWS}", AWS),
+    (f"pat {FINE}", FINE),
+    ("Authorization: Bearer eyJhbGciOi.payload.signature", "eyJhbGciOi.payload.signature"),
+    ("git push https://oauth2:hunter2hunter2@gitlab.example.com/x.git", "hunter2hunter2"),
+    ("token=0123456789abcdef and more", "0123456789abcdef"),
+    ('{"password": "correct horse"}', "correct"),
+    ("WEBHOOK_SECRET: s3cr3t-value-here", "s3cr3t-value-here"),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----",
+     "b3BlbnNzaC1rZXktdjEAAAAA"),
+])
+def test_a_token_shaped_string_is_masked(text: str, secret: str) -> None:
+    shown = logs.redact(text, multiline=True)
+    assert secret not in shown
+    assert logs.MASK in shown
+
+
+@pytest.mark.parametrize("text", [
+    "committed 0123456789abcdef0123456789abcdef01234567 (2 record(s))",
+    "https://build-1.example.com:8080/path and http://[::1]:22",
+    "the Agent exited with code 3",
+    "max_tokens: 4096, --token - reads it from stdin",
+    ".taskrun.yaml: webhook.secret_env: expected an environment variable name, got 3",
+    "Worker build-1 offline: unreachable for longer than the grace period",
+])
+def test_text_without_a_secret_is_kept(text: str) -> None:
+    assert logs.redact(text) == text
+
+
+def test_control_characters_are_escaped_as_everywhere_else() -> None:
+    assert logs.redact("a\x1b[2Jb\nc") == "a\\x1b[2Jb c"
+
+
+@pytest.fixture
+def json_log(capsys: pytest.CaptureFixture[str]) -> Iterator[logging.Handler]:
+    handler = logs.configure("json", "DEBUG")
+    yield handler
+    logs.unconfigure(handler)
+
+
+def lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def task(task_id: str, status: TaskStatus, error: str | None = None) -> TaskState:
+    state = TaskState(id=task_id, file=f"tasks/{task_id}.md", seq=1, status=status, error=error)
+    state.runs.append(RunState(run_id="r-1", task_id=task_id, number=1, revision="abc", attempt=1,
+                               worker="build-1", agent="claude", status=RunStatus.FAILED))
+    return state
+
+
+def test_a_notice_with_a_token_is_logged_without_it(json_log: logging.Handler,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    hooks = HookSet(logs.LogHooks())
+    hooks.notice(f"could not push to https://x:{GITHUB}@github.com/o/r.git: denied")
+    hooks.notice(f"error: webhook secret {GITHUB} refused")
+    out = capsys.readouterr().out
+    assert GITHUB not in out
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert first["event"] == "notice" and first["level"] == "WARNING"
+    assert first["message"] == f"could not push to https://x:{logs.MASK}@github.com/o/r.git: denied"
+    assert second["level"] == "ERROR"
+
+
+def test_each_line_has_time_level_event_message_and_the_fields_that_apply(
+        json_log: logging.Handler, capsys: pytest.CaptureFixture[str]) -> None:
+    hooks = logs.LogHooks()
+    hooks.task_changed(task("auth/login", TaskStatus.FAILED, error="the Agent exited with code 3"))
+    hooks.committed("0123456789abcdef0123456789abcdef01234567", "1 record(s)")
+    failed, committed = lines(capsys)
+    assert set(failed) >= {"time", "level", "event", "message", "task_id", "run_id", "worker", "agent", "status"}
+    assert (failed["level"], failed["event"], failed["status"]) == ("ERROR", "task_status", "FAILED")
+    assert (failed["task_id"], failed["run_id"], failed["worker"], failed["agent"]) == (
+        "auth/login", "r-1", "build-1", "claude")
+    assert failed["message"] == "auth/login FAILED: the Agent exited with code 3"
+    assert "waiting" not in failed  # a key that does not apply is left out, not null
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(failed["time"]))
+    stamp = datetime.fromisoformat(str(failed["time"]).replace("Z", "+00:00"))
+    assert stamp.utcoffset() == timezone.utc.utcoffset(None)
+    assert abs(stamp.timestamp() - datetime.now(timezone.utc).timestamp()) < 60
+    assert (committed["event"], committed["level"]) == ("committed", "INFO")
+    assert committed["message"] == "committed 0123456789 (1 record(s))"
+
+
+def test_a_task_is_logged_when_its_status_changes_not_at_every_save(
+        json_log: logging.Handler, capsys: pytest.CaptureFixture[str]) -> None:
+    hooks = logs.LogHooks()
+    pending = task("a", TaskStatus.PENDING)
+    hooks.task_changed(pending)
+    hooks.task_changed(pending)
+    pending.waiting = "waiting for a Worker with gpu=true"
+    hooks.task_changed(pending)
+    events = [(line["event"], line["level"]) for line in lines(capsys)]
+    assert events == [("task_status", "INFO"), ("task_waiting", "DEBUG")]
+
+
+def test_runs_workers_and_operational_events_are_logged(json_log: logging.Handler,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    hooks = logs.LogHooks()
+    run = task("a", TaskStatus.RUNNING).runs[0]
+    run.status = RunStatus.RUNNING
+    hooks.run_changed(run)
+    hooks.run_changed(run)
+    run.status, run.exit_code, run.error = RunStatus.FAILED, 3, "the Agent exited with code 3"
+    hooks.run_changed(run)
+    hooks.worker_changed({"name": "build-1", "reachable": True, "trusted": True, "used": 0, "slots": 2})
+    hooks.worker_changed({"name": "build-1", "reachable": True, "trusted": True, "used": 1, "slots": 2})
+    hooks.event("push", {"ok": False, "error": f"remote said {GITHUB}"})
+    hooks.event("rejected", {"what": "bundle", "reason": "signature", "worker": "build-1"})
+    got = lines(capsys)
+    assert [(g["event"], g["level"], g.get("status")) for g in got] == [
+        ("run_status", "INFO", "RUNNING"), ("run_status", "WARNING", "FAILED"),
+        ("worker_status", "INFO", "online"), ("worker_status", "DEBUG", "online"),
+        ("push", "WARNING", None), ("rejected", "WARNING", None)]
+    assert got[1]["exit_code"] == 3 and got[1]["run_id"] == "r-1"
+    assert got[5]["worker"] == "build-1" and got[5]["reason"] == "signature"
+    assert GITHUB not in json.dumps(got)
+
+
+def test_run_output_is_logged_only_when_asked_for(json_log: logging.Handler,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = task("a", TaskStatus.RUNNING).runs[0]
+    logs.LogHooks().run_output(run, b"hello\n")
+    assert capsys.readouterr().out == ""
+    logs.LogHooks(output=True).run_output(run, f"one\n\ntoken={GITHUB}\n".encode())
+    assert [(g["event"], g["message"]) for g in lines(capsys)] == [
+        ("run_output", "one"), ("run_output", f"token={logs.MASK}")]
+
+
+def test_the_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    handler = logs.configure("json", "WARNING")
+    try:
+        hooks = logs.LogHooks()
+        hooks.task_changed(task("ok", TaskStatus.COMPLETED))
+        hooks.committed("0" * 40, "1 record(s)")
+        hooks.task_changed(task("bad", TaskStatus.FAILED))
+        hooks.notice("warning: git.push is off")
+    finally:
+        logs.unconfigure(handler)
+    assert [(g["event"], g["level"]) for g in lines(capsys)] == [("task_status", "ERROR"), ("notice", "WARNING")]
+
+
+def test_the_packages_own_logging_calls_go_through_the_same_handler(
+        json_log: logging.Handler, capsys: pytest.CaptureFixture[str]) -> None:
+    class Broken(Hooks):
+        def notice(self, message: str) -> None:
+            raise RuntimeError(f"could not send with {GITHUB}")
+
+    emit(Broken(), "notice", "x")
+    (line,) = lines(capsys)
+    assert (line["event"], line["level"]) == ("log", "ERROR")
+    assert line["message"] == "hook notice failed"
+    assert "RuntimeError" in str(line["exception"]) and GITHUB not in str(line["exception"])
+
+
+def test_text_format_writes_the_packages_records_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    handler = logs.configure("text", "INFO")
+    try:
+        logging.getLogger("taskrun").warning("a notice with %s", GITHUB)
+    finally:
+        logs.unconfigure(handler)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(rf"\d\d:\d\d:\d\d WARNING a notice with {re.escape(logs.MASK)}\n", captured.err)
+
+
+def test_a_closed_stream_loses_the_line_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = io.StringIO()
+    closed.close()
+    handler = logs.configure("json", "INFO")
+    monkeypatch.setattr("sys.stdout", closed)
+    try:
+        logs.LogHooks().notice("nobody reads this")  # must not raise
+    finally:
+        logs.unconfigure(handler)
+
+
+def test_bad_format_or_level_is_refused() -> None:
+    with pytest.raises(ValueError):
+        logs.configure("yaml", "INFO")
+    with pytest.raises(ValueError):
+        logs.configure("json", "LOUD")
+
+
+def plain_view() -> tuple[LiveView, io.StringIO]:
+    stream = io.StringIO()
+    return LiveView(Console(file=stream, force_terminal=False, width=200)), stream
+
+
+def test_the_text_view_at_info_prints_todays_lines_unchanged() -> None:
+    view, stream = plain_view()
+    filtered = logs.FilteredView(view, "INFO")
+    done = task("first", TaskStatus.COMPLETED)
+    filtered.task_changed(done)
+    filtered.committed("0123456789abcdef0123456789abcdef01234567", "1 record(s)")
+    first, committed = stream.getvalue().splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d first COMPLETED", first)
+    assert re.fullmatch(r"\d\d:\d\d:\d\d committed 0123456789 \(1 record\(s\)\)", committed)
+
+
+def test_the_text_view_hides_what_is_below_the_level_and_masks_secrets() -> None:
+    view, stream = plain_view()
+    filtered = logs.FilteredView(view, "WARNING")
+    filtered.task_changed(task("ok", TaskStatus.COMPLETED))
+    failed = task("bad", TaskStatus.FAILED, error=f"push refused for {GITHUB}")
+    filtered.task_changed(failed)
+    filtered.committed("0" * 40, "1 record(s)")
+    filtered.notice(f"could not push with {GITHUB}")
+    shown = stream.getvalue()
+    assert "ok COMPLETED" not in shown and "committed" not in shown
+    assert f"bad FAILED: push refused for {logs.MASK}" in shown
+    assert f"could not push with {logs.MASK}" in shown
+    assert GITHUB not in shown
+    assert failed.error == f"push refused for {GITHUB}"  # the engine's own state is untouched
