@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
@@ -17,9 +16,8 @@ from rich.console import Console
 from taskrunner import __version__, control, gitops
 from taskrunner.cli import render
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, TaskrunError
-from taskrunner.fulllogs import FullLogs
 from taskrunner.records import Records
-from taskrunner.textsafe import StreamCleaner, clean
+from taskrunner.textsafe import clean
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -71,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="bring every pending Task to a final state, then exit "
                    "(0 if all COMPLETED, 1 otherwise)")
     p.add_argument("--output", action="store_true", help="also print the Runs' output (plain mode)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="text: the live table at a "
+                   "terminal, plain lines otherwise (default); json: one JSON object per line (docs/logging.md)")
+    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
+                   help="the least severe events shown (default INFO)")
     p = command("demo", cmd_demo, "a self-contained tour on the embedded local Worker")
     p.add_argument("--keep", action="store_true", help="(always kept) print where the demo repository is")
     p = command("status", cmd_status, "Tasks (counts per status, the Tasks not finished, the latest finished), "
@@ -84,9 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("logs", cmd_logs, "a Run's output")
     p.add_argument("task", help="a Task id")
     p.add_argument("--run", type=int, help="the Run number (default: the latest)")
-    p.add_argument("-f", "--follow", action="store_true", help="follow the output live until the Run ends")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the output live: without --run, the Task "
+                   "across its Runs (a header line before each later Run) until it is finished; with --run, "
+                   "that Run until it ends")
     p.add_argument("--raw", action="store_true", help="at a terminal too, write the output byte for byte "
                    "(by default a terminal gets control characters other than newline and tab escaped)")
+    p.add_argument("--json", action="store_true", help="JSON Lines: a run, output and end event per Run "
+                   "(docs/cli.md)")
+    p = command("history", cmd_history, "a Task's revisions and every Run of each: status, Worker, Agent, "
+                "started, duration, cost, result branch")
+    p.add_argument("task", help="a Task id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("completion", cmd_completion, "print the shell completion script for bash or zsh")
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
     from taskrunner.cli import submit
 
     submit.add_parsers(sub)
@@ -100,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_parsers(sub)
     keys.add_parsers(sub)
     agents.add_parsers(sub)
+    from taskrunner.cli import service  # systemd units (cli/service.py)
+    service.add_parsers(sub)
+    from taskrunner.cli import top  # the dashboard (cli/top.py, taskrunner/tui/)
+    top.add_parsers(sub)
     p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs now")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     hooks = sub.add_parser("hooks", help="git hooks that make the daemon sync").add_subparsers(
@@ -110,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bare", nargs="?", metavar="BARE_REPO", help="the bare repository people push to")
     p.add_argument("--force", action="store_true", help="replace a hook taskrun did not write (it is moved aside)")
     p.add_argument("--print", action="store_true", help="print the hook instead of installing it")
+    from taskrunner.cli.examples import add_examples
+
+    add_examples(parser)  # every --help ends with an example (cli/examples.py)
     return parser
 
 
@@ -137,13 +156,23 @@ def cmd_init(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_up(args: argparse.Namespace, out: Console) -> int:
+    import contextlib
+
+    from taskrunner import logs
     from taskrunner.config import load_config
     from taskrunner.daemon import Daemon
+    from taskrunner.hooks import Hooks
 
     root = find_root(args)
     config = load_config(root)
-    view = render.LiveView(out, show_output=args.output)
-    daemon = Daemon(root, config, view, once=args.once)
+    hooks: Hooks
+    drawn: contextlib.AbstractContextManager[Any]
+    if args.log_format == "json":  # every line on stdout a JSON object (logs.py)
+        hooks, drawn = logs.LogHooks(output=args.output), contextlib.nullcontext()
+    else:
+        view = render.LiveView(out, show_output=args.output)
+        hooks, drawn = logs.FilteredView(view, args.log_level), view
+    daemon = Daemon(root, config, hooks, once=args.once)
     signals = {"count": 0}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -154,10 +183,19 @@ def cmd_up(args: argparse.Namespace, out: Console) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    if not args.once:
-        out.print(f"taskrun daemon in {root} (pid {os.getpid()}); Ctrl-C to stop", markup=False)
-    with view:
-        return daemon.run()
+    handler = logs.configure(args.log_format, args.log_level)  # the package's `logging` calls, same stream
+    try:
+        if args.log_format == "json":
+            logs.started(root)
+        elif not args.once:
+            out.print(f"taskrun daemon in {root} (pid {os.getpid()}); Ctrl-C to stop", markup=False)
+        with drawn:
+            code = daemon.run()
+        if args.log_format == "json":
+            logs.stopped(code)
+        return code
+    finally:
+        logs.unconfigure(handler)
 
 
 def cmd_demo(args: argparse.Namespace, out: Console) -> int:
@@ -237,90 +275,22 @@ def report_ignored(ignored: list[str], shown: set[str] | None = None) -> None:
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
-    root = find_root(args)
-    records = Records(root)
-    full_logs = FullLogs(records, gitops.state_dir(root))
-    stdout = sys.stdout.buffer
-    # Like `cat` into a pipe or a file; at a terminal, escape sequences in the
-    # output are shown, not obeyed (unless --raw).
-    cleaner = None if args.raw or not sys.stdout.isatty() else StreamCleaner()
-    encoding = sys.stdout.encoding or "utf-8"
-    number = args.run
-    offset = 0
-    source: int | None = None  # the log read, in chunks: the full one when kept (fulllogs.py), else output.log
-    pruned: int | None = None
-    ignored: list[str] = []
-    shown: set[str] = set()
-    try:
-        while True:
-            task = believed(lambda: records.load_task(args.task), ignored)
-            report_ignored(ignored, shown)
-            if task is None and not args.follow:
-                raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
-            runs = (task or {}).get("runs") or []
-            if number is None and runs:
-                number = runs[-1]["run"]
-            if number is not None:
-                run = believed(lambda: records.load_run(args.task, number), ignored)
-                report_ignored(ignored, shown)
-                final = bool(run) and run.get("status") in ("COMPLETED", "FAILED", "CANCELLED")
-                if source is None:
-                    source, pruned = _open_log(records, full_logs, args.task, number, run if final else None)
-                # Read beneath the work tree without following links: a link counts as no output.
-                while source is not None and (data := os.pread(source, LOG_CHUNK_BYTES, offset)):
-                    offset += len(data)
-                    if cleaner is not None:
-                        data = cleaner.feed(data).encode(encoding, errors="replace")
-                    stdout.write(data)
-                    stdout.flush()
-                if run is None and source is None and not args.follow:
-                    raise UsageError(f"'{args.task}' has no Run {number}")
-                refused = records.output_refused(args.task, number) if source is None else None
-                if refused is not None:
-                    raise UsageError(f"runs/{args.task}/run-{number}/output.log is {refused}: not read (records "
-                                     "never follow links or open special files); restore it with "
-                                     "`git checkout -- runs/`")
-                if not args.follow or (final and (source is None or os.fstat(source).st_size == offset)):
-                    if cleaner is not None:
-                        stdout.write(cleaner.feed(b"", final=True).encode(encoding, errors="replace"))
-                        stdout.flush()
-                    if offset == 0 and run:  # a Run that failed before any output, or has none yet
-                        print(render.no_output(args.task, run), file=sys.stderr)
-                    if pruned is not None:
-                        print(f"taskrun: this is the committed log of Run {number}, its head and tail: its full "
-                              f"log ({pruned} bytes) was removed (records.keep_full_logs, "
-                              "records.full_logs_max_bytes)", file=sys.stderr)
-                    return EXIT_OK
-            elif not args.follow:
-                raise UsageError(f"'{args.task}' has no Runs yet")
-            time.sleep(POLL_SECONDS)
-    finally:
-        if source is not None:
-            os.close(source)
+    from taskrunner.cli import logs  # following a Task across its Runs, and --json (cli/logs.py)
+
+    return logs.cmd_logs(args, out)
 
 
-#: `taskrun logs` reads and writes a log this many bytes at a time: its memory does not grow with the log.
-LOG_CHUNK_BYTES = 1024 * 1024
+def cmd_history(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.cli import history  # a Task's revisions and Runs from the records (cli/history.py)
+
+    return history.cmd_history(args, out)
 
 
-def _open_log(records: Records, full_logs: FullLogs, task_id: str, number: int,
-              final_run: dict[str, Any] | None) -> tuple[int | None, int | None]:
-    """(an fd of the log `taskrun logs` shows, the full size when only the capped one is left).
+def cmd_completion(args: argparse.Namespace, out: Console) -> int:
+    from taskrunner.cli.completion import script  # shtab, loaded for this command only
 
-    A final Run's full log (fulllogs.py) when it is kept and as long as its record says; otherwise
-    output.log, read without following links (None when there is none). An fd of output.log keeps
-    reading the whole output even when the Run ends meanwhile and output.log is replaced by its capped form.
-    """
-    size = (final_run or {}).get("output_bytes")
-    size = size if isinstance(size, int) and not isinstance(size, bool) else None
-    if size is not None:
-        fd = full_logs.open_full(task_id, number, size)
-        if fd is not None:
-            return fd, None
-    fd = records.open_output(task_id, number)
-    if fd is not None and size is not None and size > os.fstat(fd).st_size:
-        return fd, size
-    return fd, None
+    sys.stdout.write(script(build_parser(), args.shell))
+    return EXIT_OK
 
 
 def cmd_request(args: argparse.Namespace, out: Console) -> int:

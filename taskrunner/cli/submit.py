@@ -29,6 +29,7 @@ from taskrunner.cli import render
 from taskrunner.cli.main import (EXIT_NOT_COMPLETED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, POLL_SECONDS, UsageError,
                                  believed, find_root, report_ignored)
 from taskrunner.defaults import TASKS_DIR
+from taskrunner.duration import parse_duration
 from taskrunner.errors import DaemonNotRunning, GitError, UnsafePath
 from taskrunner.intake import RepoFiles, read_submitted
 from taskrunner.model import TaskStatus
@@ -73,9 +74,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _wait_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--timeout", type=float, default=None, metavar="S", help="give up waiting after S seconds")
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="DURATION",
+                        help="give up waiting after DURATION (90, 45s, 30m, 1h)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--junit", metavar="FILE", help="write a JUnit XML report of the Tasks to FILE")
+
+
+def _seconds(text: str) -> float:
+    """A --timeout as taskfile durations are written (duration.parse_duration); argparse says what is wrong."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- commands ---------------------------------------------------------------------
