@@ -106,5 +106,5 @@ def foreign_notices(foreign: list[str]) -> list[str]:
                        "by this daemon (no valid seal); ignored")
     if foreign:
         notices.append("Tasks whose records were ignored are taken up again from their files "
-                       "(README \"Records\": records another clone wrote)")
+                       "(docs/records.md: records another clone wrote)")
     return notices

@@ -438,7 +438,7 @@ def _probe(host: HostView, protected: tuple[str, ...]) -> SandboxStatus:
         said = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
         detail = said[-1] if said else f"exit code {done.returncode}"
         return SandboxStatus(None, reason=f"bwrap cannot make a sandbox here ({detail}); it needs user "
-                                          "namespaces (or root): see the README's 'Agents run confined'")
+                                          "namespaces (or root): see docs/agents.md, 'Agents run confined'")
     wrong = credentials_problem(done.stdout.decode(errors="replace"), AGENT_UID_BASE if host.root else None)
     if wrong is not None:
         return SandboxStatus(None, reason=f"an Agent in the sandbox would keep privileges ({wrong}): run the Worker "
