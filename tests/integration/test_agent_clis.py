@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.modelapi import Fail, ModelAPI, Say, Tool, Usage
+from tests.modelapi import Fail, ModelAPI, Say, Tool
 from tests.modelapi.clis import FIXTURES, HELLO, CliRun, run_scenario
 
 pytestmark = [pytest.mark.agentcli, pytest.mark.slow]

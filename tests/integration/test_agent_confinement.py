@@ -134,7 +134,7 @@ def _hostile_script(home: Path, repo: Path, victim: Path) -> str:
     lines.append('echo "uid=$(id -u)"')
     lines.append('echo "token=$API_TOKEN"; test "$API_TOKEN" = ' + shlex.quote(SECRET) + " && echo token-ok")
     lines.append("env | cut -d= -f1 | sort | sed 's/^/VAR /'")
-    lines.append(f'echo "unnamed=${{TASKRUN_TEST_UNNAMED-absent}}"')
+    lines.append('echo "unnamed=${TASKRUN_TEST_UNNAMED-absent}"')
     lines.append("ls /proc | grep -c '^[0-9]' | sed 's/^/PROCS /'")
     return "\n".join(lines)
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import taskrunner
-from taskrunner import crashpoints
 from taskrunner.crashpoints import POINTS
 
 PACKAGE = Path(taskrunner.__file__).parent

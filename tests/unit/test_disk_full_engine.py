@@ -15,7 +15,7 @@ import pytest
 
 from taskrunner import diskspace
 from taskrunner.config import parse_config
-from taskrunner.diskspace import RecordsFull, Space
+from taskrunner.diskspace import Space
 from taskrunner.engine import Engine
 from taskrunner.fleet import Fleet, WorkerState
 from taskrunner.hooks import Hooks

@@ -10,7 +10,6 @@ import hmac
 import http.client
 import socket
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest

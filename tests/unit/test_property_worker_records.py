@@ -5,7 +5,6 @@ session; its serve loop never raises and never hangs, and what it writes is alwa
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import queue
