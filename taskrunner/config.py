@@ -1,6 +1,6 @@
 """.taskrun.yaml -> a frozen, validated `Config`.
 
-Every key is optional (DESIGN.md §2); a missing file or an empty one gives
+Every key is optional (docs/configuration.md); a missing file or an empty one gives
 the embedded default: the `shell` Agent on the `local` Worker. Anything
 unknown, mistyped or ambiguous is refused with a `ConfigError` naming the
 file, the dotted key (`workers.build-1.port`) and what was expected, so a

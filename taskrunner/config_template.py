@@ -17,7 +17,7 @@ from taskrunner.defaults import (
 from taskrunner.duration import format_duration
 
 INIT_TEMPLATE = f"""\
-# taskrun configuration (DESIGN.md §2; every key is documented in docs/configuration.md).
+# taskrun configuration (every key is documented in docs/configuration.md).
 # Every key is optional; the values below are the defaults, spelled out.
 
 # The Agent a Task uses when its front matter names none.
@@ -117,6 +117,11 @@ records:
 # A Prometheus /metrics endpoint (off unless configured; docs/metrics.md):
 # metrics:
 #   listen: 127.0.0.1:9464
+
+# Notifications: a command or a URL told of events (off unless configured; docs/notifications.md):
+# notify:
+#   - on: [failed]
+#     command: [notify-send, taskrun]
 
 # security:
 #   # Only Tasks whose revision was committed with a good signature by a listed

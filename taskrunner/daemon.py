@@ -338,6 +338,8 @@ class Daemon:
             return
         previous, self.config = self.config, config
         self.engine.reconfigure(config)
+        if self.metrics is not None:  # a Worker taken out of the configuration leaves the metrics
+            self.metrics.reseed_workers([w.view() for w in self.fleet])
         self.notifier.configure(config)
         if config.git.poll != previous.git.poll:
             self._schedule_poll(config)

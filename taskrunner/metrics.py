@@ -9,7 +9,8 @@ nothing of the format is written here. The registry is private to each
 
     Metrics (a Hooks)  <- engine, fleet, recorder and pusher events, on their threads
       counters, histograms   prometheus_client objects (thread-safe)
-      snapshot               Task statuses, Workers, open Runs: dicts under one short lock
+      snapshot               Task statuses, Workers, open Runs: dicts under one short lock;
+                             its Workers re-seeded from the fleet at each reload (reseed_workers)
     MetricsRoute       GET /metrics on an HTTP connection's thread: renders the registry;
                        gauges come from the snapshot (_Gauges), never from the engine or disk
 
@@ -80,6 +81,7 @@ class Metrics(Hooks):
         self._lock = threading.Lock()
         self._tasks: dict[str, str] = {}  # Task id -> status (only counted, never a label)
         self._workers: dict[str, tuple[str, int, int]] = {}  # Worker name -> (state, slots, used)
+        self._removed: set[str] = set()  # Workers a reload removed (until one configures them again)
         self._open: dict[str, bool] = {}  # Run id -> counted as started; Runs not final yet
         self._done: OrderedDict[str, None] = OrderedDict()  # final Runs counted, oldest first
         self._pending_since: dict[str, float] = {}  # Task id -> since when it could run (epoch s)
@@ -125,6 +127,20 @@ class Metrics(Hooks):
                 if run is not None:
                     self._open.setdefault(run.run_id, run.status is not RunStatus.PENDING)
 
+    def reseed_workers(self, workers: Iterable[Mapping[str, Any]]) -> list[str]:
+        """After a reload: the Workers' part of the snapshot becomes exactly `workers` (the fleet's
+        views), and the counters' series labelled with a Worker no longer configured are removed, so a
+        removed Worker leaves every metric. Returns the removed Workers' names, sorted."""
+        rows = {str(view.get("name")): _worker_row(view) for view in workers}
+        with self._lock:
+            gone = sorted(set(self._workers) - set(rows))
+            self._workers = rows
+            self._removed = (self._removed | set(gone)) - set(rows)
+        for name in gone:
+            _remove_series(self.runs_started, ("agent", "worker"), name)
+            _remove_series(self.runs_finished, ("status", "agent", "worker"), name)
+        return gone
+
     def snapshot(self) -> tuple[dict[str, int], dict[str, int], dict[str, tuple[int, int]]]:
         """(Tasks per status, Workers per state, {Worker: (slots, used)}): every status and state present."""
         with self._lock:
@@ -165,7 +181,9 @@ class Metrics(Hooks):
 
     def worker_changed(self, worker: dict[str, Any]) -> None:
         with self._lock:
-            self._workers[str(worker.get("name"))] = _worker_row(worker)
+            name = str(worker.get("name"))
+            if name not in self._removed:  # late news of a Worker a reload removed does not bring it back
+                self._workers[name] = _worker_row(worker)
 
     def committed(self, commit: str, summary: str) -> None:
         self.commits.inc()
@@ -298,6 +316,18 @@ def label(value: object) -> str:
     """A name from outside as a label value: printable, at most MAX_LABEL_CHARS."""
     text = "".join(c for c in str(value) if c.isprintable())[:MAX_LABEL_CHARS]
     return text or "unknown"
+
+
+def _remove_series(counter: Counter, names: tuple[str, ...], worker: str) -> None:
+    """Remove every series of `counter` (labelled `names`, in its order) whose `worker` label is `worker`:
+    prometheus_client's `remove` takes whole label tuples, so the present ones are read from its samples."""
+    present = {tuple(sample.labels.get(n, "") for n in names)
+               for family in counter.collect() for sample in family.samples if sample.labels.get("worker") == worker}
+    for values in present:
+        try:
+            counter.remove(*values)
+        except KeyError:  # removed meanwhile
+            pass
 
 
 def _worker_row(view: Mapping[str, Any]) -> tuple[str, int, int]:

@@ -1,4 +1,4 @@
-"""`taskrun`: parse, call the library, render. Exit codes as in DESIGN.md §3."""
+"""`taskrun`: parse, call the library, render. Exit codes as in docs/cli.md ("Exit codes")."""
 
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ repository's owner) or, with --user, to ~/.config/systemd/user/.
 The first line of every unit written here is MARKER: a unit without it was
 not written by taskrun, and is neither replaced nor removed. The unit holds
 no secret: what the daemon reads from the environment (a webhook secret, a
-forge token) goes into a drop-in (`systemctl edit`), never into this file.
+forge token) goes into an `EnvironmentFile=` readable only by root, named in
+a drop-in, never into this file or a drop-in's `Environment=` (any local user
+can read those with `systemctl show`).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ import hashlib
 import os
 import pwd
 import re
+import shutil
+import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 from rich.console import Console
 
 from taskrunner.atomic import write_bytes
-from taskrunner.cli.main import EXIT_OK, UsageError, find_root
+from taskrunner.cli.main import EXIT_NOT_COMPLETED, EXIT_OK, UsageError, find_root
 from taskrunner.gitops import REMOTE_TIMEOUT_SECONDS
 from taskrunner.recorder import STOP_GRACE_SECONDS
+from taskrunner.textsafe import clean
 
 #: The first line of a unit `taskrun service install` wrote.
 MARKER = "# Written by `taskrun service install`; `taskrun service uninstall` removes it."
@@ -39,6 +45,8 @@ SYSTEM_DIR = Path("/etc/systemd/system")
 DRAIN_TIMEOUT_SECONDS = int(STOP_GRACE_SECONDS + REMOTE_TIMEOUT_SECONDS + 30)
 #: Pause (seconds) before systemd starts a daemon that failed again.
 RESTART_SECONDS = 5
+#: How long (seconds) `install` waits for `systemd-analyze verify` of the unit it wrote.
+VERIFY_TIMEOUT_SECONDS = 60
 _UNIT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -82,11 +90,32 @@ def taskrun_argv() -> list[str]:
     return [os.path.abspath(sys.executable), "-m", "taskrunner"]
 
 
+def unit_safe(text: str, what: str) -> None:
+    """Refuse (UsageError) `text` when a unit file cannot carry it faithfully (systemd.syntax): a
+    backslash (a trailing one joins the next line; WorkingDirectory= has no escape for it), a line
+    break or other control character, leading or trailing whitespace (systemd strips it), or bytes
+    that are not UTF-8. `what` names it in the message ("the repository path")."""
+    reason = None
+    if "\\" in text:
+        reason = "a backslash"
+    elif any(unicodedata.category(c) == "Cc" for c in text):
+        reason = "a line break or another control character"
+    elif text != text.strip():
+        reason = "leading or trailing whitespace, which systemd strips"
+    elif any("\udc80" <= c <= "\udcff" for c in text):
+        reason = "bytes that are not UTF-8"
+    if reason is not None:
+        raise UsageError(f"{what} {text!r} holds {reason}: a systemd unit cannot name it faithfully; "
+                         "move or rename it to a plain path and run `taskrun service install` again")
+
+
 def quote(word: str) -> str:
     """`word` as one argument of a systemd command line (systemd.service "Command lines"): quoted when it
-    holds a space or a quote, with `%` and `$` doubled so they are not specifiers or variables."""
-    if any(c in word for c in "\n\r\0"):
-        raise UsageError(f"{word!r} holds a line break or NUL: a systemd unit cannot name it")
+    holds a space, a quote or a backslash (escaped inside the quotes), with `%` and `$` doubled so they
+    are not specifiers or variables. UsageError for a line break or another control character."""
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in word):
+        raise UsageError(f"{word!r} holds a line break, another control character or bytes that are not "
+                         "UTF-8: a systemd unit cannot name it; install taskrun at a plain path")
     word = word.replace("%", "%%").replace("$", "$$")
     if re.search(r"[\s\"'\\;]", word) or not word:
         word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -97,13 +126,12 @@ def render_unit(root: Path, argv: list[str], user: str | None) -> str:
     """The unit text: `root` is the repository, `argv` the taskrun command (`taskrun_argv`), `user` the
     account of a system unit (None for a user unit). UsageError for a path systemd cannot hold."""
     path = str(root)
-    if any(c in path for c in "\n\r\0"):
-        raise UsageError(f"{path!r} holds a line break: a systemd unit cannot name it")
+    unit_safe(path, "the repository path")
     command = " ".join(quote(word) for word in [*argv, "up", "--log-format", "json"])
     lines = [
         MARKER,
-        f"# The taskrun daemon of {path.replace('%', '%%')}. Secrets (webhook, forge tokens) go into a drop-in:",
-        "# systemctl edit <this unit> (Environment= lines), never into this file.",
+        f"# The taskrun daemon of {path.replace('%', '%%')}. Secrets (webhook, forge tokens) go into an",
+        "# EnvironmentFile= (root:root, 0600) or LoadCredential=, never into this file (docs/service.md).",
         "[Unit]",
         f"Description=taskrun daemon for {path.replace('%', '%%')}",
         "Wants=network-online.target",
@@ -146,6 +174,25 @@ def written_by_us(path: Path) -> bool:
         return handle.readline().rstrip("\n") == MARKER
 
 
+def verify(path: Path) -> tuple[bool, list[str]]:
+    """`systemd-analyze verify PATH` (system mode: `--user` needs a running user manager; it accepts user
+    units too): (refused, complaints). refused is True when it exits non-zero; complaints are its output
+    lines (all of them when refused, else those naming the unit). (False, []) without the tool, and
+    (False, [why]) when it cannot run."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return False, []
+    try:
+        done = subprocess.run([analyze, "verify", str(path)], check=False, capture_output=True, text=True,
+                              errors="replace", timeout=VERIFY_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, [f"systemd-analyze verify did not run: {exc}"]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    if done.returncode != 0:
+        return True, lines or [f"systemd-analyze verify exited with {done.returncode}"]
+    return False, [line for line in lines if path.name in line]
+
+
 def next_steps(name: str, user: bool) -> list[str]:
     """The commands that start the unit and show its log."""
     ctl = "systemctl --user" if user else "systemctl"
@@ -173,6 +220,14 @@ def cmd_install(args: argparse.Namespace, out: Console) -> int:
     except PermissionError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror} (a system unit needs root; or use --user)") from exc
     out.print(f"wrote {path}", markup=False)
+    refused, complaints = verify(path)
+    if complaints:
+        out.print(f"systemd-analyze verify {path}{' refuses it' if refused else ' warns'}:", markup=False)
+        for line in complaints:
+            out.print(f"  {clean(line)}", markup=False)
+    if refused:
+        out.print("fix what it says (then install again) before you enable the unit", markup=False)
+        return EXIT_NOT_COMPLETED
     out.print("next:", markup=False)
     for step in next_steps(name, args.user):
         out.print(f"  {step}", markup=False)

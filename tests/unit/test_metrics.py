@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +27,7 @@ from taskrunner.metrics import PATH, Metrics, MetricsRoute, listeners, word
 from taskrunner.model import RunStatus, TaskStatus
 from taskrunner.results import ResultRejected, more_output_owed, verified_result
 from taskrunner.state import RunState, TaskState
-from tests.conftest import git
+from tests.conftest import Daemon, git, wait_until
 from tests.unit.test_fleet import OTHER, PINNED, _hello, _ssh_workers
 
 TASK_IDS = ("release-notes-2026", "fix-login")
@@ -387,3 +388,68 @@ def test_a_worker_found_untrusted_is_one_event_and_counted_untrusted(tmp_path: P
     assert heard.events[0][1]["worker"] == "build" and "result key changed" in str(heard.events[0][1]["reason"])
     assert value(metrics, "taskrun_workers", state="untrusted") == 1
     assert value(metrics, "taskrun_workers", state="offline") == 0
+
+
+# -- a reload ------------------------------------------------------------------------------
+
+OLD_WORKER = "  old:\n    transport: local\n    slots: 3\n    agents: [shell]\n    sandbox: bwrap\n"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{PATH}", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest.mark.slow
+def test_a_worker_removed_by_a_reload_leaves_the_metrics(repo: Path) -> None:
+    config = repo / ".taskrun.yaml"
+    before = config.read_text()
+    assert "\n  local:\n" in before
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with_old = before.replace("\n  local:\n", "\n" + OLD_WORKER + "  local:\n", 1)
+    config.write_text(with_old + f"metrics:\n  listen: 127.0.0.1:{port}\n")
+    daemon = Daemon(repo).start()
+    try:
+        def workers() -> dict[str, float]:
+            found = scrape(port)
+            return {dict(labels)["worker"]: count for (name, labels), count in found.items()
+                    if name == "taskrun_worker_slots"}
+
+        assert wait_until(lambda: workers() == {"local": 2.0, "old": 3.0} and workers(), 20,
+                          "both Workers in the metrics") == {"local": 2.0, "old": 3.0}
+        online = scrape(port)[("taskrun_workers", (("state", "online"),))]
+        config.write_text(before + f"metrics:\n  listen: 127.0.0.1:{port}\n")  # `old` taken out
+        wait_until(lambda: set(workers()) == {"local"}, 20, "the removed Worker to leave taskrun_worker_slots")
+        found = scrape(port)
+        assert ("taskrun_worker_slots_used", (("worker", "old"),)) not in found
+        assert sum(found[("taskrun_workers", (("state", s),))] for s in ("online", "offline", "untrusted")) == 1
+        assert found[("taskrun_workers", (("state", "online"),))] == online - 1
+    finally:
+        daemon.stop()
+
+
+def test_a_reload_reseeds_the_workers_and_drops_the_removed_ones_series(metrics: Metrics, clock: Clock) -> None:
+    metrics.seed([], [{"name": "local", "online": True, "slots": 2, "used": 0},
+                      {"name": "old", "online": True, "slots": 3, "used": 1}])
+    play_run(metrics, clock, TASK_IDS[0], "a1b2c3d4e5f60718", RunStatus.COMPLETED)  # on `local`
+    old = run(TASK_IDS[1], "0f1e2d3c4b5a6978", clock, status=RunStatus.RUNNING, assigned_at=clock.now,
+              started_at=clock.now)
+    old.worker = "old"
+    metrics.run_changed(old)
+    old.status, old.finished_at = RunStatus.FAILED, clock.now + 1  # lost when `old` was removed
+    metrics.run_changed(old)
+    assert value(metrics, "taskrun_runs_finished_total", status="FAILED", agent="claude", worker="old") == 1
+    assert metrics.reseed_workers([{"name": "local", "online": True, "slots": 2, "used": 0}]) == ["old"]
+    metrics.worker_changed({"name": "old", "online": False, "slots": 3, "used": 0})  # late news: ignored
+    found = values(metrics)
+    assert not [key for key in found if ("worker", "old") in key[1]]
+    assert value(metrics, "taskrun_runs_started_total", agent="claude", worker="local") == 1
+    assert value(metrics, "taskrun_runs_finished_total", status="COMPLETED", agent="claude", worker="local") == 1
+    assert value(metrics, "taskrun_workers", state="online") == 1
+    assert value(metrics, "taskrun_workers", state="offline") == 0
+    metrics.reseed_workers([{"name": "old", "online": False, "slots": 3, "used": 0}])  # configured again
+    assert value(metrics, "taskrun_worker_slots", worker="old") == 3

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import configparser
+import io
 import json
 import os
 import pwd
@@ -13,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from taskrunner.cli import service
 from tests.conftest import taskrun, wait_until
@@ -121,12 +124,58 @@ def test_a_path_that_needs_quoting_is_quoted_for_systemd() -> None:
         service.quote("/srv/a\nb")
 
 
-def test_systemd_analyze_accepts_the_unit(repo: Path, tmp_path: Path) -> None:
+def need_systemd_analyze() -> str:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("CI") == "true":
             pytest.fail("systemd-analyze is missing: .ci/run installs it (Debian package systemd)")
         pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    return analyze
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("repo\\", "backslash"), ("re\\po", "backslash"), ("repo ", "whitespace"), ("repo\t", "control character"),
+    ("re\x1bpo", "control character"), ("re\npo", "line break"), ("re\udcffpo", "not UTF-8"),
+])
+def test_a_repository_path_a_unit_cannot_carry_is_refused(tmp_path: Path, name: str, reason: str) -> None:
+    with pytest.raises(service.UsageError, match=f"{reason}.*move or rename it"):
+        service.render_unit(tmp_path / name, ["/usr/bin/taskrun"], "build")
+
+
+def test_install_refuses_a_repository_ending_in_a_backslash_and_writes_nothing(tmp_path: Path,
+                                                                                user_units: Path) -> None:
+    root = tmp_path / "repo\\"  # in a unit it would join WorkingDirectory= with the ExecStart= line
+    root.mkdir()
+    subprocess.run(["git", "init", "--quiet", str(root)], check=True)
+    for argv in (["--print"], ["--user"]):
+        result = taskrun(root, "service", "install", *argv)
+        assert result.returncode == 2 and "backslash" in result.stderr, result.stderr
+        assert result.stdout == ""
+    assert not user_units.exists()
+
+
+def test_an_executable_path_with_a_backslash_is_escaped_inside_quotes() -> None:
+    assert service.quote("/opt/a\\b/taskrun") == '"/opt/a\\\\b/taskrun"'
+    with pytest.raises(service.UsageError, match="control character"):
+        service.quote("/opt/a\x1bb/taskrun")
+
+
+def test_install_reports_what_systemd_analyze_refuses(repo: Path, user_units: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    need_systemd_analyze()
+    monkeypatch.setattr(service, "taskrun_argv", lambda: ["/nonexistent/bin/taskrun"])
+    out = io.StringIO()
+    code = service.cmd_install(argparse.Namespace(repo=str(repo), user=True, print=False),
+                               Console(file=out, width=200))
+    text = out.getvalue()
+    assert code == 1, text
+    assert f"systemd-analyze verify {user_units / service.unit_name(repo)} refuses it" in text
+    assert "/nonexistent/bin/taskrun" in text and "not executable" in text
+    assert "next:" not in text
+
+
+def test_systemd_analyze_accepts_the_unit(repo: Path, tmp_path: Path) -> None:
+    analyze = need_systemd_analyze()
     result = taskrun(repo, "service", "install", "--print")
     unit = tmp_path / service.unit_name(repo)
     unit.write_text(result.stdout)
