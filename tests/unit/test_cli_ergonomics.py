@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,7 +84,9 @@ def test_the_completion_script_names_every_command_and_completes_task_ids(shell:
     assert "_taskrun_task_ids" in text and "find tasks -type f -name '*.md'" in text
 
 
-def test_the_bash_script_completes_commands_and_the_task_ids_of_the_repository(tmp_path: Path) -> None:
+def bash_completion(tmp_path: Path) -> tuple[Path, Callable[..., list[str]]]:
+    """A git repository with tasks/auth/login.md and tasks/hello.md, and a function that completes
+    `taskrun <words>` in it with the bash script (a real bash, in the repository's tasks/)."""
     completion = tmp_path / "taskrun.bash"
     completion.write_text(script(build_parser(), "bash"))
     repo = tmp_path / "repo"
@@ -99,10 +105,73 @@ def test_the_bash_script_completes_commands_and_the_task_ids_of_the_repository(t
                                 check=True)
         return sorted(result.stdout.split())
 
+    return repo, complete
+
+
+def test_the_bash_script_completes_commands_and_the_task_ids_of_the_repository(tmp_path: Path) -> None:
+    _, complete = bash_completion(tmp_path)
     assert {"history", "logs", "wait", "completion"} <= set(complete("h") + complete("l") + complete("w")
                                                              + complete("c"))
     assert complete("logs", "") == ["auth/login", "hello"]
     assert complete("history", "au") == ["auth/login"]
+
+
+#: File names in tasks/ that a shell would run if it expanded them again, and what each would create.
+HOSTILE_NAMES = {"$(touch PWNED).md": "PWNED", "`touch PWNED2`.md": "PWNED2", "a;touch PWNED3.md": "PWNED3",
+                 "$(touch pwned4).md": "pwned4", "b`touch pwned5`.md": "pwned5", "c$(touch pwned6).md": "pwned6"}
+
+
+def test_the_bash_script_never_runs_a_task_file_name(tmp_path: Path) -> None:
+    repo, complete = bash_completion(tmp_path)
+    for name in HOSTILE_NAMES:
+        (repo / "tasks" / name).write_text("# hostile\n")
+    (repo / "tasks" / "auth" / "$(touch pwned7).md").write_text("# hostile\n")
+
+    offered = complete("logs", "") + complete("logs", "a") + complete("logs", "b") + complete("logs", "c")
+    offered += complete("wait", "$") + complete("history", "auth/")
+
+    created = {p.name for p in tmp_path.rglob("*")} & {*HOSTILE_NAMES.values(), "pwned7", "PWNED3.md"}
+    assert not created, f"completing ran a command in a Task file name: {created}"
+    assert sorted(set(offered)) == ["auth/login", "hello"]  # only Task ids, and the normal ones still
+    assert complete("logs", "he") == ["hello"]
+
+
+def test_the_shell_pattern_of_a_task_id_is_the_task_files_rule() -> None:
+    from taskrunner.cli.completion import TASK_ID_ERE
+    from taskrunner.taskfile import task_id_for
+    samples = ["hello", "auth/login", "a-b_c.d/e1", "0", "Hello", ".hidden", "a/.b", "a//b", "a/", "-a", "a b",
+               "$(id)", "`id`", "a;id", "a\nb", "é", "a/b/c"]
+    for sample in samples:
+        assert bool(re.fullmatch(TASK_ID_ERE.strip("^$"), sample)) == (task_id_for(f"tasks/{sample}.md")
+                                                                        == sample), sample
+
+
+def need_zsh() -> str:
+    zsh = shutil.which("zsh")
+    if zsh is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("zsh is missing: .ci/run installs it (Debian package zsh)")
+        pytest.skip("zsh is not installed (Debian package zsh)")
+    return zsh
+
+
+@pytest.mark.parametrize("options", [[], ["-o", "globsubst", "-o", "shwordsplit"]], ids=["default", "globsubst"])
+def test_the_zsh_script_offers_only_task_ids_whatever_the_users_options(tmp_path: Path, options: list[str]) -> None:
+    zsh = need_zsh()
+    repo, _ = bash_completion(tmp_path)
+    for name in [*HOSTILE_NAMES, "*(e:touch pwned8:).md", "d(e:touch pwned9:).md"]:
+        (repo / "tasks" / name).write_text("# hostile\n")
+    text = script(build_parser(), "zsh")
+    function = text[text.index("_taskrun_task_ids() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    # compadd works only inside a completion widget: this one prints what it is given, one a line.
+    probe = 'compadd() { local name=${@[-1]}; print -rl -- ${(P)name}; }\n' + function + "_taskrun_task_ids\n"
+    result = subprocess.run([zsh, "-f", *options, "-c", probe], cwd=repo / "tasks", capture_output=True, text=True,
+                            check=True)
+    assert sorted(result.stdout.split()) == ["auth/login", "hello"]
+    created = {p.name for p in tmp_path.rglob("*")} & {*HOSTILE_NAMES.values(), "pwned8", "pwned9"}
+    assert not created, f"completing ran a command in a Task file name: {created}"
+    assert "emulate -L zsh" in function and "compgen" not in function and "eval" not in function
 
 
 def test_completion_for_an_unknown_shell_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
