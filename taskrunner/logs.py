@@ -63,18 +63,34 @@ _RUN_LEVELS = {"FAILED": logging.WARNING, "CANCELLED": logging.WARNING}
 #: Longest field value written (a Task's error can quote a whole file).
 MAX_FIELD_CHARS = 4000
 
+#: Longest text `redact` reads (characters): the rest of a longer message is cut, with a note saying so,
+#: so one huge message costs bounded time and no secret shows past the cut unredacted.
+MAX_REDACT_CHARS = 64 * 1024
+#: How far past MAX_REDACT_CHARS `redact` reads, so a secret that straddles the cut is still masked whole.
+_REDACT_MARGIN = 4096
+
+# Every pattern below runs in time linear in its input (tests/unit/test_logs.py measures it): each
+# repeat is either bounded, or the last thing a match needs (nothing after it can fail and make it
+# give characters back), and no two repeats next to each other can match the same characters.
+#
 # Token shapes, whole: the issuers' documented prefixes (GitHub ghp_/gho_/ghu_/ghs_/ghr_ and
 # github_pat_, GitLab glpat-, Slack xox?-, OpenAI and Anthropic sk-, AWS access key ids, Google API keys).
+# The open `{20,}` ends the match: a token is masked however long it is.
 _TOKENS = (r"\b(?:gh[opusr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|glpat-[A-Za-z0-9_-]{20,}"
            r"|xox[abposr]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35})")
 # Where a secret follows a name: `Authorization: Bearer x`, `token=x`, `"password": "x y"`; a password in a URL.
-_KEY = (r"(?i:\b[a-z0-9_-]*(?:token|secret|passw(?:or)?d|api[_-]?key|access[_-]?key|private[_-]?key)"
-        r"[a-z0-9_-]*(?<![_-]env)(?<![_-]file)(?<![_-]path)[\"']?\s*[:=]\s*)")  # not `secret_env: NAME`
+# The name is a whole word (at most 64 characters of [a-z0-9_-]) that holds one of the words: the lookahead
+# finds the word within the first 64 characters, then the name takes the word whole, at once (the
+# negative lookahead after it refuses every shorter split, so nothing is tried twice).
+_KEY = (r"(?i:\b(?=[a-z0-9_-]{0,58}?(?:token|secret|passw(?:or)?d|api[_-]?key|access[_-]?key|private[_-]?key))"
+        r"[a-z0-9_-]{1,64}(?![a-z0-9_-])"
+        r"(?<![_-]env)(?<![_-]file)(?<![_-]path)[\"']?\s{0,16}[:=]\s{0,16})")  # not `secret_env: NAME`
 _SECRET = re.compile(rf"{_TOKENS}"
                      rf"|(?P<quoted>{_KEY}[\"'])(?P<inside>[^\"'\n]{{1,400}})(?=[\"'])"
-                     rf"|(?P<name>(?i:\b(?:bearer|basic)\s+)|{_KEY})(?P<value>[^\s\"'@,;&]{{8,}})"
-                     r"|(?P<user>(?<=://)[^/\s:@]+:)(?P<password>[^\s/@]+)(?=@)")
-_PRIVATE_KEY = re.compile(f"(?:{PRIVATE_KEY_PATTERN})" + r"[\s\S]*?(?:-----END [A-Z0-9 ]*-----|\Z)")
+                     rf"|(?P<name>(?i:\b(?:bearer|basic)\s{{1,16}})|{_KEY})(?P<value>[^\s\"'@,;&]{{8,}})"
+                     r"|(?P<user>(?<=://)[^/\s:@]{1,256}:)(?P<password>[^\s/@]{1,1024})(?=@)")
+# A private key block, from its BEGIN line (leaks.PRIVATE_KEY_PATTERN) to its END line or the end of the text.
+_PRIVATE_KEY = re.compile(f"(?:{PRIVATE_KEY_PATTERN})" + r"[\s\S]*?(?:-----END [A-Z0-9 ]{0,64}-----|\Z)")
 
 
 def _mask(match: re.Match[str]) -> str:
@@ -88,14 +104,43 @@ def _mask(match: re.Match[str]) -> str:
 
 
 def redact_secrets(text: str) -> str:
-    """`text` with every token-shaped string (see the module doc) replaced by MASK; the rest as it was."""
+    """`text` with every token-shaped string (see the module doc) replaced by MASK; the rest as it was.
+
+    Reads at most MAX_REDACT_CHARS (plus a margin, so a secret across the cut is masked whole):
+    a longer text comes back cut there, ending in "[... N characters cut]". Linear in that length.
+    """
+    cut = len(text) > MAX_REDACT_CHARS
+    if cut:
+        size, text = len(text), text[:MAX_REDACT_CHARS + _REDACT_MARGIN]
     if "PRIVATE KEY" in text or "PuTTY-User-Key-File-" in text:
         text = _PRIVATE_KEY.sub(MASK, text)
-    return _SECRET.sub(_mask, text)
+    text = _SECRET.sub(_mask, text)
+    if cut:
+        text = f"{text[:MAX_REDACT_CHARS]}[... {size - MAX_REDACT_CHARS} characters cut]"
+    return text
+
+
+def redact_output(text: str) -> str:
+    """Run output (`text`, any length) with secrets masked, line by line, for the text view.
+
+    Lines are redacted in pieces of at most MAX_REDACT_CHARS, cut at a line end, so the cost is
+    linear in the whole length; one line longer than MAX_REDACT_CHARS is cut (`redact_secrets`).
+    """
+    if len(text) <= MAX_REDACT_CHARS:
+        return redact_secrets(text)
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.rfind("\n", start, start + MAX_REDACT_CHARS) + 1 or len(text)
+        if end - start > MAX_REDACT_CHARS:  # one long line: up to its end, cut by redact_secrets
+            end = text.find("\n", start) + 1 or len(text)
+        pieces.append(redact_secrets(text[start:end]))
+        start = end
+    return "".join(pieces)
 
 
 def redact(text: str, multiline: bool = False) -> str:
-    """What is safe to log of `text`: secrets masked (`redact_secrets`), then `textsafe.clean`ed."""
+    """What is safe to log of `text`: secrets masked (`redact_secrets`, so cut at MAX_REDACT_CHARS),
+    then `textsafe.clean`ed."""
     return clean(redact_secrets(text), multiline=multiline)
 
 
@@ -202,12 +247,19 @@ def task_level(task: TaskState) -> int:
     return _TASK_LEVELS.get(task.status.value, logging.INFO)
 
 
+#: How the routine notices begin (daemon.py): what the daemon did or where it listens, nothing to act on.
+#: They are INFO, so `--log-level WARNING` shows only what needs attention.
+INFO_NOTICES = ("configuration reloaded from ", "sync requested (", "webhook receiver listening on ",
+                "metrics listening on ")
+
+
 def notice_level(message: str) -> int:
-    """A notice's level from its first word ("error: ..." is ERROR); WARNING otherwise."""
+    """A notice's level: ERROR when its first word is "error"; INFO when it is "info" or "note" or the
+    notice is a routine one (INFO_NOTICES); WARNING otherwise."""
     head = message[:10].lower()
     if head.startswith("error"):
         return logging.ERROR
-    if head.startswith(("info", "note")):
+    if head.startswith(("info", "note")) or message.startswith(INFO_NOTICES):
         return logging.INFO
     return logging.WARNING
 
@@ -335,7 +387,7 @@ class FilteredView(Hooks):
         if self.level > logging.INFO:
             return
         text = data.decode(errors="replace")
-        safe = redact_secrets(text)
+        safe = redact_output(text)
         self.inner.run_output(run, data if safe == text else safe.encode())
 
     def worker_changed(self, worker: dict[str, Any]) -> None:

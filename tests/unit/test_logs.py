@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import re
+import signal
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -245,3 +247,117 @@ def test_the_text_view_hides_what_is_below_the_level_and_masks_secrets() -> None
     assert f"could not push with {logs.MASK}" in shown
     assert GITHUB not in shown
     assert failed.error == f"push refused for {GITHUB}"  # the engine's own state is untouched
+
+
+# -- the redaction runs in linear time -------------------------------------------------------------
+
+#: Text with no secret in it, the baseline a redaction's cost is measured against.
+INNOCUOUS = "the Agent wrote 3 files, ran the tests (41 passed) and pushed the branch; "
+#: How many times the CPU time of redacting innocuous text of the same length a hostile text may take.
+SLOWER_AT_MOST = 50
+
+
+class TooSlow(Exception):
+    """Raised (from the SIGPROF handler) when a redaction used up its CPU budget."""
+
+
+def cpu_seconds(text: str, budget: float) -> float:
+    """The least CPU time of three `logs.redact` calls on `text`; TooSlow once one uses `budget` seconds
+    (an interval timer on the process's CPU time stops a redaction that would run for hours)."""
+    def stop(signum: int, frame: object) -> None:
+        raise TooSlow
+    before = signal.signal(signal.SIGPROF, stop)
+    try:
+        best = budget
+        for _ in range(3):
+            signal.setitimer(signal.ITIMER_PROF, budget)
+            start = time.process_time()
+            logs.redact(text)
+            best = min(best, time.process_time() - start)
+            signal.setitimer(signal.ITIMER_PROF, 0)
+        return best
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, before)
+
+
+# One hostile text per pattern of the redaction: its keyword or prefix repeated, with separators.
+@pytest.mark.parametrize("unit", [
+    "token-", "token_", "my-secret-", "password=", "api_key: ", "token:", '"password": "', '"secret": "x',
+    "sk-", "ghp_", "github_pat_", "glpat-", "xoxb-", "AKIA", "AIza",
+    "Bearer ", "basic ", "Authorization: Bearer ",
+    "https://a:", "://a:b", "://" + "a:" * 40,
+    "-----BEGIN ", "-----BEGIN A ", "-----BEGIN RSA PRIVATE KEY-----\n-----END A",
+    "PuTTY-User-Key-File-2: -----END ",
+])
+def test_every_pattern_of_the_redaction_runs_in_linear_time(unit: str) -> None:
+    hostile = (unit * (30000 // len(unit) + 1))[:30000]
+    innocuous = (INNOCUOUS * (len(hostile) // len(INNOCUOUS) + 1))[:len(hostile)]
+    baseline = cpu_seconds(innocuous, budget=60)
+    budget = SLOWER_AT_MOST * baseline + 0.01  # + the timer's granularity
+    try:
+        spent = cpu_seconds(hostile, budget)
+    except TooSlow:
+        pytest.fail(f"redacting {unit!r} * n took over {SLOWER_AT_MOST} times as long as innocuous text")
+    assert spent <= budget
+
+
+def test_a_tasks_agent_value_of_repeated_keywords_does_not_stall_the_log(capsys: pytest.CaptureFixture[str]) -> None:
+    handler = logs.configure("json", "INFO")
+    try:
+        hooks = logs.LogHooks()
+        hooks.task_changed(task("bad", TaskStatus.INVALID, error=f"agent: unknown Agent {'token-' * 5000!r}"))
+    finally:
+        logs.unconfigure(handler)
+    (line,) = lines(capsys)
+    assert line["level"] == "ERROR" and line["error"].startswith("agent: unknown Agent 'token-token-")
+
+
+def test_a_long_message_is_cut_and_a_secret_across_the_cut_is_masked() -> None:
+    text = "x" * (logs.MAX_REDACT_CHARS - 40) + f" token={'s3cr3t' * 20} " + "y" * 100_000
+    shown = logs.redact_secrets(text)
+    assert "s3cr3ts3cr3t" not in shown and "token=" + logs.MASK in shown
+    assert shown.endswith(" characters cut]")
+    assert len(shown) < logs.MAX_REDACT_CHARS + 100
+
+
+def test_long_run_output_is_redacted_whole_in_the_text_view() -> None:
+    stream = io.StringIO()
+    filtered = logs.FilteredView(LiveView(Console(file=stream, force_terminal=False), show_output=True), "INFO")
+    lines_ = [f"line {n}" for n in range(30_000)] + [f"pushing with {GITHUB}", "done"]
+    output = ("\n".join(lines_) + "\n").encode()
+    assert len(output) > 2 * logs.MAX_REDACT_CHARS
+    filtered.run_output(task("t", TaskStatus.RUNNING).runs[0], output)
+    shown = stream.getvalue()
+    assert GITHUB not in shown and f"pushing with {logs.MASK}" in shown
+    assert "line 29999" in shown and "done" in shown and "characters cut" not in shown
+
+
+# -- routine notices are INFO ----------------------------------------------------------------------
+
+ROUTINE = ["configuration reloaded from .taskrun.yaml", "sync requested (webhook push to main)",
+           "webhook receiver listening on http://127.0.0.1:8080/webhook",
+           "metrics listening on http://127.0.0.1:9100/metrics"]
+
+
+@pytest.mark.parametrize("message", ROUTINE)
+def test_a_routine_notice_is_info(message: str) -> None:
+    assert logs.notice_level(message) == logging.INFO
+
+
+def test_at_warning_routine_notices_are_hidden_and_the_rest_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    handler = logs.configure("json", "WARNING")
+    try:
+        hooks = logs.LogHooks()
+        for message in ROUTINE:
+            hooks.notice(message)
+        hooks.notice("configuration not reloaded, the previous one stays in force: bad key")
+    finally:
+        logs.unconfigure(handler)
+    assert [(g["level"], g["message"]) for g in lines(capsys)] == [
+        ("WARNING", "configuration not reloaded, the previous one stays in force: bad key")]
+    view, stream = plain_view()
+    filtered = logs.FilteredView(view, "WARNING")
+    for message in ROUTINE:
+        filtered.notice(message)
+    assert stream.getvalue() == ""
