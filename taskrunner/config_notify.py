@@ -2,15 +2,17 @@
 
 `notify` is a list; each entry names the events it wants (`on`), optional
 filters (`tasks`, a glob on the Task id; `agents`) and one target: either a
-`command` (an argv, never a shell string) or a `url` that is POSTed to, with
+`command` (an argv, never a shell string; `env` names the daemon's environment
+variables it may see besides COMMAND_ENV) or a `url` that is POSTed to, with
 an optional `template` for the body, `secret_env` for an HMAC signature,
 `timeout` and `retries`. Every error is a ConfigError naming `notify[<n>].<key>`.
 
 The secret itself is never in the file: `secret_env` names the daemon's
 environment variable that holds it, read when a notification is sent.
 A `template` is checked here: its syntax, and one trial rendering with a
-sample event (`SAMPLE_EVENT`), so a misspelt field is refused at load time,
-not when the first notification fails.
+sample event (`SAMPLE_EVENT`) within RENDER_SECONDS and MAX_BODY_CHARS
+(`render_body`, the same bound as at each delivery), so a misspelt field or a
+template that never ends is refused at load time, not when a notification fails.
 
 YAML 1.1 (PyYAML) reads an unquoted `on` key as the boolean true; that key is
 taken as `on` (the only key of an entry that can be written so).
@@ -19,6 +21,7 @@ taken as `on` (the only key of an entry that can be written so).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -29,7 +32,10 @@ from taskrunner.taskfile import describe
 NOTIFY_EVENTS = ("completed", "failed", "blocked", "usage_limited", "worker_offline", "worker_untrusted")
 #: The events about one Task (`tasks` filters these only).
 TASK_EVENTS = ("completed", "failed", "blocked")
-NOTIFY_KEYS = ("on", "tasks", "agents", "command", "url", "template", "secret_env", "timeout", "retries")
+NOTIFY_KEYS = ("on", "tasks", "agents", "command", "env", "url", "template", "secret_env", "timeout", "retries")
+#: The daemon's environment variables a `command` sees (those set), besides its entry's `env` and TASKRUN_EVENT:
+#: never the rest, which holds the webhook secret, the forge token and the Agents' API keys.
+COMMAND_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 #: Seconds one delivery (one POST, one command) may take when `timeout` is not given.
 DEFAULT_TIMEOUT = 10.0
 #: The longest `timeout` taken: the one delivery thread must not wait on one target for long.
@@ -39,6 +45,10 @@ DEFAULT_RETRIES = 3
 MAX_RETRIES = 10
 #: The longest body template, in characters.
 MAX_TEMPLATE_CHARS = 64 * 1024
+#: The longest a template may take to render, in seconds (at load, and at each delivery within its `timeout`).
+RENDER_SECONDS = 2.0
+#: The longest body a template may render, in characters.
+MAX_BODY_CHARS = 256 * 1024
 #: Every field an event may carry; a template sees all of them (None where one does not apply).
 EVENT_FIELDS = ("kind", "time", "task_id", "title", "run_id", "status", "agent", "worker", "error", "reason",
                 "until")
@@ -57,8 +67,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class NotifyTarget:
     """One `notify` entry: which events, where to, how patiently.
 
-    Exactly one of `command` (argv; the event JSON on stdin) and `url` (POST) is set.
-    `timeout` is seconds per delivery; `retries` the tries after the first.
+    Exactly one of `command` (argv; the event JSON on stdin; `env` the names of the daemon's
+    environment variables it sees besides COMMAND_ENV) and `url` (POST) is set.
+    `timeout` is seconds per try (a wall-clock deadline); `retries` the tries after the first.
     """
 
     index: int  # n of notify[n]: how messages name it
@@ -66,6 +77,7 @@ class NotifyTarget:
     tasks: str | None = None  # fnmatch glob on the Task id
     agents: tuple[str, ...] = ()
     command: tuple[str, ...] | None = None
+    env: tuple[str, ...] = ()  # with `command`: more environment variable names it sees
     url: str | None = None
     template: str | None = None  # jinja2 source of the POST body; None: the event JSON
     secret_env: str | None = None
@@ -126,6 +138,8 @@ def _entry(parser: _Parsing, index: int, value: object) -> NotifyTarget:
     for name in ("template", "secret_env"):
         if command is not None and spec.get(name) is not None:
             raise parser.fail(f"{key}.{name}", "only with `url`: a command gets the event JSON on stdin")
+    if url is not None and spec.get("env") is not None:
+        raise parser.fail(f"{key}.env", "only with `command`: a POST carries no environment")
     secret_env = spec.get("secret_env")
     if secret_env is not None and (not isinstance(secret_env, str) or not _ENV_NAME_RE.fullmatch(secret_env)):
         raise parser.fail(f"{key}.secret_env", "expected an environment variable name such as "
@@ -137,6 +151,7 @@ def _entry(parser: _Parsing, index: int, value: object) -> NotifyTarget:
         index=index, on=on, tasks=tasks,
         agents=parser.string_list(f"{key}.agents", spec.get("agents"), "Agent names", _NAME_RE),
         command=None if command is None else parser.argv(f"{key}.command", command),
+        env=parser.string_list(f"{key}.env", spec.get("env"), "environment variable names", _ENV_NAME_RE),
         url=None if url is None else _url(parser, f"{key}.url", url),
         template=template, secret_env=secret_env, timeout=timeout,
         retries=parser.integer(f"{key}.retries", spec.get("retries", DEFAULT_RETRIES), 0, MAX_RETRIES),
@@ -152,14 +167,53 @@ def _url(parser: _Parsing, key: str, value: object) -> str:
 
 
 def _check_template(parser: _Parsing, key: str, value: object) -> None:
-    """Syntax, size, and one rendering with SAMPLE_EVENT: a misspelt `event.taks_id` fails here."""
-    from taskrunner.agents.prompt import PromptError, render  # jinja2 enters through prompt.py only
+    """Syntax, size, and one rendering with SAMPLE_EVENT: a misspelt `event.taks_id`, or three nested
+    `range(10000)` loops, fail here."""
+    from taskrunner.agents.prompt import PromptError
 
     if not isinstance(value, str) or not value.strip():
         raise parser.fail(key, f"expected a template (text), got {describe(value)}")
     if len(value) > MAX_TEMPLATE_CHARS:
         raise parser.fail(key, f"expected at most {MAX_TEMPLATE_CHARS} characters, got {len(value)}")
     try:
-        render(value, {"event": dict(SAMPLE_EVENT)}, name="template")
+        render_body(value, SAMPLE_EVENT, name="template")
     except PromptError as exc:
         raise parser.fail(key, f"{exc}; a template sees `event` with {', '.join(EVENT_FIELDS)}") from None
+
+
+def render_body(template: str, event: Mapping[str, Any], name: str, seconds: float = RENDER_SECONDS) -> str:
+    """`template` (jinja2 source) rendered with `event` as `event`, in prompt.py's sandbox.
+
+    Bounded like prompt.trial_render: the clock is read at each range() and each piece of output, and
+    past `seconds` the rendering stops; the body is at most MAX_BODY_CHARS characters. PromptError
+    "NAME, line L: reason" (a syntax error, an undefined name, a sandbox refusal), "NAME: rendering
+    took over S s" or "NAME: the body is over N characters".
+    """
+    # jinja2 enters through prompt.py only; its rendering pieces are used so the time bound is the trial's.
+    from taskrunner.agents import prompt
+
+    prompt.check(template, name)  # a syntax error, named with its line
+    deadline = time.monotonic() + seconds
+
+    def in_time() -> None:
+        if time.monotonic() > deadline:
+            raise prompt.PromptError(f"{name}: rendering took over {seconds:g} s")
+
+    def timed_range(*args: int) -> range:
+        in_time()
+        return prompt._range(*args)
+
+    try:
+        env = prompt._environment()
+        env.globals["range"] = timed_range
+        out: list[str] = []
+        size = 0
+        for chunk in prompt._generate(env.from_string(template), {"event": dict(event)}):
+            in_time()
+            size += len(chunk)
+            if size > MAX_BODY_CHARS:
+                raise prompt.PromptError(f"{name}: the body is over {MAX_BODY_CHARS} characters")
+            out.append(chunk)
+        return "".join(out)
+    except prompt._RENDER_ERRORS as exc:
+        raise prompt.PromptError(prompt._failure(name, exc)) from None

@@ -3,8 +3,9 @@
     Notifier (Hooks)  hears task_changed, worker_changed and event(); turns what a `notify`
                       entry wants into Deliveries on a bounded queue; one thread sends them
 
-Events and what they carry (`event_json`; every text field cleaned with textsafe.clean and cut
-at MAX_FIELD_CHARS; never a secret):
+Events and what they carry (`event_json`; every text field cut at MAX_FIELD_CHARS, then masked
+and cleaned with logs.redact: a Task's error may quote a file with a token, and these go to outside
+services; never a secret):
 
     completed, failed, blocked   a Task's status changed to COMPLETED, FAILED or BLOCKED (once per
                                  change): task_id, title, status, run_id, agent, worker, error
@@ -14,16 +15,21 @@ at MAX_FIELD_CHARS; never a secret):
     worker_untrusted             event("worker_untrusted"): worker, reason
 
 Each has `kind` and `time` (ISO 8601, UTC). A command gets that JSON on stdin; a URL gets it as
-the POST body, or the entry's `template` rendered with `event` (jinja2, sandboxed: agents/prompt.py).
+the POST body, or the entry's `template` rendered with `event` (jinja2, sandboxed: agents/prompt.py;
+within RENDER_SECONDS, or the try's `timeout` when shorter, and MAX_BODY_CHARS: config_notify.render_body).
+A command runs with only COMMAND_ENV of the daemon's environment, its entry's `env` and TASKRUN_EVENT.
 With `secret_env`, a POST carries X-Taskrun-Signature-256: sha256=<hex HMAC-SHA256 of the body>
 (GitHub's X-Hub-Signature-256 scheme). Redirects are not followed.
 
 Delivery: the queue holds at most QUEUE_SIZE Deliveries; past it the oldest go, and one notice
-counts them. Each try has the entry's `timeout` (a command is killed with its process group);
+counts them. Each try has the entry's `timeout` as a wall-clock deadline: a POST's socket is shut
+down when it passes (a timeout per read alone lets a receiver sending a byte a second hold the
+thread for ever), a command is killed with its process group;
 a connection error, a timeout, a 5xx or 429 answer, or a command's non-zero exit is tried again
 up to `retries` times after BACKOFF_BASE s, doubling, with jitter; any other answer is final. A
 failure is a notice, never an exception: a slow or broken target delays other notifications,
-never the daemon. `stop()` drains the queue for at most DRAIN_SECONDS.
+never the daemon. `stop()` drains the queue for at most DRAIN_SECONDS, and waits at most that plus
+one try's `timeout` (at most STOP_TRY_SECONDS of it; and STOP_SLACK) for the try under way.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import collections
 import fnmatch
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -48,8 +55,16 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from taskrunner import clock
-from taskrunner.config_notify import EVENT_FIELDS, MAX_TIMEOUT, TASK_EVENTS, NotifyTarget
+from taskrunner.config_notify import (
+    COMMAND_ENV,
+    EVENT_FIELDS,
+    RENDER_SECONDS,
+    TASK_EVENTS,
+    NotifyTarget,
+    render_body,
+)
 from taskrunner.hooks import Hooks
+from taskrunner.logs import redact
 from taskrunner.model import TaskStatus
 from taskrunner.textsafe import clean
 
@@ -67,8 +82,16 @@ BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
 #: Seconds `stop()` waits for the queue to drain; what is left then is dropped with a notice.
 DRAIN_SECONDS = 10.0
+#: Seconds `stop()` waits beyond DRAIN_SECONDS and the try's `timeout`: a killed command's reaping.
+STOP_SLACK = 1.0
+#: The most of a try's `timeout` `stop()` waits for beyond DRAIN_SECONDS: so the whole stays within the
+#: margin of the service unit's stop timeout (cli/service.py: 30 s), whatever `timeout` (up to 5 min) says.
+STOP_TRY_SECONDS = 15.0
 #: The longest text field of an event, in characters.
 MAX_FIELD_CHARS = 2000
+#: How far back from a cut the last word is looked for: the cut text ends at a word, so a token cut in
+#: two is not left half there, too short for the redactor to know it.
+_CUT_WORD_CHARS = 256
 #: The most of an answer or a command's stderr read (and the most of it shown in a notice).
 MAX_ANSWER_BYTES = 64 * 1024
 SHOWN_CHARS = 200
@@ -84,10 +107,19 @@ _STATUS_EVENTS: Mapping[TaskStatus, str] = {
 
 
 def _text(value: object) -> str | None:
+    """`value` as an event's text: cut at MAX_FIELD_CHARS (at a word), secrets masked, cleaned (logs.redact)."""
     if value is None:
         return None
-    text = clean(str(value))
-    return text if len(text) <= MAX_FIELD_CHARS else text[:MAX_FIELD_CHARS - 3] + "..."
+    raw = str(value)
+    cut = len(raw) > MAX_FIELD_CHARS
+    if cut:
+        raw = raw[:MAX_FIELD_CHARS - 3]
+        space = max(raw.rfind(c, len(raw) - _CUT_WORD_CHARS) for c in " \t\n")
+        raw = raw[:space] if space > 0 else raw[:-_CUT_WORD_CHARS]
+    text = redact(raw)  # after the cut: redacting costs at most MAX_FIELD_CHARS, whatever the error holds
+    if len(text) > MAX_FIELD_CHARS - 3:  # cleaning escapes control characters: \x1b is four
+        text, cut = text[:MAX_FIELD_CHARS - 3], True
+    return text + "..." if cut else text
 
 
 def _time(wall: float) -> str:
@@ -138,15 +170,14 @@ def matches(target: NotifyTarget, event: Mapping[str, Any]) -> bool:
     return True
 
 
-def body(target: NotifyTarget, event: Mapping[str, Any]) -> bytes:
+def body(target: NotifyTarget, event: Mapping[str, Any], seconds: float = RENDER_SECONDS) -> bytes:
     """What is sent: the event JSON, or the target's template rendered with `event` (every field
-    of EVENT_FIELDS present, None where it does not apply). PromptError when the template fails."""
+    of EVENT_FIELDS present, None where it does not apply) within `seconds` and MAX_BODY_CHARS.
+    PromptError when the template fails, takes longer or renders more."""
     if target.template is None:
         return json.dumps(dict(event), sort_keys=True).encode()
-    from taskrunner.agents.prompt import render  # jinja2 enters through prompt.py only
-
     full = {name: event.get(name) for name in EVENT_FIELDS}
-    return render(target.template, {"event": full}, name=f"notify[{target.index}].template").encode()
+    return render_body(target.template, full, f"notify[{target.index}].template", seconds).encode()
 
 
 def signature(secret: str, payload: bytes) -> str:
@@ -189,30 +220,127 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect())
+class _Deadline:
+    """The wall-clock deadline of one POST: when it passes, every socket the try opened is shut down,
+    so a connect or read blocked on it returns at once (as http.py cuts a request at its deadline).
+    A name lookup is not interruptible; `Notifier.stop` does not wait on it beyond its bound."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.passed = False
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._pass)
+        self._timer.daemon = True
+        self._timer.name = "notify-deadline"
+        self._timer.start()
+
+    def connect(self, address: tuple[str, int], timeout: object = None,
+                source_address: tuple[str, int] | None = None) -> socket.socket:
+        """socket.create_connection, its connect within what is left of the deadline (`timeout`: seconds per
+        read, or http.client's default marker)."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        per_read = min(timeout, left) if isinstance(timeout, (int, float)) and timeout else left
+        sock = socket.create_connection(address, per_read, source_address)
+        with self._lock:
+            self._sockets.append(sock)
+            if self.passed:
+                _shut(sock)
+        return sock
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _pass(self) -> None:
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                _shut(sock)
 
 
-def post(url: str, payload: bytes, headers: Mapping[str, str], timeout: float) -> Outcome:
-    """POST `payload` to `url` with urllib; 2xx is ok. `timeout` is seconds per connect and per read."""
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
+        pass
+
+
+def _within(base: type[http.client.HTTPConnection], deadline: _Deadline) -> type[http.client.HTTPConnection]:
+    """`base` whose sockets are made by `deadline` (http.client calls `self._create_connection` in connect(),
+    before a TLS handshake or a proxy tunnel, so both are cut too)."""
+
+    class Connection(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = deadline.connect
+
+    return Connection
+
+
+class _HTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_within(http.client.HTTPConnection, self._deadline), req)
+
+
+class _HTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_within(http.client.HTTPSConnection, self._deadline), req,
+                            context=self._context)  # type: ignore[attr-defined]
+
+
+def post(url: str, payload: bytes, headers: Mapping[str, str], timeout: float, spent: float = 0.0) -> Outcome:
+    """POST `payload` to `url` with urllib (its proxy settings apply); 2xx is ok. `timeout` is seconds for
+    the whole try, a wall-clock deadline (also the limit of each read), of which `spent` seconds are gone
+    (rendering the body). The answer's headers are capped by http.client (100 lines of 64 KiB), its body
+    read up to MAX_ANSWER_BYTES."""
+    deadline = _Deadline(max(timeout - spent, 0.1))
+    opener = urllib.request.build_opener(_NoRedirect(), _HTTP(deadline), _HTTPS(deadline))
     request = urllib.request.Request(url, data=payload, headers=dict(headers), method="POST")
     try:
-        with _OPENER.open(request, timeout=timeout) as answer:
-            answer.read(MAX_ANSWER_BYTES)
+        with opener.open(request, timeout=deadline.seconds) as answer:
+            try:
+                answer.read(MAX_ANSWER_BYTES)
+            except (OSError, http.client.HTTPException):  # answered 2xx: delivered, whatever the rest
+                pass
             return Outcome(True)
     except urllib.error.HTTPError as exc:
         with exc:
             return Outcome(False, retryable(exc.code), f"HTTP {exc.code}")
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, a malformed answer
+        if deadline.passed:
+            return Outcome(False, True, f"timed out after {timeout:g}s (cut off)")
         reason = getattr(exc, "reason", exc)
         return Outcome(False, True, clean(str(reason) or type(reason).__name__)[:SHOWN_CHARS])
+    finally:
+        deadline.cancel()
 
 
-def run_command(argv: tuple[str, ...], payload: bytes, timeout: float) -> Outcome:
-    """Run `argv` with `payload` on stdin in its own process group; killed (the group) after `timeout` s.
-    Exit 0 is ok; a non-zero exit or the timeout may be tried again; a command that cannot start may not."""
+def command_env(target: NotifyTarget, environ: Mapping[str, str], kind: str) -> dict[str, str]:
+    """The environment of `target`'s command: COMMAND_ENV and the entry's `env` (those set in `environ`)
+    and TASKRUN_EVENT=`kind`; nothing else of the daemon's (its secrets, tokens and API keys)."""
+    env = {name: environ[name] for name in (*COMMAND_ENV, *target.env) if name in environ}
+    env["TASKRUN_EVENT"] = kind
+    return env
+
+
+def run_command(argv: tuple[str, ...], payload: bytes, timeout: float, env: Mapping[str, str] | None = None) -> Outcome:
+    """Run `argv` with `payload` on stdin in its own process group, with `env` (None: the daemon's);
+    killed (the group) after `timeout` s. Exit 0 is ok; a non-zero exit or the timeout may be tried
+    again; a command that cannot start may not."""
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, env=None if env is None else dict(env))
     except OSError as exc:
         return Outcome(False, False, f"cannot run {clean(argv[0])}: {exc.strerror or exc}")
     try:
@@ -225,7 +353,7 @@ def run_command(argv: tuple[str, ...], payload: bytes, timeout: float) -> Outcom
         raise
     if proc.returncode == 0:
         return Outcome(True)
-    tail = clean(err[-MAX_ANSWER_BYTES:].decode("utf-8", "replace").strip())[-SHOWN_CHARS:]
+    tail = redact(err[-MAX_ANSWER_BYTES:].decode("utf-8", "replace").strip())[-SHOWN_CHARS:]
     return Outcome(False, True, f"exit code {proc.returncode}" + (f": {tail}" if tail else ""))
 
 
@@ -234,21 +362,27 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.communicate()
+    try:  # a child that left the group may hold stderr open: not waited on beyond STOP_SLACK
+        proc.communicate(timeout=STOP_SLACK)
+    except subprocess.TimeoutExpired:
+        for stream in (proc.stdin, proc.stderr):
+            if stream is not None:
+                stream.close()
+        proc.wait()
 
 
 def attempt(delivery: Delivery, environ: Mapping[str, str]) -> Outcome:
     """One try at `delivery`'s target."""
     from taskrunner.agents.prompt import PromptError
 
-    target = delivery.target
+    target, started = delivery.target, time.monotonic()
     try:
-        payload = body(target, delivery.event)
+        payload = body(target, delivery.event, min(RENDER_SECONDS, target.timeout))
     except PromptError as exc:  # the template's fault: no try will do better
         return Outcome(False, False, f"the template failed: {exc}")
     if target.command is not None:
-        return run_command(target.command, json.dumps(dict(delivery.event), sort_keys=True).encode(),
-                           target.timeout)
+        return run_command(target.command, payload, target.timeout,
+                           command_env(target, environ, str(delivery.event["kind"])))
     assert target.url is not None
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                "X-Taskrun-Event": str(delivery.event["kind"])}
@@ -258,7 +392,7 @@ def attempt(delivery: Delivery, environ: Mapping[str, str]) -> Outcome:
             return Outcome(False, False, f"the environment variable {target.secret_env} (secret_env) is not set "
                                          "in the daemon's environment; not sent")
         headers[SIGNATURE_HEADER] = signature(secret, payload)
-    return post(target.url, payload, headers, target.timeout)
+    return post(target.url, payload, headers, target.timeout, time.monotonic() - started)
 
 
 # -- the Notifier: the hooks, the queue, the delivery thread ---------------------------------
@@ -286,6 +420,7 @@ class Notifier(Hooks):
         self._running = False
         self._deadline: float | None = None  # monotonic; set by stop()
         self._busy = False
+        self._current: Delivery | None = None  # the Delivery under way
         self._task_status: dict[str, TaskStatus] = {}
         self._online: dict[str, bool] = {}
 
@@ -312,15 +447,19 @@ class Notifier(Hooks):
         self._ensure_thread()
 
     def stop(self, drain: float = DRAIN_SECONDS) -> None:
-        """Deliver what is queued for at most `drain` seconds (a try under way may take its timeout
-        beyond that); then drop the rest with a notice and end the thread."""
+        """Deliver what is queued for at most `drain` seconds; a try under way then may take its
+        `timeout` beyond that (at most STOP_TRY_SECONDS, and STOP_SLACK), no more: past it the thread is
+        left to end with the process. Then drop the rest with a notice."""
         with self._cond:
             self._running = False
             self._deadline = time.monotonic() + drain
             self._cond.notify_all()
             thread = self._thread
+            # The longest try that may be under way when the drain time ends: one of a queued Delivery's.
+            longest = max([t.timeout for t in self._targets] + [d.target.timeout for d in self._queue] +
+                          ([self._current.target.timeout] if self._current is not None else []), default=0.0)
         if thread is not None:
-            thread.join(drain + MAX_TIMEOUT + 1.0)  # a try under way ends by its timeout; the thread is a daemon's
+            thread.join(drain + min(longest, STOP_TRY_SECONDS) + STOP_SLACK)  # a daemon thread: one past is left
         with self._cond:
             left, self._queue = len(self._queue), collections.deque()
         if left:
@@ -389,7 +528,8 @@ class Notifier(Hooks):
                         return None
                     if self._queue:
                         self._busy = True
-                        return self._queue.popleft()
+                        self._current = self._queue.popleft()
+                        return self._current
                     self._cond.wait()
                     continue
             # Told outside the lock: a notice goes through every hook, and may take its time.
@@ -415,7 +555,7 @@ class Notifier(Hooks):
                 log.exception("notify: delivery failed")
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._busy, self._current = False, None
 
     def _send(self, delivery: Delivery) -> None:
         target, tried = delivery.target, 0

@@ -152,3 +152,26 @@ def test_a_hanging_or_failing_receiver_neither_stops_tasks_nor_is_given_up_at_on
     assert "not delivered (HTTP 500); trying again" in output
     assert f"notify: notify[0] ({hanging.url.split('/hook')[0]}): completed not delivered (" in output
     assert taskrun(daemon.root, "status").returncode == 0
+
+
+def test_a_command_sees_neither_the_daemons_secrets_nor_a_token_in_the_error(
+        daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "seen.jsonl"
+    script = tmp_path / "dump-env.py"
+    script.write_text("import json, os, sys\n"
+                      "seen = {'env': dict(os.environ), 'event': json.load(sys.stdin)}\n"
+                      f"with open({str(out)!r}, 'a') as f:\n"
+                      "    f.write(json.dumps(seen) + '\\n')\n")
+    configure(daemon.root, f"  - on: [failed]\n    command: [{json.dumps(sys.executable)}, {json.dumps(str(script))}]\n"
+                           "    env: [TASKRUN_TEST_EXTRA]\n")
+    monkeypatch.setenv("TASKRUN_TEST_SECRET", "daemon-secret-value")
+    monkeypatch.setenv("TASKRUN_TEST_EXTRA", "listed")
+    daemon.start()
+    write_task(daemon.root, "bad", "exit 3")
+    wait_status(daemon.root, "bad", "FAILED")
+
+    wait_until(lambda: lines(out), 20, "the command for the failed Task")
+    seen = lines(out)[0]
+    assert "TASKRUN_TEST_SECRET" not in seen["env"] and "daemon-secret-value" not in json.dumps(seen)
+    assert seen["env"]["TASKRUN_TEST_EXTRA"] == "listed" and seen["env"]["TASKRUN_EVENT"] == "failed"
+    assert "PATH" in seen["env"] and seen["event"]["task_id"] == "bad"

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import socket
 import sys
 import threading
 from dataclasses import replace
@@ -17,7 +18,7 @@ import pytest
 
 from taskrunner import notify
 from taskrunner.config import Config, parse_config
-from taskrunner.config_notify import NotifyTarget
+from taskrunner.config_notify import MAX_BODY_CHARS, NotifyTarget
 from taskrunner.errors import ConfigError
 from taskrunner.model import TaskSpec, TaskStatus
 from taskrunner.notify import Delivery, Notifier, Outcome
@@ -431,3 +432,165 @@ def test_a_command_past_its_timeout_is_killed_with_its_process_group(tmp_path: P
     assert not outcome.ok and outcome.retry and "timed out" in outcome.why
     child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 5, "the child's pid"))
     wait_until(lambda: process_gone(child), 5, "the command's child to be killed")
+
+
+# -- bounds: a try's deadline, the template's time and size, redaction, a command's environment ----------
+
+
+class Trickler:
+    """A raw HTTP receiver on 127.0.0.1: reads each POST, answers the first one byte a second (a
+    status line that never ends in time), the next ones at once with 200."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.requests = 0
+        self.answered = 0
+        self.threads: list[threading.Thread] = []
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.requests += 1
+            thread = threading.Thread(target=self._answer, args=(conn, self.requests == 1), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _answer(self, conn: socket.socket, trickle: bool) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+            try:
+                if not trickle:
+                    conn.sendall(answer)
+                    self.answered += 1
+                    return
+                for byte in answer * 100:
+                    conn.sendall(bytes([byte]))
+                    if self.stopping.wait(1.0):  # the pace of the trickle, not a synchronisation
+                        return
+            except OSError:  # the client cut the connection: what the test wants
+                return
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+        self.accepting.join(5)
+        for thread in self.threads:
+            thread.join(5)
+
+
+def test_a_trickling_receiver_is_cut_off_at_the_tries_deadline_and_the_next_delivery_goes_out() -> None:
+    trickler = Trickler()
+    try:
+        notices: list[str] = []
+        targets = config(f"  - on: [worker_untrusted]\n    url: http://127.0.0.1:{trickler.port}/hook\n"
+                         "    timeout: 2s\n    retries: 0\n")
+        hooks = Notifier(targets, notices.append, environ={})
+        hooks.start()
+        hooks.event("worker_untrusted", {"worker": "first", "reason": "r"})
+        hooks.event("worker_untrusted", {"worker": "second", "reason": "r"})
+        # A timeout per read alone would never end the first try: a byte comes every second.
+        wait_until(lambda: trickler.answered == 1, 20, "the second delivery after the first was cut off")
+        assert any("worker_untrusted not delivered (timed out after 2s (cut off))" in n for n in notices), notices
+        hooks.stop()
+        assert hooks._thread is not None and not hooks._thread.is_alive()
+    finally:
+        trickler.close()
+
+
+def test_stop_waits_at_most_the_drain_time_plus_the_tries_timeout() -> None:
+    release = threading.Event()
+
+    def stuck(delivery: Delivery, environ: Mapping[str, str]) -> Outcome:
+        release.wait(60)
+        return Outcome(True)
+
+    hooks = Notifier(config(ALL + "    timeout: 0.5s\n"), [].append, environ={}, deliver=stuck)
+    hooks.start()
+    hooks.event("worker_untrusted", {"worker": "w", "reason": "r"})
+    wait_until(lambda: hooks.pending() == 1 and hooks._current is not None, 5, "the delivery to start")
+    stopping = threading.Thread(target=hooks.stop, kwargs={"drain": 0.1})
+    stopping.start()
+    try:
+        stopping.join(0.1 + 0.5 + notify.STOP_SLACK + 5)  # a generous bound: stop() must not wait on the stuck try
+        assert not stopping.is_alive()
+    finally:
+        release.set()
+        stopping.join()
+
+
+TOKEN = "ghp_" + "A1b2C3d4" * 5
+
+
+def test_a_failed_tasks_error_is_redacted_before_it_is_sent() -> None:
+    error = f"deploy failed: Authorization: Bearer sekrit-value-123 and {TOKEN} in config.yaml"
+    event = notify.task_event(task("db", TaskStatus.FAILED, error), "shell", 0.0)
+    assert event is not None and TOKEN not in event["error"] and "sekrit-value-123" not in event["error"]
+    assert event["error"].startswith("deploy failed: Authorization: Bearer [redacted] and [redacted]")
+    sent = notify.body(NotifyTarget(index=0, on=("failed",), command=("x",)), event).decode()
+    assert TOKEN not in sent and "[redacted]" in sent
+
+
+def test_a_token_cut_in_two_at_the_field_limit_leaves_no_part_behind() -> None:
+    error = "word " * ((notify.MAX_FIELD_CHARS - 10) // 5) + TOKEN + " the rest"
+    event = notify.task_event(task("db", TaskStatus.FAILED, error), "shell", 0.0)
+    assert event is not None and len(event["error"]) <= notify.MAX_FIELD_CHARS
+    assert "ghp" not in event["error"] and "A1b2" not in event["error"] and event["error"].endswith("...")
+
+
+NESTED = ("{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}"
+          "{% endfor %}{% endfor %}{% endfor %}")
+
+
+def test_a_template_that_never_ends_is_refused_at_load_time() -> None:
+    message = refused(f"  - on: [failed]\n    url: http://a.example/\n    template: '{NESTED}'\n")
+    assert "key 'notify[0].template'" in message and "rendering took over 2 s" in message, message
+
+
+def test_a_template_too_large_is_refused_at_load_time() -> None:
+    template = json.dumps("{{ 'x' * 300000 }}")
+    message = refused(f"  - on: [failed]\n    url: http://a.example/\n    template: {template}\n")
+    assert "key 'notify[0].template'" in message and f"over {MAX_BODY_CHARS} characters" in message
+
+
+@pytest.mark.parametrize(("task_id", "reason"), [("slow", "rendering took over 0.5 s"),
+                                                 ("big", "the body is over 262144 characters")])
+def test_a_template_past_its_bounds_at_delivery_fails_without_retry(task_id: str, reason: str) -> None:
+    # The sample event of the load-time trial is neither: the bounds at delivery are what stops these.
+    template = ("{% if event.task_id == 'slow' %}" + NESTED + "{% elif event.task_id == 'big' %}"
+                "{{ 'x' * 300000 }}{% endif %}{{ event.kind | tojson }}")
+    target = config(f"  - on: [failed]\n    url: http://127.0.0.1:9/\n    timeout: 0.5s\n"
+                    f"    template: {json.dumps(template)}\n").notify[0]
+    outcome = notify.attempt(Delivery(target, {"kind": "failed", "task_id": task_id}), {})
+    assert not outcome.ok and not outcome.retry and reason in outcome.why, outcome.why
+
+
+def test_a_command_sees_a_minimal_environment_and_the_names_its_entry_lists(tmp_path: Path) -> None:
+    out = tmp_path / "env.json"
+    script = f"import json, os; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    target = config(f"  - on: [failed]\n    command: [{json.dumps(sys.executable)}, -c, {json.dumps(script)}]\n"
+                    "    env: [TASKRUN_TEST_EXTRA]\n").notify[0]
+    environ = {"PATH": "/usr/bin:/bin", "HOME": "/home/t", "LANG": "C.UTF-8", "TASKRUN_TEST_SECRET": "s3cr3t",
+               "TASKRUN_TEST_EXTRA": "passed", "GITHUB_TOKEN": "ghp_x"}
+    assert notify.attempt(Delivery(target, {"kind": "failed"}), environ).ok
+    seen = json.loads(out.read_text())
+    seen.pop("LC_CTYPE", None)  # the interpreter may set it for itself (PEP 538)
+    assert seen == {"PATH": "/usr/bin:/bin", "HOME": "/home/t", "LANG": "C.UTF-8", "TASKRUN_TEST_EXTRA": "passed",
+                    "TASKRUN_EVENT": "failed"}
+
+
+def test_env_is_refused_with_a_url() -> None:
+    message = refused("  - on: [failed]\n    url: http://a.example/\n    env: [EXTRA]\n")
+    assert "key 'notify[0].env'" in message and "only with `command`" in message
