@@ -176,6 +176,8 @@ def test_a_change_returned_while_the_repository_disk_is_full_waits_for_room_and_
         wait_status(root, "change", "RUNNING")
         run_id = json.loads((root / "runs" / "change" / "run-1" / "status.json").read_text())["run_id"]
         workspace = local_worker_home(root) / "runs" / run_id / "workspace"
+        # The Task is RUNNING once its Run is assigned; the Worker lays out the workspace a moment later.
+        wait_until(workspace.is_dir, 60, "the Worker to lay out the workspace")
         filler = _fill(tmpfs, 256 * 1024)
         (workspace / "go").touch()
         wait_until(lambda: "waits for room" in daemon.output() or "goes on, its output waits" in daemon.output(),
