@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,17 @@ from taskrunner.links.local import default_home
 from tests.agentprobes import Counter, Gate
 
 T = TypeVar("T")
+
+
+def need_program(name: str, package: str) -> str:
+    """The path of the program `name`: a test that needs it skips on a developer's machine without it, and
+    fails under CI (CI=true), where .ci/run installs `package` (Debian)."""
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is missing: .ci/run installs it (Debian package {package})")
+        pytest.skip(f"{name} is not installed (Debian package {package})")
+    return found
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "a condition") -> T:

@@ -9,8 +9,6 @@ machine and fails under CI (CI=true), where .ci/run installs it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import urllib.error
@@ -21,9 +19,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import Daemon, wait_status, wait_until, write_task
+from tests.conftest import Daemon, need_program, wait_status, wait_until, write_task
 
-PROMETHEUS = "/usr/bin/prometheus"
 SECRET_ENV = "TASKRUN_TEST_METRICS_WEBHOOK_SECRET"
 
 
@@ -31,15 +28,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus") or (PROMETHEUS if os.access(PROMETHEUS, os.X_OK) else None)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the prometheus binary is missing: .ci/run installs Debian's `prometheus` package")
-        pytest.skip("needs the prometheus binary (Debian's `prometheus` package)")
-    return found
 
 
 def enable_metrics(root: Path, port: int, webhook: bool = False) -> None:
@@ -55,7 +43,7 @@ class Prometheus:
     """Debian's prometheus server scraping one target every second, its storage and log in `where`."""
 
     def __init__(self, where: Path) -> None:
-        self.binary = prometheus_binary()
+        self.binary = need_program("prometheus", "prometheus")
         self.where = where
         self.port = free_port()  # its HTTP API
         self.log = where / "prometheus.log"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,13 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import Daemon, wait_status, wait_until, write_task
+from tests.conftest import Daemon, need_program, wait_status, wait_until, write_task
 
 
 @pytest.fixture
 def tmux(tmp_path: Path) -> Iterator[list[str]]:
     """The tmux command line of a server of this test's own (its own socket, no user configuration)."""
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tmux is missing: .ci/run installs it (apt-get install tmux)")
-        pytest.skip("tmux is missing")
-    command = ["tmux", "-S", str(tmp_path / "tmux.sock"), "-f", os.devnull]
+    command = [need_program("tmux", "tmux"), "-S", str(tmp_path / "tmux.sock"), "-f", os.devnull]
     yield command
     subprocess.run([*command, "kill-server"], capture_output=True, check=False)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ from taskrunner.cli.main import build_parser, main
 from taskrunner.model import RunStatus, TaskStatus
 from taskrunner.records import Records
 from taskrunner.state import RunState, TaskState
+from tests.conftest import need_program
 
 #: Commands that read state: each has --json.
 READING = [("status",), ("workers",), ("agents",), ("logs",), ("history",), ("wait",), ("keys", "show"),
@@ -146,18 +145,9 @@ def test_the_shell_pattern_of_a_task_id_is_the_task_files_rule() -> None:
                                                                         == sample), sample
 
 
-def need_zsh() -> str:
-    zsh = shutil.which("zsh")
-    if zsh is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("zsh is missing: .ci/run installs it (Debian package zsh)")
-        pytest.skip("zsh is not installed (Debian package zsh)")
-    return zsh
-
-
 @pytest.mark.parametrize("options", [[], ["-o", "globsubst", "-o", "shwordsplit"]], ids=["default", "globsubst"])
 def test_the_zsh_script_offers_only_task_ids_whatever_the_users_options(tmp_path: Path, options: list[str]) -> None:
-    zsh = need_zsh()
+    zsh = need_program("zsh", "zsh")
     repo, _ = bash_completion(tmp_path)
     for name in [*HOSTILE_NAMES, "*(e:touch pwned8:).md", "d(e:touch pwned9:).md"]:
         (repo / "tasks" / name).write_text("# hostile\n")

@@ -9,7 +9,6 @@ import json
 import os
 import pwd
 import shlex
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from taskrunner.cli import service
-from tests.conftest import taskrun, wait_until
+from tests.conftest import need_program, taskrun, wait_until
 
 #: The PATH systemd gives a service (systemd.exec, "Environment variables in spawned processes").
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -124,15 +123,6 @@ def test_a_path_that_needs_quoting_is_quoted_for_systemd() -> None:
         service.quote("/srv/a\nb")
 
 
-def need_systemd_analyze() -> str:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("systemd-analyze is missing: .ci/run installs it (Debian package systemd)")
-        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
-    return analyze
-
-
 @pytest.mark.parametrize(("name", "reason"), [
     ("repo\\", "backslash"), ("re\\po", "backslash"), ("repo ", "whitespace"), ("repo\t", "control character"),
     ("re\x1bpo", "control character"), ("re\npo", "line break"), ("re\udcffpo", "not UTF-8"),
@@ -162,7 +152,7 @@ def test_an_executable_path_with_a_backslash_is_escaped_inside_quotes() -> None:
 
 def test_install_reports_what_systemd_analyze_refuses(repo: Path, user_units: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    need_systemd_analyze()
+    need_program("systemd-analyze", "systemd")
     monkeypatch.setattr(service, "taskrun_argv", lambda: ["/nonexistent/bin/taskrun"])
     out = io.StringIO()
     code = service.cmd_install(argparse.Namespace(repo=str(repo), user=True, print=False),
@@ -175,7 +165,7 @@ def test_install_reports_what_systemd_analyze_refuses(repo: Path, user_units: Pa
 
 
 def test_systemd_analyze_accepts_the_unit(repo: Path, tmp_path: Path) -> None:
-    analyze = need_systemd_analyze()
+    analyze = need_program("systemd-analyze", "systemd")
     result = taskrun(repo, "service", "install", "--print")
     unit = tmp_path / service.unit_name(repo)
     unit.write_text(result.stdout)
