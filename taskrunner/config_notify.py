@@ -189,31 +189,13 @@ def render_body(template: str, event: Mapping[str, Any], name: str, seconds: flo
     "NAME, line L: reason" (a syntax error, an undefined name, a sandbox refusal), "NAME: rendering
     took over S s" or "NAME: the body is over N characters".
     """
-    # jinja2 enters through prompt.py only; its rendering pieces are used so the time bound is the trial's.
+    # jinja2 enters through prompt.py only, bounded as prompt templates are.
     from taskrunner.agents import prompt
 
     prompt.check(template, name)  # a syntax error, named with its line
-    deadline = time.monotonic() + seconds
-
-    def in_time() -> None:
-        if time.monotonic() > deadline:
-            raise prompt.PromptError(f"{name}: rendering took over {seconds:g} s")
-
-    def timed_range(*args: int) -> range:
-        in_time()
-        return prompt._range(*args)
-
+    late = lambda: prompt.PromptError(f"{name}: rendering took over {seconds:g} s")  # noqa: E731
     try:
-        env = prompt._environment()
-        env.globals["range"] = timed_range
-        out: list[str] = []
-        size = 0
-        for chunk in prompt._generate(env.from_string(template), {"event": dict(event)}):
-            in_time()
-            size += len(chunk)
-            if size > MAX_BODY_CHARS:
-                raise prompt.PromptError(f"{name}: the body is over {MAX_BODY_CHARS} characters")
-            out.append(chunk)
-        return "".join(out)
-    except prompt._RENDER_ERRORS as exc:
-        raise prompt.PromptError(prompt._failure(name, exc)) from None
+        return prompt.bounded_render(template, {"event": dict(event)}, time.monotonic() + seconds, late,
+                                     MAX_BODY_CHARS, f"{name}: the body is over {MAX_BODY_CHARS} characters")
+    except prompt.RENDER_ERRORS as exc:
+        raise prompt.PromptError(prompt.failure_text(name, exc)) from None

@@ -46,7 +46,7 @@ import operator
 import re
 import time
 import traceback
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
@@ -240,16 +240,16 @@ def render(template: str | None, values: Mapping[str, Any], name: str = TEMPLATE
         return "".join(out)
     except TemplateSyntaxError as exc:
         raise PromptError(f"{shown}, line {exc.lineno}: {exc.message or 'syntax error'}") from None
-    except _RENDER_ERRORS as exc:
-        raise PromptError(_failure(shown, exc)) from None
+    except RENDER_ERRORS as exc:
+        raise PromptError(failure_text(shown, exc)) from None
 
 
 #: What rendering a template can raise besides a syntax error: the template's fault, reported as such.
-_RENDER_ERRORS = (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
+RENDER_ERRORS = (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
                   RecursionError, MemoryError)
 
 
-def _failure(name: str, exc: BaseException) -> str:
+def failure_text(name: str, exc: BaseException) -> str:
     """ "NAME, line L: reason" for an error raised while rendering the template `name`."""
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, SecurityError):
@@ -299,36 +299,49 @@ def trial_render(template: str, name: str = TEMPLATE_NAME) -> None:
 
     known = ", ".join(SAMPLE_VALUES)
     deadline = time.monotonic() + TRIAL_SECONDS
-
-    def timed_range(*args: int) -> range:
-        _in_time(deadline)
-        return _range(*args)
-
+    late = lambda: SecurityError(f"rendering took over {TRIAL_SECONDS:g} s")  # noqa: E731
     for values, strict in ((SAMPLE_VALUES, True), (BARE_VALUES, False)):
         try:
-            env = _environment()
-            env.globals["range"] = timed_range
-            size = 0
-            for chunk in _generate(env.from_string(template), values):
-                _in_time(deadline)
-                size += len(chunk)
-                if size > MAX_PROMPT_CHARS:
-                    raise PromptError(f"{name}: the prompt is over {MAX_PROMPT_CHARS} characters")
+            bounded_render(template, values, deadline, late, MAX_PROMPT_CHARS,
+                           f"{name}: the prompt is over {MAX_PROMPT_CHARS} characters")
         except TemplateSyntaxError as exc:
             raise PromptError(f"{name}, line {exc.lineno}: {exc.message or 'syntax error'}") from None
         except UndefinedError as exc:
             line = _template_line(exc)
             where = f"{name}, line {line}" if line is not None else name
             raise PromptError(f"{where}: {exc}; a template sees {known}") from None
-        except _RENDER_ERRORS as exc:
+        except RENDER_ERRORS as exc:
             if not strict:
                 continue
-            raise PromptError(f"{_failure(name, exc)} (rendered with sample values)") from None
+            raise PromptError(f"{failure_text(name, exc)} (rendered with sample values)") from None
 
 
-def _in_time(deadline: float) -> None:
-    if time.monotonic() > deadline:
-        raise SecurityError(f"rendering took over {TRIAL_SECONDS:g} s")
+def bounded_render(template: str, values: Mapping[str, Any], deadline: float,
+                   late: Callable[[], Exception], max_chars: int, too_big: str) -> str:
+    """`template` rendered in the sandbox with a bound on time and size: the clock (time.monotonic) is
+    read at each range() and each piece of output, and past `deadline` the exception `late()` is raised;
+    past `max_chars` characters of output, PromptError(too_big). Syntax and rendering errors
+    (TemplateSyntaxError, RENDER_ERRORS) go to the caller, who names them.
+    """
+    def in_time() -> None:
+        if time.monotonic() > deadline:
+            raise late()
+
+    def timed_range(*args: int) -> range:
+        in_time()
+        return _range(*args)
+
+    env = _environment()
+    env.globals["range"] = timed_range
+    out: list[str] = []
+    size = 0
+    for chunk in _generate(env.from_string(template), values):
+        in_time()
+        size += len(chunk)
+        if size > max_chars:
+            raise PromptError(too_big)
+        out.append(chunk)
+    return "".join(out)
 
 
 def _generate(compiled: Any, values: Mapping[str, Any]) -> Iterator[str]:
