@@ -386,6 +386,13 @@ class FilteredView(Hooks):
     def run_output(self, run: RunState, data: bytes) -> None:
         if self.level > logging.INFO:
             return
+        if not getattr(self.inner, "show_output", False):
+            # Without --output the view shows at most the last line (the live table's note): only that
+            # is redacted and passed on, not every byte of a big output on the engine's thread.
+            lines = [line for line in data.splitlines() if line.strip()]
+            if not lines:
+                return
+            data = lines[-1]
         text = data.decode(errors="replace")
         safe = redact_output(text)
         self.inner.run_output(run, data if safe == text else safe.encode())
