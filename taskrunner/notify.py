@@ -306,8 +306,8 @@ def post(url: str, payload: bytes, headers: Mapping[str, str], timeout: float, s
     read up to MAX_ANSWER_BYTES."""
     deadline = _Deadline(max(timeout - spent, 0.1))
     opener = urllib.request.build_opener(_NoRedirect(), _HTTP(deadline), _HTTPS(deadline))
-    request = urllib.request.Request(url, data=payload, headers=dict(headers), method="POST")
     try:
+        request = urllib.request.Request(url, data=payload, headers=dict(headers), method="POST")
         with opener.open(request, timeout=deadline.seconds) as answer:
             try:
                 answer.read(MAX_ANSWER_BYTES)
@@ -322,6 +322,8 @@ def post(url: str, payload: bytes, headers: Mapping[str, str], timeout: float, s
             return Outcome(False, True, f"timed out after {timeout:g}s (cut off)")
         reason = getattr(exc, "reason", exc)
         return Outcome(False, True, clean(str(reason) or type(reason).__name__)[:SHOWN_CHARS])
+    except ValueError as exc:  # a URL urllib cannot use ("http://[::1/", a host label idna refuses): final
+        return Outcome(False, False, f"the URL cannot be used: {clean(str(exc))[:SHOWN_CHARS]}")
     finally:
         deadline.cancel()
 
@@ -343,6 +345,8 @@ def run_command(argv: tuple[str, ...], payload: bytes, timeout: float, env: Mapp
                                 start_new_session=True, close_fds=True, env=None if env is None else dict(env))
     except OSError as exc:
         return Outcome(False, False, f"cannot run {clean(argv[0])}: {exc.strerror or exc}")
+    except ValueError as exc:  # an argument holding a NUL byte
+        return Outcome(False, False, f"cannot run {clean(argv[0])}: {clean(str(exc))}")
     try:
         _, err = proc.communicate(payload, timeout=timeout)
     except subprocess.TimeoutExpired:

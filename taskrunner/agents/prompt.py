@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import operator
 import re
+import sys
 import time
 import traceback
 from typing import Any, Callable, Iterator, Mapping
@@ -331,16 +332,28 @@ def bounded_render(template: str, values: Mapping[str, Any], deadline: float,
         in_time()
         return _range(*args)
 
+    def traced(frame: Any, event: str, arg: Any) -> Any:
+        # A loop that neither calls range() nor writes anything ({% for a in s %}{% for b in s %}...)
+        # is stopped here: the clock is read at every line the template's code runs.
+        in_time()
+        return traced
+
     env = _environment()
     env.globals["range"] = timed_range
     out: list[str] = []
     size = 0
-    for chunk in _generate(env.from_string(template), values):
-        in_time()
-        size += len(chunk)
-        if size > max_chars:
-            raise PromptError(too_big)
-        out.append(chunk)
+    compiled = env.from_string(template)
+    previous = sys.gettrace()
+    sys.settrace(traced)
+    try:
+        for chunk in _generate(compiled, values):
+            in_time()
+            size += len(chunk)
+            if size > max_chars:
+                raise PromptError(too_big)
+            out.append(chunk)
+    finally:
+        sys.settrace(previous)
     return "".join(out)
 
 

@@ -594,3 +594,21 @@ def test_a_command_sees_a_minimal_environment_and_the_names_its_entry_lists(tmp_
 def test_env_is_refused_with_a_url() -> None:
     message = refused("  - on: [failed]\n    url: http://a.example/\n    env: [EXTRA]\n")
     assert "key 'notify[0].env'" in message and "only with `command`" in message
+
+
+def test_a_template_looping_over_strings_without_output_is_refused_at_load_time() -> None:
+    # No range() and no output inside the loops: only reading the clock as the template's code runs ends it.
+    nested = "{% for a in \"x\" * 100000 %}{% for b in \"x\" * 100000 %}{% endfor %}{% endfor %}"
+    message = refused(f"  - on: [failed]\n    url: http://a.example/\n    template: '{nested}'\n")
+    assert "key 'notify[0].template'" in message and "rendering took over 2 s" in message, message
+
+
+@pytest.mark.parametrize("url", ["http://a..b/h", "http://[::1/h", "http://" + "a" * 70 + ".example/h"])
+def test_a_url_urllib_cannot_use_fails_once_without_retry(url: str) -> None:
+    outcome = notify.post(url, b"{}", {}, 2.0)
+    assert (outcome.ok, outcome.retry) == (False, False) and "the URL cannot be used" in outcome.why
+
+
+def test_a_command_argument_with_a_nul_byte_fails_once_without_retry() -> None:
+    outcome = notify.run_command(("printf", "a\x00b"), b"{}", 2.0)
+    assert (outcome.ok, outcome.retry) == (False, False) and "embedded null byte" in outcome.why
