@@ -571,7 +571,8 @@ def head_of(root: Path) -> str | None:
 
 
 def _ask(cwd: Path, *args: str) -> str | None:
-    """The stripped output of `git <args>` run in `cwd`; None when git fails or `cwd` is no directory.
+    """The output of `git <args>` run in `cwd`, without its final newline (nothing else is stripped:
+    a work tree's path may end in a space); None when git fails or `cwd` is no directory.
 
     Run with `cwd` itself (never the process's own directory when `cwd` is
     missing, as GitPython's runner would: that asked the wrong repository).
@@ -582,7 +583,7 @@ def _ask(cwd: Path, *args: str) -> str | None:
         done = subprocess.run(command(*args), cwd=cwd, capture_output=True, text=True)
     except OSError:
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    return done.stdout.removesuffix("\n") if done.returncode == 0 else None  # a path may end in a space
 
 
 def init(path: Path) -> None:

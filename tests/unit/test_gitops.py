@@ -493,3 +493,12 @@ def test_a_clone_whose_path_holds_a_set_variable_or_a_tilde_is_the_repository_gi
         sha = Git(root).commit_paths([write(root, "runs/t/status.json", "{}\n")], "m")
         assert sha is not None and git(root, "rev-parse", "HEAD").strip() == sha
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_work_tree_whose_path_ends_in_a_space_is_found_as_it_is(tmp_path: Path) -> None:
+    root = tmp_path / "trail "
+    root.mkdir()
+    subprocess.run(["git", "init", "--quiet", str(root)], check=True)
+    assert toplevel(root) == root.resolve()
+    assert gitops.git_dirs(root) == (root.resolve() / ".git",)
+    assert gitops.state_dir(root) == root.resolve() / ".git" / "taskrun"
