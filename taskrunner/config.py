@@ -33,7 +33,7 @@ from taskrunner.defaults import (
 )
 # AGENT_PRESETS and PROMPT_PLACEHOLDER are re-exported: callers know them as config's.
 from taskrunner.config_agents import AGENT_PRESETS, PROMPT_PLACEHOLDER, AgentParsing  # noqa: F401
-from taskrunner.config_metrics import MetricsConfig, parse_metrics
+from taskrunner.config_metrics import MetricsConfig, listen_address, parse_metrics
 from taskrunner.config_notify import NotifyTarget, parse_notify
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError, UnsafePath
@@ -457,13 +457,9 @@ class _Parser(AgentParsing):
         if value is None:
             return None
         spec = self.section(value, "webhook", _WEBHOOK_KEYS, required=("listen", "secret_env"))
-        listen = spec["listen"]
-        host, _, port = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
-        # isascii: str.isdigit takes '²' and other digits int() refuses; five digits at most.
-        if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
-            raise self.fail("webhook.listen", f"expected HOST:PORT such as 127.0.0.1:8787, got {describe(listen)}")
+        host, port = listen_address("webhook.listen", spec["listen"], self.fail, example="127.0.0.1:8787")
         return WebhookConfig(
-            host=host.strip("[]"), port=int(port),
+            host=host, port=port,
             secret_env=self.env_name("webhook.secret_env", spec["secret_env"]),
             max_body_bytes=self.integer("webhook.max_body_bytes", spec.get("max_body_bytes", 1024 * 1024), 1),
         )

@@ -10,6 +10,8 @@ and the dotted key (`metrics.listen`) like every other key.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,14 +29,37 @@ class MetricsConfig:
     port: int  # 1-65535
 
 
-def listen_address(key: str, value: object, fail: Callable[[str, str], ConfigError]) -> tuple[str, int]:
-    """HOST:PORT (`[::1]:9464` for IPv6) -> (host without brackets, port); `fail(key, reason)` raised otherwise."""
+def listen_address(key: str, value: object, fail: Callable[[str, str], ConfigError],
+                   example: str = "127.0.0.1:9464") -> tuple[str, int]:
+    """HOST:PORT -> (host without brackets, port); `fail(key, reason)` raised otherwise.
+
+    HOST is an IPv4 address, an IPv6 address in brackets (`[::1]:9464`), or a host name
+    (labels of letters, digits, underscores and inner hyphens, at most 63 characters each and
+    253 in all); PORT is 1-65535. Anything else (spaces, unbalanced brackets, an IPv6
+    address without brackets) is refused here rather than when the listener binds.
+    """
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     # isascii: str.isdigit takes '²' and other digits int() refuses; five digits at most.
-    if not host.strip("[]") or not (port.isascii() and port.isdigit() and len(port) <= 5) \
-            or not 0 < int(port) < 65536:
-        raise fail(key, f"expected HOST:PORT such as 127.0.0.1:9464, got {describe(value)}")
-    return host.strip("[]"), int(port)
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536 \
+            or _host(host) is None:
+        hint = " (an IPv6 address goes in brackets: [::1]:PORT)" if host.count(":") > 1 and "[" not in host else ""
+        raise fail(key, f"expected HOST:PORT such as {example}{hint}, got {describe(value)}")
+    return _host(host) or "", int(port)
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _host(text: str) -> str | None:
+    """The host of a listen address without brackets, or None when it is not one."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(text[1:-1]))
+        except ValueError:
+            return None
+    if text.isascii() and len(text) <= 253 and all(_LABEL.fullmatch(label) for label in text.split(".")):
+        return text
+    return None
 
 
 def parse_metrics(value: object, fail: Callable[[str | None, str], ConfigError]) -> MetricsConfig | None:

@@ -20,8 +20,10 @@ taken as `on` (the only key of an entry that can be written so).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -59,6 +61,7 @@ SAMPLE_EVENT: Mapping[str, Any] = {
     "reason": "a sample reason", "until": 1767225600.0,
 }
 _URL_RE = re.compile(r"^https?://[^\s/?#@]+(/[^\s]*)?$")
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -159,11 +162,28 @@ def _entry(parser: _Parsing, index: int, value: object) -> NotifyTarget:
 
 
 def _url(parser: _Parsing, key: str, value: object) -> str:
-    if not isinstance(value, str) or not _URL_RE.fullmatch(value):
+    if not isinstance(value, str) or not _URL_RE.fullmatch(value) or not _usable_url(value):
         shown = describe(value.split("://", 1)[0] + "://..." if isinstance(value, str) and "://" in value else value)
         raise parser.fail(key, f"expected an http(s) URL such as https://chat.example/hook (no user:password@), "
                                f"got {shown}")
     return value
+
+
+def _usable_url(url: str) -> bool:
+    """Whether urllib can send to `url`: a port in range, an IPv6 literal that parses, a host
+    name of ASCII labels (letters, digits, _ and inner -; an IDN host in its xn-- form) (the checks urllib and the idna codec would fail at delivery)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError:
+        return False
+    netloc = parts.netloc.rpartition(":")[0] if parts.netloc.rsplit("]", 1)[-1].count(":") else parts.netloc
+    if netloc.startswith("["):
+        try:
+            return netloc.endswith("]") and ipaddress.IPv6Address(netloc[1:-1]) is not None
+        except ValueError:
+            return False
+    return 0 < len(netloc) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in netloc.split("."))
 
 
 def _check_template(parser: _Parsing, key: str, value: object) -> None:

@@ -108,7 +108,9 @@ def test_metrics_listen_is_parsed_and_off_by_default() -> None:
 
 
 @pytest.mark.parametrize("listen", ["9464", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", "host:port", ":9464",
-                                    "127.0.0.1:９４６４", "[]:9464", 9464, ["127.0.0.1:9464"]])
+                                    "127.0.0.1:９４６４", "[]:9464", 9464, ["127.0.0.1:9464"],
+                                    "[::1:9464", "::1]:9464", "::1:9464", "127.0.0.1 :9464", "a b:9464",
+                                    "-host:9464", "a..b:9464", "[not-v6]:9464", "x" * 64 + ":9464"])
 def test_a_bad_metrics_listen_is_a_config_error_naming_the_key(listen: object) -> None:
     text = f"metrics:\n  listen: {listen!r}\n" if isinstance(listen, str) else f"metrics:\n  listen: {listen}\n"
     with pytest.raises(ConfigError) as caught:
@@ -317,6 +319,13 @@ def test_the_route_serves_the_text_format_over_http(server: HttpServer, metrics:
                                timeout=10)
     refused.value.close()
     assert refused.value.code == 405
+
+
+@pytest.mark.parametrize("listen", ["[::1:8787", "a b:8787", "::1:8787", "h\u00e9:8787"])
+def test_a_bad_webhook_listen_is_refused_the_same_way(listen: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"webhook:\n  listen: {listen!r}\n  secret_env: HOOK_SECRET\n", "/repo/.taskrun.yaml")
+    assert caught.value.key == "webhook.listen" and "HOST:PORT such as 127.0.0.1:8787" in str(caught.value)
 
 
 def test_metrics_share_the_webhook_listener_on_the_same_address_else_get_their_own() -> None:
