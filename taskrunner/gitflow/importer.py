@@ -7,12 +7,14 @@ pack's digest, so nothing of the pack is read before its size and sha256
 match. Then:
 
 1. the pack is indexed with object checks on (`index-pack --strict`, with
-   `transfer.fsckObjects`) into the daemon clone: a corrupt or malformed
-   object refuses it;
+   `transfer.fsckObjects`) into a quarantine, `objects/incoming-taskrun-<run-id>/`
+   (the clone's objects its alternate): a corrupt or malformed object refuses it;
 2. only the one signed commit is taken: it must be a commit, its only
    parent the Run's base commit, and every object it reaches present (`rev-list
-   --objects <commit> --not <base>`). Other objects of the pack are never
-   referenced (git's gc removes them in time);
+   --objects <commit> --not <base>`). Only then does the pack move into the
+   clone's objects/pack; a refused or failed pack is deleted with its
+   quarantine. Other objects of an admitted pack are never referenced (git's gc
+   removes them in time);
 3. `refs/taskrun/runs/<run-id>` is created (never moved: one per Run, so no
    attempt is lost when the branch moves);
 4. `refs/heads/<git.result_branch_prefix><task-id>` moves to the commit by
@@ -29,7 +31,9 @@ of it.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ from taskrunner.gitflow.plumbing import git
 RUN_REFS = "refs/taskrun/runs/"
 #: Settings for importing a Worker's pack: every object checked.
 IMPORT_CONFIG = ("transfer.fsckObjects=true", "receive.fsckObjects=true", "fetch.fsckObjects=true")
+#: A Run's pack is checked in objects/<this><run-id>/ before it joins the clone's objects.
+QUARANTINE_PREFIX = "incoming-taskrun-"
 _ZERO = "0" * 40
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -78,22 +84,13 @@ def import_change(git_dir: Path, change: Any, pack: bytes, *, run_id: str, task_
         raise ChangeRejected("change rejected: the pack sent does not match the size and sha256 the Worker signed")
     if not _RUN_ID_RE.match(run_id):
         raise ChangeRejected(f"change rejected: run id {run_id!r} cannot name a ref")
+    quarantine = Path(os.path.abspath(git_dir)) / "objects" / f"{QUARANTINE_PREFIX}{run_id}"
+    shutil.rmtree(quarantine, ignore_errors=True)  # what a daemon killed during this Run's last try left
     try:
-        git(git_dir, "index-pack", "--strict", "--stdin", stdin=pack, config=IMPORT_CONFIG)
-    except GitError as exc:
-        if diskspace.full_text(str(exc)):
-            raise  # the repository's disk is full: nothing wrong with the pack (the caller waits for room)
-        raise ChangeRejected(f"change rejected: the pack failed git's object checks ({exc})") from None
-    try:
-        parents = git(git_dir, "rev-list", "--parents", "-n", "1", f"{commit}^{{commit}}").decode().split()
-    except GitError:
-        raise ChangeRejected(f"change rejected: {commit} is not a commit of the pack") from None
-    if parents[:1] != [commit] or parents[1:] != [base]:
-        raise ChangeRejected(f"change rejected: the parent of {commit[:12]} is not the base commit {base[:12]}")
-    try:
-        git(git_dir, "rev-list", "--objects", "--quiet", commit, "--not", base)
-    except GitError as exc:
-        raise ChangeRejected(f"change rejected: objects of {commit[:12]} are missing ({exc})") from None
+        _check_in_quarantine(git_dir, quarantine, pack, commit, base)
+        _admit(quarantine / "pack", quarantine.parent / "pack")
+    finally:
+        shutil.rmtree(quarantine, ignore_errors=True)
     crashpoints.reached("daemon.change_imported")
     run_ref = f"{RUN_REFS}{run_id}"
     try:
@@ -106,6 +103,42 @@ def import_change(git_dir: Path, change: Any, pack: bytes, *, run_id: str, task_
             raise ChangeRejected(f"change rejected: {run_ref} already names another commit ({exc})") from None
     crashpoints.reached("daemon.run_ref_moved")
     return Imported(commit, *_move_branch(git_dir, f"{prefix}{task_id}", commit, run_ref))
+
+
+def _check_in_quarantine(git_dir: Path, quarantine: Path, pack: bytes, commit: str, base: str) -> None:
+    """Steps 1 and 2 of the module doc with the pack's objects in `quarantine`, an object directory of
+    their own whose alternate is the clone's (as git's receive-pack does): nothing of a refused or failed
+    pack, not even git's temp pack, is ever in the clone's objects. ChangeRejected saying why; GitError
+    when the disk is full."""
+    env = {"GIT_OBJECT_DIRECTORY": str(quarantine), "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(quarantine.parent)}
+    try:
+        (quarantine / "pack").mkdir(parents=True)
+    except OSError as exc:
+        raise GitError(f"cannot make {quarantine}: {exc}") from None
+    try:
+        git(git_dir, "index-pack", "--strict", "--stdin", stdin=pack, env=env, config=IMPORT_CONFIG)
+    except GitError as exc:
+        if diskspace.full_text(str(exc)):
+            raise  # the repository's disk is full: nothing wrong with the pack (the caller waits for room)
+        raise ChangeRejected(f"change rejected: the pack failed git's object checks ({exc})") from None
+    try:
+        parents = git(git_dir, "rev-list", "--parents", "-n", "1", f"{commit}^{{commit}}", env=env).decode().split()
+    except GitError:
+        raise ChangeRejected(f"change rejected: {commit} is not a commit of the pack") from None
+    if parents[:1] != [commit] or parents[1:] != [base]:
+        raise ChangeRejected(f"change rejected: the parent of {commit[:12]} is not the base commit {base[:12]}")
+    try:
+        git(git_dir, "rev-list", "--objects", "--quiet", commit, "--not", base, env=env)
+    except GitError as exc:
+        raise ChangeRejected(f"change rejected: objects of {commit[:12]} are missing ({exc})") from None
+
+
+def _admit(source: Path, packs: Path) -> None:
+    """Move the checked pack from the quarantine into the clone's objects/pack: the .pack and its other
+    files first and the .idx last, as git does, since a pack counts once its .idx is there."""
+    names = sorted(os.listdir(source), key=lambda name: (name.endswith(".idx"), name))
+    for name in names:
+        os.replace(source / name, packs / name)
 
 
 def _move_branch(git_dir: Path, branch: str, commit: str, run_ref: str) -> tuple[str | None, str | None]:

@@ -374,6 +374,12 @@ def _refs(root: Path) -> str:
     return git(root, "for-each-ref", "--format=%(refname) %(objectname)")
 
 
+def _objects(root: Path) -> list[str]:
+    """Every path under the clone's objects directory: a refused pack must add none, not even a temp pack."""
+    objects = root / ".git" / "objects"
+    return sorted(str(path.relative_to(objects)) for path in objects.rglob("*"))
+
+
 def test_a_signed_change_is_imported_under_its_run_ref_and_result_branch(tmp_path: Path,
                                                                         source: tuple[Path, str]) -> None:
     root, base = source
@@ -381,6 +387,7 @@ def test_a_signed_change_is_imported_under_its_run_ref_and_result_branch(tmp_pat
     result = _signed(home, found)
     imported = _import(root, result["change"], pack, base)
     assert imported.branch == "taskrun/t" and imported.note is None
+    assert not [name for name in _objects(root) if name.startswith("incoming-")]  # the quarantine is gone
     assert git(root, "rev-parse", "refs/taskrun/runs/run-1").strip() == found["commit"]
     assert git(root, "rev-parse", "refs/heads/taskrun/t").strip() == found["commit"]
 
@@ -419,10 +426,10 @@ def test_a_corrupt_object_is_refused_and_nothing_is_referenced(tmp_path: Path, s
     pack = _pack(scratch, f"{commit}\n^{base}\n")
     home = tmp_path / "w"
     found = {"commit": commit, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack)}
-    before = _refs(root)
+    before, objects = _refs(root), _objects(root)
     with pytest.raises(ChangeRejected, match="object checks"):
         _import(root, _signed(home, found)["change"], pack, base)
-    assert _refs(root) == before
+    assert _refs(root) == before and _objects(root) == objects
 
 
 def test_a_commit_whose_parent_is_not_the_base_is_refused(tmp_path: Path, source: tuple[Path, str]) -> None:
@@ -435,10 +442,11 @@ def test_a_commit_whose_parent_is_not_the_base_is_refused(tmp_path: Path, source
     top = _commit(scratch, "b.txt", "b")
     pack = _pack(scratch, f"{top}\n^{base}\n")
     found = {"commit": top, "base": base, "sha256": hashlib.sha256(pack).hexdigest(), "size": len(pack)}
-    before = _refs(root)
+    before, objects = _refs(root), _objects(root)
     with pytest.raises(ChangeRejected, match="not the base commit"):
         _import(root, _signed(tmp_path / "w", found)["change"], pack, base)
     assert _refs(root) == before and middle
+    assert _objects(root) == objects  # the refused pack's objects never joined the clone's
 
 
 def test_only_the_signed_commit_is_referenced_whatever_else_the_pack_holds(tmp_path: Path,
