@@ -61,7 +61,7 @@ READ_MARGIN_SECONDS = 2.0
 GRACE_SECONDS = 60.0
 
 #: Largest output chunk a Worker sends in one record.
-OUTPUT_CHUNK_BYTES = 64 * 1024
+OUTPUT_CHUNK_BYTES = 1024 * 1024
 #: How often the Worker looks for new output while Runs are active (an Agent
 #: that ends wakes it at once); idle Workers only wake for heartbeats and messages.
 WORKER_POLL_SECONDS = 0.02

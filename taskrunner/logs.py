@@ -138,6 +138,17 @@ def redact_output(text: str) -> str:
     return "".join(pieces)
 
 
+def last_line(data: bytes) -> bytes | None:
+    """The last line of `data` holding more than whitespace (lines end at \\n or \\r), or None; in one
+    pass from the end, not a split of every line of a big chunk."""
+    stripped = len(data.rstrip())
+    if not stripped:
+        return None
+    start = max(data.rfind(b"\n", 0, stripped), data.rfind(b"\r", 0, stripped)) + 1
+    ends = [at for at in (data.find(b"\n", stripped), data.find(b"\r", stripped)) if at >= 0]
+    return data[start:min(ends, default=len(data))]
+
+
 def redact(text: str, multiline: bool = False) -> str:
     """What is safe to log of `text`: secrets masked (`redact_secrets`, so cut at MAX_REDACT_CHARS),
     then `textsafe.clean`ed."""
@@ -389,10 +400,10 @@ class FilteredView(Hooks):
         if not getattr(self.inner, "show_output", False):
             # Without --output the view shows at most the last line (the live table's note): only that
             # is redacted and passed on, not every byte of a big output on the engine's thread.
-            lines = [line for line in data.splitlines() if line.strip()]
-            if not lines:
+            last = last_line(data)
+            if last is None:
                 return
-            data = lines[-1]
+            data = last
         text = data.decode(errors="replace")
         safe = redact_output(text)
         self.inner.run_output(run, data if safe == text else safe.encode())

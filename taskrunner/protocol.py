@@ -53,6 +53,17 @@ at most that many bytes. `Reader.read` enforces both; a Worker screening an
 assignment reads the header alone (`read_header`) and then reads, skips or
 refuses its payload.
 
+**Output at the speed of the link.** A Worker sends output in records of up to
+OUTPUT_CHUNK_BYTES (defaults.py); the control plane takes records of up to
+MAX_OUTPUT_CHUNK_BYTES, so a Worker that sends larger ones than it does is still
+read. Each record costs the control plane a fixed amount of work (a header, an
+event on its loop, an append), so the larger they are, the less a gigabyte
+costs. Neither side copies a payload to frame it: `Writer` writes the header
+and then the payload as they are; `Reader` reads a payload in one call from
+Python's own buffered files, and READ_PIECE_BYTES at a time (joined once) from
+other streams (paramiko's channel file appends each read to what it holds, so
+one large read would copy the payload over and over).
+
 Over SSH the Worker account's shell starts taskrun-worker, and a shell whose
 startup files print (`echo welcome` in ~/.bashrc) puts that text before the
 hello. The control plane reads a Worker's stream through `FromWorker`, which
@@ -62,6 +73,7 @@ saying what arrived, where it comes from and how to silence it.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from dataclasses import dataclass, field
@@ -78,14 +90,21 @@ SMALL_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024
 #: Record types whose headers may be up to MAX_HEADER_BYTES.
 LARGE_HEADERS = frozenset({"assign", "trust", "result", "ready"})
+#: The largest `output` record a control plane reads: a few of the chunks a Worker sends (OUTPUT_CHUNK_BYTES),
+#: so Workers that send larger ones are read too.
+MAX_OUTPUT_CHUNK_BYTES = max(4 * 1024 * 1024, OUTPUT_CHUNK_BYTES)
 #: Payload bytes a record type may carry; types not listed carry none.
-PAYLOAD_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES, "assign": MAX_PAYLOAD_BYTES}
+PAYLOAD_LIMITS: dict[str, int] = {"output": MAX_OUTPUT_CHUNK_BYTES, "assign": MAX_PAYLOAD_BYTES}
 #: The largest pack of an Agent's change a `result` may carry (git.max_result_bytes is capped by it).
 MAX_RESULT_PAYLOAD_BYTES = 256 * 1024 * 1024
 #: What the control plane reads from a Worker: output, one chunk at most, and a result's pack (gitflow/change.py).
-FROM_WORKER_LIMITS: dict[str, int] = {"output": OUTPUT_CHUNK_BYTES, "result": MAX_RESULT_PAYLOAD_BYTES}
+FROM_WORKER_LIMITS: dict[str, int] = {"output": MAX_OUTPUT_CHUNK_BYTES, "result": MAX_RESULT_PAYLOAD_BYTES}
 #: A payload that is skipped is read this many bytes at a time, never whole.
 SKIP_CHUNK_BYTES = 64 * 1024
+#: A payload is read this many bytes at a time from a stream that is not one of Python's buffered files.
+READ_PIECE_BYTES = 64 * 1024
+#: A payload up to this size is written in one piece with its header; a larger one after it, as it is.
+INLINE_PAYLOAD_BYTES = 16 * 1024
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     "hello": ("protocol", "version", "worker", "worker_key", "challenge"),
@@ -119,14 +138,19 @@ class Message:
 
 
 def encode(message: Message) -> bytes:
+    """The record as bytes: its header line, then its payload."""
+    return encode_header(message) + message.payload
+
+
+def encode_header(message: Message) -> bytes:
+    """The record's header line (newline included); its payload follows it on the stream."""
     if "type" in message.fields or "len" in message.fields:
         raise ProtocolError("'type' and 'len' are reserved in record headers")
     header = dict(message.fields)
     header["type"] = message.type
     if message.payload:
         header["len"] = len(message.payload)
-    line = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    return line + b"\n" + message.payload
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 def _no_constant(name: str) -> Any:
@@ -187,6 +211,8 @@ class Reader:
     def __init__(self, stream: BinaryIO, limits: Mapping[str, int] = PAYLOAD_LIMITS) -> None:
         self._stream = stream
         self._limits = limits
+        # Python's buffered files read a payload straight into the bytes they return; others in pieces.
+        self._piece = None if isinstance(stream, io.BufferedIOBase) else READ_PIECE_BYTES
 
     def read(self) -> Message | None:
         header = self.read_header()
@@ -217,7 +243,7 @@ class Reader:
         chunks: list[bytes] = []
         left = header.size
         while left:
-            chunk = self._stream.read(left)
+            chunk = self._stream.read(left if self._piece is None else min(left, self._piece))
             if not chunk:
                 raise ProtocolError(f"stream ended inside the payload of a {header.type} record")
             if digest is not None:
@@ -244,10 +270,22 @@ class Writer:
         self._lock = threading.Lock()
 
     def write(self, *messages: Message) -> None:
-        """Write the records in one go: over SSH, one packet instead of one each."""
-        data = b"".join(encode(message) for message in messages)
+        """Write the records in one go (over SSH, one packet instead of one each), then flush. A payload over
+        INLINE_PAYLOAD_BYTES is written after its header as it is, not copied into one string with it."""
+        parts: list[bytes] = []
+        small: list[bytes] = []
+        for message in messages:
+            small.append(encode_header(message))
+            if len(message.payload) <= INLINE_PAYLOAD_BYTES:
+                small.append(message.payload)
+            else:
+                parts += [b"".join(small), message.payload]
+                small = []
+        if small:
+            parts.append(b"".join(small))
         with self._lock:
-            self._stream.write(data)
+            for part in parts:
+                self._stream.write(part)
             self._stream.flush()
 
 

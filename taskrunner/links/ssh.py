@@ -46,6 +46,9 @@ from taskrunner.sshkeys import (
 )
 
 KEEPALIVE_SECONDS = 5
+#: The channel's largest SSH packet (paramiko's default is 32 KiB): its per-packet work (the MAC check in
+#: Python) dominated a big output's cost on the control plane; the window stays paramiko's 2 MiB.
+MAX_PACKET_BYTES = 256 * 1024
 #: How long paramiko's Transport thread waits on an idle socket before it looks again (its default: 0.1 s).
 TRANSPORT_POLL_SECONDS = 1.0
 #: A session that says nothing for this long is dead, unless the caller bounds
@@ -84,7 +87,7 @@ def open_serve(client: paramiko.SSHClient, spec: WorkerSpec, read_timeout: float
     transport = client.get_transport()
     assert transport is not None
     try:
-        channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+        channel = transport.open_session(timeout=CONNECT_TIMEOUT, max_packet_size=MAX_PACKET_BYTES)
         channel.settimeout(read_timeout)
         channel.exec_command(shlex.join(["taskrun-worker", "serve", "--name", spec.name, "--slots", str(spec.slots)]))
     except (paramiko.SSHException, OSError) as exc:

@@ -8,17 +8,28 @@ Claude Code, Codex, Gemini CLI, Aider) writes its stdout and stderr to
 
 Each loop tick the Worker reads what is new in events.jsonl from
 `Pump.pos` (at most PUMP_TICK_BYTES, so one Run's flood never starves the
-others or the heartbeat), splits it into lines, masks the Run's secrets in
-each line before the reader sees it (so nothing the reader keeps, its final
-message included, can hold one), feeds the reader and appends what it
-rendered to output.log in one write. Then it asks the reader: a usage limit
+others or the heartbeat), masks the Run's secrets in it (`StreamMask`, before
+the reader sees a byte, so nothing the reader keeps, its final message
+included, can hold one), splits it into lines, feeds the reader and appends
+what it rendered to output.log in one write.
+
+**Masking a stream in chunks.** `StreamMask` masks the stream as it arrives,
+read by read, with `bytes.find`, and gives the same bytes as masking the
+whole stream at once (secrets.mask): an occurrence split across two reads,
+or across a line end (a value with a newline in it), is masked too. It holds
+back only an ending of what arrived that is the beginning of a value (at most
+the longest value's length less one byte), until the next read shows whether
+the value follows; so a line is fed as soon as its newline arrives, as
+before. What is held back when the stream ends is masked, as a line cut
+there would be. Then it asks the reader: a usage limit
 seen (`limit()`) or a budget passed (`agents.stream.exceeded`) is a reason
 to stop the Run, which the session carries out (serve.py `_stop`).
 
 **Bounded memory.** A line longer than MAX_LINE_BYTES (agents.stream)
 reaches the reader cut to its first MAX_LINE_BYTES bytes, the moment that
 many have arrived; the rest of it, up to its newline, is skipped. So a Run
-holds at most one line of MAX_LINE_BYTES and one read of READ_CHUNK_BYTES,
+holds at most one line of MAX_LINE_BYTES, one read of READ_CHUNK_BYTES and
+the ending `StreamMask` holds back (shorter than the longest secret),
 whatever the Agent prints (a huge line with no newline at all included).
 
 **Replay.** Readers are deterministic in the sequence of lines, so a Worker
@@ -139,27 +150,56 @@ class LineCutter:
         return line
 
 
-def mask_line(line: bytes, values: Sequence[bytes], cut: bool) -> bytes:
-    """`line` with the secrets masked; a `cut` line's ending that begins a secret is masked too."""
-    if not values:
-        return line
-    values = secret_values.with_json_escapes(tuple(values))
-    masked = secret_values.mask(line, values)
-    if cut:
-        end = _opening_secret(masked, values)
-        if end < len(masked):
-            masked = masked[:end] + b"*" * (len(masked) - end)
-    return masked
+class StreamMask:
+    """Raw bytes in, chunk by chunk; the same bytes out with every byte inside an occurrence of a value
+    replaced by `*`, exactly as masking the whole stream at once would (see the module doc). Pure.
 
+    `values` are the byte strings to mask (secrets.with_json_escapes gives them; empty: nothing is masked or
+    held back). `feed` returns the bytes that are final, `end` the rest; their lengths add up to what was fed.
+    """
 
-def _opening_secret(data: bytes, values: Sequence[bytes]) -> int:
-    """Where an ending of `data` that is the beginning of a secret starts (len(data) when none is)."""
-    reach = max(len(v) for v in values) - 1
-    for at in range(max(0, len(data) - reach), len(data)):
-        ending = data[at:]
-        if any(v.startswith(ending) for v in values):
-            return at
-    return len(data)
+    def __init__(self, values: Sequence[bytes]) -> None:
+        self.values = [v for v in values if v]
+        self._firsts = frozenset(v[0] for v in self.values)
+        self._reach = max((len(v) for v in self.values), default=1) - 1
+        self._raw = b""  # held back: the ending that begins a value, as it arrived
+        self._masked = b""  # the same bytes, with what occurrences ending in them covered masked
+
+    @property
+    def held(self) -> int:
+        """Bytes fed and not given back yet (at most the longest value's length less one)."""
+        return len(self._raw)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The masked bytes of `chunk` (and of what was held back) that no later byte can change."""
+        if not self.values:
+            return chunk
+        raw = self._raw + chunk
+        masked = secret_values.mask(raw, self.values)
+        if self._masked != self._raw:  # occurrences found earlier that reach into the held-back bytes
+            merged = bytearray(masked)
+            for at, byte in enumerate(self._masked):
+                if byte == secret_values.MASK:
+                    merged[at] = byte
+            masked = bytes(merged)
+        keep = self._opening(raw)
+        self._raw, self._masked = raw[keep:], masked[keep:]
+        return masked[:keep]
+
+    def end(self) -> bytes:
+        """The bytes held back, masked whole (the beginning of a value that never came); empty after."""
+        rest = b"*" * len(self._raw)
+        self._raw = self._masked = b""
+        return rest
+
+    def _opening(self, data: bytes) -> int:
+        """Where the longest ending of `data` that is the beginning of a value starts (len(data): none is)."""
+        for at in range(max(0, len(data) - self._reach), len(data)):
+            if data[at] in self._firsts:
+                ending = data[at:]
+                if any(v.startswith(ending) for v in self.values):
+                    return at
+        return len(data)
 
 
 @dataclass
@@ -177,7 +217,8 @@ class Pump:
 
     `reader` is an agents StreamReader (None when none could be made: then
     `failed` says why). `budget` is the assignment's {max_turns,
-    max_cost_usd}. `secrets` are the values masked in each line.
+    max_cost_usd}. `secrets` are the values masked in the stream (with the
+    forms JSON gives them) before it is cut into lines.
     """
 
     run_path: Path
@@ -191,7 +232,11 @@ class Pump:
     stopped: bool = False  # a reason to stop was given once
     cutter: LineCutter = field(default_factory=LineCutter)
     unwritten: bytes = b""  # rendered text output.log had no room for yet (see "A full disk")
+    masker: StreamMask = field(init=False)
     _fd: int | None = None
+
+    def __post_init__(self) -> None:
+        self.masker = StreamMask(secret_values.with_json_escapes(tuple(self.secrets)) if self.secrets else [])
 
     @property
     def keeps_events(self) -> bool:
@@ -211,7 +256,7 @@ class Pump:
     def _step(self, limit: int) -> bool:
         """Read and feed; True when lines were fed."""
         if self.failed is None and self.reader is not None:
-            lines: list[tuple[bytes, bool]] = []
+            lines: list[bytes] = []
             size = self._size()
             stop_at = size if self.end is None else min(size, self.end)
             upto = min(stop_at, self.pos + limit)
@@ -220,8 +265,7 @@ class Pump:
                 if not chunk:
                     break
                 self.pos += len(chunk)
-                cut = self.cutter.max_line
-                lines.extend((line, len(line) == cut) for line in self.cutter.split(chunk))
+                lines.extend(self.cutter.split(self.masker.feed(chunk)))
             if lines:
                 self._feed(lines)
                 return True
@@ -241,9 +285,10 @@ class Pump:
     def outcome(self, exit_code: int | None) -> Outcome:
         """Feed the last line (without its newline) and ask the reader how the Run ended."""
         if self.failed is None and self.reader is not None:
+            lines = self.cutter.split(self.masker.end())
             rest = self.cutter.rest()
-            if rest is not None:
-                self._feed([(rest, True)])
+            if lines or rest is not None:
+                self._feed(lines + ([rest] if rest is not None else []))
         if self.failed is not None or self.reader is None:
             return Outcome("FAILED", self.failed or "the Agent's stream could not be read", self._limit())
         try:
@@ -286,11 +331,11 @@ class Pump:
         except FileNotFoundError:
             return 0
 
-    def _feed(self, lines: list[tuple[bytes, bool]]) -> None:
+    def _feed(self, lines: list[bytes]) -> None:
         texts: list[str] = []
         try:
-            for line, cut in lines:
-                texts.append(self.reader.feed(mask_line(line, self.secrets, cut)))
+            for line in lines:
+                texts.append(self.reader.feed(line))
         except Exception as exc:  # the reader must not raise; if it does, this Run fails, not the session
             self.failed = f"the Agent's stream could not be read: {exc!r}"
         data = "".join(t for t in texts if isinstance(t, str)).encode("utf-8", "replace")

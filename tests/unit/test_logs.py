@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from taskrunner import logs
@@ -363,3 +365,10 @@ def test_at_warning_routine_notices_are_hidden_and_the_rest_shown(capsys: pytest
     for message in ROUTINE:
         filtered.notice(message)
     assert stream.getvalue() == ""
+
+
+@given(st.binary(max_size=64) | st.lists(st.sampled_from([b"a", b" ", b"\n", b"\r", b"\t", b"\x0b", b"x y"]),
+                                          max_size=20).map(b"".join))
+def test_last_line_is_the_last_line_holding_more_than_whitespace(data: bytes) -> None:
+    lines = [line for line in data.splitlines() if line.strip()]
+    assert logs.last_line(data) == (lines[-1] if lines else None)

@@ -11,8 +11,9 @@ import pytest
 
 from taskrunner.defaults import OUTPUT_CHUNK_BYTES
 from taskrunner.errors import ProtocolError
-from taskrunner.protocol import (FROM_WORKER_LIMITS, PAYLOAD_LIMITS, REQUIRED, SKIP_CHUNK_BYTES, SMALL_HEADER_BYTES,
-                                 Message, Reader, Writer, decode_header, encode)
+from taskrunner.protocol import (FROM_WORKER_LIMITS, INLINE_PAYLOAD_BYTES, MAX_OUTPUT_CHUNK_BYTES, PAYLOAD_LIMITS,
+                                 READ_PIECE_BYTES, REQUIRED, SKIP_CHUNK_BYTES, SMALL_HEADER_BYTES, FromWorker, Message,
+                                 Reader, Writer, decode_header, encode)
 
 #: A DSSE envelope as bundles, results and trust statements carry it (signing.py); the protocol only routes it.
 ENVELOPE = {"payloadType": "application/vnd.taskrun.result+json", "payload": "eyJydW5faWQiOiJyMSJ9",
@@ -86,10 +87,11 @@ def test_a_payload_on_a_record_type_that_carries_none_is_refused_before_it_is_re
     assert stream.read() == BINARY  # not a byte of it consumed
 
 
-def test_the_control_plane_takes_output_chunks_up_to_the_chunk_size_and_nothing_larger() -> None:
-    fits = Message("output", {"run_id": "r", "offset": 0}, b"x" * OUTPUT_CHUNK_BYTES)
+def test_the_control_plane_takes_output_chunks_up_to_its_limit_and_nothing_larger() -> None:
+    assert MAX_OUTPUT_CHUNK_BYTES >= OUTPUT_CHUNK_BYTES  # what a Worker sends is always read
+    fits = Message("output", {"run_id": "r", "offset": 0}, b"x" * MAX_OUTPUT_CHUNK_BYTES)
     assert read_all(encode(fits), FROM_WORKER_LIMITS) == [fits]
-    over = encode(Message("output", {"run_id": "r", "offset": 0}, b"x" * (OUTPUT_CHUNK_BYTES + 1)))
+    over = encode(Message("output", {"run_id": "r", "offset": 0}, b"x" * (MAX_OUTPUT_CHUNK_BYTES + 1)))
     with pytest.raises(ProtocolError, match="over its limit"):
         read_all(over, FROM_WORKER_LIMITS)
     with pytest.raises(ProtocolError, match="assign record announces"):
@@ -332,3 +334,68 @@ def test_several_records_written_together_are_one_write_and_read_back_in_order()
     assert Counting.writes == 1
     back = read_all(stream.getvalue())
     assert [(m.type, m.fields, m.payload) for m in back] == [(m.type, m.fields, m.payload) for m in messages]
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that is not a Python buffered file (as paramiko's channel file is not): hands over at most
+    `most` bytes per read, and remembers the largest read asked for."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self._data, self._most, self.largest = data, most, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, limit: int = -1) -> bytes:  # type: ignore[override]
+        line, sep, rest = self._data.partition(b"\n")
+        self._data = rest
+        return line + sep
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        self.largest = max(self.largest, size)
+        out, self._data = self._data[:min(size, self._most)], self._data[min(size, self._most):]
+        return out
+
+
+@pytest.mark.parametrize("most", [1, 1000, READ_PIECE_BYTES, 10 * READ_PIECE_BYTES])
+def test_a_payload_from_a_stream_that_is_not_a_buffered_file_is_read_a_piece_at_a_time(most: int) -> None:
+    payload = bytes(range(256)) * (3 * READ_PIECE_BYTES // 256) + b"tail"
+    messages = [Message("output", {"run_id": "r", "offset": 0}, payload), Message("ack", {"run_id": "r"})]
+    stream = _Trickle(b"".join(encode(m) for m in messages), most)
+    reader = Reader(FromWorker(stream), FROM_WORKER_LIMITS)  # type: ignore[arg-type]
+    assert [reader.read(), reader.read(), reader.read()] == [*messages, None]
+    assert stream.largest == READ_PIECE_BYTES
+
+
+def test_a_payload_from_a_buffered_file_is_read_in_one_call() -> None:
+    payload = b"y" * (3 * READ_PIECE_BYTES)
+
+    class Asked(io.BytesIO):
+        largest = 0
+
+        def read(self, size: int | None = -1) -> bytes:  # type: ignore[override]
+            Asked.largest = max(Asked.largest, size or 0)
+            return super().read(size)
+
+    reader = Reader(Asked(encode(Message("output", {"run_id": "r", "offset": 0}, payload))), FROM_WORKER_LIMITS)
+    assert reader.read() == Message("output", {"run_id": "r", "offset": 0}, payload)
+    assert Asked.largest == len(payload)
+
+
+def test_a_large_payload_is_written_as_it_is_after_its_header_not_copied_into_one_string() -> None:
+    class Parts(io.BytesIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts: list[Any] = []
+
+        def write(self, data: Any) -> int:  # type: ignore[override]
+            self.parts.append(data)
+            return super().write(data)
+
+    payload = b"z" * (INLINE_PAYLOAD_BYTES + 1)
+    small = Message("output", {"run_id": "r", "offset": 0}, b"small")
+    big = Message("output", {"run_id": "r", "offset": 5}, payload)
+    stream = Parts()
+    Writer(stream).write(small, big, Message("heartbeat", {"time": 1.0}))
+    assert [p is payload for p in stream.parts] == [False, True, False]  # the very object, no copy of it
+    assert read_all(stream.getvalue(), FROM_WORKER_LIMITS) == [small, big, Message("heartbeat", {"time": 1.0})]

@@ -26,7 +26,7 @@ from taskrunner import agents
 from taskrunner.protocol import Message
 from taskrunner.worker import streaming
 from taskrunner.agents.stream import MAX_LINE_BYTES
-from taskrunner.worker.streaming import LineCutter, Pump, mask_line
+from taskrunner.worker.streaming import LineCutter, Pump, StreamMask
 from tests.signed import ControlPlane
 from tests.unit import test_worker_serve as harness
 from tests.unit.test_worker_serve import Session, assign, go_flag, group_gone, only, outcome, output_of, poll_until
@@ -374,10 +374,27 @@ def test_lines_are_cut_at_the_limit_and_nothing_more_is_held_whatever_the_chunks
     assert cutter.rest() is None
 
 
-def test_a_cut_line_that_ends_inside_a_secret_has_that_beginning_masked_too() -> None:
-    assert mask_line(b"key=sk-abc", [b"sk-abcdef"], cut=True) == b"key=******"
-    assert mask_line(b"key=sk-abc", [b"sk-abcdef"], cut=False) == b"key=sk-abc"
-    assert mask_line(b"a sk-abcdef b", [b"sk-abcdef"], cut=False) == b"a ********* b"
+def test_a_stream_that_ends_inside_a_secret_has_that_beginning_masked_too() -> None:
+    masker = StreamMask([b"sk-abcdef"])
+    assert masker.feed(b"key=sk-abc") == b"key="
+    assert masker.held == 6
+    assert masker.end() == b"******"
+    assert masker.end() == b""
+    masker = StreamMask([b"sk-abcdef"])
+    assert masker.feed(b"key=sk-abc") + masker.feed(b"x") + masker.end() == b"key=sk-abcx"
+    assert StreamMask([b"sk-abcdef"]).feed(b"a sk-abcdef b") == b"a ********* b"
+
+
+def test_a_line_cut_at_the_limit_inside_a_secret_reaches_the_reader_masked(tmp_path: Path) -> None:
+    secret = b"sk-" + b"s" * 40
+    (tmp_path / "events.jsonl").write_bytes(b"x" * 20 + secret + b" and more\nnext\n")
+    echo = Echo()
+    pump = Pump(tmp_path, echo, secrets=[secret])
+    pump.cutter = LineCutter(max_line=30)
+    pump.step()
+    pump.ending()
+    pump.outcome(0)
+    assert echo.seen == [b"x" * 20 + b"*" * 10, b"next"]
 
 
 class Echo:
