@@ -82,6 +82,7 @@ class Engine:
         # Task files whose id cannot be a path under runs/ (taskfile.task_id_problem), by path:
         # INVALID with this reason, and no record anywhere (README "Decisions").
         self.unusable: dict[str, str] = {}
+        self._trailing: list[str] = []  # Tasks restored RUNNING whose latest Run had ended (restore.read_tasks)
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
         self._seq = 0
@@ -102,8 +103,8 @@ class Engine:
 
         Through the record index in the state dir (record_index.py): only changed records are read.
         """
-        tasks, foreign = restore.read_indexed(self.records, self.state_dir,
-                                              lambda message: emit(self.hooks, "notice", message))
+        tasks, foreign, trailing = restore.read_indexed(self.records, self.state_dir,
+                                                        lambda message: emit(self.hooks, "notice", message))
         self.full_logs.settle_restored(tasks, self.config.records, self.pending.commit)  # fulllogs.py
         for task in tasks:
             self.tasks[task.id] = task
@@ -118,6 +119,7 @@ class Engine:
                 self._run_lost(run, f"Worker '{run.worker}' is no longer configured", RunStatus.FAILED)
             else:
                 worker.runs.add(run.run_id)
+        self._trailing = trailing  # settled by the first scan, once each Task's file (its retries) is read
         for message in restore.foreign_notices(foreign):
             emit(self.hooks, "notice", message)
         crashpoints.reached("daemon.restored")
@@ -142,6 +144,11 @@ class Engine:
                 self.task_file_removed(task.file)
         for rel in [r for r in self.unusable if task_id_for(r) not in seen]:
             del self.unusable[rel]
+        for task_id in self._trailing:  # restored RUNNING: its record was written before its latest Run ended
+            task = self.tasks.get(task_id)
+            if task is not None and task.status is TaskStatus.RUNNING and task.active_run is None:
+                self._after_run(task, task.runs[-1])
+        self._trailing = []
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: Runs on Workers that are gone are retried elsewhere, and every
@@ -220,6 +227,12 @@ class Engine:
             self._settle(task, TaskStatus.CANCELLED, reason)
         else:
             self._save_task(task, commit=True)
+
+    def forget(self, task_id: str) -> TaskState | None:
+        """Drop a Task from memory and the scheduler, writing nothing: it is being pruned (prune.py)."""
+        self.touched.discard(task_id)
+        self._views.pop(task_id, None)
+        return self.tasks.pop(task_id, None)
 
     def _new_revision(self, task: TaskState) -> None:
         task.attempts = 0
@@ -412,7 +425,12 @@ class Engine:
         worker = self.fleet.get(run.worker)
         if worker is not None:
             worker.runs.discard(run.run_id)
-        task = self.tasks[run.task_id]
+        self._after_run(self.tasks[run.task_id], run)
+
+    def _after_run(self, task: TaskState, run: RunState) -> None:
+        """What RUNNING `task` does now that `run`, its latest Run, is final (run again, retry after a
+        backoff, or settle); its record saved and the Run's files queued for commit."""
+        status, error = run.status, run.error
         retries = self._retries(task)
         limited = run.usage_limit is not None and status is RunStatus.FAILED
         if limited:

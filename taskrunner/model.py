@@ -111,7 +111,7 @@ class Priority(enum.IntEnum):
         return self.name.lower()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskSpec:
     """A parsed, valid Task file: what the user asked for."""
 
@@ -134,7 +134,7 @@ class TaskSpec:
     max_cost_usd: float | None = None  # budget: the Run is stopped past this reported (or estimated) cost, USD
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelBackend:
     """The model behind an Agent, recorded on each Run as `backend_used`."""
 
@@ -152,7 +152,7 @@ class ModelBackend:
         return {**self.as_record(), "base_url": self.base_url}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prices:
     """What a model costs, USD per million tokens; used to estimate a Run's cost when the tool reports none."""
 
@@ -166,7 +166,7 @@ class Prices:
                 "cache_write": self.cache_write}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AgentSpec:
     """A named way of carrying out a Task: a preset, or a command of its own."""
 
@@ -201,7 +201,7 @@ class AgentSpec:
         return self.model or (self.backend.model if self.backend else None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """A configured Worker: where it is and what it offers."""
 

@@ -6,20 +6,25 @@ from, and every entry is checked against the file before it is used.
 
     .git/taskrun/record-index     line 1: HMAC-SHA256 (hex) of everything after it, keyed with the record key
                                   line 2: one JSON object (compact, UTF-8):
-    {"version": 1, "stamp": <ns>,                      when the index was written (time.time_ns)
+    {"version": 2, "stamp": <ns>,                      when the index was written (time.time_ns)
+     "run_fields": [name, ...],                         state.RunState's fields, the order of line 4's rows
      "dirs":  {"runs/<dir>": [fingerprint, [subdirectory names], has status.json, [run numbers]]},
-     "shapes": [[key, ...], ...],                       the key sets of the Run records (line 3)
-     "tasks": {"<task id>": [fingerprint, [status, updated_at, seq], [offset, length] (or, as
-                                earlier versions wrote it, the Task record's JSON text itself)]}}
-                                  line 3: {"<task id>/<n>": [fingerprint, shape, Run record without its
-                                           seal and its null values]}
-                                  then: the Task records (JSON, without seal), one a line; a Task's
-                                        [offset, length] (bytes, from the start of the first) points at its own
+     "tasks": {"<task id>": [fingerprint, status, updated_at, seq, [offset, length]]}}
+                                  line 3: {"<task id>": [[the Task record's values of TASK_FIELDS],
+                                                         [the run numbers it lists]]}
+                                  line 4: {"<task id>/<n>": [fingerprint, [the RunState the Run record gives
+                                           (RunState.from_record), its fields in run_fields order]]}
+                                  then: the Task records (JSON, without seal, as json.dumps(record,
+                                        sort_keys=True) writes them: what `taskrun status --json` prints),
+                                        one a line; a Task's [offset, length] (bytes, from the start of the
+                                        first) points at its own
 
-Line 3 is parsed only when a Run record is asked for, and a Task record only
-when it is (its bytes sliced out by offset): `taskrun status` selects Tasks by
-the status, time and sequence number beside each record in line 2, which
-stays small, and parses only the records it shows.
+Line 2 holds what `taskrun status` selects on (status, time, sequence
+number), line 3 what a restart rebuilds a Task's state from (restore.py), so
+neither parses a Task record it does not show: `taskrun status` parses line
+2 only (and copies a record's text as it is for `--json`), a restart lines
+2, 3 and 4 (three JSON parses) and no record at all. Lines 3 and 4 are
+parsed only when first asked for.
 
 A fingerprint is `[st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]` of
 the file (or directory) taken with lstat *before* it was read. An entry is
@@ -27,24 +32,27 @@ believed only while the same lstat gives the same five numbers. Any write
 changes the ctime, which nobody can set, and the daemon replaces records by
 rename (a new inode); a directory's mtime and ctime change whenever an entry
 is added to, removed from or renamed within it. Entries whose mtime or ctime
-is within RACY_NS of the stamp are not believed (a file changed in the same
-clock tick as the index was written could otherwise keep its numbers; git's
-"racy" rule). So the index is stale exactly where a fingerprint differs, and
-only those records are read again, through `Records` (seals checked,
-links refused).
+is within RACY_NS of the stamp are not written into the index (a file changed
+in the same clock tick as the index was written could otherwise keep its
+numbers; git's "racy" rule). So the index is stale exactly where a
+fingerprint differs, and only those records are read again, through
+`Records` (seals checked, links refused).
 
 The index is never believed over a record: it holds only records that
 passed their seal check, an entry whose file changed in any way is read
 afresh (a record put there by anyone else is then refused as usual), and
 the index file itself is used only if its HMAC verifies under this clone's
 record key (which is never committed). A missing, corrupt, foreign or
-oversized index, or one written under another key, is ignored as a whole
-and rebuilt from runs/. Records that are not believed (ForeignRecord) or
-unreadable are never indexed: they are read, and refused, every time.
+oversized index, one of another version, or one written under another key,
+is ignored as a whole and rebuilt from runs/. An entry of the wrong shape
+(sealed, so only an older version's bug could write one) is a miss, never a
+crash. Records that are not believed (ForeignRecord) or unreadable are never
+indexed: they are read, and refused, every time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -58,16 +66,22 @@ from taskrunner.atomic import write_bytes
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.errors import TaskrunError
 from taskrunner.keys import record_key
-from taskrunner.model import RUN_DIR_RE
+from taskrunner.model import RUN_DIR_RE, RunStatus
 from taskrunner.records import Records
+from taskrunner.state import RunState
 
 INDEX_NAME = "record-index"
-INDEX_VERSION = 1
-#: Entries changed this close to the index's stamp (ns) are read again: timestamps can be coarse.
+INDEX_VERSION = 2
+#: Entries changed this close to the index's stamp (ns) are not written into it: timestamps can be coarse.
 RACY_NS = 2_000_000_000
 #: An index file larger than this is ignored (and rebuilt): about 10 KiB per Task for 100,000 Tasks.
 MAX_INDEX_BYTES = 1 << 30
-_DOMAIN = b"taskrun-record-index-v1\0"
+_DOMAIN = b"taskrun-record-index-v2\0"
+#: The fields of a Task record a restart rebuilds its state from (state.TaskState.from_record), in row order.
+TASK_FIELDS = ("file", "seq", "status", "revision", "error", "attempts", "not_before", "removed", "updated_at")
+#: RunState's fields, the order of a Run's row (an index made for other fields is not used).
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunState))
+_STATUS_AT = RUN_FIELDS.index("status")
 
 Fingerprint = tuple[int, int, int, int, int]
 
@@ -77,12 +91,19 @@ def fingerprint(info: os.stat_result) -> Fingerprint:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
+def _print(info: os.stat_result) -> list[int]:
+    """The fingerprint as the index stores it (a list compares with a list in one step)."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
 class RecordIndex:
     """Records as `Records` reads them (load_task, load_run, task_ids, run_taken), through the index.
 
     Same results, same exceptions (ForeignRecord, RecordError) as `Records`;
-    only unchanged records come from the index. `save()` writes what was
-    consulted back. Not thread-safe: one thread (the engine at start, or the CLI).
+    only unchanged records come from the index. `restored` rebuilds an
+    unchanged Task's state without a record parsed, `task_summary` and
+    `task_text` give what `taskrun status` needs of one. `save()` writes what
+    was consulted back. Not thread-safe: one thread (the engine at start, or the CLI).
     """
 
     def __init__(self, records: Records, state_dir: Path) -> None:
@@ -92,14 +113,19 @@ class RecordIndex:
         self._base = str(records.root) + "/"
         self._state_dir = state_dir
         self._stamp = 0
-        self._dirs: dict[str, list[Any]] = {}
-        self._tasks: dict[str, list[Any]] = {}
-        self._runs: dict[str, list[Any]] = {}
-        self._runs_raw: bytes | None = None  # line 3, until a Run record is asked for
-        self._blob = b""  # the Task records after line 3, each found by its [offset, length]
-        self._shapes: list[Any] = []
+        self._dirs: dict[str, Any] = {}
+        self._tasks: dict[str, Any] = {}
+        self._runs: dict[str, Any] = {}
+        self._rows: dict[str, Any] = {}
+        self._rows_raw: bytes | None = None  # line 3, until a restore row is asked for
+        self._runs_raw: bytes | None = None  # line 4, until a Run record is asked for
+        self._blob = b""  # the index file: the Task records start at _blob_at, each found by its [offset, length]
+        self._blob_at = 0
         self._new_dirs: dict[str, list[Any]] = {}
+        #: Consulted Tasks: [fingerprint, status, updated_at, seq, record text (bytes) or [offset, length] or None,
+        #: record or None, restore row (None: not looked up yet; False: none)].
         self._new_tasks: dict[str, list[Any]] = {}
+        #: Consulted Runs: [fingerprint, row (RUN_FIELDS values, the status as text)].
         self._new_runs: dict[str, list[Any]] = {}
         self._fresh_dirs: set[str] = set()
         self.hits = 0
@@ -110,8 +136,8 @@ class RecordIndex:
 
     def load(self) -> bool:
         """Read and verify the index file; False (and an empty index) when it is missing or not usable."""
-        self._dirs, self._tasks, self._runs, self._stamp, self.loaded = {}, {}, {}, 0, False
-        self._runs_raw, self._shapes, self._blob = None, [], b""
+        self._dirs, self._tasks, self._runs, self._rows, self._stamp, self.loaded = {}, {}, {}, {}, 0, False
+        self._rows_raw, self._runs_raw, self._blob, self._blob_at = None, None, b"", 0
         try:
             key = record_key(self._state_dir, create=False)
         except TaskrunError:
@@ -121,58 +147,67 @@ class RecordIndex:
         raw = _read_regular(self.path, MAX_INDEX_BYTES)
         if raw is None:
             return False
-        mac, _, body = raw.partition(b"\n")
-        expected = hmac.new(key, _DOMAIN + body, hashlib.sha256).hexdigest().encode()
-        if not hmac.compare_digest(mac, expected):
+        # Offsets, not partitions: each copy of a 10 MB file costs as much as a JSON parse of its first line.
+        ends = [raw.find(b"\n")]
+        if ends[0] < 0:
             return False
-        head, _, rest = body.partition(b"\n")
-        runs_raw, _, blob = rest.partition(b"\n")
+        mac = hmac.new(key, _DOMAIN, hashlib.sha256)
+        mac.update(memoryview(raw)[ends[0] + 1:])
+        if not hmac.compare_digest(raw[:ends[0]], mac.hexdigest().encode()):
+            return False
+        for _ in range(3):
+            end = raw.find(b"\n", ends[-1] + 1)
+            ends.append(len(raw) if end < 0 else end)
+            if end < 0:
+                break
+        if len(ends) < 4:
+            return False
+        head, rows_raw, runs_raw = (raw[ends[n] + 1:ends[n + 1]] for n in range(3))
         try:
             data = json.loads(head)
             if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
                 return False
-            stamp, dirs, shapes = data["stamp"], data["dirs"], data["shapes"]
-            if not (isinstance(stamp, int) and isinstance(dirs, dict) and isinstance(shapes, list)):
-                return False
-            tasks = data["tasks"]
-            if not isinstance(tasks, dict):
+            stamp, dirs, tasks, fields = data["stamp"], data["dirs"], data["tasks"], data["run_fields"]
+            if not (type(stamp) is int and type(dirs) is dict and type(tasks) is dict):
                 return False
         except (ValueError, KeyError, TypeError, IndexError, RecursionError):
             return False
         self._stamp, self._dirs, self._tasks, self.loaded = stamp, dirs, tasks, True
-        self._shapes, self._runs_raw, self._blob = shapes, runs_raw, blob
+        # Rows of other fields (another version's RunState) are not used: every Run record is read again.
+        self._rows_raw, self._runs_raw = rows_raw, runs_raw if fields == list(RUN_FIELDS) else b"{}"
+        self._blob, self._blob_at = raw, min(ends[3] + 1, len(raw))
         return True
 
-    def _text(self, ref: Any) -> str | None:
-        """The Task record (JSON text) an index entry points at with [offset, length]; None if it cannot be."""
-        if isinstance(ref, str):
+    def _slice(self, ref: Any) -> bytes | None:
+        """The Task record (JSON bytes) an index entry points at with [offset, length]; None if it cannot be."""
+        if type(ref) is bytes:
             return ref
-        if not (isinstance(ref, list) and len(ref) == 2 and all(type(n) is int for n in ref)):
+        if not (type(ref) is list and len(ref) == 2 and type(ref[0]) is int and type(ref[1]) is int):
             return None
         start, length = ref
-        if start < 0 or length < 0 or start + length > len(self._blob):
+        start += self._blob_at
+        if start < self._blob_at or length < 0 or start + length > len(self._blob):
             return None
-        try:
-            return self._blob[start:start + length].decode()
-        except UnicodeDecodeError:
-            return None
+        return self._blob[start:start + length]
 
-    def _old_runs(self) -> dict[str, list[Any]]:
-        """The Run entries of the file read by `load` (line 3), parsed on first use; {} if unusable."""
+    def _old_runs(self) -> dict[str, Any]:
+        """The Run entries of the file read by `load` (line 4), parsed on first use; {} if unusable."""
         if self._runs_raw is not None:
-            raw, self._runs_raw = self._runs_raw, None
-            try:
-                self._runs = _expand(json.loads(raw), self._shapes)
-            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-                self._runs = {}
+            self._runs, self._runs_raw = _parse(self._runs_raw), None
         return self._runs
+
+    def _old_rows(self) -> dict[str, Any]:
+        """The restore rows of the file read by `load` (line 3), parsed on first use; {} if unusable."""
+        if self._rows_raw is not None:
+            self._rows, self._rows_raw = _parse(self._rows_raw), None
+        return self._rows
 
     def save(self) -> bool:
         """Write the index (atomically, mode 0600) from what was consulted since `load`; False if it cannot.
 
         Kinds of entry not consulted at all (the Runs, for a reader of Task
-        records only) are carried over as they were: each is still checked
-        against its file when used.
+        records only) are carried over as they were, unparsed: each is still
+        checked against its file when used.
         """
         try:
             key = record_key(self._state_dir, create=False)
@@ -181,33 +216,60 @@ class RecordIndex:
         if key is None:
             return True  # this clone sealed no record yet: there is nothing its index could vouch for
         stamp = time.time_ns()
-        dirs = self._new_dirs  # directories not walked are listed afresh next time
-        shapes: dict[tuple[str, ...], int] = {}
-        runs = _compact(self._new_runs if self._new_runs else self._old_runs(), shapes)
-        tasks = self._new_tasks if self._new_tasks or self._fresh_dirs else {
-            k: [e[0], e[1], text] for k, e in self._tasks.items()
-            if isinstance(e, list) and len(e) == 3 and (text := self._text(e[2])) is not None}
+        racy = stamp - RACY_NS
+        if self._new_runs or self._runs_raw is None:
+            runs = {name: entry for name, entry in (self._new_runs.items() if self._new_runs else
+                                                    self._carried_runs()) if max(entry[0][3], entry[0][4]) < racy}
+            runs_line = json.dumps(runs, separators=(",", ":"), ensure_ascii=False).encode()
+        else:
+            runs_line = self._runs_raw
+        tasks = self._new_tasks if self._new_tasks or self._fresh_dirs else self._carried_tasks()
         blob: list[bytes] = []
         at = 0
-        refs: dict[str, list[int]] = {}
-        for task_id, e in tasks.items():
-            # Compact JSON holds no raw newline: one record a line.
-            text = (e[2] if e[2] is not None else json.dumps(e[3], separators=(",", ":"), ensure_ascii=False)).encode()
-            refs[task_id] = [at, len(text)]
-            blob.append(text)
-            at += len(text) + 1
-        data = {"version": INDEX_VERSION, "stamp": stamp,
-                "dirs": {k: v for k, v in dirs.items() if not self._racy(v[0], stamp)},
-                "tasks": {k: [e[0], e[1], refs[k]] for k, e in tasks.items()},
-                "shapes": [list(shape) for shape in shapes]}
-        body = (json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-                + json.dumps(runs, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" + b"\n".join(blob))
+        entries: dict[str, Any] = {}
+        rows: dict[str, Any] = {}
+        for task_id, (print_, status, updated, seq, text, record, row) in tasks.items():
+            if max(print_[3], print_[4]) >= racy:
+                continue
+            data = self._slice(text) if text is not None else None
+            if data is None:
+                if record is None:
+                    continue
+                data = json.dumps(record, sort_keys=True).encode()  # no raw newline: one record a line
+            entries[task_id] = [print_, status, updated, seq, [at, len(data)]]
+            blob.append(data)
+            at += len(data) + 1
+            row = self._old_row(task_id) if row is None else row
+            if row:
+                rows[task_id] = row
+        head = {"version": INDEX_VERSION, "stamp": stamp, "run_fields": list(RUN_FIELDS),
+                "dirs": {k: v for k, v in self._new_dirs.items() if max(v[0][3], v[0][4]) < racy},
+                "tasks": entries}
+        body = b"\n".join([json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode(),
+                           json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode(), runs_line, *blob])
         mac = hmac.new(key, _DOMAIN + body, hashlib.sha256).hexdigest().encode()
         try:
             write_bytes(self.path, mac + b"\n" + body, mode=0o600, durable=False)
         except OSError:
             return False
         return True
+
+    def _carried_runs(self) -> Iterator[tuple[str, list[Any]]]:
+        """The Run entries of the file read, those of the shape `save` writes."""
+        for name, entry in self._old_runs().items():
+            if type(entry) is list and len(entry) == 2 and _is_print(entry[0]) and _run_row(entry[1]) is not None:
+                yield name, entry
+
+    def _carried_tasks(self) -> dict[str, list[Any]]:
+        """The Task entries of the file read, as consulted entries (for a save that consulted none)."""
+        return {k: [*e, None, None] for k, e in self._tasks.items() if _task_shape(e) and _is_print(e[0])}
+
+    def _old_row(self, task_id: str) -> list[Any] | bool:
+        """The restore row line 3 holds for a Task, False when it holds none (or one of another shape)."""
+        row = self._old_rows().get(task_id)
+        if type(row) is list and len(row) == 2 and type(row[0]) is list and len(row[0]) == len(TASK_FIELDS):
+            return row if type(row[1]) is list else False
+        return False
 
     # -- Records, through the index -------------------------------------------
 
@@ -222,7 +284,8 @@ class RecordIndex:
             subdirs, has_status = listing[1], listing[2]
             if has_status and rel != RUNS_DIR:
                 yield rel[len(RUNS_DIR) + 1:]
-            stack.extend(f"{rel}/{name}" for name in subdirs)
+            if subdirs:
+                stack.extend(f"{rel}/{name}" for name in subdirs)
 
     def run_taken(self, task_id: str, number: int) -> bool:
         """As `Records.run_taken`; from the listing when this Task's directory was looked at by task_ids."""
@@ -236,93 +299,136 @@ class RecordIndex:
         """(status, updated_at, seq) of the Task's record when the index holds it unchanged, else None
         (then `load_task` says what the record is). Parses no record."""
         entry = self._task_entry(task_id)
-        return None if entry is None else (entry[1][0], entry[1][1], entry[1][2])
+        return None if entry is None else (entry[1], entry[2], entry[3])
+
+    def task_text(self, task_id: str) -> str | None:
+        """The Task's record as json.dumps(record, sort_keys=True) writes it, when the index holds it unchanged;
+        else None. Parses no record."""
+        entry = self._task_entry(task_id)
+        if entry is None:
+            return None
+        if entry[5] is not None:
+            return json.dumps(entry[5], sort_keys=True)
+        data = self._slice(entry[4])
+        try:
+            return None if data is None else data.decode()
+        except UnicodeDecodeError:
+            return None
 
     def load_task(self, task_id: str) -> dict[str, Any] | None:
         """As `Records.load_task`."""
         entry = self._task_entry(task_id)
         if entry is not None:
-            if entry[3] is None:
+            if entry[5] is None:
+                data = self._slice(entry[4])
                 try:
-                    record = json.loads(entry[2])
+                    record = json.loads(data) if data is not None else None
                 except (ValueError, RecursionError):
                     record = None
                 if isinstance(record, dict):
-                    entry[3] = record
-            if entry[3] is not None:
+                    entry[5] = record
+            if entry[5] is not None:
                 self.hits += 1
-                return dict(entry[3])
+                return dict(entry[5])
         self.misses += 1
         rel = f"{RUNS_DIR}/{task_id}/status.json"
         info = self._lstat(rel)
         record = self.records.load_task(task_id)  # ForeignRecord and RecordError go to the caller
         if record is not None and info is not None and stat.S_ISREG(info.st_mode):
-            self._new_tasks[task_id] = [list(fingerprint(info)), _summary(record), None, record]
+            self._new_tasks[task_id] = [_print(info), *_summary(record), None, record, _row(task_id, record)]
         return None if record is None else dict(record)
 
+    def restored(self, task_id: str) -> tuple[dict[str, Any], list[RunState]] | None:
+        """(the Task record's fields in TASK_FIELDS, and task_id; its Runs' states, in order) when the index
+        holds the Task's record and every Run record it lists unchanged, and no run-<n> past them exists;
+        else None (then read it through load_task and load_run). Parses no record."""
+        entry = self._task_entry(task_id)
+        if entry is None:
+            return None
+        if entry[6] is None:
+            entry[6] = self._old_row(task_id)
+        row = entry[6]
+        if not row:
+            return None
+        runs: list[RunState] = []
+        try:
+            for number in row[1]:
+                run = self._run_entry(task_id, number) if type(number) is int else None
+                if run is None:
+                    return None
+                runs.append(run)
+            if self.run_taken(task_id, max(row[1], default=0) + 1):
+                return None  # a Run record the Task record does not list yet: read the slow way
+        except (TypeError, ValueError):
+            return None  # an entry of another shape (see _task_shape)
+        self.hits += 1 + len(runs)
+        data = dict(zip(TASK_FIELDS, row[0]))
+        data["task_id"] = task_id
+        return data, runs
+
     def _task_entry(self, task_id: str) -> list[Any] | None:
-        """[fingerprint, summary, record JSON or None, record or None] when the index holds this Task's
-        record and its file has not changed, else None."""
+        """The consulted entry (see _new_tasks) when the index holds this Task's record and its file has not
+        changed, else None."""
         entry = self._new_tasks.get(task_id)
         if entry is not None:
             return entry
         entry = self._tasks.get(task_id)
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], list) and len(entry[1]) == 3):
+        if entry is None or not _task_shape(entry):
             return None
         info = self._lstat(f"{RUNS_DIR}/{task_id}/status.json")
-        if info is None or not stat.S_ISREG(info.st_mode):
+        if info is None or _print(info) != entry[0] or not stat.S_ISREG(info.st_mode):
             return None
-        print_ = fingerprint(info)
-        if not _same(entry[0], print_) or self._racy(print_, self._stamp):
-            return None
-        status, updated, seq = entry[1]
-        if not (isinstance(status, str) and isinstance(updated, (int, float)) and isinstance(seq, int)):
-            return None
-        text = self._text(entry[2])
-        if text is None:
-            return None
-        if isinstance(entry[2], str):
-            self.misses += 1  # the earlier form (the record inline in line 2): counted so the index is rewritten
-        fresh = self._new_tasks[task_id] = [entry[0], [status, float(updated), seq], text, None]
+        fresh = self._new_tasks[task_id] = [*entry, None, None]
         return fresh
 
+    def _run_entry(self, task_id: str, number: int) -> RunState | None:
+        """The state of a Run whose record the index holds unchanged (its entry kept for the save), else None."""
+        name = f"{task_id}/{number}"
+        entry = self._new_runs.get(name)
+        if entry is None:
+            info = self._lstat(f"{RUNS_DIR}/{task_id}/run-{number}/status.json")
+            if info is None:
+                return None
+            entry = self._old_runs().get(name)
+            if type(entry) is not list or len(entry) != 2 or entry[0] != _print(info) or not stat.S_ISREG(info.st_mode):
+                return None
+        run = _run_row(entry[1])
+        if run is not None:
+            self._new_runs[name] = entry
+        return run
+
     def load_run(self, task_id: str, number: int) -> dict[str, Any] | None:
-        """As `Records.load_run`."""
-        return self._load(self._old_runs(), self._new_runs, f"{task_id}/{number}",
-                          f"{RUNS_DIR}/{task_id}/run-{number}/status.json",
-                          lambda: self.records.load_run(task_id, number))
+        """As `Records.load_run`; from the index, the record as the Run's state writes it (RunState.record)."""
+        run = self._run_entry(task_id, number)
+        if run is not None:
+            self.hits += 1
+            return run.record()
+        self.misses += 1
+        rel = f"{RUNS_DIR}/{task_id}/run-{number}/status.json"
+        info = self._lstat(rel)
+        record = self.records.load_run(task_id, number)  # ForeignRecord and RecordError go to the caller
+        if record is not None and info is not None and stat.S_ISREG(info.st_mode):
+            try:
+                state = RunState.from_record(record)
+            except (KeyError, ValueError, TypeError):
+                return record  # read_tasks says what is wrong with it, each time: not indexed
+            row = [getattr(state, name) for name in RUN_FIELDS]
+            row[_STATUS_AT] = state.status.value
+            self._new_runs[f"{task_id}/{number}"] = [_print(info), row]
+        return record
 
     # -- internals -------------------------------------------------------------
-
-    def _load(self, old: dict[str, list[Any]], new: dict[str, list[Any]], key: str, rel: str,
-              read: Any) -> dict[str, Any] | None:
-        info = self._lstat(rel)
-        if info is None or not stat.S_ISREG(info.st_mode):
-            return read()  # absent, or a link or special file: Records says which
-        print_ = fingerprint(info)
-        entry = old.get(key)
-        if (isinstance(entry, list) and len(entry) == 2 and _same(entry[0], print_)
-                and isinstance(entry[1], dict) and not self._racy(print_, self._stamp)):
-            self.hits += 1
-            new[key] = entry
-            return dict(entry[1])
-        self.misses += 1
-        record = read()  # ForeignRecord and RecordError go to the caller, and nothing is indexed
-        if record is not None:
-            new[key] = [list(print_), record]
-        return None if record is None else dict(record)
 
     def _listing(self, rel: str) -> list[Any] | None:
         """[fingerprint, subdirectories, has status.json, run numbers] of runs/<...>, or None if not a directory."""
         info = self._lstat(rel)
         if info is None or not stat.S_ISDIR(info.st_mode):
             return None
-        print_ = fingerprint(info)
+        print_ = _print(info)
         entry = self._dirs.get(rel)
-        if not (isinstance(entry, list) and len(entry) == 4 and _same(entry[0], print_)
-                and not self._racy(print_, self._stamp) and _listing_shape(entry)):
+        if not (type(entry) is list and len(entry) == 4 and entry[0] == print_ and _listing_shape(entry)):
             self.misses += 1
-            entry = [list(print_), *self._scan(rel)]
+            entry = [print_, *self._scan(rel)]
         self._new_dirs[rel] = entry
         self._fresh_dirs.add(rel)
         return entry
@@ -351,58 +457,64 @@ class RecordIndex:
         except (OSError, ValueError):
             return None
 
-    @staticmethod
-    def _racy(print_: Any, stamp: int) -> bool:
-        return max(int(print_[3]), int(print_[4])) >= stamp - RACY_NS
-
 
 def _summary(record: dict[str, Any]) -> list[Any]:
-    """[status, updated_at, seq] of a Task record, kept beside it in the index (0 for what is not a number)."""
+    """[status, updated_at, seq] of a Task record, what `taskrun status` selects on (0 for what is not a number)."""
     updated, seq = record.get("updated_at"), record.get("seq")
     return [str(record.get("status")),
             float(updated) if isinstance(updated, (int, float)) and not isinstance(updated, bool) else 0.0,
             seq if isinstance(seq, int) and not isinstance(seq, bool) else 0]
 
 
-def _compact(entries: dict[str, list[Any]], shapes: dict[tuple[str, ...], int]) -> dict[str, list[Any]]:
-    """Entries as stored: [fingerprint, shape number, {the record's non-null values}].
-
-    A shape is a record's key set (sorted): listed once in "shapes", its null
-    values are left out of each record, so a Run record costs a third of its size.
-    """
-    out: dict[str, list[Any]] = {}
-    for key, (print_, record) in entries.items():
-        if not isinstance(record, dict):
-            continue
-        shape = shapes.setdefault(tuple(sorted(record)), len(shapes))
-        out[key] = [print_, shape, {k: v for k, v in record.items() if v is not None}]
-    return out
+def _row(task_id: str, record: dict[str, Any]) -> list[Any] | bool:
+    """[[the values of TASK_FIELDS], [run numbers listed]] of a Task record, what a restart rebuilds the Task
+    from; False for a record that names another Task or lists its Runs in a shape restore.read_tasks refuses."""
+    if record.get("task_id") != task_id:
+        return False
+    try:
+        numbers = [int(entry["run"]) for entry in record.get("runs", [])]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return [[record.get(name) for name in TASK_FIELDS], numbers]
 
 
-def _expand(stored: Any, shapes: list[Any]) -> dict[str, list[Any]]:
-    """The entries `_compact` stored, as [fingerprint, record]; TypeError/ValueError for a bad shape."""
-    if not isinstance(stored, dict):
-        raise TypeError("entries")
-    keys = [tuple(shape) for shape in shapes]
-    out: dict[str, list[Any]] = {}
-    for name, (print_, shape, values) in stored.items():
-        if not isinstance(values, dict) or not isinstance(shape, int) or not 0 <= shape < len(keys):
-            raise TypeError("entry")
-        record = dict.fromkeys(keys[shape])
-        record.update(values)
-        out[name] = [print_, record]
-    return out
+def _task_shape(entry: Any) -> bool:
+    """Whether a stored Task entry has the shape `save` writes (a sealed index holds nothing else, but an
+    older version's bug must make a miss, not a crash). Its fingerprint is compared with a real one."""
+    return (type(entry) is list and len(entry) == 5 and type(entry[1]) is str and type(entry[2]) is float
+            and type(entry[3]) is int)
 
 
-def _same(stored: Any, print_: Fingerprint) -> bool:
-    return isinstance(stored, list) and len(stored) == 5 and tuple(stored) == print_
+def _run_row(row: Any) -> RunState | None:
+    """The RunState a stored row holds (RUN_FIELDS values, the status as text); None for another shape."""
+    if type(row) is not list or len(row) != len(RUN_FIELDS):
+        return None
+    try:
+        run = RunState(*row)
+        run.status = RunStatus(run.status)
+    except (TypeError, ValueError):
+        return None
+    return run
+
+
+def _is_print(value: Any) -> bool:
+    return type(value) is list and len(value) == 5 and all(type(n) is int for n in value)
 
 
 def _listing_shape(entry: list[Any]) -> bool:
-    return (isinstance(entry[1], list) and all(isinstance(n, str) and "/" not in n and n not in (".", "..")
-                                               for n in entry[1])
-            and isinstance(entry[2], bool) and isinstance(entry[3], list)
-            and all(isinstance(n, int) for n in entry[3]))
+    """Whether a stored listing can be used (its run numbers are only ever looked up, never trusted further)."""
+    subdirs = entry[1]
+    return (type(subdirs) is list and type(entry[3]) is list
+            and (not subdirs or all(type(n) is str and "/" not in n and n not in (".", "..") for n in subdirs)))
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """A line of the index holding one JSON object; {} when it is not one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return data if type(data) is dict else {}
 
 
 def _read_regular(path: Path, limit: int) -> bytes | None:
@@ -415,10 +527,13 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return None
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        data = os.read(fd, info.st_size + 1)  # at once: one copy of a large file, not chunks and a join
+        if len(data) <= info.st_size:
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data if len(data) <= limit else None
     except OSError:
         return None
     finally:

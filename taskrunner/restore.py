@@ -7,7 +7,9 @@ if it had no record, and `foreign_notices` says so.
 
 `read_indexed` reads through the record index (record_index.py): only
 records whose files changed since the index was written are read and their
-seals checked again; the index is then written back for the next start.
+seals checked again; the index is then written back for the next start. A
+Task the index holds unchanged, with all its Runs, is rebuilt from the
+index's rows (RecordIndex.restored) without a record parsed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class RecordSource(Protocol):
 
 
 def read_indexed(records: Records, state_dir: Path,
-                 notice: Callable[[str], None]) -> tuple[list[TaskState], list[str]]:
+                 notice: Callable[[str], None]) -> tuple[list[TaskState], list[str], list[str]]:
     """read_tasks through the record index in `state_dir`, which is then written back.
 
     A missing or unusable index costs one full read of runs/ (and is rebuilt);
@@ -49,15 +51,28 @@ def read_indexed(records: Records, state_dir: Path,
     return result
 
 
-def read_tasks(records: RecordSource, notice: Callable[[str], None]) -> tuple[list[TaskState], list[str]]:
-    """(every Task with a believed record, the messages of records not believed), sorted by Task id.
+def read_tasks(records: RecordSource,
+               notice: Callable[[str], None]) -> tuple[list[TaskState], list[str], list[str]]:
+    """(every Task with a believed record, the messages of records not believed, the ids of the Tasks
+    whose record trails their latest Run), each sorted by Task id.
 
-    A record that cannot be read is skipped with a notice.
+    A record trails when it was written before its latest Run ended (within
+    RECORD_LAG_SECONDS, or by a daemon killed while writing it): that Run's
+    record is final while the Task is RUNNING, or the Task record does not
+    list that Run at all. Such a Task is restored RUNNING, for the engine to
+    settle from that Run as if it had just ended; it is never run again for
+    it. A record that cannot be read is skipped with a notice.
     """
     tasks: list[TaskState] = []
     foreign: list[str] = []
+    trailing: list[str] = []
+    indexed = records.restored if isinstance(records, RecordIndex) else None
     for task_id in sorted(records.task_ids()):
         try:
+            fast = indexed(task_id) if indexed is not None else None
+            if fast is not None:  # every Run listed (else not restored from the index)
+                tasks.append(_settled(TaskState.from_record(*fast), None, trailing))
+                continue
             data = records.load_task(task_id)
             if data is None:
                 continue
@@ -84,10 +99,8 @@ def read_tasks(records: RecordSource, notice: Callable[[str], None]) -> tuple[li
                 if run_data is not None:
                     runs.append(RunState.from_record(run_data))
                 number += 1
-            task = TaskState.from_record(data, runs)
-            if task.active_run is not None and task.status is TaskStatus.PENDING:
-                task.status = TaskStatus.RUNNING
-                task.attempts = max(task.attempts, task.active_run.attempt)
+            listed = {int(entry["run"]) for entry in data.get("runs", [])}
+            task = _settled(TaskState.from_record(data, runs), listed, trailing)
         except ForeignRecord as exc:
             foreign.append(str(exc))
             continue
@@ -95,7 +108,26 @@ def read_tasks(records: RecordSource, notice: Callable[[str], None]) -> tuple[li
             notice(f"skipping the record of '{task_id}': {exc}")
             continue
         tasks.append(task)
-    return tasks, foreign
+    return tasks, foreign, trailing
+
+
+def _settled(task: TaskState, listed: set[int] | None, trailing: list[str]) -> TaskState:
+    """The Task as restored: RUNNING when its latest Run is not final, or when its record trails that
+    Run's end (read_tasks; then its id goes into `trailing`). `listed`: the Run numbers its record lists
+    (None: all of them)."""
+    last = task.runs[-1] if task.runs else None
+    if last is None or task.status not in (TaskStatus.PENDING, TaskStatus.RUNNING):
+        return task
+    if not last.status.final:
+        if task.status is TaskStatus.PENDING:
+            task.status = TaskStatus.RUNNING
+            task.attempts = max(task.attempts, last.attempt)
+    elif task.status is TaskStatus.RUNNING or (listed is not None and last.number not in listed):
+        task.status = TaskStatus.RUNNING
+        if last.revision == task.revision:
+            task.attempts = max(task.attempts, last.attempt)
+        trailing.append(task.id)
+    return task
 
 
 def foreign_notices(foreign: list[str]) -> list[str]:

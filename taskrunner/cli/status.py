@@ -16,12 +16,15 @@ selection (status_query.select) decides what is shown.
      "total": 9982}                                     matching Tasks
 
 `tasks` and `git` are as before; the other keys were added. Without
-`--limit`, `--json` lists every matching Task.
+`--limit`, `--json` lists every matching Task. From the records, a Task the
+record index holds unchanged is written as the index keeps its record's text
+(json.dumps(record, sort_keys=True), the form every row has), never parsed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from rich.console import Console
 
 from taskrunner import control, gitops
 from taskrunner.cli import render
+from taskrunner.defaults import TASKS_DIR
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.gitflow import gitstate
 from taskrunner.intake import RepoFiles, task_paths
@@ -40,6 +44,9 @@ from taskrunner.records import Records
 from taskrunner.status_query import DEFAULT_LIMIT, STATUSES, Selection, StatusQuery, record_key, select
 from taskrunner.taskfile import task_id_for, task_id_problem
 from taskrunner.textsafe import clean
+
+#: Rows of `--json` written to the stream at once.
+_JSON_BATCH = 500
 
 
 def query_of(args: argparse.Namespace) -> StatusQuery:
@@ -97,10 +104,12 @@ def _key(item: _Indexed | dict[str, Any]) -> tuple[str, str, float, int]:
     return record_key(item)
 
 
-def from_records(records: Records, query: StatusQuery, ignored: list[str]) -> Selection[dict[str, Any]]:
+def from_records(records: Records, query: StatusQuery, ignored: list[str],
+                 raw: bool = False) -> Selection[dict[str, Any] | str]:
     """The selection read from runs/ through the record index (written back when it was stale).
 
-    Every Task with a record this
+    With `raw`, a shown Task the index holds unchanged is its record's JSON
+    text (as json.dumps(record, sort_keys=True)), not parsed. Every Task with a record this
     clone's daemon wrote (others' messages go to `ignored`), an unreadable
     one as UNKNOWN, and every Task file without a record (PENDING, or INVALID
     when its id can have none).
@@ -127,9 +136,13 @@ def from_records(records: Records, query: StatusQuery, ignored: list[str]) -> Se
             seen.add(task_id)
     items.extend(unrecorded_files(records, seen))
     chosen = select(items, _key, query)
-    shown: list[dict[str, Any]] = []
+    shown: list[dict[str, Any] | str] = []
     for item in chosen.shown:
         if isinstance(item, _Indexed):
+            text = index.task_text(item.task_id) if raw else None
+            if text is not None:
+                shown.append(text)
+                continue
             try:
                 record = index.load_task(item.task_id)
             except (ForeignRecord, RecordError) as exc:  # changed since it was looked at
@@ -146,7 +159,10 @@ def unrecorded_files(records: Records, seen: set[str]) -> list[dict[str, Any]]:
     """Task files with no record in `seen`: PENDING "not yet seen by the daemon", or INVALID with the
     reason their id can have no record (taskfile.task_id_problem), as the daemon says."""
     found = []
+    cut = len(TASKS_DIR) + 1
     for rel in task_paths(RepoFiles(records.root)):
+        if rel[cut:-3] in seen:  # tasks/<id>.md: the id, when it is one (task_paths gives only such names)
+            continue
         task_id = task_id_for(rel)
         if not task_id or task_id in seen:
             continue
@@ -169,13 +185,13 @@ def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
     chosen = from_daemon(records, query)
     source = "daemon"
     if chosen is None:
-        chosen, source = from_records(records, query, ignored), "records"
+        chosen, source = from_records(records, query, ignored, raw=bool(args.json)), "records"
     report_ignored(ignored)
     git_state = gitstate.read(gitops.state_dir(records.root))  # pushing and syncing (gitflow/gitstate.py)
     try:
         if args.json:
-            render.write_listing(sys.stdout, {"counts": chosen.counts, "git": git_state, "omitted": chosen.omitted,
-                                              "source": source, "total": chosen.total}, "tasks", chosen.shown)
+            write_listing(sys.stdout, {"counts": chosen.counts, "git": git_state, "omitted": chosen.omitted,
+                                       "source": source, "total": chosen.total}, chosen.shown)
             sys.stdout.flush()
             return EXIT_OK
         filtered = bool(query.patterns or query.statuses)
@@ -183,7 +199,7 @@ def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
             out.print("No Task matches." if filtered else
                       "No Tasks yet: add a file to tasks/ and start `taskrun up`.", markup=False)
         else:
-            render.print_tasks(out, chosen.shown)
+            render.print_tasks(out, [t if isinstance(t, dict) else json.loads(t) for t in chosen.shown])
         if chosen.omitted:
             out.print(render.summary_line(chosen, query.limit), markup=False, soft_wrap=True)
         for line in gitstate.problems(git_state):
@@ -194,3 +210,24 @@ def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     return EXIT_OK
+
+
+def write_listing(stream: Any, fields: dict[str, Any], tasks: list[dict[str, Any] | str]) -> None:
+    """`{**fields, "tasks": [...]}` as render.write_listing writes it (keys sorted, each Task on a line of its
+    own as json.dumps(task, sort_keys=True)), where a Task given as a str is that text already; written in
+    batches of _JSON_BATCH rows with one encoder (json.dumps builds an encoder per call)."""
+    encode = json.JSONEncoder(sort_keys=True).encode
+    stream.write("{")
+    for n, key in enumerate(sorted([*fields, "tasks"])):
+        stream.write(f"{',' if n else ''}\n  {json.dumps(key)}: ")
+        if key != "tasks":
+            stream.write(json.dumps(fields[key], indent=2, sort_keys=True).replace("\n", "\n  "))
+            continue
+        if not tasks:
+            stream.write("[]")
+            continue
+        for at in range(0, len(tasks), _JSON_BATCH):
+            rows = [t if isinstance(t, str) else encode(t) for t in tasks[at:at + _JSON_BATCH]]
+            stream.write(("[\n    " if at == 0 else ",\n    ") + ",\n    ".join(rows))
+        stream.write("\n  ]")
+    stream.write("\n}\n")

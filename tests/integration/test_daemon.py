@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from taskrunner.records import Records
 from taskrunner.worker.rundir import RunDir
@@ -208,6 +211,31 @@ def test_a_run_the_task_record_does_not_list_yet_is_reattached_on_restart(daemon
     assert (run_record(daemon.root, "trailing", 1) or {})["run_id"] == run_id
     assert _output(daemon.root, "trailing") == "begin\nend\n"
     assert not (daemon.root / "runs" / "trailing" / "run-2").exists()
+
+
+@pytest.mark.parametrize("trailing", [{"status": "RUNNING", "runs": "ASSIGNED"}, {"status": "PENDING", "runs": None}])
+def test_a_task_record_that_trails_its_finished_run_is_settled_on_restart(daemon: Daemon,
+                                                                          trailing: dict[str, Any]) -> None:
+    """A daemon killed while writing a Task's last record leaves it RUNNING (or PENDING) beside its Run's
+    final record, and the Worker has already forgotten the Run: the next daemon settles the Task from
+    that Run, runs nothing again, and commits the Task's record."""
+    daemon.start()
+    write_task(daemon.root, "trails", "echo once")
+    wait_status(daemon.root, "trails", "COMPLETED")
+    daemon.stop()
+    path = daemon.root / "runs" / "trails" / "status.json"
+    record = json.loads(path.read_text())
+    runs = [{**entry, "status": trailing["runs"]} for entry in record["runs"]] if trailing["runs"] else []
+    Records(daemon.root).save_task({**record, "status": trailing["status"], "runs": runs,
+                                    "attempts": 1 if runs else 0})
+
+    daemon.start()
+    wait_until(lambda: (task_record(daemon.root, "trails") or {}).get("status") == "COMPLETED"
+               and git(daemon.root, "status", "--porcelain", "--", "runs/trails") == "", 20,
+               "the trailing Task record to be settled and committed")
+    assert [entry["run"] for entry in (task_record(daemon.root, "trails") or {})["runs"]] == [1]
+    assert not (daemon.root / "runs" / "trails" / "run-2").exists()
+    assert _output(daemon.root, "trails") == "once\n"
 
 
 def test_malformed_config_edit_is_refused_and_the_previous_one_stays(daemon: Daemon) -> None:

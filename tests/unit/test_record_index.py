@@ -49,13 +49,13 @@ def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Records:
 def read(records: Records) -> tuple[list[TaskState], list[str], RecordIndex]:
     index = RecordIndex(records, state_dir(records.root))
     index.load()
-    tasks, foreign = restore.read_tasks(index, lambda message: None)
+    tasks, foreign, _ = restore.read_tasks(index, lambda message: None)
     index.save()
     return tasks, foreign, index
 
 
 def test_a_missing_index_is_built_and_the_next_start_reads_no_record(records: Records) -> None:
-    direct, _ = restore.read_tasks(records, lambda message: None)
+    direct, _, _ = restore.read_tasks(records, lambda message: None)
     first, _, index = read(records)
     assert not index.loaded and index.misses > 0
     assert (state_dir(records.root) / INDEX_NAME).stat().st_mode & 0o777 == 0o600
@@ -150,18 +150,21 @@ def test_an_index_sealed_with_our_key_but_holding_nonsense_crashes_nothing(recor
     """Shapes that are wrong (a bug in an older version, say) make entries misses, never a crash."""
     read(records)
     key = (state_dir(records.root) / "record.key").read_bytes()
-    head = {"version": 1, "stamp": 5, "shapes": [["a"]], "dirs": {"runs": [[1, 2, 3, 4, 5], ["../x"], True, []],
-                                                                   "runs/t-0": "x"},
-            "tasks": {"t-0": [[0, 0, 0, 0, 0], ["COMPLETED", 1.0, 1], "{"], "t-1": 7, "t-2": [None, None, None]}}
-    for runs in (b'{"t-0/1": [[1], 99, {}]}', b"[", b'{"t-0/1": 5}'):
-        body = json.dumps(head).encode() + b"\n" + runs
-        mac = hmac.new(key, b"taskrun-record-index-v1\0" + body, hashlib.sha256).hexdigest().encode()
+    head = {"version": 2, "stamp": 5, "run_fields": list(record_index.RUN_FIELDS),
+            "dirs": {"runs": [[1, 2, 3, 4, 5], ["../x"], True, []], "runs/t-0": "x"},
+            "tasks": {"t-0": [[0, 0, 0, 0, 0], "COMPLETED", 1.0, 1, [0, 1]], "t-1": 7,
+                      "t-2": [None, None, None], "t-3": [["a"] * 5, "COMPLETED", 1.0, 1, [0, 99]]}}
+    rows = b'{"t-0": [[1], []], "t-3": 5, "t-4": [[null, null, null, null, null, null, null, null, null], ["x"]]}'
+    for runs in (b'{"t-0/1": [[1], 99, {}]}', b"[", b'{"t-0/1": 5}', b'{"t-0/1": [["x", 1, 2, 3, 4], [1]]}',
+                 b'{"t-0/1": [[1, 2, 3, 4, 5], ' + json.dumps(["x"] * len(record_index.RUN_FIELDS)).encode() + b"]}"):
+        body = json.dumps(head).encode() + b"\n" + rows + b"\n" + runs
+        mac = hmac.new(key, b"taskrun-record-index-v2\0" + body, hashlib.sha256).hexdigest().encode()
         (state_dir(records.root) / INDEX_NAME).write_bytes(mac + b"\n" + body)
         index = RecordIndex(records, state_dir(records.root))
         assert index.load()
         untouched = RecordIndex(records, state_dir(records.root))
         assert untouched.load() and untouched.save()  # nothing consulted: what is carried over is checked
-        tasks, foreign = restore.read_tasks(index, lambda message: None)
+        tasks, foreign, _ = restore.read_tasks(index, lambda message: None)
         assert len(tasks) == 5 and foreign == [] and all(len(t.runs) == 2 for t in tasks)
         assert index.save()
 
@@ -199,3 +202,74 @@ def test_task_summary_parses_no_record_and_agrees_with_it(records: Records) -> N
     assert index.task_summary("t-3") == ("COMPLETED", 1003.0, 4)
     assert index.task_summary("nope") is None
     assert index.load_task("t-3") == records.load_task("t-3")
+
+
+def test_an_unchanged_task_is_restored_from_the_index_as_from_its_records(records: Records) -> None:
+    """The rows a restart rebuilds Tasks from give the states the records give, a Run not final included."""
+    running = RunState(run_id="live", task_id="t-2", number=3, revision="r", attempt=3, worker="local",
+                       agent="shell", status=RunStatus.RUNNING, created_at=5.0, started_at=6.0)
+    records.save_run(running.record())
+    task = records.load_task("t-2")
+    assert task is not None
+    records.save_task({k: v for k, v in task.items() if k != "runs"} | {
+        "status": "PENDING", "runs": [*task["runs"], {"run": 3, "run_id": "live", "status": "RUNNING",
+                                                      "worker": "local", "revision": "r"}]})
+    read(records)
+    index = RecordIndex(records, state_dir(records.root))
+    assert index.load()
+    assert index.restored("t-2") is not None
+    indexed, _, _ = restore.read_tasks(index, lambda message: None)
+    direct, _, _ = restore.read_tasks(records, lambda message: None)
+    assert index.misses == 0
+    assert [(t.record(), [r.record() for r in t.runs]) for t in indexed] == \
+        [(t.record(), [r.record() for r in t.runs]) for t in direct]
+    assert {t.id: t.status for t in indexed}["t-2"] is TaskStatus.RUNNING
+
+
+def test_task_text_is_the_record_as_status_json_prints_it(records: Records) -> None:
+    read(records)
+    index = RecordIndex(records, state_dir(records.root))
+    index.load()
+    list(index.task_ids())
+    assert index.task_text("t-1") == json.dumps(records.load_task("t-1"), sort_keys=True)
+
+
+def test_an_index_made_for_other_run_fields_reads_every_run_record_again(records: Records) -> None:
+    read(records)
+    path = state_dir(records.root) / INDEX_NAME
+    key = (state_dir(records.root) / "record.key").read_bytes()
+    body = path.read_bytes().partition(b"\n")[2]
+    head, _, rest = body.partition(b"\n")
+    data = json.loads(head)
+    data["run_fields"] = [*data["run_fields"], "a_field_of_another_version"]
+    body = json.dumps(data).encode() + b"\n" + rest
+    path.write_bytes(hmac.new(key, b"taskrun-record-index-v2\0" + body, hashlib.sha256).hexdigest().encode()
+                     + b"\n" + body)
+    tasks, _, index = read(records)
+    assert index.loaded and index.misses == 10 and len(tasks) == 5  # the 10 Run records, not the Tasks
+    assert summary(tasks) == summary(restore.read_tasks(records, lambda message: None)[0])
+    _, _, index = read(records)
+    assert index.misses == 0
+
+
+@pytest.mark.parametrize("task_status,listed", [(TaskStatus.RUNNING, RunStatus.ASSIGNED),
+                                               (TaskStatus.PENDING, None)])
+def test_a_task_record_that_trails_its_final_run_is_restored_running_and_named(
+        records: Records, task_status: TaskStatus, listed: RunStatus | None) -> None:
+    """Written before its latest Run ended (a daemon killed while writing it): RUNNING, for the engine to
+    settle from that Run, through the index (a second start) and without it alike."""
+    run = RunState(run_id="late", task_id="late", number=1, revision="r", attempt=1, worker="local", agent="shell",
+                   status=RunStatus.COMPLETED, exit_code=0)
+    records.save_run(run.record())
+    in_record = [RunState(**{**run.__dict__, "status": listed})] if listed else []
+    records.save_task(TaskState("late", "tasks/late.md", 9, task_status, revision="r", attempts=len(in_record),
+                                runs=in_record).record())
+    for reading in range(3):  # the records, then the index built, then the index used
+        tasks, _, trailing = (restore.read_tasks(records, lambda message: None) if reading == 0
+                              else restore.read_indexed(records, state_dir(records.root), lambda message: None))
+        late = {t.id: t for t in tasks}["late"]
+        assert trailing == ["late"] and late.status is TaskStatus.RUNNING and late.attempts == 1
+        assert late.active_run is None and late.runs[-1].status is RunStatus.COMPLETED
+    records.save_task(TaskState("late", "tasks/late.md", 9, TaskStatus.COMPLETED, revision="r", attempts=1,
+                                runs=[run]).record())
+    assert restore.read_indexed(records, state_dir(records.root), lambda message: None)[2] == []

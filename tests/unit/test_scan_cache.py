@@ -189,3 +189,20 @@ def test_engine_scan_takes_unchanged_files_from_the_cache(tmp_path: Path, monkey
     assert {t.id: t.spec for t in second.tasks.values() if t.id != "t-1"} == {k: v for k, v in specs.items()
                                                                               if k != "t-1"}
     assert second.tasks["t-1"].spec is not None and "echo 9" in second.tasks["t-1"].spec.body
+
+
+def test_a_cache_edited_or_sealed_with_another_key_is_ignored(files: RepoFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scancache, "RACY_SECONDS", 0.0)
+    config = load_config(files.root)
+    scan(files, config)
+    path = state_dir(files.root) / scancache.CACHE_FILE
+    assert len(ScanCache(state_dir(files.root), config)._entries) == 6  # sealed: believed
+    sealed = path.read_bytes()
+    path.write_bytes(sealed.replace(b"echo 1", b"echo 7"))  # the seal no longer matches
+    assert ScanCache(state_dir(files.root), config)._entries == {}
+    path.write_bytes(sealed)
+    key_file = state_dir(files.root) / "record.key"
+    key_file.write_bytes(os.urandom(len(key_file.read_bytes())))  # another clone's key
+    assert ScanCache(state_dir(files.root), config)._entries == {}
+    seen, cache = scan(files, config)
+    assert seen == direct(files, config) and cache.hits == 0

@@ -180,3 +180,19 @@ def test_a_record_this_clone_did_not_write_is_not_listed_and_is_named(
     line = next(line for line in out.splitlines() if line.startswith("done-1 "))
     assert code == 0 and line.split()[1] == "PENDING" and "not yet seen by the daemon" in line
     assert "runs/done-1/status.json was not written by this daemon" in err
+
+
+@pytest.mark.parametrize("count", [0, 1, 1203])
+def test_the_json_listing_with_record_texts_is_the_listing_of_the_records(count: int) -> None:
+    """`status --json` copies the record index's texts: byte for byte what encoding each record writes."""
+    from taskrunner.cli.status import write_listing
+
+    tasks = [{"task_id": f"t-{n}", "status": "COMPLETED", "title": "é \u2028 \"q\"", "runs": [{"run": 1}],
+              "updated_at": n / 3} for n in range(count)]
+    fields = {"counts": {"COMPLETED": count}, "git": {"push": None}, "omitted": 0, "source": "records",
+              "total": count}
+    expected, given = io.StringIO(), io.StringIO()
+    render.write_listing(expected, fields, "tasks", tasks)
+    write_listing(given, fields, [json.dumps(t, sort_keys=True) if n % 2 else t for n, t in enumerate(tasks)])
+    assert given.getvalue() == expected.getvalue()
+    assert json.loads(given.getvalue())["tasks"] == tasks
