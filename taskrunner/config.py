@@ -51,7 +51,7 @@ MIN_LOG_BYTES = 4096
 
 _TOP_KEYS = ("default_agent", "agents", "workers", "scheduler", "git", "webhook", "security", "prices", "records",
              "notify", "metrics")
-_RECORDS_KEYS = ("max_log_bytes", "keep_full_logs", "full_logs_max_bytes")
+_RECORDS_KEYS = ("max_log_bytes", "keep_full_logs", "full_logs_max_bytes", "prune_after")
 _SSH_ONLY_KEYS = ("host", "port", "user", "identity", "host_key", "known_hosts", "worker_key")
 _WORKER_KEYS = ("transport", "slots", "agents", "labels", *_SSH_ONLY_KEYS, "home", "sandbox")
 _SCHEDULER_KEYS = ("retries", "backoff", "timeout", "groups", "worker_grace", "worker_offline_after")
@@ -139,6 +139,8 @@ class RecordsConfig:
     keep_full_logs: float = 30 * 86400.0
     #: And the oldest go first while all of them together hold more than this many bytes.
     full_logs_max_bytes: int = 10 * 1024 ** 3
+    #: The daemon prunes Tasks finished longer ago than this (seconds; prune.py); None: never by itself.
+    prune_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -477,7 +479,8 @@ class _Parser(AgentParsing):
                                        MIN_LOG_BYTES),
             keep_full_logs=self.duration("records.keep_full_logs", spec.get("keep_full_logs"), default.keep_full_logs),
             full_logs_max_bytes=self.integer("records.full_logs_max_bytes",
-                                             spec.get("full_logs_max_bytes", default.full_logs_max_bytes), 0))
+                                             spec.get("full_logs_max_bytes", default.full_logs_max_bytes), 0),
+            prune_after=self.duration("records.prune_after", spec.get("prune_after"), 0.0) or None)
 
     def path(self, key: str, value: object) -> Path:
         """A file path; a leading `~` or `~user` is expanded (a user this machine lacks is refused)."""

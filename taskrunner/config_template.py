@@ -103,6 +103,9 @@ records:
   # while all of them hold more than full_logs_max_bytes.
   keep_full_logs: 30d
   full_logs_max_bytes: 10737418240
+  # Finished Tasks older than this leave the work tree in one commit (taskrun prune);
+  # git keeps them. Off unless set.
+  # prune_after: 90d
 
 # What models cost, USD per million tokens: estimates a Run's cost where the
 # tool reports tokens but no cost (cache prices default to the input price).

@@ -23,9 +23,9 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from taskrunner import clock, diskspace, doctor, fulllogs, gitops, safefs, status_query
+from taskrunner import clock, diskspace, doctor, fulllogs, gitops, prune, safefs, status_query
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
@@ -42,15 +42,17 @@ from taskrunner.gitflow.push import Pusher
 from taskrunner.gitflow.sync import Syncer
 from taskrunner.gitops import Git, state_dir
 from taskrunner.hooks import Hooks, HookSet, emit
-from taskrunner.http import HttpServer, WebhookRoute
 from taskrunner.keys import Keyring
 from taskrunner.links import LinkEvent
-from taskrunner.metrics import PATH as METRICS_PATH, Metrics, MetricsRoute, listeners
 from taskrunner.model import TaskStatus
 from taskrunner.notify import Notifier
 from taskrunner.recorder import CommitItem, Recorder
 from taskrunner.watcher import FileEvent, Watcher
 from taskrunner.writeback import WriteBehind
+
+if TYPE_CHECKING:  # http.server and prometheus_client load only when `webhook` or `metrics` is configured
+    from taskrunner.http import HttpServer, WebhookRoute
+    from taskrunner.metrics import Metrics
 
 #: Longest the main loop sleeps without an event: heartbeats and grace
 #: periods are checked at least this often.
@@ -122,6 +124,12 @@ class Daemon:
         self.writer = WriteBehind(on_error=lambda message: emit(self.hooks, "notice", message))
         self.engine = Engine(root, config, self.fleet, self.recorder.submit, self.hooks, deliver=self.writer.run)
         self.recorder.add_job(fulllogs.Pruner(self.engine.full_logs, lambda: self.engine.config.records, notice))
+        # `taskrun prune` and records.prune_after: the engine forgets the Tasks, the recorder commits (prune.py).
+        self.pruner = prune.DaemonPruner(
+            self.engine, self.repo, self.events.put, lambda: self._flush(force=True, wait=True), self.recorder.kick,
+            lambda sha: [hook(sha) for hook in (lambda s: self._committed(s, []), *self.recorder.after_commit)],
+            notice)
+        self.recorder.add_job(self.pruner)
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask, lambda message: emit(self.hooks, "notice", message))
         self._lock_file: int | None = None
@@ -151,10 +159,6 @@ class Daemon:
         webhook = None if self.once else self._webhook_route(self.config)  # no secret: ConfigError, nothing started
         self._acquire_lock()
         try:
-            for finding in (doctor.key_findings(self.root, self.config) + doctor.pin_findings(self.config)
-                            + doctor.sandbox_findings(self.root, self.config)
-                            + doctor.git_findings(self.root, self.config)):
-                emit(self.hooks, "notice", f"{finding.level}: {finding.what} (fix: {finding.fix})")
             for problem in pullrequests.problems(self.config):
                 emit(self.hooks, "notice", f"warning: {problem}")
             self.engine.base_commit = self._head = self.repo.head()
@@ -166,6 +170,13 @@ class Daemon:
             self.pull_requests.start()
             self.watcher.start()
             self.control.start()
+            # doctor's checks run git grep and bwrap probes: in their own thread, so the socket answers meanwhile
+            # (with --once before any Run: a short run still prints every finding).
+            if self.once:
+                self._doctor()
+            else:
+                threading.Thread(target=self._doctor, name="doctor", daemon=True).start()
+            self.pruner.start()  # records.prune_after: once now, then daily
             self._start_http(webhook, self.config)
             self._schedule_poll(self.config)
             self.engine.scan()
@@ -177,6 +188,16 @@ class Daemon:
         done = [self.engine.tasks[t] for t in self.engine.touched if t in self.engine.tasks]
         # A Task file whose id cannot have a record is INVALID all the same.
         return 0 if all(t.status is TaskStatus.COMPLETED for t in done) and not self.engine.unusable else 1
+
+    def _doctor(self) -> None:
+        """doctor's start-up findings (keys, pins, sandbox, git) as notices; a check that fails is one too."""
+        try:
+            for finding in (doctor.key_findings(self.root, self.config) + doctor.pin_findings(self.config)
+                            + doctor.sandbox_findings(self.root, self.config)
+                            + doctor.git_findings(self.root, self.config)):
+                emit(self.hooks, "notice", f"{finding.level}: {finding.what} (fix: {finding.fix})")
+        except Exception as exc:  # noqa: BLE001 - a check is advice: it never stops the daemon
+            emit(self.hooks, "notice", f"warning: the start-up checks (taskrun doctor) failed: {exc}")
 
     def _loop(self) -> None:
         """Handle events and wake for timers until stopped; every wait is on the monotonic clock (clock.py).
@@ -283,9 +304,14 @@ class Daemon:
             elif event.kind == "config":
                 self._reload()
         elif isinstance(event, _Request):
+            if event.payload.get("command") == "prune":  # answered by the recorder thread once committed
+                self.pruner.handle(event.payload, event.reply.put)
+                return True
             answer = self._answer(event.payload)
             self._flush(force=True, wait=True)  # the caller may read the records as soon as it has the answer
             event.reply.put(answer)
+        elif callable(event):  # work for this thread from another (prune.DaemonPruner)
+            event()
         return True
 
     def _flush(self, force: bool = False, wait: bool = False) -> None:
@@ -367,6 +393,8 @@ class Daemon:
         """The receiver's route when `webhook` is configured; ConfigError without its secret (fail closed)."""
         if config.webhook is None:
             return None
+        from taskrunner.http import WebhookRoute
+
         return WebhookRoute(config.webhook.secret_env, config.webhook.max_body_bytes, self.state_dir,
                             sync=lambda reason: self.events.put(_SyncRequest(reason)),
                             notice=lambda message: emit(self.hooks, "notice", message))
@@ -374,6 +402,12 @@ class Daemon:
     def _start_http(self, route: WebhookRoute | None, config: Config) -> None:
         """The webhook receiver and the metrics route: one listener when they share an address (metrics.py)."""
         wanted = None if self.once else config.metrics
+        if route is None and wanted is None:
+            return  # no listener configured
+        from taskrunner.http import HttpServer
+        from taskrunner.metrics import PATH as METRICS_PATH
+        from taskrunner.metrics import Metrics, MetricsRoute, listeners
+
         if wanted is not None and self.metrics is None:
             self.metrics = Metrics()
             self.metrics.seed(self.engine.tasks.values(), [w.view() for w in self.fleet])

@@ -14,10 +14,15 @@ import binascii
 import hashlib
 import socket
 from pathlib import Path
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from taskrunner.errors import WorkerError
+from taskrunner.lazymodule import lazy
+
+if TYPE_CHECKING:
+    import paramiko
+else:  # imported at the first key parsed or host scanned: a daemon without ssh Workers never loads it
+    paramiko = lazy("paramiko")
 
 CONNECT_TIMEOUT = 10.0
 

@@ -33,6 +33,7 @@ EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("wait",): ("taskrun wait lint tests --timeout 1800 --json",),
     ("cancel",): ("taskrun cancel fix-login",),
     ("retry",): ("taskrun retry fix-login",),
+    ("prune",): ("taskrun prune --older-than 30d --dry-run", "taskrun prune 'ci/*' --older-than 7d --status COMPLETED"),
     ("workers",): ("taskrun workers", "taskrun workers --json"),
     ("worker",): ("taskrun worker add build1 --host build1.example.com --token TOKEN --agents shell,claude",),
     ("worker", "key"): ("taskrun worker key",),
@@ -89,9 +90,10 @@ def walk(parser: argparse.ArgumentParser,
                     yield from walk(child, (*path, name))
 
 
-def add_examples(parser: argparse.ArgumentParser) -> None:
-    """Give every parser under `parser` its example epilog (EXAMPLES) and the ExampleFormatter."""
-    for path, each in walk(parser):
+def add_examples(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> None:
+    """Give every parser under `parser` (whose command path is `prefix`: `("worker",)`) its example epilog
+    (EXAMPLES) and the ExampleFormatter."""
+    for path, each in walk(parser, prefix):
         lines = EXAMPLES.get(path)
         if lines and not (each.epilog or "").startswith(EXAMPLE_HEAD) and f"\n\n{EXAMPLE_HEAD}" not in \
                 (each.epilog or ""):

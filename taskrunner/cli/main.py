@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from taskrunner import __version__, control, gitops
-from taskrunner.cli import render
+from taskrunner import __version__
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, TaskrunError
-from taskrunner.records import Records
+from taskrunner.lazymodule import lazy
 from taskrunner.textsafe import clean
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Start-up: `taskrun --version`, `trigger` and the like load neither rich nor the records nor git;
+# each is imported when a command first uses it (lazymodule.py).
+control = lazy("taskrunner.control")
+gitops = lazy("taskrunner.gitops")
+render = lazy("taskrunner.cli.render")
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -32,32 +40,156 @@ class UsageError(TaskrunError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(complete=False)
     args = parser.parse_args(argv)
-    # Plain lines for pipes and logs: no hard wrapping at an imagined 80 columns,
-    # and tables as wide as their content. No emoji codes: a title ":x:" is
-    # shown as written (see textsafe).
-    terminal = sys.stdout.isatty()
-    out = Console(highlight=False, emoji=False, soft_wrap=not terminal, width=None if terminal else render.PIPE_WIDTH)
-    err = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
+    out: Console = _Deferred(stdout_console)  # type: ignore[assignment]  # made at its first use
     try:
         return int(args.handler(args, out))
     except DaemonNotRunning as exc:
-        err.print(f"taskrun: {clean(str(exc), multiline=True)}", markup=False)
+        stderr_console().print(f"taskrun: {clean(str(exc), multiline=True)}", markup=False)
         return EXIT_USAGE
     except TaskrunError as exc:
         # Messages quote file names, Worker stderr and the like: shown, never acted on.
-        err.print(f"taskrun: {clean(str(exc), multiline=True)}", markup=False)
+        stderr_console().print(f"taskrun: {clean(str(exc), multiline=True)}", markup=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskrun", description="A git-native, file-driven orchestrator.")
+def stdout_console() -> Console:
+    """The Console commands print to.
+
+    Plain lines for pipes and logs: no hard wrapping at an imagined 80
+    columns, and tables as wide as their content. No emoji codes: a title
+    ":x:" is shown as written (see textsafe).
+    """
+    from rich.console import Console
+
+    terminal = sys.stdout.isatty()
+    return Console(highlight=False, emoji=False, soft_wrap=not terminal,
+                   width=None if terminal else render.PIPE_WIDTH)
+
+
+def stderr_console() -> Console:
+    """The Console error messages go to."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
+
+
+class _Deferred:
+    """Stands in for the object `make()` returns, made at the first attribute read (rich is imported
+    only by commands that print through it: not by `trigger --quiet`, which git hooks run)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._made: Any = None
+
+    def _get(self) -> Any:
+        if self._made is None:
+            self._made = self._make()
+        return self._made
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    # Special methods are looked up on the type, not through __getattr__: rich's Live does `with console:`.
+    def __enter__(self) -> Any:
+        return self._get().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._get().__exit__(*exc)
+
+
+#: Commands that other modules define (their `add_parsers(sub)`): module -> its command names, in the
+#: order of `taskrun --help`. Each module is imported only when one of its commands is run, or for the
+#: whole tree (`taskrun --help`, completion, the docs); until then a command has a stand-in parser.
+LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "taskrunner.cli.submit": ("submit", "wait"),
+    "taskrunner.cli.worker": ("worker",),
+    "taskrunner.cli.keys": ("keys", "doctor"),
+    "taskrunner.cli.agents": ("agents",),
+    "taskrunner.cli.service": ("service",),  # systemd units
+    "taskrunner.cli.top": ("top",),  # the dashboard (taskrunner/tui/)
+    "taskrunner.cli.prune": ("prune",),  # finished Tasks leave the work tree (taskrunner/prune.py)
+}
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """`taskrun`'s subcommands, those of LAZY_COMMANDS with stand-in parsers until used.
+
+    A stand-in (a parser with no arguments, its help line empty) is replaced
+    by the module's own parsers, with their examples, when argparse picks
+    that command (`__call__`) or by `load_all`. The module's help lines take
+    the stand-ins' places, so the order of `taskrun --help` is kept.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stand_ins: dict[str, str] = {}  # command name -> module
+
+    def add_lazy(self, module: str) -> None:
+        for name in LAZY_COMMANDS[module]:
+            self.add_parser(name, help="")
+            self.stand_ins[name] = module
+
+    def load(self, name: str) -> None:
+        """Replace `name`'s stand-in (and its module's other commands') by the module's parsers."""
+        from taskrunner.cli.examples import add_examples
+
+        module = self.stand_ins.get(name)
+        if module is None:
+            return
+        names = [n for n, m in self.stand_ins.items() if m == module]
+        order = list(self._name_parser_map)  # `choices` too: the order completion and the docs walk
+        for each in names:
+            del self.stand_ins[each], self._name_parser_map[each]
+        slots = {a.dest: i for i, a in enumerate(self._choices_actions) if a.dest in names}
+        before = len(self._choices_actions)
+        importlib.import_module(module).add_parsers(self)
+        added = self._choices_actions[before:]
+        del self._choices_actions[before:]
+        for action in added:
+            if action.dest in slots:
+                self._choices_actions[slots.pop(action.dest)] = action
+            else:
+                self._choices_actions.append(action)
+        parsers = dict(self._name_parser_map)
+        self._name_parser_map.clear()
+        self._name_parser_map.update({n: parsers.pop(n) for n in order if n in parsers})
+        self._name_parser_map.update(parsers)  # commands the module added that had no stand-in
+        for each in names:
+            if each in self._name_parser_map:
+                add_examples(self._name_parser_map[each], (each,))
+
+    def load_all(self) -> None:
+        for name in list(self.stand_ins):
+            self.load(name)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        self.load(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """`taskrun`'s own parser: its help lists every command, so it loads every stand-in first."""
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            if isinstance(action, _Commands):
+                action.load_all()
+        return super().format_help()
+
+
+def build_parser(complete: bool = True) -> argparse.ArgumentParser:
+    """`taskrun`'s parser: complete, or (`complete=False`, what `main` uses) with the commands of
+    LAZY_COMMANDS as stand-ins that load their module when used: a command imports only what it needs."""
+    parser = _Parser(prog="taskrun", description="A git-native, file-driven orchestrator.")
     parser.add_argument("--version", action="version", version=f"taskrun {__version__}")
     parser.add_argument("-C", "--repo", default=".", help="the managed repository (default: the current directory)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands,
+                                parser_class=argparse.ArgumentParser)
 
     def command(name: str, handler: Callable[..., int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -99,23 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command("completion", cmd_completion, "print the shell completion script for bash or zsh")
     p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
-    from taskrunner.cli import submit
-
-    submit.add_parsers(sub)
+    sub.add_lazy("taskrunner.cli.submit")
     for name, help in (("cancel", "stop a Task's Run on its Worker"), ("retry", "run a Task again")):
         p = command(name, cmd_request, help)
         p.add_argument("task", help="a Task id")
     p = command("workers", cmd_workers, "Workers: reachable, trusted, sandbox, slots used, Agents, last seen")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    from taskrunner.cli import agents, keys, worker
-
-    worker.add_parsers(sub)
-    keys.add_parsers(sub)
-    agents.add_parsers(sub)
-    from taskrunner.cli import service  # systemd units (cli/service.py)
-    service.add_parsers(sub)
-    from taskrunner.cli import top  # the dashboard (cli/top.py, taskrunner/tui/)
-    top.add_parsers(sub)
+    for module in ("taskrunner.cli.worker", "taskrunner.cli.keys", "taskrunner.cli.agents", "taskrunner.cli.service",
+                   "taskrunner.cli.top", "taskrunner.cli.prune"):
+        sub.add_lazy(module)
     p = command("trigger", cmd_request, "what git hooks call: the running daemon syncs now")
     p.add_argument("--quiet", action="store_true", help="print nothing")
     hooks = sub.add_parser("hooks", help="git hooks that make the daemon sync").add_subparsers(
@@ -129,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     from taskrunner.cli.examples import add_examples
 
     add_examples(parser)  # every --help ends with an example (cli/examples.py)
+    if complete:
+        sub.load_all()
     return parser
 
 
@@ -206,6 +332,7 @@ def cmd_demo(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
     from taskrunner.cli import status
+    from taskrunner.records import Records
     from taskrunner.status_query import is_glob
 
     records = Records(find_root(args))
