@@ -163,6 +163,7 @@ class Daemon:
                 emit(self.hooks, "notice", f"warning: {problem}")
             self.engine.base_commit = self._head = self.repo.head()
             # Before the recorder commits what it finds on disk: a log to cap is capped first (fulllogs.py).
+            self.pruner.resume()  # a prune a kill interrupted: its files go before the restore reads runs/
             self.engine.restore()
             self.notifier.seed(self.engine.tasks.values())  # a restored status is no change to tell
             self.notifier.start()

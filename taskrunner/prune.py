@@ -247,16 +247,19 @@ def inspect(repo: Git, chosen: Sequence[Facts],
         file = task.file if task.file and not task.removed else None
         if task.file in dirty:
             how = "has changes not committed" if task.file in tracked_set else "is not committed"
-            skipped.append((task.id, f"{task.file} {how}: left as it is, and its Task"))
+            skipped.append((task.id, f"{task.file} {how}: left as it is, and so is its Task; commit or revert "
+                                     "it, then prune again"))
             continue
         if task.id in dirty_owners:
-            skipped.append((task.id, f"records under runs/{task.id}/ are not all committed yet; try again"))
+            skipped.append((task.id, f"records under runs/{task.id}/ are not all committed (a Run just ended: "
+                                     "prune again shortly; a file of your own there: remove it)"))
             continue
         if file is not None:
             if tree.lstat(file) is None:
                 file = None
             elif file not in tracked_set:
-                skipped.append((task.id, f"{file} is not committed: left as it is, and its Task"))
+                skipped.append((task.id, f"{file} is not committed: left as it is, and so is its Task; commit it "
+                                         "(or remove it), then prune again"))
                 continue
             elif task.revision is not None and _revision(tree, file) not in (task.revision, None):
                 skipped.append((task.id, f"{file} changed since its last Run (a revision not run yet)"))
@@ -484,6 +487,7 @@ class _Job:
     skipped: list[tuple[str, str]]
     reply: Callable[[dict[str, Any]], None] | None
     removed: bool = False  # its files are gone from the work tree; only the commit is left to make
+    journal: Path | None = None  # prune_journal's record of it, deleted once committed
     told: bool = False  # it was said that it waits
     problems: list[str] = field(default_factory=list)
 
@@ -537,6 +541,18 @@ class DaemonPruner:
             self._jobs.append(_Job(request, removals, tasks, skipped + more, reply))
         self._kick()
 
+    def resume(self) -> None:
+        """Before the restore reads runs/: finish the prunes an interrupted daemon or CLI began
+        (prune_journal): what is left of their Tasks goes now, and their commits are made as any prune's."""
+        from taskrunner import prune_journal
+
+        for path, request, removals in prune_journal.pending(self._engine.state_dir, self._notice):
+            problems = remove(self._repo.root, self._engine.state_dir, removals)
+            self._notice(f"finishing a prune an earlier daemon began: {len(removals)} Task(s)")
+            with self._lock:
+                self._jobs.append(_Job(request, removals, {}, [], None, removed=True, journal=path,
+                                       problems=problems))
+
     def _give_back(self, tasks: list[TaskState]) -> None:
         for task in tasks:
             if self._engine.tasks.setdefault(task.id, task) is task:
@@ -573,9 +589,16 @@ class DaemonPruner:
             back = [job.tasks[t] for t, _ in raced if t in job.tasks]
             if back:
                 self._post(lambda: self._give_back(back))
+            from taskrunner import prune_journal
+
+            job.journal = prune_journal.begin(self._engine.state_dir, job.request, job.removals)
             job.problems = remove(self._repo.root, self._engine.state_dir, job.removals)
             job.removed = True
         sha = prune_commit(self._repo, job.removals, job.request)
+        if job.journal is not None:
+            from taskrunner import prune_journal
+
+            prune_journal.end(job.journal)
         with self._lock:
             self._jobs.remove(job)
         if sha:

@@ -108,7 +108,7 @@ def _size(count: int) -> str:
 
 def _without_daemon(root: Path, payload: dict[str, Any]) -> dict[str, Any]:
     """Prune as the daemon would, under its lock; the same answer."""
-    from taskrunner import prune
+    from taskrunner import prune, prune_journal
     from taskrunner.config import load_config
     from taskrunner.records import Records
 
@@ -118,18 +118,28 @@ def _without_daemon(root: Path, payload: dict[str, Any]) -> dict[str, Any]:
         raise UsageError("git.commit is off: pruning removes files only in a commit, which keeps them")
     state_dir = gitops.state_dir(root)
     with _daemon_lock(state_dir, root):
+        def say(message: str) -> None:
+            print(f"taskrun: {clean(message)}", file=sys.stderr)
+
+        repo = gitops.Git(root, notice=say)
+        for path, begun, removals in [] if request.dry_run else prune_journal.pending(state_dir, say):
+            # a prune a kill interrupted: finished first
+            prune.remove(root, state_dir, removals)
+            prune.prune_commit(repo, removals, begun)
+            prune_journal.end(path)
         records = Records(root)
         facts = [f for f in (_facts(records, task_id) for task_id in records.task_ids()) if f is not None]
         chosen, skipped = prune.select(facts, request, time.time())
-        repo = gitops.Git(root, notice=lambda message: print(f"taskrun: {clean(message)}", file=sys.stderr))
         removals, more = prune.inspect(repo, chosen, state_dir)
         if request.dry_run or not removals:
             return prune.answer(request, removals, skipped + more)
         busy = repo.in_progress()
         if busy:
             raise UsageError(f"{busy} is in progress in this clone: prune once it ends")
+        journal = prune_journal.begin(state_dir, request, removals)
         problems = prune.remove(root, state_dir, removals)
         sha = prune.prune_commit(repo, removals, request)
+        prune_journal.end(journal)
         if sha and config.git.push:
             _push(repo, config, state_dir)
         return prune.answer(request, removals, skipped + more, sha, None, problems)

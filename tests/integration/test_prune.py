@@ -162,3 +162,44 @@ def test_prune_without_a_daemon_pushes_with_git_push(repo: Path, tmp_path: Path)
     done = prune(repo, "--older-than", "1ms")
     assert [p["task"] for p in done["pruned"]] == ["gone"]
     assert git(origin, "rev-parse", branch).strip() == done["commit"]
+
+
+def _interrupted(repo: Path) -> Path:
+    """The work tree as a prune of 'a' killed half way leaves it: its journal written, its Task file and
+    part of its records gone, nothing committed."""
+    from taskrunner import gitops, prune, prune_journal
+
+    for task_id in ("a", "b"):
+        write_task(repo, task_id, f"echo {task_id}")
+    run_once(repo, "a", "b")
+    paths = git(repo, "ls-files", "tasks/a.md", "runs/a").split()
+    removal = prune.Removal("a", "COMPLETED", 1.0, "tasks/a.md", None, paths)
+    journal = prune_journal.begin(gitops.state_dir(repo), prune.Request(60.0), [removal])
+    (repo / "tasks/a.md").unlink()
+    (repo / "runs/a/run-1/output.log").unlink()
+    return journal
+
+
+def _finished(repo: Path, journal: Path) -> bool:
+    return (not journal.exists() and not (repo / "runs/a").exists()
+            and git(repo, "log", "-1", "--format=%s").strip() == "taskrun: prune 1 finished Task (older than 1m)")
+
+
+@pytest.mark.slow
+def test_a_prune_a_kill_interrupted_is_finished_by_the_next_daemon(daemon: Daemon, repo: Path) -> None:
+    journal = _interrupted(repo)
+    daemon.start()
+    wait_until(lambda: _finished(repo, journal), 20, "the interrupted prune to be finished and committed")
+    assert not any(f.startswith(("runs/a/", "tasks/a.md")) for f in head_files(repo)) and committed(repo, "b")
+    assert "a" not in status_ids(repo) and git(repo, "status", "--porcelain", "--", "runs", "tasks") == ""
+    assert "finishing a prune an earlier daemon began" in daemon.output()
+
+
+def test_a_prune_a_kill_interrupted_is_finished_by_the_next_prune(repo: Path) -> None:
+    journal = _interrupted(repo)
+    prune(repo, "--older-than", "1ms", "--dry-run")
+    assert journal.exists() and not (repo / "tasks/a.md").exists()  # a dry run changes nothing
+    done = prune(repo, "--older-than", "30d")
+    assert done["pruned"] == [] and _finished(repo, journal)
+    assert not any(f.startswith(("runs/a/", "tasks/a.md")) for f in head_files(repo)) and committed(repo, "b")
+    assert git(repo, "status", "--porcelain", "--", "runs", "tasks") == ""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from taskrunner import prune
+from taskrunner import prune, prune_journal
 from taskrunner.config import load_config
 from taskrunner.errors import ConfigError
 from taskrunner.gitops import Git
@@ -225,3 +227,33 @@ def test_a_linked_task_directory_under_runs_is_not_entered(clone: Path, tmp_path
                             [prune.Removal("b", "COMPLETED", 0.0, None, None, ["runs/b/status.json"])])
     assert problems and "runs/b" in problems[0]
     assert (outside / "status.json").read_text() == "not ours\n"
+
+
+@pytest.mark.parametrize("entry", [
+    {"id": "a", "file": "tasks/a.md", "paths": ["README.md"]},
+    {"id": "a", "file": "tasks/a.md", "paths": ["runs/b/status.json"]},
+    {"id": "a", "file": "tasks/a.md", "paths": ["runs/a/../../README.md"]},
+    {"id": "a", "file": "/etc/passwd", "paths": []},
+    {"id": "a", "file": "src/a.md", "paths": []},
+    {"id": "../x", "file": None, "paths": []},
+    {"id": "a", "file": "tasks/a.md", "paths": "runs/a/status.json"},
+])
+def test_a_prune_journal_naming_a_path_not_the_tasks_is_ignored_whole(tmp_path: Path, entry: dict[str, Any]) -> None:
+    good = {"id": "ok", "status": "COMPLETED", "finished_at": 1.0, "file": "tasks/ok.md", "revision": None,
+            "paths": ["tasks/ok.md", "runs/ok/status.json"]}
+    (tmp_path / "prune-1.json").write_text(json.dumps(
+        {"version": 1, "older_than": 60, "tasks": [good, {"status": "COMPLETED", "finished_at": 1.0,
+                                                         "revision": None, **entry}]}))
+    notices: list[str] = []
+    assert prune_journal.pending(tmp_path, notices.append) == []
+    assert len(notices) == 1 and "prune-1.json" in notices[0]
+
+
+def test_a_prune_journal_round_trips(tmp_path: Path) -> None:
+    removal = prune.Removal("ci/x", "FAILED", 5.0, "tasks/ci/x.md", "r", ["tasks/ci/x.md", "runs/ci/x/status.json"])
+    path = prune_journal.begin(tmp_path, prune.Request(3600.0), [removal])
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    ((found, request, removals),) = prune_journal.pending(tmp_path, lambda message: None)
+    assert found == path and request.older_than == 3600.0 and removals == [removal]
+    prune_journal.end(path)
+    assert prune_journal.pending(tmp_path, lambda message: None) == []
