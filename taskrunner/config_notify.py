@@ -162,28 +162,40 @@ def _entry(parser: _Parsing, index: int, value: object) -> NotifyTarget:
 
 
 def _url(parser: _Parsing, key: str, value: object) -> str:
-    if not isinstance(value, str) or not _URL_RE.fullmatch(value) or not _usable_url(value):
+    problem = _url_problem(value) if isinstance(value, str) and _URL_RE.fullmatch(value) else None
+    if problem or not isinstance(value, str) or not _URL_RE.fullmatch(value):
         shown = describe(value.split("://", 1)[0] + "://..." if isinstance(value, str) and "://" in value else value)
         raise parser.fail(key, f"expected an http(s) URL such as https://chat.example/hook (no user:password@), "
-                               f"got {shown}")
+                               f"got {shown}{f': {problem}' if problem else ''}")
     return value
 
 
-def _usable_url(url: str) -> bool:
-    """Whether urllib can send to `url`: a port in range, an IPv6 literal that parses, a host
-    name of ASCII labels (letters, digits, _ and inner -; an IDN host in its xn-- form) (the checks urllib and the idna codec would fail at delivery)."""
+def _url_problem(url: str) -> str | None:
+    """What urllib would fail at when sending to `url` (checked here so it fails at load, not at delivery):
+    a port not from 1 to 65535, an IPv6 literal that does not parse, a host that is not a name of ASCII
+    labels (letters, digits, _ and inner -; an international name in its xn-- form); None when usable."""
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError:  # "Invalid IPv6 URL": an unbalanced bracket
+        return "its IPv6 address does not parse"
+    try:
+        port = parts.port
     except ValueError:
-        return False
+        port = 0
     netloc = parts.netloc.rpartition(":")[0] if parts.netloc.rsplit("]", 1)[-1].count(":") else parts.netloc
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        return "its port is not a number from 1 to 65535"
+    if not netloc:
+        return "it names no host"
     if netloc.startswith("["):
         try:
-            return netloc.endswith("]") and ipaddress.IPv6Address(netloc[1:-1]) is not None
+            ipaddress.IPv6Address(netloc[1:-1] if netloc.endswith("]") else "")
         except ValueError:
-            return False
-    return 0 < len(netloc) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in netloc.split("."))
+            return "its IPv6 address does not parse"
+        return None
+    if len(netloc) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in netloc.split(".")):
+        return "its host is not a name of letters, digits, '-' and '_' (an international name in its xn-- form)"
+    return None
 
 
 def _check_template(parser: _Parsing, key: str, value: object) -> None:

@@ -610,10 +610,11 @@ def test_a_url_urllib_cannot_use_fails_once_without_retry(url: str) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://a..b/h", "http://[::1/h", "http://[not-v6]/h", "http://" + "a" * 70 + ".example/h",
-                                 "http://host:99999/h", "http://-host/h", "https://bücher.example/h"])
-def test_a_url_urllib_cannot_use_is_refused_at_load_time(url: str) -> None:
+                                 "http://host:99999/h", "http://host:0/h", "http://-host/h", "https://bücher.example/h"])
+def test_a_url_urllib_cannot_use_is_refused_at_load_time_saying_why(url: str) -> None:
     message = refused(f"  - on: [failed]\n    url: '{url}'\n")
     assert "key 'notify[0].url'" in message and "expected an http(s) URL" in message
+    assert any(why in message for why in ("its port is not", "its IPv6 address", "its host is not")), message
 
 
 def test_a_command_argument_with_a_nul_byte_fails_once_without_retry() -> None:
