@@ -40,10 +40,15 @@ def listen_address(key: str, value: object, fail: Callable[[str, str], ConfigErr
     """
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     # isascii: str.isdigit takes '²' and other digits int() refuses; five digits at most.
-    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536 \
-            or _host(host) is None:
-        hint = " (an IPv6 address goes in brackets: [::1]:PORT)" if host.count(":") > 1 and "[" not in host else ""
-        raise fail(key, f"expected HOST:PORT such as {example}{hint}, got {describe(value)}")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
+        why = ": its port is not a number from 1 to 65535" if isinstance(value, str) and ":" in value else ""
+    elif _host(host) is None:
+        why = (": an IPv6 address goes in brackets, [::1]:PORT" if host.count(":") > 1 and "[" not in host
+               else ": its host is not an IP address or a name of letters, digits, '-' and '_'")
+    else:
+        why = None
+    if why is not None:
+        raise fail(key, f"expected HOST:PORT such as {example}, got {describe(value)}{why}")
     return _host(host) or "", int(port)
 
 
