@@ -56,6 +56,8 @@ PRUNABLE = ("COMPLETED", "CANCELLED", "FAILED", "INVALID")
 BODY_IDS = 200
 _FULL_LOG_RE = re.compile(r"run-\d+\.log")  # a Task's full logs beneath the state dir (fulllogs.py)
 BLOCK_BYTES = 512  # of a block as st_blocks counts them (POSIX)
+#: The cut-offs a prune takes (seconds): finer or larger ones are typing mistakes.
+MIN_OLDER_THAN, MAX_OLDER_THAN = 0.001, 100 * 365 * 86400.0
 
 
 class PruneError(ValueError):
@@ -101,6 +103,8 @@ class Request:
             seconds = parse_duration(older)
         except ValueError as exc:
             raise PruneError(f"--older-than: {exc}") from None
+        if not MIN_OLDER_THAN <= seconds <= MAX_OLDER_THAN:
+            raise PruneError(f"--older-than: expected a duration from 1ms to 100 years, got {older!r}")
         statuses, patterns = payload.get("statuses") or [], payload.get("patterns") or []
         if not isinstance(statuses, list) or any(s not in PRUNABLE for s in statuses):
             raise PruneError(f"--status: expected one of {', '.join(PRUNABLE)}")

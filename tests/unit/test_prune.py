@@ -257,3 +257,9 @@ def test_a_prune_journal_round_trips(tmp_path: Path) -> None:
     assert found == path and request.older_than == 3600.0 and removals == [removal]
     prune_journal.end(path)
     assert prune_journal.pending(tmp_path, lambda message: None) == []
+
+
+@pytest.mark.parametrize("older", ["garbage", "-1d", "0", "0.0000001s", "99999999999999999999d", "1e99d"])
+def test_a_cut_off_that_is_no_duration_or_out_of_range_is_refused_saying_so(older: str) -> None:
+    with pytest.raises(prune.PruneError, match="--older-than"):
+        prune.Request.from_payload({"older_than": older}, None)
