@@ -127,8 +127,7 @@ class Daemon:
         # `taskrun prune` and records.prune_after: the engine forgets the Tasks, the recorder commits (prune.py).
         self.pruner = prune.DaemonPruner(
             self.engine, self.repo, self.events.put, lambda: self._flush(force=True, wait=True), self.recorder.kick,
-            lambda sha: [hook(sha) for hook in (lambda s: self._committed(s, []), *self.recorder.after_commit)],
-            notice)
+            self._pruned, notice)
         self.recorder.add_job(self.pruner)
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask, lambda message: emit(self.hooks, "notice", message))
@@ -455,14 +454,20 @@ class Daemon:
         if head is not None and head != self._head and head not in self.repo.made:
             self.engine.base_commit = self._head = head
 
-    def _committed(self, sha: str, items: list[CommitItem]) -> None:
-        """On the recorder thread, which owns git."""
+    def _committed(self, sha: str, items: list[CommitItem], what: str | None = None) -> None:
+        """On the recorder thread, which owns git. `what` the commit held, when not records (a prune)."""
         try:
             parent: str | None = self.repo.run("rev-parse", "--verify", "--quiet", f"{sha}^")
         except GitError:
             parent = None
         self.events.put(_Committed(sha, parent))
-        emit(self.hooks, "committed", sha, f"{len(items)} record(s)")
+        emit(self.hooks, "committed", sha, what or f"{len(items)} record(s)")
+
+    def _pruned(self, sha: str) -> None:
+        """A prune's commit is made (recorder thread): what follows a record commit (push, hooks) follows it."""
+        self._committed(sha, [], "a prune")
+        for hook in self.recorder.after_commit:
+            hook(sha)
 
     def _acquire_lock(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
