@@ -6,10 +6,17 @@ Other changes (a write that has not been closed yet, a touch) are debounced
 until the file has been quiet for DEBOUNCE_SECONDS, so a half-written file is
 not read. Editor swap and temp files are ignored. A directory moved in or out
 of tasks/ carries no per-file events, so it triggers a rescan.
+
+So does an overflow of the kernel's inotify queue (fs.inotify.max_queued_events,
+16384 by default: 10,000 Task files renamed into tasks/ at once overflow it),
+where the events lost are not known: watchdog rebuilds its watches and says so
+only in a log record (`watchdog.observers.inotify_c`, "Inotify queue
+overflowed"), which `_Overflow` turns into one rescan once the files are quiet.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -32,6 +39,22 @@ class FileEvent:
     path: str = ""  # relative to the repository root
 
 
+#: The logger watchdog reports an inotify queue overflow on (watchdog/observers/inotify_c.py).
+OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+
+
+class _Overflow(logging.Handler):
+    """watchdog's log record of a queue overflow -> a rescan (the module doc)."""
+
+    def __init__(self, rescan: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._rescan = rescan
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in str(record.msg).lower():
+            self._rescan()
+
+
 class Watcher(FileSystemEventHandler):
     def __init__(self, root: Path, post: Callable[[FileEvent], None], debounce: float = DEBOUNCE_SECONDS) -> None:
         self.root = root
@@ -42,8 +65,12 @@ class Watcher(FileSystemEventHandler):
         self._stopped = False
         self._observer = Observer()
         self._timer = threading.Thread(target=self._flush_loop, name="watcher-debounce", daemon=True)
+        self._overflow = _Overflow(lambda: self._later(FileEvent("rescan")))
 
     def start(self) -> None:
+        overflow = logging.getLogger(OVERFLOW_LOGGER)
+        overflow.setLevel(logging.WARNING)  # heard whatever level the root logger is given
+        overflow.addHandler(self._overflow)
         tasks = self.root / TASKS_DIR
         if not os.path.lexists(tasks):
             tasks.mkdir(exist_ok=True)
@@ -56,6 +83,7 @@ class Watcher(FileSystemEventHandler):
         self._timer.start()
 
     def stop(self) -> None:
+        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self._overflow)
         with self._cond:
             self._stopped = True
             self._cond.notify()

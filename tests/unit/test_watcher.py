@@ -36,3 +36,30 @@ def test_a_task_file_git_replaces_is_changed_not_removed_and_a_deleted_one_is_re
         assert _events(posted, "removed", "tasks/a.md")[-1] == "removed"
     finally:
         watcher.stop()
+
+
+def test_an_inotify_queue_overflow_becomes_one_rescan(tmp_path: Path) -> None:
+    """The kernel's queue overflowed (10,000 files renamed in at once do it): the events lost are not
+    known, so tasks/ is read again, once. watchdog reports an overflow only by this log record."""
+    import inspect
+    import logging
+
+    from watchdog.observers import inotify_c
+
+    assert "Inotify queue overflowed" in inspect.getsource(inotify_c)  # what watchdog logs, on this logger
+    (tmp_path / "tasks").mkdir()
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.2)
+    watcher.start()
+    logging.getLogger().setLevel(logging.CRITICAL)  # as `taskrun up --log-level ERROR` may leave it
+    try:
+        for _ in range(3):
+            logging.getLogger(inotify_c.__name__).warning("Inotify queue overflowed; filesystem events were lost")
+        assert posted.get(timeout=10) == FileEvent("rescan")
+        (tmp_path / "tasks" / "after.md").write_text("# after\n")
+        assert posted.get(timeout=10) == FileEvent("changed", "tasks/after.md")  # one rescan for the three
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
+        watcher.stop()
+    logging.getLogger(inotify_c.__name__).warning("Inotify queue overflowed; filesystem events were lost")
+    assert posted.empty()  # a stopped watcher hears nothing
