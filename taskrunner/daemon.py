@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from taskrunner import clock, diskspace, doctor, fulllogs, gitops, prune, safefs, status_query
+from taskrunner import clock, diskspace, doctor, fulllogs, gitops, pruner, safefs, status_query
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
@@ -125,7 +125,7 @@ class Daemon:
         self.engine = Engine(root, config, self.fleet, self.recorder.submit, self.hooks, deliver=self.writer.run)
         self.recorder.add_job(fulllogs.Pruner(self.engine.full_logs, lambda: self.engine.config.records, notice))
         # `taskrun prune` and records.prune_after: the engine forgets the Tasks, the recorder commits (prune.py).
-        self.pruner = prune.DaemonPruner(
+        self.pruner = pruner.DaemonPruner(
             self.engine, self.repo, self.events.put, lambda: self._flush(force=True, wait=True), self.recorder.kick,
             self._pruned, notice)
         self.recorder.add_job(self.pruner)
@@ -310,7 +310,7 @@ class Daemon:
             answer = self._answer(event.payload)
             self._flush(force=True, wait=True)  # the caller may read the records as soon as it has the answer
             event.reply.put(answer)
-        elif callable(event):  # work for this thread from another (prune.DaemonPruner)
+        elif callable(event):  # work for this thread from another (pruner.DaemonPruner)
             event()
         return True
 
