@@ -68,7 +68,9 @@ class Imported:
 
 def import_change(git_dir: Path, change: Any, pack: bytes, *, run_id: str, task_id: str, base: str | None,
                   prefix: str, max_bytes: int) -> Imported:
-    """Verify and import a Run's change (module doc). ChangeRejected saying why it is refused."""
+    """Verify and import a Run's change (module doc). ChangeRejected saying why it is refused; GitError when
+    the repository cannot take it now (its disk is full, a ref cannot be written): the caller looks at the
+    disk and takes the result again once there is room."""
     if not isinstance(change, dict):
         raise ChangeRejected("change rejected: the result's change is malformed")
     commit, size, digest = change.get("commit"), change.get("size"), change.get("sha256")
@@ -97,8 +99,8 @@ def import_change(git_dir: Path, change: Any, pack: bytes, *, run_id: str, task_
         git(git_dir, "update-ref", "-m", "taskrun: a Run's change", run_ref, commit, _ZERO)
     except GitError as exc:
         existing = _resolve(git_dir, run_ref)
-        if existing is None and diskspace.full_text(str(exc)):
-            raise
+        if existing is None:
+            raise  # nothing names another commit: the ref could not be written (a full disk, a lock)
         if existing != commit:
             raise ChangeRejected(f"change rejected: {run_ref} already names another commit ({exc})") from None
     crashpoints.reached("daemon.run_ref_moved")

@@ -135,6 +135,9 @@ class WorkerServer:
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
+            if busy and not diskspace.has_room(self.home):
+                for run in self._runs.values():
+                    run.saw_full = run.saw_full or run.result is None  # see _check_exit
             for run in list(self._runs.values()):
                 self._guarded(run, self._tick)
             if not self._authenticated:
@@ -476,6 +479,10 @@ class WorkerServer:
             status, error = "FAILED", "the Agent ended without an exit status (killed by a signal?)"
         else:
             status, error = "FAILED", f"the Agent exited with code {code}"
+            if run.saw_full or not diskspace.has_room(self.home):
+                # Its own writes (output, workspace) may have failed on the full disk, saying so nowhere:
+                # even its error message had no room. The record says what happened.
+                error += f" while {diskspace.reason('the Worker home', self.home)}; its writes may have failed"
         self._finish(run, status, code, error, usage_limit=outcome.usage_limit if outcome else None)
 
     def _finish(self, run: ActiveRun, status: str, code: int | None, error: str | None,

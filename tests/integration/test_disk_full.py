@@ -156,6 +156,50 @@ def test_a_full_worker_home_refuses_new_runs_keeps_its_session_and_takes_them_on
         _kill_leftover_agents(repo)
 
 
+
+def test_an_agent_failing_while_the_worker_home_is_full_is_recorded_with_that_reason(
+        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Agent's own writes land on the full disk: its output and even its error message fail, so
+    # nothing it wrote says why it failed. The record does, and nothing of its Run is lost or left.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs))  # the local Worker's home goes on the tmpfs (conftest)
+    config = repo / ".taskrun.yaml"
+    config.write_text(config.read_text().replace("sandbox: bwrap", "sandbox: none"))
+    git(repo, "commit", "-qam", "unconfined")
+    daemon = Daemon(repo)
+    try:
+        daemon.start()
+        write_task(repo, "t", "while [ ! -e go ]; do sleep 0.1; done\nhead -c 4194304 /dev/zero | tr '\\0' x")
+        wait_status(repo, "t", "RUNNING")
+        run_id = json.loads((repo / "runs" / "t" / "run-1" / "status.json").read_text())["run_id"]
+        workspace = local_worker_home(repo) / "runs" / run_id / "workspace"
+        wait_until(workspace.is_dir, 60, "the Worker to lay out the workspace")
+        filler = _fill(tmpfs, 0)
+        (workspace / "go").touch()
+        wait_until(lambda: _agent_gone(run_id), 60, "the Agent to fail")
+        filler.unlink()
+        done = wait_status(repo, "t", "COMPLETED", "FAILED", timeout=60)
+        assert done["status"] == "FAILED", done
+        run = json.loads((repo / "runs" / "t" / "run-1" / "status.json").read_text())
+        assert "the disk holding the Worker home is full" in run["error"], run["error"]
+        assert "its writes may have failed" in run["error"], run["error"]
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(repo)
+
+
+def _agent_gone(run_id: str) -> bool:
+    """No process of the Run's Agent is left (its command line names the Run's directory)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and run_id.encode() in (entry / "cmdline").read_bytes():
+                return False
+        except OSError:
+            continue
+    return True
+
 def _task(root: Path, task_id: str) -> dict[str, object] | None:
     from tests.conftest import task_record
     return task_record(root, task_id)

@@ -526,11 +526,12 @@ class Soak:
         last = records[-1] if records else {}
         log = self.root / "runs" / task_id / f"run-{last.get('run')}" / "output.log"
         if (last.get("status") == "FAILED" and not last.get("lost") and task.spec.status != "FAILED"
-                and last.get("worker") == "local" and _says_no_room(log)):
+                and last.get("worker") == "local"
+                and (_says_no_room(log) or "the disk holding the Worker home is full" in (last.get("error") or ""))):
             # The Agent's own write into its workspace (on the pressured tmpfs) failed: its failure, recorded
             # as it happened; taskrun does not retry an Agent's failure. Listed apart, like a Task given up.
             self.report.gave_up.append(f"{task_id}: the Agent's own write failed for want of room on the Worker "
-                                       "home's disk (its output says so)")
+                                       "home's disk (its output or its record says so)")
             found = [line for line in found if not line.startswith((f"{task_id}: ", f"{task_id} run-"))]
         lost = [r for r in records if r.get("lost")]
         if records and records[-1].get("lost") and len(lost) > LOST_LIMIT and task.spec.status != "FAILED":

@@ -257,3 +257,38 @@ def test_output_that_cannot_be_recorded_stalls_the_run_and_resumes_from_the_reco
     assert plane.engine.records.read_output("t", 1) == data
     assert plane.run.status is RunStatus.COMPLETED
     assert [m.type for m in plane.link.sent].count("ack") == 1
+
+
+def test_a_change_whose_ref_cannot_be_written_on_a_full_disk_waits_instead_of_failing_the_run(
+        plane: _Plane, monkeypatch: pytest.MonkeyPatch) -> None:
+    # git's words for a ref it cannot write on a full disk name no errno ("couldn't write '<ref>.lock'"):
+    # the disk itself is asked, and the Run is not judged until there is room.
+    from taskrunner import sessions
+    from taskrunner.errors import GitError
+    from taskrunner.gitflow.importer import Imported
+
+    data = b"done\n"
+    body = {"run_id": RUN_ID, "status": "COMPLETED", "exit_code": 0, "error": None, "started_at": 1.0,
+            "finished_at": 2.0, "output_size": len(data), "output_sha256": hashlib.sha256(data).hexdigest(),
+            "nonce": "n", "change": {"commit": "a" * 40, "base": None, "sha256": "b" * 64, "size": 0}}
+    envelope = sign(RESULT_TYPE, json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), [KEY])
+    result = Message("result", {"run_id": RUN_ID, "output_size": len(data), "envelope": envelope})
+    plane.feed(Message("output", {"run_id": RUN_ID, "offset": 0}, data))
+
+    def cannot_write_ref(*args: Any, **kwargs: Any) -> Imported:
+        raise GitError("git update-ref failed: fatal: cannot update ref 'refs/taskrun/runs/r1': "
+                       "couldn't write '.git/refs/taskrun/runs/r1.lock'")
+
+    monkeypatch.setattr(sessions, "import_change", cannot_write_ref)
+    monkeypatch.setattr(diskspace, "has_room", lambda path, need=0: False)
+    plane.feed(result)
+    assert plane.run.status is RunStatus.RUNNING, plane.run.error  # not FAILED: nothing is wrong with it
+    assert not any(m.type == "ack" for m in plane.link.sent)
+    assert any("waits for room" in n for n in plane.hooks.said), plane.hooks.said
+    # With room, the same failure is a fault of the repository, said as git said it (not a forged ref).
+    monkeypatch.setattr(diskspace, "has_room", lambda path, need=0: True)
+    plane.clock.now += diskspace.RETRY_SECONDS
+    plane.engine.flush()  # room again: the Run is released and its result is taken when sent again
+    plane.feed(result)
+    assert plane.run.status is RunStatus.FAILED and "couldn't write" in (plane.run.error or "")
+    assert "already names" not in (plane.run.error or "")

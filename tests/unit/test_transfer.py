@@ -488,6 +488,25 @@ def test_a_persons_commit_on_the_result_branch_stays(tmp_path: Path, source: tup
     assert git(root, "rev-parse", "refs/taskrun/runs/run-1").strip() == found["commit"]
 
 
+
+def test_a_run_ref_that_cannot_be_written_is_a_git_error_not_a_refusal_of_the_change(
+        tmp_path: Path, source: tuple[Path, str]) -> None:
+    # git says only "couldn't write '<ref>.lock'" when the disk is full (or a lock is left): nothing names
+    # another commit, so the change is not judged; the caller looks at the disk (sessions._take_change).
+    from taskrunner.errors import GitError
+    root, base = source
+    home, found, pack = _agent_commit(tmp_path, source)
+    lock = root / ".git" / "refs" / "taskrun" / "runs" / "run-1.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    with pytest.raises(GitError) as raised:
+        _import(root, _signed(home, found)["change"], pack, base)
+    assert not isinstance(raised.value, ChangeRejected) and "already names" not in str(raised.value)
+    lock.unlink()
+    imported = _import(root, _signed(home, found)["change"], pack, base)  # taken again: it lands
+    assert imported.branch == "taskrun/t"
+    assert git(root, "rev-parse", "refs/taskrun/runs/run-1").strip() == found["commit"]
+
 def test_the_cache_objects_are_bound_read_only_into_the_sandbox() -> None:
     host = HostView("/usr/bin/bwrap", None, (), root=False)
     argv = bwrap_argv(host, RunSandbox("/w/ws", "/w/home", shared=("/h/repos/x.git/objects",)), ["true"])
