@@ -20,6 +20,9 @@ class Hooks:
     def task_changed(self, task: TaskState) -> None:
         """A Task's status, revision or waiting reason changed."""
 
+    def task_removed(self, task: TaskState) -> None:
+        """A Task left the daemon for good (pruned: pruner.py): whatever is kept per Task drops it."""
+
     def run_changed(self, run: RunState) -> None:
         """A Run changed status."""
 
@@ -65,6 +68,9 @@ class HookSet(Hooks):
 
     def task_changed(self, task: TaskState) -> None:
         self._each("task_changed", task)
+
+    def task_removed(self, task: TaskState) -> None:
+        self._each("task_removed", task)
 
     def run_changed(self, run: RunState) -> None:
         self._each("run_changed", run)

@@ -169,6 +169,11 @@ class Metrics(Hooks):
             elif task.status is not TaskStatus.RUNNING:
                 self._pending_since.pop(task.id, None)
 
+    def task_removed(self, task: TaskState) -> None:
+        with self._lock:  # pruned: no longer counted by taskrun_tasks
+            self._tasks.pop(task.id, None)
+            self._pending_since.pop(task.id, None)
+
     def run_changed(self, run: RunState) -> None:
         with self._lock:
             started, ready_at, finished = self._count(run)

@@ -485,6 +485,9 @@ class Notifier(Hooks):
         if event is not None:
             self._put(event)
 
+    def task_removed(self, task: TaskState) -> None:
+        self._task_status.pop(task.id, None)  # pruned: nothing more to tell of it
+
     def worker_changed(self, worker: dict[str, Any]) -> None:
         name = str(worker.get("name"))
         online = bool(worker.get("online"))

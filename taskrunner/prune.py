@@ -23,6 +23,7 @@ the main thread chooses and the engine forgets the Tasks (so neither the
 watcher's delete events nor the record writer bring them back), then the
 recorder thread, which owns git, checks them again, removes and commits.
 Without a daemon, cli/prune.py does the same under the daemon's lock.
+`gone` finds the commit that took a Task's record, for the commands that take a Task id.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ import hashlib
 import os
 import re
 import stat
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from taskrunner import gitops
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import UnsafePath
@@ -49,6 +53,10 @@ if TYPE_CHECKING:
 
 #: Statuses a Task may be pruned in.
 PRUNABLE = ("COMPLETED", "CANCELLED", "FAILED", "INVALID")
+#: How a prune commit's subject begins (commit_message).
+PRUNE_SUBJECT = "taskrun: prune "
+#: Seconds `gone` waits for git (a long history, a slow disk) before saying nothing.
+GONE_TIMEOUT = 30.0
 #: Ids named one by one in a commit's body; the rest are counted.
 BODY_IDS = 200
 _FULL_LOG_RE = re.compile(r"run-\d+\.log")  # a Task's full logs beneath the state dir (fulllogs.py)
@@ -209,7 +217,7 @@ def owner(rel: str) -> str | None:
 def commit_message(removals: Sequence[Removal], request: Request) -> str:
     """`taskrun: prune N finished Tasks (older than 30d)`, the ids in the body and how to see one again."""
     count = len(removals)
-    subject = f"taskrun: prune {count} finished Task{'s' if count != 1 else ''} (older than {request.label()})"
+    subject = f"{PRUNE_SUBJECT}{count} finished Task{'s' if count != 1 else ''} (older than {request.label()})"
     lines = [f"- {r.id} ({r.status})" for r in removals[:BODY_IDS]]
     if count > BODY_IDS:
         lines.append(f"- and {count - BODY_IDS} more")
@@ -469,8 +477,6 @@ def prune_commit(repo: Git, removals: Sequence[Removal], request: Request) -> st
     return repo.commit_paths(paths, commit_message(removals, request))
 
 
-
-
 def answer(request: Request, removals: Sequence[Removal], skipped: Sequence[tuple[str, str]],
            commit: str | None = None, waiting: str | None = None, problems: Sequence[str] = ()) -> dict[str, Any]:
     """The reply to a prune, as `taskrun prune --json` prints it (docs/cli.md)."""
@@ -478,3 +484,49 @@ def answer(request: Request, removals: Sequence[Removal], skipped: Sequence[tupl
             "pruned": [r.view() for r in removals], "bytes": sum(r.bytes for r in removals),
             "skipped": [{"task": t, "reason": why} for t, why in skipped], "waiting": waiting,
             "problems": list(problems)}
+
+
+# -- a Task that is no longer there (the CLI's not-found path) ------------------------------------
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The commit that deleted a Task's record (runs/<id>/status.json): a prune's or anyone's."""
+
+    task_id: str
+    commit: str  # its full sha
+    when: float  # its committer time, Unix seconds
+    pruned: bool  # its subject is a prune's (commit_message)
+
+    def text(self) -> str:
+        """What the CLI says of it: where it went, when, and the commands docs/records.md gives to see it."""
+        short, rel = self.commit[:12], f"{RUNS_DIR}/{self.task_id}"
+        shown = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.when))
+        how = "was pruned" if self.pruned else "has no record: its records were deleted"
+        return (f"'{self.task_id}' {how} in commit {short} on {shown}; git keeps it: "
+                f"`git show {short}^:{rel}/status.json` shows its record, `git log -- {rel}` the commits of its "
+                f"Runs, and `git checkout {short}^ -- {rel} tasks/{self.task_id}.md` brings it back")
+
+
+def gone(root: Path, task_id: str) -> Gone | None:
+    """The commit that deleted `task_id`'s record, from the history of the work tree at `root`; None when
+    `task_id` is no Task id (never given to git), when no commit deleted it, or when git fails.
+
+    One `git log -1 --diff-filter=D` (an argv, the path after `--`, pathspecs literal): for the
+    not-found path of commands that take a Task id, never a hot one.
+    """
+    from taskrunner.taskfile import task_id_for, task_id_problem  # (and yaml): only on this path
+
+    if task_id_for(f"tasks/{task_id}.md") != task_id or task_id_problem(task_id) is not None:
+        return None
+    argv = gitops.command("--literal-pathspecs", "log", "-1", "--no-show-signature", "--format=%H%x00%ct%x00%s",
+                          "--diff-filter=D", "--", f"{RUNS_DIR}/{task_id}/status.json")
+    try:
+        done = subprocess.run(argv, cwd=root, capture_output=True, text=True, errors="replace", timeout=GONE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = done.stdout.rstrip("\n").split("\0")
+    if done.returncode != 0 or len(fields) != 3 or not re.fullmatch(r"[0-9a-f]{40,64}", fields[0]) \
+            or not fields[1].isdigit():
+        return None
+    return Gone(task_id, fields[0], float(fields[1]), fields[2].startswith(PRUNE_SUBJECT))

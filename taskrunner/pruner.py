@@ -3,7 +3,9 @@
 The main thread chooses and the engine forgets the Tasks (so neither the
 watcher's delete events nor the record writer bring them back); the recorder
 thread, which owns git, checks them again, writes the prune down
-(prune_journal.py), removes and commits.
+(prune_journal.py), removes and commits. Once their files are gone the hooks
+hear `task_removed` for each (on the main thread); a Task that stays after all
+(it changed meanwhile) is given back to the engine and was never removed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from taskrunner import prune_journal
 from taskrunner.errors import GitError
 from taskrunner.gitops import Git
+from taskrunner.hooks import emit
 from taskrunner.prune import (PruneError, Removal, Request, answer, facts_of_state, inspect, prune_commit, remove,
                               select, still_clean)
 
@@ -102,6 +105,13 @@ class DaemonPruner:
             if self._engine.tasks.setdefault(task.id, task) is task:
                 self._engine.task_file_changed(task.file)  # read again: the scheduler sees it again
 
+    def _left(self, tasks: list[TaskState]) -> None:
+        """The pruned Tasks left the work tree: the hooks drop what they keep per Task (metrics, the live
+        view, notifications), unless a Task of the same id came meanwhile (its file written again)."""
+        for task in tasks:
+            if task.id not in self._engine.tasks:
+                emit(self._engine.hooks, "task_removed", task)
+
     # -- the recorder thread -----------------------------------------------------------
 
     def due(self, now: float) -> float | None:
@@ -136,6 +146,9 @@ class DaemonPruner:
             job.journal = prune_journal.begin(self._engine.state_dir, job.request, job.removals)
             job.problems = remove(self._repo.root, self._engine.state_dir, job.removals)
             job.removed = True
+            left = [job.tasks[r.id] for r in job.removals if r.id in job.tasks]
+            if left:
+                self._post(lambda: self._left(left))
         sha = prune_commit(self._repo, job.removals, job.request)
         if job.journal is not None:
             prune_journal.end(job.journal)

@@ -78,7 +78,9 @@ def load_history(records: Records, task_id: str) -> dict[str, Any]:
     task = believed(lambda: records.load_task(task_id), ignored)
     report_ignored(ignored)
     if task is None:
-        raise UsageError(f"no Task '{task_id}' has a record; see `taskrun status`")
+        from taskrunner.cli.prune import unknown_task  # pruned: which commit, how to see it (git, only here)
+
+        raise unknown_task(records.root, task_id, f"no Task '{task_id}' has a record; see `taskrun status`")
     runs: dict[int, dict[str, Any]] = {}
     for entry in task.get("runs") or []:
         number = entry.get("run") if isinstance(entry, dict) else None

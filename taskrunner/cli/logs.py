@@ -14,8 +14,8 @@ escaped unless `--raw`), or with `--json` as JSON Lines (docs/cli.md):
     {"event": "end", "task_id": str, "run": int, "status": str|null, "exit_code": int|null,
      "error": str|null, "output_bytes": int, "pruned": int|null}
 
-Errors (UsageError, exit 2): no record of the Task, no Run N, no Runs yet
-(without `-f`), an output.log that is a link or special file.
+Errors (UsageError, exit 2): no record of the Task (when it was pruned: in which commit, and how to
+see it again), no Run N, no Runs yet (without `-f`), an output.log that is a link or special file.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class _Reader:
         while True:
             task = self.load_task()
             if task is None and not self.follow:
-                raise UsageError(f"no Task '{self.task_id}' has a record; see `taskrun status`")
+                raise no_record(self.records, self.task_id)
             numbers = [e["run"] for e in (task or {}).get("runs") or []
                        if isinstance(e, dict) and isinstance(e.get("run"), int) and not isinstance(e["run"], bool)]
             later = [n for n in numbers if previous is None or n > previous]
@@ -227,6 +227,13 @@ def open_log(records: Records, full_logs: FullLogs, task_id: str, number: int,
     return fd, None
 
 
+def no_record(records: Records, task_id: str) -> UsageError:
+    """The error for a Task without a record: pruned (in which commit, how to see it again) or unknown."""
+    from taskrunner.cli.prune import unknown_task  # git is asked only here, on the not-found path
+
+    return unknown_task(records.root, task_id, f"no Task '{task_id}' has a record; see `taskrun status`")
+
+
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
     records = Records(root)
@@ -241,7 +248,7 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     reader = _Reader(records, FullLogs(records, gitops.state_dir(root)), args.task, args.follow, sink)
     if args.run is not None:
         if reader.load_task() is None and not args.follow:
-            raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
+            raise no_record(records, args.task)
         reader.show(args.run)
         return EXIT_OK
     previous: int | None = None

@@ -345,7 +345,9 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
         task = believed(lambda: records.load_task(args.task), ignored)
         report_ignored(ignored)
         if task is None:
-            raise UsageError(f"no Task '{args.task}' has a record; see `taskrun status`")
+            from taskrunner.cli.prune import unknown_task  # pruned: which commit, how to see it (git, only here)
+
+            raise unknown_task(records.root, args.task, f"no Task '{args.task}' has a record; see `taskrun status`")
         runs = [r for r in (believed(lambda: records.load_run(args.task, e["run"]), ignored)
                             for e in task.get("runs", [])) if r]
         report_ignored(ignored)
@@ -430,6 +432,10 @@ def cmd_request(args: argparse.Namespace, out: Console) -> int:
             return EXIT_OK  # a git hook with no daemon: the next `taskrun up` scans anyway
         raise
     if not reply.get("ok"):
+        if reply.get("error") == f"no Task '{payload['task']}'":  # engine.cancel/retry: pruned, or unknown
+            from taskrunner.cli.prune import unknown_task
+
+            raise unknown_task(root, payload["task"], reply["error"])
         raise UsageError(reply.get("error") or "the daemon refused the request")
     if not getattr(args, "quiet", False):
         out.print(clean(str(reply.get("message", "ok")), multiline=True), markup=False)

@@ -3,7 +3,10 @@
 Finished Tasks leave the work tree in one commit (taskrunner/prune.py; docs/records.md "Pruning"). With a
 daemon running, the daemon does it (the `prune` control request); without one, this command does, holding
 the daemon's lock (daemon.lock in the state dir) so that no daemon starts meanwhile. `--json` prints
-prune.answer's document (docs/cli.md).
+prune.answer's document (docs/cli.md), and on every failure (a usage mistake, a refusal, git or the
+configuration failing) `{"daemon": bool|null, "error": str, "ok": false}` with exit 2: stdout holds one
+JSON document and nothing else. `unknown_task` is what the commands taking a Task id say of one that has
+no record: pruned (prune.gone) or unknown.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 
 from taskrunner import control, gitops
-from taskrunner.cli.main import EXIT_OK, UsageError, find_root
-from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError
+from taskrunner.cli.main import EXIT_OK, EXIT_USAGE, UsageError, find_root
+from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.textsafe import clean
 
 #: How long the CLI waits for the daemon's answer (it commits first).
@@ -32,6 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     help = ("remove finished Tasks (their Task file, runs/<id>/ and full logs) from the work tree in one commit; "
             "git keeps them")
     p = sub.add_parser("prune", help=help, description=help)
+    p.__class__ = _Parser  # argparse makes every subparser of one class: a mistake with --json is JSON too
     p.set_defaults(handler=cmd_prune)
     p.add_argument("task", nargs="*", metavar="TASK", help="only these Task ids or globs ('auth/*', quoted)")
     p.add_argument("--older-than", metavar="DURATION", help="Tasks whose last Run finished longer ago than this "
@@ -42,9 +47,44 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+class _Parser(argparse.ArgumentParser):
+    """`taskrun prune`'s parser: with --json among its arguments, a usage mistake is the JSON error document."""
+
+    _json = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        given = list(sys.argv[1:] if args is None else args)
+        words = given[:given.index("--")] if "--" in given else given
+        self._json = any(len(w) > 2 and "--json".startswith(w) for w in words)  # argparse takes "--j" too
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self._json:  # else `taskrun`'s own parser says so, in text
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    def error(self, message: str) -> Any:
+        if self._json:
+            _print_json({"daemon": None, "error": message, "ok": False})
+            sys.exit(EXIT_USAGE)
+        super().error(message)
+
+
 def cmd_prune(args: argparse.Namespace, out: Console) -> int:
+    if not args.json:
+        return _prune(args, out)
+    try:
+        return _prune(args, out)
+    except (TaskrunError, OSError) as exc:
+        # Whatever failed (daemon.lock refused, the configuration, git): the document says it, as the
+        # daemon's own refusals say theirs; the exit code is that of the same error without --json.
+        _print_json({"daemon": getattr(args, "daemon", None), "error": clean(str(exc), multiline=True),
+                     "ok": False})
+        return EXIT_USAGE
+
+
+def _prune(args: argparse.Namespace, out: Console) -> int:
     from taskrunner.prune import PruneError, Request
 
+    args.daemon = None
     root = find_root(args)
     statuses = sorted({s.strip().upper() for value in args.status or [] for s in value.split(",") if s.strip()})
     payload: dict[str, Any] = {"command": "prune", "older_than": args.older_than, "statuses": statuses,
@@ -55,17 +95,31 @@ def cmd_prune(args: argparse.Namespace, out: Console) -> int:
         raise UsageError(str(exc)) from None
     try:
         reply = control.request(gitops.state_dir(root), payload, REPLY_TIMEOUT)
-        daemon = True
+        args.daemon = True
     except DaemonNotRunning:
-        reply, daemon = _without_daemon(root, payload), False
+        args.daemon = False
+        reply = _without_daemon(root, payload)
     if not reply.get("ok"):
         raise UsageError(str(reply.get("error") or "the daemon refused the request"))
-    reply["daemon"] = daemon
+    reply["daemon"] = args.daemon
     if args.json:
-        print(json.dumps(reply, indent=2, sort_keys=True))
+        _print_json(reply)
     else:
         _render(reply, out)
     return EXIT_OK
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def unknown_task(root: Path, task_id: str, message: str) -> UsageError:
+    """The error of a command given a Task id that has no record: that it was pruned (in which commit,
+    when, how to see it again: prune.gone) when git says so, else `message`."""
+    from taskrunner.prune import gone
+
+    found = gone(root, task_id)
+    return UsageError(found.text() if found is not None else message)
 
 
 def _prune_after(root: Path) -> float | None:
@@ -77,15 +131,18 @@ def _prune_after(root: Path) -> float | None:
 def _render(reply: dict[str, Any], out: Console) -> None:
     pruned, dry = reply.get("pruned") or [], reply.get("dry_run")
     verb = "would prune" if dry else "pruned"
+    rows: list[list[Any]] = [["TASK", "STATUS", "FINISHED", "SIZE"]]
     for item in pruned:
         when = item.get("finished_at")
         shown = time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if isinstance(when, (int, float)) else "-"
-        out.print(clean(f"  {item['task']}  {item['status']}  finished {shown}  {_size(int(item['bytes']))}"),
-                  markup=False)
-    for item in reply.get("skipped") or []:
-        out.print(clean(f"  left {item['task']}: {item['reason']}"), markup=False)
+        rows.append([item.get("task"), item.get("status"), shown, _size(int(item.get("bytes") or 0))])
+    if pruned:
+        _table(rows, out)
+    skipped = reply.get("skipped") or []
+    if skipped:
+        _table([["LEFT", "WHY"], *([item.get("task"), item.get("reason")] for item in skipped)], out)
     for problem in reply.get("problems") or []:
-        out.print(clean(f"  problem: {problem}"), markup=False)
+        out.print(clean(f"problem: {problem}"), markup=False)
     count = len(pruned)
     out.print(clean(f"{verb} {count} finished Task{'s' if count != 1 else ''} (older than {reply['older_than']}), "
                     f"{'freeing' if dry else 'freed'} {_size(int(reply.get('bytes') or 0))} in the work tree"
@@ -94,8 +151,19 @@ def _render(reply: dict[str, Any], out: Console) -> None:
         out.print(clean(f"waiting: {reply['waiting']}"), markup=False)
     if count and not dry:
         commit = (reply.get("commit") or "<commit>")[:12]
-        out.print(f"history keeps them: git log -- runs/<id>; git show {commit}^:runs/<id>/status.json",
+        out.print(clean(f"history keeps them: git log -- runs/<id>; git show {commit}^:runs/<id>/status.json"),
                   markup=False)
+
+
+def _table(rows: list[list[Any]], out: Console) -> None:
+    """Rows as aligned columns, two spaces apart, the last one not padded (as render.print_tasks writes
+    long tables: a prune may list thousands). Every cell cleaned (textsafe): one line, no control bytes."""
+    cells = [[clean("" if cell is None else str(cell)) for cell in row] for row in rows]
+    widths = [max(cell_len(row[i]) for row in cells) for i in range(len(cells[0]) - 1)]
+    write = out.file.write
+    for row in cells:
+        write("  ".join([c + " " * (w - cell_len(c)) for c, w in zip(row, widths)] + [row[-1]]).rstrip() + "\n")
+    out.file.flush()
 
 
 def _size(count: int) -> str:

@@ -158,7 +158,10 @@ def cmd_wait(args: argparse.Namespace, out: Console) -> int:
         revision = _file_revision(files, task_id)
         if revision is None and believed(lambda: records.load_task(task_id), ignored) is None:
             report_ignored(ignored)
-            raise UsageError(f"no Task '{task_id}': neither {TASKS_DIR}/{task_id}.md nor a record of it")
+            from taskrunner.cli.prune import unknown_task  # pruned: which commit, how to see it (git, only here)
+
+            raise unknown_task(root, task_id,
+                               f"no Task '{task_id}': neither {TASKS_DIR}/{task_id}.md nor a record of it")
         wanted[task_id] = revision
     report_ignored(ignored)
     waited = wait_for(records, wanted, args.timeout, gitops.state_dir(root), out, quiet=args.json)

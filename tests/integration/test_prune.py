@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
-
-
-def head_files(root: Path) -> set[str]:
-    return set(git(root, "ls-tree", "-r", "--name-only", "HEAD").splitlines())
+from tests.integration.test_records_git import head_files
 
 
 def committed(root: Path, *task_ids: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,9 @@ from taskrunner.config import load_config
 from taskrunner.errors import ConfigError
 from taskrunner.gitops import Git
 from taskrunner.prune import Facts, PruneError, Request
+from tests.conftest import git
+from tests.integration.test_records_git import head_files
+from tests.unit.test_gitops import make_repo, write
 
 DAY = 86400.0
 NOW = 1_000_000_000.0
@@ -113,24 +115,10 @@ def test_records_prune_after_is_read_and_checked(tmp_path: Path) -> None:
 # -- the work tree and git ---------------------------------------------------------------------
 
 
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout
-
-
-def write(root: Path, rel: str, text: str) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 @pytest.fixture
-def clone(tmp_path: Path) -> Path:
+def clone(tmp_path: Path, isolated_git: Path) -> Path:
     """Tasks a, a/sub and b with committed records, a file of the user's, and a full log of a."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q")
-    git(root, "config", "user.name", "U")
-    git(root, "config", "user.email", "u@example.com")
+    root = make_repo(tmp_path / "repo")
     for task_id in ("a", "a/sub", "b"):
         write(root, f"tasks/{task_id}.md", f"# {task_id}\n")
         write(root, f"runs/{task_id}/status.json", "{}\n")
@@ -146,10 +134,6 @@ def clone(tmp_path: Path) -> Path:
 def task(root: Path, task_id: str) -> Facts:
     revision = hashlib.sha256((root / f"tasks/{task_id}.md").read_bytes()).hexdigest()
     return Facts(task_id, f"tasks/{task_id}.md", "COMPLETED", 0.0, True, revision, False)
-
-
-def head_files(root: Path) -> set[str]:
-    return set(git(root, "ls-tree", "-r", "--name-only", "HEAD").splitlines())
 
 
 def test_a_prune_removes_the_task_file_its_records_and_full_logs_in_one_commit(clone: Path) -> None:
@@ -263,3 +247,68 @@ def test_a_prune_journal_round_trips(tmp_path: Path) -> None:
 def test_a_cut_off_that_is_no_duration_or_out_of_range_is_refused_saying_so(older: str) -> None:
     with pytest.raises(prune.PruneError, match="--older-than"):
         prune.Request.from_payload({"older_than": older}, None)
+
+
+# -- a Task no longer there: what the commands taking a Task id say (prune.gone) -----------------------
+
+
+def test_gone_names_the_prune_commit_when_and_the_commands_to_see_the_task_again(clone: Path) -> None:
+    repo = Git(clone)
+    removals, _ = prune.inspect(repo, [task(clone, "a")], clone / ".git/taskrun")
+    prune.remove(clone, clone / ".git/taskrun", removals)
+    sha = prune.prune_commit(repo, removals, Request(DAY))
+    assert sha
+    found = prune.gone(clone, "a")
+    assert found is not None and found.commit == sha and found.pruned
+    assert abs(found.when - float(git(clone, "log", "-1", "--format=%ct", sha))) < 1
+    text = found.text()
+    assert text.startswith(f"'a' was pruned in commit {sha[:12]} on ")
+    assert f"`git show {sha[:12]}^:runs/a/status.json`" in text and "`git log -- runs/a`" in text
+    assert f"`git checkout {sha[:12]}^ -- runs/a tasks/a.md`" in text
+    assert git(clone, "show", f"{sha[:12]}^:runs/a/status.json") == "{}\n"  # the command it gives works
+    assert prune.gone(clone, "a/sub") is None and prune.gone(clone, "never") is None  # still there; never was
+
+
+def test_gone_says_records_deleted_by_hand_were_not_pruned(clone: Path) -> None:
+    git(clone, "rm", "-rq", "runs/b")
+    git(clone, "commit", "-qm", "records of b, by hand")
+    found = prune.gone(clone, "b")
+    assert found is not None and not found.pruned
+    assert found.text().startswith(f"'b' has no record: its records were deleted in commit {found.commit[:12]}")
+
+
+@pytest.mark.parametrize("task_id", ["-x", "--output=x", "Upper", "../b", "z/run-1", "z/status.json", ".b", ""])
+def test_gone_never_asks_git_about_an_id_that_is_no_task_id(clone: Path, task_id: str) -> None:
+    # Each of these has a record that a commit deleted: git would name that commit if it were asked.
+    if task_id:
+        write(clone, f"runs/{task_id}/status.json", "{}\n")
+        git(clone, "add", "--", f"runs/{task_id}/status.json")
+        git(clone, "commit", "-qm", "a record")
+        git(clone, "rm", "-q", "--", f"runs/{task_id}/status.json")
+        git(clone, "commit", "-qm", "taskrun: prune 1 finished Task (older than 1d)")
+    assert prune.gone(clone, task_id) is None
+
+
+def test_the_dry_run_table_aligns_ids_of_any_length_and_escapes_what_it_shows() -> None:
+    import io
+
+    from rich.console import Console
+
+    from taskrunner.cli.prune import _render
+
+    stream = io.StringIO()
+    pruned = [{"task": "a", "status": "COMPLETED", "finished_at": NOW, "bytes": 4096},
+              {"task": "ci/a-much-longer-id", "status": "FAILED", "finished_at": None, "bytes": 3 * 1024 * 1024}]
+    _render({"ok": True, "dry_run": True, "older_than": "30d", "commit": None, "pruned": pruned, "bytes": 3149824,
+             "skipped": [{"task": "b", "reason": "tasks/b.md has \x1b[31mchanges\x1b[0m"},
+                         {"task": "long/er", "reason": "[bold]not[/bold] finished"}], "waiting": None,
+             "problems": []}, Console(file=stream, force_terminal=False, width=80))
+    lines = stream.getvalue().splitlines()
+    assert lines[0].split() == ["TASK", "STATUS", "FINISHED", "SIZE"]
+    rows = lines[:3]
+    assert len({row.index(word) for row, word in zip(rows, ("STATUS", "COMPLETED", "FAILED"))}) == 1
+    assert len({row.index(word) for row, word in zip(rows, ("SIZE", "4.0 KiB", "3.0 MiB"))}) == 1
+    assert lines[3].split()[:2] == ["LEFT", "WHY"]
+    assert lines[4].index("tasks/b.md") == lines[5].index("[bold]not") == lines[3].index("WHY")
+    assert "\x1b" not in stream.getvalue() and "\\x1b[31mchanges" in lines[4]
+    assert lines[-1] == "would prune 2 finished Tasks (older than 30d), freeing 3.0 MiB in the work tree"
