@@ -139,14 +139,30 @@ def redact_output(text: str) -> str:
 
 
 def last_line(data: bytes) -> bytes | None:
-    """The last line of `data` holding more than whitespace (lines end at \\n or \\r), or None; in one
-    pass from the end, not a split of every line of a big chunk."""
-    stripped = len(data.rstrip())
+    """The last line of `data` holding more than whitespace (lines end at \\n or \\r), or None.
+
+    It reads `data` from its end only as far as that line starts: a chunk of a
+    big output (1 MiB, whose last line is a few dozen bytes) is neither copied
+    (`rstrip` of the whole) nor searched to its start for a \\r it lacks.
+    """
+    stripped = _content_end(data)
     if not stripped:
         return None
-    start = max(data.rfind(b"\n", 0, stripped), data.rfind(b"\r", 0, stripped)) + 1
+    newline = data.rfind(b"\n", 0, stripped)
+    start = max(newline, data.rfind(b"\r", newline + 1, stripped)) + 1
     ends = [at for at in (data.find(b"\n", stripped), data.find(b"\r", stripped)) if at >= 0]
     return data[start:min(ends, default=len(data))]
+
+
+def _content_end(data: bytes) -> int:
+    """len(data.rstrip()), from slices of the end that double in size: no copy of a big `data`."""
+    span = 256
+    while True:
+        tail = data[-span:]
+        kept = len(tail.rstrip())
+        if kept or len(tail) == len(data):
+            return len(data) - len(tail) + kept
+        span *= 2
 
 
 def redact(text: str, multiline: bool = False) -> str:
@@ -325,6 +341,10 @@ class LogHooks(Hooks):
             self._record(logging.DEBUG, "task_waiting", f"{task.id} waits: {task.waiting}", **fields,
                          waiting=task.waiting)
 
+    def task_removed(self, task: TaskState) -> None:
+        with self._lock:  # pruned (the prune's commit is what is logged)
+            self._tasks.pop(task.id, None)
+
     def run_changed(self, run: RunState) -> None:
         status = run.status.value
         with self._lock:
@@ -389,6 +409,9 @@ class FilteredView(Hooks):
         if any(safe[k] != getattr(task, k) for k in safe):
             task = dataclasses.replace(task, **safe)
         self.inner.task_changed(task)
+
+    def task_removed(self, task: TaskState) -> None:
+        self.inner.task_removed(task)
 
     def run_changed(self, run: RunState) -> None:
         if _RUN_LEVELS.get(run.status.value, logging.INFO) >= self.level:

@@ -372,3 +372,10 @@ def test_at_warning_routine_notices_are_hidden_and_the_rest_shown(capsys: pytest
 def test_last_line_is_the_last_line_holding_more_than_whitespace(data: bytes) -> None:
     lines = [line for line in data.splitlines() if line.strip()]
     assert logs.last_line(data) == (lines[-1] if lines else None)
+
+
+@pytest.mark.parametrize("data", [b"x" * 5000 + b"\n" + b" \n" * 3000, b"\n" * 70000 + b"last", b"a\rb\n" * 300000,
+                                  b"first\n" + b"\t" * 100000, b" " * 1025])
+def test_last_line_of_a_big_chunk_with_long_whitespace_around_it(data: bytes) -> None:
+    lines = [line for line in data.splitlines() if line.strip()]
+    assert logs.last_line(data) == (lines[-1] if lines else None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import threading
 from typing import Any
 
@@ -12,8 +14,8 @@ import pytest
 from taskrunner.defaults import OUTPUT_CHUNK_BYTES
 from taskrunner.errors import ProtocolError
 from taskrunner.protocol import (FROM_WORKER_LIMITS, INLINE_PAYLOAD_BYTES, MAX_OUTPUT_CHUNK_BYTES, PAYLOAD_LIMITS,
-                                 READ_PIECE_BYTES, REQUIRED, SKIP_CHUNK_BYTES, SMALL_HEADER_BYTES, FromWorker, Message,
-                                 Reader, Writer, decode_header, encode)
+                                 PIPE_BYTES, READ_PIECE_BYTES, REQUIRED, SKIP_CHUNK_BYTES, SMALL_HEADER_BYTES, FromWorker,
+                                 Message, Reader, Writer, decode_header, encode, widen_pipe)
 
 #: A DSSE envelope as bundles, results and trust statements carry it (signing.py); the protocol only routes it.
 ENVELOPE = {"payloadType": "application/vnd.taskrun.result+json", "payload": "eyJydW5faWQiOiJyMSJ9",
@@ -399,3 +401,40 @@ def test_a_large_payload_is_written_as_it_is_after_its_header_not_copied_into_on
     Writer(stream).write(small, big, Message("heartbeat", {"time": 1.0}))
     assert [p is payload for p in stream.parts] == [False, True, False]  # the very object, no copy of it
     assert read_all(stream.getvalue(), FROM_WORKER_LIMITS) == [small, big, Message("heartbeat", {"time": 1.0})]
+
+
+def _pipe_size(fd: int) -> int:
+    return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+
+
+@pytest.mark.parametrize("end", ["writer", "reader"])
+def test_the_pipe_a_writer_or_reader_is_made_of_is_widened_so_a_whole_output_chunk_fits(end: str) -> None:
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb") as inbound, os.fdopen(write_fd, "wb") as outbound:
+        assert _pipe_size(write_fd) < OUTPUT_CHUNK_BYTES  # Linux's default: 64 KiB
+        if end == "writer":
+            Writer(outbound)
+        else:
+            Reader(inbound, FROM_WORKER_LIMITS)
+        assert _pipe_size(write_fd) == PIPE_BYTES >= OUTPUT_CHUNK_BYTES
+        # A record of a whole chunk now goes into the pipe in one go, before anyone reads.
+        chunk = Message("output", {"run_id": "r", "offset": 0}, b"o" * (OUTPUT_CHUNK_BYTES - 4096))
+        Writer(outbound).write(chunk)
+        assert Reader(inbound, FROM_WORKER_LIMITS).read() == chunk
+
+
+def test_a_stream_that_is_no_pipe_is_left_as_it_is(tmp_path: Any) -> None:
+    with open(tmp_path / "f", "wb") as handle:
+        assert widen_pipe(handle) is None
+    assert widen_pipe(io.BytesIO()) is None
+
+
+def test_a_pipe_the_system_will_not_widen_stays_as_it_was() -> None:
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb") as outbound:
+        before = _pipe_size(write_fd)
+        with open("/proc/sys/fs/pipe-max-size") as handle:
+            limit = int(handle.read())
+        # Past pipe-max-size only a privileged process may go (as root it may): either way nothing raises.
+        got = widen_pipe(outbound, limit * 4)
+        assert (got is None and _pipe_size(write_fd) == before) or got == _pipe_size(write_fd) >= limit * 4
