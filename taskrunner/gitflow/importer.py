@@ -151,6 +151,7 @@ def _move_branch(git_dir: Path, branch: str, commit: str, run_ref: str) -> tuple
         git(git_dir, "check-ref-format", ref)
     except GitError:
         return None, f"'{branch}' is not a valid branch name; this Run's change is at {run_ref}"
+    failed: GitError | None = None  # the last update-ref that failed while the branch stayed where it was
     for _ in range(3):
         current = _resolve(git_dir, ref)
         if current is not None and current != commit and not _ours(git_dir, current):
@@ -160,8 +161,15 @@ def _move_branch(git_dir: Path, branch: str, commit: str, run_ref: str) -> tuple
             git(git_dir, "update-ref", "-m", "taskrun: result branch", ref, commit, current or _ZERO)
             crashpoints.reached("daemon.result_ref_moved")
             return branch, None
-        except GitError:
-            continue  # moved meanwhile: look again
+        except GitError as exc:
+            if _resolve(git_dir, ref) != current:
+                failed = None
+                continue  # moved meanwhile: look again
+            if not diskspace.has_room(git_dir):
+                raise  # its lock could not be written for want of room: the caller waits for room
+            failed = exc
+    if failed is not None:
+        return None, f"the branch {branch} could not be moved ({failed}); this Run's change is at {run_ref}"
     return None, f"the branch {branch} kept moving; this Run's change is at {run_ref}"
 
 

@@ -507,6 +507,31 @@ def test_a_run_ref_that_cannot_be_written_is_a_git_error_not_a_refusal_of_the_ch
     assert imported.branch == "taskrun/t"
     assert git(root, "rev-parse", "refs/taskrun/runs/run-1").strip() == found["commit"]
 
+
+def test_a_result_branch_that_cannot_be_written_is_said_so_or_waits_for_room(
+        tmp_path: Path, source: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A branch nobody moved whose lock cannot be written is not "kept moving": on a full disk the import
+    # waits for room (GitError to the caller); otherwise the note says what git said.
+    from taskrunner import diskspace
+    from taskrunner.errors import GitError
+    root, base = source
+    home, found, pack = _agent_commit(tmp_path, source)
+    lock = root / ".git" / "refs" / "heads" / "taskrun" / "t.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    with monkeypatch.context() as full:
+        full.setattr(diskspace, "has_room", lambda path, need=0: False)
+        with pytest.raises(GitError) as raised:
+            _import(root, _signed(home, found)["change"], pack, base)
+        assert not isinstance(raised.value, ChangeRejected)
+    imported = _import(root, _signed(home, found)["change"], pack, base)  # taken again, with room: a note
+    assert imported.branch is None and "could not be moved" in (imported.note or ""), imported
+    assert "kept moving" not in (imported.note or "")
+    lock.unlink()
+    imported = _import(root, _signed(home, found)["change"], pack, base)  # the lock gone: the branch moves
+    assert imported.branch == "taskrun/t"
+    assert git(root, "rev-parse", "refs/heads/taskrun/t").strip() == found["commit"]
+
 def test_the_cache_objects_are_bound_read_only_into_the_sandbox() -> None:
     host = HostView("/usr/bin/bwrap", None, (), root=False)
     argv = bwrap_argv(host, RunSandbox("/w/ws", "/w/home", shared=("/h/repos/x.git/objects",)), ["true"])
