@@ -101,6 +101,10 @@ class GitError(TaskrunError):
     """Raised when a git command fails."""
 
 
+class KeyringError(TaskrunError):
+    """Raised when the control plane's keys (keys.py, recordkey.py) are missing or unreadable."""
+
+
 class LockError(TaskrunError):
     """Raised when another daemon already holds the repository's lock."""
 

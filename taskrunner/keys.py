@@ -17,8 +17,6 @@ pruned here and every Worker stops trusting it (the trust statement carries
 from __future__ import annotations
 
 import os
-import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from taskrunner.atomic import read_json, write_bytes, write_json
-from taskrunner.errors import TaskrunError
+from taskrunner.errors import KeyringError, TaskrunError  # noqa: F401 (KeyringError: named here too)
+from taskrunner.recordkey import RECORD_KEY_FILE, record_key  # noqa: F401 (named here too)
 from taskrunner.signing import SignatureRejected, SigningKey
 
 KEYS_DIR = "keys"
 KEYRING_FILE = "keyring.json"
-
-
-class KeyringError(TaskrunError):
-    """Raised when the control plane's keys are missing or unreadable."""
 
 
 @dataclass(frozen=True)
@@ -144,53 +139,6 @@ class Keyring:
 
 
 SSH_KEY_FILE = "ssh_key"
-#: The key that seals this clone's records (records.py): 32 random bytes, mode 0600.
-RECORD_KEY_FILE = "record.key"
-RECORD_KEY_BYTES = 32
-
-
-def record_key(state_dir: Path, create: bool) -> bytes | None:
-    """This clone's record key; made on first use when `create`, else None when there is none.
-
-    Each clone has its own: it is never committed, so a record sealed with
-    it proves that this clone's daemon wrote it. Made once, exclusively (a
-    temp file, fsynced, then hard-linked into place, which fails if another
-    process made one first), so two writers can never hold different keys.
-    Raises KeyringError when the file is there but unusable.
-    """
-    path = state_dir / RECORD_KEY_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if not create:
-            return None
-    except OSError as exc:
-        raise KeyringError(f"cannot read the record key {path}: {exc.strerror or exc}") from None
-    else:
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(RECORD_KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-        if len(data) != RECORD_KEY_BYTES:
-            raise KeyringError(f"the record key {path} is damaged (expected {RECORD_KEY_BYTES} bytes): restore it "
-                               "from a backup, or delete it, and every record written so far counts as not "
-                               "written by this clone")
-        return data
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{RECORD_KEY_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(RECORD_KEY_BYTES))
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-    finally:
-        tmp.unlink(missing_ok=True)
-    return record_key(state_dir, create=False)
-
-
 def ensure_ssh_key(state_dir: Path) -> tuple[Path, str]:
     """The daemon's own SSH key (OpenSSH format, 0600) and its public line."""
     path = state_dir / SSH_KEY_FILE

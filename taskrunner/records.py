@@ -24,7 +24,7 @@ rules keep the daemon's files its own:
   (`ln .git/config runs/x/run-1/output.log`), so it is replaced, never
   appended to, and never believed.
 - Status records are sealed: `seal` is an HMAC-SHA256, keyed with this
-  clone's record key (keys.record_key, in .git/taskrun/, never committed),
+  clone's record key (recordkey.record_key, in .git/taskrun/, never committed),
   over the record's path and its canonical JSON (sorted keys, no spaces,
   without `seal`). A record without a valid seal was not written by this
   daemon and is never believed (ForeignRecord). A seal binds a record to its
@@ -65,8 +65,8 @@ from taskrunner.defaults import RUNS_DIR
 from taskrunner.diskspace import RecordsFull, Space, is_full
 from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
 from taskrunner.gitops import state_dir
-from taskrunner.keys import record_key
 from taskrunner.model import RECORD_NAMES, RUN_DIR_RE
+from taskrunner.recordkey import record_key
 from taskrunner.safefs import REFUSAL, Beneath, kind_of
 from taskrunner.taskfile import task_id_for, task_id_problem
 

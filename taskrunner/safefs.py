@@ -125,7 +125,7 @@ def split(rel: str) -> list[str]:
     return parts
 
 
-#: The temp files this project's writers make beside the file they replace (`write_in`, keys.record_key,
+#: The temp files this project's writers make beside the file they replace (`write_in`, recordkey.record_key,
 #: fulllogs.py): `.<name>.<pid>[.<thread id>].tmp`. One is left only when its writer was killed mid-write.
 TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?P<pid>[0-9]{1,10})(?:\.[0-9]+)?\.tmp$")
 

@@ -1,0 +1,61 @@
+"""This clone's record key: `.git/taskrun/record.key`, 32 random bytes, mode 0600, never committed.
+
+Apart from keys.py (the signing and SSH keys) so that reading records
+(records.py, record_index.py, scancache.py: every `taskrun status`) does not
+load the cryptography package.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from taskrunner.errors import KeyringError
+
+#: The key that seals this clone's records (records.py): 32 random bytes, mode 0600.
+RECORD_KEY_FILE = "record.key"
+RECORD_KEY_BYTES = 32
+
+
+def record_key(state_dir: Path, create: bool) -> bytes | None:
+    """This clone's record key; made on first use when `create`, else None when there is none.
+
+    Each clone has its own: it is never committed, so a record sealed with
+    it proves that this clone's daemon wrote it. Made once, exclusively (a
+    temp file, fsynced, then hard-linked into place, which fails if another
+    process made one first), so two writers can never hold different keys.
+    Raises KeyringError when the file is there but unusable.
+    """
+    path = state_dir / RECORD_KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError as exc:
+        raise KeyringError(f"cannot read the record key {path}: {exc.strerror or exc}") from None
+    else:
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(RECORD_KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        if len(data) != RECORD_KEY_BYTES:
+            raise KeyringError(f"the record key {path} is damaged (expected {RECORD_KEY_BYTES} bytes): restore it "
+                               "from a backup, or delete it, and every record written so far counts as not "
+                               "written by this clone")
+        return data
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{RECORD_KEY_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(RECORD_KEY_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+    return record_key(state_dir, create=False)
