@@ -4,29 +4,9 @@ runs/ stays the source of truth: the index only remembers, for each record
 this clone's daemon sealed, what the record said and the file it was read
 from, and every entry is checked against the file before it is used.
 
-    .git/taskrun/record-index     line 1: HMAC-SHA256 (hex) of everything after it, keyed with the record key
-                                  line 2: one JSON object (compact, UTF-8):
-    {"version": 2, "stamp": <ns>,                      when the index was written (time.time_ns)
-     "run_fields": [name, ...],                         state.RunState's fields, the order of line 4's rows
-     "dirs":  {"runs/<dir>": [fingerprint, [subdirectory names], has status.json, [run numbers]]},
-     "tasks": {"<task id>": [fingerprint, status, updated_at, seq, [offset, length]]}}
-                                  line 3: {"<task id>": [[the Task record's values of TASK_FIELDS],
-                                                         [the run numbers it lists]]}
-                                  line 4: {"<task id>/<n>": [fingerprint, [the RunState the Run record gives
-                                           (RunState.from_record), its fields in run_fields order]]}
-                                  then: the Task records (JSON, without seal, as json.dumps(record,
-                                        sort_keys=True) writes them: what `taskrun status --json` prints),
-                                        one a line; a Task's [offset, length] (bytes, from the start of the
-                                        first) points at its own
+The file's layout, its columns and binary fingerprints, is index_file.py's.
 
-Line 2 holds what `taskrun status` selects on (status, time, sequence
-number), line 3 what a restart rebuilds a Task's state from (restore.py), so
-neither parses a Task record it does not show: `taskrun status` parses line
-2 only (and copies a record's text as it is for `--json`), a restart lines
-2, 3 and 4 (three JSON parses) and no record at all. Lines 3 and 4 are
-parsed only when first asked for.
-
-A fingerprint is `[st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]` of
+A fingerprint is `(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)` of
 the file (or directory) taken with lstat *before* it was read. An entry is
 believed only while the same lstat gives the same five numbers. Any write
 changes the ctime, which nobody can set, and the daemon replaces records by
@@ -53,35 +33,32 @@ indexed: they are read, and refused, every time.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import json
 import os
 import stat
+import struct
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from taskrunner import index_file
 from taskrunner.atomic import write_bytes
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.errors import TaskrunError
-from taskrunner.keys import record_key
+from taskrunner.index_file import INDEX_NAME, INDEX_VERSION, MAX_INDEX_BYTES, PRINT  # noqa: F401 (names of the index)
 from taskrunner.model import RUN_DIR_RE, RunStatus
+from taskrunner.recordkey import record_key
 from taskrunner.records import Records
 from taskrunner.state import RunState
 
-INDEX_NAME = "record-index"
-INDEX_VERSION = 2
 #: Entries changed this close to the index's stamp (ns) are not written into it: timestamps can be coarse.
 RACY_NS = 2_000_000_000
-#: An index file larger than this is ignored (and rebuilt): about 10 KiB per Task for 100,000 Tasks.
-MAX_INDEX_BYTES = 1 << 30
-_DOMAIN = b"taskrun-record-index-v2\0"
 #: The fields of a Task record a restart rebuilds its state from (state.TaskState.from_record), in row order.
 TASK_FIELDS = ("file", "seq", "status", "revision", "error", "attempts", "not_before", "removed", "updated_at")
 #: RunState's fields, the order of a Run's row (an index made for other fields is not used).
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunState))
 _STATUS_AT = RUN_FIELDS.index("status")
+_NONE = index_file.Loaded(0, [], [], ([], [], [], []), [], ([], [], []), b"", 0, 0, b"{}", b"{}")  # no file read
 
 Fingerprint = tuple[int, int, int, int, int]
 
@@ -92,7 +69,7 @@ def fingerprint(info: os.stat_result) -> Fingerprint:
 
 
 def _print(info: os.stat_result) -> list[int]:
-    """The fingerprint as the index stores it (a list compares with a list in one step)."""
+    """A Run record's fingerprint as line 4 stores it (a list compares with a list in one step)."""
     return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
@@ -112,71 +89,55 @@ class RecordIndex:
         self.path = state_dir / INDEX_NAME
         self._base = str(records.root) + "/"
         self._state_dir = state_dir
-        self._stamp = 0
-        self._dirs: dict[str, Any] = {}
-        self._tasks: dict[str, Any] = {}
+        self._file = _NONE  # the file `load` read: columns, fingerprints (the Tasks', then the dirs'), records
+        self._dirs: dict[str, int] = {}  # path -> its row in the file's dir columns
+        self._tasks: dict[str, int] = {}  # Task id -> its row in the task columns
+        self._ntasks = 0  # a directory's fingerprint is at _ntasks + its row
         self._runs: dict[str, Any] = {}
         self._rows: dict[str, Any] = {}
         self._rows_raw: bytes | None = None  # line 3, until a restore row is asked for
         self._runs_raw: bytes | None = None  # line 4, until a Run record is asked for
-        self._blob = b""  # the index file: the Task records start at _blob_at, each found by its [offset, length]
-        self._blob_at = 0
         self._new_dirs: dict[str, list[Any]] = {}
-        #: Consulted Tasks: [fingerprint, status, updated_at, seq, record text (bytes) or [offset, length] or None,
-        #: record or None, restore row (None: not looked up yet; False: none)].
+        #: Consulted Tasks: [fingerprint (a tuple), status, updated_at, seq, record text (bytes) or [offset, length]
+        #: or None, record or None, restore row (None: not looked up yet; False: none)].
         self._new_tasks: dict[str, list[Any]] = {}
         #: Consulted Runs: [fingerprint, row (RUN_FIELDS values, the status as text)].
         self._new_runs: dict[str, list[Any]] = {}
         self._fresh_dirs: set[str] = set()
-        self.hits = 0
-        self.misses = 0
+        self._verified: dict[str, int] | None = None  # Tasks summaries() found unchanged: id -> row
+        self.hits = self.misses = 0
         self.loaded = False
 
     # -- the index file -----------------------------------------------------
 
     def load(self) -> bool:
         """Read and verify the index file; False (and an empty index) when it is missing or not usable."""
-        self._dirs, self._tasks, self._runs, self._rows, self._stamp, self.loaded = {}, {}, {}, {}, 0, False
-        self._rows_raw, self._runs_raw, self._blob, self._blob_at = None, None, b"", 0
+        self._file, self._dirs, self._tasks, self._ntasks, self._runs, self._rows = _NONE, {}, {}, 0, {}, {}
+        self._rows_raw, self._runs_raw, self.loaded = None, None, False
         try:
             key = record_key(self._state_dir, create=False)
         except TaskrunError:
             return False
         if key is None:
             return False
-        raw = _read_regular(self.path, MAX_INDEX_BYTES)
-        if raw is None:
+        loaded = index_file.read(self.path, key)
+        if loaded is None:
             return False
-        # Offsets, not partitions: each copy of a 10 MB file costs as much as a JSON parse of its first line.
-        ends = [raw.find(b"\n")]
-        if ends[0] < 0:
-            return False
-        mac = hmac.new(key, _DOMAIN, hashlib.sha256)
-        mac.update(memoryview(raw)[ends[0] + 1:])
-        if not hmac.compare_digest(raw[:ends[0]], mac.hexdigest().encode()):
-            return False
-        for _ in range(3):
-            end = raw.find(b"\n", ends[-1] + 1)
-            ends.append(len(raw) if end < 0 else end)
-            if end < 0:
-                break
-        if len(ends) < 4:
-            return False
-        head, rows_raw, runs_raw = (raw[ends[n] + 1:ends[n + 1]] for n in range(3))
         try:
-            data = json.loads(head)
-            if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
-                return False
-            stamp, dirs, tasks, fields = data["stamp"], data["dirs"], data["tasks"], data["run_fields"]
-            if not (type(stamp) is int and type(dirs) is dict and type(tasks) is dict):
-                return False
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            self._tasks = dict(zip(loaded.ids, range(len(loaded.ids))))
+            self._dirs = dict(zip(loaded.paths, range(len(loaded.paths))))
+        except TypeError:  # a name that is not a str (unhashable)
+            self._tasks, self._dirs = {}, {}
             return False
-        self._stamp, self._dirs, self._tasks, self.loaded = stamp, dirs, tasks, True
+        self._file, self._ntasks, self.loaded = loaded, len(loaded.ids), True
         # Rows of other fields (another version's RunState) are not used: every Run record is read again.
-        self._rows_raw, self._runs_raw = rows_raw, runs_raw if fields == list(RUN_FIELDS) else b"{}"
-        self._blob, self._blob_at = raw, min(ends[3] + 1, len(raw))
+        self._rows_raw = loaded.rows_raw
+        self._runs_raw = loaded.runs_raw if loaded.run_fields == list(RUN_FIELDS) else b"{}"
         return True
+
+    def _print_at(self, row: int) -> tuple[int, ...]:
+        """The fingerprint stored at `row` (a Task's row, or _ntasks + a directory's)."""
+        return PRINT.unpack_from(self._file.raw, self._file.prints_at + PRINT.size * row)
 
     def _slice(self, ref: Any) -> bytes | None:
         """The Task record (JSON bytes) an index entry points at with [offset, length]; None if it cannot be."""
@@ -185,21 +146,21 @@ class RecordIndex:
         if not (type(ref) is list and len(ref) == 2 and type(ref[0]) is int and type(ref[1]) is int):
             return None
         start, length = ref
-        start += self._blob_at
-        if start < self._blob_at or length < 0 or start + length > len(self._blob):
+        start += self._file.blob_at
+        if start < self._file.blob_at or length < 0 or start + length > len(self._file.raw):
             return None
-        return self._blob[start:start + length]
+        return self._file.raw[start:start + length]
 
     def _old_runs(self) -> dict[str, Any]:
         """The Run entries of the file read by `load` (line 4), parsed on first use; {} if unusable."""
         if self._runs_raw is not None:
-            self._runs, self._runs_raw = _parse(self._runs_raw), None
+            self._runs, self._runs_raw = index_file.parse_line(self._runs_raw), None
         return self._runs
 
     def _old_rows(self) -> dict[str, Any]:
         """The restore rows of the file read by `load` (line 3), parsed on first use; {} if unusable."""
         if self._rows_raw is not None:
-            self._rows, self._rows_raw = _parse(self._rows_raw), None
+            self._rows, self._rows_raw = index_file.parse_line(self._rows_raw), None
         return self._rows
 
     def save(self) -> bool:
@@ -215,6 +176,8 @@ class RecordIndex:
             return False
         if key is None:
             return True  # this clone sealed no record yet: there is nothing its index could vouch for
+        if self._verified is not None:
+            self._consulted()
         stamp = time.time_ns()
         racy = stamp - RACY_NS
         if self._new_runs or self._runs_raw is None:
@@ -225,10 +188,10 @@ class RecordIndex:
             runs_line = self._runs_raw
         tasks = self._new_tasks if self._new_tasks or self._fresh_dirs else self._carried_tasks()
         blob: list[bytes] = []
-        at = 0
-        entries: dict[str, Any] = {}
+        prints: list[bytes] = []
+        ids, status, updated, seqs, texts, at = [], [], [], [], [], 0  # the task columns
         rows: dict[str, Any] = {}
-        for task_id, (print_, status, updated, seq, text, record, row) in tasks.items():
+        for task_id, (print_, state, when, seq, text, record, row) in tasks.items():
             if max(print_[3], print_[4]) >= racy:
                 continue
             data = self._slice(text) if text is not None else None
@@ -236,20 +199,40 @@ class RecordIndex:
                 if record is None:
                     continue
                 data = json.dumps(record, sort_keys=True).encode()  # no raw newline: one record a line
-            entries[task_id] = [print_, status, updated, seq, [at, len(data)]]
+            try:
+                prints.append(PRINT.pack(*print_))
+            except struct.error:
+                continue  # numbers no fingerprint of ours holds: read again next time
+            ids.append(task_id)
+            status.append(state)
+            updated.append(when)
+            seqs.append(seq)
+            texts += (at, len(data))
             blob.append(data)
             at += len(data) + 1
             row = self._old_row(task_id) if row is None else row
             if row:
                 rows[task_id] = row
-        head = {"version": INDEX_VERSION, "stamp": stamp, "run_fields": list(RUN_FIELDS),
-                "dirs": {k: v for k, v in self._new_dirs.items() if max(v[0][3], v[0][4]) < racy},
-                "tasks": entries}
-        body = b"\n".join([json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode(),
-                           json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode(), runs_line, *blob])
-        mac = hmac.new(key, _DOMAIN + body, hashlib.sha256).hexdigest().encode()
+        paths: list[str] = []
+        dir_cols: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+        for path, (print_, subdirs, has_status, numbers) in self._new_dirs.items():
+            if max(print_[3], print_[4]) >= racy:
+                continue
+            try:
+                prints.append(PRINT.pack(*print_))
+            except struct.error:
+                continue
+            paths.append(path)
+            dir_cols[0].append(subdirs)
+            dir_cols[1].append(has_status)
+            dir_cols[2].append(numbers)
+        head = {"stamp": stamp, "run_fields": list(RUN_FIELDS),
+                "tasks": {"ids": ids, "status": status, "updated": updated, "seq": seqs, "text": texts},
+                "dirs": {"paths": paths, "subdirs": dir_cols[0], "status": dir_cols[1], "runs": dir_cols[2]}}
+        rows_line = json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            write_bytes(self.path, mac + b"\n" + body, mode=0o600, durable=False)
+            write_bytes(self.path, index_file.encode(key, head, rows_line, runs_line, prints, blob), mode=0o600,
+                        durable=False)
         except OSError:
             return False
         return True
@@ -262,7 +245,15 @@ class RecordIndex:
 
     def _carried_tasks(self) -> dict[str, list[Any]]:
         """The Task entries of the file read, as consulted entries (for a save that consulted none)."""
-        return {k: [*e, None, None] for k, e in self._tasks.items() if _task_shape(e) and _is_print(e[0])}
+        entries = ((task_id, self._stored_task(task_id, row)) for task_id, row in self._tasks.items())
+        return {task_id: entry for task_id, entry in entries if entry is not None}
+
+    def _stored_task(self, task_id: str, row: int) -> list[Any] | None:
+        """The entry (as `_new_tasks` holds one) of row `row` of the file read, None for one of another shape
+        (a sealed index holds nothing else, but an older version's bug must make a miss, not a crash)."""
+        status, updated, seq, text = self._file.task_cols
+        entry = [self._print_at(row), status[row], updated[row], seq[row], text[2 * row:2 * row + 2], None, None]
+        return entry if type(entry[1]) is str and type(entry[2]) is float and type(entry[3]) is int else None
 
     def _old_row(self, task_id: str) -> list[Any] | bool:
         """The restore row line 3 holds for a Task, False when it holds none (or one of another shape)."""
@@ -301,9 +292,98 @@ class RecordIndex:
         entry = self._task_entry(task_id)
         return None if entry is None else (entry[1], entry[2], entry[3])
 
+    def summaries(self) -> Iterator[tuple[str, tuple[str, float, int] | None]]:
+        """(task id, (status, updated_at, seq)) for every Task `task_ids` lists, the summary None unless the
+        index holds its record unchanged (then `load_task`). One lstat per record and directory; when no
+        directory changed (their fingerprints compared as one block), no entry is made per Task until a
+        save needs them (`_consulted`)."""
+        ids = self._unchanged_tree() if self.loaded and not self._new_dirs and self._verified is None else None
+        if ids is None:
+            task_entry = self._task_entry
+            for task_id in self.task_ids():
+                entry = task_entry(task_id)
+                yield task_id, None if entry is None else (entry[1], entry[2], entry[3])
+            return
+        verified = self._verified = {}
+        statuses, updated, seqs, _ = self._file.task_cols
+        rows, prints, at, size = self._tasks, self._file.raw, self._file.prints_at, PRINT.size
+        unpack = PRINT.unpack_from
+        lstat, s_isreg, base = os.lstat, stat.S_ISREG, f"{self._base}{RUNS_DIR}/"
+        for task_id in ids:
+            row = rows.get(task_id)
+            summary = None
+            if row is not None:
+                try:
+                    info = lstat(f"{base}{task_id}/status.json")
+                except (OSError, ValueError):
+                    info = None
+                if (info is not None and s_isreg(info.st_mode) and unpack(prints, at + size * row)
+                        == (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)):
+                    status, when, seq = statuses[row], updated[row], seqs[row]
+                    if type(status) is str and type(when) is float and type(seq) is int:
+                        summary = (status, when, seq)
+                        verified[task_id] = row
+            yield task_id, summary
+
+    def _unchanged_tree(self) -> list[str] | None:
+        """The Tasks with a record file, in the index's order, when every directory the index lists is there
+        with its fingerprint unchanged and their listings reach exactly these directories from runs/
+        (so a walk would find what the index says); None otherwise (then walk: task_ids)."""
+        paths = self._dirs
+        subdirs_col, has_col, runs_col = self._file.dir_cols
+        if RUNS_DIR not in paths or len(paths) != len(subdirs_col):
+            return None
+        lstat, s_isdir, pack, base = os.lstat, stat.S_ISDIR, PRINT.pack, self._base
+        packed = []
+        try:
+            for path in paths:
+                info = lstat(base + path)
+                if not s_isdir(info.st_mode):
+                    return None
+                packed.append(pack(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+        except (OSError, ValueError, struct.error):
+            return None
+        start = self._file.prints_at + PRINT.size * self._ntasks
+        if b"".join(packed) != self._file.raw[start:start + PRINT.size * len(paths)]:
+            return None
+        ids: list[str] = []
+        listed: set[str] = set()
+        for path, row in paths.items():
+            subdirs, has_status = subdirs_col[row], has_col[row]
+            if type(subdirs) is not list or type(has_status) is not bool or type(runs_col[row]) is not list:
+                return None
+            if subdirs:
+                if not _listing_shape([None, subdirs, has_status, runs_col[row]]):
+                    return None
+                listed.update(f"{path}/{name}" for name in subdirs)
+            if has_status and path != RUNS_DIR:
+                ids.append(path[len(RUNS_DIR) + 1:])
+        listed.add(RUNS_DIR)
+        return ids if listed == paths.keys() else None
+
+    def _consulted(self) -> None:
+        """The entries a save writes for what summaries() found unchanged without making them: every
+        directory of the index, every Task it verified."""
+        verified, self._verified = self._verified or {}, None
+        subdirs, has_status, numbers = self._file.dir_cols
+        for path, row in self._dirs.items():
+            if path not in self._new_dirs:
+                self._new_dirs[path] = [self._print_at(self._ntasks + row), subdirs[row], has_status[row],
+                                        numbers[row]]
+                self._fresh_dirs.add(path)
+        self._new_tasks.update((i, self._stored_task(i, row))  # of the right shape: summaries() checked it
+                               for i, row in verified.items() if i not in self._new_tasks)
+
     def task_text(self, task_id: str) -> str | None:
         """The Task's record as json.dumps(record, sort_keys=True) writes it, when the index holds it unchanged;
         else None. Parses no record."""
+        row = self._verified.get(task_id) if self._verified and task_id not in self._new_tasks else None
+        if row is not None:  # found unchanged by summaries(): straight from the file read
+            data = self._slice(self._file.task_cols[3][2 * row:2 * row + 2])
+            try:
+                return None if data is None else data.decode()
+            except UnicodeDecodeError:
+                return None
         entry = self._task_entry(task_id)
         if entry is None:
             return None
@@ -335,7 +415,7 @@ class RecordIndex:
         info = self._lstat(rel)
         record = self.records.load_task(task_id)  # ForeignRecord and RecordError go to the caller
         if record is not None and info is not None and stat.S_ISREG(info.st_mode):
-            self._new_tasks[task_id] = [_print(info), *_summary(record), None, record, _row(task_id, record)]
+            self._new_tasks[task_id] = [fingerprint(info), *_summary(record), None, record, _row(task_id, record)]
         return None if record is None else dict(record)
 
     def restored(self, task_id: str) -> tuple[dict[str, Any], list[RunState]] | None:
@@ -360,7 +440,7 @@ class RecordIndex:
             if self.run_taken(task_id, max(row[1], default=0) + 1):
                 return None  # a Run record the Task record does not list yet: read the slow way
         except (TypeError, ValueError):
-            return None  # an entry of another shape (see _task_shape)
+            return None  # an entry of another shape (see _stored_task)
         self.hits += 1 + len(runs)
         data = dict(zip(TASK_FIELDS, row[0]))
         data["task_id"] = task_id
@@ -372,14 +452,25 @@ class RecordIndex:
         entry = self._new_tasks.get(task_id)
         if entry is not None:
             return entry
-        entry = self._tasks.get(task_id)
-        if entry is None or not _task_shape(entry):
+        row = self._verified.get(task_id) if self._verified else None
+        if row is not None:  # found unchanged by summaries() a moment ago
+            entry = self._new_tasks[task_id] = self._stored_task(task_id, row)  # of the right shape: verified
+            return entry
+        row = self._tasks.get(task_id)
+        if row is None:
             return None
-        info = self._lstat(f"{RUNS_DIR}/{task_id}/status.json")
-        if info is None or _print(info) != entry[0] or not stat.S_ISREG(info.st_mode):
+        try:
+            info = os.lstat(f"{self._base}{RUNS_DIR}/{task_id}/status.json")
+        except (OSError, ValueError):
             return None
-        fresh = self._new_tasks[task_id] = [*entry, None, None]
-        return fresh
+        if (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns) != self._print_at(row):
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        entry = self._stored_task(task_id, row)
+        if entry is not None:
+            self._new_tasks[task_id] = entry
+        return entry
 
     def _run_entry(self, task_id: str, number: int) -> RunState | None:
         """The state of a Run whose record the index holds unchanged (its entry kept for the save), else None."""
@@ -424,9 +515,15 @@ class RecordIndex:
         info = self._lstat(rel)
         if info is None or not stat.S_ISDIR(info.st_mode):
             return None
-        print_ = _print(info)
-        entry = self._dirs.get(rel)
-        if not (type(entry) is list and len(entry) == 4 and entry[0] == print_ and _listing_shape(entry)):
+        print_ = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        row = self._dirs.get(rel)
+        entry = None
+        if row is not None and self._print_at(self._ntasks + row) == print_:
+            subdirs, has_status, numbers = self._file.dir_cols
+            entry = [print_, subdirs[row], has_status[row], numbers[row]]
+            if not _listing_shape(entry):
+                entry = None
+        if entry is None:
             self.misses += 1
             entry = [print_, *self._scan(rel)]
         self._new_dirs[rel] = entry
@@ -478,13 +575,6 @@ def _row(task_id: str, record: dict[str, Any]) -> list[Any] | bool:
     return [[record.get(name) for name in TASK_FIELDS], numbers]
 
 
-def _task_shape(entry: Any) -> bool:
-    """Whether a stored Task entry has the shape `save` writes (a sealed index holds nothing else, but an
-    older version's bug must make a miss, not a crash). Its fingerprint is compared with a real one."""
-    return (type(entry) is list and len(entry) == 5 and type(entry[1]) is str and type(entry[2]) is float
-            and type(entry[3]) is int)
-
-
 def _run_row(row: Any) -> RunState | None:
     """The RunState a stored row holds (RUN_FIELDS values, the status as text); None for another shape."""
     if type(row) is not list or len(row) != len(RUN_FIELDS):
@@ -504,37 +594,5 @@ def _is_print(value: Any) -> bool:
 def _listing_shape(entry: list[Any]) -> bool:
     """Whether a stored listing can be used (its run numbers are only ever looked up, never trusted further)."""
     subdirs = entry[1]
-    return (type(subdirs) is list and type(entry[3]) is list
+    return (type(subdirs) is list and type(entry[2]) is bool and type(entry[3]) is list
             and (not subdirs or all(type(n) is str and "/" not in n and n not in (".", "..") for n in subdirs)))
-
-
-def _parse(raw: bytes) -> dict[str, Any]:
-    """A line of the index holding one JSON object; {} when it is not one."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return {}
-    return data if type(data) is dict else {}
-
-
-def _read_regular(path: Path, limit: int) -> bytes | None:
-    """The bytes of a regular file at `path` (no link followed, no FIFO waited on), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        data = os.read(fd, info.st_size + 1)  # at once: one copy of a large file, not chunks and a join
-        if len(data) <= info.st_size:
-            chunks = [data]
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            data = b"".join(chunks)
-        return data if len(data) <= limit else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
+import json
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from taskrunner.state import TaskState
@@ -43,6 +45,8 @@ MAX_PATTERN_CHARS = 1000
 _SEQ_LAST = 1 << 62
 
 T = TypeVar("T")
+#: What `select` orders and filters a Task on: (task id, status, updated_at, seq).
+Key = tuple[str, str, float, int]
 
 
 def is_glob(argument: str) -> bool:
@@ -96,30 +100,35 @@ class Selection(Generic[T]):
     omitted: int
 
 
-def select(items: Iterable[T], key: Callable[[T], tuple[str, str, float, int]], query: StatusQuery) -> Selection[T]:
+def select(items: Iterable[T], key: Callable[[T], Key], query: StatusQuery) -> Selection[T]:
     """The Tasks `query` shows out of `items`; `key` gives (task id, status, updated_at, seq) of one."""
+    return select_keyed(((key(item), item) for item in items), query)
+
+
+def select_keyed(pairs: Iterable[tuple[Key, T]], query: StatusQuery) -> Selection[T]:
+    """As `select`, over (key, item) pairs: the key (task id, status, updated_at, seq) given with each item."""
     counts: dict[str, int] = {}
     shown: list[tuple[int, str, T]] = []
     finished: list[tuple[float, int, str, T]] = []
-    total = 0
-    for item in items:
-        task_id, status, updated, seq = key(item)
-        if not query.matches(task_id, status):
+    limit = query.limit
+    filtering = bool(query.statuses) or query._regex is not None
+    for (task_id, status, updated, seq), item in pairs:
+        if filtering and not query.matches(task_id, status):
             continue
-        total += 1
         counts[status] = counts.get(status, 0) + 1
-        if query.limit is not None and status in FINISHED:
+        if limit is not None and status in FINISHED:
             finished.append((updated, seq, task_id, item))
         else:
             shown.append((seq, task_id, item))
     if finished:
-        latest = heapq.nlargest(query.limit or 0, finished, key=lambda f: (f[0], f[1], f[2]))
+        latest = heapq.nlargest(limit or 0, finished, key=itemgetter(0, 1, 2))
         shown.extend((seq, task_id, item) for _, seq, task_id, item in latest)
-    shown.sort(key=lambda s: (s[0], s[1]))
+    shown.sort(key=itemgetter(0, 1))
+    total = sum(counts.values())
     return Selection([item for _, _, item in shown], dict(sorted(counts.items())), total, total - len(shown))
 
 
-def record_key(record: dict[str, Any]) -> tuple[str, str, float, int]:
+def record_key(record: dict[str, Any]) -> Key:
     """`select`'s key for a Task record (as written under runs/, or as `from_records` lists one)."""
     updated = record.get("updated_at")
     seq = record.get("seq")
@@ -128,25 +137,42 @@ def record_key(record: dict[str, Any]) -> tuple[str, str, float, int]:
             seq if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 else _SEQ_LAST)
 
 
-def state_key(task: TaskState) -> tuple[str, str, float, int]:
+def state_key(task: TaskState) -> Key:
     """`select`'s key for the daemon's TaskState."""
     return task.id, task.status.value, task.updated_at, task.seq or _SEQ_LAST
 
 
-def answer(tasks: Iterable[TaskState], unusable: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
+def answer(tasks: Iterable[TaskState], unusable: dict[str, str], payload: dict[str, Any],
+           encode: bool = True) -> dict[str, Any]:
     """The daemon's reply to {"command": "status", "patterns", "statuses", "limit"}, from its memory.
 
     {"ok": true, "tasks": [Task records], "counts": {status: n}, "total": n, "omitted": n}; Task files
     whose id can have no record are INVALID entries with their reason, as `taskrun status` lists them
-    without a daemon. {"ok": false, "error"} for a malformed query.
+    without a daemon. With "encoded": true in the request, "rows" instead of "tasks" (see `encoded`;
+    `encode` False leaves that to the caller: the daemon encodes off its main loop). {"ok": false,
+    "error"} for a malformed query.
     """
     try:
         query = StatusQuery.from_payload(payload)
     except ValueError as exc:
         return {"ok": False, "error": f"bad status request: {exc}"}
-    items: list[TaskState | dict[str, Any]] = list(tasks)
-    items.extend({"task_id": task_id_for(rel) or rel, "status": "INVALID", "runs": [], "error": reason, "file": rel}
-                 for rel, reason in unusable.items())
-    chosen = select(items, lambda i: state_key(i) if isinstance(i, TaskState) else record_key(i), query)
-    return {"ok": True, "counts": chosen.counts, "total": chosen.total, "omitted": chosen.omitted,
-            "tasks": [i.record() if isinstance(i, TaskState) else i for i in chosen.shown]}
+    pairs: list[tuple[Key, TaskState | dict[str, Any]]] = [(state_key(task), task) for task in tasks]
+    for rel, reason in unusable.items():
+        item = {"task_id": task_id_for(rel) or rel, "status": "INVALID", "runs": [], "error": reason, "file": rel}
+        pairs.append((record_key(item), item))
+    chosen = select_keyed(pairs, query)
+    reply = {"ok": True, "counts": chosen.counts, "total": chosen.total, "omitted": chosen.omitted,
+             "tasks": [i.record() if isinstance(i, TaskState) else i for i in chosen.shown]}
+    return encoded(reply, payload) if encode else reply
+
+
+def encoded(reply: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """`answer`'s reply as the request asked for it: with "encoded": true, "rows" instead of "tasks", each
+    record as its JSON text (json.dumps(record, sort_keys=True): what `status --json` writes on a line),
+    so the CLI passes it on without decoding and encoding it again. The records must be the reply's own
+    (answer makes them afresh): this may run on another thread."""
+    tasks = reply.get("tasks")
+    if payload.get("encoded") is not True or not isinstance(tasks, list):
+        return reply
+    encode = json.JSONEncoder(sort_keys=True).encode  # as json.dumps(record, sort_keys=True), one encoder
+    return {**{k: v for k, v in reply.items() if k != "tasks"}, "rows": [encode(task) for task in tasks]}

@@ -3,6 +3,9 @@
 Every string that came from a Task, a file name, an Agent or a Worker goes
 through `textsafe.clean` here and reaches rich as `Text`, never as markup: a
 title like ``[/x]`` is shown as written, an ESC as ``\\x1b``.
+
+The Tasks table into a pipe, and past RICH_ROWS rows, is cli/plain.py's:
+the same bytes rich writes there, without rich.
 """
 
 from __future__ import annotations
@@ -10,15 +13,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime
 from typing import Any, Iterable, TextIO
 
-from rich.cells import cell_len
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from taskrunner.cli import plain
+from taskrunner.cli.plain import when
 from taskrunner.hooks import Hooks
 from taskrunner.state import RunState, TaskState
 from taskrunner.status_query import Selection
@@ -54,12 +57,6 @@ def no_output(task_id: str, run: dict[str, Any]) -> str:
     return clean(f"Run {run.get('run')} of '{task_id}' has no output{'' if done else ' yet'} ({why})")
 
 
-def when(timestamp: float | None) -> str:
-    if not timestamp:
-        return "-"
-    return datetime.fromtimestamp(timestamp).strftime("%H:%M:%S")
-
-
 def tasks_table(records: list[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("TASK", "STATUS", "RUNS", "WORKER", "UPDATED", "NOTE"):
@@ -73,34 +70,20 @@ def tasks_table(records: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _task_row(record: dict[str, Any]) -> list[str]:
-    runs = record.get("runs") or []
-    last = runs[-1] if runs and isinstance(runs[-1], dict) else {}
-    note = record.get("error") or record.get("waiting") or record.get("title") or ""
-    return [literal(record["task_id"]).plain, clean(str(record["status"])), str(len(runs)),
-            literal(last.get("worker", "-")).plain, when(record.get("updated_at")), literal(note).plain]
-
-
 def print_tasks(out: Console, records: list[dict[str, Any]]) -> None:
     """The Tasks table: rich's up to RICH_ROWS rows, beyond that the same columns as plain lines
-    (every column padded to its widest cell, two spaces apart, as rich lays out `tasks_table`)."""
+    (plain.write_tasks: every column padded to its widest cell, two spaces apart, as rich lays out
+    `tasks_table`)."""
     if len(records) <= RICH_ROWS:
         out.print(tasks_table(records))
         return
-    rows = [["TASK", "STATUS", "RUNS", "WORKER", "UPDATED", "NOTE"], *(_task_row(r) for r in records)]
-    widths = [max(cell_len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    write = out.file.write
-    for row in rows:
-        write("  ".join(cell + " " * (width - cell_len(cell)) for cell, width in zip(row, widths)) + "\n")
+    plain.write_tasks(out.file.write, records)
     out.file.flush()
 
 
 def summary_line(chosen: Selection[Any], limit: int | None) -> str:
     """What a summarised listing left out: "20 of 10,000 Tasks shown (9,990 COMPLETED, 10 FAILED): …"."""
-    counts = ", ".join(f"{n:,} {status}" for status, n in chosen.counts.items())
-    latest = f"the latest {limit} finished and every other one" if limit is not None else "the ones asked for"
-    return clean(f"{len(chosen.shown):,} of {chosen.total:,} Tasks shown ({counts}): {latest}. "
-                 "More: --all, --limit N, --status S, or a glob on the id ('auth/*').")
+    return plain.summary_line(len(chosen.shown), chosen.total, chosen.counts, limit)
 
 
 def write_listing(stream: TextIO, fields: dict[str, Any], name: str, items: Iterable[Any]) -> None:
@@ -199,6 +182,11 @@ class LiveView(Hooks):
             where = f" on {row[1]}" if task.status.value == "RUNNING" else ""
             suffix = f": {note}" if note and task.status.value != "RUNNING" else ""
             self._plain(f"{when(time.time())} {clean(task.id)} {task.status.value}{where}{suffix}")
+
+    def task_removed(self, task: TaskState) -> None:
+        with self._lock:  # pruned: its row leaves the live table
+            self._rows.pop(task.id, None)
+            self._last_line.pop(task.id, None)
 
     def run_changed(self, run: RunState) -> None:
         pass

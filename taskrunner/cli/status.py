@@ -6,7 +6,7 @@ records under runs/, through the record index (record_index.py), so only
 records changed since the index was written are read. Either way the same
 selection (status_query.select) decides what is shown.
 
-`--json` is one document, written one Task at a time (render.write_listing):
+`--json` is one document, written one Task at a time (write_listing, as render.write_listing):
 
     {"counts": {"COMPLETED": 9980, "RUNNING": 2, ...},   every matching Task, per status
      "git": {...},                                      pushing and syncing (gitflow/gitstate.py)
@@ -16,9 +16,15 @@ selection (status_query.select) decides what is shown.
      "total": 9982}                                     matching Tasks
 
 `tasks` and `git` are as before; the other keys were added. Without
-`--limit`, `--json` lists every matching Task. From the records, a Task the
-record index holds unchanged is written as the index keeps its record's text
-(json.dumps(record, sort_keys=True), the form every row has), never parsed.
+`--limit`, `--json` lists every matching Task. Each row is json.dumps(record,
+sort_keys=True): from the records, a Task the record index holds unchanged is
+written as the index keeps its record's text, never parsed; from a daemon,
+each row as the daemon encoded it (`encoded` in the request), never decoded.
+
+Costs at 10,000 Tasks (bench/status_scale): the table into a pipe is written
+without rich (cli/plain.py, the same bytes); without a daemon the summary
+needs one lstat per record and per directory under runs/, the index's
+columns and a walk of tasks/; only the shown records are parsed.
 """
 
 from __future__ import annotations
@@ -26,27 +32,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
-from dataclasses import dataclass
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from taskrunner import control, gitops
-from taskrunner.cli import render
+from taskrunner.cli import plain
 from taskrunner.defaults import TASKS_DIR
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.gitflow import gitstate
-from taskrunner.intake import RepoFiles, task_paths
 from taskrunner.model import TaskStatus
-from taskrunner.record_index import RecordIndex
 from taskrunner.records import Records
-from taskrunner.status_query import DEFAULT_LIMIT, STATUSES, Selection, StatusQuery, record_key, select
+from taskrunner.status_query import (DEFAULT_LIMIT, STATUSES, Key, Selection, StatusQuery, record_key,
+                                     select_keyed)
 from taskrunner.taskfile import task_id_for, task_id_problem
 from taskrunner.textsafe import clean
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 #: Rows of `--json` written to the stream at once.
 _JSON_BATCH = 500
+#: select's seq for a Task without one: after every other (status_query.record_key).
+_SEQ_LAST = 1 << 62
 
 
 def query_of(args: argparse.Namespace) -> StatusQuery:
@@ -69,18 +77,33 @@ def query_of(args: argparse.Namespace) -> StatusQuery:
     return StatusQuery(tuple(args.task or ()), frozenset(statuses), limit)
 
 
-def from_daemon(records: Records, query: StatusQuery) -> Selection[dict[str, Any]] | None:
-    """The daemon's answer; None when no daemon runs (or it is too old to answer `status`)."""
+def from_daemon(records: Records, query: StatusQuery,
+                encoded: bool = False) -> Selection[dict[str, Any] | str] | None:
+    """The daemon's answer; None when no daemon runs (or it is too old to answer `status`).
+
+    With `encoded`, the daemon sends each shown Task as its record's JSON text (json.dumps(record,
+    sort_keys=True), the form `--json` writes), which is passed on as it is, never decoded; a daemon
+    that does not know `encoded` sends records, as without it.
+    """
+    payload = {"command": "status", **query.as_payload()}
+    if encoded:
+        payload["encoded"] = True
     try:
-        reply = control.request(gitops.state_dir(records.root), {"command": "status", **query.as_payload()})
+        reply = control.request(gitops.state_dir(records.root), payload)
     except DaemonNotRunning:
         return None
     if not reply.get("ok"):
         if any(why in str(reply.get("error")) for why in ("unknown command", "busy")):
             return None  # a daemon too old to answer, or too busy: the records say the same
         raise TaskrunError(str(reply.get("error") or "the daemon refused the request"))
-    tasks = [t for t in reply.get("tasks") or [] if isinstance(t, dict) and isinstance(t.get("task_id"), str)
-             and isinstance(t.get("status"), str)]
+    tasks: list[dict[str, Any] | str]
+    rows = reply.get("rows") if encoded else None
+    if isinstance(rows, list):
+        # One JSON object a line: what write_listing puts on a line of its own.
+        tasks = [t for t in rows if isinstance(t, str) and t[:1] == "{" and t[-1:] == "}" and "\n" not in t]
+    else:
+        tasks = [t for t in reply.get("tasks") or [] if isinstance(t, dict) and isinstance(t.get("task_id"), str)
+                 and isinstance(t.get("status"), str)]
     counts = reply.get("counts")
     counts = {str(k): v for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, dict) else {}
     total, omitted = reply.get("total"), reply.get("omitted")
@@ -88,20 +111,8 @@ def from_daemon(records: Records, query: StatusQuery) -> Selection[dict[str, Any
                      omitted if isinstance(omitted, int) else 0)
 
 
-@dataclass(frozen=True)
-class _Indexed:
-    """A Task whose record the index holds unchanged: selected on these, its record parsed only if shown."""
-
-    task_id: str
-    status: str
-    updated_at: float
-    seq: int
-
-
-def _key(item: _Indexed | dict[str, Any]) -> tuple[str, str, float, int]:
-    if isinstance(item, _Indexed):
-        return item.task_id, item.status, item.updated_at, item.seq if item.seq > 0 else 1 << 62
-    return record_key(item)
+def _unknown(task_id: str, why: str) -> dict[str, Any]:
+    return {"task_id": task_id, "status": "UNKNOWN", "error": why, "runs": []}
 
 
 def from_records(records: Records, query: StatusQuery, ignored: list[str],
@@ -112,16 +123,20 @@ def from_records(records: Records, query: StatusQuery, ignored: list[str],
     text (as json.dumps(record, sort_keys=True)), not parsed. Every Task with a record this
     clone's daemon wrote (others' messages go to `ignored`), an unreadable
     one as UNKNOWN, and every Task file without a record (PENDING, or INVALID
-    when its id can have none).
+    when its id can have none). A Task the index holds unchanged is selected on
+    the index's (status, updated_at, seq): only the shown ones are parsed.
     """
+    from taskrunner.record_index import RecordIndex
+
     index = RecordIndex(records, gitops.state_dir(records.root))
     index.load()
-    items: list[_Indexed | dict[str, Any]] = []
+    pairs: list[tuple[Key, Any]] = []
     seen: set[str] = set()
-    for task_id in index.task_ids():
-        summary = index.task_summary(task_id)
+    for task_id, summary in index.summaries():
         if summary is not None:
-            items.append(_Indexed(task_id, *summary))
+            status, updated, seq = summary
+            key = (task_id, status, updated, seq if seq > 0 else _SEQ_LAST)
+            pairs.append((key, key))  # a key as the item: its record is looked up if it is shown
             seen.add(task_id)
             continue
         try:
@@ -130,25 +145,25 @@ def from_records(records: Records, query: StatusQuery, ignored: list[str],
             ignored.append(str(exc))
             continue
         except RecordError as exc:
-            record = {"task_id": task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
+            record = _unknown(task_id, str(exc))
         if record:
-            items.append(record)
+            pairs.append((record_key(record), record))
             seen.add(task_id)
-    items.extend(unrecorded_files(records, seen))
-    chosen = select(items, _key, query)
+    pairs.extend((record_key(r), r) for r in unrecorded_files(records, seen))
+    chosen = select_keyed(pairs, query)
     shown: list[dict[str, Any] | str] = []
     for item in chosen.shown:
-        if isinstance(item, _Indexed):
-            text = index.task_text(item.task_id) if raw else None
+        if type(item) is tuple:
+            task_id = item[0]
+            text = index.task_text(task_id) if raw else None
             if text is not None:
                 shown.append(text)
                 continue
             try:
-                record = index.load_task(item.task_id)
+                record = index.load_task(task_id)
             except (ForeignRecord, RecordError) as exc:  # changed since it was looked at
-                record = {"task_id": item.task_id, "status": "UNKNOWN", "error": str(exc), "runs": []}
-            item = record or {"task_id": item.task_id, "status": "UNKNOWN", "error": "its record is gone",
-                              "runs": []}
+                record = _unknown(task_id, str(exc))
+            item = record or _unknown(task_id, "its record is gone")
         shown.append(item)
     if index.misses or not index.loaded:
         index.save()  # best effort: a reader that cannot write it reads the records again next time
@@ -158,6 +173,10 @@ def from_records(records: Records, query: StatusQuery, ignored: list[str],
 def unrecorded_files(records: Records, seen: set[str]) -> list[dict[str, Any]]:
     """Task files with no record in `seen`: PENDING "not yet seen by the daemon", or INVALID with the
     reason their id can have no record (taskfile.task_id_problem), as the daemon says."""
+    if _all_recorded(str(records.root), seen):
+        return []
+    from taskrunner.intake import RepoFiles, task_paths
+
     found = []
     cut = len(TASKS_DIR) + 1
     for rel in task_paths(RepoFiles(records.root)):
@@ -176,13 +195,38 @@ def unrecorded_files(records: Records, seen: set[str]) -> list[dict[str, Any]]:
     return found
 
 
+def _all_recorded(root: str, seen: set[str]) -> bool:
+    """True when every name under tasks/ that task_paths could list (`*.md`, files and directories) is
+    tasks/<id>.md of an id in `seen`: then no Task file lacks a record, known with one walk and a set
+    lookup per file instead of task_paths' checks of each name. False (look closer) for anything else,
+    tasks/ a link or missing included."""
+    top = f"{root}/{TASKS_DIR}"
+    try:
+        if not stat.S_ISDIR(os.lstat(top).st_mode):
+            return False
+    except OSError:
+        return False
+    cut = len(top) + 1
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        prefix = f"{dirpath[cut:]}/" if len(dirpath) > len(top) else ""
+        for names in (filenames, dirnames):
+            for name in names:
+                if name.endswith(".md") and prefix + name[:-3] not in seen:
+                    return False
+    return True
+
+
 def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
-    """`taskrun status [GLOB...] [--all] [--status S] [--limit N] [--json]`; the exit code."""
+    """`taskrun status [GLOB...] [--all] [--status S] [--limit N] [--json]`; the exit code.
+
+    Into a pipe or a file (plain.is_plain) the table is written as plain lines, as rich would write it
+    there, without importing rich; on a terminal it is rich's.
+    """
     from taskrunner.cli.main import EXIT_OK, report_ignored
 
     query = query_of(args)
     ignored: list[str] = []
-    chosen = from_daemon(records, query)
+    chosen = from_daemon(records, query, encoded=bool(args.json))
     source = "daemon"
     if chosen is None:
         chosen, source = from_records(records, query, ignored, raw=bool(args.json)), "records"
@@ -195,15 +239,27 @@ def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
             sys.stdout.flush()
             return EXIT_OK
         filtered = bool(query.patterns or query.statuses)
-        if not chosen.total:
-            out.print("No Task matches." if filtered else
-                      "No Tasks yet: add a file to tasks/ and start `taskrun up`.", markup=False)
+        empty = "" if chosen.total else ("No Task matches." if filtered else
+                                         "No Tasks yet: add a file to tasks/ and start `taskrun up`.")
+        shown = [t if isinstance(t, dict) else json.loads(t) for t in chosen.shown]
+        lines = [plain.summary_line(len(shown), chosen.total, chosen.counts, query.limit)] if chosen.omitted else []
+        lines.extend(clean(line) for line in gitstate.problems(git_state))
+        if plain.is_plain(sys.stdout):
+            if empty:
+                sys.stdout.write(empty + "\n")
+            else:
+                plain.write_tasks(sys.stdout.write, shown)
+            sys.stdout.write("".join(f"{line}\n" for line in lines))
+            sys.stdout.flush()
+            return EXIT_OK
+        from taskrunner.cli import render
+
+        if empty:
+            out.print(empty, markup=False)
         else:
-            render.print_tasks(out, [t if isinstance(t, dict) else json.loads(t) for t in chosen.shown])
-        if chosen.omitted:
-            out.print(render.summary_line(chosen, query.limit), markup=False, soft_wrap=True)
-        for line in gitstate.problems(git_state):
-            out.print(clean(line), markup=False, soft_wrap=True)
+            render.print_tasks(out, shown)
+        for line in lines:
+            out.print(line, markup=False, soft_wrap=True)
     except BrokenPipeError:
         # `taskrun status --json | head`: the reader has what it wanted.
         devnull = os.open(os.devnull, os.O_WRONLY)

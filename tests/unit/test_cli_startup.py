@@ -43,6 +43,12 @@ def test_daemon_module_loads_neither_ssh_nor_metrics_nor_http_server() -> None:
     assert not loaded & {"paramiko", "invoke", "prometheus_client", "shtab"}, loaded
 
 
+
+def test_reading_records_loads_no_cryptography() -> None:
+    # Every `taskrun status` reads sealed records: the record key (recordkey.py) needs only hmac.
+    loaded = loaded_after("import taskrunner.records, taskrunner.record_index")
+    assert "cryptography" not in loaded, loaded
+
 def test_lazy_commands_are_exactly_those_their_modules_define() -> None:
     parser = cli_main.build_parser(complete=False)
     (commands,) = [a for a in parser._actions if isinstance(a, cli_main._Commands)]

@@ -146,20 +146,41 @@ def test_an_index_that_is_a_link_is_not_followed(records: Records, tmp_path: Pat
     assert not RecordIndex(records, state_dir(records.root)).load()
 
 
-def test_an_index_sealed_with_our_key_but_holding_nonsense_crashes_nothing(records: Records) -> None:
-    """Shapes that are wrong (a bug in an older version, say) make entries misses, never a crash."""
-    read(records)
+def sealed(records: Records, body: bytes) -> None:
+    """Write `body` as the index, sealed with this clone's record key (as only taskrun itself could)."""
     key = (state_dir(records.root) / "record.key").read_bytes()
-    head = {"version": 2, "stamp": 5, "run_fields": list(record_index.RUN_FIELDS),
-            "dirs": {"runs": [[1, 2, 3, 4, 5], ["../x"], True, []], "runs/t-0": "x"},
-            "tasks": {"t-0": [[0, 0, 0, 0, 0], "COMPLETED", 1.0, 1, [0, 1]], "t-1": 7,
-                      "t-2": [None, None, None], "t-3": [["a"] * 5, "COMPLETED", 1.0, 1, [0, 99]]}}
+    mac = hmac.new(key, b"taskrun-record-index-v2\0" + body, hashlib.sha256).hexdigest().encode()
+    (state_dir(records.root) / INDEX_NAME).write_bytes(mac + b"\n" + body)
+
+
+def stored_prints(records: Records) -> dict[str, bytes]:
+    """The fingerprints (40 bytes each) the index written last holds: "task:<id>" and "dir:<path>"."""
+    raw = (state_dir(records.root) / INDEX_NAME).read_bytes()
+    lines = raw.split(b"\n", 4)
+    head = json.loads(lines[1])
+    at = sum(len(line) + 1 for line in lines[:4])
+    names = [f"task:{i}" for i in head["tasks"]["ids"]] + [f"dir:{p}" for p in head["dirs"]["paths"]]
+    return {name: raw[at + 40 * n:at + 40 * (n + 1)] for n, name in enumerate(names)}
+
+
+def test_an_index_sealed_with_our_key_but_holding_nonsense_crashes_nothing(records: Records) -> None:
+    """Shapes that are wrong (a bug in an older version, say) make entries misses, never a crash: here
+    with the real fingerprints of t-0, t-1, runs/ and runs/t-0, so that their wrong values are looked at."""
+    read(records)
+    real = stored_prints(records)
+    head = {"version": 3, "stamp": 5, "run_fields": list(record_index.RUN_FIELDS),
+            "tasks": {"ids": ["t-0", "t-1", "t-2", "t-3", 5], "status": ["COMPLETED", 7, None, "COMPLETED", "x"],
+                      "updated": [1.0, 1.0, None, 1.0, 1.0], "seq": [1, 1, None, 1, 1],
+                      "text": [0, 1, "a", None, 0, 0, 0, 99, -5, 3]},
+            "dirs": {"paths": ["runs", "runs/t-0", "runs/t-1"], "subdirs": [["../x"], "x", []],
+                     "status": [True, 3, True], "runs": [[], {}, None]},
+            "prints": 8}
+    prints = (real["task:t-0"] + real["task:t-1"] + b"\0" * 40 + b"\xff" * 40 + b"\n" * 40 + real["dir:runs"]
+              + real["dir:runs/t-0"] + real["dir:runs/t-1"])
     rows = b'{"t-0": [[1], []], "t-3": 5, "t-4": [[null, null, null, null, null, null, null, null, null], ["x"]]}'
     for runs in (b'{"t-0/1": [[1], 99, {}]}', b"[", b'{"t-0/1": 5}', b'{"t-0/1": [["x", 1, 2, 3, 4], [1]]}',
                  b'{"t-0/1": [[1, 2, 3, 4, 5], ' + json.dumps(["x"] * len(record_index.RUN_FIELDS)).encode() + b"]}"):
-        body = json.dumps(head).encode() + b"\n" + rows + b"\n" + runs
-        mac = hmac.new(key, b"taskrun-record-index-v2\0" + body, hashlib.sha256).hexdigest().encode()
-        (state_dir(records.root) / INDEX_NAME).write_bytes(mac + b"\n" + body)
+        sealed(records, json.dumps(head).encode() + b"\n" + rows + b"\n" + runs + b"\n" + prints + b"{}")
         index = RecordIndex(records, state_dir(records.root))
         assert index.load()
         untouched = RecordIndex(records, state_dir(records.root))
@@ -167,6 +188,29 @@ def test_an_index_sealed_with_our_key_but_holding_nonsense_crashes_nothing(recor
         tasks, foreign, _ = restore.read_tasks(index, lambda message: None)
         assert len(tasks) == 5 and foreign == [] and all(len(t.runs) == 2 for t in tasks)
         assert index.save()
+        sealed(records, json.dumps(head).encode() + b"\n" + rows + b"\n" + runs + b"\n" + prints + b"{}")
+        status = RecordIndex(records, state_dir(records.root))
+        assert status.load()
+        assert sorted(task_id for task_id, _ in status.summaries()) == [f"t-{n}" for n in range(5)]
+        assert status.task_summary("t-1") is None and status.task_text("t-2") is None
+
+
+@pytest.mark.parametrize("head", [
+    {"tasks": {"ids": ["t-0"], "status": [], "updated": [], "seq": [], "text": []}},
+    {"dirs": {"paths": ["runs"], "subdirs": [], "status": [True], "runs": [[]]}, "prints": 1},
+    {"dirs": {"paths": ["runs"], "subdirs": [[]], "status": [True], "runs": [[]]}, "prints": 2},
+    {"prints": 10 ** 9}, {"tasks": {"ids": [["t-0"]], "status": ["COMPLETED"], "updated": [1.0], "seq": [1],
+                                    "text": [0, 1]}, "prints": 1},
+])
+def test_an_index_whose_columns_do_not_fit_together_is_not_used(records: Records, head: dict) -> None:
+    read(records)
+    empty = {"version": 3, "stamp": 5, "run_fields": list(record_index.RUN_FIELDS),
+             "tasks": {"ids": [], "status": [], "updated": [], "seq": [], "text": []},
+             "dirs": {"paths": [], "subdirs": [], "status": [], "runs": []}, "prints": 0}
+    sealed(records, json.dumps({**empty, **head}).encode() + b"\n{}\n{}\n" + b"\0" * 40)
+    assert not RecordIndex(records, state_dir(records.root)).load()
+    tasks, foreign, index = read(records)
+    assert len(tasks) == 5 and foreign == [] and not index.loaded
 
 
 def test_another_key_makes_the_index_worthless(records: Records) -> None:
@@ -273,3 +317,52 @@ def test_a_task_record_that_trails_its_final_run_is_restored_running_and_named(
     records.save_task(TaskState("late", "tasks/late.md", 9, TaskStatus.COMPLETED, revision="r", attempts=1,
                                 runs=[run]).record())
     assert restore.read_indexed(records, state_dir(records.root), lambda message: None)[2] == []
+
+
+def summaries(records: Records) -> tuple[dict[str, tuple[str, float, int] | None], RecordIndex]:
+    index = RecordIndex(records, state_dir(records.root))
+    index.load()
+    return dict(index.summaries()), index
+
+
+def test_summaries_of_an_unchanged_tree_agree_with_the_records_and_a_save_after_a_miss_keeps_the_rest(
+        records: Records) -> None:
+    read(records)
+    found, index = summaries(records)
+    assert index._verified is not None  # the fast path: no directory changed
+    direct = {i: records.load_task(i) for i in records.task_ids()}
+    assert found == {i: (r["status"], r["updated_at"], r["seq"]) for i, r in direct.items() if r}
+    task = records.load_task("t-2")
+    assert task is not None
+    os.utime(records.task_file("t-2"))  # rewritten in place: the same inode, new times
+    found, index = summaries(records)
+    assert found["t-2"] is None and all(found[i] is not None for i in found if i != "t-2")
+    assert index.load_task("t-2") == task and index.misses == 1
+    assert index.save()
+    found, index = summaries(records)
+    assert None not in found.values() and index.misses == 0 and len(found) == 5
+
+
+def test_summaries_find_a_task_directory_made_inside_another_and_a_removed_one(records: Records) -> None:
+    read(records)
+    nested = RunState(run_id="n", task_id="t-1/sub", number=1, revision="r", attempt=1, worker="local",
+                      agent="shell", status=RunStatus.COMPLETED, exit_code=0)
+    records.save_run(nested.record())
+    records.save_task(TaskState("t-1/sub", "tasks/t-1/sub.md", 9, TaskStatus.COMPLETED, revision="r", attempts=1,
+                                runs=[nested], updated_at=5.0).record())
+    found, index = summaries(records)
+    assert found["t-1/sub"] is None and index.load_task("t-1/sub") is not None
+    assert index.save()
+    found, _ = summaries(records)
+    assert found["t-1/sub"] == ("COMPLETED", 5.0, 9) and len(found) == 6
+    for name in os.listdir(records.root / "runs" / "t-3"):
+        path = records.root / "runs" / "t-3" / name
+        if path.is_dir():
+            for inner in os.listdir(path):
+                os.unlink(path / inner)
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    os.rmdir(records.root / "runs" / "t-3")
+    found, _ = summaries(records)
+    assert "t-3" not in found and len(found) == 5

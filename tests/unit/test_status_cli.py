@@ -151,7 +151,9 @@ def test_with_a_daemon_status_comes_from_its_memory(repo: Path, capsys: pytest.C
         server.stop()
     assert data["source"] == "daemon" and [t["task_id"] for t in data["tasks"]] == [
         "mem-1", *(f"mem-1{n}" for n in range(10))]
-    assert asked[0] == {"command": "status", "patterns": ["mem-1*"], "statuses": [], "limit": None}
+    # --json asks for each record's text (encoded), the table for records.
+    assert asked[0] == {"command": "status", "patterns": ["mem-1*"], "statuses": [], "limit": None, "encoded": True}
+    assert "encoded" not in asked[1]
     assert code == 0 and rows(out) == [f"mem-{n}" for n in range(11, 31)] and "20 of 30 Tasks shown" in out
     assert data["tasks"][0] == memory[0].record()
 
@@ -196,3 +198,48 @@ def test_the_json_listing_with_record_texts_is_the_listing_of_the_records(count:
     write_listing(given, fields, [json.dumps(t, sort_keys=True) if n % 2 else t for n, t in enumerate(tasks)])
     assert given.getvalue() == expected.getvalue()
     assert json.loads(given.getvalue())["tasks"] == tasks
+
+
+@pytest.mark.parametrize("args", [(), ("--limit", "3"), ("--all",), ("nothing-*",), ("--status", "FAILED")])
+def test_the_plain_table_of_a_pipe_is_what_rich_writes_there(
+        repo: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]) -> None:
+    """Into a pipe, `status` writes its table without rich (cli/plain.py): byte for byte rich's output there."""
+    from taskrunner.cli import plain
+
+    seed(repo, 25, pending=2)
+    task = Records(repo).load_task("done-3")
+    assert task is not None
+    Records(repo).save_task({**task, "title": "Ünïcode 全角 \x1b[31m [bold]x[/bold]", "error": None})
+    code, written, _ = status(repo, capsys, *args)
+    monkeypatch.setattr(plain, "is_plain", lambda stream: False)
+    _, rendered, _ = status(repo, capsys, *args)
+    assert code == 0 and written == rendered and written.strip()
+
+
+def test_status_into_a_pipe_loads_no_rich_console(repo: Path) -> None:
+    import subprocess
+    import sys
+
+    seed(repo, 3)
+    probe = ("import sys\nfrom taskrunner.cli.main import main\n"
+             f"assert main(['-C', {str(repo)!r}, 'status']) == 0\n"
+             "print(sorted(m for m in sys.modules if m.startswith('rich.') and m != 'rich.cells'"
+             " and not m.startswith('rich._')))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert "done-3" in proc.stdout and proc.stdout.splitlines()[-1] == "[]", proc.stdout
+
+
+def test_json_from_a_daemon_is_the_same_whether_it_sends_rows_or_records(
+        repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A daemon of this version sends `--json`'s rows encoded; one that ignores `encoded` sends records."""
+    memory = [TaskState(f"mem-{n}", f"tasks/mem-{n}.md", n, TaskStatus.COMPLETED, updated_at=float(n),
+                        error="é \u2028 \"q\"" if n == 2 else None) for n in range(1, 6)]
+    outputs = []
+    for encode in (True, False):
+        server = ControlServer(state_dir(repo), lambda payload: status_query.answer(memory, {}, payload, encode))
+        server.start()
+        try:
+            outputs.append(status(repo, capsys, "--json")[1])
+        finally:
+            server.stop()
+    assert outputs[0] == outputs[1] and json.loads(outputs[0])["tasks"] == [t.record() for t in memory]

@@ -9,6 +9,7 @@ import pytest
 
 from taskrunner.model import TaskStatus
 from taskrunner.state import TaskState
+from taskrunner import status_query
 from taskrunner.status_query import StatusQuery, answer, is_glob, record_key, select
 
 
@@ -78,3 +79,16 @@ def test_the_daemon_answers_from_its_state_with_unusable_files_as_invalid() -> N
     assert reply["tasks"][2] == tasks[-1].record()
     assert reply["counts"] == {"COMPLETED": 5, "INVALID": 1, "PENDING": 1} and reply["omitted"] == 3
     json.dumps(reply)  # goes over the socket as one JSON line
+
+
+def test_encoded_rows_are_the_records_as_status_json_writes_them() -> None:
+    tasks = [TaskState(f"t-{n}", f"tasks/t-{n}.md", n, TaskStatus.COMPLETED, updated_at=float(n)) for n in range(1, 6)]
+    tasks[0].error = "é \u2028 \"q\""
+    plain = answer(tasks, {"tasks/.x.md": "hidden"}, {"limit": 2})
+    coded = answer(tasks, {"tasks/.x.md": "hidden"}, {"limit": 2, "encoded": True})
+    assert "tasks" not in coded and coded["rows"] == [json.dumps(t, sort_keys=True) for t in plain["tasks"]]
+    assert {k: v for k, v in coded.items() if k != "rows"} == {k: v for k, v in plain.items() if k != "tasks"}
+    later = answer(tasks, {}, {"limit": None, "encoded": True}, encode=False)
+    assert "tasks" in later and status_query.encoded(later, {"encoded": True})["rows"] == [
+        json.dumps(t.record(), sort_keys=True) for t in tasks]
+    assert status_query.encoded(later, {}) is later
