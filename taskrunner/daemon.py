@@ -59,6 +59,9 @@ if TYPE_CHECKING:  # http.server and prometheus_client load only when `webhook` 
 MAX_SLEEP = 0.5
 #: How many queued events are handled before the scheduler runs again.
 BATCH = 500
+#: Seconds after the main loop starts that doctor's start-up checks begin (`git grep` over every tracked file,
+#: bwrap probes): the daemon's first answers do not share the CPU with them.
+DOCTOR_DELAY = 2.0
 _NO_REPLAN = frozenset({"output", "started", "heartbeat"})
 
 
@@ -100,6 +103,7 @@ class Daemon:
         self.state_dir = state_dir(root)
         self.events: queue.Queue[object] = queue.Queue()
         self._stop = threading.Event()
+        self._serving = threading.Event()  # the main loop runs: every request is answered by it (_ask)
         self.repo = Git(root, notice=lambda message: emit(self.hooks, "notice", message))
         self.recorder = Recorder(self.repo, enabled=config.git.commit, on_commit=self._committed,
                                  on_error=lambda message: emit(self.hooks, "notice", message),
@@ -139,6 +143,7 @@ class Daemon:
         self._metrics_http: HttpServer | None = None  # `metrics.listen` when not the webhook's address
         self.metrics: Metrics | None = None  # made when `metrics` is first configured (metrics.py)
         self._next_poll: float | None = None
+        self._doctor_due: float | None = None  # when doctor's checks start (monotonic; DOCTOR_DELAY), None: started
         self.pull_requests = PullRequests(self.events.put, lambda message: emit(self.hooks, "notice", message))
 
     def result_branch_pushed(self, run_id: str, branch: str) -> None:
@@ -163,19 +168,19 @@ class Daemon:
             self.engine.base_commit = self._head = self.repo.head()
             # Before the recorder commits what it finds on disk: a log to cap is capped first (fulllogs.py).
             self.pruner.resume()  # a prune a kill interrupted: its files go before the restore reads runs/
+            # Requests are taken from now on: a ping is answered at once, the rest once the loop runs (_ask).
+            self.control.start()
             self.engine.restore()
             self.notifier.seed(self.engine.tasks.values())  # a restored status is no change to tell
             self.notifier.start()
             self.recorder.start()
             self.pull_requests.start()
             self.watcher.start()
-            self.control.start()
-            # doctor's checks run git grep and bwrap probes: in their own thread, so the socket answers meanwhile
-            # (with --once before any Run: a short run still prints every finding).
+            # doctor's checks run git grep and bwrap probes: in their own thread, DOCTOR_DELAY after the loop
+            # starts, so the socket answers meanwhile (with --once before any Run: a short run still prints
+            # every finding).
             if self.once:
                 self._doctor()
-            else:
-                threading.Thread(target=self._doctor, name="doctor", daemon=True).start()
             self.pruner.start()  # records.prune_after: once now, then daily
             self._start_http(webhook, self.config)
             self._schedule_poll(self.config)
@@ -216,8 +221,14 @@ class Daemon:
 
         replan = True
         skew: float | None = None  # wall minus monotonic clock at the last turn
+        if not self.once:
+            self._doctor_due = clock.monotonic() + DOCTOR_DELAY
+        self._serving.set()
         while not self._stop.is_set():
             now, mono = clock.wall(), clock.monotonic()
+            if self._doctor_due is not None and mono >= self._doctor_due:
+                self._doctor_due = None
+                threading.Thread(target=self._doctor, name="doctor", daemon=True).start()
             jumped, skew = (0.0 if skew is None else now - mono - skew), now - mono
             if abs(jumped) > clock.JUMP_SECONDS:
                 replan = True
@@ -247,7 +258,8 @@ class Daemon:
             retirement = self.fleet.keyring.next_retirement()  # one refresh_keys could not take waits a turn
             wakeups = [t for t in (monotonic_at(self.engine.next_wakeup, now, mono), self.fleet.next_wakeup(),
                                    self.engine.pending.due, monotonic_at(self._next_poll, now, mono),
-                                   monotonic_at(retirement, now, mono) if retirement and retirement > now else None)
+                                   monotonic_at(retirement, now, mono) if retirement and retirement > now else None,
+                                   self._doctor_due)
                        if t is not None]
             sleep = min([mono + MAX_SLEEP, *wakeups]) - mono
             try:
@@ -339,16 +351,28 @@ class Daemon:
             return {"ok": True, "message": "signing keys reloaded; online Workers are told"}
         if command == "workers":
             return {"ok": True, "workers": [w.view() for w in self.fleet]}
-        if command == "status":  # from memory, not runs/ (status_query.py)
-            return status_query.answer(self.engine.tasks.values(), self.engine.unusable, payload)
+        if command == "status":  # from memory, not runs/ (status_query.py); encoded in _ask, off this loop
+            return status_query.answer(self.engine.tasks.values(), self.engine.unusable, payload, encode=False)
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Called on the control thread: hand the request to the main loop and wait."""
+        """Called on the control thread: hand the request to the main loop and wait.
+
+        While the daemon starts (restore, first scan) a `ping` is answered here: it needs no state, and
+        a client sees at once that the daemon is there; every other request waits for the loop.
+        """
+        if payload.get("command") == "ping" and not self._serving.is_set():
+            return {"ok": True, "pid": os.getpid(), "starting": True}
         request = _Request(payload)
         self.events.put(request)
         try:
-            return request.reply.get(timeout=10)
+            while not self._serving.is_set() and not self._stop.is_set():  # starting: however long it takes
+                try:
+                    return status_query.encoded(request.reply.get(timeout=MAX_SLEEP), payload)
+                except queue.Empty:
+                    continue
+            # `status --json`'s rows are encoded here, on the control thread, not on the main loop.
+            return status_query.encoded(request.reply.get(timeout=10), payload)
         except queue.Empty:
             return {"ok": False, "error": "the daemon is busy; try again"}
 
@@ -496,6 +520,7 @@ class Daemon:
             os.close(state)
 
     def _shutdown(self) -> None:
+        self._stop.set()  # requests still waiting for the loop (a start that failed) are let go (_ask)
         for stop in (self._stop_http, lambda: self.engine.flush(force=True), self.writer.stop, self.watcher.stop, self.control.stop,
                      self.fleet.close, self.recorder.stop, self.pull_requests.stop, self.notifier.stop):
             try:

@@ -134,8 +134,9 @@ class Engine:
         refused: list[str] = []
         cache = ScanCache(self.state_dir, self.config)  # unchanged files are not parsed again (scancache.py)
         for rel in task_paths(self.files, refused):
-            seen.add(task_id_for(rel) or "")  # "" is no Task's id
-            self.task_file_changed(rel, cache)
+            task_id = task_id_for(rel)
+            seen.add(task_id or "")  # "" is no Task's id
+            self.task_file_changed(rel, cache, task_id or None)
         cache.save(lambda message: emit(self.hooks, "notice", message))
         for message in refused:
             emit(self.hooks, "notice", message)
@@ -165,8 +166,9 @@ class Engine:
 
     # -- Task files ----------------------------------------------------------
 
-    def task_file_changed(self, rel: str, cache: ScanCache | None = None) -> None:
-        task_id = task_id_for(rel)
+    def task_file_changed(self, rel: str, cache: ScanCache | None = None, task_id: str | None = None) -> None:
+        """`task_id`: task_id_for(rel) when the caller has it (a scan of 10,000 files asks once)."""
+        task_id = task_id or task_id_for(rel)
         if task_id is None:
             emit(self.hooks, "notice", f"ignoring {rel}: a Task id is [a-z0-9][a-z0-9._/-]* under tasks/")
             return

@@ -359,6 +359,7 @@ def test_the_daemons_loop_polls_git_on_the_monotonic_clock_and_never_spins_on_a_
     retirement = fake.now + 30  # refresh_keys below cannot take it: it stays past
     loop: Any = SimpleNamespace(
         _stop=stop, once=False, config=None, _tasks_touched=False, _next_poll=fake.now + 60,
+        _serving=threading.Event(), _doctor_due=None, _doctor=lambda: None,
         fleet=SimpleNamespace(tick=lambda now: [], next_wakeup=lambda: None,
                               keyring=SimpleNamespace(next_retirement=lambda: retirement)),
         engine=SimpleNamespace(next_wakeup=None, pending=SimpleNamespace(due=None), schedule=lambda: None,

@@ -29,6 +29,7 @@ def test_a_burst_of_events_is_handled_whole_and_in_order(count: int) -> None:
 
     loop: Any = SimpleNamespace(
         _stop=stop, once=False, config=None, _tasks_touched=False, _next_poll=None, events=events,
+        _serving=threading.Event(), _doctor_due=None, _doctor=lambda: None,
         fleet=SimpleNamespace(tick=lambda now: [], next_wakeup=lambda: None,
                               keyring=SimpleNamespace(next_retirement=lambda: None)),
         engine=SimpleNamespace(next_wakeup=None, pending=SimpleNamespace(due=None),

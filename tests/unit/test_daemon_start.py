@@ -1,0 +1,123 @@
+"""A daemon's start: a ping is answered while it restores, other requests once its loop runs; doctor's
+start-up checks wait DOCTOR_DELAY so they never share the CPU with the first answers (daemon.py)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from taskrunner import daemon as daemon_module
+from taskrunner import gitops
+from taskrunner.config import load_config
+from taskrunner.daemon import Daemon, _Request
+
+from tests.conftest import git, wait_until
+
+
+def test_a_starting_daemon_answers_a_ping_at_once_and_other_requests_once_its_loop_runs(repo: Path) -> None:
+    daemon = Daemon(repo, load_config(repo))
+    assert daemon._ask({"command": "ping"}) == {"ok": True, "pid": os.getpid(), "starting": True}
+    answers: list[dict[str, Any]] = []
+    asking = threading.Thread(target=lambda: answers.append(daemon._ask({"command": "workers"})), daemon=True)
+    asking.start()
+    request = daemon.events.get(timeout=30)  # handed to the loop, which has not started: nobody answers it
+    assert isinstance(request, _Request) and request.payload == {"command": "workers"}
+    assert asking.is_alive() and answers == []
+    daemon._serving.set()  # the loop runs
+    daemon._handle(request)
+    asking.join(timeout=30)
+    assert answers and answers[0]["ok"] is True and [w["name"] for w in answers[0]["workers"]] == ["local"]
+    # Once the loop runs, a ping goes through it too (a stuck loop does not answer).
+    pinging = threading.Thread(target=lambda: answers.append(daemon._ask({"command": "ping"})), daemon=True)
+    pinging.start()
+    ping = daemon.events.get(timeout=30)
+    assert isinstance(ping, _Request) and ping.payload == {"command": "ping"}
+    daemon._handle(ping)
+    pinging.join(timeout=30)
+    assert answers[-1] == {"ok": True, "pid": os.getpid()}
+
+
+def _loop_with(events: queue.Queue[object], stop: threading.Event, doctor: threading.Event,
+               handled: list[object], count: int) -> Any:
+    def handle(event: object) -> bool:
+        handled.append(event)
+        if len(handled) == count:
+            stop.set()
+        return True
+
+    return SimpleNamespace(
+        _stop=stop, once=False, config=None, _tasks_touched=False, _next_poll=None, events=events,
+        _serving=threading.Event(), _doctor_due=None, _doctor=doctor.set,
+        fleet=SimpleNamespace(tick=lambda now: [], next_wakeup=lambda: None,
+                              keyring=SimpleNamespace(next_retirement=lambda: None)),
+        engine=SimpleNamespace(next_wakeup=None, pending=SimpleNamespace(due=None), schedule=lambda: None,
+                               refresh_keys=lambda: None),
+        syncer=SimpleNamespace(stale=False), repo=SimpleNamespace(moving=False),
+        _flush=lambda force=False, wait=False: None, _handle=handle)
+
+
+def test_doctor_checks_do_not_start_with_the_first_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "DOCTOR_DELAY", 3600.0)
+    events: queue.Queue[object] = queue.Queue()
+    for n in range(50):
+        events.put(n)
+    stop, doctor, handled = threading.Event(), threading.Event(), []
+    loop = _loop_with(events, stop, doctor, handled, 50)
+    Daemon._loop(loop)
+    assert handled == list(range(50)) and loop._serving.is_set()
+    assert not doctor.is_set() and loop._doctor_due is not None  # still to come
+
+
+def test_doctor_checks_start_once_their_delay_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "DOCTOR_DELAY", 0.0)
+    events: queue.Queue[object] = queue.Queue()
+    stop, doctor, handled = threading.Event(), threading.Event(), []
+    loop = _loop_with(events, stop, doctor, handled, 1)
+    runner = threading.Thread(target=Daemon._loop, args=(loop,), daemon=True)
+    runner.start()
+    try:
+        wait_until(doctor.is_set, 30, "doctor's checks to start")
+        assert loop._doctor_due is None
+    finally:
+        events.put("done")
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+
+
+def test_state_dir_asks_git_once_per_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "--quiet")
+    asked: list[tuple[str, ...]] = []
+    real = gitops._ask
+
+    def counting(cwd: Path, *args: str) -> str | None:
+        asked.append(args)
+        return real(cwd, *args)
+
+    monkeypatch.setattr(gitops, "_ask", counting)
+    assert gitops.state_dir(root) == root.resolve() / ".git" / "taskrun"
+    assert gitops.state_dir(root) == gitops.state_dir(root) == root.resolve() / ".git" / "taskrun"
+    assert gitops.git_dirs(root) == (root.resolve() / ".git",)
+    assert len(asked) == 1
+
+
+def test_state_dir_follows_a_repository_made_or_moved_after_it_was_asked(tmp_path: Path) -> None:
+    outer = tmp_path / "outer"
+    inner = outer / "inner"
+    inner.mkdir(parents=True)
+    git(outer, "init", "--quiet")
+    assert gitops.state_dir(inner) == outer.resolve() / ".git" / "taskrun"
+    git(inner, "init", "--quiet")  # a repository of its own now
+    assert gitops.state_dir(inner) == inner.resolve() / ".git" / "taskrun"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert gitops.git_dirs(plain) == ()  # no repository: asked again next time
+    git(plain, "init", "--quiet")
+    assert gitops.git_dirs(plain) == (plain.resolve() / ".git",)
