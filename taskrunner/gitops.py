@@ -10,8 +10,8 @@ pack per batch), HEAD moves by compare-and-swap (`update-ref HEAD NEW OLD`),
 and afterwards only our paths are set in the user's index, to exactly what
 was committed (`update-index --index-info`: mode, blob, path; the work tree
 is not read again), so whatever they staged stays staged. Every
-GC_EVERY_COMMITS commits `git gc --auto` folds the small packs together, as
-`git commit` would.
+GC_EVERY_COMMITS commits a geometric repack folds the small packs together
+and `git gc --auto` does what `git commit` would (Git._gc_auto).
 
 The user's git may hold `index.lock` for seconds (an IDE, a long `git add`).
 The refresh waits for it up to INDEX_LOCK_WAIT_SECONDS, and if it is still
@@ -90,7 +90,7 @@ BIG_FILE_BYTES = 8 * 1024 * 1024
 #: A chunk is checked for a private key block together with this much of the chunk before it: a key
 #: header (leaks.PRIVATE_KEY_PATTERN) split between two chunks is found while it is shorter than this.
 KEY_OVERLAP_BYTES = 4096
-#: Run `git gc --auto` after this many commits (what `git commit` does after each).
+#: Fold the packs (a geometric repack) and run `git gc --auto` (what `git commit` does after each) this often.
 GC_EVERY_COMMITS = 50
 #: In the git directory while a person's git command is half way through (as `git status` tells them).
 IN_PROGRESS = (("rebase-merge", "a rebase"), ("rebase-apply", "a rebase or `git am`"), ("MERGE_HEAD", "a merge"),
@@ -152,7 +152,7 @@ class Git:
         except GitError:
             return None
 
-    def commit_paths(self, paths: Sequence[str], message: str) -> str | None:
+    def commit_paths(self, paths: Sequence[str], message: str, refresh: bool = True) -> str | None:
         """Commit exactly `paths` as they are in the work tree; None if nothing changed.
 
         HEAD moves by compare-and-swap; when a user's commit moved it meanwhile
@@ -160,7 +160,10 @@ class Git:
         with a short random pause, then GitError (nothing is lost: the caller
         tries again later). Afterwards the user's index gets the committed
         entries (`refresh_index`); a refresh the user's git blocks stays
-        pending and does not fail the commit. While a person's rebase, merge,
+        pending and does not fail the commit. With `refresh` False the entries
+        only join `index_pending`, for the caller's next `refresh_index`: git
+        rewrites the whole index for any change, so a caller committing batch
+        after batch refreshes it once for several. While a person's rebase, merge,
         cherry-pick or revert is half way through in the clone, GitError: HEAD
         is theirs until it ends, and the records wait.
         """
@@ -180,7 +183,11 @@ class Git:
             crashpoints.reached("daemon.commit_built")
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
-            except GitError:
+            except GitError as exc:
+                if self.head() == old and not diskspace.has_room(self.root):
+                    # Not moved: its lock found no room (git says only "couldn't write"). Kept; tried again.
+                    raise GitError(f"cannot move HEAD: {diskspace.reason('the repository', self.root)} "
+                                   f"({error_text(str(exc))})") from None
                 # HEAD moved under us (a user commit), or its ref is locked: build on the new HEAD.
                 time.sleep(random.uniform(0.0, 0.01 * min(attempt + 1, 10)))
                 continue
@@ -190,8 +197,8 @@ class Git:
             for path in deleted:
                 self.index_pending[path] = None
             self._pending_commit = commit
-            self.refresh_index()
-            crashpoints.reached("daemon.index_refreshed")
+            if refresh:
+                self.refresh_index()
             self._commits += 1
             if self._commits % GC_EVERY_COMMITS == 0:
                 self._gc_auto()
@@ -344,11 +351,14 @@ class Git:
             return None
 
     def _gc_auto(self) -> None:
-        # Each batch is one small pack; git consolidates them once there are enough (gc.autoPackLimit).
-        try:
-            self.run("gc", "--auto", "--quiet")
-        except GitError:
-            pass  # housekeeping: the next round tries again
+        # Each batch is one small pack. `gc --auto` alone repacks the whole repository once there are 50: with
+        # 10,000 Runs' records 1.5 s of CPU every 50 commits. A geometric repack (git >= 2.32) rolls only the
+        # small packs together (each object rewritten about log2(count) times), so gc --auto finds few packs.
+        for args in (("repack", "--geometric=2", "-d", "-l", "-q"), ("gc", "--auto", "--quiet")):
+            try:
+                self.run(*args)
+            except GitError:
+                pass  # housekeeping: the next round tries again (an older git lacks --geometric: gc does it)
 
     def blob_id(self, data: bytes) -> str:
         """The id git gives a blob of `data` (sha1 or sha256, as the repository uses)."""
@@ -405,6 +415,7 @@ class Git:
         for path, entry in entries.items():
             if self.index_pending.get(path) == entry:
                 del self.index_pending[path]
+        crashpoints.reached("daemon.index_refreshed")
         commit, self._pending_commit = self._pending_commit, None
         head = self.head()
         if commit is not None and head != commit:
@@ -539,8 +550,24 @@ def git_dirs(root: Path) -> tuple[Path, ...]:
     Absolute; empty when `root` is not in a repository. Files in them are
     never read for a Task (intake.RepoFiles), wherever they are.
     """
+    where = os.path.abspath(root)
+    # Asked before, its git directory still there, and no `.git` made or removed in `root` since (a repository
+    # made inside another): no `git rev-parse`.
+    key = (where, os.path.lexists(f"{where}/.git"), *(os.environ.get(name) for name in _GIT_DIR_ENV))
+    known = _GIT_DIRS.get(key)
+    if known is not None and os.path.isdir(known[0]):
+        return known
     out = _ask(root, "rev-parse", "--path-format=absolute", "--absolute-git-dir", "--git-common-dir")
-    return tuple(dict.fromkeys(Path(line) for line in (out or "").splitlines() if line))
+    dirs = tuple(dict.fromkeys(Path(line) for line in (out or "").splitlines() if line))
+    if dirs:  # not a repository (yet): asked again next time
+        _GIT_DIRS[key] = dirs
+    return dirs
+
+
+#: git_dirs' answers by (work tree, and the environment that moves a git directory), for this process: a
+#: start asked git about five times for the same repository (state_dir from the daemon, engine, doctor).
+_GIT_DIRS: dict[tuple[str | bool | None, ...], tuple[Path, ...]] = {}
+_GIT_DIR_ENV = ("GIT_DIR", "GIT_COMMON_DIR", "GIT_WORK_TREE")
 
 
 def state_dir(root: Path) -> Path:

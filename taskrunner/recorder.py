@@ -2,7 +2,12 @@
 
 The engine hands it a CommitItem whenever a Run (or a Task without a Run)
 reaches a final state; items arriving within COMMIT_WINDOW_SECONDS of each
-other share one commit. Records are never dropped: a commit that fails (HEAD
+other share one commit. A commit's cost grows with the repository: git
+writes the whole runs/ tree again (about 36 bytes a Task: with 10,000 Tasks
+fast-import takes 35 ms instead of 7), so the window grows with it, to at
+least COMMIT_COST_RATIO times as long as the last commit took, up to
+COMMIT_WINDOW_MAX_SECONDS: a slower commit holds more Runs, and git's work
+per Run stays about the same. Records are never dropped: a commit that fails (HEAD
 kept moving, a ref locked, git failing) keeps its batch, which grows with the
 items that arrive meanwhile and is tried again after a backoff
 (RETRY_BASE_SECONDS doubling up to RETRY_MAX_SECONDS, with jitter), for as
@@ -11,7 +16,10 @@ and committed by the next daemon (`recover`, run first on this thread).
 
 It also keeps the user's index in step (gitops.refresh_index: entries a held
 index.lock kept pending are tried again every INDEX_RETRY_SECONDS and with
-every batch), commits again the records a user's commit removed
+every batch; git rewrites the whole index for any change, so while more
+records wait for their commit a refresh covers several commits, at most one
+every INDEX_REFRESH_SECONDS, and once nothing waits it runs at once), commits
+again the records a user's commit removed
 (gitops.Git.recommit), pushes after each commit (`pusher`, with `git.push`)
 and syncs the clone with its remote (`sync`, from `taskrun trigger`, hooks,
 polling and webhooks).
@@ -44,6 +52,14 @@ RETRY_MAX_SECONDS = 10.0
 INDEX_RETRY_SECONDS = 0.5
 #: How long `stop()` keeps trying a failing commit before leaving it to the next daemon.
 STOP_GRACE_SECONDS = 10.0
+#: A batch collects for at least this many times as long as the last commit took (its wall time), so git's
+#: share of the recorder's time stays under about 1/(1 + ratio) however big the repository grows.
+COMMIT_COST_RATIO = 8.0
+#: The longest a batch collects for, however slow the last commit was.
+COMMIT_WINDOW_MAX_SECONDS = 2.0
+#: While more records wait for their commit, the user's index is refreshed at most this often (once nothing
+#: waits, at once): each refresh rewrites the whole index, a cost that grows with the records.
+INDEX_REFRESH_SECONDS = 1.0
 
 
 class GitJob(Protocol):
@@ -122,6 +138,8 @@ class Recorder:
         self._failures = 0
         self._commit_due = 0.0
         self._index_due = 0.0
+        self._refreshed_at = float("-inf")  # time.monotonic() of the last index refresh
+        self._cost = 0.0  # seconds the last commit took (wall time)
         #: Called after each commit (on this thread), e.g. the pusher's `wanted`.
         self.after_commit: list[Callable[[str], None]] = []
 
@@ -203,8 +221,9 @@ class Recorder:
     def _commit(self, pending: list[CommitItem]) -> bool:
         """One attempt at committing the batch; True when it is done (committed, or nothing changed)."""
         paths = sorted({path for item in pending for path in item.paths})
+        started = time.monotonic()
         try:
-            sha = self._repo.commit_paths(paths, commit_message(pending))
+            sha = self._repo.commit_paths(paths, commit_message(pending), refresh=False)
         except GitError as exc:
             self._failures += 1
             pause = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._failures - 1))
@@ -217,6 +236,12 @@ class Recorder:
             self._on_error(f"records committed after {self._failures} failed attempt(s)")
         self._failures = 0
         self._commit_due = 0.0
+        self._cost = time.monotonic() - started
+        if self._repo.index_pending:
+            # More records on their way: one refresh of the index for several commits (INDEX_REFRESH_SECONDS).
+            self._index_due = self._refreshed_at + INDEX_REFRESH_SECONDS if self._queue.qsize() else 0.0
+            if self._index_due <= time.monotonic():
+                self._refresh_index()
         if sha:
             self._on_commit(sha, list(pending))
             for hook in self.after_commit:
@@ -230,7 +255,9 @@ class Recorder:
         except GitError as exc:
             self._on_error(f"could not update the index for committed records (trying again): {exc}")
             done = False
-        if not done:
+        if done:
+            self._refreshed_at = time.monotonic()
+        else:
             self._index_due = time.monotonic() + INDEX_RETRY_SECONDS
 
     def _settle_index(self, until: float) -> None:
@@ -289,7 +316,8 @@ class Recorder:
         if first is None or first is _KICK or first is _WAKE:
             return False
         pending.append(first)  # type: ignore[arg-type]
-        deadline = time.monotonic() + self._window
+        window = max(self._window, min(COMMIT_WINDOW_MAX_SECONDS, COMMIT_COST_RATIO * self._cost))
+        deadline = time.monotonic() + window
         while (item := self._get(deadline - time.monotonic())) is not None:
             if item is _STOP:
                 return True

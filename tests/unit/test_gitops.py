@@ -380,6 +380,20 @@ def porcelain(repo: Path, *paths: str) -> str:
     return git(repo, "status", "--porcelain", "--", *paths)
 
 
+def test_commits_left_unrefreshed_are_set_in_the_index_by_one_later_refresh(repo: Path) -> None:
+    # The recorder's batches in a row: git rewrites the whole index for any change, so one refresh for several.
+    g = Git(repo)
+    first = g.commit_paths([write(repo, "runs/a/status.json", "{}\n")], "a", refresh=False)
+    second = g.commit_paths([write(repo, "runs/b/status.json", "{}\n")], "b", refresh=False)
+    assert second == head(repo) and first is not None
+    assert git(repo, "ls-files", "runs/") == ""  # untouched until the refresh
+    assert set(g.index_pending) == {"runs/a/status.json", "runs/b/status.json"}
+    assert g.refresh_index() is True
+    assert g.index_pending == {} and g.recommit == set()
+    assert porcelain(repo, "runs/") == ""
+    assert git(repo, "ls-files", "runs/").split() == ["runs/a/status.json", "runs/b/status.json"]
+
+
 def test_a_held_index_lock_keeps_the_refresh_pending_and_a_later_refresh_sets_what_was_committed(
         repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gitops, "INDEX_LOCK_WAIT_SECONDS", 0.05)
@@ -502,3 +516,22 @@ def test_a_work_tree_whose_path_ends_in_a_space_is_found_as_it_is(tmp_path: Path
     assert toplevel(root) == root.resolve()
     assert gitops.git_dirs(root) == (root.resolve() / ".git",)
     assert gitops.state_dir(root) == root.resolve() / ".git" / "taskrun"
+
+
+def test_head_that_cannot_be_moved_on_a_full_disk_says_so_at_once(repo: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # git's words for a ref lock with no room name no errno; HEAD not moving is no race to try 20 times.
+    from taskrunner import diskspace
+    write(repo, "a.txt", "a\n")
+    git(repo, "add", "a.txt")
+    git(repo, "commit", "-qm", "a")
+    branch = git(repo, "symbolic-ref", "HEAD").strip()
+    lock = repo / ".git" / f"{branch}.lock"
+    lock.write_text("")
+    path = write(repo, "runs/t/status.json", "{}\n")
+    monkeypatch.setattr(diskspace, "has_room", lambda where, need=0: False)
+    with pytest.raises(GitError, match="cannot move HEAD: the disk holding the repository is full"):
+        Git(repo).commit_paths([path], "m")
+    monkeypatch.setattr(diskspace, "has_room", lambda where, need=0: True)
+    lock.unlink()
+    assert Git(repo).commit_paths([path], "m")  # room again: committed

@@ -243,11 +243,11 @@ def test_a_batch_whose_commit_keeps_failing_is_kept_and_lands_once_git_lets_it(
     original = g.commit_paths
     failures = {"left": 6}
 
-    def flaky(paths: list[str], message: str) -> str | None:
+    def flaky(paths: list[str], message: str, refresh: bool = True) -> str | None:
         if failures["left"]:
             failures["left"] -= 1
             raise GitError("HEAD kept moving while committing records")
-        return original(paths, message)
+        return original(paths, message, refresh)
 
     monkeypatch.setattr(g, "commit_paths", flaky)
     monkeypatch.setattr("taskrunner.recorder.RETRY_MAX_SECONDS", 0.05)
@@ -340,3 +340,70 @@ def test_a_sync_asked_for_repeatedly_runs_once_per_turn_and_on_the_recorder_thre
     wait_for(lambda: len(ran) == 2)
     recorder.stop()
     assert ran == [("trigger", "recorder"), ("poll, webhook", "recorder")]
+
+
+# ---------------------------------------------------------------- the cost of a commit grows with the repository
+
+
+def test_while_more_records_wait_one_index_refresh_covers_several_commits(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # git rewrites the whole index for any change: with 10,000 Tasks' records, a refresh per commit was a third
+    # of the daemon's git time. While the next batch is already queued, the refresh waits (INDEX_REFRESH_SECONDS).
+    monkeypatch.setattr("taskrunner.recorder.INDEX_REFRESH_SECONDS", 600.0)
+    monkeypatch.setattr("taskrunner.recorder.COMMIT_COST_RATIO", 0.0)
+    items = [item(n) for n in range(4)]
+    write_records(repo, items)
+    g = Git(repo)
+    commit, refresh = g.commit_paths, g.refresh_index
+    later = list(items[1:])
+    refreshed: list[list[str]] = []
+    recorder = Recorder(g, window=0.01)
+
+    def committing(paths: list[str], message: str, refresh: bool = True) -> str | None:
+        sha = commit(paths, message, refresh)
+        if later:  # the next Run's records arrive while this commit is made
+            recorder.submit(later.pop(0))
+        return sha
+
+    def refreshing(wait: float | None = None) -> bool:
+        pending = sorted(g.index_pending)
+        done = refresh(wait)
+        if done and pending:
+            refreshed.append(pending)
+        return done
+
+    monkeypatch.setattr(g, "commit_paths", committing)
+    monkeypatch.setattr(g, "refresh_index", refreshing)
+    recorder.start()
+    try:
+        recorder.submit(items[0])
+        wait_for(lambda: len(refreshed) == 2)
+    finally:
+        recorder.stop()
+    assert len(commits_since_initial(repo)) == 4
+    # The first commit's at once (none before it); then one for the next three commits.
+    assert refreshed == [sorted(items[0].paths), sorted(p for it in items[1:] for p in it.paths)]
+    assert git_out(repo, "status", "--porcelain") == ""
+
+
+def test_a_slower_commit_makes_the_next_batch_collect_for_longer(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A commit's cost grows with the runs/ tree; the window grows with it, so a commit holds more Runs.
+    monkeypatch.setattr("taskrunner.recorder.COMMIT_COST_RATIO", 1e6)
+    monkeypatch.setattr("taskrunner.recorder.COMMIT_WINDOW_MAX_SECONDS", 600.0)
+    items = [item(n) for n in range(3)]
+    write_records(repo, items)
+    committed: list[list[CommitItem]] = []
+    recorder = Recorder(Git(repo), on_commit=lambda sha, batch: committed.append(list(batch)), window=0.0)
+    recorder.start()
+    try:
+        recorder.submit(items[0])  # nothing committed yet: the window is the configured one
+        wait_for(lambda: committed)
+        recorder.submit(items[1])  # a window of 0 s would commit it alone; this one lasts 1e6 x the last commit
+        recorder.submit(items[2])
+        recorder.kick()
+        wait_for(lambda: len(committed) == 2)
+    finally:
+        recorder.stop()
+    assert committed == [[items[0]], items[1:]]
+    assert len(commits_since_initial(repo)) == 2
