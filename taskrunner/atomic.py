@@ -6,8 +6,10 @@ temp file and the rename can never land in two different directories.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,35 @@ def write_json(path: Path, data: Any, mode: int = 0o644, durable: bool = True) -
     write_bytes(path, text.encode(), mode, durable)
 
 
+#: The most a state file read with `read_file` may hold (keys, trust stores, daemon.json, caches are far smaller).
+MAX_STATE_BYTES = 64 * 1024 * 1024
+
+
+def read_file(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
+    """The bytes of the regular file at `path`: no link followed, no FIFO or device waited on, at most `limit`
+    bytes. OSError otherwise (FileNotFoundError when missing; ELOOP for a link; EINVAL, naming the file, for
+    anything that is not a regular file; EFBIG over `limit`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        data = os.read(fd, info.st_size + 1)  # at once: one copy of a large file, not chunks and a join
+        if len(data) > info.st_size:  # it grew meanwhile
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > limit:
+                    raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+            data = b"".join(chunks)
+        return data
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> Any:
-    with open(path, "rb") as handle:
-        return json.loads(handle.read())
+    """The JSON document in the regular file at `path` (read_file: OSError as it says; ValueError when it is
+    not JSON)."""
+    return json.loads(read_file(path))

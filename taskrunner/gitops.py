@@ -52,17 +52,19 @@ import hashlib
 import os
 import random
 import re
+import stat
 import subprocess
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from taskrunner import crashpoints, diskspace, leaks
-from taskrunner.atomic import write_bytes
+from taskrunner.atomic import read_file, write_bytes
 from taskrunner.defaults import STATE_DIR
 from taskrunner.errors import GitError, UnsafePath
 from taskrunner.lazymodule import lazy
 from taskrunner.safefs import REFUSAL, Beneath
+
 git = lazy("git")  # GitPython, imported when a command first runs git through it
 
 ZERO = "0" * 40
@@ -488,21 +490,28 @@ class Git:
         who can push can write `taskrun: ...` as a subject."""
         path = self.git_dir() / "taskrun" / OWN_COMMITS
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
+            fd = os.open(path, flags, 0o600)
+        except OSError:  # a link, or a FIFO nobody reads: not ours to write through; a file of our own instead
+            path.unlink(missing_ok=True)
+            fd = os.open(path, flags | os.O_EXCL, 0o600)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO someone reads, a device
+                raise GitError(f"{path} is not a regular file: remove it (the daemon makes it again)")
             os.write(fd, "".join(f"{sha}\n" for sha in commits).encode())
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
         if size > OWN_COMMITS_MAX_BYTES:  # keep the newer half: a rebase only ever looks at recent commits
-            kept = path.read_bytes()[-OWN_COMMITS_MAX_BYTES // 2:].split(b"\n", 1)[-1]
+            kept = read_file(path)[-OWN_COMMITS_MAX_BYTES // 2:].split(b"\n", 1)[-1]
             write_bytes(path, kept, mode=0o600, durable=False)
 
     def own_commits(self) -> set[str]:
         """The commits `remember_own` noted."""
         try:
-            return set((self.git_dir() / "taskrun" / OWN_COMMITS).read_text().split())
-        except (FileNotFoundError, NotADirectoryError):
+            return set(read_file(self.git_dir() / "taskrun" / OWN_COMMITS).decode(errors="replace").split())
+        except OSError:  # missing, or not a regular file (a link, a FIFO): none known
             return set()
 
     def in_progress(self) -> str | None:

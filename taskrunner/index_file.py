@@ -42,12 +42,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from taskrunner.atomic import read_file
 
 INDEX_NAME = "record-index"
 INDEX_VERSION = 3
@@ -137,23 +137,8 @@ def parse_line(raw: bytes) -> dict[str, Any]:
 
 
 def read_regular(path: Path, limit: int) -> bytes | None:
-    """The bytes of a regular file at `path` (no link followed, no FIFO waited on), or None."""
+    """The bytes of a regular file at `path` (atomic.read_file: no link followed, no FIFO waited on), or None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_file(path, limit)
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        data = os.read(fd, info.st_size + 1)  # at once: one copy of a large file, not chunks and a join
-        if len(data) <= info.st_size:
-            chunks = [data]
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            data = b"".join(chunks)
-        return data if len(data) <= limit else None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from taskrunner import __version__
-from taskrunner.atomic import write_bytes
+from taskrunner.atomic import read_file, write_bytes
 from taskrunner.config import Config
 from taskrunner.errors import TaskFileError, TaskrunError
 from taskrunner.intake import Intake, RepoFiles, check_spec, read_task
@@ -161,7 +161,7 @@ def _load(path: Path, secret: bytes | None) -> dict[str, tuple[StatKey, TaskSpec
     if secret is None:
         return {}
     try:
-        mac, _, body = path.read_bytes().partition(b"\n")
+        mac, _, body = read_file(path).partition(b"\n")  # a link, FIFO or device: no cache
     except OSError:
         return {}
     if not hmac.compare_digest(mac, hmac.new(secret, _DOMAIN + body, hashlib.sha256).hexdigest().encode()):

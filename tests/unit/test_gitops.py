@@ -535,3 +535,25 @@ def test_head_that_cannot_be_moved_on_a_full_disk_says_so_at_once(repo: Path,
     monkeypatch.setattr(diskspace, "has_room", lambda where, need=0: True)
     lock.unlink()
     assert Git(repo).commit_paths([path], "m")  # room again: committed
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_own_commits_that_is_not_a_regular_file_is_neither_waited_on_nor_written_through(
+        repo: Path, tmp_path: Path, kind: str) -> None:
+    import os
+
+    from taskrunner.gitops import OWN_COMMITS
+    state = repo / ".git" / "taskrun"
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / OWN_COMMITS
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(outside)
+    repository = Git(repo)
+    assert repository.own_commits() == set()
+    repository.remember_own(["a" * 40])  # a file of its own instead: nothing written through the link
+    assert path.is_file() and not path.is_symlink() and outside.read_text() == ""
+    assert repository.own_commits() == {"a" * 40}

@@ -207,3 +207,25 @@ def test_a_cache_edited_or_sealed_with_another_key_is_ignored(files: RepoFiles, 
     assert ScanCache(state_dir(files.root), config)._entries == {}
     seen, cache = scan(files, config)
     assert seen == direct(files, config) and cache.hits == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "link to a good cache", "directory"])
+def test_a_cache_file_that_is_not_a_regular_file_is_ignored_at_once(files: RepoFiles, kind: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # No link followed, no FIFO waited on, no endless device read: the Task files are read as without a cache.
+    monkeypatch.setattr(scancache, "RACY_SECONDS", 0.0)
+    config = load_config(files.root)
+    scan(files, config)
+    path = state_dir(files.root) / scancache.CACHE_FILE
+    good = path.with_name("good-cache")
+    os.replace(path, good)
+    assert good.stat().st_size > 0
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero" if "zero" in kind else good)
+    cache = ScanCache(state_dir(files.root), config)
+    seen = {rel: cache.read(files, task_id_for(rel) or "", rel, config) for rel in task_paths(files)}
+    assert seen == direct(files, config) and cache.hits == 0
