@@ -419,9 +419,10 @@ class Git:
                 del self.index_pending[path]
         crashpoints.reached("daemon.index_refreshed")
         commit, self._pending_commit = self._pending_commit, None
-        head = self.head()
-        if commit is not None and head != commit:
-            self.recommit.update(self._lost(head, entries))
+        if commit is not None:
+            # Not only when HEAD moved past our last commit: with one refresh for several commits, a user's
+            # commit may sit between two of ours, and HEAD is then our own commit on top of it.
+            self.recommit.update(self._lost(self.head(), entries))
         return True
 
     def _lost(self, head: str | None, entries: dict[str, tuple[str, str] | None]) -> list[str]:

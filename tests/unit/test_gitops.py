@@ -557,3 +557,22 @@ def test_own_commits_that_is_not_a_regular_file_is_neither_waited_on_nor_written
     repository.remember_own(["a" * 40])  # a file of its own instead: nothing written through the link
     assert path.is_file() and not path.is_symlink() and outside.read_text() == ""
     assert repository.own_commits() == {"a" * 40}
+
+
+def test_records_a_user_commit_dropped_between_two_daemon_commits_are_committed_again(repo: Path) -> None:
+    # One index refresh for several commits (the recorder's batching): a user's commit made from an index
+    # that lacked the first commit's records sits between two of ours; HEAD is then our own second commit.
+    write(repo, "a.txt", "a\n")
+    git(repo, "add", "a.txt")
+    git(repo, "commit", "-qm", "a")
+    daemon = Git(repo)
+    first = write(repo, "runs/t1/status.json", "{}\n")
+    daemon.commit_paths([first], "t1", refresh=False)
+    write(repo, "mine.txt", "mine\n")
+    git(repo, "add", "mine.txt")
+    git(repo, "commit", "-qm", "mine")  # its index never held runs/t1: the commit removes it
+    second = write(repo, "runs/t2/status.json", "{}\n")
+    daemon.commit_paths([second], "t2", refresh=False)
+    assert "runs/t1/status.json" not in git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    assert daemon.refresh_index()
+    assert daemon.recommit == {first}
