@@ -168,8 +168,9 @@ def facts_of_record(task: Mapping[str, Any], last_run: Mapping[str, Any] | None)
 def select(tasks: Iterable[Facts], request: Request, now: float) -> tuple[list[Facts], list[tuple[str, str]]]:
     """The Tasks `request` prunes at `now`, by id; and (id, reason) for those it names that stay.
 
-    A Task is named when its id matches a pattern (any finished one when no pattern is given). Reasons
-    are given for named Tasks too recent or not finished only when named by their exact id.
+    A Task is named when its id matches a pattern (any finished one when no pattern is given). A Task
+    named by its exact id that stays gets its reason: not finished, too recent, of another `--status`, or
+    no such Task.
     """
     every = list(tasks)
     regex = (re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in request.patterns))
@@ -187,6 +188,8 @@ def select(tasks: Iterable[Facts], request: Request, now: float) -> tuple[list[F
         if regex is not None and not regex.match(task.id):
             continue
         if request.statuses and task.status not in request.statuses:
+            if task.id in exact:
+                skipped.append((task.id, f"{task.status}, not {', '.join(sorted(request.statuses))} (--status)"))
             continue
         if task.status not in PRUNABLE or not task.runs_final:
             if task.id in exact:
@@ -200,6 +203,9 @@ def select(tasks: Iterable[Facts], request: Request, now: float) -> tuple[list[F
             skipped.append((task.id, f"'{needed[task.id]}', not finished, depends on it"))
             continue
         chosen.append(task)
+    known = {task.id for task in every}
+    skipped += [(name, "no such Task (`taskrun logs ID` says whether it was pruned)")
+                for name in sorted(exact - known)]
     return chosen, skipped
 
 

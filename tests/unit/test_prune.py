@@ -51,6 +51,16 @@ def test_status_and_globs_narrow_the_choice_and_exact_ids_say_why_they_stay() ->
     assert dict(skipped) == {"ci/new": "finished less than 30d ago", "busy": "not finished (RUNNING)"}
 
 
+
+def test_an_exact_id_of_another_status_or_of_no_task_says_why_nothing_was_pruned() -> None:
+    tasks = [facts("q1"), facts("q2", "FAILED")]
+    chosen, skipped = prune.select(tasks, Request(30 * DAY, frozenset({"FAILED"}), ("q1", "nosuch", "--output=x")),
+                                   NOW)
+    assert chosen == []
+    assert dict(skipped) == {"q1": "COMPLETED, not FAILED (--status)",
+                             "nosuch": "no such Task (`taskrun logs ID` says whether it was pruned)",
+                             "--output=x": "no such Task (`taskrun logs ID` says whether it was pruned)"}
+
 def test_a_task_that_an_unfinished_task_depends_on_stays() -> None:
     tasks = [facts("base"), facts("next", "PENDING", deps=("base",)), facts("done-dep"),
              facts("after", deps=("done-dep",))]
