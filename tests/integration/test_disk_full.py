@@ -121,13 +121,18 @@ def _committed(root: Path, path: str) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
-def test_a_full_worker_home_refuses_new_runs_keeps_its_session_and_takes_them_once_there_is_room(
-        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs))  # the local Worker's home goes on the tmpfs (conftest)
+def _home_on_tmpfs(repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> Daemon:
+    """A daemon (not started) whose local Worker's home is on the tmpfs, its Agents unconfined."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs))  # the local Worker's home goes there (conftest)
     config = repo / ".taskrun.yaml"
     config.write_text(config.read_text().replace("sandbox: bwrap", "sandbox: none"))
     git(repo, "commit", "-qam", "unconfined")
-    daemon = Daemon(repo)
+    return Daemon(repo)
+
+
+def test_a_full_worker_home_refuses_new_runs_keeps_its_session_and_takes_them_once_there_is_room(
+        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
     try:
         daemon.start()
         write_task(repo, "warm", "echo warm")
@@ -156,16 +161,11 @@ def test_a_full_worker_home_refuses_new_runs_keeps_its_session_and_takes_them_on
         _kill_leftover_agents(repo)
 
 
-
 def test_an_agent_failing_while_the_worker_home_is_full_is_recorded_with_that_reason(
         repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The Agent's own writes land on the full disk: its output and even its error message fail, so
     # nothing it wrote says why it failed. The record does, and nothing of its Run is lost or left.
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs))  # the local Worker's home goes on the tmpfs (conftest)
-    config = repo / ".taskrun.yaml"
-    config.write_text(config.read_text().replace("sandbox: bwrap", "sandbox: none"))
-    git(repo, "commit", "-qam", "unconfined")
-    daemon = Daemon(repo)
+    daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
     try:
         daemon.start()
         write_task(repo, "t", "while [ ! -e go ]; do sleep 0.1; done\nhead -c 4194304 /dev/zero | tr '\\0' x")
