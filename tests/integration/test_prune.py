@@ -73,6 +73,9 @@ def test_prune_with_a_daemon_forgets_the_task_which_never_comes_back(daemon: Dae
     daemon.start()
     write_task(repo, "done", "echo done")
     wait_status(repo, "done", "COMPLETED")
+    # The record commit lands a moment after the status (a batch): a commit of ours racing it could fail
+    # with "cannot lock ref 'HEAD'" (docs/records.md: run it again), so it is made once the records are in.
+    wait_until(lambda: "runs/done/run-1/status.json" in head_files(repo), 60, "the record commit")
     git(repo, "add", "tasks/done.md")
     git(repo, "commit", "--quiet", "-m", "user: the Task file")
     wait_until(lambda: committed(repo, "done"), 20, "the records to be committed")
