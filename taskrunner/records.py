@@ -64,7 +64,7 @@ from taskrunner import crashpoints, safefs
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.diskspace import RecordsFull, Space, is_full
 from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
-from taskrunner.gitops import state_dir
+from taskrunner.gitbase import state_dir
 from taskrunner.model import RECORD_NAMES, RUN_DIR_RE
 from taskrunner.recordkey import record_key
 from taskrunner.safefs import REFUSAL, Beneath, kind_of

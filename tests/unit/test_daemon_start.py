@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from taskrunner import daemon as daemon_module
-from taskrunner import gitops
+from taskrunner import gitbase, gitops
 from taskrunner.config import load_config
 from taskrunner.daemon import Daemon, _Request
-
 from tests.conftest import git, wait_until
 
 
@@ -95,13 +94,13 @@ def test_state_dir_asks_git_once_per_repository(tmp_path: Path, monkeypatch: pyt
     root.mkdir()
     git(root, "init", "--quiet")
     asked: list[tuple[str, ...]] = []
-    real = gitops._ask
+    real = gitbase._ask
 
     def counting(cwd: Path, *args: str) -> str | None:
         asked.append(args)
         return real(cwd, *args)
 
-    monkeypatch.setattr(gitops, "_ask", counting)
+    monkeypatch.setattr(gitbase, "_ask", counting)
     assert gitops.state_dir(root) == root.resolve() / ".git" / "taskrun"
     assert gitops.state_dir(root) == gitops.state_dir(root) == root.resolve() / ".git" / "taskrun"
     assert gitops.git_dirs(root) == (root.resolve() / ".git",)
