@@ -365,16 +365,16 @@ class Daemon:
             return {"ok": True, "pid": os.getpid(), "starting": True}
         request = _Request(payload)
         self.events.put(request)
-        try:
-            while not self._serving.is_set() and not self._stop.is_set():  # starting: however long it takes
-                try:
-                    return status_query.encoded(request.reply.get(timeout=MAX_SLEEP), payload)
-                except queue.Empty:
+        while True:
+            starting = not self._serving.is_set() and not self._stop.is_set()  # however long a start takes
+            try:
+                reply = request.reply.get(timeout=MAX_SLEEP if starting else 10)
+            except queue.Empty:
+                if starting:
                     continue
+                return {"ok": False, "error": "the daemon is busy; try again"}
             # `status --json`'s rows are encoded here, on the control thread, not on the main loop.
-            return status_query.encoded(request.reply.get(timeout=10), payload)
-        except queue.Empty:
-            return {"ok": False, "error": "the daemon is busy; try again"}
+            return status_query.encoded(reply, payload)
 
     def _reload(self) -> None:
         refusal = signers.config_refusal(self.root, self.config.security, self.engine.files.git_dirs)

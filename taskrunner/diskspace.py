@@ -77,6 +77,13 @@ def full_text(text: str) -> str | None:
     return next((line.strip() for line in text.splitlines() if any(words in line for words in FULL_TEXTS)), None)
 
 
+def git_full(text: str, where: Path | str) -> str | None:
+    """Why a failed git command (its stderr `text`) failed for want of room, or None: the line that says so
+    (full_text), else, since git does not always say so (a ref's lock file it could not write: "couldn't
+    write '….lock'"), "no room left" when the disk holding `where` has none now (has_room)."""
+    return full_text(text) or (None if has_room(where) else f"no room left on the disk holding {where}")
+
+
 def errno_name(code: int | None) -> str:
     return errno.errorcode.get(code, str(code)) if code is not None else "ENOSPC"
 

@@ -176,7 +176,7 @@ class Git:
             try:
                 self.run("update-ref", "-m", "taskrun: record Runs", "HEAD", commit, old or ZERO)
             except GitError as exc:
-                if self.head() == old and not diskspace.has_room(self.root):
+                if self.head() == old and diskspace.git_full(str(exc), self.root):
                     # Not moved: its lock found no room (git says only "couldn't write"). Kept; tried again.
                     raise GitError(f"cannot move HEAD: {diskspace.reason('the repository', self.root)} "
                                    f"({error_text(str(exc))})") from None
@@ -266,7 +266,7 @@ class Git:
         if proc.returncode != 0 or len(lines) != (3 if old else 2):
             detail = err.decode(errors="replace").strip() or f"exit {proc.returncode}"
             self._drop_crash_report(proc.pid, detail)
-            full = diskspace.full_text(detail)
+            full = diskspace.git_full(detail, self.root)
             if full:
                 detail = f"{diskspace.reason('the repository', self.root)} ({full})"
             raise GitError(f"git fast-import failed: {detail}")

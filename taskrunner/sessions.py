@@ -249,9 +249,7 @@ class WorkerSessions:
             imported = import_change(self.transfer.git_dir, change, pack, run_id=run.run_id, task_id=run.task_id,
                                      base=run.base_commit, prefix=prefix, max_bytes=most)
         except GitError as exc:
-            # git does not always say the disk is full (a ref's lock file that could not be written): ask it.
-            full = diskspace.full_text(str(exc)) or (
-                None if diskspace.has_room(self.transfer.git_dir) else f"no room left ({exc})")
+            full = diskspace.git_full(str(exc), self.transfer.git_dir)
             if full is not None:
                 # Nothing wrong with the change: the repository's disk is full. Taken again after the resume.
                 raise RecordsFull(f"cannot import the change of Run {run.run_id}: {full}",

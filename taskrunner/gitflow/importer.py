@@ -120,7 +120,7 @@ def _check_in_quarantine(git_dir: Path, quarantine: Path, pack: bytes, commit: s
     try:
         git(git_dir, "index-pack", "--strict", "--stdin", stdin=pack, env=env, config=IMPORT_CONFIG)
     except GitError as exc:
-        if diskspace.full_text(str(exc)):
+        if diskspace.git_full(str(exc), git_dir):
             raise  # the repository's disk is full: nothing wrong with the pack (the caller waits for room)
         raise ChangeRejected(f"change rejected: the pack failed git's object checks ({exc})") from None
     try:
@@ -165,7 +165,7 @@ def _move_branch(git_dir: Path, branch: str, commit: str, run_ref: str) -> tuple
             if _resolve(git_dir, ref) != current:
                 failed = None
                 continue  # moved meanwhile: look again
-            if not diskspace.has_room(git_dir):
+            if diskspace.git_full(str(exc), git_dir):
                 raise  # its lock could not be written for want of room: the caller waits for room
             failed = exc
     if failed is not None:
