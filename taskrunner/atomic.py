@@ -96,6 +96,16 @@ def read_file(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
         os.close(fd)
 
 
+def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """A descriptor of the regular file at `path` (made with `mode` when `flags` has O_CREAT): no link
+    followed, no FIFO waited on. OSError otherwise (EINVAL naming the file for anything not a regular file)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def read_json(path: Path) -> Any:
     """The JSON document in the regular file at `path` (read_file: OSError as it says; ValueError when it is
     not JSON)."""

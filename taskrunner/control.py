@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from taskrunner import diskspace
 from taskrunner.atomic import read_json, write_json
-from taskrunner.errors import DaemonNotRunning
+from taskrunner.errors import DaemonNotRunning, TaskrunError
 
 #: sun_path holds 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 100
@@ -102,8 +102,10 @@ class ControlServer:
         try:
             self._write_info()
         except OSError as exc:
-            if not diskspace.is_full(exc):
-                raise
+            if not diskspace.is_full(exc):  # a directory in its place: said, not a traceback
+                self.stop()
+                raise TaskrunError(f"cannot write {self._info}: {exc.strerror or exc}; remove it (the daemon "
+                                   "writes it again)") from None
             # Serving all the same; commands find the daemon once the file is written (when there is room).
             self._notice(f"cannot write {self._info} yet, so commands do not find this daemon: "
                          f"{diskspace.reason('the git directory', self._state_dir, exc)}; it is written by itself "
@@ -138,7 +140,7 @@ class ControlServer:
             if path is not None:
                 try:
                     path.unlink()
-                except FileNotFoundError:
+                except OSError:  # gone already, or not ours to remove (a directory in its place)
                     pass
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)

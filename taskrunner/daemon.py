@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from taskrunner import clock, diskspace, doctor, fulllogs, gitops, pruner, safefs, status_query
+from taskrunner import (
+    clock,
+    diskspace,
+    doctor,
+    fulllogs,
+    gitops,
+    pruner,
+    safefs,
+    status_query,
+)
+from taskrunner.atomic import open_regular
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
@@ -495,7 +505,11 @@ class Daemon:
 
     def _acquire_lock(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT)
+        except OSError as exc:  # a link, a FIFO, a directory: never written through
+            raise LockError(f"cannot take the daemon's lock {self.state_dir / 'daemon.lock'}: "
+                            f"{exc.strerror or exc}; remove it (the daemon makes it again)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -52,14 +52,13 @@ import hashlib
 import os
 import random
 import re
-import stat
 import subprocess
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from taskrunner import crashpoints, diskspace, leaks
-from taskrunner.atomic import read_file, write_bytes
+from taskrunner.atomic import open_regular, read_file, write_bytes
 from taskrunner.errors import GitError, UnsafePath
 from taskrunner.gitbase import (  # noqa: F401 (named here too)
     SAFE_CONFIG,
@@ -92,6 +91,7 @@ SCRATCH_REF = "refs/taskrun/recorder"
 #: In the state dir: the commits taskrun made in this clone, one sha a line (Git.remember_own).
 OWN_COMMITS = "own-commits"
 OWN_COMMITS_MAX_BYTES = 4 * 1024 * 1024
+_COMMIT_ID = re.compile(rb"[0-9a-f]{40}|[0-9a-f]{64}")  # a line of OWN_COMMITS
 #: A file committed is read and written to fast-import in chunks of this many bytes (one read when smaller).
 STREAM_CHUNK_BYTES = 1024 * 1024
 #: fast-import streams a blob larger than this straight into its pack instead of holding it in memory.
@@ -480,23 +480,29 @@ class Git:
         rebuilt onto another parent (gitflow/sync.py). A message or an author says nothing: anyone
         who can push can write `taskrun: ...` as a subject."""
         path = self.git_dir() / "taskrun" / OWN_COMMITS
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags, 0o600)
-        except OSError:  # a link, or a FIFO nobody reads: not ours to write through; a file of our own instead
-            path.unlink(missing_ok=True)
-            fd = os.open(path, flags | os.O_EXCL, 0o600)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO someone reads, a device
-                raise GitError(f"{path} is not a regular file: remove it (the daemon makes it again)")
-            os.write(fd, "".join(f"{sha}\n" for sha in commits).encode())
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size > OWN_COMMITS_MAX_BYTES:  # keep the newer half: a rebase only ever looks at recent commits
-            kept = read_file(path)[-OWN_COMMITS_MAX_BYTES // 2:].split(b"\n", 1)[-1]
-            write_bytes(path, kept, mode=0o600, durable=False)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read too: the newer half is kept (below)
+            try:
+                fd = open_regular(path, flags)
+            except OSError:  # a link, a FIFO, a device: never written through; a file of our own instead
+                path.unlink(missing_ok=True)
+                fd = open_regular(path, flags | os.O_EXCL)
+            try:
+                # From a line of its own, whatever the file ended with (a writer killed mid-line, garbage).
+                os.write(fd, "".join(f"\n{sha}" for sha in commits).encode() + b"\n")
+                size = os.fstat(fd).st_size
+                # Over the limit (or a giant someone made): keep the newer half, read from its end.
+                kept = os.pread(fd, OWN_COMMITS_MAX_BYTES // 2, size - OWN_COMMITS_MAX_BYTES // 2) \
+                    if size > OWN_COMMITS_MAX_BYTES else None
+            finally:
+                os.close(fd)
+            if kept is not None:  # a rebase only ever looks at recent commits; only whole commit ids stay
+                lines = [line for line in kept.split(b"\n") if _COMMIT_ID.fullmatch(line)]
+                write_bytes(path, b"".join(line + b"\n" for line in lines), mode=0o600, durable=False)
+        except OSError as exc:  # a directory in its place, a full disk: the commit is kept, tried again
+            raise GitError(f"cannot note taskrun's commit in {path}: {exc.strerror or exc}"
+                           + ("" if diskspace.is_full(exc) else "; remove it (the daemon makes it again)")) from None
 
     def own_commits(self) -> set[str]:
         """The commits `remember_own` noted."""

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner.atomic import write_bytes
+from taskrunner.atomic import read_file, write_bytes
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.prune import Removal, Request
 from taskrunner.taskfile import task_id_for, task_id_problem
@@ -59,7 +59,7 @@ def pending(state_dir: Path, notice: Callable[[str], None]) -> list[tuple[Path, 
     for name in names:
         path = state_dir / name
         try:
-            found.append((path, *_parse(json.loads(path.read_bytes()))))
+            found.append((path, *_parse(json.loads(read_file(path)))))  # no link, FIFO or giant
         except (OSError, ValueError, TypeError, KeyError) as exc:
             notice(f"ignoring {path}: not a prune this daemon began ({exc}); remove it")
     return found

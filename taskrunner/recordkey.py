@@ -37,8 +37,10 @@ def record_key(state_dir: Path, create: bool) -> bytes | None:
     except OSError as exc:
         raise KeyringError(f"cannot read the record key {path}: {exc.strerror or exc}") from None
     else:
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(RECORD_KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        try:  # a directory, a FIFO, a device: no key (read with os.read: fdopen refuses a directory)
+            data = os.read(fd, RECORD_KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
         if len(data) != RECORD_KEY_BYTES:
             raise KeyringError(f"the record key {path} is damaged (expected {RECORD_KEY_BYTES} bytes): restore it "
                                "from a backup, or delete it, and every record written so far counts as not "

@@ -24,6 +24,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from taskrunner import control, gitops
+from taskrunner.atomic import open_regular
 from taskrunner.cli.main import EXIT_OK, EXIT_USAGE, UsageError, find_root
 from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
 from taskrunner.textsafe import clean
@@ -242,7 +243,11 @@ class _daemon_lock:
 
     def __enter__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT)
+        except OSError as exc:  # a link, a FIFO, a directory: never written through
+            raise UsageError(f"cannot take the daemon's lock {self.state_dir / 'daemon.lock'}: "
+                             f"{exc.strerror or exc}; remove it (the daemon makes it again)") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from taskrunner import bundle, gitops
+from taskrunner.atomic import read_file
 from taskrunner.errors import GitError
 from taskrunner.gitflow.cache import REPO_ID_RE, SHA_RE, branch_name
 from taskrunner.gitflow.plumbing import git, present
@@ -58,11 +59,13 @@ def repo_id(state_dir: Path) -> str:
     """This repository's id (32 hex digits), made at random on first need and kept in `<state_dir>/repo-id`."""
     path = state_dir / "repo-id"
     try:
-        found = path.read_text().strip()
+        found = read_file(path, 1024).decode(errors="replace").strip()
         if REPO_ID_RE.match(found):
             return found
     except FileNotFoundError:
         pass
+    except OSError as exc:  # a link, a FIFO, a directory, a giant: never read through
+        raise GitError(f"cannot read {path}: {exc.strerror or exc}; remove it (a new one is made)") from None
     made = secrets.token_hex(16)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".repo-id.{os.getpid()}")
@@ -73,7 +76,7 @@ def repo_id(state_dir: Path) -> str:
         pass
     finally:
         tmp.unlink()
-    return path.read_text().strip()
+    return read_file(path, 1024).decode(errors="replace").strip()
 
 
 class Transfer:
