@@ -39,6 +39,7 @@ class _Job:
     journal: Path | None = None  # prune_journal's record of it, deleted once committed
     told: bool = False  # it was said that it waits
     problems: list[str] = field(default_factory=list)
+    by: str = "taskrun prune"  # who asked, as the log names it once done without a reply
 
 
 class DaemonPruner:
@@ -87,7 +88,8 @@ class DaemonPruner:
         tasks = {r.id: t for r in removals if (t := engine.forget(r.id)) is not None}
         self._flush()  # what was pending for them is on disk before anything goes
         with self._lock:
-            self._jobs.append(_Job(request, removals, tasks, skipped + more, reply))
+            self._jobs.append(_Job(request, removals, tasks, skipped + more, reply,
+                                   by="taskrun prune" if reply else "records.prune_after"))
         self._kick()
 
     def resume(self) -> None:
@@ -98,7 +100,7 @@ class DaemonPruner:
             self._notice(f"finishing a prune an earlier daemon began: {len(removals)} Task(s)")
             with self._lock:
                 self._jobs.append(_Job(request, removals, {}, [], None, removed=True, journal=path,
-                                       problems=problems))
+                                       problems=problems, by="an earlier daemon's prune"))
 
     def _give_back(self, tasks: list[TaskState]) -> None:
         for task in tasks:
@@ -160,7 +162,7 @@ class DaemonPruner:
         if job.reply is not None:
             job.reply(done)
         elif job.removals:
-            self._notice(f"records.prune_after: pruned {len(job.removals)} finished Task(s) in {sha}")
+            self._notice(f"{job.by}: pruned {len(job.removals)} finished Task(s) in {sha}")
 
     def _wait(self, job: _Job, why: str) -> None:
         self._retry_at = self._clock() + self.RETRY_SECONDS

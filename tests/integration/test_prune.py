@@ -203,3 +203,16 @@ def test_a_prune_a_kill_interrupted_is_finished_by_the_next_prune(repo: Path) ->
     assert done["pruned"] == [] and _finished(repo, journal)
     assert not any(f.startswith(("runs/a/", "tasks/a.md")) for f in head_files(repo)) and committed(repo, "b")
     assert git(repo, "status", "--porcelain", "--", "runs", "tasks") == ""
+
+
+@pytest.mark.slow
+def test_a_prune_that_waited_is_logged_as_the_users_prune_once_committed(daemon: Daemon, repo: Path) -> None:
+    write_task(repo, "done", "echo done")
+    run_once(repo, "done")
+    daemon.start()
+    (repo / ".git" / "rebase-merge").mkdir()  # a rebase in progress: the prune's commit waits for it
+    waited = prune(repo, "--older-than", "1ms")
+    assert [p["task"] for p in waited["pruned"]] == ["done"] and waited["waiting"]
+    (repo / ".git" / "rebase-merge").rmdir()
+    wait_until(lambda: "taskrun prune: pruned 1 finished Task(s)" in daemon.output(), 60, "the prune's commit")
+    assert "records.prune_after" not in daemon.output()  # off here: it never named this prune
