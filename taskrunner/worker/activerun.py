@@ -66,6 +66,7 @@ class ActiveRun:
     unwanted: bool = False  # cancelled by a control plane that settled it: removed once stopped, no result sent
     pump: Pump | None = None  # an Agent read through its event stream (streaming.py)
     saw_full: bool = False  # the Worker home had no room at some tick while the Agent ran (diskspace.py)
+    full_since: float | None = None  # time.monotonic() when its end first found no room for its result
 
     def timed_out(self) -> bool:
         """Whether the Run's timeout has passed (clock.boottime: a wall-clock jump changes nothing)."""

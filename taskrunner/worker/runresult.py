@@ -7,10 +7,11 @@ change, report, usage_limit, events}` (README, "Workers and the session protocol
 
 from __future__ import annotations
 
+import errno
 import time
 from typing import Any
 
-from taskrunner import crashpoints
+from taskrunner import crashpoints, diskspace
 from taskrunner.errors import WorkerError
 from taskrunner.gitflow import change
 from taskrunner.worker import streaming
@@ -18,13 +19,16 @@ from taskrunner.worker.activerun import ActiveRun, output_digest
 
 
 def result_body(run: ActiveRun, status: str, code: int | None, error: str | None, worker: str,
-                replace: bool = False, usage_limit: Any = None) -> dict[str, Any]:
+                replace: bool = False, usage_limit: Any = None, room_waited: bool = True) -> dict[str, Any]:
     """What `run` ended with, judged now: its output's size and digest, and its change when it COMPLETED.
 
     Output the Agent tampered with fails the Run (activerun.output_digest),
     unless it was cancelled. A COMPLETED Run's change is committed and packed
     outside the sandbox, as the Worker (gitflow/change.py); one that cannot be
-    fails the Run. `replace`: the Run had a result whose output no longer
+    fails the Run; one that failed for want of room raises OSError(ENOSPC)
+    instead while `room_waited` is False (the Worker waits for room, serve.py
+    FULL_HOME_WAIT_SECONDS), then fails the Run saying the Worker home is
+    full. `replace`: the Run had a result whose output no longer
     holds what it covers: its report, usage limit and events stay. A Run read
     through a stream reader (run.pump) adds what its reader reports and the
     digest of the events shipped (streaming.py); other Runs carry null there.
@@ -40,7 +44,12 @@ def result_body(run: ActiveRun, status: str, code: int | None, error: str | None
                                    str(assignment.get("worker") or worker))
             crashpoints.reached("worker.change_collected")
         except (WorkerError, OSError, ValueError, KeyError, TypeError) as exc:
-            status, error = "FAILED", f"the Agent's change was not returned: {exc}"
+            why = str(exc)
+            if diskspace.is_full(exc) or diskspace.full_text(why):
+                if not room_waited:
+                    raise OSError(diskspace.full_errno(exc) or errno.ENOSPC, why) from exc
+                why = diskspace.reason("the Worker home", run.dir.path.parent.parent, exc)
+            status, error = "FAILED", f"the Agent's change was not returned: {why}"
     result = {
         "run_id": run.dir.run_id, "status": status, "exit_code": code, "error": error,
         "started_at": assignment.get("assigned_at"), "finished_at": time.time(),

@@ -72,6 +72,9 @@ from taskrunner.worker.trust import TrustStore, worker_key
 
 #: Seconds between SIGTERM and SIGKILL when a Run is stopped.
 KILL_GRACE_SECONDS = 3.0
+#: A Run that ended while the Worker home had no room for its change or result.json waits this long for
+#: room (a spell of disk pressure passes); then it ends FAILED saying so, its result sent from memory.
+FULL_HOME_WAIT_SECONDS = 30.0
 #: How often a Run started by an earlier session is checked for having ended.
 ADOPTED_PROBE_SECONDS = 0.2
 _EOF = object()
@@ -489,14 +492,27 @@ class WorkerServer:
                 replace: bool = False, usage_limit: Any = None) -> None:
         """Sign the Run's result (runresult.py) and write it, unless another session did first (then that one
         stands). `replace`: the Run had a result, but its output no longer holds what it covers (`_truncated`)."""
-        result = result_body(run, status, code, error, self.name, replace, usage_limit)
-        body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
-        made = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
-        crashpoints.reached("worker.result_signed")
-        if replace:
-            run.dir.write_result(made)
-        elif not run.dir.create_result(made):
-            made = run.dir.result() or made  # another session judged the Run first: one outcome, the same
+        now = time.monotonic()
+        if run.full_since is not None and now < run.full_since + FULL_HOME_WAIT_SECONDS \
+                and not diskspace.has_room(self.home):
+            return  # still no room: tried again once there is, or once the wait is over
+        waited = run.full_since is not None and now >= run.full_since + FULL_HOME_WAIT_SECONDS
+        made: dict[str, Any] | None = None
+        try:
+            result = result_body(run, status, code, error, self.name, replace, usage_limit, room_waited=waited)
+            body = json.dumps(result, sort_keys=True, separators=(",", ":")).encode()
+            made = {**result, "envelope": sign(RESULT_TYPE, body, [self._key])}
+            crashpoints.reached("worker.result_signed")
+            if replace:
+                run.dir.write_result(made)
+            elif not run.dir.create_result(made):
+                made = run.dir.result() or made  # another session judged the Run first: one outcome, the same
+        except OSError as exc:
+            if not diskspace.is_full(exc) or not waited or made is None:
+                run.full_since = now if run.full_since is None and diskspace.is_full(exc) else run.full_since
+                raise  # _guarded: tried again on a later tick
+            # The Worker home stayed full (the Agent's own files, often): the Run ends all the same, its
+            # result held in memory and sent from there; acknowledging it removes its directory, and room.
         crashpoints.reached("worker.result_written")
         run.result = made
 

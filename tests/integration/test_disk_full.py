@@ -270,3 +270,28 @@ def test_a_daemon_started_on_a_full_disk_serves_and_is_found_once_there_is_room(
     finally:
         daemon.stop()
         _kill_leftover_agents(root)
+
+
+@pytest.mark.parametrize("ending", ["exit 0", "exit 3"])
+def test_an_agent_that_fills_the_worker_home_itself_fails_with_that_reason_and_frees_it(
+        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    # The Agent's own file fills the disk, and stays: neither its change nor the Worker's result.json has
+    # room. The Run still ends, FAILED with the reason (the result is sent from memory), and once it is
+    # acknowledged its directory goes, so the Worker takes the next Task.
+    daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
+    try:
+        daemon.start()
+        write_task(repo, "t", f"head -c 40000000 /dev/zero > big\n{ending}")
+        done = wait_status(repo, "t", "COMPLETED", "FAILED", timeout=90)
+        assert done["status"] == "FAILED", done
+        run = json.loads((repo / "runs" / "t" / "run-1" / "status.json").read_text())
+        assert "the disk holding the Worker home is full" in run["error"], run["error"]
+        write_task(repo, "after", "echo after")
+        assert wait_status(repo, "after", "COMPLETED", "FAILED", timeout=90)["status"] == "COMPLETED"
+        assert not list((local_worker_home(repo) / "runs").iterdir())
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(repo)
