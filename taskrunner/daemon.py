@@ -368,11 +368,20 @@ class Daemon:
     def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Called on the control thread: hand the request to the main loop and wait.
 
-        While the daemon starts (restore, first scan) a `ping` is answered here: it needs no state, and
-        a client sees at once that the daemon is there; every other request waits for the loop.
+        While the daemon starts (restore, first scan) a few requests are answered here, each with
+        `"starting": true`, so a client has an answer at once: `ping` (it needs no state), `workers`
+        (the configured Workers, none connected yet: sessions open once the loop runs) and `status`
+        (refused, `"ok": false`: the records on disk are what the daemon is loading, and the CLI reads
+        them itself, cli/status.py). Every other request waits for the loop.
         """
-        if payload.get("command") == "ping" and not self._serving.is_set():
-            return {"ok": True, "pid": os.getpid(), "starting": True}
+        if not self._serving.is_set():
+            command = payload.get("command")
+            if command == "ping":
+                return {"ok": True, "pid": os.getpid(), "starting": True}
+            if command == "workers":
+                return {"ok": True, "starting": True, "workers": [w.view() for w in list(self.fleet)]}
+            if command == "status":
+                return {"ok": False, "starting": True, "error": "the daemon is starting: its records are read"}
         request = _Request(payload)
         self.events.put(request)
         while True:

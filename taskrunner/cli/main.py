@@ -467,9 +467,10 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
 
     root = find_root(args)
     try:
-        workers = control.request(gitops.state_dir(root), {"command": "workers"})["workers"]
-        daemon = True
+        reply = control.request(gitops.state_dir(root), {"command": "workers"})
+        workers, daemon, starting = reply["workers"], True, reply.get("starting") is True
     except DaemonNotRunning:
+        starting = False
         config = load_config(root)
         daemon = False
         # The same keys as the daemon's answer (fleet.WorkerState.view), unknown ones null.
@@ -480,9 +481,11 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
                    for w in config.workers.values()]
     _add_homes(root, workers)
     if args.json:
-        print(json.dumps({"daemon": daemon, "workers": workers}, indent=2, sort_keys=True))
+        print(json.dumps({"daemon": daemon, "starting": starting, "workers": workers}, indent=2, sort_keys=True))
     else:
         out.print(render.workers_table(workers, daemon))
+        if starting:
+            out.print("the daemon is starting (loading its Tasks): its Workers connect once it has", markup=False)
         for w in workers:
             if w.get("trusted") is False and w.get("error"):
                 # The table cuts long notes: why a Worker is untrusted, and the fix, are shown whole.

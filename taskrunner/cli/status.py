@@ -92,6 +92,8 @@ def from_daemon(records: Records, query: StatusQuery,
         reply = control.request(gitops.state_dir(records.root), payload)
     except DaemonNotRunning:
         return None
+    if reply.get("starting") is True:
+        return None  # the daemon is loading the records: they say what it would (daemon.py _ask)
     if not reply.get("ok"):
         if any(why in str(reply.get("error")) for why in ("unknown command", "busy")):
             return None  # a daemon too old to answer, or too busy: the records say the same

@@ -23,23 +23,48 @@ def test_a_starting_daemon_answers_a_ping_at_once_and_other_requests_once_its_lo
     daemon = Daemon(repo, load_config(repo))
     assert daemon._ask({"command": "ping"}) == {"ok": True, "pid": os.getpid(), "starting": True}
     answers: list[dict[str, Any]] = []
-    asking = threading.Thread(target=lambda: answers.append(daemon._ask({"command": "workers"})), daemon=True)
+    asking = threading.Thread(target=lambda: answers.append(daemon._ask({"command": "cancel", "task": "x"})),
+                              daemon=True)
     asking.start()
     request = daemon.events.get(timeout=30)  # handed to the loop, which has not started: nobody answers it
-    assert isinstance(request, _Request) and request.payload == {"command": "workers"}
+    assert isinstance(request, _Request) and request.payload == {"command": "cancel", "task": "x"}
     assert asking.is_alive() and answers == []
     daemon._serving.set()  # the loop runs
     daemon._handle(request)
     asking.join(timeout=30)
-    assert answers and answers[0]["ok"] is True and [w["name"] for w in answers[0]["workers"]] == ["local"]
-    # Once the loop runs, a ping goes through it too (a stuck loop does not answer).
-    pinging = threading.Thread(target=lambda: answers.append(daemon._ask({"command": "ping"})), daemon=True)
-    pinging.start()
-    ping = daemon.events.get(timeout=30)
-    assert isinstance(ping, _Request) and ping.payload == {"command": "ping"}
-    daemon._handle(ping)
-    pinging.join(timeout=30)
-    assert answers[-1] == {"ok": True, "pid": os.getpid()}
+    assert answers and "starting" not in answers[0] and answers[0]["ok"] is False  # no Task x: from the engine
+    # Once the loop runs, a ping, `workers` and `status` go through it too (a stuck loop does not answer).
+    for command in ("ping", "workers", "status"):
+        pinging = threading.Thread(target=lambda: answers.append(daemon._ask({"command": command})), daemon=True)
+        pinging.start()
+        ping = daemon.events.get(timeout=30)
+        assert isinstance(ping, _Request) and ping.payload == {"command": command}
+        daemon._handle(ping)
+        pinging.join(timeout=30)
+        assert answers[-1]["ok"] is True and "starting" not in answers[-1]
+    assert answers[-3] == {"ok": True, "pid": os.getpid()}
+
+
+def test_a_starting_daemon_lists_its_workers_and_leaves_status_to_the_records_at_once(repo: Path) -> None:
+    daemon = Daemon(repo, load_config(repo))
+    workers = daemon._ask({"command": "workers"})  # the loop has not started: answered on this thread
+    assert workers["ok"] is True and workers["starting"] is True
+    assert [(w["name"], w["online"]) for w in workers["workers"]] == [("local", False)]
+    status = daemon._ask({"command": "status"})
+    assert status["ok"] is False and status["starting"] is True
+    assert daemon.events.empty()  # nothing waits for the loop
+
+
+def test_status_reads_the_records_while_the_daemon_starts(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskrunner.cli import status as status_cli
+    from taskrunner.records import Records
+    from taskrunner import control
+
+    monkeypatch.setattr(control, "request", lambda state, payload, **kw: {"ok": False, "starting": True,
+                                                                           "error": "the daemon is starting"})
+    from taskrunner.status_query import StatusQuery
+    query = StatusQuery((), frozenset(), None)
+    assert status_cli.from_daemon(Records(repo), query) is None  # the caller reads runs/ itself
 
 
 def _loop_with(events: queue.Queue[object], stop: threading.Event, doctor: threading.Event,
