@@ -53,13 +53,19 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
     found: list[Finding] = []
     state = gitops.state_dir(root)
     keys = sorted((state / KEYS_DIR).glob("*.pem")) + [state / SSH_KEY_FILE, state / RECORD_KEY_FILE]
+    own = len(keys)  # the state dir's own, never followed; a Worker's identity may be a link of the user's
     if config is not None:
         keys += [Path(w.identity).expanduser() for w in config.workers.values() if w.identity]
-    for path in keys:
+    for n, path in enumerate(keys):
         try:
-            mode = stat.S_IMODE(path.stat().st_mode)
+            info = path.lstat() if n < own else path.stat()
         except FileNotFoundError:
             continue
+        if not stat.S_ISREG(info.st_mode):
+            found.append(Finding("error", f"private key {path} is not a regular file", f"remove {path} and "
+                                 "restore the file from a backup"))
+            continue
+        mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             found.append(Finding("error", f"private key {path} is readable by others (mode {mode:04o})",
                                  f"chmod 600 {path}"))

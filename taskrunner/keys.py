@@ -17,6 +17,7 @@ pruned here and every Worker stops trusting it (the trust statement carries
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from taskrunner.atomic import read_json, write_bytes, write_json
+from taskrunner.atomic import open_regular, read_file, read_json, write_bytes, write_json
 from taskrunner.errors import KeyringError, TaskrunError  # noqa: F401 (KeyringError: named here too)
 from taskrunner.recordkey import RECORD_KEY_FILE, record_key  # noqa: F401 (named here too)
 from taskrunner.signing import SignatureRejected, SigningKey
@@ -45,6 +46,10 @@ class KeyEntry:
                 "created_at": self.created_at, "retire_at": self.retire_at}
 
 
+#: The name of a signing key's file in the keys directory (Keyring._add).
+_KEY_FILE = re.compile(r"[0-9]{1,9}\.pem")
+
+
 class Keyring:
     """The signing keys of one control plane; `current` signs, the others are in their overlap."""
 
@@ -56,7 +61,7 @@ class Keyring:
     def ensure(cls, state_dir: Path, now: float) -> tuple[Keyring, bool]:
         """The keyring, and whether it was created now (with a first key)."""
         directory = state_dir / KEYS_DIR
-        if (directory / KEYRING_FILE).exists():
+        if os.path.lexists(directory / KEYRING_FILE):
             return cls.load(state_dir), False
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
@@ -73,17 +78,28 @@ class Keyring:
             data = read_json(path)
             entries = []
             for item in data["keys"]:
-                pem_path = directory / item["file"]
-                if pem_path.stat().st_mode & 0o077:
-                    os.chmod(pem_path, 0o600)  # tighten a key someone loosened
-                key = SigningKey.from_pem(pem_path.read_bytes())
+                name = item["file"]
+                if not isinstance(name, str) or not _KEY_FILE.fullmatch(name):
+                    raise KeyringError(f"{path}: {name!r} is not a key file name of ours (<n>.pem): restore "
+                                       f"{path} from a backup")
+                pem_path = directory / name
+                fd = open_regular(pem_path, os.O_RDONLY)  # no link followed: a key is a file of its own
+                try:
+                    if os.fstat(fd).st_mode & 0o077:
+                        os.fchmod(fd, 0o600)  # tighten a key someone loosened
+                finally:
+                    os.close(fd)
+                key = SigningKey.from_pem(read_file(pem_path))
                 if key.key_id != item["key_id"]:
                     raise KeyringError(f"{pem_path} holds key {key.key_id}, but {path} says {item['key_id']}")
                 entries.append(KeyEntry(key, item["file"], float(item["created_at"]), item.get("retire_at")))
         except FileNotFoundError as exc:
             raise KeyringError(f"the control plane has no signing key ({exc.filename} is missing): "
                             "run `taskrun init`") from None
-        except (OSError, ValueError, KeyError, TypeError, SignatureRejected) as exc:
+        except OSError as exc:  # a link, a FIFO, a directory, a giant: never followed, waited on or read whole
+            raise KeyringError(f"cannot load the signing keys: {exc.filename or path}: {exc.strerror or exc}; "
+                               "restore it from a backup (a link or special file there is never followed)") from None
+        except (ValueError, KeyError, TypeError, SignatureRejected) as exc:
             raise KeyringError(f"{path}: cannot load the signing keys: {exc!r}") from None
         if sum(1 for e in entries if e.retire_at is None) != 1:
             raise KeyringError(f"{path}: exactly one key must be current (retire_at null)")

@@ -34,17 +34,19 @@ def record_key(state_dir: Path, create: bool) -> bytes | None:
     except FileNotFoundError:
         if not create:
             return None
-    except OSError as exc:
-        raise KeyringError(f"cannot read the record key {path}: {exc.strerror or exc}") from None
+    except OSError as exc:  # ELOOP: a link, never followed
+        raise KeyringError(f"cannot read the record key {path}: {exc.strerror or exc}: remove it if it is a link, "
+                           "and restore the file from a backup (or delete it, and every record written so far "
+                           "counts as not written by this clone)") from None
     else:
         try:  # a directory, a FIFO, a device: no key (read with os.read: fdopen refuses a directory)
             data = os.read(fd, RECORD_KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
         finally:
             os.close(fd)
         if len(data) != RECORD_KEY_BYTES:
-            raise KeyringError(f"the record key {path} is damaged (expected {RECORD_KEY_BYTES} bytes): restore it "
-                               "from a backup, or delete it, and every record written so far counts as not "
-                               "written by this clone")
+            raise KeyringError(f"the record key {path} is damaged (expected a file of {RECORD_KEY_BYTES} bytes): "
+                               "restore it from a backup, or delete it, and every record written so far counts "
+                               "as not written by this clone")
         return data
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / f".{RECORD_KEY_FILE}.{os.getpid()}.tmp"

@@ -376,6 +376,12 @@ class Records:
         """The seal of `record` at the work-tree path `rel` (HMAC-SHA256 hex); makes the key on first use."""
         return hmac.new(self._secret(create=True), _sealed_bytes(rel, record), hashlib.sha256).hexdigest()
 
+    def ensure_key(self) -> None:
+        """Load this clone's record key, made when there is none; RecordError (saying what to do) when the
+        file is there but unusable (damaged, a FIFO, a link, a directory). The daemon asks before it starts
+        anything: without the key no record can be written."""
+        self._secret(create=True)
+
     def _secret(self, create: bool) -> bytes:
         key = self._key
         if key is None:

@@ -111,3 +111,65 @@ def test_a_directory_as_the_record_key_is_a_damaged_key_not_a_crash(tmp_path: Pa
     (tmp_path / RECORD_KEY_FILE).mkdir()
     with pytest.raises(KeyringError, match="damaged"):
         record_key(tmp_path, create=False)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "sparse giant", "short"])
+def test_a_daemon_with_an_unusable_record_key_refuses_to_start_and_says_what_to_do(
+        repo: Path, victim: Path, kind: str) -> None:
+    # Without the key no record can be written: before, `up --once` ran the Task and then waited for good.
+    key = repo / ".git" / "taskrun" / RECORD_KEY_FILE
+    key.unlink(missing_ok=True)
+    if kind == "sparse giant":
+        with open(key, "wb") as handle:
+            handle.truncate(1 << 30)
+    elif kind == "short":
+        key.write_bytes(b"x" * 31)
+    else:
+        make(key, kind, victim)
+    (repo / "tasks" / "t.md").write_text("# t\n\n```sh\necho ran > ran.txt\n```\n")
+    done = taskrun(repo, "up", "--once", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "record key" in done.stderr and ("restore" in done.stderr or "remove it" in done.stderr), done.stderr
+    assert "Traceback" not in done.stderr and "during shutdown" not in done.stderr + done.stdout
+    assert not (repo / "runs" / "t").exists()  # nothing ran
+    assert victim.read_text() == "precious\n"
+    doctor = taskrun(repo, "doctor", timeout=60)
+    if kind in ("link", "fifo", "directory", "link to /dev/zero"):
+        assert f"private key {key} is not a regular file" in doctor.stdout + doctor.stderr
+
+
+@pytest.mark.parametrize("what", ["keyring.json", "1.pem"])
+@pytest.mark.parametrize("kind", [*KINDS, "sparse giant"])
+def test_signing_keys_that_are_no_files_of_ours_are_refused_clearly_and_never_followed(
+        tmp_path: Path, victim: Path, what: str, kind: str) -> None:
+    from taskrunner.keys import KEYS_DIR, Keyring
+
+    Keyring.ensure(tmp_path, 0.0)
+    path = tmp_path / KEYS_DIR / what
+    path.unlink()
+    if kind == "sparse giant":
+        with open(path, "wb") as handle:
+            handle.truncate(1 << 30)
+    else:
+        make(path, kind, victim)
+    victim.chmod(0o644)
+    with pytest.raises(KeyringError) as raised:
+        Keyring.load(tmp_path)
+    assert "OSError(" not in str(raised.value) and str(path) in str(raised.value), raised.value
+    assert victim.read_text() == "precious\n" and victim.stat().st_mode & 0o777 == 0o644  # not chmodded
+
+
+def test_a_keyring_naming_a_file_outside_the_keys_directory_is_refused(tmp_path: Path, victim: Path) -> None:
+    import json
+
+    from taskrunner.keys import KEYRING_FILE, KEYS_DIR, Keyring
+
+    Keyring.ensure(tmp_path, 0.0)
+    ring = tmp_path / KEYS_DIR / KEYRING_FILE
+    data = json.loads(ring.read_text())
+    data["keys"][0]["file"] = os.path.relpath(victim, ring.parent)
+    ring.write_text(json.dumps(data))
+    victim.chmod(0o644)
+    with pytest.raises(KeyringError, match="is not a key file name of ours"):
+        Keyring.load(tmp_path)
+    assert victim.stat().st_mode & 0o777 == 0o644
