@@ -6,11 +6,12 @@ clearing O_APPEND and writing over bytes already sent: no fd to a regular
 file can forbid that without privileges (chattr +a), and a pipe would need a
 reader per Run that outlives the session. So the Worker checks instead. It
 keeps the sha256 of what it has sent (`ActiveRun.digest`; on `resume` it
-hashes the recorded prefix once). A file found shorter than what was sent, or
-whose sent bytes changed by the time the Run ends, fails the Run ("the Agent
-truncated its output", "... rewrote output already sent") with a result that
-covers exactly the bytes sent, so it verifies against what the control plane
-recorded; nothing after them is sent. Once a result is made, nothing past
+hashes the recorded prefix once). A file found shorter than what was sent
+fails the Run ("the Agent truncated its output") with a result that covers
+exactly the bytes sent, so it verifies against what the control plane
+recorded; nothing after them is sent. Bytes written over after they were
+sent change nothing: the result counts them as they were sent (what the
+control plane holds), and they are not read again when the Run ends. Once a result is made, nothing past
 its `output_size` is streamed, and a file that can no longer deliver the
 bytes a result covers turns that result into the same failure. Whatever the
 Agent does, one result per attachment is sent, and the control plane
@@ -127,10 +128,11 @@ def run_deadline(assignment: Mapping[str, Any]) -> float | None:
 def output_digest(run: ActiveRun) -> tuple[int, str, str | None]:
     """Size and sha256 of the output the result covers (secrets masked), and what the Agent did to it.
 
-    Normally the whole output.log. When this session knows the digest of
-    what it sent and the file is now shorter, or its first `sent` bytes are
-    no longer what was sent, the result covers what was sent instead, and
-    the third value says why the Run fails.
+    Normally the whole output.log: the bytes this session sent are counted
+    as they were sent (its running digest, what the control plane recorded,
+    so they are not read again), and only the rest is read. A file now
+    shorter than what was sent makes the result cover what was sent, and the
+    third value says why the Run fails.
     """
     if run.frozen is not None:
         return run.frozen, run.digest.hexdigest(), None
@@ -139,16 +141,11 @@ def output_digest(run: ActiveRun) -> tuple[int, str, str | None]:
     if sent > size:
         run.frozen = sent
         return sent, run.digest.hexdigest(), truncation(sent, size)
-    digest = hashlib.sha256()
+    digest = run.digest.copy() if run.digest is not None else hashlib.sha256()
     try:
         with open(run.dir.output, "rb") as log:
-            start = 0
-            for end in sorted({*range(DIGEST_CHUNK_BYTES, size, DIGEST_CHUNK_BYTES), size, sent} - {0}):
-                digest.update(read_masked(run, log, start, end, size))
-                start = end
-                if end == sent and digest.hexdigest() != run.digest.hexdigest():
-                    run.frozen = sent
-                    return sent, run.digest.hexdigest(), "the Agent rewrote output already sent"
+            for start in range(sent, size, DIGEST_CHUNK_BYTES):
+                digest.update(read_masked(run, log, start, min(size, start + DIGEST_CHUNK_BYTES), size))
     except FileNotFoundError:
         size = 0
     return size, digest.hexdigest(), None
