@@ -17,13 +17,14 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import yaml
-
 from taskrunner.defaults import MAX_TASK_FILE_BYTES, TASKS_DIR
 from taskrunner.duration import parse_duration
 from taskrunner.errors import ConfigError, TaskFileError
+from taskrunner.lazymodule import lazy
 from taskrunner.model import (MAX_TASK_ID_CHARS, MAX_TASK_ID_PART_CHARS, NAME_RE, RECORD_NAMES, RUN_DIR_RE,
                               TASK_ID_RE, Priority, TaskSpec)
+
+yaml = lazy("yaml")  # imported by the first YAML parsed: `taskrun status` reads records alone
 
 #: Front matter keys, in the order the documentation lists them.
 TASK_KEYS = ("agent", "priority", "depends_on", "labels", "group", "timeout", "retries", "context", "max_turns",
@@ -112,29 +113,40 @@ def is_ignored_name(name: str) -> bool:
 # --------------------------------------------------------------------------- YAML
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping.
+def _strict_loader() -> Any:
+    """The SafeLoader subclass that refuses a key given twice in one mapping, made on first use (PyYAML is
+    imported only by what parses YAML: `taskrun status` with records alone never does).
 
     Plain safe_load keeps the last value silently; a Task or configuration
     that says two things about one key is ambiguous, so it is refused.
     """
+    global _loader
+    if _loader is not None:
+        return _loader
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            # `<<` merge keys may repeat and legitimately override; skip them.
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            ident = (key_node.tag, key_node.value)
-            if ident in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key '{key_node.value}'",
-                    key_node.start_mark,
-                )
-            seen.add(ident)
-        return super().construct_mapping(node, deep=deep)
+    class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # (yaml is a lazy stand-in: Any)
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[tuple[str, str]] = set()
+            for key_node, _ in node.value:
+                # `<<` merge keys may repeat and legitimately override; skip them.
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                ident = (key_node.tag, key_node.value)
+                if ident in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key '{key_node.value}'",
+                        key_node.start_mark,
+                    )
+                seen.add(ident)
+            return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+    _loader = StrictLoader
+    return _loader
+
+
+_loader: Any = None
 
 
 #: Deepest nesting of lists and mappings a Task file or the configuration may have.
@@ -149,7 +161,7 @@ def _check_shape(text: str, file: str, error: type[TaskFileError] | type[ConfigE
     (PyYAML's event parser neither recurses nor expands: cheap where the composer recurses and fails)."""
     sizes: dict[str, int] = {}  # anchor -> values it expands to
     open_: list[tuple[str | None, int]] = [(None, 0)]  # (anchor, values so far) per open collection
-    for event in yaml.parse(text, Loader=_StrictLoader):
+    for event in yaml.parse(text, Loader=_strict_loader()):
         if isinstance(event, yaml.CollectionStartEvent):
             if len(open_) > MAX_YAML_DEPTH:  # the same words as the composer's RecursionError below
                 raise error(file, "invalid YAML: nested too deeply")
@@ -186,7 +198,7 @@ def load_yaml(
     """
     try:
         _check_shape(text, file, error, first_line)
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
