@@ -40,7 +40,8 @@ from taskrunner.errors import ConfigError, UnsafePath
 from taskrunner.model import NAME_RE, AgentSpec, Prices, WorkerSpec
 from taskrunner.safefs import REFUSAL, Beneath
 from taskrunner.signing import SignatureRejected, parse_public_line
-from taskrunner.taskfile import describe, load_yaml, parse_labels
+from taskrunner.taskfile import describe, parse_labels
+from taskrunner.yamlload import load_yaml
 
 TRANSPORTS = ("local", "ssh")
 #: `workers.<name>.sandbox`: confine Agents (bwrap), or accept them unconfined on that Worker (none).
