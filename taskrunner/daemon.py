@@ -42,6 +42,7 @@ from taskrunner.engine import Engine
 from taskrunner.errors import ConfigError, GitError, LockError
 from taskrunner.fleet import Fleet
 from taskrunner.gitflow import landing, pullrequests, signers
+from taskrunner.gitflow.dropped import DroppedRecords
 from taskrunner.gitflow.gitstate import GitState
 from taskrunner.gitflow.pullrequests import (
     BranchPushed,
@@ -143,6 +144,11 @@ class Daemon:
             self.engine, self.repo, self.events.put, lambda: self._flush(force=True, wait=True), self.recorder.kick,
             self._pruned, notice)
         self.recorder.add_job(self.pruner)
+        # Records a person's `git reset` dropped: written back and committed again (gitflow/dropped.py).
+        self.dropped = DroppedRecords(self.repo, self.engine.records, self.engine.tasks, notice, self.events.put,
+                                      self.writer.run, self.recorder.submit)
+        self.recorder.add_job(self.dropped)
+        self.recorder.after_commit.append(self.dropped.landed)
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask, lambda message: emit(self.hooks, "notice", message))
         self._lock_file: int | None = None

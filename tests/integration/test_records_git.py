@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, git, taskrun, wait_status, wait_until, write_task
+from tests.conftest import Daemon, git, status_of, taskrun, wait_status, wait_until, write_task
 
 
 def head_files(root: Path) -> set[str]:
@@ -198,3 +198,81 @@ def test_init_that_fails_leaves_nothing_half_made(tmp_path: Path, isolated_git: 
     (root / "hooks").unlink()
     assert taskrun(root, "init").returncode == 0
     assert (root / ".taskrun.yaml").exists() and (root / ".git" / "taskrun" / "keys").is_dir()
+
+
+# ---------------------------------------------------------------- a person's reset drops the daemon's commits
+
+
+RESTORED = "records a reset dropped, committed again"
+
+
+def record_bytes(root: Path, task_id: str) -> dict[str, bytes]:
+    names = [f"runs/{task_id}/status.json", f"runs/{task_id}/run-1/status.json", f"runs/{task_id}/run-1/output.log"]
+    return {name: (root / name).read_bytes() for name in names}
+
+
+def in_head(root: Path, path: str) -> bytes | None:
+    done = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{path}"], capture_output=True)
+    return done.stdout if done.returncode == 0 else None
+
+
+def person_commits(root: Path, name: str) -> None:
+    (root / name).write_text(f"{name}\n")
+    git(root, "add", name)
+    git(root, "commit", "--quiet", "-m", f"user: {name}")
+
+
+def complete_and_commit(root: Path, task_id: str) -> dict[str, bytes]:
+    write_task(root, task_id, f"echo output of {task_id}")
+    wait_status(root, task_id, "COMPLETED")
+    wait_until(lambda: records_committed(root, [task_id]), 20, f"the records of {task_id} to be committed")
+    wait_until(lambda: git(root, "status", "--porcelain", "--", "runs/") == "", 20, "runs/ clean in git status")
+    return record_bytes(root, task_id)
+
+
+def test_records_a_persons_reset_dropped_are_written_and_committed_again(daemon: Daemon, repo: Path) -> None:
+    daemon.start()
+    person_commits(repo, "mine.txt")
+    before = complete_and_commit(repo, "kept")
+    assert b"output of kept" in before["runs/kept/run-1/output.log"]
+    # The person drops "their" last commit; the daemon's record commit had landed on top of it.
+    assert in_head(repo, "runs/kept/status.json") is not None
+    assert subprocess.run(["git", "-C", str(repo), "cat-file", "-e", "HEAD~1:runs/kept/status.json"],
+                          capture_output=True).returncode != 0
+    git(repo, "reset", "--quiet", "--hard", "HEAD~1")
+    assert not (repo / "runs" / "kept" / "status.json").exists()
+
+    def restored() -> bool:
+        return all((repo / name).is_file() and (repo / name).read_bytes() == data and in_head(repo, name) == data
+                   for name, data in before.items())
+
+    wait_until(restored, 20, "the dropped records back in the work tree and in HEAD, byte for byte")
+    wait_until(lambda: git(repo, "status", "--porcelain", "--", "runs/") == "", 20, "runs/ clean in git status")
+    assert RESTORED in git(repo, "log", "-1", "--format=%s")
+    wait_until(lambda: "HEAD moved past 1 record commit(s) of the daemon (a reset?)" in daemon.output(), 10,
+               "the notice in the daemon's log")
+    assert daemon.stop() == 0
+    # A new daemon finds the records: the Task does not run again.
+    assert taskrun(repo, "up", "--once").returncode == 0
+    assert sorted(p.name for p in (repo / "runs" / "kept").iterdir() if p.is_dir()) == ["run-1"]
+    assert status_of(repo, "kept") == "COMPLETED"
+
+
+def test_a_reset_that_drops_only_the_persons_own_commit_restores_nothing(daemon: Daemon, repo: Path) -> None:
+    daemon.start()
+    complete_and_commit(repo, "first")
+    person_commits(repo, "mine.txt")
+    git(repo, "reset", "--quiet", "--hard", "HEAD~1")  # only their own commit goes
+    assert in_head(repo, "runs/first/status.json") is not None
+    # Then a reset that does drop a record commit: its restore is the only one, and holds only that Task's files.
+    second = complete_and_commit(repo, "second")
+    git(repo, "reset", "--quiet", "--hard", "HEAD~1")
+    wait_until(lambda: all(in_head(repo, name) == data for name, data in second.items()), 20,
+               "the second Task's records committed again")
+    restores = git(repo, "log", "--format=%H %s").splitlines()
+    restores = [line.split()[0] for line in restores if RESTORED in line]
+    assert len(restores) == 1
+    touched = git(repo, "diff-tree", "--no-commit-id", "--name-only", "-r", restores[0]).split()
+    assert touched and all(path.startswith("runs/second/") for path in touched)
+    assert "HEAD moved past 1 record commit(s)" in daemon.output()
+    assert daemon.output().count("HEAD moved past") == 1
