@@ -192,7 +192,9 @@ class Recorder:
             try:
                 pending.extend(self._recover())
             except (GitError, OSError) as exc:
-                self._on_error(f"could not look for records left uncommitted: {exc}")
+                # A full disk, a held lock: looked for again with backoff until it succeeds (_Recovery).
+                self._on_error(f"could not look for records left uncommitted (trying again): {exc}")
+                self._jobs.append(_Recovery(self._recover, self.submit, self._on_error))
         while True:
             if not stopping:
                 stopping = self._collect(pending, self._next_due(pending))
@@ -331,6 +333,37 @@ class Recorder:
             return self._queue.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+
+
+class _Recovery:
+    """The start-up search for records left uncommitted (`recover`) when it failed: a GitJob tried again
+    RETRY_BASE_SECONDS after, doubling up to RETRY_MAX_SECONDS, until it succeeds; what it finds is
+    submitted like any record."""
+
+    def __init__(self, recover: Callable[[], list[CommitItem]], submit: Callable[[CommitItem], None],
+                 on_error: Callable[[str], None]) -> None:
+        self._recover, self._submit, self._on_error = recover, submit, on_error
+        self._failures = 1
+        self._at: float | None = time.monotonic() + RETRY_BASE_SECONDS
+
+    def due(self, now: float) -> float | None:
+        return self._at
+
+    def run(self) -> None:
+        try:
+            items = self._recover()
+        except (GitError, OSError) as exc:
+            self._failures += 1
+            self._at = time.monotonic() + min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** self._failures)
+            if self._failures & (self._failures - 1) == 0:
+                self._on_error(f"could not look for records left uncommitted (attempt {self._failures}, "
+                               f"trying again): {exc}")
+            return
+        self._at = None
+        if self._failures:
+            self._on_error(f"looked for records left uncommitted after {self._failures} failed attempt(s)")
+        for item in items:
+            self._submit(item)
 
 
 def _restore_item(paths: list[str]) -> CommitItem:

@@ -321,6 +321,33 @@ def test_records_left_uncommitted_are_committed_first_on_start(repo: Path) -> No
     assert all(in_head(repo, p) for it in items for p in it.paths)
 
 
+def test_a_search_for_uncommitted_records_that_failed_is_tried_again_until_it_succeeds(repo: Path) -> None:
+    # A full disk at start: the search failed once and was never tried again, so those records stayed
+    # uncommitted until the next daemon.
+    import errno
+
+    items = [item(1)]
+    write_records(repo, items)
+    calls: list[int] = []
+
+    def recover() -> list[CommitItem]:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return items
+
+    committed: list[list[CommitItem]] = []
+    errors: list[str] = []
+    recorder = Recorder(Git(repo), on_commit=lambda sha, batch: committed.append(batch), recover=recover,
+                        on_error=errors.append)
+    recorder.start()
+    wait_for(lambda: committed)
+    recorder.stop()
+    assert len(calls) == 3 and all(in_head(repo, p) for p in items[0].paths)
+    assert "trying again" in errors[0]
+    assert any("after 2 failed attempt(s)" in e for e in errors), errors
+
+
 def test_a_sync_asked_for_repeatedly_runs_once_per_turn_and_on_the_recorder_thread(repo: Path) -> None:
     ran: list[tuple[str, str]] = []
     gate = threading.Event()
