@@ -19,7 +19,7 @@ result branch comes back). Faults (`FAULTS`), one every `fault_every` seconds on
 SIGKILL the daemon (started again at once), SIGKILL a Worker session process (`taskrun-worker` on the
 local Worker or in an sshd Worker's namespace), cut a link (blackhole or resets for 2 s to past
 `worker_offline_after` + `worker_grace`, then heal), disk pressure (a ballast file fills the tmpfs,
-held 5-20 s, removed). At the end: every fault healed, every Task final, the daemon SIGTERMed, the
+held 5-20 s, removed), a person's `git reset --hard HEAD~1` over the daemon's newest record commit. At the end: every fault healed, every Task final, the daemon SIGTERMed, the
 invariants checked (`checker.violations`) plus: no Run left in an sshd Worker's home, the daemon
 never exited by itself, and a Task with retries has exactly retries + 1 Runs that were not lost,
 each failing as its Agent did. The daemon's RSS, open fds, threads and children are sampled from
@@ -50,7 +50,7 @@ from tests.reliability.procstat import Sample, children, cmdline, sample
 from tests.reliability.soaktasks import SoakTask, next_tasks, printing
 
 #: The faults, by name.
-FAULTS = ("daemon-kill", "worker-kill", "link-cut", "disk-pressure")
+FAULTS = ("daemon-kill", "worker-kill", "link-cut", "disk-pressure", "user-reset")
 #: `scheduler.worker_offline_after` and `worker_grace` in the soak (seconds): short, so cuts cross them.
 OFFLINE_AFTER = 6.0
 GRACE = 15.0
@@ -353,6 +353,18 @@ class Soak:
             hold = self.rng.uniform(*self.options.disk_seconds)
             self.heals.append((now + hold, "disk", self._release))
             detail = f"ballast {filled / 2**20:.1f} MiB for {hold:.1f} s"
+        elif kind == "user-reset":
+            # A person's `git reset --hard HEAD~1` that drops the daemon's newest record commit (and its
+            # files); the running daemon writes them back and commits them again (gitflow/dropped.py).
+            head = subprocess.run(["git", "-C", str(self.root), "log", "-1", "--format=%h %s"], check=False,
+                                  capture_output=True, text=True, env=self.env, timeout=60).stdout.strip()
+            if not head.partition(" ")[2].startswith("taskrun: record"):
+                return False
+            reset = subprocess.run(["git", "-C", str(self.root), "reset", "--quiet", "--hard", "HEAD~1"],
+                                   check=False, capture_output=True, text=True, env=self.env, timeout=60)
+            if reset.returncode != 0:  # the daemon's index.lock, or its commit moving HEAD meanwhile
+                return False
+            detail = f"git reset --hard HEAD~1 over {head[:60]}"
         else:
             raise ValueError(f"unknown fault {kind!r}")
         self.report.faults[kind] = self.report.faults.get(kind, 0) + 1

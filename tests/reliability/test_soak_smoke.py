@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.sshd]
 def test_a_short_soak_with_one_fault_of_each_kind_breaks_no_invariant(tmp_path: Path) -> None:
     require_root_tools()
     cut = OFFLINE_AFTER + GRACE + 3.0  # past the grace period: the cut Worker's Runs are lost and retried
-    options = SoakOptions(minutes=1.25, seed=13, faults=(), first_faults=FAULTS, fault_every=12.0,
+    options = SoakOptions(minutes=1.5, seed=13, faults=(), first_faults=FAULTS, fault_every=12.0,
                           task_every=1.5, cut_seconds=(cut, cut), disk_seconds=(5.0, 8.0), tmpfs_mb=128,
                           settle=240.0)
     soak = Soak(options, tmp_path / f"soak-{uuid.uuid4().hex[:10]}")
