@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from taskrunner import crashpoints, diskspace
-from taskrunner.errors import WorkerError
+from taskrunner.errors import TaskrunError
 from taskrunner.gitflow import change
 from taskrunner.worker import streaming
 from taskrunner.worker.activerun import ActiveRun, output_digest
@@ -43,7 +43,7 @@ def result_body(run: ActiveRun, status: str, code: int | None, error: str | None
             found = change.collect(run.dir.path, run.dir.workspace, assignment, run.secrets,
                                    str(assignment.get("worker") or worker))
             crashpoints.reached("worker.change_collected")
-        except (WorkerError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (TaskrunError, OSError, ValueError, KeyError, TypeError) as exc:  # GitError, ChangeRefused...
             why = str(exc)
             if diskspace.is_full(exc) or diskspace.full_text(why):
                 if not room_waited:

@@ -358,7 +358,7 @@ class WorkerServer:
         if run.result is None:
             if run.pid is not None:  # its stream is read again from the start (streaming.py, "Replay")
                 run.pump = streaming.replay(run_dir.path, assignment, run.secrets)
-            self._check_exit(run)
+            self._guarded(run, self._check_exit)  # a full home: judged again on a later tick
         return run
 
     def _start_recorded(self, run: ActiveRun) -> bool:
@@ -512,9 +512,22 @@ class WorkerServer:
                 run.full_since = now if run.full_since is None and diskspace.is_full(exc) else run.full_since
                 raise  # _guarded: tried again on a later tick
             # The Worker home stayed full (the Agent's own files, often): the Run ends all the same, its
-            # result held in memory and sent from there; acknowledging it removes its directory, and room.
+            # result held in memory and sent from there, and the Agent's files go now (its change is given
+            # up): the control plane may share the disk, and could not record the result without that room.
+            self._drop_files(run)
         crashpoints.reached("worker.result_written")
         run.result = made
+
+    def _drop_files(self, run: ActiveRun) -> None:
+        """Hand a finished Run's workspace and change objects to the janitor (a rename each, then deleted off
+        the loop); what the result needs (output.log, its directory) stays until it is acknowledged."""
+        for path in (run.dir.workspace, run.dir.path / "objects", run.dir.path / "change.pack"):
+            gone = self._trash / f"{run.dir.run_id}.{path.name}"
+            try:
+                os.rename(path, gone)
+            except OSError:
+                continue  # not there (no checkout, nothing packed)
+            self._removals.put(gone)
 
     def _stop(self, run: ActiveRun, status: str, reason: str) -> None:
         if run.result is not None or run.kill_at is not None:

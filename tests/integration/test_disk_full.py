@@ -295,3 +295,59 @@ def test_an_agent_that_fills_the_worker_home_itself_fails_with_that_reason_and_f
     finally:
         daemon.stop()
         _kill_leftover_agents(repo)
+
+
+def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_alone(
+        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 12 MB that do not compress fit in the home, their pack does not: git pack-objects fails for want of
+    # room. The session crashed on that, and again at every reconnect, until the other Run was lost too.
+    daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
+    try:
+        daemon.start()
+        write_task(repo, "other", "sleep 50; echo other")  # it prints once the room came back
+        wait_status(repo, "other", "RUNNING")
+        write_task(repo, "bigc", "head -c 12000000 /dev/urandom > big.bin\necho wrote")
+        done = wait_status(repo, "bigc", "COMPLETED", "FAILED", timeout=120)
+        assert done["status"] == "FAILED", done
+        run = json.loads((repo / "runs" / "bigc" / "run-1" / "status.json").read_text())
+        assert "the Agent's change was not returned" in run["error"], run["error"]
+        assert "the disk holding the Worker home is full" in run["error"], run["error"]
+        other = wait_status(repo, "other", "COMPLETED", "FAILED", timeout=120)
+        assert other["status"] == "COMPLETED" and len(other["runs"]) == 1, other
+        assert "offline" not in daemon.output() and "closed the session" not in daemon.output()
+        wait_until(lambda: not list((local_worker_home(repo) / "runs").iterdir()), 60, "the Runs to be removed")
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(repo)
+
+
+def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop_everything(
+        tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The clone and the local Worker's home on one disk: the Run that filled it ends after the wait for room,
+    # its files go at once (the daemon cannot record its result without that room), and the rest goes on.
+    root = _repo(tmpfs)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs / "state"))
+    daemon = Daemon(root)
+    daemon.log = tmp_path / "daemon.log"
+    try:
+        with open(daemon.log, "ab") as log:
+            daemon.proc = subprocess.Popen([sys.executable, "-m", "taskrunner", "-C", str(root), "up"],
+                                           stdout=log, stderr=subprocess.STDOUT)
+        write_task(root, "q", "sleep 60; echo ok")  # it prints once the room came back
+        wait_status(root, "q", "RUNNING")
+        write_task(root, "fill", "dd if=/dev/zero of=fill bs=1M count=100 2>/dev/null; exit 0")
+        done = wait_status(root, "fill", "COMPLETED", "FAILED", timeout=150)
+        assert done["status"] == "FAILED" and "the disk holding the Worker home is full" in done["error"], done
+        q = wait_status(root, "q", "COMPLETED", "FAILED", timeout=150)
+        assert q["status"] == "COMPLETED" and len(q["runs"]) == 1, q
+        write_task(root, "after", "echo after")
+        assert wait_status(root, "after", "COMPLETED", "FAILED", timeout=90)["status"] == "COMPLETED"
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(root)
