@@ -444,9 +444,10 @@ class Engine:
             task.move(TaskStatus.PENDING)
             self._new_revision(task)
             next_status, reason = None, None
-        elif run.lost and sum(r.lost for r in task.runs if r.revision == run.revision) <= LOST_RUN_RETRIES:
-            # The Worker was lost, not the Agent's doing: run it again at once
-            # (preferring another Worker) without spending one of its retries.
+        elif run.lost and sum(r.lost and not r.refused for r in task.runs if r.revision == run.revision) \
+                <= LOST_RUN_RETRIES:
+            # The Worker was lost, not the Agent's doing: run it again at once (preferring another Worker)
+            # without spending one of its retries. A Run a Worker refused never ran: no limit to those.
             task.attempts -= 1
             task.move(TaskStatus.PENDING)
             task.error = error

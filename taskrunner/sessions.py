@@ -185,11 +185,13 @@ class WorkerSessions:
             if message.get("disk_full") is True:
                 # Nothing of it is on the Worker: it goes elsewhere (or here once its heartbeat says there is room).
                 worker.home_full = text[:500]
+                run.refused = True
                 self._run_lost(run, f"Worker '{worker.name}' refused it: {text}", RunStatus.FAILED)
             elif message.get("untrusted") is True:
                 # Its trust store changed under the session (`trust --reset`, say): no more Runs
                 # for it, and this one goes elsewhere without spending a retry.
                 self.fleet.lost_trust(worker, text, self._clock())
+                run.refused = True
                 self._run_lost(run, f"Worker '{worker.name}' refused it: {text}", RunStatus.FAILED)
             else:
                 self._finish(run, RunStatus.FAILED, None, text)
@@ -250,6 +252,12 @@ class WorkerSessions:
                                      base=run.base_commit, prefix=prefix, max_bytes=most)
         except GitError as exc:
             full = diskspace.git_full(str(exc), self.transfer.git_dir)
+            free = diskspace.free_bytes(self.transfer.git_dir)
+            if full is not None and free is not None and len(pack) >= free and diskspace.has_room(self.transfer.git_dir):
+                # The disk has room, but not for this change: waiting would hold every other Run for good.
+                raise ChangeRejected(f"change rejected: its pack of {len(pack)} bytes does not fit on the disk "
+                                     f"holding the repository ({free} bytes free): free space there, then "
+                                     "`taskrun retry` the Task") from None
             if full is not None:
                 # Nothing wrong with the change: the repository's disk is full. Taken again after the resume.
                 raise RecordsFull(f"cannot import the change of Run {run.run_id}: {full}",

@@ -34,6 +34,7 @@ class RunState:
     error: str | None = None
     output_size: int = 0
     lost: bool = False  # failed because its Worker was lost, not because of its Agent
+    refused: bool = False  # lost as its Worker refused it before anything of it ran (home full, trust gone)
     authorized_by: str | None = None  # the allowed signer who introduced its revision (security.allowed_signers)
     pull_request: str | None = None  # the web URL of the pull / merge request for its result branch
     base_commit: str | None = None  # the commit the Run's workspace was checked out at (gitflow/transfer.py)
@@ -75,6 +76,7 @@ class RunState:
             "error": self.error,
             "output_bytes": self.output_size,
             "lost": self.lost,
+            **({"refused": True} if self.refused else {}),
             "base_commit": self.base_commit,
             "result_commit": self.result_commit,
             "result_branch": self.result_branch,
@@ -102,6 +104,7 @@ class RunState:
             started_at=data.get("started_at"), finished_at=data.get("finished_at"),
             exit_code=data.get("exit_code"), error=data.get("error"),
             output_size=int(data.get("output_bytes") or 0), lost=bool(data.get("lost")),
+            refused=bool(data.get("refused")),
             base_commit=data.get("base_commit"), result_commit=data.get("result_commit"),
             result_branch=data.get("result_branch"), result_note=data.get("result_note"),
             summary=data.get("summary"),

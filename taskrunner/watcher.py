@@ -88,8 +88,9 @@ class Watcher(FileSystemEventHandler):
             self._stopped = True
             self._cond.notify()
         self._observer.stop()
-        self._observer.join()
-        self._timer.join()
+        for thread in (self._observer, self._timer):
+            if thread.ident is not None:  # a daemon whose start failed never started them
+                thread.join()
 
     # -- watchdog's thread -----------------------------------------------------
 

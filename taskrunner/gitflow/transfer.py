@@ -33,6 +33,7 @@ fails with a message saying to run `git fetch --unshallow` (README).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -56,27 +57,42 @@ KNOWN_PER_WORKER = 64
 
 
 def repo_id(state_dir: Path) -> str:
-    """This repository's id (32 hex digits), made at random on first need and kept in `<state_dir>/repo-id`."""
+    """This repository's id (32 hex digits), made at random on first need and kept in `<state_dir>/repo-id`.
+
+    It only names the repository in Workers' object caches, so it never fails a Run: a file that is
+    no id of ours (garbage, a link, a FIFO, a giant: never read through) is replaced by a new id, and
+    when none can be written (a full disk, a directory in its place) the new id serves from memory
+    (Workers then send the whole history once more, under the id written later).
+    """
     path = state_dir / "repo-id"
     try:
         found = read_file(path, 1024).decode(errors="replace").strip()
         if REPO_ID_RE.match(found):
             return found
+        damaged = True
     except FileNotFoundError:
-        pass
-    except OSError as exc:  # a link, a FIFO, a directory, a giant: never read through
-        raise GitError(f"cannot read {path}: {exc.strerror or exc}; remove it (a new one is made)") from None
+        damaged = False
+    except OSError:  # a link, a FIFO, a directory, a giant
+        damaged = True
     made = secrets.token_hex(16)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".repo-id.{os.getpid()}")
-    tmp.write_text(made + "\n")
     try:
-        os.link(tmp, path)  # a concurrent maker's id, if it was first, stands
-    except FileExistsError:
-        pass
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp.write_text(made + "\n")
+        if damaged:
+            os.replace(tmp, path)  # over the link or FIFO itself, never through it
+            return made
+        try:
+            os.link(tmp, path)  # a concurrent maker's id, if it was first, stands
+        except FileExistsError:
+            pass
+        found = read_file(path, 1024).decode(errors="replace").strip()
+    except OSError:
+        return made
     finally:
-        tmp.unlink()
-    return read_file(path, 1024).decode(errors="replace").strip()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return found if REPO_ID_RE.match(found) else made
 
 
 class Transfer:

@@ -351,3 +351,27 @@ def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop
     finally:
         daemon.stop()
         _kill_leftover_agents(root)
+
+
+def test_a_change_bigger_than_the_room_left_fails_its_run_instead_of_holding_every_other(
+        tmpfs: Path, tmp_path: Path) -> None:
+    # The disk has room, but not for this pack: waiting for room held every Run and every new Task for good.
+    root = _repo(tmpfs)
+    daemon = Daemon(root)
+    daemon.log = tmp_path / "daemon.log"
+    try:
+        daemon.start()
+        write_task(root, "warm", "echo warm")
+        wait_status(root, "warm", "COMPLETED")
+        _fill(tmpfs, 6 * 1024 * 1024).rename(tmpfs / "kept")  # 6 MiB left, for good
+        write_task(root, "huge", "head -c 9000000 /dev/urandom > big.bin")
+        done = wait_status(root, "huge", "COMPLETED", "FAILED", timeout=120)
+        assert done["status"] == "FAILED" and "does not fit on the disk holding the repository" in done["error"], done
+        write_task(root, "small", "echo small")
+        assert wait_status(root, "small", "COMPLETED", "FAILED", timeout=90)["status"] == "COMPLETED"
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(root)

@@ -292,3 +292,29 @@ def test_a_change_whose_ref_cannot_be_written_on_a_full_disk_waits_instead_of_fa
     plane.feed(result)
     assert plane.run.status is RunStatus.FAILED and "couldn't write" in (plane.run.error or "")
     assert "already names" not in (plane.run.error or "")
+
+
+def test_runs_a_worker_refused_for_want_of_room_do_not_count_toward_the_lost_limit(plane: _Plane) -> None:
+    # Each refusal was a lost Run: the 4th failed the Task, though nothing of it ever ran.
+    for n in range(2, 6):
+        plane.task.runs.append(RunState(run_id=f"old{n}", task_id="t", number=n, revision=plane.task.revision,
+                                        attempt=1, worker="local", agent="shell", status=RunStatus.FAILED,
+                                        lost=True, refused=True))
+    plane.run.status = RunStatus.ASSIGNED
+    plane.feed(Message("error", {"run_id": RUN_ID, "request": "assign", "disk_full": True,
+                                 "message": "the disk holding the Worker home is full (ENOSPC)"}))
+    assert plane.run.status is RunStatus.FAILED and plane.run.lost and plane.run.refused
+    assert plane.task.status is TaskStatus.PENDING and plane.task.attempts == 0
+    record = json.loads((plane.root / "runs" / "t" / "run-1" / "status.json").read_text())
+    assert record["refused"] is True and record["lost"] is True
+    assert RunState.from_record(record).refused
+
+
+def test_a_fourth_lost_run_still_fails_the_task(plane: _Plane) -> None:
+    for n in range(2, 5):
+        plane.task.runs.append(RunState(run_id=f"old{n}", task_id="t", number=n, revision=plane.task.revision,
+                                        attempt=1, worker="local", agent="shell", status=RunStatus.FAILED,
+                                        lost=True))
+    plane.engine.grace_expired(plane.worker)
+    plane.engine.flush(force=True)
+    assert plane.run.lost and not plane.run.refused and plane.task.status is TaskStatus.FAILED

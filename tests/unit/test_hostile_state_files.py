@@ -60,7 +60,7 @@ def test_a_directory_as_daemon_json_is_said_not_a_traceback(repo: Path) -> None:
     info.mkdir(parents=True)
     done = taskrun(repo, "up", "--once", timeout=60)
     assert done.returncode != 0 and "cannot write" in done.stderr and "remove it" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr and "during shutdown" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "giant"])
@@ -99,12 +99,40 @@ def test_own_commits_in_any_form_is_never_read_whole_nor_kills_the_commit(repo: 
     assert victim.read_text() == "precious\n"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_repo_id_that_is_no_file_of_ours_is_refused_with_the_fix(tmp_path: Path, victim: Path, kind: str) -> None:
-    make(tmp_path / "state" / "repo-id", kind, victim)
-    with pytest.raises(GitError, match="remove it"):
-        repo_id(tmp_path / "state")
+@pytest.mark.parametrize("kind", [*KINDS, "garbage", "sparse giant"])
+def test_a_repo_id_that_is_no_file_of_ours_is_replaced_and_never_fails_a_run(tmp_path: Path, victim: Path,
+                                                                             kind: str) -> None:
+    # It only names the repository in Workers' caches: before, every Run failed until someone removed it.
+    path = tmp_path / "state" / "repo-id"
+    if kind == "garbage":
+        path.parent.mkdir(parents=True)
+        path.write_text("not an id\n")
+    elif kind == "sparse giant":
+        path.parent.mkdir(parents=True)
+        with open(path, "wb") as handle:
+            handle.truncate(1 << 30)
+    else:
+        make(path, kind, victim)
+    made = repo_id(tmp_path / "state")
+    assert len(made) == 32 and int(made, 16) >= 0
+    if kind != "directory":  # replaced on disk: the next start finds the same id
+        assert path.is_file() and not path.is_symlink() and repo_id(tmp_path / "state") == made
     assert victim.read_text() == "precious\n"
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".repo-id")] == []
+
+
+def test_a_repo_id_that_cannot_be_written_serves_from_memory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o500)  # as a full disk would: no file can be made there
+    try:
+        if os.access(state, os.W_OK):  # root ignores the mode: a file in the way of its temp file instead
+            state.chmod(0o700)
+            (state / f".repo-id.{os.getpid()}").mkdir()
+        made = repo_id(state)
+        assert len(made) == 32 and not (state / "repo-id").exists()
+    finally:
+        state.chmod(0o700)
 
 
 def test_a_directory_as_the_record_key_is_a_damaged_key_not_a_crash(tmp_path: Path) -> None:
