@@ -157,7 +157,8 @@ def parse_labels(value: object) -> dict[str, str]:
 def parse_task(task_id: str, path: str, data: bytes, max_size: int = MAX_TASK_FILE_BYTES) -> TaskSpec:
     """Parse one Task file's bytes into a TaskSpec, or raise TaskFileError."""
     if len(data) > max_size:
-        raise TaskFileError(path, f"file is {len(data)} bytes, over the limit of {max_size}")
+        # Callers read at most max_size + 1 bytes: the size read is no size of the file's.
+        raise TaskFileError(path, f"file is over the limit of {max_size} bytes")
     if b"\x00" in data:
         raise TaskFileError(path, "binary file (contains a NUL byte); expected UTF-8 text")
     try:
