@@ -178,7 +178,7 @@ class Daemon:
         """Serve until stopped (or, with once, until nothing is left to do); the exit code."""
         webhook = None if self.once else self._webhook_route(self.config)  # no secret: ConfigError, nothing started
         # Without the record key nothing can be recorded: a damaged one stops the start, saying so.
-        self.engine.records.ensure_key()
+        self.engine.records.check_key()
         self._acquire_lock()
         try:
             for problem in pullrequests.problems(self.config):

@@ -376,11 +376,18 @@ class Records:
         """The seal of `record` at the work-tree path `rel` (HMAC-SHA256 hex); makes the key on first use."""
         return hmac.new(self._secret(create=True), _sealed_bytes(rel, record), hashlib.sha256).hexdigest()
 
-    def ensure_key(self) -> None:
-        """Load this clone's record key, made when there is none; RecordError (saying what to do) when the
-        file is there but unusable (damaged, a FIFO, a link, a directory). The daemon asks before it starts
-        anything: without the key no record can be written."""
-        self._secret(create=True)
+    def check_key(self) -> None:
+        """RecordError (saying what to do) when this clone's record key is there but unusable (damaged, a
+        FIFO, a link, a directory); nothing when it is usable or not made yet (made with the first record,
+        which waits for room on a full disk). The daemon asks before it starts anything: with a damaged key
+        no record could ever be written."""
+        try:
+            key = record_key(state_dir(self.root), create=False)
+        except TaskrunError as exc:
+            raise RecordError(str(exc)) from None
+        if key is not None:
+            with self._key_lock:
+                self._key = self._key or key
 
     def _secret(self, create: bool) -> bytes:
         key = self._key
