@@ -7,6 +7,7 @@ space returns: every record written, committed, and no fast-import crash report 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -272,6 +273,20 @@ def test_a_daemon_started_on_a_full_disk_serves_and_is_found_once_there_is_room(
         _kill_leftover_agents(root)
 
 
+@contextlib.contextmanager
+def _serving(daemon: Daemon, root: Path) -> Iterator[Daemon]:
+    """The test's body with `daemon` (started by it): its log printed when the body fails; stopped after,
+    and whatever its Agents left killed."""
+    try:
+        yield daemon
+    except BaseException:
+        print(daemon.output()[-20000:])
+        raise
+    finally:
+        daemon.stop()
+        _kill_leftover_agents(root)
+
+
 @pytest.mark.parametrize("ending", ["exit 0", "exit 3"])
 def test_an_agent_that_fills_the_worker_home_itself_fails_with_that_reason_and_frees_it(
         repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
@@ -279,7 +294,7 @@ def test_an_agent_that_fills_the_worker_home_itself_fails_with_that_reason_and_f
     # room. The Run still ends, FAILED with the reason (the result is sent from memory), and once it is
     # acknowledged its directory goes, so the Worker takes the next Task.
     daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
-    try:
+    with _serving(daemon, repo):
         daemon.start()
         write_task(repo, "t", f"head -c 40000000 /dev/zero > big\n{ending}")
         done = wait_status(repo, "t", "COMPLETED", "FAILED", timeout=90)
@@ -289,12 +304,6 @@ def test_an_agent_that_fills_the_worker_home_itself_fails_with_that_reason_and_f
         write_task(repo, "after", "echo after")
         assert wait_status(repo, "after", "COMPLETED", "FAILED", timeout=90)["status"] == "COMPLETED"
         assert not list((local_worker_home(repo) / "runs").iterdir())
-    except BaseException:
-        print(daemon.output()[-20000:])
-        raise
-    finally:
-        daemon.stop()
-        _kill_leftover_agents(repo)
 
 
 def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_alone(
@@ -302,7 +311,7 @@ def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_al
     # 12 MB that do not compress fit in the home, their pack does not: git pack-objects fails for want of
     # room. The session crashed on that, and again at every reconnect, until the other Run was lost too.
     daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
-    try:
+    with _serving(daemon, repo):
         daemon.start()
         write_task(repo, "other", "sleep 50; echo other")  # it prints once the room came back
         wait_status(repo, "other", "RUNNING")
@@ -316,12 +325,6 @@ def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_al
         assert other["status"] == "COMPLETED" and len(other["runs"]) == 1, other
         assert "offline" not in daemon.output() and "closed the session" not in daemon.output()
         wait_until(lambda: not list((local_worker_home(repo) / "runs").iterdir()), 60, "the Runs to be removed")
-    except BaseException:
-        print(daemon.output()[-20000:])
-        raise
-    finally:
-        daemon.stop()
-        _kill_leftover_agents(repo)
 
 
 def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop_everything(
@@ -332,7 +335,7 @@ def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop
     monkeypatch.setenv("XDG_STATE_HOME", str(tmpfs / "state"))
     daemon = Daemon(root)
     daemon.log = tmp_path / "daemon.log"
-    try:
+    with _serving(daemon, root):
         with open(daemon.log, "ab") as log:
             daemon.proc = subprocess.Popen([sys.executable, "-m", "taskrunner", "-C", str(root), "up"],
                                            stdout=log, stderr=subprocess.STDOUT)
@@ -345,12 +348,6 @@ def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop
         assert q["status"] == "COMPLETED" and len(q["runs"]) == 1, q
         write_task(root, "after", "echo after")
         assert wait_status(root, "after", "COMPLETED", "FAILED", timeout=90)["status"] == "COMPLETED"
-    except BaseException:
-        print(daemon.output()[-20000:])
-        raise
-    finally:
-        daemon.stop()
-        _kill_leftover_agents(root)
 
 
 def test_a_change_bigger_than_the_room_left_fails_its_run_instead_of_holding_every_other(
@@ -359,7 +356,7 @@ def test_a_change_bigger_than_the_room_left_fails_its_run_instead_of_holding_eve
     root = _repo(tmpfs)
     daemon = Daemon(root)
     daemon.log = tmp_path / "daemon.log"
-    try:
+    with _serving(daemon, root):
         daemon.start()
         write_task(root, "warm", "echo warm")
         wait_status(root, "warm", "COMPLETED")
@@ -369,9 +366,3 @@ def test_a_change_bigger_than_the_room_left_fails_its_run_instead_of_holding_eve
         assert done["status"] == "FAILED" and "does not fit on the disk holding the repository" in done["error"], done
         write_task(root, "small", "echo small")
         assert wait_status(root, "small", "COMPLETED", "FAILED", timeout=90)["status"] == "COMPLETED"
-    except BaseException:
-        print(daemon.output()[-20000:])
-        raise
-    finally:
-        daemon.stop()
-        _kill_leftover_agents(root)
