@@ -356,10 +356,11 @@ class Soak:
         elif kind == "user-reset":
             # A person's `git reset --hard HEAD~1` that drops the daemon's newest record commit (and its
             # files); the running daemon writes them back and commits them again (gitflow/dropped.py).
-            head = subprocess.run(["git", "-C", str(self.root), "log", "-1", "--format=%h %s"], check=False,
+            head = subprocess.run(["git", "-C", str(self.root), "log", "-1", "--format=%h %B"], check=False,
                                   capture_output=True, text=True, env=self.env, timeout=60).stdout.strip()
-            if not head.partition(" ")[2].startswith("taskrun: record"):
-                return False
+            if not head.partition(" ")[2].startswith("taskrun: ") or "\nTask-Id: " not in head:
+                return False  # not a record commit (one Run's or a batch's: they carry Task-Id trailers)
+            head = head.splitlines()[0]
             reset = subprocess.run(["git", "-C", str(self.root), "reset", "--quiet", "--hard", "HEAD~1"],
                                    check=False, capture_output=True, text=True, env=self.env, timeout=60)
             if reset.returncode != 0:  # the daemon's index.lock, or its commit moving HEAD meanwhile
