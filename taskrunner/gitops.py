@@ -417,15 +417,10 @@ class Git:
 
     def _lost(self, head: str | None, entries: dict[str, tuple[str, str] | None]) -> list[str]:
         """Those of `entries` that HEAD does not hold as they were committed."""
-        held: dict[str, tuple[str, str]] = {}
-        if head is not None:
-            out = subprocess.run(command("--literal-pathspecs", "ls-tree", "-z", "--full-tree", head, "--",
-                                         *entries), cwd=self.root, capture_output=True)
-            for record in out.stdout.split(b"\0"):
-                meta, _, name = record.partition(b"\t")
-                if name:
-                    mode, _, blob = meta.decode().split(" ")
-                    held[os.fsdecode(name)] = (mode, blob)
+        try:
+            held = tree_entries(self.root, head, list(entries)) if head is not None else {}
+        except GitError:
+            held = {}  # unknown: all are committed again (a commit of unchanged files changes nothing)
         return sorted(path for path, entry in entries.items() if held.get(path) != entry)
 
     def _identity(self) -> dict[str, str]:
@@ -528,6 +523,27 @@ class Git:
         if self.head() is None:
             return []
         return self.run("log", f"-{count}", "--format=%h %s").splitlines()
+
+
+#: Paths per `git ls-tree` in tree_entries (an argv stays well under the system's limit).
+LS_TREE_PATHS = 500
+
+
+def tree_entries(root: Path, commit: str, paths: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """path -> (mode, blob id) of those of `paths` that `commit` holds (literal paths, from the top); GitError
+    when git fails."""
+    held: dict[str, tuple[str, str]] = {}
+    for start in range(0, len(paths), LS_TREE_PATHS):
+        done = subprocess.run(command("--literal-pathspecs", "ls-tree", "-z", "--full-tree", commit, "--",
+                                      *paths[start:start + LS_TREE_PATHS]), cwd=root, capture_output=True)
+        if done.returncode != 0:
+            raise GitError(f"git ls-tree failed: {error_text(done.stderr.decode(errors='replace'))}")
+        for record in done.stdout.split(b"\0"):
+            meta, _, name = record.partition(b"\t")
+            if name:
+                mode, _, blob = meta.decode().split(" ")
+                held[os.fsdecode(name)] = (mode, blob)
+    return held
 
 
 def error_text(stderr: str) -> str:

@@ -16,13 +16,12 @@ import threading
 from pathlib import Path
 
 from taskrunner.errors import GitError, UnsafePath
-from taskrunner.gitops import command, error_text
+from taskrunner.gitops import command, error_text, tree_entries
 from taskrunner.safefs import Beneath, split
 
 #: A work-tree file that is not a regular file of its own (a link, a FIFO, unreadable): equal to no blob id.
 CHANGED = "changed"
 _READ_CHUNK = 1024 * 1024
-_LS_CHUNK = 500  # paths per `git ls-tree`
 
 
 def git_bytes(root: Path, args: list[str], stdin: bytes | None = None) -> bytes:
@@ -35,16 +34,9 @@ def git_bytes(root: Path, args: list[str], stdin: bytes | None = None) -> bytes:
 
 def entries(root: Path, commit: str, paths: list[str]) -> dict[str, str | None]:
     """path -> its blob id in `commit` (`<mode> <blob>` for another mode than 100644), None where absent."""
-    held: dict[str, str | None] = dict.fromkeys(paths)
-    for start in range(0, len(paths), _LS_CHUNK):
-        out = git_bytes(root, ["--literal-pathspecs", "ls-tree", "-z", "--full-tree", commit, "--",
-                               *paths[start:start + _LS_CHUNK]])
-        for record in out.split(b"\0"):
-            meta, _, name = record.partition(b"\t")
-            if name:
-                mode, _, blob = meta.decode().split(" ")
-                held[os.fsdecode(name)] = blob if mode == "100644" else f"{mode} {blob}"
-    return held
+    held = tree_entries(root, commit, paths)
+    return {path: None if (entry := held.get(path)) is None else entry[1] if entry[0] == "100644"
+            else f"{entry[0]} {entry[1]}" for path in paths}
 
 
 def blob_of(tree: Beneath, path: str, algo: str) -> str | None:
