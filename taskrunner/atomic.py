@@ -109,4 +109,13 @@ def open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
 def read_json(path: Path) -> Any:
     """The JSON document in the regular file at `path` (read_file: OSError as it says; ValueError when it is
     not JSON)."""
-    return json.loads(read_file(path))
+    return parse_json(read_file(path))
+
+
+def parse_json(data: bytes | str) -> Any:
+    """json.loads, with nesting too deep for Python's parser (`[[[…]]]`, a RecursionError) a ValueError like
+    any other text that is not JSON a file may hold."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

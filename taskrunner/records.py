@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from taskrunner import crashpoints, safefs
+from taskrunner.atomic import parse_json
 from taskrunner.defaults import RUNS_DIR
 from taskrunner.diskspace import RecordsFull, Space, is_full
 from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePath
@@ -490,8 +491,8 @@ class Records:
         except OSError as exc:
             raise RecordError(f"cannot read {rel}: {exc}") from exc
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = parse_json(raw)
+        except ValueError as exc:  # not JSON, not UTF-8, nested too deeply
             raise RecordError(f"cannot read {rel}: {exc}") from exc
         if not isinstance(data, dict):
             raise RecordError(f"{rel} is not a JSON object")

@@ -125,8 +125,9 @@ class DroppedRecords:
     def run(self) -> None:
         self._next = self._clock() + CHECK_SECONDS
         seen = self._watch.signature()
-        if seen == self._seen or self._repo.moving or self._repo.in_progress():
-            return  # unchanged; or HEAD is a sync's or a person's rebase's until it ends: looked at then
+        if seen == self._seen or self._repo.moving or self._repo.in_progress() \
+                or os.path.lexists(self._repo.git_dir() / "BISECT_LOG"):
+            return  # unchanged; or HEAD is a sync's, a person's rebase's or bisect's until it ends: looked at then
         try:
             found = self._check()
         except (GitError, OSError, UnsafePath) as exc:

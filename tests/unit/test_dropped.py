@@ -196,3 +196,21 @@ def test_a_status_record_without_this_clones_seal_is_never_written_back(setup: t
     dropped.run()
     assert not forged.exists() and not items
     assert "left as they are: runs/f/status.json" in notices[0]
+
+
+def test_a_bisect_checkout_is_left_alone_until_it_ends(setup: tuple[Path, Git, Records]) -> None:
+    # A bisect checks out older commits: a restore commit there would move its HEAD and spoil its marks.
+    root, repo, records = setup
+    items: list[CommitItem] = []
+    notices: list[str] = []
+    dropped = job(repo, records, items, notices)
+    sha, paths = record_task(root, repo, records, "t")
+    dropped.landed(sha)
+    dropped.run()
+    (root / ".git" / "BISECT_LOG").write_text("git bisect start\n")  # as `git bisect start` leaves it
+    git(root, "checkout", "--quiet", "--detach", "HEAD~1")
+    dropped.run()
+    assert not items and not notices
+    (root / ".git" / "BISECT_LOG").unlink()  # `git bisect reset` (HEAD left where the bisect put it)
+    dropped.run()
+    assert len(items) == 1  # once the bisect is over, a HEAD that lost the records gets them back

@@ -201,3 +201,24 @@ def test_a_keyring_naming_a_file_outside_the_keys_directory_is_refused(tmp_path:
     with pytest.raises(KeyringError, match="is not a key file name of ours"):
         Keyring.load(tmp_path)
     assert victim.stat().st_mode & 0o777 == 0o644
+
+
+def test_json_nested_too_deeply_is_a_damaged_file_not_a_traceback(tmp_path: Path, repo: Path) -> None:
+    # `[[[…]]]` past Python's recursion limit: a record anyone can push, and the keyring, raised RecursionError.
+    from taskrunner.errors import RecordError
+    from taskrunner.keys import KEYRING_FILE, KEYS_DIR, Keyring
+    from taskrunner.records import Records
+
+    nested = "[" * 100_000 + "]" * 100_000
+    Keyring.ensure(tmp_path, 0.0)
+    (tmp_path / KEYS_DIR / KEYRING_FILE).write_text(nested)
+    with pytest.raises(KeyringError, match="nested too deeply"):
+        Keyring.load(tmp_path)
+    record = repo / "runs" / "t" / "status.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(nested)
+    with pytest.raises(RecordError, match="nested too deeply"):
+        Records(repo).load_task("t")
+    (repo / "tasks" / "t.md").write_text("# t\n\n```sh\ntrue\n```\n")
+    done = taskrun(repo, "status", timeout=60)
+    assert "Traceback" not in done.stderr and "RecursionError" not in done.stdout + done.stderr, done.stderr
