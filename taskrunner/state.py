@@ -7,12 +7,14 @@ state after a restart.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from taskrunner.model import Priority, RunStatus, TaskSpec, TaskStatus
 
 RECORD_VERSION = 1
+_ENCODE = json.JSONEncoder(sort_keys=True).encode  # as json.dumps(record, sort_keys=True)
 
 
 @dataclass
@@ -133,6 +135,13 @@ class TaskState:
     cancel_requested: bool = False
     runs: list[RunState] = field(default_factory=list)
     updated_at: float = 0.0
+    #: `row()`'s last text and what it was made from (see there); never compared, never a record field.
+    _row: tuple[tuple[Any, ...], str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name != "_row":  # any field set: the next row() is made afresh
+            object.__setattr__(self, "_row", None)
 
     def move(self, status: TaskStatus) -> None:
         self.status = self.status.to(status)
@@ -174,6 +183,21 @@ class TaskState:
                 for r in self.runs
             ],
         }
+
+    def row(self) -> str:
+        """`record()` as its JSON text, json.dumps(record, sort_keys=True): a line of `status --json`.
+
+        Kept from one call to the next until a field of this Task is set, or a Run is added to or
+        taken from `runs`, or one of them changes what the record shows of it (number, id, status,
+        Worker, revision): `status --json` over 10,000 Tasks encodes only the Tasks that changed.
+        Call it on the thread that owns the state (the engine's), as `record()`.
+        """
+        key = tuple((r.number, r.run_id, r.status, r.worker, r.revision) for r in self.runs)
+        kept = self._row
+        if kept is None or kept[0] != key:
+            kept = (key, _ENCODE(self.record()))
+            object.__setattr__(self, "_row", kept)
+        return kept[1]
 
     @classmethod
     def from_record(cls, data: dict[str, Any], runs: list[RunState]) -> TaskState:

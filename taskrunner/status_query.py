@@ -35,6 +35,7 @@ from taskrunner.taskfile import task_id_for
 FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 #: Status names a query may ask for (UNKNOWN: a record that cannot be read).
 STATUSES = ("PENDING", "RUNNING", "BLOCKED", "INVALID", "COMPLETED", "FAILED", "CANCELLED", "UNKNOWN")
+_ENCODE = json.JSONEncoder(sort_keys=True).encode  # as json.dumps(record, sort_keys=True)
 #: Finished Tasks the human table shows unless told otherwise.
 DEFAULT_LIMIT = 20
 #: Characters that make an argument of `taskrun status` a glob rather than one Task id.
@@ -142,15 +143,16 @@ def state_key(task: TaskState) -> Key:
     return task.id, task.status.value, task.updated_at, task.seq or _SEQ_LAST
 
 
-def answer(tasks: Iterable[TaskState], unusable: dict[str, str], payload: dict[str, Any],
-           encode: bool = True) -> dict[str, Any]:
-    """The daemon's reply to {"command": "status", "patterns", "statuses", "limit"}, from its memory.
+def answer(tasks: Iterable[TaskState], unusable: dict[str, str], payload: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's reply to {"command": "status", "patterns", "statuses", "limit", "encoded"}, from its memory.
 
     {"ok": true, "tasks": [Task records], "counts": {status: n}, "total": n, "omitted": n}; Task files
     whose id can have no record are INVALID entries with their reason, as `taskrun status` lists them
-    without a daemon. With "encoded": true in the request, "rows" instead of "tasks" (see `encoded`;
-    `encode` False leaves that to the caller: the daemon encodes off its main loop). {"ok": false,
-    "error"} for a malformed query.
+    without a daemon. With "encoded": true, "rows" instead of "tasks": each record as its JSON text
+    (json.dumps(record, sort_keys=True): what `status --json` writes on a line), so the CLI passes it
+    on without decoding and encoding it again; a Task's text is kept between answers until it changes
+    (TaskState.row). {"ok": false, "error"} for a malformed query. Call it on the thread that owns
+    the Tasks' state.
     """
     try:
         query = StatusQuery.from_payload(payload)
@@ -161,18 +163,9 @@ def answer(tasks: Iterable[TaskState], unusable: dict[str, str], payload: dict[s
         item = {"task_id": task_id_for(rel) or rel, "status": "INVALID", "runs": [], "error": reason, "file": rel}
         pairs.append((record_key(item), item))
     chosen = select_keyed(pairs, query)
-    reply = {"ok": True, "counts": chosen.counts, "total": chosen.total, "omitted": chosen.omitted,
-             "tasks": [i.record() if isinstance(i, TaskState) else i for i in chosen.shown]}
-    return encoded(reply, payload) if encode else reply
-
-
-def encoded(reply: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """`answer`'s reply as the request asked for it: with "encoded": true, "rows" instead of "tasks", each
-    record as its JSON text (json.dumps(record, sort_keys=True): what `status --json` writes on a line),
-    so the CLI passes it on without decoding and encoding it again. The records must be the reply's own
-    (answer makes them afresh): this may run on another thread."""
-    tasks = reply.get("tasks")
-    if payload.get("encoded") is not True or not isinstance(tasks, list):
-        return reply
-    encode = json.JSONEncoder(sort_keys=True).encode  # as json.dumps(record, sort_keys=True), one encoder
-    return {**{k: v for k, v in reply.items() if k != "tasks"}, "rows": [encode(task) for task in tasks]}
+    reply: dict[str, Any] = {"ok": True, "counts": chosen.counts, "total": chosen.total, "omitted": chosen.omitted}
+    if payload.get("encoded") is True:
+        reply["rows"] = [i.row() if isinstance(i, TaskState) else _ENCODE(i) for i in chosen.shown]
+    else:
+        reply["tasks"] = [i.record() if isinstance(i, TaskState) else i for i in chosen.shown]
+    return reply

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from taskrunner.model import TaskStatus
-from taskrunner.state import TaskState
-from taskrunner import status_query
+from taskrunner.model import RunStatus, TaskSpec, TaskStatus
+from taskrunner.state import RunState, TaskState
 from taskrunner.status_query import StatusQuery, answer, is_glob, record_key, select
 
 
@@ -88,7 +87,32 @@ def test_encoded_rows_are_the_records_as_status_json_writes_them() -> None:
     coded = answer(tasks, {"tasks/.x.md": "hidden"}, {"limit": 2, "encoded": True})
     assert "tasks" not in coded and coded["rows"] == [json.dumps(t, sort_keys=True) for t in plain["tasks"]]
     assert {k: v for k, v in coded.items() if k != "rows"} == {k: v for k, v in plain.items() if k != "tasks"}
-    later = answer(tasks, {}, {"limit": None, "encoded": True}, encode=False)
-    assert "tasks" in later and status_query.encoded(later, {"encoded": True})["rows"] == [
-        json.dumps(t.record(), sort_keys=True) for t in tasks]
-    assert status_query.encoded(later, {}) is later
+    every = {"limit": None, "encoded": True}
+    assert answer(tasks, {}, every)["rows"] == [json.dumps(t.record(), sort_keys=True) for t in tasks]
+
+
+def test_a_tasks_row_is_made_afresh_whenever_what_its_record_shows_changes() -> None:
+    """The daemon keeps each Task's row between answers (TaskState.row); no change may go unseen."""
+    task = TaskState("t", "tasks/t.md", 1, TaskStatus.PENDING)
+
+    def fresh() -> bool:
+        return task.row() == json.dumps(task.record(), sort_keys=True)
+
+    first = task.row()
+    assert fresh() and task.row() is first  # nothing changed: the same text, not made again
+    changes = [
+        lambda: setattr(task, "waiting", "no Worker has a free slot"),
+        lambda: task.move(TaskStatus.RUNNING),
+        lambda: task.runs.append(RunState("r1", "t", 1, "rev", 1, "w1", "shell", RunStatus.RUNNING)),
+        lambda: setattr(task.runs[0], "status", RunStatus.COMPLETED),
+        lambda: setattr(task.runs[0], "worker", "w2"),
+        lambda: setattr(task.runs[0], "revision", "rev2"),
+        lambda: task.runs.__setitem__(0, RunState("r9", "t", 1, "rev2", 1, "w2", "shell", RunStatus.COMPLETED)),
+        lambda: setattr(task, "updated_at", 5.0),
+        lambda: setattr(task, "spec", TaskSpec("t", "tasks/t.md", "rev2", "A title", "body")),
+        lambda: task.runs.clear(),
+    ]
+    for change in changes:
+        before = task.row()
+        change()
+        assert fresh() and task.row() != before
