@@ -11,6 +11,7 @@ with mode 0700 (the daemon makes .git/taskrun so).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -18,16 +19,19 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-from taskrunner import diskspace
-from taskrunner.atomic import read_json, write_json
+from taskrunner import clock, diskspace
+from taskrunner.atomic import open_regular, read_json, write_json
 from taskrunner.errors import DaemonNotRunning, TaskrunError
 
 #: sun_path holds 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 100
 REPLY_TIMEOUT = 30.0
+#: How often a request polls for the socket of a daemon that holds its lock but is still starting.
+START_POLL_SECONDS = 0.05
 SOCKET_NAME = "daemon.sock"
 #: Prefix of the private directories made for sockets of long repository paths.
 PRIVATE_PREFIX = "taskrun-"
@@ -172,7 +176,40 @@ class ControlServer:
 
 
 def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
-    """Ask the running daemon; DaemonNotRunning when there is none."""
+    """Ask the running daemon; DaemonNotRunning when there is none.
+
+    A daemon that holds its lock (daemon.lock) but has no socket yet is starting (its record key checked,
+    old temp files cleared, the socket next): the request waits for the socket, polling every
+    START_POLL_SECONDS for up to `timeout`, instead of saying that no daemon runs. Nothing is sent twice:
+    only a request that never reached a socket is tried again.
+    """
+    deadline = clock.monotonic() + timeout
+    while True:
+        try:
+            sock = _connect(state_dir, timeout)
+            break
+        except DaemonNotRunning as exc:
+            if not lock_held(state_dir):
+                raise
+            if clock.monotonic() >= deadline:
+                raise DaemonNotRunning(f"a taskrun daemon holds this repository's lock (it is starting, or "
+                                       f"`taskrun prune` runs) but its control socket did not answer in "
+                                       f"{timeout:.0f} s ({exc}); try again, or see its log") from None
+            time.sleep(START_POLL_SECONDS)
+    try:
+        with sock:
+            sock.sendall(json.dumps(payload).encode() + b"\n")
+            line = sock.makefile("rb").readline()
+    except OSError as exc:
+        raise DaemonNotRunning(
+            f"the taskrun daemon is not answering ({exc}); start one with `taskrun up`"
+        ) from exc
+    reply = json.loads(line) if line else {"ok": False, "error": "the daemon closed the connection"}
+    return reply if isinstance(reply, dict) else {"ok": False, "error": "malformed reply"}
+
+
+def _connect(state_dir: Path, timeout: float) -> socket.socket:
+    """A socket connected to the daemon daemon.json names; DaemonNotRunning when there is none to reach."""
     try:
         info = read_json(state_dir / "daemon.json")
         path = info["socket"]
@@ -185,15 +222,31 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIM
         # Someone else's socket there would get our requests, and answer them.
         raise DaemonNotRunning(f"refusing the control socket {path}: its directory {Path(path).parent} is not "
                                f"private ({problem}); restart the daemon with `taskrun up`")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(json.dumps(payload).encode() + b"\n")
-            line = sock.makefile("rb").readline()
+        sock.settimeout(timeout)
+        sock.connect(path)
     except OSError as exc:
+        sock.close()
         raise DaemonNotRunning(
             f"the taskrun daemon is not answering ({exc}); start one with `taskrun up`"
         ) from exc
-    reply = json.loads(line) if line else {"ok": False, "error": "the daemon closed the connection"}
-    return reply if isinstance(reply, dict) else {"ok": False, "error": "malformed reply"}
+    return sock
+
+
+def lock_held(state_dir: Path) -> bool:
+    """Whether a process holds the daemon's lock (state_dir/daemon.lock, flock): a daemon, running or
+    starting, or `taskrun prune`. A lock file that is missing, or not a regular file, is held by none."""
+    try:
+        fd = open_regular(state_dir / "daemon.lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # a shared lock taken here goes with it
+    return False

@@ -3,16 +3,20 @@ fresh 0700 directory made for it, never at a name another user could predict and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from taskrunner import control
 from taskrunner.control import MAX_SOCKET_PATH, ControlServer, request
 from taskrunner.errors import DaemonNotRunning
 
@@ -104,3 +108,61 @@ def test_a_client_refuses_a_socket_in_a_directory_reached_through_a_link(tmp_pat
     (state / "daemon.json").write_text(json.dumps({"pid": 1, "socket": str(tmp_path / "link" / "daemon.sock")}))
     with pytest.raises(DaemonNotRunning, match="it is not a directory"):
         request(state, {"command": "ping"})
+
+
+def _hold_lock(state: Path) -> int:
+    """The daemon's lock, taken as a starting daemon takes it (daemon.py _acquire_lock)."""
+    fd = os.open(state / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_request_to_a_daemon_that_holds_its_lock_but_is_still_starting_waits_for_its_socket(
+        tmp_path: Path, servers: list[ControlServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`taskrun cancel` a moment after `taskrun up`: the daemon has its lock, no socket yet; the request is
+    answered once the socket is there, not refused with "no daemon"."""
+    state = tmp_path / ".git" / "taskrun"
+    state.mkdir(parents=True, mode=0o700)
+    lock = _hold_lock(state)
+    polling = threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        polling.set()  # the client found no socket and waits for one
+        real_sleep(seconds)
+
+    monkeypatch.setattr(control.time, "sleep", sleep)
+    answers: list[dict[str, Any]] = []
+    asking = threading.Thread(target=lambda: answers.append(request(state, {"command": "cancel"})), daemon=True)
+    asking.start()
+    try:
+        assert polling.wait(timeout=30) and not answers
+        server = ControlServer(state, _echo)
+        server.start()
+        servers.append(server)
+        asking.join(timeout=30)
+    finally:
+        os.close(lock)
+    assert answers == [{"ok": True, "echo": {"command": "cancel"}}]
+
+
+def test_without_a_held_lock_no_daemon_is_said_at_once_and_a_lock_held_too_long_is_named(tmp_path: Path) -> None:
+    state = tmp_path / ".git" / "taskrun"
+    state.mkdir(parents=True, mode=0o700)
+    with pytest.raises(DaemonNotRunning, match="no taskrun daemon is running"):
+        request(state, {"command": "ping"}, timeout=30)  # no lock held: no wait (a wait would pass too, slowly)
+    (state / "daemon.lock").write_bytes(b"")  # a lock file nobody holds: a daemon that stopped
+    started = time.monotonic()
+    with pytest.raises(DaemonNotRunning, match="no taskrun daemon is running"):
+        request(state, {"command": "ping"}, timeout=30)
+    assert time.monotonic() - started < 10
+    lock = _hold_lock(state)
+    try:
+        with pytest.raises(DaemonNotRunning, match="holds this repository's lock .* did not answer in 1 s"):
+            request(state, {"command": "ping"}, timeout=1)
+    finally:
+        os.close(lock)
+    (state / "daemon.lock").unlink()
+    os.symlink(state / "elsewhere", state / "daemon.lock")  # not a regular file: held by none
+    with pytest.raises(DaemonNotRunning, match="no taskrun daemon is running"):
+        request(state, {"command": "ping"}, timeout=30)
