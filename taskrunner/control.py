@@ -175,13 +175,16 @@ class ControlServer:
                 pass
 
 
-def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
+def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIMEOUT,
+            wait_start: bool = True) -> dict[str, Any]:
     """Ask the running daemon; DaemonNotRunning when there is none.
 
     A daemon that holds its lock (daemon.lock) but has no socket yet is starting (its record key checked,
-    old temp files cleared, the socket next): the request waits for the socket, polling every
-    START_POLL_SECONDS for up to `timeout`, instead of saying that no daemon runs. Nothing is sent twice:
-    only a request that never reached a socket is tried again.
+    old temp files cleared, the socket next): with `wait_start` the request waits for the socket, polling
+    every START_POLL_SECONDS for up to `timeout`, instead of saying that no daemon runs (`taskrun prune`
+    without a daemon holds the lock too: then it waits in vain). Callers with an answer of their own when
+    no daemon runs (`status` reads the records, a git hook's `trigger --quiet` has nothing to do) pass
+    False. Nothing is sent twice: only a request that never reached a socket is tried again.
     """
     deadline = clock.monotonic() + timeout
     while True:
@@ -189,7 +192,7 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIM
             sock = _connect(state_dir, timeout)
             break
         except DaemonNotRunning as exc:
-            if not lock_held(state_dir):
+            if not wait_start or not lock_held(state_dir):
                 raise
             if clock.monotonic() >= deadline:
                 raise DaemonNotRunning(f"a taskrun daemon holds this repository's lock (it is starting, or "

@@ -39,7 +39,7 @@ def cmd_agents(args: argparse.Namespace, out: Console) -> int:
     config = load_config(root)
     state = gitops.state_dir(root)
     try:
-        workers = control.request(state, {"command": "workers"})["workers"]
+        workers = control.request(state, {"command": "workers"}, wait_start=False)["workers"]
         daemon = True
     except DaemonNotRunning:
         workers = [{"name": w.name, "online": None, "agents": list(w.agents), "presets": None}

@@ -426,7 +426,7 @@ def cmd_request(args: argparse.Namespace, out: Console) -> int:
     root = find_root(args)
     payload = {"command": args.command, "task": getattr(args, "task", "")}
     try:
-        reply = control.request(gitops.state_dir(root), payload)
+        reply = control.request(gitops.state_dir(root), payload, wait_start=not getattr(args, "quiet", False))
     except DaemonNotRunning:
         if getattr(args, "quiet", False):
             return EXIT_OK  # a git hook with no daemon: the next `taskrun up` scans anyway
@@ -467,7 +467,7 @@ def cmd_workers(args: argparse.Namespace, out: Console) -> int:
 
     root = find_root(args)
     try:
-        reply = control.request(gitops.state_dir(root), {"command": "workers"})
+        reply = control.request(gitops.state_dir(root), {"command": "workers"}, wait_start=False)
         workers, daemon, starting = reply["workers"], True, reply.get("starting") is True
     except DaemonNotRunning:
         starting = False

@@ -89,7 +89,7 @@ def from_daemon(records: Records, query: StatusQuery,
     if encoded:
         payload["encoded"] = True
     try:
-        reply = control.request(gitops.state_dir(records.root), payload)
+        reply = control.request(gitops.state_dir(records.root), payload, wait_start=False)
     except DaemonNotRunning:
         return None
     if reply.get("starting") is True:

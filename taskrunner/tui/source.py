@@ -120,7 +120,8 @@ class Source:
         """Tasks matching `query`, Workers, and Runs and new output of the Task `selected` (None: none)."""
         try:
             chosen = status_cli.from_daemon(self.records, query)
-            workers = control.request(self.state_dir, {"command": "workers"}, REQUEST_TIMEOUT).get("workers")
+            workers = control.request(self.state_dir, {"command": "workers"}, REQUEST_TIMEOUT,
+                                      wait_start=False).get("workers")
         except DaemonNotRunning as exc:
             return Snapshot(error=str(exc))
         if chosen is None:

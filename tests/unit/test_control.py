@@ -160,6 +160,11 @@ def test_without_a_held_lock_no_daemon_is_said_at_once_and_a_lock_held_too_long_
     try:
         with pytest.raises(DaemonNotRunning, match="holds this repository's lock .* did not answer in 1 s"):
             request(state, {"command": "ping"}, timeout=1)
+        # A caller with an answer of its own (`status` reads the records) does not wait.
+        started = time.monotonic()
+        with pytest.raises(DaemonNotRunning, match="no taskrun daemon is running"):
+            request(state, {"command": "status"}, timeout=30, wait_start=False)
+        assert time.monotonic() - started < 10
     finally:
         os.close(lock)
     (state / "daemon.lock").unlink()
