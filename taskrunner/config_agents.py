@@ -9,7 +9,9 @@ message naming the preset that takes them (`PRESET_KEYS`).
 
 `prompt_template_file` is a path in the repository, read here at load time
 beneath the repository root without following links (safefs), so a link
-cannot make the configuration read the daemon's keys.
+cannot make the configuration read the daemon's keys. It is read through
+`Beneath.read_capped`, as .taskrun.yaml itself is (config.py): a file over its limit
+costs an fstat, never a read of the whole file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from taskrunner.errors import ConfigError, UnsafePath
 from taskrunner.model import AgentSpec, ModelBackend, Prices
 from taskrunner.safefs import REFUSAL, Beneath
 from taskrunner.taskfile import describe
+from taskrunner.textsafe import over_limit
 
 AGENT_PRESETS = ("shell", "command", "claude", "codex", "gemini", "aider")
 #: The presets that run an AI coding CLI whose event stream the Worker reads.
@@ -250,15 +253,16 @@ class AgentParsing:
         root = self.root if self.root is not None else Path(self.file).parent
         tree = Beneath(root)
         try:
-            data = tree.read_bytes(rel)
+            data, size = tree.read_capped(rel, MAX_TEMPLATE_BYTES)
         except UnsafePath as exc:
             raise self.fail(key, f"cannot read {rel}: it is {exc.what}; {exc.reason or REFUSAL}") from None
         except OSError as exc:
             raise self.fail(key, f"cannot read {rel}: {exc.strerror or exc}") from None
         finally:
             tree.close()
-        if len(data) > MAX_TEMPLATE_BYTES:
-            raise self.fail(key, f"{rel} is {len(data)} bytes, over the limit of {MAX_TEMPLATE_BYTES}")
+        if data is None:
+            raise self.fail(key, f"{rel} is {over_limit(size, MAX_TEMPLATE_BYTES, 'prompt template files')}; "
+                                 "shorten the template")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:

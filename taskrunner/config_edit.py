@@ -3,7 +3,8 @@
 A YAML round trip would drop the user's comments and layout, so a Worker is
 written as one flow-style line under a block-style `workers:` key, replacing
 that Worker's previous entry if any. The result is parsed again before it is
-returned: an edit that would not load is refused.
+returned: an edit that would not load is refused. Text over
+MAX_CONFIG_FILE_BYTES is refused before it is looked at (config.check_config_size).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from taskrunner.config import Config, parse_config
+from taskrunner.config import Config, check_config_size, parse_config
 from taskrunner.errors import ConfigError
 from taskrunner.model import WorkerSpec
 
@@ -26,6 +27,7 @@ def worker_line(fields: Mapping[str, Any]) -> str:
 
 def set_worker(text: str, file: str, name: str, fields: Mapping[str, Any], current: Config) -> str:
     """`text` with Worker `name` set to `fields`; implicit Workers are spelled out if needed."""
+    check_config_size(text, file)
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if _WORKERS.match(line)), None)
     entry = f"{name}: {worker_line(fields)}"
@@ -49,6 +51,7 @@ def set_worker(text: str, file: str, name: str, fields: Mapping[str, Any], curre
 
 
 def remove_worker(text: str, file: str, name: str) -> str:
+    check_config_size(text, file)
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if _WORKERS.match(line)), None)
     found = _block(lines, start, name)[2] if start is not None else None

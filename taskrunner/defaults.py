@@ -29,6 +29,13 @@ TIMEOUT = 3600.0
 
 #: Task files larger than this become INVALID rather than being read into memory.
 MAX_TASK_FILE_BYTES = 256 * 1024
+#: A `.taskrun.yaml` larger than this is refused (ConfigError) before it is read
+#: whole or parsed: YAML costs seconds of CPU per megabyte, even of comments,
+#: and a reload runs on the daemon's event thread.
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
+#: A `workers.<name>.known_hosts` file larger than this is refused when a
+#: Worker is connected to, before it is parsed.
+MAX_KNOWN_HOSTS_BYTES = 16 * 1024 * 1024
 #: A Task's `context` files together: a Run whose files hold more FAILS, and
 #: nothing of them is read (their sizes are known before). They are read
 #: whole into memory, on the daemon's event thread, to go into the bundle.

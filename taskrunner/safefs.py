@@ -53,6 +53,9 @@ from typing import Callable, Sequence
 
 from taskrunner.errors import UnsafePath
 
+#: The most one read of a file that grew while `Beneath.read_capped` read it asks for.
+_READ_CHUNK = 1024 * 1024
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: Creating and replacing race with whoever else writes the tree: give up after this many rounds.
@@ -383,6 +386,33 @@ class Beneath:
         fd = self.open_file(rel)
         with os.fdopen(fd, "rb") as handle:
             return handle.read()
+
+    def read_capped(self, rel: str, limit: int) -> tuple[bytes | None, int]:
+        """(the bytes of the regular file `rel`, their count), or (None, its size) when it holds more than
+        `limit` bytes. FileNotFoundError, UnsafePath, OSError as `open_file` raises them.
+
+        A file whose size is over the limit is not read at all; otherwise the
+        first read asks for its size plus one byte (a read of `limit` would
+        allocate all of it) and later ones only for what a file that grew may
+        still add, so nothing past `limit` + 1 bytes is ever read.
+        """
+        fd = self.open_file(rel)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                return None, size
+            parts: list[bytes] = []
+            got = 0
+            want = size + 1
+            while chunk := os.read(fd, want):
+                parts.append(chunk)
+                got += len(chunk)
+                if got > limit:
+                    return None, max(size, got)
+                want = min(_READ_CHUNK, limit - got + 1)
+            return b"".join(parts), got
+        finally:
+            os.close(fd)
 
     def lstat(self, rel: str) -> os.stat_result | None:
         """The entry `rel` itself (a link is not followed); None when it or a directory on the way is missing.

@@ -5,6 +5,9 @@ or in a known_hosts file the Worker names (`known_hosts:`). Only those keys are
 loaded into paramiko, which keeps its RejectPolicy: an unknown or changed key
 means nothing is sent. paramiko does not enforce `@cert-authority` or `@revoked`
 markers, so a known_hosts file holding them is refused rather than half-enforced.
+The configuration chooses the known_hosts path: a file that is not a regular
+one (a FIFO would block, /dev/zero never end) or over MAX_KNOWN_HOSTS_BYTES
+is refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import socket
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from taskrunner.textsafe import over_limit
+from taskrunner.defaults import MAX_KNOWN_HOSTS_BYTES
 from taskrunner.errors import WorkerError
 from taskrunner.lazymodule import lazy
+from taskrunner.safefs import kind_of
 
 if TYPE_CHECKING:
     import paramiko
@@ -69,10 +77,7 @@ def pinned_keys(host: str, port: int, host_key: str | None, known_hosts: str | N
         keys.append(parse_key_line(host_key))
     if known_hosts:
         path = Path(known_hosts).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror}") from exc
+        text = _known_hosts_text(path)
         for number, line in enumerate(text.splitlines(), 1):
             if line.lstrip().startswith("@"):
                 raise HostKeyError(
@@ -89,6 +94,37 @@ def pinned_keys(host: str, port: int, host_key: str | None, known_hosts: str | N
     if not keys:
         raise HostKeyError(f"no host key pinned for {host_entry(host, port)}; run `taskrun worker add` to pin one")
     return keys
+
+
+def _known_hosts_text(path: Path) -> str:
+    """The text of the known_hosts file `path` (a link the user made is followed, as ssh does); HostKeyError
+    when it cannot be read, is no regular file, or holds more than MAX_KNOWN_HOSTS_BYTES (nothing past that
+    is read)."""
+    fix = "point known_hosts at a file of host keys, or pin the Worker's key with `taskrun worker add`"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, and is refused
+    except OSError as exc:
+        raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror or exc}; {fix}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise HostKeyError(f"known_hosts file {path} is {kind_of(info.st_mode)}, not a regular file; {fix}")
+        parts: list[bytes] = []
+        got = 0
+        if info.st_size <= MAX_KNOWN_HOSTS_BYTES:  # a file over the limit by its size is not read at all
+            want = info.st_size + 1
+            while got <= MAX_KNOWN_HOSTS_BYTES and (chunk := os.read(fd, want)):
+                parts.append(chunk)
+                got += len(chunk)
+                want = min(1024 * 1024, MAX_KNOWN_HOSTS_BYTES - got + 1)  # what a file that grew may still add
+    except OSError as exc:
+        raise HostKeyError(f"cannot read known_hosts file {path}: {exc.strerror or exc}; {fix}") from None
+    finally:
+        os.close(fd)
+    if max(got, info.st_size) > MAX_KNOWN_HOSTS_BYTES:
+        size = over_limit(max(got, info.st_size), MAX_KNOWN_HOSTS_BYTES, "known_hosts files")
+        raise HostKeyError(f"known_hosts file {path} is {size} (MAX_KNOWN_HOSTS_BYTES); {fix}")
+    return b"".join(parts).decode("utf-8", errors="replace")
 
 
 def is_pinned(seen: paramiko.PKey, pinned: list[paramiko.PKey]) -> bool:

@@ -85,3 +85,22 @@ class StreamCleaner:
         if text.endswith("\r") and not final:
             text, self._held = text[:-1], "\r"  # maybe the first half of a CR LF
         return clean(text, multiline=True)
+
+
+def size_text(count: int) -> str:
+    """A byte count as people read it: '700 bytes', '64 KiB', '8.4 MiB'."""
+    if count < 1024:
+        return f"{count} byte{'s' if count != 1 else ''}"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    else:
+        value, unit = value / 1024, "TiB"
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def over_limit(size: int, limit: int, what: str) -> str:
+    """'8.4 MiB (8808038 bytes), over the 1 MiB limit for WHAT': the words every size refusal uses."""
+    return f"{size_text(size)} ({size} bytes), over the {size_text(limit)} limit for {what}"

@@ -31,7 +31,7 @@ from taskrunner.atomic import write_bytes
 from taskrunner.cli.main import find_root
 from taskrunner.defaults import CONFIG_FILE
 from taskrunner.gitops import state_dir
-from taskrunner.errors import TaskrunError
+from taskrunner.errors import ConfigError, TaskrunError
 from taskrunner.model import WorkerSpec
 from taskrunner.protocol import FROM_WORKER_LIMITS, BytesBeforeHello, FromWorker, Message, Reader, encode
 from taskrunner.taskfile import parse_labels
@@ -157,7 +157,7 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     if kept is not None and kept.sandbox != WorkerSpec.sandbox:
         fields["sandbox"] = kept.sandbox
     path = root / CONFIG_FILE
-    before = path.read_text() if path.exists() else ""
+    before = _config_text(root)
     # The Worker is checked exactly as the configuration about to be written describes it.
     spec = parse_config(set_worker(before, CONFIG_FILE, args.name, fields, config), CONFIG_FILE).workers[args.name]
     # One connection for both steps: the hello proves the gate answers, then the enrollment.
@@ -205,11 +205,23 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
 def cmd_remove(args: argparse.Namespace, out: Console) -> int:
     from taskrunner.config_edit import remove_worker
 
-    path = find_root(args) / CONFIG_FILE
-    text = path.read_text() if path.exists() else ""
-    write_bytes(path, remove_worker(text, CONFIG_FILE, args.name).encode())
+    root = find_root(args)
+    text = _config_text(root)
+    write_bytes(root / CONFIG_FILE, remove_worker(text, CONFIG_FILE, args.name).encode())
     out.print(f"Worker '{args.name}' removed from {CONFIG_FILE}", markup=False)
     return 0
+
+
+def _config_text(root: Path) -> str:
+    """The text of .taskrun.yaml ("" when there is none), read as the daemon reads it: no link followed,
+    at most MAX_CONFIG_FILE_BYTES (config.read_config_file); ConfigError otherwise."""
+    from taskrunner.config import read_config_file
+
+    data = read_config_file(root)
+    try:
+        return "" if data is None else data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(root / CONFIG_FILE), f"not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
 def _keep_settings(args: argparse.Namespace, kept: WorkerSpec | None) -> None:

@@ -47,11 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from taskrunner.config import SecurityConfig
+from taskrunner.config import SecurityConfig, read_config_file
 from taskrunner.defaults import CONFIG_FILE
-from taskrunner.errors import GitError
+from taskrunner.errors import ConfigError, GitError
 from taskrunner.gitops import command
-from taskrunner.safefs import Beneath
 
 #: Longest a git call of the check may take (it runs ssh-keygen once per signature), in seconds.
 GIT_TIMEOUT_SECONDS = 30.0
@@ -161,23 +160,19 @@ def authorize(root: Path, path: str, data: bytes | None, security: SecurityConfi
 def config_refusal(root: Path, security: SecurityConfig, git_dirs: Sequence[Path] = ()) -> str | None:
     """Why a changed .taskrun.yaml is not taken under the policy in force (`security`), or None.
 
-    None without a policy, and for a file that cannot be read (loading it
-    says why). With one, the file as it is now (or its deletion) must come
+    None without a policy, and for a file that cannot be read or is over
+    MAX_CONFIG_FILE_BYTES (loading it says why; nothing past the limit is
+    read). With one, the file as it is now (or its deletion) must come
     from a commit an allowed signer signed: the configuration names the
     commands Agents run and the policy itself, so an unsigned push must not
     change either.
     """
     if security.allowed_signers is None:
         return None
-    tree = Beneath(root)
     try:
-        data: bytes | None = tree.read_bytes(CONFIG_FILE)
-    except FileNotFoundError:
-        data = None
-    except OSError:
+        data = read_config_file(root)
+    except ConfigError:
         return None
-    finally:
-        tree.close()
     verdict = authorize(root, CONFIG_FILE, data, security, git_dirs, then=CONFIG_AGAIN)
     return None if verdict.principal else f"refused: {verdict.reason}"
 
