@@ -2,8 +2,12 @@
 
 Checks, each a Finding (level "error" or "warning", what, and the fix):
 
-- every private key under .git/taskrun/ (signing keys, the SSH key) and every
-  Worker's `identity` file is mode 0600 (no access for group or others);
+- every private key under .git/taskrun/ (signing keys, the SSH key, the
+  record key) and every Worker's `identity` file is mode 0600 (no access for
+  group or others) and belongs to the user taskrun runs as, and so do
+  .git/taskrun/ and its keys/ directory, which not every user may write in:
+  whoever can write the record key (or read it) can seal records the daemon
+  takes for its own, and whoever can write a signing key can replace it;
 - no file tracked by git holds a private key (a `-----BEGIN ... PRIVATE KEY-----`
   block, as PEM and OpenSSH write them, an OpenPGP or PuTTY one: leaks.py);
 - every ssh Worker has a pinned host key and a pinned result key;
@@ -27,6 +31,7 @@ The daemon runs the key and sandbox checks at start and reports each finding as 
 from __future__ import annotations
 
 import os
+import pwd
 import shlex
 import stat
 import subprocess
@@ -56,6 +61,9 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
     own = len(keys)  # the state dir's own, never followed; a Worker's identity may be a link of the user's
     if config is not None:
         keys += [Path(w.identity).expanduser() for w in config.workers.values() if w.identity]
+    me = os.geteuid()
+    for directory in (state, state / KEYS_DIR):
+        found.extend(_directory_findings(directory, me))
     for n, path in enumerate(keys):
         try:
             info = path.lstat() if n < own else path.stat()
@@ -65,10 +73,7 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
             found.append(Finding("error", f"private key {path} is not a regular file", f"remove {path} and "
                                  "restore the file from a backup"))
             continue
-        mode = stat.S_IMODE(info.st_mode)
-        if mode & 0o077:
-            found.append(Finding("error", f"private key {path} is readable by others (mode {mode:04o})",
-                                 f"chmod 600 {path}"))
+        found.extend(_key_findings(path, info, me, record=n < own and path.name == RECORD_KEY_FILE))
     found.extend(_tracked_keys(root))
     problem = None
     if config is not None and config.security.allowed_signers is not None:
@@ -77,6 +82,78 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
         found.append(Finding("error", problem, "make security.allowed_signers (and security.revocation_file) "
                              "readable regular files outside the work tree"))
     return found
+
+
+def _key_findings(path: Path, info: os.stat_result, me: int, record: bool) -> list[Finding]:
+    """A key file that belongs to another user, or whose mode lets its group or every user at it."""
+    found = []
+    # Anyone holding the record key can seal records; anyone who can write a key can replace it.
+    forge = "seal records that this daemon takes for its own" if record else "replace the key"
+    quoted = shlex.quote(str(path))
+    if info.st_uid != me:
+        found.append(Finding("error", f"private key {path} belongs to {_user(info.st_uid)}, not to {_user(me)}, "
+                             f"the user taskrun runs as: that user can {forge}",
+                             f"check that nobody replaced it, then as root: chown {_owner(me)} {quoted} && "
+                             f"chmod 600 {quoted}"))
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        access = _access(mode)
+        writable = bool(mode & 0o022)
+        why = (f": whoever can {'write' if writable else 'read'} it can {forge}" if record or writable else
+               ": it is no longer private to the user taskrun runs as")
+        found.append(Finding("error", f"private key {path} can be {access} (mode {mode:04o}){why}",
+                             f"chmod 600 {quoted}"))
+    return found
+
+
+def _directory_findings(directory: Path, me: int) -> list[Finding]:
+    """.git/taskrun/ or its keys/ when another user owns it or every user may write in it."""
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISDIR(info.st_mode):
+        return []  # what loading the keys says about it is enough
+    found = []
+    quoted = shlex.quote(str(directory))
+    if info.st_uid != me:
+        found.append(Finding("error", f"{directory} belongs to {_user(info.st_uid)}, not to {_user(me)}, the user "
+                             "taskrun runs as: that user can replace the keys in it",
+                             f"check its keys, then as root: chown {_owner(me)} {quoted} && chmod 700 {quoted}"))
+    mode = stat.S_IMODE(info.st_mode)
+    # Group write alone is left alone: with umask 002 (a group of one's own) .git/taskrun/ is made so, like .git/.
+    if mode & 0o002:
+        found.append(Finding("error", f"{directory} can be {_access(mode & 0o022)} (mode {mode:04o}): whoever "
+                             "can write in it can replace the keys it holds (the record key, the signing keys)",
+                             f"chmod go-w {quoted}"))
+    return found
+
+
+def _access(mode: int) -> str:
+    """Who may do what by a file's group and other permission bits: 'read and written by every user'."""
+    verbs = {}
+    for whom, read, write in (("its group", 0o040, 0o020), ("every user", 0o004, 0o002)):
+        done = " and ".join(verb for verb, bit in (("read", read), ("written", write)) if mode & bit)
+        if done:
+            verbs[whom] = done
+    if not verbs:
+        return "executed by its group or every user"
+    if len(verbs) == 2 and len(set(verbs.values())) == 1:
+        return f"{verbs['its group']} by its group and every user"
+    return " and ".join(f"{done} by {whom}" for whom, done in verbs.items())
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no name on this machine (a file from an archive, another machine's user)
+        return f"uid {uid}"
+
+
+def _owner(uid: int) -> str:
+    """`uid` as chown takes it: the user's name, else the number."""
+    name = _user(uid)
+    return str(uid) if name.startswith("uid ") else name
 
 
 def _tracked_keys(root: Path) -> list[Finding]:

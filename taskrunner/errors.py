@@ -14,6 +14,7 @@
     ├── SignatureRejected    (signing) an envelope is malformed or no trusted signature verifies
     ├── ResultRejected       (results) a Worker's result does not verify; recorded as FAILED
     ├── KeyringError         (keys) the control plane's signing keys are missing or unreadable
+    │   └── KeyFileError     (recordkey) one key file holds something else: what, and what to do
     └── WorkerError          a Worker cannot be reached or refused a Run
         ├── HostKeyError     (sshkeys) a host key is unknown, changed or unpinnable
         ├── BundleRejected   (bundle) a bundle breaks a rule; nothing of it runs

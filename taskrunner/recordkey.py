@@ -13,10 +13,26 @@ import stat
 from pathlib import Path
 
 from taskrunner.errors import KeyringError
+from taskrunner.safefs import kind_of
 
 #: The key that seals this clone's records (records.py): 32 random bytes, mode 0600.
 RECORD_KEY_FILE = "record.key"
 RECORD_KEY_BYTES = 32
+#: What to do with a record key that cannot be used.
+RECORD_KEY_FIX = ("restore it from a backup, or delete it (a new one is made), and every record written so far "
+                  "counts as not written by this clone")
+
+
+class KeyFileError(KeyringError):
+    """Raised when a key file (keys.py, the record key) is missing, unreadable or holds something else.
+
+    `what` says which file holds what instead, `fix` what to do; the message is both.
+    """
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}: {fix}")
+        self.what = what
+        self.fix = fix
 
 
 def record_key(state_dir: Path, create: bool) -> bytes | None:
@@ -35,18 +51,20 @@ def record_key(state_dir: Path, create: bool) -> bytes | None:
         if not create:
             return None
     except OSError as exc:  # ELOOP: a link, never followed
-        raise KeyringError(f"cannot read the record key {path}: {exc.strerror or exc}: remove it if it is a link, "
-                           "and restore the file from a backup (or delete it, and every record written so far "
-                           "counts as not written by this clone)") from None
+        found = _lstat(path)
+        what = kind_of(found.st_mode) if found is not None and not stat.S_ISREG(found.st_mode) else None
+        reason = f"it is {what}, which taskrun never follows" if what else exc.strerror or str(exc)
+        raise KeyFileError(f"cannot read the record key {path}: {reason}",
+                           ("remove it if it is a link, and " if what else "") + RECORD_KEY_FIX) from None
     else:
         try:  # a directory, a FIFO, a device: no key (read with os.read: fdopen refuses a directory)
-            data = os.read(fd, RECORD_KEY_BYTES + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+            info = os.fstat(fd)
+            data = os.read(fd, RECORD_KEY_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
         finally:
             os.close(fd)
         if len(data) != RECORD_KEY_BYTES:
-            raise KeyringError(f"the record key {path} is damaged (expected a file of {RECORD_KEY_BYTES} bytes): "
-                               "restore it from a backup, or delete it, and every record written so far counts "
-                               "as not written by this clone")
+            raise KeyFileError(f"the record key {path} is damaged: it {_holds(info, data)}, where a file of exactly "
+                               f"{RECORD_KEY_BYTES} random bytes belongs", RECORD_KEY_FIX)
         return data
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / f".{RECORD_KEY_FILE}.{os.getpid()}.tmp"
@@ -63,3 +81,20 @@ def record_key(state_dir: Path, create: bool) -> bytes | None:
     finally:
         tmp.unlink(missing_ok=True)
     return record_key(state_dir, create=False)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def _holds(info: os.stat_result, data: bytes) -> str:
+    """What a record key file that is not 32 bytes is, in words."""
+    if not stat.S_ISREG(info.st_mode):
+        return f"is {kind_of(info.st_mode)}"
+    if not data:
+        return "is empty"
+    size = max(info.st_size, len(data))
+    return f"holds {size} byte{'s' if size != 1 else ''}"

@@ -16,7 +16,7 @@ from taskrunner.defaults import KEY_OVERLAP_SECONDS
 from taskrunner.gitops import state_dir
 from taskrunner.duration import format_duration, parse_duration
 from taskrunner.errors import ConfigError, DaemonNotRunning, TaskrunError
-from taskrunner.keys import Keyring
+from taskrunner.keys import KeyFileError, Keyring
 from taskrunner.signing import PublicKey
 from taskrunner.textsafe import clean
 
@@ -96,6 +96,8 @@ def cmd_doctor(args: argparse.Namespace, out: Console) -> int:
     findings += doctor.key_findings(root, config)  # before loading the keyring, which tightens modes
     try:
         Keyring.load(state_dir(root))
+    except KeyFileError as exc:  # which file holds what instead, and what to do about it
+        findings.append(doctor.Finding("error", exc.what, exc.fix))
     except TaskrunError as exc:
         findings.append(doctor.Finding("error", str(exc), "taskrun init"))
     if config is not None:
