@@ -570,6 +570,11 @@ class Engine:
         (writeback.py).
         """
         self.sessions.resume_stalled()  # output a full disk held up, once there is room (sessions.py)
+        for run_id, reason in self.unwritten.take_refused():  # never sent: the Worker never heard of it
+            run = self.runs.get(run_id)
+            if run is not None and run.status is RunStatus.ASSIGNED:
+                self.sessions.transfer.done(run_id)
+                self._finish(run, RunStatus.FAILED, None, f"not started: its records cannot be written ({reason})")
         batch = self.pending.take(force)
         self._deliver(lambda: self._apply(batch))
         return len(batch.commits)

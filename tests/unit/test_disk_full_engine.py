@@ -96,6 +96,9 @@ class _Plane:
         self.engine.on_link_event(LinkEvent("local", self.worker.generation, message))
         self.engine.flush(force=True)
 
+    def said_once(self, text: str) -> list[str]:
+        return [n for n in self.hooks.said if n == text]
+
     def task_record(self) -> dict[str, Any]:
         return json.loads((self.root / "runs" / "t" / "status.json").read_text())
 
@@ -180,6 +183,68 @@ def test_a_newer_version_of_a_kept_record_replaces_it(plane: _Plane, monkeypatch
         assert len(plane.engine.unwritten) == 1
     plane.engine.flush()
     assert plane.task_record()["waiting"] == "second"
+
+
+def test_a_path_in_the_way_of_one_tasks_record_holds_only_that_task(plane: _Plane) -> None:
+    """A directory pushed where Task t's status.json goes: t's commit waits, with a notice saying what is
+    in the way; another Task's records, commit and messages go on (a full disk would hold them all). The
+    ack of t's Run goes: the Run's own record is on disk."""
+    (plane.root / "runs" / "t" / "status.json").mkdir(parents=True)
+    plane.feed(_result(b""))  # t's Run ends: final records, a commit, an ack
+    other = TaskState("u", "tasks/u.md", 2, status=TaskStatus.RUNNING)
+    run = RunState(run_id="r-u", task_id="u", number=1, revision="rev", attempt=1, worker="local", agent="shell",
+                   status=RunStatus.COMPLETED)
+    other.runs.append(run)
+    plane.engine.tasks["u"] = other
+    plane.engine._save_run(run)
+    plane.engine._save_task(other, commit=True)
+    plane.engine._send(plane.worker, Message("ack", {"run_id": "r-u"}))
+    plane.engine.flush(force=True)
+    assert [c.task_id for c in plane.commits] == ["u"]
+    assert [m.get("run_id") for m in plane.link.sent] == [RUN_ID, "r-u"]
+    assert json.loads((plane.root / "runs" / "u" / "status.json").read_text())["task_id"] == "u"
+    said = [n for n in plane.hooks.said if n.startswith("cannot write runs/t/status.json")]
+    assert len(said) == 1 and "a directory" in said[0] and "only this Task's Runs wait" in said[0], plane.hooks.said
+    plane.engine.flush(force=True)  # still in the way: still waiting, said once
+    assert [c.task_id for c in plane.commits] == ["u"] and len(plane.said_once(said[0])) == 1
+    (plane.root / "runs" / "t" / "status.json").rmdir()
+    plane.engine.flush()
+    assert plane.task_record()["status"] == "COMPLETED"
+    assert [c.task_id for c in plane.commits] == ["u", "t"]
+
+
+def test_a_run_whose_own_records_cannot_be_written_is_failed_unsent_and_others_are_assigned(
+        tmp_path: Path) -> None:
+    """A file pushed where Task v's runs/v/ directory goes: v's Run is never sent (a Worker takes bundles in
+    sequence, and a held one would be overtaken by the next), it fails saying why; Task w is assigned."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / "tasks").mkdir()
+    for name in ("v", "w"):
+        (tmp_path / "tasks" / f"{name}.md").write_text(f"# {name}\n\n```sh\ntrue\n```\n")
+    git(tmp_path, "add", "tasks")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "v").write_text("pushed\n")
+    plane = _Plane(tmp_path)
+    plane.engine.tasks.clear()
+    plane.engine.runs.clear()
+    plane.worker.runs = set()
+    plane.worker.hello = {"agents": {"shell": {"version": None}}}
+    plane.worker.trusted = True
+    for name in ("v", "w"):
+        plane.engine.task_file_changed(f"tasks/{name}.md")
+    plane.engine.schedule()  # one slot: v's Run takes it
+    plane.engine.flush(force=True)
+    assert [m.type for m in plane.link.sent] == []  # v's assign is not sent, nor held
+    plane.engine.flush(force=True)  # the engine fails the Run it was told of: the slot is free again
+    v = plane.engine.tasks["v"]
+    assert v.runs and v.runs[-1].status is RunStatus.FAILED, v
+    assert "not started: its records cannot be written" in (v.runs[-1].error or "")
+    assert "runs/v is a regular file" in (v.runs[-1].error or ""), v.runs[-1].error
+    plane.engine.schedule()
+    plane.engine.flush(force=True)
+    sent = [m for m in plane.link.sent if m.type == "assign"]
+    assert [plane.engine.runs[m.get("run_id")].task_id for m in sent] == ["w"]
+    assert (tmp_path / "runs" / "v").read_text() == "pushed\n"  # someone's file: kept
 
 
 # ---------------------------------------------------------------- no new Run while full
