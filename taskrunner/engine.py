@@ -546,6 +546,9 @@ class Engine:
             return {"ok": False, "error": f"'{task_id}' is INVALID; fix the file first: {task.error}"}
         if task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
             return {"ok": False, "error": f"'{task_id}' is already {task.status.value}"}
+        if task.spec is None:  # cancelled while INVALID: no file that can run (it would wait for no Agent)
+            return {"ok": False, "error": f"'{task_id}' has no valid Task file to run: fix {task.file}, and it runs "
+                                          "again by itself"}
         task.move(TaskStatus.PENDING)
         task.attempts = 0
         task.not_before = 0.0
