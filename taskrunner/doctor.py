@@ -44,7 +44,7 @@ from taskrunner.defaults import CONFIG_FILE, RUNS_DIR
 from taskrunner.gitflow import signers
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
 from taskrunner.leaks import PRIVATE_KEY_PATTERN
-from taskrunner.safefs import kind_of
+from taskrunner.safefs import kind_of, refused
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,9 @@ def git_findings(root: Path, config: Config) -> list[Finding]:
 
 
 def record_findings(root: Path) -> list[Finding]:
-    """Links and special files under runs/: in the work tree (walked without following) and in git's index."""
+    """Links, hard links and special files under runs/: in the work tree (walked without following) and in
+    git's index. A hard link is a file that is somewhere else too (`ln .git/taskrun/record.key runs/x/…`):
+    a person's `git add -A` would commit that file."""
     found: list[Finding] = []
     runs = root / RUNS_DIR
     seen: set[str] = set()
@@ -248,9 +250,10 @@ def record_findings(root: Path) -> list[Finding]:
         for dirpath, dirnames, filenames in os.walk(runs):  # never descends through a link
             for name in sorted([*dirnames, *filenames]):
                 path = os.path.join(dirpath, name)
-                mode = os.lstat(path).st_mode
-                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    report(Path(path).relative_to(root).as_posix(), kind_of(mode))
+                entry = os.lstat(path)
+                problem = None if stat.S_ISDIR(entry.st_mode) else refused(entry)
+                if problem is not None:  # a hard link too: the file is elsewhere as well (a key, say)
+                    report(Path(path).relative_to(root).as_posix(), problem[0])
     # Tracked as a link (mode 120000) or a submodule (160000), whatever the work tree holds now.
     result = subprocess.run(gitops.command("ls-files", "-s", "-z", "--", RUNS_DIR), cwd=root, capture_output=True)
     for entry in result.stdout.decode(errors="replace").split("\0"):

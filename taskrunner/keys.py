@@ -77,7 +77,7 @@ class Keyring:
     @classmethod
     def ensure(cls, state_dir: Path, now: float) -> tuple[Keyring, bool]:
         """The keyring, and whether it was created now (with a first key)."""
-        directory = state_dir / KEYS_DIR
+        directory = _keys_dir(state_dir)
         if os.path.lexists(directory / KEYRING_FILE):
             return cls.load(state_dir), False
         directory.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ class Keyring:
     @classmethod
     def load(cls, state_dir: Path) -> Keyring:
         """The keyring under `state_dir`; KeyFileError saying which file holds what instead, and what to do."""
-        directory = state_dir / KEYS_DIR
+        directory = _keys_dir(state_dir)
         path = directory / KEYRING_FILE
         fix = SIGNING_FIX.format(path=path, keys=directory)
         try:
@@ -199,6 +199,20 @@ def ensure_ssh_key(state_dir: Path) -> tuple[Path, str]:
 
 
 # --------------------------------------------------------------------------- what a key file holds
+
+
+def _keys_dir(state_dir: Path) -> Path:
+    """state_dir/keys; KeyFileError when something other than a directory is there (a link is never followed,
+    a file never written through)."""
+    directory = state_dir / KEYS_DIR
+    try:
+        found = os.lstat(directory)
+    except FileNotFoundError:
+        return directory
+    if not stat.S_ISDIR(found.st_mode):
+        raise KeyFileError(f"{directory} should be the directory of the signing keys, but is "
+                           f"{kind_of(found.st_mode)}", SIGNING_FIX.format(path=directory, keys=directory))
+    return directory
 
 
 def _keyring_items(path: Path, fix: str) -> list[Any]:

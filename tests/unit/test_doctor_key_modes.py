@@ -7,13 +7,14 @@ the daemon believes it wrote; whoever can write a signing key can replace it.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from taskrunner import doctor
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, Keyring
-from taskrunner.recordkey import record_key
+from taskrunner.recordkey import KeyFileError, record_key
 
 
 @pytest.fixture()
@@ -90,3 +91,35 @@ def test_a_key_directory_every_user_may_write_in_is_reported(state: Path) -> Non
     assert finding.what == (f"{state / KEYS_DIR} can be written by its group and every user (mode 0777): whoever "
                             "can write in it can replace the keys it holds (the record key, the signing keys)")
     assert finding.fix == f"chmod go-w {state / KEYS_DIR}"
+
+
+def test_a_hard_link_under_runs_to_a_key_is_reported(tmp_path: Path, state: Path) -> None:
+    """`ln .git/taskrun/record.key runs/x/run-1/output.log`: a person's `git add -A` would commit the key."""
+    root = state.parent.parent
+    subprocess.run(["git", "init", "-q", str(root)], check=True, capture_output=True)
+    run = root / "runs" / "x" / "run-1"
+    run.mkdir(parents=True)
+    os.link(state / RECORD_KEY_FILE, run / "output.log")
+    (run / "status.json").write_text("{}\n")  # a file of its own: no finding
+    found = doctor.record_findings(root)
+    assert [f.what.split(" is ")[0] for f in found] == ["runs/x/run-1/output.log"]
+    assert "a hard link" in found[0].what and "rm -f -- runs/x/run-1/output.log" in found[0].fix
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_keys_path_that_is_no_directory_is_named_when_loaded_or_made(tmp_path: Path, kind: str) -> None:
+    """.git/taskrun/keys as a regular file or a link to a directory elsewhere: never written through or
+    followed; both the start (`ensure`) and `load` say what is there and what to do (no traceback)."""
+    state = tmp_path / ".git" / "taskrun"
+    state.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    Keyring.ensure(elsewhere, 0.0)
+    if kind == "file":
+        (state / KEYS_DIR).write_text("x\n")
+    else:
+        (state / KEYS_DIR).symlink_to(elsewhere / KEYS_DIR)
+    what = "a regular file" if kind == "file" else "a symbolic link"
+    for attempt in (lambda: Keyring.ensure(state, 0.0), lambda: Keyring.load(state)):
+        with pytest.raises(KeyFileError, match=f"should be the directory of the signing keys, but is {what}"):
+            attempt()
+    assert sorted(os.listdir(elsewhere / KEYS_DIR)) == ["1.pem", "keyring.json"]  # nothing written there
