@@ -43,7 +43,7 @@ from taskrunner.records import Records
 from taskrunner.scancache import ScanCache
 from taskrunner.sessions import WorkerSessions
 from taskrunner.state import RunState, TaskState
-from taskrunner.taskfile import dependency_cycles, task_id_for, task_id_problem
+from taskrunner.taskfile import dependency_cycles, not_a_task_name, task_id_for, task_id_problem
 from taskrunner.unwritten import Unwritten
 
 #: The crash point after a message of each kind that matters to a Run left for its Worker (crashpoints.py).
@@ -82,6 +82,7 @@ class Engine:
         # Task files whose id cannot be a path under runs/ (taskfile.task_id_problem), by path:
         # INVALID with this reason, and no record anywhere (README "Decisions").
         self.unusable: dict[str, str] = {}
+        self._ignored: set[str] = set()  # files under tasks/ whose name can be no Task's, said once
         self._trailing: list[str] = []  # Tasks restored RUNNING whose latest Run had ended (restore.read_tasks)
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
@@ -170,7 +171,9 @@ class Engine:
         """`task_id`: task_id_for(rel) when the caller has it (a scan of 10,000 files asks once)."""
         task_id = task_id or task_id_for(rel)
         if task_id is None:
-            emit(self.hooks, "notice", f"ignoring {rel}: a Task id is [a-z0-9][a-z0-9._/-]* under tasks/")
+            if rel not in self._ignored:  # said once per file, not at every scan
+                self._ignored.add(rel)
+                emit(self.hooks, "notice", f"ignoring {rel}: {not_a_task_name(rel)}")
             return
         problem = task_id_problem(task_id)
         if problem is not None:

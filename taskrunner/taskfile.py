@@ -53,6 +53,17 @@ def task_id_for(relpath: str) -> str | None:
     return task_id if _is_task_id(task_id) else None
 
 
+def not_a_task_name(relpath: str) -> str:
+    """Why the file `relpath` under tasks/ is no Task, and the name to give it (when one can be made)."""
+    why = "a Task file's name is its id, [a-z0-9][a-z0-9._/-]* (lower case, no spaces), then .md"
+    stem = relpath[len(TASKS_DIR) + 1 : -len(".md")] if relpath.endswith(".md") else relpath[len(TASKS_DIR) + 1 :]
+    name = "/".join(re.sub(r"^[^a-z0-9]+|[^a-z0-9]+$", "", re.sub(r"[^a-z0-9._-]+", "-", part.lower()))
+                    for part in stem.split("/"))
+    if name and task_id_for(f"{TASKS_DIR}/{name}.md") == name:
+        return f"{why}; rename it, e.g. to {TASKS_DIR}/{name}.md"
+    return f"{why}; rename it"
+
+
 def _is_task_id(text: str) -> bool:
     return bool(TASK_ID_RE.fullmatch(text)) and all(seg and not seg.startswith(".") for seg in text.split("/"))
 
