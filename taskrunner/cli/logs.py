@@ -162,6 +162,13 @@ class _Reader:
                 raise UsageError(f"'{self.task_id}' is {clean(str(status))} and has no Runs")
             time.sleep(POLL_SECONDS)
 
+    def _runs_there(self) -> str:
+        """'; its Runs: 1, 2' (what `--run` may name), or '; it has no Runs yet'."""
+        task = self.load_task()
+        numbers = [str(e["run"]) for e in (task or {}).get("runs") or []
+                   if isinstance(e, dict) and isinstance(e.get("run"), int) and not isinstance(e["run"], bool)]
+        return f"; its Runs: {', '.join(numbers)}" if numbers else "; it has no Runs yet"
+
     def show(self, number: int) -> None:
         """Write Run `number`'s output; with `follow`, until the Run is final and its output read whole."""
         offset = 0
@@ -183,7 +190,7 @@ class _Reader:
                     offset += len(data)
                     self.sink.output(self.task_id, number, data)
                 if run is None and source is None and not self.follow:
-                    raise UsageError(f"'{self.task_id}' has no Run {number}")
+                    raise UsageError(f"'{self.task_id}' has no Run {number}{self._runs_there()}")
                 refused = self.records.output_refused(self.task_id, number) if source is None else None
                 if refused is not None:
                     raise UsageError(f"runs/{self.task_id}/run-{number}/output.log is {refused}: not read (records "

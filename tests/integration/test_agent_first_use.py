@@ -82,7 +82,7 @@ def test_logs_of_a_run_that_failed_before_any_output_say_so_and_exit_0(daemon: D
     assert "Run 1 of 'tmpl' has no output (FAILED:" in " ".join(status.stdout.split())
     assert record["status"] == "FAILED"
     missing = taskrun(daemon.root, "logs", "tmpl", "--run", "7")
-    assert missing.returncode == 2 and "'tmpl' has no Run 7" in missing.stderr
+    assert missing.returncode == 2 and "'tmpl' has no Run 7; its Runs: 1" in missing.stderr
 
 
 def test_submit_wait_json_gives_no_output_path_for_a_run_without_output(daemon: Daemon) -> None:

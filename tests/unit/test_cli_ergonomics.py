@@ -272,6 +272,20 @@ def test_logs_json_gives_a_run_output_and_end_event(repo: Path, capsysbinary: py
                           "error": None, "output_bytes": 8, "pruned": None}
 
 
+def test_logs_of_a_run_that_does_not_exist_names_the_runs_that_do(repo: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    records = Records(repo)
+    runs = []
+    for number in (1, 2):
+        run = RunState(run_id=f"r{number}", task_id="t", number=number, revision="a", attempt=number,
+                       worker="w1", agent="shell", status=RunStatus.FAILED)
+        records.save_run(run.record())
+        runs.append(run)
+    records.save_task(TaskState("t", "tasks/t.md", 1, TaskStatus.FAILED, revision="a", runs=runs).record())
+    assert main(["-C", str(repo), "logs", "t", "--run", "9"]) == 2
+    assert "'t' has no Run 9; its Runs: 1, 2" in capsys.readouterr().err
+
+
 def test_logs_follow_of_a_task_finished_without_runs_ends_with_the_reason(
         repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     Records(repo).save_task(TaskState("b", "tasks/b.md", 1, TaskStatus.BLOCKED, revision="a", error="needs x").record())
