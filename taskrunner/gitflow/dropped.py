@@ -146,7 +146,6 @@ class DroppedRecords:
         if not gone or head is None:
             self._landed = collections.deque(landed[-1:], maxlen=LANDED_MAX)  # older ones: its ancestors
             return None
-        self._landed.clear()
         self._algo = "sha256" if len(head) == 64 else "sha1"
         last: dict[str, str] = {}  # record path -> the newest of the daemon's commits that changed it
         current = None
@@ -164,6 +163,11 @@ class DroppedRecords:
             ours.update(putback.entries(self._repo.root, sha, [path for path in paths if last[path] == sha]))
         theirs = putback.entries(self._repo.root, head, paths)
         ours = {path: blob for path, blob in ours.items() if blob != theirs[path]}
+        if not ours:
+            # HEAD holds every record as the daemon committed it (another branch with the same records, a
+            # rebase that kept them): nothing to do, and the commits stay watched, for a reset of that HEAD.
+            return None
+        self._landed.clear()
         steps = plan(ours, theirs, {path: putback.blob_of(self._tree, path, self._algo) for path in ours})
         found = Found(dropped=len(gone), kept=list(steps.kept))
         for kind, chosen in (("write", steps.write), ("delete", steps.delete), ("commit", steps.commit)):

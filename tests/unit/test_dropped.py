@@ -126,6 +126,35 @@ def test_a_rebase_that_kept_the_records_restores_nothing(setup: tuple[Path, Git,
     assert not items and not notices
 
 
+def test_a_reset_after_a_checkout_of_a_branch_holding_the_same_records_still_writes_them_back(
+        setup: tuple[Path, Git, Records]) -> None:
+    """A checkout of another branch that holds the daemon's records as it committed them is no drop; the
+    commits stay watched, and a later reset past them there writes the records back."""
+    root, repo, records = setup
+    items: list[CommitItem] = []
+    notices: list[str] = []
+    dropped = job(repo, records, items, notices)
+    sha, paths = record_task(root, repo, records, "t")
+    before = {path: (root / path).read_bytes() for path in paths}
+    dropped.landed(sha)
+    dropped.run()
+    # Another branch gets the same records (a cherry-pick over a person's commit: another commit, the same
+    # blobs), and is checked out.
+    git(root, "checkout", "--quiet", "-b", "side", "HEAD~1")
+    (root / "notes.txt").write_text("mine\n")
+    git(root, "add", "notes.txt")
+    git(root, "commit", "--quiet", "-m", "user: notes")
+    git(root, "cherry-pick", sha)
+    assert git(root, "rev-parse", "HEAD").strip() != sha
+    dropped.run()
+    assert not items and not notices
+    git(root, "reset", "--quiet", "--hard", "HEAD~1")
+    assert not (root / "runs" / "t").exists()
+    dropped.run()
+    assert {path: (root / path).read_bytes() for path in paths} == before
+    assert len(items) == 1 and sorted(items[0].paths) == sorted(paths)
+
+
 def test_a_file_changed_after_the_reset_is_left_and_named(setup: tuple[Path, Git, Records]) -> None:
     root, repo, records = setup
     items: list[CommitItem] = []
