@@ -36,6 +36,9 @@ class Gate:
         return f"(exec 3<>/dev/tcp/127.0.0.1/{self.port}) 2>/dev/null"
 
     def open(self) -> None:
+        """Open the gate; once open it stays open (a test's `finally` may open it again, so no Agent waits on)."""
+        if self._sock is not None:
+            return
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))

@@ -255,10 +255,15 @@ def test_no_process_of_a_run_outlives_it_whether_it_ends_is_cancelled_or_times_o
 
 
 def test_an_agent_that_truncates_its_output_ends_its_run_failed_once_saying_so(
-        repo: Path, worker: Worker, daemon: Daemon) -> None:
+        repo: Path, worker: Worker, daemon: Daemon, gate: Gate) -> None:
     daemon.start()
-    write_task(repo, "shrinks", "echo hello\nsleep 1\n"
-                                f"{shlex.quote(sys.executable)} -c 'import os; os.ftruncate(1, 0)'\nsleep 1\necho done")
+    # It truncates once its first line reached the daemon, then runs on until the Worker, seeing output.log
+    # shrink below what it sent, stops it.
+    write_task(repo, "shrinks", f"echo hello\nuntil {gate.check}; do sleep 0.05; done\n"
+                                f"{shlex.quote(sys.executable)} -c 'import os; os.ftruncate(1, 0)'\n"
+                                "sleep 300\necho done")
+    wait_until(lambda: _output(repo, "shrinks") == "hello\n", 60, "the first line to reach the daemon")
+    gate.open()
     record = wait_status(repo, "shrinks", "FAILED", timeout=60)
     runs = [run_record(repo, "shrinks", n) for n in range(1, len(record["runs"]) + 1)]
     assert runs and all(r and r["status"] == "FAILED" for r in runs), runs

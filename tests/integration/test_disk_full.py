@@ -18,6 +18,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.agentprobes import Gate
 from tests.conftest import Daemon, _kill_leftover_agents, git, local_worker_home, mounted_tmpfs, taskrun, \
     wait_status, wait_until, write_task
 
@@ -191,6 +192,12 @@ def test_an_agent_failing_while_the_worker_home_is_full_is_recorded_with_that_re
         _kill_leftover_agents(repo)
 
 
+def _gone_from_worker_home(root: Path, run_id: str) -> None:
+    """Wait until the local Worker removed the directory of Run `run_id` (and the room it took)."""
+    run_dir = local_worker_home(root) / "runs" / run_id
+    wait_until(lambda: not run_dir.exists(), 60, f"the Worker to remove {run_dir}")
+
+
 def _agent_gone(run_id: str) -> bool:
     """No process of the Run's Agent is left (its command line names the Run's directory)."""
     for entry in Path("/proc").iterdir():
@@ -307,13 +314,13 @@ def test_an_agent_that_fills_the_worker_home_itself_fails_with_that_reason_and_f
 
 
 def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_alone(
-        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        repo: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch, gate: Gate) -> None:
     # 12 MB that do not compress fit in the home, their pack does not: git pack-objects fails for want of
     # room. The session crashed on that, and again at every reconnect, until the other Run was lost too.
     daemon = _home_on_tmpfs(repo, tmpfs, monkeypatch)
     with _serving(daemon, repo):
         daemon.start()
-        write_task(repo, "other", "sleep 50; echo other")  # it prints once the room came back
+        write_task(repo, "other", f"until {gate.check}; do sleep 0.1; done; echo other")
         wait_status(repo, "other", "RUNNING")
         write_task(repo, "bigc", "head -c 12000000 /dev/urandom > big.bin\necho wrote")
         done = wait_status(repo, "bigc", "COMPLETED", "FAILED", timeout=120)
@@ -321,6 +328,8 @@ def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_al
         run = json.loads((repo / "runs" / "bigc" / "run-1" / "status.json").read_text())
         assert "the Agent's change was not returned" in run["error"], run["error"]
         assert "the disk holding the Worker home is full" in run["error"], run["error"]
+        _gone_from_worker_home(repo, run["run_id"])
+        gate.open()  # the room came back: the other Run prints and ends
         other = wait_status(repo, "other", "COMPLETED", "FAILED", timeout=120)
         assert other["status"] == "COMPLETED" and len(other["runs"]) == 1, other
         assert "offline" not in daemon.output() and "closed the session" not in daemon.output()
@@ -328,7 +337,7 @@ def test_a_change_that_cannot_be_packed_on_the_full_worker_home_fails_its_run_al
 
 
 def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop_everything(
-        tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gate: Gate) -> None:
     # The clone and the local Worker's home on one disk: the Run that filled it ends after the wait for room,
     # its files go at once (the daemon cannot record its result without that room), and the rest goes on.
     root = _repo(tmpfs)
@@ -339,11 +348,14 @@ def test_an_agent_filling_the_disk_the_clone_and_worker_home_share_does_not_stop
         with open(daemon.log, "ab") as log:
             daemon.proc = subprocess.Popen([sys.executable, "-m", "taskrunner", "-C", str(root), "up"],
                                            stdout=log, stderr=subprocess.STDOUT)
-        write_task(root, "q", "sleep 60; echo ok")  # it prints once the room came back
+        write_task(root, "q", f"until {gate.check}; do sleep 0.1; done; echo ok")
         wait_status(root, "q", "RUNNING")
         write_task(root, "fill", "dd if=/dev/zero of=fill bs=1M count=100 2>/dev/null; exit 0")
         done = wait_status(root, "fill", "COMPLETED", "FAILED", timeout=150)
         assert done["status"] == "FAILED" and "the disk holding the Worker home is full" in done["error"], done
+        filled = json.loads((root / "runs" / "fill" / "run-1" / "status.json").read_text())
+        _gone_from_worker_home(root, filled["run_id"])
+        gate.open()  # the room came back: the other Run prints and ends
         q = wait_status(root, "q", "COMPLETED", "FAILED", timeout=150)
         assert q["status"] == "COMPLETED" and len(q["runs"]) == 1, q
         write_task(root, "after", "echo after")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import taskrun, wait_status, write_task
+from tests.agentprobes import Gate
+from tests.conftest import taskrun, wait_status, wait_until, write_task
 from tests.integration.test_ssh_key_holder import _start, _stop
 from tests.integration.test_ssh_workers import _add, hosts  # noqa: F401 (hosts is a fixture)
 from tests.sshd import SshdHost
@@ -54,6 +55,15 @@ while (line := gate.stdout.readline()):
 '''
 
 
+def _sessions(counter: Path) -> int:
+    """How many sessions the relay saw (0 before the first; the relay writes the file in place)."""
+    try:
+        text = counter.read_text()
+    except FileNotFoundError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
 def _relay_in_front_of_the_gate(host: SshdHost, tmp_path: Path) -> Path:
     (tmp_path / "records.json").write_text(json.dumps(HOSTILE))
     (tmp_path / "relay.py").write_text(RELAY)
@@ -66,23 +76,27 @@ def _relay_in_front_of_the_gate(host: SshdHost, tmp_path: Path) -> Path:
 
 
 def test_malformed_records_from_a_worker_end_its_session_not_the_daemon(
-        repo: Path, hosts: list[SshdHost], tmp_path: Path) -> None:
+        repo: Path, hosts: list[SshdHost], tmp_path: Path, gate: Gate) -> None:
     host = hosts[0]
     _add(repo, "w1", host)
     assert taskrun(repo, "worker", "remove", "local").returncode == 0
     counter = _relay_in_front_of_the_gate(host, tmp_path)
-    # Long enough for every hostile session (each ends in about a second) to come and go while it runs.
+    # It runs until every hostile session came and went, and a clean one came: the gate opens then.
     # A session that ends as its Run is being assigned loses the Run, which is then placed again.
-    write_task(repo, "survives", "echo one; sleep 15; echo two", front="retries: 9\n")
+    write_task(repo, "survives", f"echo one; until {gate.check}; do sleep 0.05; done; echo two",
+               front="retries: 9\n")
     daemon = _start(repo)
     try:
+        wait_until(lambda: _sessions(counter) > len(HOSTILE), 150, "a session after the hostile ones")
+        gate.open()
         record = wait_status(repo, "survives", "COMPLETED", "FAILED", timeout=180)
         assert daemon.poll() is None, "the daemon died"
         assert taskrun(repo, "workers", "--json").returncode == 0
     finally:
+        gate.open()  # on a failure too: no Agent is left waiting on the Worker
         _stop(daemon)
     assert record["status"] == "COMPLETED", record
-    assert int(counter.read_text()) > len(HOSTILE)  # every hostile record was sent, each in a session of its own
+    assert _sessions(counter) > len(HOSTILE)  # every hostile record was sent, each in a session of its own
     log = (repo.parent / "daemon.log").read_text()
     assert "Traceback" not in log
     assert log.count("protocol error") == len(HOSTILE), log[-3000:]

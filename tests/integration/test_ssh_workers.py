@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +14,8 @@ import pytest
 from taskrunner import keys
 from taskrunner.config import load_config
 from taskrunner.keys import Keyring
-from tests.conftest import run_record, status_of, taskrun, write_task
+from tests.agentprobes import Gate
+from tests.conftest import run_record, status_of, taskrun, wait_until, write_task
 from tests.sshd import SshdHost, client_key, start_sshd
 
 
@@ -74,16 +77,32 @@ def test_unconfirmed_host_key_is_not_pinned(repo: Path, hosts: list[SshdHost]) -
     assert (repo / ".taskrun.yaml").read_text() == before
 
 
-def test_tasks_spread_over_three_ssh_workers(repo: Path, hosts: list[SshdHost]) -> None:
+def test_tasks_spread_over_three_ssh_workers(repo: Path, hosts: list[SshdHost], gate: Gate, tmp_path: Path) -> None:
     _only_ssh_workers(repo, hosts)
     for n in range(6):
-        write_task(repo, f"spread-{n}", f"echo run {n} on $(hostname)\nsleep 0.5")
+        write_task(repo, f"spread-{n}", f"echo run {n} on $(hostname)\nuntil {gate.check}; do sleep 0.05; done")
 
-    result = taskrun(repo, "up", "--once", timeout=120)
+    def workers() -> set[str | None]:
+        return {(run_record(repo, f"spread-{n}", 1) or {}).get("worker") for n in range(6)} - {None}
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    workers = {(run_record(repo, f"spread-{n}", 1) or {}).get("worker") for n in range(6)}
-    assert workers == {"w1", "w2", "w3"}
+    # Each Worker has one slot, which its Run holds until the gate opens: the Tasks must go to all three.
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "taskrunner", "-C", str(repo), "up", "--once"],
+                              stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: workers() == {"w1", "w2", "w3"} or up.poll() is not None, 120,
+                   "a Run on each of the three Workers")
+        gate.open()
+        returncode = up.wait(timeout=120)
+    finally:
+        gate.open()  # on a failure too: no Agent is left waiting
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+    assert returncode == 0, log.read_text()
+    assert workers() == {"w1", "w2", "w3"}
     assert (repo / "runs/spread-0/run-1/output.log").read_text().startswith("run 0 on ")
 
 

@@ -23,7 +23,8 @@ from taskrunner.worker import serve as serve_module
 from taskrunner.worker.rundir import RunDir
 from taskrunner.worker.trust import worker_key
 from tests.signed import ControlPlane, enroll
-from tests.unit.test_worker_serve import Session, outcome, output_of, poll_until
+from tests.unit.test_worker_serve import Session, go_flag, group_gone, outcome, output_of, poll_until
+from tests.unit.test_worker_serve import reap_orphans_here  # noqa: F401 (autouse: the killed Agents are reaped here)
 
 NOW = 1_700_000_000.0
 CONTROL = SigningKey.generate()
@@ -115,18 +116,28 @@ def sessions(home: Path) -> Iterator[Callable[[], Session]]:
     yield open_session
     for session in opened:
         session.close()
+    # Nothing a test started may outlive it: the Agents (each its own process group) are killed and reaped.
+    for session in opened:
+        for pid in session.pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     for session in opened:
         for run in session.server._runs.values():
             if run.proc is not None:
                 run.proc.kill()
                 run.proc.wait(timeout=15)
+        for pid in session.pids:
+            poll_until(lambda: group_gone(pid), f"process group {pid} to end")
 
 
 def _daemons_run(session: Session, cp: ControlPlane) -> str:
-    """The daemon's session runs a Run that lasts a little while (the Agent sees only its workspace,
-    so the test cannot tell it when to end); returns its run id."""
+    """The daemon's session runs a Run that goes on until the test creates `go_flag` in its workspace
+    (or kills it at the end); returns its run id."""
     session.authenticate(cp)
-    session.send_message(cp.assignment("run-real", "echo started\nsleep 2\necho finished"))
+    session.send_message(cp.assignment("run-real", "echo started\nwhile [ ! -e go ]; do sleep 0.02; done\n"
+                                                   "echo finished"))
     session.until("started", "run-real")
     return "run-real"
 
@@ -155,6 +166,7 @@ def test_a_second_session_without_the_proof_lists_streams_cancels_and_acks_nothi
     assert [m.type for m in attacker.history if m.type != "heartbeat"] == ["hello"] + ["error"] * 6
     assert not (home / "runs" / "run-mine").exists()
 
+    go_flag(home, run_id).touch()  # it ran all along: a cancel or ack taken above would show in its result
     messages = daemon.until("result", run_id)
     result = outcome(daemon, messages[-1])
     assert result["status"] == "COMPLETED", result

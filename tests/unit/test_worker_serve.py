@@ -31,7 +31,7 @@ from taskrunner.results import ResultRejected, verified_result
 from taskrunner.signing import SigningKey
 from taskrunner import bundle
 from taskrunner.worker.rundir import RunDir, wrapped
-from taskrunner.worker.serve import ADOPTED_PROBE_SECONDS, WorkerServer
+from taskrunner.worker.serve import WorkerServer
 from taskrunner.worker.trust import worker_key
 from tests.signed import NO_HURRY, TASK_FILE, ControlPlane, enroll, signed_result
 
@@ -203,6 +203,11 @@ class Session:
     @property
     def serving(self) -> bool:
         return self._serve.is_alive()
+
+    @property
+    def serve_thread(self) -> threading.Thread:
+        """The thread running `serve()`: the one that ticks this session's Runs."""
+        return self._serve
 
     def close(self) -> None:
         self.close_input()
@@ -583,6 +588,8 @@ def test_a_secret_the_agent_prints_is_masked_in_the_output_even_when_split_acros
     monkeypatch.setenv("TASKRUN_TEST_SECRET", SECRET)
     session = sessions()
     session.authenticate(cp)
+    # The pause leaves the secret's first part alone in output.log across a few of the Worker's reads: the
+    # split it must mask is made of time, there is nothing to wait for.
     script = ('echo before\nprintf "key=%s\\n" "$TASKRUN_TEST_SECRET"\n'
               'printf %s "${TASKRUN_TEST_SECRET:0:3}"\nsleep 0.2\nprintf "%s\\n" "${TASKRUN_TEST_SECRET:3}"\n'
               "echo after")
@@ -930,6 +937,11 @@ def test_a_secret_is_masked_on_resume_even_if_the_new_session_no_longer_has_it(
 # ---------------------------------------------------------------- several sessions on one Worker home
 
 
+def judged(run: Path) -> bool:
+    """A session judged the Run in directory `run`: it wrote its result or the reason it stops it."""
+    return (run / "result.json").exists() or (run / "stop.json").exists()
+
+
 def test_a_run_another_session_is_still_starting_is_neither_judged_by_a_stranger_nor_by_a_new_session(
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     extracting, release = threading.Event(), threading.Event()
@@ -940,7 +952,17 @@ def test_a_run_another_session_is_still_starting_is_neither_judged_by_a_stranger
         release.wait(DEADLINE)
         return extract(*args, **kwargs)
 
+    looked: list[threading.Thread] = []  # each look that found the Run still being started, by its thread
+    being_started = RunDir.being_started
+
+    def counted(run_dir: RunDir) -> bool:
+        answer = being_started(run_dir)
+        if answer and run_dir.run_id == "run-slow-start":
+            looked.append(threading.current_thread())
+        return answer
+
     monkeypatch.setattr(bundle, "extract", slow_extract)
+    monkeypatch.setattr(RunDir, "being_started", counted)
     first = sessions()
     first.authenticate(cp)
     assign(first, cp, "run-slow-start", "echo started")
@@ -955,9 +977,12 @@ def test_a_run_another_session_is_still_starting_is_neither_judged_by_a_stranger
     # A reconnect while the first session still starts the Run: it goes on, it has not ended.
     second = sessions()
     assert second.authenticate(cp)["runs"] == [{"run_id": "run-slow-start", "state": "running", "size": 0}]
+    looked.clear()
     second.send("resume", run_id="run-slow-start", offset=0)
-    time.sleep(5 * ADOPTED_PROBE_SECONDS)
-    assert not (run / "result.json").exists() and not (run / "stop.json").exists()
+    # It looks again every ADOPTED_PROBE_SECONDS; five looks find the start under way and judge nothing.
+    poll_until(lambda: looked.count(second.serve_thread) >= 5 or judged(run),
+               "the second session to look at the Run five times")
+    assert not judged(run)
 
     release.set()
     messages = first.until("result", "run-slow-start")
@@ -1028,6 +1053,8 @@ def test_two_live_sessions_send_one_result_and_an_ack_on_one_is_forgotten_by_the
     first.send("resume", run_id="run-both", offset=0)
     first.send("cancel", run_id="unknown", reason="x")
     assert first.next()["run_id"] == "unknown"  # still serving; the Run is forgotten, not failed
+    # Forgotten on the loop's next look at it, which may come after the records above were handled.
+    poll_until(lambda: "run-both" not in first.server._runs, "the first session to forget the acknowledged Run")
     first.send("resume", run_id="run-both", offset=0)
     error = first.next()
     assert error.type == "error" and error["message"] == "this Worker holds no Run run-both"
@@ -1051,6 +1078,8 @@ def test_an_agent_that_tampers_with_output_already_sent_gets_a_result_covering_w
         sessions: Callable[[], Session], cp: ControlPlane, home: Path, tamper: str, said: str) -> None:
     session = sessions()
     session.authenticate(cp)
+    # After the tampering the Agent lives on a moment: whether the Worker sees it then or once the Agent
+    # ended, the result is the same, so nothing waits on that moment.
     assign(session, cp, "run-tamper", "echo hello\nwhile [ ! -e go ]; do sleep 0.02; done\n"
                                       f"{sys.executable} -c \"{tamper}\"\nsleep 0.5")
     messages = session.until("output", "run-tamper")

@@ -107,7 +107,7 @@ elif scenario == "turns":
     for n in range(1, 1000):
         say(n, text_block("turn %%d" %% n))
         tool_result("ok")
-        time.sleep(0.05)
+        time.sleep(0.05)  # a turn every 50 ms, on and on: the Worker stops it at its budget
     result()
 elif scenario == "cost":
     say(1, text_block("spent a lot"))
