@@ -96,6 +96,15 @@ class _Plane:
         self.engine.on_link_event(LinkEvent("local", self.worker.generation, message))
         self.engine.flush(force=True)
 
+    def idle(self) -> _Plane:
+        """No Task, no Run: the Worker free, trusted, offering the shell Agent."""
+        self.engine.tasks.clear()
+        self.engine.runs.clear()
+        self.worker.runs = set()
+        self.worker.hello = {"agents": {"shell": {"version": None}}}
+        self.worker.trusted = True
+        return self
+
     def said_once(self, text: str) -> list[str]:
         return [n for n in self.hooks.said if n == text]
 
@@ -224,12 +233,7 @@ def test_a_run_whose_own_records_cannot_be_written_is_failed_unsent_and_others_a
     git(tmp_path, "add", "tasks")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "v").write_text("pushed\n")
-    plane = _Plane(tmp_path)
-    plane.engine.tasks.clear()
-    plane.engine.runs.clear()
-    plane.worker.runs = set()
-    plane.worker.hello = {"agents": {"shell": {"version": None}}}
-    plane.worker.trusted = True
+    plane = _Plane(tmp_path).idle()
     for name in ("v", "w"):
         plane.engine.task_file_changed(f"tasks/{name}.md")
     plane.engine.schedule()  # one slot: v's Run takes it
@@ -256,12 +260,7 @@ def test_no_run_is_assigned_while_runs_cannot_be_written_and_the_task_says_why(
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "a.md").write_text("# A\n\n```sh\ntrue\n```\n")
     git(tmp_path, "add", "tasks")
-    plane = _Plane(tmp_path)
-    plane.engine.tasks.clear()
-    plane.engine.runs.clear()
-    plane.worker.runs = set()
-    plane.worker.hello = {"agents": {"shell": {"version": None}}}
-    plane.worker.trusted = True
+    plane = _Plane(tmp_path).idle()
     space = plane.engine.records.space
     space.failed(OSError(errno.ENOSPC, "No space left on device"))
     monkeypatch.setattr(diskspace, "has_room", lambda path, need=0: False)
