@@ -30,8 +30,10 @@ from taskrunner.errors import DaemonNotRunning, TaskrunError
 #: sun_path holds 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 100
 REPLY_TIMEOUT = 30.0
-#: How often a request polls for the socket of a daemon that holds its lock but is still starting.
+#: How often, and how long at most, a request polls for the socket of a daemon that holds its lock but is
+#: still starting (from the lock to the socket takes well under a second, unless a prune is resumed).
 START_POLL_SECONDS = 0.05
+START_WAIT_SECONDS = 10.0
 SOCKET_NAME = "daemon.sock"
 #: Prefix of the private directories made for sockets of long repository paths.
 PRIVATE_PREFIX = "taskrun-"
@@ -181,12 +183,12 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIM
 
     A daemon that holds its lock (daemon.lock) but has no socket yet is starting (its record key checked,
     old temp files cleared, the socket next): with `wait_start` the request waits for the socket, polling
-    every START_POLL_SECONDS for up to `timeout`, instead of saying that no daemon runs (`taskrun prune`
+    every START_POLL_SECONDS for up to START_WAIT_SECONDS (at most `timeout`), instead of saying that no daemon runs (`taskrun prune`
     without a daemon holds the lock too: then it waits in vain). Callers with an answer of their own when
     no daemon runs (`status` reads the records, a git hook's `trigger --quiet` has nothing to do) pass
     False. Nothing is sent twice: only a request that never reached a socket is tried again.
     """
-    deadline = clock.monotonic() + timeout
+    deadline = clock.monotonic() + min(timeout, START_WAIT_SECONDS)
     while True:
         try:
             sock = _connect(state_dir, timeout)
@@ -197,7 +199,8 @@ def request(state_dir: Path, payload: dict[str, Any], timeout: float = REPLY_TIM
             if clock.monotonic() >= deadline:
                 raise DaemonNotRunning(f"a taskrun daemon holds this repository's lock (it is starting, or "
                                        f"`taskrun prune` runs) but its control socket did not answer in "
-                                       f"{timeout:.0f} s ({exc}); try again, or see its log") from None
+                                       f"{min(timeout, START_WAIT_SECONDS):.0f} s ({exc}); try again, or see "
+                                       "its log") from None
             time.sleep(START_POLL_SECONDS)
     try:
         with sock:

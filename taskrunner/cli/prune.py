@@ -95,7 +95,9 @@ def _prune(args: argparse.Namespace, out: Console) -> int:
     except PruneError as exc:
         raise UsageError(str(exc)) from None
     try:
-        reply = control.request(gitops.state_dir(root), payload, REPLY_TIMEOUT)
+        # No wait for a starting daemon: without one, prune takes the daemon's lock itself, and says so when it
+        # cannot (a daemon starting or running).
+        reply = control.request(gitops.state_dir(root), payload, REPLY_TIMEOUT, wait_start=False)
         args.daemon = True
     except DaemonNotRunning:
         args.daemon = False

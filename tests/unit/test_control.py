@@ -160,6 +160,13 @@ def test_without_a_held_lock_no_daemon_is_said_at_once_and_a_lock_held_too_long_
     try:
         with pytest.raises(DaemonNotRunning, match="holds this repository's lock .* did not answer in 1 s"):
             request(state, {"command": "ping"}, timeout=1)
+        # However long the reply may take, the wait for a socket is START_WAIT_SECONDS at most.
+        started = time.monotonic()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(control, "START_WAIT_SECONDS", 0.5)
+            with pytest.raises(DaemonNotRunning, match="did not answer in 0 s"):
+                request(state, {"command": "ping"}, timeout=60)
+        assert time.monotonic() - started < 10
         # A caller with an answer of its own (`status` reads the records) does not wait.
         started = time.monotonic()
         with pytest.raises(DaemonNotRunning, match="no taskrun daemon is running"):
