@@ -148,8 +148,7 @@ class _Reader:
             task = self.load_task()
             if task is None and not self.follow:
                 raise no_record(self.records, self.task_id)
-            numbers = [e["run"] for e in (task or {}).get("runs") or []
-                       if isinstance(e, dict) and isinstance(e.get("run"), int) and not isinstance(e["run"], bool)]
+            numbers = run_numbers(task)
             later = [n for n in numbers if previous is None or n > previous]
             if later:
                 return later[-1] if previous is None else min(later)
@@ -164,10 +163,8 @@ class _Reader:
 
     def _runs_there(self) -> str:
         """'; its Runs: 1, 2' (what `--run` may name), or '; it has no Runs yet'."""
-        task = self.load_task()
-        numbers = [str(e["run"]) for e in (task or {}).get("runs") or []
-                   if isinstance(e, dict) and isinstance(e.get("run"), int) and not isinstance(e["run"], bool)]
-        return f"; its Runs: {', '.join(numbers)}" if numbers else "; it has no Runs yet"
+        numbers = run_numbers(self.load_task())
+        return f"; its Runs: {', '.join(map(str, numbers))}" if numbers else "; it has no Runs yet"
 
     def show(self, number: int) -> None:
         """Write Run `number`'s output; with `follow`, until the Run is final and its output read whole."""
@@ -265,3 +262,9 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
             break
         previous = number
     return EXIT_OK
+
+
+def run_numbers(task: dict[str, Any] | None) -> list[int]:
+    """The Run numbers a Task record lists (entries that are not a number are passed over)."""
+    return [e["run"] for e in (task or {}).get("runs") or []
+            if isinstance(e, dict) and isinstance(e.get("run"), int) and not isinstance(e["run"], bool)]

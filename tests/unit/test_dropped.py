@@ -87,6 +87,16 @@ def record_task(root: Path, repo: Git, records: Records, task_id: str) -> tuple[
     return sha, paths
 
 
+def rebuilt_on_side(root: Path, sha: str) -> None:
+    """Branch `side` from the commit under `sha`, with a person's commit, then `sha` cherry-picked on top:
+    another commit holding the same records; `side` is checked out."""
+    git(root, "checkout", "--quiet", "-b", "side", "HEAD~1")
+    (root / "notes.txt").write_text("mine\n")
+    git(root, "add", "notes.txt")
+    git(root, "commit", "--quiet", "-m", "user: notes")
+    git(root, "cherry-pick", sha)
+
+
 def test_a_hard_reset_past_the_daemons_commit_writes_its_records_back(setup: tuple[Path, Git, Records]) -> None:
     root, repo, records = setup
     items: list[CommitItem] = []
@@ -116,11 +126,7 @@ def test_a_rebase_that_kept_the_records_restores_nothing(setup: tuple[Path, Git,
     dropped.landed(sha)
     dropped.run()
     # The person's commit goes under the daemon's: the daemon's commit is rebuilt with the same records.
-    git(root, "checkout", "--quiet", "-b", "side", "HEAD~1")
-    (root / "notes.txt").write_text("mine\n")
-    git(root, "add", "notes.txt")
-    git(root, "commit", "--quiet", "-m", "user: notes")
-    git(root, "cherry-pick", sha)
+    rebuilt_on_side(root, sha)
     git(root, "branch", "--quiet", "-f", "main" if "main" in git(root, "branch") else "master", "HEAD")
     dropped.run()
     assert not items and not notices
@@ -140,11 +146,7 @@ def test_a_reset_after_a_checkout_of_a_branch_holding_the_same_records_still_wri
     dropped.run()
     # Another branch gets the same records (a cherry-pick over a person's commit: another commit, the same
     # blobs), and is checked out.
-    git(root, "checkout", "--quiet", "-b", "side", "HEAD~1")
-    (root / "notes.txt").write_text("mine\n")
-    git(root, "add", "notes.txt")
-    git(root, "commit", "--quiet", "-m", "user: notes")
-    git(root, "cherry-pick", sha)
+    rebuilt_on_side(root, sha)
     assert git(root, "rev-parse", "HEAD").strip() != sha
     dropped.run()
     assert not items and not notices
