@@ -5,7 +5,7 @@ the embedded default: the `shell` Agent on the `local` Worker. Anything
 unknown, mistyped or ambiguous is refused with a `ConfigError` naming the
 file, the dotted key (`workers.build-1.port`) and what was expected, so a
 daemon fails fast at start and keeps its previous configuration on a bad
-reload. Only `load_config` and `read_config_file` touch the filesystem.
+reload. Only `load_config` and `read_config_file` (config_file.py) touch the filesystem.
 
 The text is at most MAX_CONFIG_FILE_BYTES: a larger file is refused before
 it is read whole (`read_config_file` reads at most one byte more), and text
@@ -31,7 +31,6 @@ from taskrunner.defaults import (
     HEARTBEAT_SECONDS,
     LOCAL_SLOTS,
     LOCAL_WORKER,
-    MAX_CONFIG_FILE_BYTES,
     MIN_OFFLINE_AFTER_SECONDS,
     OFFLINE_AFTER_SECONDS,
     RETRIES,
@@ -39,15 +38,15 @@ from taskrunner.defaults import (
 )
 # AGENT_PRESETS and PROMPT_PLACEHOLDER are re-exported: callers know them as config's.
 from taskrunner.config_agents import AGENT_PRESETS, PROMPT_PLACEHOLDER, AgentParsing  # noqa: F401
+# Re-exported: callers know them as config's.
+from taskrunner.config_file import check_config_size, read_config_file, too_large  # noqa: F401
 from taskrunner.config_metrics import MetricsConfig, listen_address, parse_metrics
 from taskrunner.config_notify import NotifyTarget, parse_notify
 from taskrunner.duration import format_duration, parse_duration
-from taskrunner.errors import ConfigError, UnsafePath
+from taskrunner.errors import ConfigError
 from taskrunner.model import NAME_RE, AgentSpec, Prices, WorkerSpec
-from taskrunner.safefs import REFUSAL, Beneath
 from taskrunner.signing import SignatureRejected, parse_public_line
 from taskrunner.taskfile import describe, parse_labels
-from taskrunner.textsafe import over_limit
 from taskrunner.yamlload import load_yaml
 
 TRANSPORTS = ("local", "ssh")
@@ -205,44 +204,6 @@ def load_config(root: Path) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), f"not UTF-8 text (invalid byte at offset {exc.start})") from exc
     return parse_config(text, str(path), root)
-
-
-def read_config_file(root: Path) -> bytes | None:
-    """The bytes of root/.taskrun.yaml, None when there is none; ConfigError when it cannot be taken.
-
-    Read beneath `root` (safefs: no link followed, no FIFO waited on), and
-    never more than MAX_CONFIG_FILE_BYTES + 1 bytes: a larger file is
-    refused by its size.
-    """
-    path = root / CONFIG_FILE
-    tree = Beneath(root)
-    try:
-        data, size = tree.read_capped(CONFIG_FILE, MAX_CONFIG_FILE_BYTES)
-    except FileNotFoundError:
-        return None
-    except UnsafePath as exc:
-        raise ConfigError(str(path), f"cannot read the file: it is {exc.what}; {exc.reason or REFUSAL}") from None
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the file: {exc.strerror or exc}") from exc
-    finally:
-        tree.close()
-    if data is None:
-        raise too_large(str(path), size)
-    return data
-
-
-def too_large(file: str, size: int) -> ConfigError:
-    """The refusal of a configuration of `size` bytes, over MAX_CONFIG_FILE_BYTES."""
-    return ConfigError(file, f"the file is {over_limit(size, MAX_CONFIG_FILE_BYTES, 'configuration files')} "
-                             "(MAX_CONFIG_FILE_BYTES); shorten it: remove long comments or unused entries")
-
-
-def check_config_size(text: str, file: str) -> None:
-    """ConfigError (too_large) when `text` is more than MAX_CONFIG_FILE_BYTES of UTF-8."""
-    if len(text) * 4 > MAX_CONFIG_FILE_BYTES:  # UTF-8 takes at most 4 bytes a character: short text is not counted
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > MAX_CONFIG_FILE_BYTES:
-            raise too_large(file, size)
 
 
 def parse_config(text: str, file: str, root: Path | None = None) -> Config:
