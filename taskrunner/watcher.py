@@ -2,9 +2,13 @@
 
 A file written and closed (inotify's close-after-write) or renamed into place
 is read at once: that is how editors and `taskrun submit` finish a file.
-Other changes (a write that has not been closed yet, a touch) are debounced
-until the file has been quiet for DEBOUNCE_SECONDS, so a half-written file is
-not read. Editor swap and temp files are ignored. A directory moved in or out
+A file created or written and not closed yet is still being written (`cp` of
+a big file makes it empty first, then writes it in pieces): it waits for its
+close, or for UNCLOSED_QUIET_SECONDS without another event (a writer that
+keeps it open, a touch), so a half-written file is not read. A removal is
+debounced until the file has been quiet for DEBOUNCE_SECONDS. A file written
+in two separate writes (each closed) further apart than that is read after
+each: write a Task file under another name and rename it into tasks/. Editor swap and temp files are ignored. A directory moved in or out
 of tasks/ carries no per-file events, so it triggers a rescan.
 
 So does an overflow of the kernel's inotify queue (fs.inotify.max_queued_events,
@@ -39,6 +43,8 @@ class FileEvent:
     path: str = ""  # relative to the repository root
 
 
+#: Quiet seconds after which a file written and not closed (see the module doc) is read all the same.
+UNCLOSED_QUIET_SECONDS = 2.0
 #: The logger watchdog reports an inotify queue overflow on (watchdog/observers/inotify_c.py).
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 
@@ -56,10 +62,12 @@ class _Overflow(logging.Handler):
 
 
 class Watcher(FileSystemEventHandler):
-    def __init__(self, root: Path, post: Callable[[FileEvent], None], debounce: float = DEBOUNCE_SECONDS) -> None:
+    def __init__(self, root: Path, post: Callable[[FileEvent], None], debounce: float = DEBOUNCE_SECONDS,
+                 unclosed: float = UNCLOSED_QUIET_SECONDS) -> None:
         self.root = root
         self._post = post
         self._debounce = debounce
+        self._unclosed = max(debounce, unclosed)
         self._due: dict[str, tuple[float, FileEvent]] = {}
         self._cond = threading.Condition()
         self._stopped = False
@@ -108,6 +116,7 @@ class Watcher(FileSystemEventHandler):
         elif kind == "deleted":
             self._file(str(event.src_path), "removed")
         else:
+            # "closed": written and closed; "created", "modified": a writer may still be at it.
             self._file(str(event.src_path), "changed", at_once=kind == "closed")
 
     def _file(self, path: str, kind: str, at_once: bool = False) -> None:
@@ -125,7 +134,7 @@ class Watcher(FileSystemEventHandler):
         if at_once:
             self._now(event)
         else:
-            self._later(event)
+            self._later(event, self._unclosed if kind == "changed" else self._debounce)
 
     def _under_tasks(self, path: str) -> bool:
         return os.path.relpath(path, self.root).startswith(TASKS_DIR + "/")
@@ -135,9 +144,9 @@ class Watcher(FileSystemEventHandler):
             self._due.pop(event.path, None)
         self._post(event)
 
-    def _later(self, event: FileEvent) -> None:
+    def _later(self, event: FileEvent, quiet: float | None = None) -> None:
         with self._cond:
-            self._due[event.path] = (time.monotonic() + self._debounce, event)
+            self._due[event.path] = (time.monotonic() + (self._debounce if quiet is None else quiet), event)
             self._cond.notify()
 
     # -- the debounce thread ---------------------------------------------------

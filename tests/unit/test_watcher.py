@@ -6,6 +6,8 @@ import os
 import queue
 from pathlib import Path
 
+import pytest
+
 from taskrunner.watcher import FileEvent, Watcher
 
 
@@ -63,3 +65,40 @@ def test_an_inotify_queue_overflow_becomes_one_rescan(tmp_path: Path) -> None:
         watcher.stop()
     logging.getLogger(inotify_c.__name__).warning("Inotify queue overflowed; filesystem events were lost")
     assert posted.empty()  # a stopped watcher hears nothing
+
+
+def test_a_file_still_open_for_writing_is_read_at_its_close_not_half_written(tmp_path: Path) -> None:
+    """`cp` of a big Task file makes it empty, then writes it in pieces: neither the empty file nor a
+    piece is read while the writer has it open; its close is."""
+    (tmp_path / "tasks").mkdir()
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=30.0)
+    watcher.start()
+    try:
+        with open(tmp_path / "tasks" / "big.md", "wb") as handle:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.write(b"---\npriority: 1\n")
+            handle.flush()
+            # Far longer than the debounce: the half-written file would have been posted by now.
+            with pytest.raises(queue.Empty):
+                posted.get(timeout=0.5)
+            handle.write(b"---\n# the whole requirement\n")
+        assert posted.get(timeout=10) == FileEvent("changed", "tasks/big.md")
+        assert posted.empty()
+    finally:
+        watcher.stop()
+
+
+def test_a_file_left_open_is_read_once_it_has_been_quiet_for_the_unclosed_wait(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=0.3)
+    watcher.start()
+    try:
+        with open(tmp_path / "tasks" / "held.md", "wb") as handle:
+            handle.write(b"# held open\n")
+            handle.flush()
+            assert posted.get(timeout=10) == FileEvent("changed", "tasks/held.md")  # before the close
+    finally:
+        watcher.stop()
