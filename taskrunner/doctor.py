@@ -17,6 +17,10 @@ Checks, each a Finding (level "error" or "warning", what, and the fix):
   or tracked by git (`record_findings`): the daemon never follows one (it
   replaces those in its own paths and ignores the others), but a link that
   is there was put there by someone, and other tools may follow it.
+- no index.lock in the clone's git directory is INDEX_LOCK_STALE_SECONDS old
+  or older (`index_lock_findings`, with the records): one a killed git or
+  editor left behind keeps the daemon's records out of the index (`git status`
+  shows them as staged deletions) and fails every git command that writes it.
 
 - with `git.push: true`, the clone has the remote `git.remote` and HEAD is
   on a branch (`git_findings`);
@@ -35,6 +39,7 @@ import pwd
 import shlex
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +49,7 @@ from taskrunner.defaults import CONFIG_FILE, RUNS_DIR
 from taskrunner.gitflow import signers
 from taskrunner.keys import KEYS_DIR, RECORD_KEY_FILE, SSH_KEY_FILE
 from taskrunner.leaks import PRIVATE_KEY_PATTERN
+from taskrunner.recorder import INDEX_LOCK_STALE_SECONDS, age_words, remove_lock_advice
 from taskrunner.safefs import kind_of, refused
 
 
@@ -226,7 +232,8 @@ def git_findings(root: Path, config: Config) -> list[Finding]:
 def record_findings(root: Path) -> list[Finding]:
     """Links, hard links and special files under runs/: in the work tree (walked without following) and in
     git's index. A hard link is a file that is somewhere else too (`ln .git/taskrun/record.key runs/x/…`):
-    a person's `git add -A` would commit that file."""
+    a person's `git add -A` would commit that file. Then a stale index.lock (`index_lock_findings`), which
+    keeps the newest records out of that index."""
     found: list[Finding] = []
     runs = root / RUNS_DIR
     seen: set[str] = set()
@@ -261,4 +268,24 @@ def record_findings(root: Path) -> list[Finding]:
         mode = meta.split(" ", 1)[0]
         if mode in ("120000", "160000"):
             report(rel, "a symbolic link in git's index" if mode == "120000" else "a submodule in git's index")
+    found.extend(index_lock_findings(root))
     return found
+
+
+def index_lock_findings(root: Path) -> list[Finding]:
+    """The index.lock of the clone's git directory (wherever that is: a worktree, `--separate-git-dir`) when it
+    is INDEX_LOCK_STALE_SECONDS old or older; a younger one is most likely a git command at work."""
+    dirs = gitops.git_dirs(root)
+    if not dirs:
+        return []
+    lock = dirs[0] / "index.lock"
+    try:
+        info = os.lstat(lock)  # the lock itself: a link there is never followed
+    except OSError:
+        return []
+    age = time.time() - info.st_mtime
+    if age < INDEX_LOCK_STALE_SECONDS:
+        return []
+    return [Finding("warning", f"{lock} has been there for {age_words(age)}: git's index is locked, so every git "
+                    "command that writes it fails, and the records the daemon commits stay out of it (`git status` "
+                    "shows them as staged deletions)", remove_lock_advice(lock))]

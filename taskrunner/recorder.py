@@ -18,21 +18,26 @@ It also keeps the user's index in step (gitops.refresh_index: entries a held
 index.lock kept pending are tried again every INDEX_RETRY_SECONDS and with
 every batch; git rewrites the whole index for any change, so while more
 records wait for their commit a refresh covers several commits, at most one
-every INDEX_REFRESH_SECONDS, and once nothing waits it runs at once), commits
-again the records a user's commit removed
-(gitops.Git.recommit), pushes after each commit (`pusher`, with `git.push`)
-and syncs the clone with its remote (`sync`, from `taskrun trigger`, hooks,
-polling and webhooks).
+every INDEX_REFRESH_SECONDS, and once nothing waits it runs at once; an
+index.lock that keeps it pending for INDEX_LOCK_STALE_SECONDS or longer, most
+likely left behind by a killed git or editor, is named in a notice once, with
+how to remove it, and its end in another), commits again the records a
+user's commit removed (gitops.Git.recommit), pushes after each commit
+(`pusher`, with `git.push`) and syncs the clone with its remote (`sync`, from
+`taskrun trigger`, hooks, polling and webhooks).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import random
+import shlex
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 from taskrunner import crashpoints
@@ -50,6 +55,10 @@ RETRY_BASE_SECONDS = 0.05
 RETRY_MAX_SECONDS = 10.0
 #: A refresh of the user's index kept pending by their index.lock is tried again this often.
 INDEX_RETRY_SECONDS = 0.5
+#: An index.lock at least this old when it keeps the index refresh pending is named in a notice (and by
+#: `taskrun doctor`): git holds one for a moment, `git commit` for as long as its editor is open, and one a
+#: killed git left behind stays until someone removes it.
+INDEX_LOCK_STALE_SECONDS = 60.0
 #: How long `stop()` keeps trying a failing commit before leaving it to the next daemon.
 STOP_GRACE_SECONDS = 10.0
 #: A batch collects for at least this many times as long as the last commit took (its wall time), so git's
@@ -140,6 +149,8 @@ class Recorder:
         self._index_due = 0.0
         self._refreshed_at = float("-inf")  # time.monotonic() of the last index refresh
         self._cost = 0.0  # seconds the last commit took (wall time)
+        #: The stale index.lock a notice named (its path, st_dev and st_ino), until the index refresh goes through.
+        self._stale_lock: tuple[Path, int, int] | None = None
         #: Called after each commit (on this thread), e.g. the pusher's `wanted`.
         self.after_commit: list[Callable[[str], None]] = []
 
@@ -259,8 +270,29 @@ class Recorder:
             done = False
         if done:
             self._refreshed_at = time.monotonic()
+            if self._stale_lock is not None:
+                self._on_error(f"{self._stale_lock[0]} is gone: git's index lists the committed records again")
+                self._stale_lock = None
         else:
             self._index_due = time.monotonic() + INDEX_RETRY_SECONDS
+            self._note_stale_lock()
+
+    def _note_stale_lock(self) -> None:
+        """A notice naming the index.lock that keeps the refresh pending, once it is INDEX_LOCK_STALE_SECONDS old;
+        once per lock (by its inode), not at every retry."""
+        try:
+            index = self._repo.index_file()
+            lock = index.with_name(index.name + ".lock")
+            info = os.lstat(lock)  # the lock itself: a link there is never followed
+        except (GitError, OSError):
+            return  # gone already (the next refresh goes through), or git failed: said where it fails
+        age = time.time() - info.st_mtime
+        if age < INDEX_LOCK_STALE_SECONDS or self._stale_lock == (lock, info.st_dev, info.st_ino):
+            return
+        self._stale_lock = (lock, info.st_dev, info.st_ino)
+        self._on_error(f"{lock} has been there for {age_words(age)}: git's index stays locked, so it lacks "
+                       f"{len(self._repo.index_pending)} committed record file(s) (`git status` shows them as "
+                       f"staged deletions until it is gone; nothing is lost); {remove_lock_advice(lock)}")
 
     def _settle_index(self, until: float) -> None:
         """Before the thread ends: wait (until `until`) for the user's index.lock to set what is pending."""
@@ -364,6 +396,20 @@ class _Recovery:
             self._on_error(f"looked for records left uncommitted after {self._failures} failed attempt(s)")
         for item in items:
             self._submit(item)
+
+
+def age_words(seconds: float) -> str:
+    """How long something has been there, for a message: '90 seconds', '5 minutes', '3 hours', '2 days'."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)} {unit}s"
+    whole = max(0, int(seconds))
+    return f"{whole} second{'' if whole == 1 else 's'}"
+
+
+def remove_lock_advice(lock: Path) -> str:
+    """What to do about an index.lock nobody released (a notice's and `taskrun doctor`'s fix)."""
+    return f"if no git command is running in this clone, remove it: rm {shlex.quote(str(lock))}"
 
 
 def _restore_item(paths: list[str]) -> CommitItem:
