@@ -11,7 +11,6 @@ with mode 0700 (the daemon makes .git/taskrun so).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from taskrunner import clock, diskspace
-from taskrunner.atomic import open_regular, read_json, write_json
+from taskrunner.atomic import read_json, write_json
+from taskrunner.daemonlock import held as lock_held
 from taskrunner.errors import DaemonNotRunning, TaskrunError
 
 #: sun_path holds 108 bytes on Linux, including the terminating NUL.
@@ -238,21 +238,3 @@ def _connect(state_dir: Path, timeout: float) -> socket.socket:
             f"the taskrun daemon is not answering ({exc}); start one with `taskrun up`"
         ) from exc
     return sock
-
-
-def lock_held(state_dir: Path) -> bool:
-    """Whether a process holds the daemon's lock (state_dir/daemon.lock, flock): a daemon, running or
-    starting, or `taskrun prune`. A lock file that is missing, or not a regular file, is held by none."""
-    try:
-        fd = open_regular(state_dir / "daemon.lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # a shared lock taken here goes with it
-    return False

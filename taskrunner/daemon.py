@@ -17,7 +17,6 @@ reattaches to them.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import os
 import queue
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskrunner import (
     clock,
-    diskspace,
+    daemonlock,
     doctor,
     fulllogs,
     gitops,
@@ -36,11 +35,10 @@ from taskrunner import (
     safefs,
     status_query,
 )
-from taskrunner.atomic import open_regular
 from taskrunner.config import Config, load_config
 from taskrunner.control import ControlServer
 from taskrunner.engine import Engine
-from taskrunner.errors import ConfigError, GitError, LockError
+from taskrunner.errors import ConfigError, GitError
 from taskrunner.fleet import Fleet
 from taskrunner.gitflow import landing, pullrequests, signers
 from taskrunner.gitflow.dropped import DroppedRecords
@@ -106,7 +104,8 @@ class _SyncRequest:
 
 
 class Daemon:
-    def __init__(self, root: Path, config: Config, hooks: Hooks | None = None, once: bool = False) -> None:
+    def __init__(self, root: Path, config: Config, hooks: Hooks | None = None, once: bool = False,
+                 lock_fd: int | None = None) -> None:
         self.root = root
         self.config = config
         #: What hears the engine's events: the CLI's view first; the metrics, notifier and log `add` theirs.
@@ -152,7 +151,7 @@ class Daemon:
         self.recorder.after_commit.append(self.dropped.landed)
         self.watcher = Watcher(root, self.events.put)
         self.control = ControlServer(self.state_dir, self._ask, lambda message: emit(self.hooks, "notice", message))
-        self._lock_file: int | None = None
+        self._lock_file: int | None = lock_fd  # daemon.lock, held from _acquire_lock to the end (or given)
         #: HEAD as this daemon last made or saw it (record commits, syncs): see _Committed.
         self._head: str | None = None
         self._tasks_touched = False  # a Task file changed since HEAD was last looked at (_follow_head)
@@ -177,10 +176,14 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped (or, with once, until nothing is left to do); the exit code."""
-        webhook = None if self.once else self._webhook_route(self.config)  # no secret: ConfigError, nothing started
-        # Without the record key nothing can be recorded: a damaged one stops the start, saying so.
-        self.engine.records.check_key()
-        self._acquire_lock()
+        try:
+            webhook = None if self.once else self._webhook_route(self.config)  # no secret: ConfigError, nothing started
+            # Without the record key nothing can be recorded: a damaged one stops the start, saying so.
+            self.engine.records.check_key()
+            self._acquire_lock()
+        except BaseException:
+            self._release_lock()  # one `taskrun up` took for this daemon
+            raise
         try:
             for problem in pullrequests.problems(self.config):
                 emit(self.hooks, "notice", f"warning: {problem}")
@@ -525,27 +528,8 @@ class Daemon:
             hook(sha)
 
     def _acquire_lock(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT)
-        except OSError as exc:  # a link, a FIFO, a directory: never written through
-            raise LockError(f"cannot take the daemon's lock {self.state_dir / 'daemon.lock'}: "
-                            f"{exc.strerror or exc}; remove it (the daemon makes it again)") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LockError(
-                f"a taskrun daemon is already running in {self.root} (pid {holder}); "
-                "use `taskrun status`, or stop it before starting another"
-            ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())  # only to name the holder in the message above
-        except OSError as exc:
-            if not diskspace.is_full(exc):
-                raise
+        """Take daemon.lock (daemonlock.py), unless `taskrun up` took it for this daemon already (`lock_fd`)."""
+        fd = self._lock_file if self._lock_file is not None else daemonlock.take(self.state_dir, self.root)
         self._lock_file = fd
         # Ours alone now: temp files a killed daemon left mid-write (the record key's, say) go.
         state = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -562,6 +546,9 @@ class Daemon:
                 stop()
             except Exception as exc:  # shutting down: report, keep going
                 emit(self.hooks, "notice", f"during shutdown: {exc}")
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None

@@ -284,21 +284,30 @@ def cmd_init(args: argparse.Namespace, out: Console) -> int:
 def cmd_up(args: argparse.Namespace, out: Console) -> int:
     import contextlib
 
-    from taskrunner import logs
-    from taskrunner.config import load_config
-    from taskrunner.daemon import Daemon
-    from taskrunner.hooks import Hooks
+    from taskrunner import daemonlock
+    from taskrunner.gitbase import state_dir
 
     root = find_root(args)
-    config = load_config(root)
-    hooks: Hooks
-    drawn: contextlib.AbstractContextManager[Any]
-    if args.log_format == "json":  # every line on stdout a JSON object (logs.py)
-        hooks, drawn = logs.LogHooks(output=args.output), contextlib.nullcontext()
-    else:
-        view = render.LiveView(out, show_output=args.output)
-        hooks, drawn = logs.FilteredView(view, args.log_level), view
-    daemon = Daemon(root, config, hooks, once=args.once)
+    # First: from here on a command sent to this daemon waits for its socket rather than finding none.
+    lock = daemonlock.take(state_dir(root), root)
+    try:
+        from taskrunner import logs
+        from taskrunner.config import load_config
+        from taskrunner.daemon import Daemon
+        from taskrunner.hooks import Hooks
+
+        config = load_config(root)
+        hooks: Hooks
+        drawn: contextlib.AbstractContextManager[Any]
+        if args.log_format == "json":  # every line on stdout a JSON object (logs.py)
+            hooks, drawn = logs.LogHooks(output=args.output), contextlib.nullcontext()
+        else:
+            view = render.LiveView(out, show_output=args.output)
+            hooks, drawn = logs.FilteredView(view, args.log_level), view
+        daemon = Daemon(root, config, hooks, once=args.once, lock_fd=lock)  # the daemon's to let go from here
+    except BaseException:
+        os.close(lock)
+        raise
     signals = {"count": 0}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -12,7 +12,6 @@ no record: pruned (prune.gone) or unknown.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -23,10 +22,9 @@ from typing import Any
 from rich.cells import cell_len
 from rich.console import Console
 
-from taskrunner import control, gitops
-from taskrunner.atomic import open_regular
+from taskrunner import control, daemonlock, gitops
 from taskrunner.cli.main import EXIT_OK, EXIT_USAGE, UsageError, find_root
-from taskrunner.errors import DaemonNotRunning, ForeignRecord, RecordError, TaskrunError
+from taskrunner.errors import DaemonNotRunning, ForeignRecord, LockError, RecordError, TaskrunError
 from taskrunner.textsafe import clean
 
 #: How long the CLI waits for the daemon's answer (it commits first).
@@ -238,23 +236,18 @@ def _push(repo: gitops.Git, config: Any, state_dir: Path) -> None:
 
 
 class _daemon_lock:
-    """The lock `taskrun up` takes (daemon.Daemon._acquire_lock): no daemon starts while this prunes."""
+    """The lock `taskrun up` takes (daemonlock.py): no daemon starts while this prunes."""
 
     def __init__(self, state_dir: Path, root: Path) -> None:
         self.state_dir, self.root, self.fd = state_dir, root, -1
 
     def __enter__(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT)
-        except OSError as exc:  # a link, a FIFO, a directory: never written through
-            raise UsageError(f"cannot take the daemon's lock {self.state_dir / 'daemon.lock'}: "
-                             f"{exc.strerror or exc}; remove it (the daemon makes it again)") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+            self.fd = daemonlock.take(self.state_dir, self.root, name_holder=False)
+        except daemonlock.LockBusy:
             raise UsageError(f"a taskrun daemon is starting or running in {self.root}: try again") from None
+        except LockError as exc:
+            raise UsageError(str(exc)) from None
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)

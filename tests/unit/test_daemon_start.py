@@ -145,3 +145,36 @@ def test_state_dir_follows_a_repository_made_or_moved_after_it_was_asked(tmp_pat
     assert gitops.git_dirs(plain) == ()  # no repository: asked again next time
     git(plain, "init", "--quiet")
     assert gitops.git_dirs(plain) == (plain.resolve() / ".git",)
+
+
+def test_taskrun_up_holds_the_daemon_lock_before_it_reads_its_configuration(repo: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """From `taskrun up`'s first step, a command sent to it waits for its socket (control.request) rather than
+    finding no daemon: the lock is taken before the configuration is read or the daemon is loaded."""
+    from taskrunner import config as config_module
+    from taskrunner import daemonlock
+    from taskrunner.cli.main import main
+    from taskrunner.errors import ConfigError
+
+    seen: list[bool] = []
+
+    def reading(root: Path) -> Any:
+        seen.append(daemonlock.held(gitbase.state_dir(root)))
+        raise ConfigError(root / ".taskrun.yaml", "stop here")
+
+    monkeypatch.setattr(config_module, "load_config", reading)
+    assert main(["-C", str(repo), "up", "--once"]) != 0
+    assert seen == [True]
+    assert not daemonlock.held(gitbase.state_dir(repo))  # let go with the failed start
+
+
+def test_a_second_taskrun_up_is_refused_naming_the_first(repo: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from taskrunner import daemonlock
+    from taskrunner.cli.main import main
+
+    fd = daemonlock.take(gitbase.state_dir(repo), repo)
+    try:
+        assert main(["-C", str(repo), "up", "--once"]) != 0
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert f"a taskrun daemon is already running in {repo} (pid {os.getpid()})" in err and "Traceback" not in err
