@@ -21,15 +21,18 @@ silence it, not with a JSON parse error.
 from __future__ import annotations
 
 import getpass
+import os
 import shlex
 import socket
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import paramiko
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from taskrunner.defaults import CONFIG_FILE, OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
-from taskrunner.keys import SSH_KEY_FILE
+from taskrunner.atomic import read_file
+from taskrunner.keys import MAX_KEY_FILE_BYTES, SSH_KEY_FILE, SSH_KEY_FIX, holds, unreadable
 from taskrunner.errors import WorkerError
 from taskrunner.links.base import LinkEvent, WorkerLink
 from taskrunner.model import WorkerSpec
@@ -96,15 +99,31 @@ def open_serve(client: paramiko.SSHClient, spec: WorkerSpec, read_timeout: float
     return channel
 
 
+def load_identity(name: str, identity: Path, configured: bool = True) -> paramiko.PKey:
+    """The private key at `identity` (links followed, as ssh -i does; then a regular file of at most
+    MAX_KEY_FILE_BYTES, no FIFO waited on). WorkerError saying what the file holds instead, and what to do:
+    `configured`, the Worker's `identity`; else the daemon's own key (keys.ensure_ssh_key)."""
+    fix = (f"point workers.{name}.identity in {CONFIG_FILE} at an SSH private key without a passphrase "
+           "(OpenSSH or PEM format), or leave it out to use the daemon's own key" if configured
+           else SSH_KEY_FIX.format(path=identity))
+    path = Path(os.path.realpath(identity))
+    try:
+        data = read_file(path, MAX_KEY_FILE_BYTES)
+    except OSError as exc:
+        raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {unreadable(path, exc)}; {fix}") from None
+    try:
+        return paramiko.PKey.from_path(path)
+    except (OSError, paramiko.SSHException, ValueError, TypeError, UnsupportedAlgorithm):
+        raise WorkerError(f"Worker '{name}': the SSH identity {identity} should hold an SSH private key, but holds "
+                          f"{holds(data)}; {fix}") from None
+
+
 def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:
     """An authenticated connection to an ssh Worker whose host key matches the pin."""
     assert spec.host is not None
     where = host_entry(spec.host, spec.port)
     pinned = pinned_keys(spec.host, spec.port, spec.host_key, spec.known_hosts)
-    try:
-        pkey = paramiko.PKey.from_path(identity)
-    except (OSError, paramiko.SSHException, ValueError) as exc:
-        raise WorkerError(f"Worker '{spec.name}': cannot load the SSH identity {identity}: {exc}") from exc
+    pkey = load_identity(spec.name, identity, configured=bool(spec.identity))
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     for key in pinned:
