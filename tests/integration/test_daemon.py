@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -29,6 +34,51 @@ from tests.conftest import (
 def _output(root: Path, task_id: str, number: int = 1) -> str:
     path = root / "runs" / task_id / f"run-{number}" / "output.log"
     return path.read_text() if path.exists() else ""
+
+
+def _numbered(text: str) -> int:
+    """How many "line N" lines `text` holds, asserting they are "line 1", "line 2", ... none missing or
+    repeated (a last line not yet ended, and a final "done", are not counted)."""
+    lines = text.removesuffix("done\n").split("\n")[:-1]
+    assert lines == [f"line {i}" for i in range(1, len(lines) + 1)], text
+    return len(lines)
+
+
+class _Lines:
+    """The lines a process writes to its stdout, each waited for with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._queue: queue.Queue[str] = queue.Queue()  # "" once the process closed its stdout
+        threading.Thread(target=self._read, args=(proc.stdout,), name="lines", daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put("")
+
+    def next(self, timeout: float = 30) -> str:
+        """The next line ("" when the process closed its stdout); fails after `timeout` seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"timed out after {timeout}s waiting for a line") from None
+
+    def rest(self, timeout: float = 30) -> list[str]:
+        """Every further line until the process closes its stdout; fails after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        while line := self.next(max(0.0, deadline - time.monotonic())):
+            lines.append(line)
+        return lines
+
+
+#: An Agent that prints numbered lines until the gate (`{check}`) opens, then five more and "done".
+STREAM = """\
+i=0
+until {check}; do i=$((i + 1)); echo "line $i"; sleep 0.05; done
+for _ in 1 2 3 4 5; do i=$((i + 1)); echo "line $i"; done
+echo done"""
 
 
 def test_task_dropped_into_tasks_runs_while_the_daemon_is_up(daemon: Daemon) -> None:
@@ -155,20 +205,29 @@ def test_sigterm_stops_the_daemon_with_exit_zero(daemon: Daemon) -> None:
     assert git(daemon.root, "status", "--porcelain", "runs") == ""
 
 
-def test_daemon_killed_mid_run_reattaches_without_losing_or_repeating_output(daemon: Daemon) -> None:
-    script = 'for i in $(seq 1 60); do echo "line $i"; sleep 0.05; done'
+def test_daemon_killed_mid_run_reattaches_without_losing_or_repeating_output(daemon: Daemon, gate: Gate) -> None:
+    # The Agent prints until the gate opens, and the gate opens only once the restarted daemon has
+    # recorded output of its own: the Run is still going when the new daemon attaches to it, however
+    # slow the restart (a Run that ended meanwhile is another test's case).
     daemon.start()
-    write_task(daemon.root, "stream", script)
+    write_task(daemon.root, "stream", STREAM.format(check=gate.check))
     wait_until(lambda: "line 5\n" in _output(daemon.root, "stream"), 20, "some output")
 
     daemon.signal(signal.SIGKILL)
     daemon.wait()
+    before = _numbered(_output(daemon.root, "stream"))
     daemon.start()
 
+    wait_until(lambda: _numbered(_output(daemon.root, "stream")) > before + 5, 20,
+               f"the restarted daemon to record output past line {before}")
+    assert status_of(daemon.root, "stream") == "RUNNING"
+    gate.open()
+
     wait_status(daemon.root, "stream", "COMPLETED", timeout=40)
-    assert _output(daemon.root, "stream") == "".join(f"line {i}\n" for i in range(1, 61))
+    output = _output(daemon.root, "stream")
+    assert output.endswith("done\n") and _numbered(output) > before + 5
     run = run_record(daemon.root, "stream", 1)
-    assert run and run["output_bytes"] == len(_output(daemon.root, "stream"))
+    assert run and run["output_bytes"] == len(output)
     assert len((task_record(daemon.root, "stream") or {})["runs"]) == 1
 
 
@@ -262,13 +321,27 @@ def test_workers_json_reports_the_local_worker(daemon: Daemon) -> None:
     assert local["version"] and local["last_seen"]
 
 
-def test_logs_follow_streams_until_the_run_ends(daemon: Daemon, tmp_path: Path) -> None:
+def test_logs_follow_streams_until_the_run_ends(daemon: Daemon, gate: Gate, tmp_path: Path) -> None:
     daemon.start()
-    write_task(daemon.root, "followed", 'for i in 1 2 3; do echo "tick $i"; sleep 0.2; done')
-    wait_status(daemon.root, "followed", "RUNNING", "COMPLETED")
+    # The Run prints its first line, then waits at the gate, which opens only once `logs -f` has shown
+    # that line: the rest can reach `logs -f` only by following the Run.
+    write_task(daemon.root, "followed", f'echo "tick 1"; until {gate.check}; do sleep 0.05; done; '
+               'echo "tick 2"; echo "tick 3"')
+    wait_status(daemon.root, "followed", "RUNNING")
 
-    result = taskrun(daemon.root, "logs", "followed", "-f")
-
-    assert result.returncode == 0
-    assert result.stdout == "tick 1\ntick 2\ntick 3\n"
+    with open(tmp_path / "logs.err", "w+") as stderr, \
+            subprocess.Popen([sys.executable, "-m", "taskrunner", "-C", str(daemon.root), "logs", "followed", "-f"],
+                             stdout=subprocess.PIPE, stderr=stderr, text=True) as follow:
+        try:
+            lines = _Lines(follow)
+            assert lines.next() == "tick 1\n"
+            assert status_of(daemon.root, "followed") == "RUNNING"
+            gate.open()
+            assert lines.rest() == ["tick 2\n", "tick 3\n"]
+            follow.wait(timeout=30)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+        stderr.seek(0)
+        assert follow.returncode == 0, stderr.read()
     assert status_of(daemon.root, "followed") == "COMPLETED"
