@@ -5,7 +5,10 @@ not exist for it), and inside its PID namespace `$$` and `$!` are not host
 pids. It keeps the network and its argv, and so:
 
 - `Gate`: a loopback port, closed until the test opens it; the Agent waits
-  with `until {gate.check}; do sleep 0.05; done` (bash's /dev/tcp).
+  with `until {gate.check}; do sleep 0.05; done` (bash's /dev/tcp). An Agent
+  in another network namespace cannot reach this machine's loopback: its gate
+  listens on an address of this machine that the namespace routes to
+  (`Gate(bind=...)`, say the host side of its veth pair).
 - `Counter`: a loopback server that answers each connection with its number
   (1, 2, ...); an Agent reads it with `{counter.read}` into $n: a trace of
   each time it ran, and state across Runs (a retry that behaves otherwise).
@@ -26,14 +29,16 @@ from tests.sshd import free_port
 class Gate:
     """A gate an Agent can wait on: closed until `open()`; `check` is its shell test."""
 
-    def __init__(self) -> None:
+    def __init__(self, bind: str = "127.0.0.1") -> None:
+        #: The address the gate listens on once open, and the Agent connects to.
+        self.bind = bind
         self.port = free_port()
         self._sock: socket.socket | None = None
 
     @property
     def check(self) -> str:
         """A shell command that succeeds once the gate is open."""
-        return f"(exec 3<>/dev/tcp/127.0.0.1/{self.port}) 2>/dev/null"
+        return f"(exec 3<>/dev/tcp/{self.bind}/{self.port}) 2>/dev/null"
 
     def open(self) -> None:
         """Open the gate; once open it stays open (a test's `finally` may open it again, so no Agent waits on)."""
@@ -41,7 +46,7 @@ class Gate:
             return
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        sock.bind((self.bind, self.port))
         sock.listen(128)
         self._sock = sock
 

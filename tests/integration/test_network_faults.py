@@ -7,14 +7,20 @@ faults are iptables rules and a tbf qdisc on that link: a blackhole, resets,
 one-way loss either way, and a bandwidth limit.
 
 The Agent (the shell preset) prints a numbered line every 0.1 s, so for every
-fault the test knows exactly what output.log must hold. What is asserted,
-from the README ("Workers and the session protocol", "SSH Workers"):
+fault the test knows exactly what output.log must hold. Where the Worker
+comes back, the Agent prints until a gate opens (tests/agentprobes.py, on the
+host side of the Worker's link), and the gate opens only once the daemon has
+recorded lines the Agent printed after the link healed: the Run is still
+running when it is reattached (a Run that ended during the cut only has its
+output collected, which proves less). What is asserted, from the README
+("Workers and the session protocol", "SSH Workers"):
 
 - detection: a Worker silent for `scheduler.worker_offline_after` is marked
   offline, and a session silent for that plus READ_MARGIN_SECONDS is dead:
   the "offline" notice comes within that bound of the cut;
-- back within `scheduler.worker_grace`, the Run is reattached: one Run, every
-  line once, COMPLETED;
+- back within `scheduler.worker_grace`, the Run is reattached while it runs:
+  output printed after the heal reaches output.log; then one Run, every line
+  once, COMPLETED;
 - gone longer, the Run fails ("unreachable for longer than the grace
   period") and runs again on the other Worker; when the first Worker comes
   back, its duplicate Agent is stopped and its stale result is not recorded;
@@ -39,7 +45,9 @@ import pytest
 from taskrunner import agents, keys
 from taskrunner.defaults import MIN_OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.worker import agentprobe
-from tests.conftest import Daemon, git, run_record, task_record, taskrun, wait_status, wait_until, write_task
+from tests.agentprobes import Gate
+from tests.conftest import (Daemon, git, run_record, status_of, task_record, taskrun, wait_status, wait_until,
+                            write_task)
 from tests.netns import Netns, NetnsSshdHost, start_netns_sshd
 from tests.sshd import enroll
 
@@ -59,6 +67,14 @@ UP_SECONDS = 60.0
 #: The daemon reconnects with backoff up to 30 s and a connect attempt into a blackhole waits 10 s:
 #: how long a healed Worker may take to be back online.
 BACK_ONLINE_SECONDS = 45.0
+#: Lines the daemon must have recorded past what the Agent had printed when the link healed, before
+#: the gate opens: output it can only have from the Run reattached while it runs.
+AFTER_HEAL_LINES = 10
+#: How long a reattached Run may take to deliver AFTER_HEAL_LINES lines once its Worker is back online.
+AFTER_HEAL_SECONDS = 30.0
+#: How long the gated Agent waits on one connection to its gate: a cut link drops the attempt (or the
+#: refusal), and the Agent must keep printing through the fault, not wait out the kernel's SYN retries.
+GATE_CONNECT_SECONDS = 1
 
 FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 
@@ -80,6 +96,18 @@ def agent(count: int, pad: int = 0, long_on: str | None = None, long_count: int 
     if long_on is not None:
         head += f"if grep -q '{long_on}:' /proc/net/dev; then n={long_count}; fi\n"
     return head + f'for i in $(seq 1 "$n"); do echo "line $i{filler}"; sleep 0.1; done\necho done'
+
+
+def gated_agent(gate: Gate) -> str:
+    """A shell Agent printing "line 1", "line 2", ... every 0.1 s until `gate` opens, then "done".
+
+    While the link is cut, each look at the gate waits up to GATE_CONNECT_SECONDS: fewer lines, never none.
+    """
+    return ("i=0\n"
+            f"until timeout {GATE_CONNECT_SECONDS} bash -c '{gate.check}'; do\n"
+            '  i=$((i + 1)); echo "line $i"; sleep 0.1\n'
+            "done\n"
+            "echo done")
 
 
 @dataclass
@@ -149,6 +177,22 @@ def net_workers(daemon: Daemon, tmp_path: Path, agent_versions: bytes) -> Iterat
             with contextlib.suppress(ProcessLookupError, ValueError, PermissionError, OSError):
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         worker.ns.close()
+
+
+@pytest.fixture
+def link_gate() -> Iterator[Callable[[NetWorker], Gate]]:
+    """A closed `Gate` on this machine's side of a Worker's link, where its Agents can reach it
+    (they run in the Worker's namespace, which has a loopback of its own); closed at teardown."""
+    made: list[Gate] = []
+
+    def make(worker: NetWorker) -> Gate:
+        gate = Gate(bind=worker.ns.host_addr)
+        made.append(gate)
+        return gate
+
+    yield make
+    for gate in made:
+        gate.close()
 
 
 def up(daemon: Daemon) -> None:
@@ -250,6 +294,37 @@ def assert_reattached(root: Path, task_id: str, expected: str, worker: str = "w1
     assert_one_final_status(root, task_id, runs=1)
 
 
+def agent_printed(worker: NetWorker, root: Path, task_id: str) -> int:
+    """How many lines the Agent of the Task's first Run has printed: its output.log on the Worker."""
+    run = run_record(root, task_id, 1)
+    assert run is not None
+    path = worker.run_dir(str(run["run_id"])) / "output.log"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def heal_and_reattach_mid_run(daemon: Daemon, worker: NetWorker, task_id: str, gate: Gate, log: Log) -> None:
+    """Heal `worker`'s link; the Run of `gated_agent(gate)` must be reattached while it runs, and end
+    with every line once.
+
+    The gate opens only once output.log holds more than AFTER_HEAL_LINES lines past what the Agent
+    had printed at the heal, and the Run is still RUNNING then.
+    """
+    worker.ns.heal()
+    at_heal = agent_printed(worker, daemon.root, task_id)
+    wait_until(lambda: f"Worker '{worker.name}' back online" in log.text(), BACK_ONLINE_SECONDS,
+               f"{worker.name} to come back")
+    wait_until(lambda: printed(daemon.root, task_id) > at_heal + AFTER_HEAL_LINES, AFTER_HEAL_SECONDS,
+               f"the reattached Run to record output past line {at_heal + AFTER_HEAL_LINES} "
+               f"(the Agent had printed {at_heal} lines at the heal; recorded: {printed(daemon.root, task_id)})")
+    assert status_of(daemon.root, task_id) == "RUNNING", "the Run should still run until the gate opens"
+    gate.open()
+
+    wait_status(daemon.root, task_id, "COMPLETED", "FAILED", timeout=60)
+    count = printed(daemon.root, task_id) - 1  # the numbered lines, then "done"
+    assert count > at_heal + AFTER_HEAL_LINES
+    assert_reattached(daemon.root, task_id, lines(count), worker.name)
+
+
 def started(root: Path, task_id: str, count: int) -> None:
     wait_until(lambda: printed(root, task_id) >= count, 30, f"'{task_id}' to print {count} lines")
 
@@ -266,40 +341,38 @@ def process_group_alive(pgid: int) -> bool:
 
 
 def test_resets_are_detected_in_bound_and_the_run_is_reattached_with_every_line_once(
-        daemon: Daemon, net_workers: Callable[..., list[NetWorker]]) -> None:
+        daemon: Daemon, net_workers: Callable[..., list[NetWorker]],
+        link_gate: Callable[[NetWorker], Gate]) -> None:
     (w1,) = net_workers(1, LONG_GRACE)
+    gate = link_gate(w1)
     up(daemon)
-    write_task(daemon.root, "resets", agent(40))
+    write_task(daemon.root, "resets", gated_agent(gate))
     started(daemon.root, "resets", 5)
 
     since, log = cut(daemon, w1.ns.reset)
     elapsed = detected(log, "w1", since)
     assert elapsed <= DETECTION_BOUND, f"offline after {elapsed:.1f}s"
     assert w1.ns.dropped() > 0
-    w1.ns.heal()
 
-    wait_until(lambda: "Worker 'w1' back online" in log.text(), BACK_ONLINE_SECONDS, "w1 to come back")
-    assert_reattached(daemon.root, "resets", lines(40))
+    heal_and_reattach_mid_run(daemon, w1, "resets", gate, log)
 
 
-@pytest.mark.parametrize(("seconds", "grace", "count"), [(5.0, LONG_GRACE, 60), (30.0, "75s", 450)],
-                         ids=["5s", "30s"])
+@pytest.mark.parametrize(("seconds", "grace"), [(5.0, LONG_GRACE), (30.0, "75s")], ids=["5s", "30s"])
 def test_a_partition_healing_within_the_grace_period_is_detected_in_bound_and_the_run_reattached(
-        daemon: Daemon, net_workers: Callable[..., list[NetWorker]], seconds: float, grace: str, count: int) -> None:
-    # 30 s: the Agent (45 s of output) still runs when the link heals, so its output resumes mid-Run.
+        daemon: Daemon, net_workers: Callable[..., list[NetWorker]], link_gate: Callable[[NetWorker], Gate],
+        seconds: float, grace: str) -> None:
     (w1,) = net_workers(1, grace)
+    gate = link_gate(w1)
     up(daemon)
-    write_task(daemon.root, "partition", agent(count))
+    write_task(daemon.root, "partition", gated_agent(gate))
     started(daemon.root, "partition", 5)
 
     since, log = cut(daemon, w1.ns.blackhole)
     elapsed = detected(log, "w1", since)
     assert elapsed <= DETECTION_BOUND, f"offline after {elapsed:.1f}s"
     wait_until(lambda: time.monotonic() - since >= seconds, seconds + 5, f"{seconds:.0f} s of partition")
-    w1.ns.heal()
 
-    wait_until(lambda: "Worker 'w1' back online" in log.text(), BACK_ONLINE_SECONDS, "w1 to come back")
-    assert_reattached(daemon.root, "partition", lines(count))
+    heal_and_reattach_mid_run(daemon, w1, "partition", gate, log)
 
 
 def test_thirty_percent_random_loss_loses_and_repeats_no_byte(
@@ -321,20 +394,20 @@ def test_thirty_percent_random_loss_loses_and_repeats_no_byte(
 
 @pytest.mark.parametrize("direction", ["in", "out"])
 def test_one_way_loss_is_detected_in_bound_and_the_run_reattached(
-        daemon: Daemon, net_workers: Callable[..., list[NetWorker]], direction: str) -> None:
+        daemon: Daemon, net_workers: Callable[..., list[NetWorker]], link_gate: Callable[[NetWorker], Gate],
+        direction: str) -> None:
     (w1,) = net_workers(1, LONG_GRACE)
+    gate = link_gate(w1)
     up(daemon)
-    write_task(daemon.root, "oneway", agent(50))
+    write_task(daemon.root, "oneway", gated_agent(gate))
     started(daemon.root, "oneway", 5)
 
     # "in": the daemon's segments (its ACKs, keepalives) are lost; "out": the Worker's heartbeats and output.
     since, log = cut(daemon, lambda: w1.ns.blackhole(direction))
     elapsed = detected(log, "w1", since)
     assert elapsed <= DETECTION_BOUND, f"offline after {elapsed:.1f}s"
-    w1.ns.heal()
 
-    wait_until(lambda: "Worker 'w1' back online" in log.text(), BACK_ONLINE_SECONDS, "w1 to come back")
-    assert_reattached(daemon.root, "oneway", lines(50))
+    heal_and_reattach_mid_run(daemon, w1, "oneway", gate, log)
 
 
 def test_a_bandwidth_limit_below_the_agents_output_rate_loses_nothing_and_is_no_outage(
