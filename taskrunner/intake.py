@@ -54,7 +54,7 @@ from taskrunner.defaults import MAX_CONTEXT_BYTES, MAX_TASK_FILE_BYTES, TASKS_DI
 from taskrunner.errors import GitError, TaskFileError, UnsafePath
 from taskrunner.model import TaskSpec
 from taskrunner.safefs import REFUSAL, Beneath, kind_of, open_given, refused
-from taskrunner.taskfile import is_git_name, is_ignored_name, parse_task, shell_script, task_id_for
+from taskrunner.taskfile import MAX_TASK_ID_CHARS, is_git_name, is_ignored_name, parse_task, shell_script, task_id_for
 
 if TYPE_CHECKING:  # the configuration's modules (cryptography) are not for `taskrun status`, which lists Task files
     from taskrunner.config import Config
@@ -300,13 +300,19 @@ def refused_revision(revision: str, reason: str) -> str:
     return f"refused:{revision}:{hashlib.sha256(reason.encode()).hexdigest()[:16]}"
 
 
+#: Directories below tasks/ a Task file can be in, at most: an id of MAX_TASK_ID_CHARS has at most this many
+#: parts ('a/a/…/a').
+MAX_TASK_DIR_DEPTH = (MAX_TASK_ID_CHARS + 1) // 2
+
+
 def task_paths(files: RepoFiles, notice: list[str] | None = None) -> Iterator[str]:
     """Every path under tasks/ that names a Task (`*.md`, not an editor's file), whatever it is.
 
     Links, FIFOs, directories named `x.md` are listed too, so that they
     become INVALID with their reason instead of vanishing; nothing is
     followed: a directory that is a link is not entered, and its path is
-    added to `notice` (as is a tasks/ that is a link itself).
+    added to `notice` (as is a tasks/ that is a link itself). Directories
+    deeper than MAX_TASK_DIR_DEPTH are not entered, with a notice.
     """
     top = files.tree.lstat(TASKS_DIR)
     if top is None:
@@ -320,6 +326,14 @@ def task_paths(files: RepoFiles, notice: list[str] | None = None) -> Iterator[st
     cut = len(root) + 1
     for dirpath, dirnames, filenames in os.walk(f"{root}/{TASKS_DIR}", followlinks=False):
         here = dirpath[cut:]  # relative to the root, '/'-separated
+        if here.count("/") >= MAX_TASK_DIR_DEPTH:
+            # Deeper, no path can be a Task id: not walked (nor recursed into, however deep it goes).
+            deeper = [d for d in dirnames if not is_ignored_name(d)]
+            if deeper and notice is not None:
+                notice.append(f"{here[:120]}… holds directories {MAX_TASK_DIR_DEPTH} levels below {TASKS_DIR}/, "
+                              f"deeper than a Task id can go ({MAX_TASK_ID_CHARS} characters): nothing under it is "
+                              "read; move its Task files up")
+            dirnames[:] = []
         for name in sorted(dirnames):
             if notice is not None and not is_ignored_name(name) and os.path.islink(f"{dirpath}/{name}"):
                 notice.append(f"{here}/{name} is a symbolic link; {REFUSAL}: no Task is read through it")

@@ -8,12 +8,20 @@ close, or for UNCLOSED_QUIET_SECONDS without another event (a writer that
 keeps it open, a touch), so a half-written file is not read. A removal is
 debounced until the file has been quiet for DEBOUNCE_SECONDS. A file written
 in two separate writes (each closed) further apart than that is read after
-each: write a Task file under another name and rename it into tasks/. Editor swap and temp files are ignored. A directory moved in or out
-of tasks/ carries no per-file events, so it triggers a rescan.
+each: write a Task file under another name and rename it into tasks/.
+Editor swap and temp files are ignored.
 
-So does an overflow of the kernel's inotify queue (fs.inotify.max_queued_events,
-16384 by default: 10,000 Task files renamed into tasks/ at once overflow it),
-where the events lost are not known: watchdog rebuilds its watches and says so
+A directory moved or removed under tasks/ carries no per-file events, so it
+triggers a rescan once the debounce is over; one made there (`mkdir -p`,
+`cp -r`) after the unclosed wait, when what is written into it is most
+likely complete. Many such events make one rescan. A rescan skips the files
+still waiting here for their writer (`waiting`): they are read at their
+close. watchdog walks a new directory with os.walk, one frame per level: the
+recursion limit is raised so that no tree a path can name ends its thread.
+
+An overflow of the kernel's inotify queue (fs.inotify.max_queued_events,
+16384 by default: 10,000 Task files renamed into tasks/ at once overflow it)
+triggers a rescan too, since the events lost are not known: watchdog rebuilds its watches and says so
 only in a log record (`watchdog.observers.inotify_c`, "Inotify queue
 overflowed"), which `_Overflow` turns into one rescan once the files are quiet.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +54,8 @@ class FileEvent:
 
 #: Quiet seconds after which a file written and not closed (see the module doc) is read all the same.
 UNCLOSED_QUIET_SECONDS = 2.0
+#: Levels a path of PATH_MAX bytes can have ('a/a/…'), with room for the frames below a walk.
+WALK_DEPTH_LIMIT = 4096 // 2 + 1000
 #: The logger watchdog reports an inotify queue overflow on (watchdog/observers/inotify_c.py).
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 
@@ -76,6 +87,10 @@ class Watcher(FileSystemEventHandler):
         self._overflow = _Overflow(lambda: self._later(FileEvent("rescan")))
 
     def start(self) -> None:
+        # watchdog walks a directory that appears (and tasks/ at the start) with os.walk, one frame per level:
+        # a pushed tree 1,000 directories deep would end its thread (RecursionError) and with it every event.
+        # Paths are at most PATH_MAX (4096) bytes, so no walk goes deeper than WALK_DEPTH_LIMIT.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), WALK_DEPTH_LIMIT))
         overflow = logging.getLogger(OVERFLOW_LOGGER)
         overflow.setLevel(logging.WARNING)  # heard whatever level the root logger is given
         overflow.addHandler(self._overflow)
@@ -100,6 +115,12 @@ class Watcher(FileSystemEventHandler):
             if thread.ident is not None:  # a daemon whose start failed never started them
                 thread.join()
 
+    def waiting(self) -> frozenset[str]:
+        """The Task files (paths relative to the root) whose change waits for its writer's close or the quiet
+        (the module doc): a rescan leaves them to that event."""
+        with self._cond:
+            return frozenset(path for path, (_, event) in self._due.items() if event.kind == "changed")
+
     # -- watchdog's thread -----------------------------------------------------
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -107,8 +128,12 @@ class Watcher(FileSystemEventHandler):
         if kind in ("opened", "closed_no_write"):
             return
         if event.is_directory:
-            if kind in ("moved", "deleted") or (kind == "created" and self._under_tasks(str(event.src_path))):
-                self._now(FileEvent("rescan"))
+            # One rescan for many (`mkdir -p` makes one event per level): a directory moved or removed once
+            # the debounce is over; one made (its files may still be being written) after the unclosed wait.
+            if kind in ("moved", "deleted"):
+                self._later(FileEvent("rescan"))
+            elif kind == "created" and self._under_tasks(str(event.src_path)):
+                self._later(FileEvent("rescan"), self._unclosed)
             return
         if kind == "moved":
             self._file(str(event.src_path), "removed")

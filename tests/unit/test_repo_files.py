@@ -411,3 +411,26 @@ def test_a_shell_task_without_a_shell_block_is_invalid_at_intake_not_a_failed_ru
     (repo / "tasks" / "x.md").write_text("# Only prose\n\n```python\nprint(1)\n```\n")
     assert intake_error(files, "tasks/x.md") == (
         "tasks/x.md: the shell Agent 'shell' runs the body's ```sh or ```bash blocks, and this Task has none")
+
+
+def test_a_tree_deeper_than_any_task_id_is_not_walked_and_is_named(files: RepoFiles, repo: Path) -> None:
+    """A pushed `tasks/nest/a/a/…` 990 directories deep ended the scan with a RecursionError (the daemon
+    exited, and every start after): no Task id can be that deep, so the walk stops at the deepest one can."""
+    from taskrunner.intake import MAX_TASK_DIR_DEPTH
+
+    deep = repo / "tasks" / "nest"
+    path = deep
+    deep.mkdir()
+    for _ in range(990):
+        path = path / "a"
+        os.mkdir(path)
+    (path / "x.md").write_bytes(TASK)
+    edge = deep / "/".join(["a"] * (MAX_TASK_DIR_DEPTH - 2))  # tasks/nest/a/…: the deepest a Task id can be
+    (edge / "ok.md").write_bytes(TASK)
+    (repo / "tasks" / "top.md").write_bytes(TASK)
+    refused: list[str] = []
+    found = list(task_paths(files, refused))
+    assert f"{edge.relative_to(repo)}/ok.md" in found and "tasks/top.md" in found
+    assert not any(p.endswith("/x.md") for p in found)
+    (said,) = [m for m in refused if "deeper than a Task id can go" in m]
+    assert said.startswith("tasks/nest/a/a/") and "move its Task files up" in said

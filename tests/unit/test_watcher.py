@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from taskrunner.watcher import FileEvent, Watcher
+from tests.conftest import wait_until
 
 
 def _events(posted: queue.Queue[FileEvent], until: str, path: str) -> list[str]:
@@ -100,5 +101,59 @@ def test_a_file_left_open_is_read_once_it_has_been_quiet_for_the_unclosed_wait(t
             handle.write(b"# held open\n")
             handle.flush()
             assert posted.get(timeout=10) == FileEvent("changed", "tasks/held.md")  # before the close
+    finally:
+        watcher.stop()
+
+
+def _deep(top: Path, levels: int) -> None:
+    top.mkdir()
+    for _ in range(levels):
+        top = top / "a"
+        os.mkdir(top)
+
+
+def test_a_tree_a_thousand_directories_deep_does_not_end_the_watch(tmp_path: Path) -> None:
+    """watchdog walks tasks/ and every new directory with a recursive os.walk: a pushed tree 990 deep ended its
+    thread (RecursionError), and no Task file was seen after it."""
+    (tmp_path / "tasks").mkdir()
+    _deep(tmp_path / "tasks" / "before", 990)
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=0.1)
+    watcher.start()
+    try:
+        _deep(tmp_path / "tasks" / "during", 990)
+        (tmp_path / "tasks" / "after.md").write_text("# after\n")
+        assert "changed" in _events(posted, "changed", "tasks/after.md")
+    finally:
+        watcher.stop()
+
+
+def test_directories_made_under_tasks_make_one_rescan(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=0.3)
+    watcher.start()
+    try:
+        (tmp_path / "tasks" / "x" / "y" / "z").mkdir(parents=True)
+        assert posted.get(timeout=10) == FileEvent("rescan")
+        with pytest.raises(queue.Empty):
+            posted.get(timeout=0.7)  # one rescan for the three directories
+    finally:
+        watcher.stop()
+
+
+def test_a_file_still_being_written_is_waiting_so_a_rescan_leaves_it_to_its_close(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=30.0)
+    watcher.start()
+    try:
+        with open(tmp_path / "tasks" / "job.md", "wb") as handle:
+            handle.write(b"---\n")
+            handle.flush()
+            wait_until(lambda: watcher.waiting() == frozenset({"tasks/job.md"}), what="the open file to be waiting")
+            handle.write(b"---\n# job\n")
+        assert posted.get(timeout=10) == FileEvent("changed", "tasks/job.md")
+        assert watcher.waiting() == frozenset()
     finally:
         watcher.stop()
