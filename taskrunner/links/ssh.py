@@ -21,6 +21,7 @@ silence it, not with a JSON parse error.
 from __future__ import annotations
 
 import getpass
+import io
 import os
 import shlex
 import socket
@@ -29,6 +30,8 @@ from typing import BinaryIO, Callable
 
 import paramiko
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from taskrunner.defaults import CONFIG_FILE, OFFLINE_AFTER_SECONDS, READ_MARGIN_SECONDS
 from taskrunner.atomic import read_file
@@ -101,21 +104,36 @@ def open_serve(client: paramiko.SSHClient, spec: WorkerSpec, read_timeout: float
 
 def load_identity(name: str, identity: Path, configured: bool = True) -> paramiko.PKey:
     """The private key at `identity` (links followed, as ssh -i does; then a regular file of at most
-    MAX_KEY_FILE_BYTES, no FIFO waited on). WorkerError saying what the file holds instead, and what to do:
+    MAX_KEY_FILE_BYTES, no FIFO waited on), made from the bytes read once: no other file is opened (an OpenSSH
+    certificate beside it is not used). WorkerError saying what the file holds instead, and what to do:
     `configured`, the Worker's `identity`; else the daemon's own key (keys.ensure_ssh_key)."""
     fix = (f"point workers.{name}.identity in {CONFIG_FILE} at an SSH private key without a passphrase "
            "(OpenSSH or PEM format), or leave it out to use the daemon's own key" if configured
            else SSH_KEY_FIX.format(path=identity))
     path = Path(os.path.realpath(identity))
+    if path.is_symlink():
+        raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {identity} is a symbolic link that "
+                          f"leads nowhere (a loop); {fix}")
     try:
         data = read_file(path, MAX_KEY_FILE_BYTES)
     except OSError as exc:
         raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {unreadable(path, exc)}; {fix}") from None
     try:
-        return paramiko.PKey.from_path(path)
-    except (OSError, paramiko.SSHException, ValueError, TypeError, UnsupportedAlgorithm):
-        raise WorkerError(f"Worker '{name}': the SSH identity {identity} should hold an SSH private key, but holds "
-                          f"{holds(data)}; {fix}") from None
+        try:
+            loaded = serialization.load_ssh_private_key(data, password=None)
+        except ValueError:
+            loaded = serialization.load_pem_private_key(data, password=None)
+        kind = next(cls for types, cls in _KEY_CLASSES if isinstance(loaded, types))
+        return kind.from_private_key(io.StringIO(data.decode("ascii")))
+    except (StopIteration, paramiko.SSHException, ValueError, TypeError, UnsupportedAlgorithm):
+        raise WorkerError(f"Worker '{name}': the SSH identity {identity} should hold an SSH private key (RSA, "
+                          f"ECDSA or Ed25519), but holds {holds(data)}; {fix}") from None
+
+
+#: The key types paramiko signs with, and its class for each.
+_KEY_CLASSES: tuple[tuple[type, type[paramiko.PKey]], ...] = (
+    (rsa.RSAPrivateKey, paramiko.RSAKey), (ec.EllipticCurvePrivateKey, paramiko.ECDSAKey),
+    (ed25519.Ed25519PrivateKey, paramiko.Ed25519Key))
 
 
 def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:

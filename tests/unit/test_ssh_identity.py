@@ -62,3 +62,33 @@ def test_the_daemons_own_key_gets_its_own_fix_and_a_link_to_a_key_is_followed_as
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     (tmp_path / "id_link").symlink_to(key)
     assert isinstance(load_identity("w1", tmp_path / "id_link"), paramiko.Ed25519Key)
+
+
+def test_the_identity_is_made_from_the_bytes_read_once_and_no_file_beside_it_is_opened(tmp_path: Path) -> None:
+    """paramiko's own loader opens the path again and `<path>-cert.pub` (or the key beside a `-cert.pub`)
+    unbounded, following links and waiting on a FIFO: none of that may happen."""
+    key = tmp_path / "id-cert.pub"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "made")], check=True)
+    (tmp_path / "made").rename(key)
+    os.mkfifo(tmp_path / "id")  # what paramiko would open for a path ending in -cert.pub
+    (tmp_path / "other").write_bytes(b"")
+    (tmp_path / "other-cert.pub").symlink_to("/dev/zero")
+    assert isinstance(load_identity("w1", key), paramiko.Ed25519Key)
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(tmp_path / "rsa")], check=True)
+    (tmp_path / "rsa-cert.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI not a cert\n")
+    assert isinstance(load_identity("w1", tmp_path / "rsa"), paramiko.RSAKey)  # not judged by its neighbour
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa", "ed25519", "rsa-pem"])
+def test_every_key_type_ssh_uses_loads(tmp_path: Path, kind: str) -> None:
+    extra = ["-m", "PEM"] if kind.endswith("-pem") else []
+    subprocess.run(["ssh-keygen", "-q", "-t", kind.split("-")[0], *extra, "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    assert isinstance(load_identity("w1", tmp_path / "k"), paramiko.PKey)
+
+
+def test_a_link_loop_is_said_to_lead_nowhere(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(WorkerError, match="a symbolic link that leads nowhere"):
+        load_identity("w1", tmp_path / "a")
