@@ -284,8 +284,8 @@ def index_lock_findings(root: Path) -> list[Finding]:
     except OSError:
         return []
     age = time.time() - info.st_mtime
-    if age < INDEX_LOCK_STALE_SECONDS:
+    if 0 <= age < INDEX_LOCK_STALE_SECONDS:
         return []
     return [Finding("warning", f"{lock} has been there for {age_words(age)}: git's index is locked, so every git "
                     "command that writes it fails, and the records the daemon commits stay out of it (`git status` "
-                    "shows them as staged deletions)", remove_lock_advice(lock))]
+                    "shows them as staged deletions)", remove_lock_advice(lock, info))]

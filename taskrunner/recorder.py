@@ -33,6 +33,7 @@ import os
 import queue
 import random
 import shlex
+import stat
 import threading
 import time
 from collections import Counter
@@ -287,12 +288,12 @@ class Recorder:
         except (GitError, OSError):
             return  # gone already (the next refresh goes through), or git failed: said where it fails
         age = time.time() - info.st_mtime
-        if age < INDEX_LOCK_STALE_SECONDS or self._stale_lock == (lock, info.st_dev, info.st_ino):
+        if 0 <= age < INDEX_LOCK_STALE_SECONDS or self._stale_lock == (lock, info.st_dev, info.st_ino):
             return
         self._stale_lock = (lock, info.st_dev, info.st_ino)
         self._on_error(f"{lock} has been there for {age_words(age)}: git's index stays locked, so it lacks "
                        f"{len(self._repo.index_pending)} committed record file(s) (`git status` shows them as "
-                       f"staged deletions until it is gone; nothing is lost); {remove_lock_advice(lock)}")
+                       f"staged deletions until it is gone; nothing is lost); {remove_lock_advice(lock, info)}")
 
     def _settle_index(self, until: float) -> None:
         """Before the thread ends: wait (until `until`) for the user's index.lock to set what is pending."""
@@ -399,17 +400,21 @@ class _Recovery:
 
 
 def age_words(seconds: float) -> str:
-    """How long something has been there, for a message: '90 seconds', '5 minutes', '3 hours', '2 days'."""
+    """How long something has been there, for a message: '90 seconds', '5 minutes', '3 hours', '2 days'; a
+    negative age (a time in the future: the clock was set back) is 'an unknown time (…)'."""
+    if seconds < 0:
+        return "an unknown time (its modification time is in the future)"
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= 2 * size:
             return f"{int(seconds // size)} {unit}s"
-    whole = max(0, int(seconds))
+    whole = int(seconds)
     return f"{whole} second{'' if whole == 1 else 's'}"
 
 
-def remove_lock_advice(lock: Path) -> str:
-    """What to do about an index.lock nobody released (a notice's and `taskrun doctor`'s fix)."""
-    return f"if no git command is running in this clone, remove it: rm {shlex.quote(str(lock))}"
+def remove_lock_advice(lock: Path, info: os.stat_result) -> str:
+    """What to do about an index.lock nobody released (`info`: its lstat), as a notice and `taskrun doctor` say."""
+    remove = "rm -r" if stat.S_ISDIR(info.st_mode) else "rm"
+    return f"if no git command is running in this clone, remove it: {remove} {shlex.quote(str(lock))}"
 
 
 def _restore_item(paths: list[str]) -> CommitItem:

@@ -201,3 +201,25 @@ def test_a_fresh_index_lock_gets_no_notice_until_it_has_been_there_past_the_thre
         if lock.exists():
             lock.unlink()
         recorder.stop()
+
+
+def test_a_lock_that_is_a_directory_or_dated_in_the_future_is_reported_with_the_right_advice(tmp_path: Path) -> None:
+    import time as clock
+
+    from taskrunner import doctor
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    lock = root / ".git" / "index.lock"
+    lock.mkdir()
+    old = clock.time() - 3600
+    os.utime(lock, (old, old))
+    (found,) = doctor.index_lock_findings(root)
+    assert f"rm -r {lock}" in found.fix
+    lock.rmdir()
+    lock.write_bytes(b"")
+    future = clock.time() + 86400
+    os.utime(lock, (future, future))  # the clock was set back after it was left
+    (found,) = doctor.index_lock_findings(root)
+    assert "an unknown time" in found.what and f"rm {lock}" in found.fix
