@@ -208,12 +208,11 @@ class Records:
             raise self._failed(rel, exc) from exc
 
     def output_refused(self, task_id: str, number: int) -> str | None:
-        """Why a Run's output.log is not read although something is there: "a symbolic link", "a FIFO", …;
-        None when it is a regular file or absent."""
+        """Why a Run's output.log is not read although something is there: "a symbolic link", "a FIFO", "a hard
+        link (…)", …; None when it is a regular file of its own, or absent."""
         found = self._lstat(f"{RUNS_DIR}/{task_id}/run-{number}/output.log")
-        if found is None or stat.S_ISREG(found.st_mode):
-            return None
-        return kind_of(found.st_mode)
+        problem = None if found is None else safefs.refused(found)
+        return None if problem is None else problem[0]
 
     def output_digest(self, task_id: str, number: int) -> tuple[int, str]:
         """(size, sha256 hex) of a Run's output.log, read without following links; (0, sha256 of nothing) if none.

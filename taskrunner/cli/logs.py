@@ -191,7 +191,8 @@ class _Reader:
                 refused = self.records.output_refused(self.task_id, number) if source is None else None
                 if refused is not None:
                     raise UsageError(f"runs/{self.task_id}/run-{number}/output.log is {refused}: not read (records "
-                                     "never follow links or open special files); restore it with "
+                                     "are read only from regular files of their own, never through links or other "
+                                     "names); restore it with "
                                      "`git checkout -- runs/`")
                 if not self.follow or (final and (source is None or os.fstat(source).st_size == offset)):
                     run = run or {"run": number}

@@ -516,3 +516,17 @@ def test_the_hooks_taskrun_init_writes_do_not_recommend_core_hooks_path(repo: Pa
         text = (repo / "hooks" / name).read_text()
         assert "git config core.hooksPath hooks" not in text.replace("Do not run `git config core.hooksPath hooks`", "")
         assert "cp hooks/" in text and "not a link" in text
+
+
+def test_logs_never_print_a_hard_linked_output_log_and_say_why(repo: Path) -> None:
+    write_task(repo, "shown", "echo shown")
+    assert taskrun(repo, "up", "--once").returncode == 0
+    log = repo / "runs" / "shown" / "run-1" / "output.log"
+    log.unlink()
+    os.link(repo / ".git" / "config", log)  # the same file as .git/config, under another name
+
+    result = taskrun(repo, "logs", "shown")
+
+    assert "[core]" not in result.stdout
+    assert result.returncode == 2 and "output.log is a hard link" in result.stderr, result.stderr
+    assert "has no output" not in result.stdout + result.stderr
