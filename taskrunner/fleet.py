@@ -235,6 +235,16 @@ def sandbox_refusal(spec: WorkerSpec, hello: Mapping[str, Any]) -> str | None:
             f"`workers.{spec.name}.sandbox: none` in .taskrun.yaml accepts unconfined Agents on it")
 
 
+#: What a Worker's session is made with: a change to any of them (a fixed identity, a re-pinned host or
+#: result key) ends the session, and the next is made with the new values. Labels, Agents, slots and the
+#: sandbox setting apply to the next assignment without one.
+SESSION_FIELDS = ("transport", "host", "port", "user", "identity", "host_key", "known_hosts", "home", "worker_key")
+
+
+def session_fields(spec: WorkerSpec) -> tuple[object, ...]:
+    return tuple(getattr(spec, name) for name in SESSION_FIELDS)
+
+
 class Fleet:
     def __init__(self, config: Config, state_dir: Path, post: Callable[[LinkEvent], None],
                  keyring: Keyring, hooks: Hooks | None = None, rng: random.Random | None = None) -> None:
@@ -266,7 +276,7 @@ class Fleet:
                 if len(added) > 1:  # many sessions due at once (a start): spread over a short window
                     self.workers[name].reconnect_at = wall() + startup_delay(len(added), self.random)
             elif current.spec != spec:
-                if (current.spec.transport, current.spec.host, current.spec.port) != (spec.transport, spec.host, spec.port):
+                if session_fields(current.spec) != session_fields(spec):
                     if current.link:
                         current.link.close()
                     current.link = None

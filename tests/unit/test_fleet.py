@@ -316,3 +316,34 @@ def test_a_pause_on_one_worker_shows_in_its_view_only(tmp_path: Path) -> None:
     table = Pauses([Pause("claude", "local", 100.0, 0.0), Pause("codex", "elsewhere", 100.0, 0.0)])
     assert fleet.views(table, 50.0)[0].paused == {"claude": 100.0}
     assert fleet.views(table, 100.0)[0].paused == {}
+
+
+@pytest.mark.parametrize("change", ["identity: /keys/fixed", "user: deploy", "known_hosts: /etc/ssh/ssh_known_hosts",
+                                    "port: 2222", "host_key"])
+def test_a_fixed_identity_or_host_key_ends_the_session_so_the_next_uses_it(tmp_path: Path, change: str) -> None:
+    """A Worker refused for its identity or its changed host key stayed refused after the fix was saved in
+    .taskrun.yaml until the daemon restarted: its session object kept the old values."""
+    base = f'workers: {{build: {{transport: ssh, host: 127.0.0.1, host_key: "{HOST_KEY}", labels: {{a: "1"}}}}}}\n'
+    fleet, worker = _fleet(tmp_path, "{}", workers=base)
+    closed: list[bool] = []
+    link = worker.link = _QuietLink(worker.spec, lambda event: None)
+    link.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    worker.online = True
+
+    changed = (base.replace(HOST_KEY, HOST_KEY[:-4] + "AAAA") if change == "host_key"  # re-pinned
+               else base.replace("host: 127.0.0.1", f"host: 127.0.0.1, {change}", 1))
+    fleet.configure(parse_config(changed + "scheduler: {}\n", FILE))
+
+    assert closed == [True] and worker.link is None and worker.online is False and worker.reconnect_at == 0.0
+
+
+def test_labels_or_slots_changed_keep_the_session(tmp_path: Path) -> None:
+    base = f'workers: {{build: {{transport: ssh, host: 127.0.0.1, host_key: "{HOST_KEY}", labels: {{a: "1"}}}}}}\n'
+    fleet, worker = _fleet(tmp_path, "{}", workers=base)
+    link = worker.link = _QuietLink(worker.spec, lambda event: None)
+    worker.online = True
+
+    fleet.configure(parse_config(base.replace('a: "1"', 'a: "2"').replace("host: 127.0.0.1", "host: 127.0.0.1, slots: 5")
+                                 + "scheduler: {}\n", FILE))
+
+    assert worker.link is link and worker.online and worker.spec.slots == 5
