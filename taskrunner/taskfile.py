@@ -183,6 +183,12 @@ def parse_task(task_id: str, path: str, data: bytes, max_size: int = MAX_TASK_FI
     front, body = _split_front_matter(text, path)
     if not body.strip():
         raise TaskFileError(path, "the requirement (markdown body) is empty")
+    open_block = unclosed_shell_block(body)
+    if open_block is not None:
+        if text.endswith(body):  # the body's line numbers as the file's
+            open_block += text.count("\n", 0, len(text) - len(body))
+        raise TaskFileError(path, f"the shell block opened on line {open_block} has no closing fence (is the file "
+                                  "still being written?): end it with a line of ```")
     fields = _front_matter_fields(front, task_id, path) if front is not None else {}
     return TaskSpec(
         id=task_id,
@@ -332,8 +338,9 @@ _FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
 _ATX_HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]+(.*?))?[ \t]*$")
 
 
-def _scan(body: str) -> Iterator[tuple[str | None, list[str]]]:
-    """Yield (None, [line]) for each text line and (info, lines) for each fenced block.
+def _scan(body: str) -> Iterator[tuple[str | None, list[str], int]]:
+    """Yield (None, [line], 0) for each text line and (info, lines, n) for each fenced block: n is the line
+    number (from 1) of its opening fence when nothing closes it, else 0.
 
     CommonMark fences at the top level: up to 3 spaces of indent, 3+ backticks
     or tildes; the closing fence uses the same character, is at least as long,
@@ -347,20 +354,22 @@ def _scan(body: str) -> Iterator[tuple[str | None, list[str]]]:
         opening = _FENCE_OPEN.match(lines[i])
         # A backtick fence's info string may not contain backticks (CommonMark 4.5).
         if not opening or (opening.group(2)[0] == "`" and "`" in opening.group(3)):
-            yield None, [lines[i]]
+            yield None, [lines[i]], 0
             i += 1
             continue
         indent, fence, info = len(opening.group(1)), opening.group(2), opening.group(3).strip()
         closing = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
         content: list[str] = []
+        start = i + 1
         i += 1
         while i < len(lines) and not closing.match(lines[i]):
             line = lines[i]
             strip = len(line) - len(line.lstrip(" "))
             content.append(line[min(indent, strip) :])
             i += 1
+        unclosed = start if i >= len(lines) else 0
         i += 1  # past the closing fence (or the end)
-        yield info, content
+        yield info, content, unclosed
 
 
 def _title(body: str) -> str | None:
@@ -371,7 +380,7 @@ def _title(body: str) -> str | None:
     summary.md, the result commit's message, a pull request's title) it is made inert with
     textsafe.clean.
     """
-    for info, lines in _scan(body):
+    for info, lines, _ in _scan(body):
         if info is not None:
             continue
         match = _ATX_HEADING.match(lines[0])
@@ -393,10 +402,20 @@ def shell_script(body: str) -> str | None:
     counts). Blocks are joined in order, one newline apart, and the script
     ends with a newline. None when the body has no such block.
     """
-    blocks = ["\n".join(lines) for info, lines in _scan(body) if info and _language(info) in _SHELL_LANGUAGES]
+    blocks = ["\n".join(lines) for info, lines, _ in _scan(body) if info and _language(info) in _SHELL_LANGUAGES]
     if not blocks:
         return None
     return "\n".join(blocks) + "\n"
+
+
+def unclosed_shell_block(body: str) -> int | None:
+    """The line (from 1, in the body) of a sh/bash/shell block's opening fence that nothing closes, or None.
+    CommonMark runs such a block to the end, but a script cut short there is most likely a file still being
+    written: the Task is INVALID until it is closed."""
+    for info, _, unclosed in _scan(body):
+        if unclosed and info and _language(info) in _SHELL_LANGUAGES:
+            return unclosed
+    return None
 
 
 def _language(info: str) -> str:

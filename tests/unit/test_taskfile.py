@@ -441,3 +441,19 @@ def test_duration_message_quotes_the_input() -> None:
 def test_format_duration_round_trips(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("data", "line"), [
+    (b"# x\n\n```sh\necho part one\n", 3),
+    (b"---\npriority: high\n---\n# x\n\n```bash\necho hi\n```\n\n```shell\nrm -rf", 10),
+    (b"# x\n\n~~~sh\necho hi\n```\n", 3),  # a backtick fence does not close a tilde one
+])
+def test_a_shell_block_nothing_closes_is_invalid_as_a_file_still_being_written(data: bytes, line: int) -> None:
+    """`cat > tasks/x.md`, typed slowly, was read between lines: an open ```sh block ran what was there."""
+    with pytest.raises(TaskFileError, match=rf"the shell block opened on line {line} has no closing fence"):
+        parse_task("x", "tasks/x.md", data)
+
+
+def test_an_unclosed_block_of_another_language_is_part_of_the_requirement() -> None:
+    spec = parse_task("x", "tasks/x.md", b"# x\n\n```python\nprint(1)\n")
+    assert spec.body.endswith("print(1)\n")
