@@ -7,7 +7,7 @@ per Task file path, the file's identity when it was last parsed and the
 TaskSpec that came out of it, in `.git/taskrun/scan-cache.json`:
 
     line 1: HMAC-SHA256 (hex) of line 2, keyed with the record key (recordkey.record_key; made here if missing)
-    line 2: {"format": 4, "version": "<taskrun version>",
+    line 2: {"format": 5, "version": "<taskrun version>",
              "entries": [["tasks/a.md", size, mtime_ns, ctime_ns, inode, device,
                           whether the body holds a ```sh or ```bash block, TaskSpec fields in _KINDS order
                           (TaskSpec's own order)...]]}
@@ -53,7 +53,8 @@ from taskrunner.recordkey import record_key
 from taskrunner.taskfile import shell_script
 
 CACHE_FILE = "scan-cache.json"
-FORMAT = 4
+#: Made anew whenever what parse_task accepts changes (5: a shell block nothing closes is refused).
+FORMAT = 5
 _DOMAIN = b"taskrun-scan-cache-v4\0"
 #: A file changed less than this many seconds before it was parsed is not cached (its stat may not change again).
 RACY_SECONDS = 2.0
