@@ -23,7 +23,7 @@ import os
 import random
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from taskrunner import crashpoints, gitops, pauses, restore, scheduler
 from taskrunner.batch import Batch, Pending
@@ -127,11 +127,13 @@ class Engine(RunEndings):
             emit(self.hooks, "notice", message)
         crashpoints.reached("daemon.restored")
 
-    def scan(self) -> None:
-        """Bring every Task file into step with its record (start-up and `taskrun trigger`).
+    def scan(self, waiting: Collection[str] = ()) -> None:
+        """Bring every Task file into step with its record (start-up, `taskrun trigger`, a rescan).
 
         Every `*.md` path counts, whatever it is (intake.task_paths): a link or
         a FIFO there becomes INVALID instead of being followed or skipped.
+        `waiting`: paths still being written (watcher.Watcher.waiting): kept
+        as they are, and read when their writer closes them.
         """
         seen: set[str] = set()
         refused: list[str] = []
@@ -139,7 +141,8 @@ class Engine(RunEndings):
         for rel in task_paths(self.files, refused):
             task_id = task_id_for(rel)
             seen.add(task_id or "")  # "" is no Task's id
-            self.task_file_changed(rel, cache, task_id or None)
+            if rel not in waiting:
+                self.task_file_changed(rel, cache, task_id or None)
         cache.save(lambda message: emit(self.hooks, "notice", message))
         for message in refused:
             emit(self.hooks, "notice", message)

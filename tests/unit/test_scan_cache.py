@@ -229,3 +229,29 @@ def test_a_cache_file_that_is_not_a_regular_file_is_ignored_at_once(files: RepoF
     cache = ScanCache(state_dir(files.root), config)
     seen = {rel: cache.read(files, task_id_for(rel) or "", rel, config) for rel in task_paths(files)}
     assert seen == direct(files, config) and cache.hits == 0
+
+
+def test_a_rescan_leaves_a_file_still_being_written_to_its_close(tmp_path: Path) -> None:
+    """A directory made under tasks/ triggers a rescan: a file in it still open for writing was read half
+    written and committed INVALID ("the file is empty"), then run again once whole."""
+    from taskrunner.config import parse_config
+    from taskrunner.engine import Engine
+    from taskrunner.fleet import Fleet
+    from taskrunner.keys import Keyring
+    from tests.conftest import git
+
+    git(tmp_path, "init", "-q")
+    write_task(tmp_path, "whole", "echo whole")
+    (tmp_path / "tasks" / "sub").mkdir()
+    (tmp_path / "tasks" / "sub" / "half.md").write_bytes(b"")  # being written: empty so far
+    config = parse_config("workers: {local: {transport: local, sandbox: none}}\n", ".taskrun.yaml")
+    keyring, _ = Keyring.ensure(state_dir(tmp_path), 0.0)
+    engine = Engine(tmp_path, config, Fleet(config, state_dir(tmp_path), lambda event: None, keyring),
+                    commit=lambda item: None)
+
+    engine.scan(waiting={"tasks/sub/half.md"})
+
+    assert set(engine.tasks) == {"whole"} and not engine.unusable
+    (tmp_path / "tasks" / "sub" / "half.md").write_text("# half, now whole\n\n```sh\necho done\n```\n")
+    engine.task_file_changed("tasks/sub/half.md")  # its close
+    assert engine.tasks["sub/half"].spec is not None
