@@ -65,8 +65,12 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
     state = gitops.state_dir(root)
     keys = sorted((state / KEYS_DIR).glob("*.pem")) + [state / SSH_KEY_FILE, state / RECORD_KEY_FILE]
     own = len(keys)  # the state dir's own, never followed; a Worker's identity may be a link of the user's
+    names: dict[int, str] = {}  # index in `keys` -> the Worker whose identity it is
     if config is not None:
-        keys += [Path(w.identity).expanduser() for w in config.workers.values() if w.identity]
+        for worker in config.workers.values():
+            if worker.identity:
+                names[len(keys)] = worker.name
+                keys.append(Path(worker.identity).expanduser())
     me = os.geteuid()
     for directory in (state, state / KEYS_DIR):
         found.extend(_directory_findings(directory, me))
@@ -79,6 +83,16 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
             found.append(Finding("error", f"private key {path} is not a regular file", f"remove {path} and "
                                  "restore the file from a backup"))
             continue
+        if n in names:
+            from taskrunner.errors import WorkerError
+            from taskrunner.links.ssh import load_identity
+
+            try:
+                load_identity(names[n], path)
+            except WorkerError as exc:  # a public key, a passphrase: its modes are not the problem
+                what, _, fix = str(exc).partition("; ")
+                found.append(Finding("error", what, fix))
+                continue
         found.extend(_key_findings(path, info, me, record=n < own and path.name == RECORD_KEY_FILE))
     found.extend(_tracked_keys(root))
     problem = None

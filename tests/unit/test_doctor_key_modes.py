@@ -123,3 +123,16 @@ def test_a_keys_path_that_is_no_directory_is_named_when_loaded_or_made(tmp_path:
         with pytest.raises(KeyFileError, match=f"should be the directory of the signing keys, but is {what}"):
             attempt()
     assert sorted(os.listdir(elsewhere / KEYS_DIR)) == ["1.pem", "keyring.json"]  # nothing written there
+
+
+def test_an_identity_that_is_a_public_key_is_named_as_such_not_given_chmod_advice(state: Path, tmp_path: Path) -> None:
+    from taskrunner.config import parse_config
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    (tmp_path / "k.pub").chmod(0o644)
+    pin = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    config = parse_config(f"workers: {{w1: {{transport: ssh, host: 127.0.0.1, identity: {tmp_path / 'k.pub'}, "
+                          f'host_key: "{pin}"}}}}\n', ".taskrun.yaml")
+    (found,) = [f for f in doctor.key_findings(state.parent.parent, config) if "k.pub" in f.what]
+    assert found.level == "error" and "holds an OpenSSH public key line, not a private key" in found.what
+    assert "chmod" not in found.fix and "point workers.w1.identity" in found.fix
