@@ -154,7 +154,9 @@ def open_socket(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socke
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise WorkerError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+        raise WorkerError(f"cannot connect to {host}:{port}: {exc.strerror or exc}; check that sshd runs on the "
+                          "Worker and listens there (the address and --port / workers.<name>.port), and that no "
+                          "firewall is in the way") from exc
     # paramiko leaves Nagle on: every request would wait ~40 ms for a delayed ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -168,6 +170,9 @@ def scan_host_key(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> par
         transport.start_client(timeout=timeout)
         return transport.get_remote_server_key()
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        raise WorkerError(f"cannot read the host key of {host}:{port}: {exc}") from exc
+        said = "it closed the connection" if isinstance(exc, EOFError) or "session" in str(exc).lower() else str(exc)
+        raise WorkerError(f"cannot read the host key of {host}:{port}: {said} before an SSH key exchange; is it an "
+                          "SSH server? Check the port (--port / workers.<name>.port): "
+                          f"`ssh-keyscan -p {port} {host}` shows what answers there") from exc
     finally:
         transport.close()

@@ -125,7 +125,9 @@ def cmd_add(args: argparse.Namespace, out: Console) -> int:
     if args.fingerprint is not None:
         if args.fingerprint.strip() != seen:
             raise EnrollError(f"host key fingerprint mismatch for {where}: expected {args.fingerprint}, "
-                              f"seen {seen}; nothing was written")
+                              f"seen {seen}; nothing was written. Read the fingerprint on the Worker itself "
+                              "(`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`, or the key type it presents) and "
+                              "check --host and --port: a different host, or something between, answered")
     elif unchanged:
         out.print(f"It matches the host key pinned for Worker '{args.name}' in {CONFIG_FILE}.", markup=False)
     elif pinned:
