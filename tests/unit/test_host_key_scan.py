@@ -44,7 +44,9 @@ def test_a_port_that_is_no_ssh_server_is_said_with_what_to_check(reply: bytes) -
 
 
 def test_a_closed_port_says_to_check_that_sshd_listens_there() -> None:
-    listener, port = _server(b"")
-    listener.close()  # nothing listens there now
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # bound once, never listened on: nothing answers there
     with pytest.raises(WorkerError, match=rf"cannot connect to 127.0.0.1:{port}: .*check that sshd runs"):
         scan_host_key("127.0.0.1", port, timeout=10)
