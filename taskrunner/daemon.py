@@ -278,7 +278,7 @@ class Daemon:
                 self.engine.schedule()
                 replan = False
             self._flush()
-            if self.once and self.engine.idle():
+            if self.once and self._once_done():
                 self.engine.give_up_waiting()
                 self._flush(force=True, wait=True)
                 return
@@ -302,6 +302,25 @@ class Daemon:
                     break
                 replan = self._handle(event) or replan
 
+    def _once_done(self) -> bool:
+        """`up --once` is done: the engine is idle, or nothing runs and no Task waits to start.
+
+        The engine's idleness also waits until every Worker's first session has said hello or
+        failed, since a PENDING Task may be waiting for that very Worker. With no Task PENDING
+        there is nothing left for it to take, and waiting held the exit after the last record
+        commit for as long as a slow session took to open or fail: up to CONNECT_TIMEOUT per
+        SSH step for a host that accepts TCP and says nothing, worker_offline_after plus
+        READ_MARGIN_SECONDS for a Worker whose session opens but sends no hello. What such a
+        Worker holds for this control plane (a result of a Run already final, not acknowledged)
+        is taken by its next session's `ready` (sessions.py).
+        """
+        engine = self.engine
+        if engine.idle():
+            return True
+        # Every Run the scheduler started is in engine.runs, and a Task it unblocked is PENDING.
+        return (not engine.runs and engine.next_wakeup is None
+                and not any(task.status is TaskStatus.PENDING for task in engine.tasks.values()))
+
     def _handle(self, event: object) -> bool:
         """Apply one event; True if it may change what the scheduler would decide."""
         if isinstance(event, LinkEvent):
@@ -324,7 +343,8 @@ class Daemon:
         if isinstance(event, _Synced):
             self.engine.base_commit = self._head = event.head or self.engine.base_commit
             self.repo.moving = False
-            self.engine.scan()  # Tasks a sync brought run as dropped files do; deleted ones are cancelled
+            # Tasks a sync brought run as dropped files do; deleted ones are cancelled.
+            self.engine.scan(waiting=self.watcher.waiting())
             return True
         if isinstance(event, _SyncRequest):
             self._sync(event.reason)
@@ -339,7 +359,7 @@ class Daemon:
             elif event.kind == "removed":
                 self.engine.task_file_removed(event.path)
             elif event.kind == "rescan":
-                self.engine.scan()
+                self.engine.scan(waiting=self.watcher.waiting())  # files still being written: at their close
             elif event.kind == "config":
                 self._reload()
         elif isinstance(event, _Request):
