@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import socket
 import stat
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
     import paramiko
 else:  # imported at the first key parsed or host scanned: a daemon without ssh Workers never loads it
     paramiko = lazy("paramiko")
+
+# paramiko logs a failed negotiation (a banner that never came, say) with its traceback on its own logger;
+# with no handler there, Python's last-resort handler printed it into `taskrun up`'s output, beside the
+# notice that says the same in words and what to do.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 CONNECT_TIMEOUT = 10.0
 

@@ -1,4 +1,4 @@
-"""The body of a Run's result, before the Worker signs it (serve.py `_finish`; the control plane checks it
+"""The body of a Run's result, before the Worker signs it (finisher.py `_finish`; the control plane checks it
 in taskrunner/results.py).
 
 Shape: `{run_id, status, exit_code, error, started_at, finished_at, output_size, output_sha256, nonce,
@@ -26,7 +26,7 @@ def result_body(run: ActiveRun, status: str, code: int | None, error: str | None
     unless it was cancelled. A COMPLETED Run's change is committed and packed
     outside the sandbox, as the Worker (gitflow/change.py); one that cannot be
     fails the Run; one that failed for want of room raises OSError(ENOSPC)
-    instead while `room_waited` is False (the Worker waits for room, serve.py
+    instead while `room_waited` is False (the Worker waits for room, finisher.py
     FULL_HOME_WAIT_SECONDS), then fails the Run saying the Worker home is
     full. `replace`: the Run had a result whose output no longer
     holds what it covers: its report, usage limit and events stay. A Run read

@@ -23,7 +23,7 @@ the value follows; so a line is fed as soon as its newline arrives, as
 before. What is held back when the stream ends is masked, as a line cut
 there would be. Then it asks the reader: a usage limit
 seen (`limit()`) or a budget passed (`agents.stream.exceeded`) is a reason
-to stop the Run, which the session carries out (serve.py `_stop`).
+to stop the Run, which the session carries out (finisher.py `_stop`).
 
 **Bounded memory.** A line longer than MAX_LINE_BYTES (agents.stream)
 reaches the reader cut to its first MAX_LINE_BYTES bytes, the moment that

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -50,3 +52,16 @@ def test_a_closed_port_says_to_check_that_sshd_listens_there() -> None:
     probe.close()  # bound once, never listened on: nothing answers there
     with pytest.raises(WorkerError, match=rf"cannot connect to 127.0.0.1:{port}: .*check that sshd runs"):
         scan_host_key("127.0.0.1", port, timeout=10)
+
+
+def test_paramikos_own_log_of_a_failed_negotiation_is_not_printed() -> None:
+    """In a process of its own: under pytest a handler of its own would swallow the log either way."""
+    listener, port = _server(b"")
+    try:
+        done = subprocess.run([sys.executable, "-c", "from taskrunner.sshkeys import scan_host_key\n"
+                               f"try:\n    scan_host_key('127.0.0.1', {port}, timeout=10)\nexcept Exception:\n    pass"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        listener.close()
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception (client)" not in done.stderr, \
+        done.stderr
