@@ -155,6 +155,9 @@ class _Reader:
             status = (task or {}).get("status")
             if previous is not None and status in _TASK_FINAL:
                 return None
+            if previous is None and status == "INVALID":
+                reason = clean(str((task or {}).get("error") or "see `taskrun status`"))
+                raise UsageError(f"'{self.task_id}' is INVALID and has no Runs: {reason}; fix its file, and it runs")
             if previous is None and not self.follow:
                 raise UsageError(f"'{self.task_id}' has no Runs yet")
             if previous is None and status in _TASK_FINAL:

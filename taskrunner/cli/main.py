@@ -328,6 +328,8 @@ def cmd_up(args: argparse.Namespace, out: Console) -> int:
             code = daemon.run()
         if args.log_format == "json":
             logs.stopped(code)
+        elif not args.once:
+            out.print(f"taskrun daemon in {root} stopped (exit {code})", markup=False)
         return code
     finally:
         logs.unconfigure(handler)

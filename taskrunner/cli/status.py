@@ -241,8 +241,8 @@ def list_tasks(args: argparse.Namespace, out: Console, records: Records) -> int:
             sys.stdout.flush()
             return EXIT_OK
         filtered = bool(query.patterns or query.statuses)
-        empty = "" if chosen.total else ("No Task matches." if filtered else
-                                         "No Tasks yet: add a file to tasks/ and start `taskrun up`.")
+        empty = "" if chosen.total else ("No Task matches." if filtered else "No Tasks yet: add a file to tasks/"
+                                         + ("." if source == "daemon" else " and start `taskrun up`."))
         shown = [t if isinstance(t, dict) else json.loads(t) for t in chosen.shown]
         lines = [plain.summary_line(len(shown), chosen.total, chosen.counts, query.limit)] if chosen.omitted else []
         lines.extend(clean(line) for line in gitstate.problems(git_state))

@@ -172,3 +172,25 @@ def test_demo_runs_the_tour_on_a_fresh_machine() -> None:
     assert "runs/greeting/status.json" in on_main and "runs/greeting/run-1/summary.md" in on_main
     # Into a pipe the console is as wide as a table needs; a rule stays a line's width.
     assert max(len(line) for line in result.stdout.splitlines()) < 500
+
+
+def test_a_plain_taskrun_up_says_when_it_stops(daemon: Daemon) -> None:
+    daemon.start()
+    assert daemon.stop() == 0
+    assert f"taskrun daemon in {daemon.root} stopped (exit 0)" in daemon.log.read_text()
+
+
+def test_logs_of_an_invalid_task_say_why_it_has_no_runs_and_what_to_do(repo: Path) -> None:
+    (repo / "tasks" / "typo.md").write_text("---\nagnet: shell\n---\n# typo\n\n```sh\necho hi\n```\n")
+    taskrun(repo, "up", "--once")
+
+    result = taskrun(repo, "logs", "typo")
+
+    assert result.returncode == 2 and "'typo' is INVALID and has no Runs" in result.stderr, result.stderr
+    assert "agnet" in result.stderr and "fix its file" in result.stderr
+
+
+def test_status_with_a_daemon_running_and_no_task_does_not_say_to_start_one(daemon: Daemon) -> None:
+    daemon.start()
+    result = taskrun(daemon.root, "status")
+    assert "No Tasks yet: add a file to tasks/." in result.stdout and "start `taskrun up`" not in result.stdout
