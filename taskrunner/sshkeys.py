@@ -20,7 +20,7 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from taskrunner.textsafe import over_limit
 from taskrunner.defaults import MAX_KNOWN_HOSTS_BYTES
@@ -84,22 +84,34 @@ def pinned_keys(host: str, port: int, host_key: str | None, known_hosts: str | N
     if known_hosts:
         path = Path(known_hosts).expanduser()
         text = _known_hosts_text(path)
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.lstrip().startswith("@"):
-                raise HostKeyError(
-                    f"{path}:{number}: '{line.split()[0]}' lines are not supported (paramiko cannot enforce them); "
-                    "pin plain host keys instead"
-                )
         store = paramiko.HostKeys()
-        try:
-            store.load(str(path))
-        except (OSError, paramiko.SSHException) as exc:
-            raise HostKeyError(f"cannot parse known_hosts file {path}: {exc}") from exc
+        for number, line in enumerate(text.splitlines(), 1):
+            entry = _known_hosts_entry(path, number, line)
+            for name in entry.hostnames if entry is not None else ():
+                store.add(name, entry.key.get_name(), entry.key)
         found = store.lookup(host_entry(host, port))
         keys.extend(found.values() if found else [])
     if not keys:
         raise HostKeyError(f"no host key pinned for {host_entry(host, port)}; run `taskrun worker add` to pin one")
     return keys
+
+
+def _known_hosts_entry(path: Path, number: int, line: str) -> Any:
+    """Line `number` of the known_hosts file `path` (its text, already read): a paramiko HostKeyEntry, or None
+    for a blank line, a comment or a key type paramiko does not know. HostKeyError for a marker line or one
+    that is no known_hosts line; the message never quotes the line (the file may be anything: ~/.netrc)."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if stripped.startswith("@"):
+        raise HostKeyError(f"{path}:{number}: a line with a marker (@cert-authority, @revoked) is not supported "
+                           "(paramiko cannot enforce them); pin plain host keys instead")
+    try:
+        return paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+    except Exception:  # InvalidHostKey carries the line itself: never shown
+        raise HostKeyError(f"{path}:{number} is not a known_hosts line (what it holds is not shown); point "
+                           "known_hosts at a file of host keys, or pin the Worker's key with `taskrun worker add`"
+                           ) from None
 
 
 def _known_hosts_text(path: Path) -> str:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,32 @@ def test_paramikos_own_log_of_a_failed_negotiation_is_not_printed() -> None:
         listener.close()
     assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception (client)" not in done.stderr, \
         done.stderr
+
+
+def test_a_known_hosts_file_that_holds_something_else_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    """A pushed configuration pointing known_hosts at ~/.netrc showed its password in `taskrun workers`
+    (paramiko's InvalidHostKey carries the line)."""
+    from taskrunner.sshkeys import HostKeyError, pinned_keys
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine github.com login bot password ghp_NETRCSECRET\n")
+    with pytest.raises(HostKeyError) as caught:
+        pinned_keys("127.0.0.1", 22, None, str(netrc))
+    assert "ghp_NETRCSECRET" not in str(caught.value) and f"{netrc}:1 is not a known_hosts line" in str(caught.value)
+    marker = tmp_path / "marked"
+    marker.write_text("@secret-word host ssh-ed25519 AAAA\n")
+    with pytest.raises(HostKeyError) as caught:
+        pinned_keys("127.0.0.1", 22, None, str(marker))
+    assert "secret-word" not in str(caught.value) and "a line with a marker" in str(caught.value)
+
+
+def test_hashed_and_plain_known_hosts_entries_are_found(tmp_path: Path) -> None:
+    from taskrunner.sshkeys import pinned_keys
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host")], check=True)
+    public = (tmp_path / "host.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"# comment\n\n[127.0.0.1]:2222 {public[0]} {public[1]}\nother.example {public[0]} {public[1]}\n")
+    subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(known)], check=True, capture_output=True)  # hash them
+    assert [k.get_base64() for k in pinned_keys("127.0.0.1", 2222, None, str(known))] == [public[1]]
+    assert pinned_keys("other.example", 22, None, str(known))[0].get_base64() == public[1]
