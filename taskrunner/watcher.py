@@ -141,16 +141,22 @@ class Watcher(FileSystemEventHandler):
                 self._later(FileEvent("rescan"), self._unclosed)
             return
         if kind == "moved":
+            # Renamed in whole, it is read at once; renamed while its writer still has it open, at the close.
+            with self._cond:
+                pending = self._due.get(self._rel(str(event.src_path)))
             self._file(str(event.src_path), "removed")
-            self._file(str(event.dest_path), "changed", at_once=True)
+            self._file(str(event.dest_path), "changed", at_once=pending is None or pending[1].kind != "changed")
         elif kind == "deleted":
             self._file(str(event.src_path), "removed")
         else:
             # "closed": written and closed; "created", "modified": a writer may still be at it.
             self._file(str(event.src_path), "changed", at_once=kind == "closed")
 
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
     def _file(self, path: str, kind: str, at_once: bool = False) -> None:
-        rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+        rel = self._rel(path)
         if rel == CONFIG_FILE:
             self._later(FileEvent("config", rel))
             return

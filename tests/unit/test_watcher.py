@@ -173,3 +173,22 @@ def test_a_file_still_being_written_is_waiting_so_a_rescan_leaves_it_to_its_clos
         assert watcher.waiting() == frozenset()
     finally:
         watcher.stop()
+
+
+def test_a_file_renamed_while_its_writer_still_has_it_open_is_read_at_the_close(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    posted: queue.Queue[FileEvent] = queue.Queue()
+    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=30.0)
+    watcher.start()
+    try:
+        with open(tmp_path / "tasks" / "draft.md", "wb") as handle:
+            handle.write(b"# part\n")
+            handle.flush()
+            wait_until(lambda: watcher.waiting() == frozenset({"tasks/draft.md"}), what="the open file to wait")
+            os.rename(tmp_path / "tasks" / "draft.md", tmp_path / "tasks" / "moved.md")
+            wait_until(lambda: watcher.waiting() == frozenset({"tasks/moved.md"}), what="the new name to wait")
+            handle.write(b"the rest\n")
+        seen = [posted.get(timeout=10) for _ in range(2)]
+        assert FileEvent("changed", "tasks/moved.md") in seen and FileEvent("removed", "tasks/draft.md") in seen
+    finally:
+        watcher.stop()
