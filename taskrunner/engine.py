@@ -84,7 +84,7 @@ class Engine(RunEndings):
         # Task files whose id cannot be a path under runs/ (taskfile.task_id_problem), by path:
         # INVALID with this reason, and no record anywhere (README "Decisions").
         self.unusable: dict[str, str] = {}
-        self._ignored: set[str] = set()  # files under tasks/ whose name can be no Task's, said once
+        self._ignored: set[str] = set()  # files whose name can be no Task's, and what a scan refused: said once
         self._trailing: list[str] = []  # Tasks restored RUNNING whose latest Run had ended (restore.read_tasks)
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
@@ -145,7 +145,9 @@ class Engine(RunEndings):
                 self.task_file_changed(rel, cache, task_id or None)
         cache.save(lambda message: emit(self.hooks, "notice", message))
         for message in refused:
-            emit(self.hooks, "notice", message)
+            if message not in self._ignored:  # said once, not at every scan
+                self._ignored.add(message)
+                emit(self.hooks, "notice", message)
         for task in list(self.tasks.values()):
             if task.id not in seen and not task.removed:
                 self.task_file_removed(task.file)

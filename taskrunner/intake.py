@@ -324,15 +324,13 @@ def task_paths(files: RepoFiles, notice: list[str] | None = None) -> Iterator[st
     # Strings, not pathlib: at 10,000 files pathlib's joins and relative_to cost more than the walk.
     root = str(files.root)
     cut = len(root) + 1
+    deep: list[str] = []
     for dirpath, dirnames, filenames in os.walk(f"{root}/{TASKS_DIR}", followlinks=False):
         here = dirpath[cut:]  # relative to the root, '/'-separated
         if here.count("/") >= MAX_TASK_DIR_DEPTH:
             # Deeper, no path can be a Task id: not walked (nor recursed into, however deep it goes).
-            deeper = [d for d in dirnames if not is_ignored_name(d)]
-            if deeper and notice is not None:
-                notice.append(f"{here[:120]}… holds directories {MAX_TASK_DIR_DEPTH} levels below {TASKS_DIR}/, "
-                              f"deeper than a Task id can go ({MAX_TASK_ID_CHARS} characters): nothing under it is "
-                              "read; move its Task files up")
+            if any(not is_ignored_name(d) for d in dirnames):
+                deep.append(here)
             dirnames[:] = []
         for name in sorted(dirnames):
             if notice is not None and not is_ignored_name(name) and os.path.islink(f"{dirpath}/{name}"):
@@ -342,6 +340,12 @@ def task_paths(files: RepoFiles, notice: list[str] | None = None) -> Iterator[st
                 yield f"{here}/{name}"
         # Hidden directories hold no Tasks (task_id_for refuses a part starting with '.').
         dirnames[:] = [d for d in dirnames if not is_ignored_name(d)]
+    if deep and notice is not None:  # one notice for them all (500 siblings at that depth: one line)
+        many = len(deep) > 1
+        notice.append(f"{deep[0][:120]}…{f' and {len(deep) - 1} more' if many else ''} "
+                      f"{'hold' if many else 'holds'} directories {MAX_TASK_DIR_DEPTH} levels below {TASKS_DIR}/, "
+                      f"deeper than a Task id can go ({MAX_TASK_ID_CHARS} characters): nothing under "
+                      f"{'them' if many else 'it'} is read; move {'their' if many else 'its'} Task files up")
 
 
 def agent_of(spec: TaskSpec, config: Config) -> str:

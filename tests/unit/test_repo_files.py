@@ -434,3 +434,16 @@ def test_a_tree_deeper_than_any_task_id_is_not_walked_and_is_named(files: RepoFi
     assert not any(p.endswith("/x.md") for p in found)
     (said,) = [m for m in refused if "deeper than a Task id can go" in m]
     assert said.startswith("tasks/nest/a/a/") and "move its Task files up" in said
+    subprocess.run(["rm", "-rf", "--", str(deep)], check=True)  # too deep for pytest's own clean-up later
+
+
+def test_many_directories_too_deep_make_one_notice(files: RepoFiles, repo: Path) -> None:
+    from taskrunner.intake import MAX_TASK_DIR_DEPTH
+
+    base = repo / "tasks" / "/".join(["a"] * (MAX_TASK_DIR_DEPTH - 1))
+    for n in range(50):  # 50 directories at the deepest level, each with one more below it
+        (base / f"s{n}" / "deeper").mkdir(parents=True)
+    refused: list[str] = []
+    list(task_paths(files, refused))
+    (said,) = [m for m in refused if "deeper than a Task id can go" in m]
+    assert "and 49 more hold directories" in said and "move their Task files up" in said

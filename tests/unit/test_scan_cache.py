@@ -255,3 +255,32 @@ def test_a_rescan_leaves_a_file_still_being_written_to_its_close(tmp_path: Path)
     (tmp_path / "tasks" / "sub" / "half.md").write_text("# half, now whole\n\n```sh\necho done\n```\n")
     engine.task_file_changed("tasks/sub/half.md")  # its close
     assert engine.tasks["sub/half"].spec is not None
+
+
+def test_what_a_scan_refuses_is_said_once_not_at_every_scan(tmp_path: Path) -> None:
+    from taskrunner.config import parse_config
+    from taskrunner.engine import Engine
+    from taskrunner.fleet import Fleet
+    from taskrunner.hooks import Hooks
+    from taskrunner.keys import Keyring
+    from tests.conftest import git
+
+    class Heard(Hooks):
+        def __init__(self) -> None:
+            self.notices: list[str] = []
+
+        def notice(self, message: str) -> None:
+            self.notices.append(message)
+
+    git(tmp_path, "init", "-q")
+    write_task(tmp_path, "whole", "echo whole")
+    (tmp_path.parent / "outside").mkdir(exist_ok=True)
+    (tmp_path / "tasks" / "elsewhere").symlink_to(tmp_path.parent / "outside")  # refused, with a notice
+    config = parse_config("workers: {local: {transport: local, sandbox: none}}\n", ".taskrun.yaml")
+    keyring, _ = Keyring.ensure(state_dir(tmp_path), 0.0)
+    heard = Heard()
+    engine = Engine(tmp_path, config, Fleet(config, state_dir(tmp_path), lambda event: None, keyring),
+                    commit=lambda item: None, hooks=heard)
+    for _ in range(3):  # a trigger, a new directory, a poll: each a scan
+        engine.scan()
+    assert [m for m in heard.notices if "elsewhere is a symbolic link" in m] == [heard.notices[0]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,12 @@ def _deep(top: Path, levels: int) -> None:
         os.mkdir(top)
 
 
+def _remove(top: Path) -> None:
+    """rm -r of a tree too deep for shutil.rmtree (one Python frame per level): pytest's own clean-up of old
+    temp directories would fail on it in a later run."""
+    subprocess.run(["rm", "-rf", "--", str(top)], check=True)
+
+
 def test_a_tree_a_thousand_directories_deep_does_not_end_the_watch(tmp_path: Path) -> None:
     """watchdog walks tasks/ and every new directory with a recursive os.walk: a pushed tree 990 deep ended its
     thread (RecursionError), and no Task file was seen after it."""
@@ -127,6 +134,7 @@ def test_a_tree_a_thousand_directories_deep_does_not_end_the_watch(tmp_path: Pat
         assert "changed" in _events(posted, "changed", "tasks/after.md")
     finally:
         watcher.stop()
+        _remove(tmp_path / "tasks")
 
 
 def test_a_deep_mkdir_racing_the_watch_neither_floods_warnings_nor_ends_the_watch(tmp_path: Path) -> None:
