@@ -4,7 +4,9 @@
 the daemon (cli/main.py `cmd_up`): from then on a command that needs the
 daemon waits for its socket (control.request) instead of saying that no
 daemon runs. `taskrun prune` takes it too, so that no daemon starts while it
-prunes. The file holds the holder's pid, only to name it in the refusal.
+prunes. The file holds the holder's pid, only to name it in the refusal. `held`
+looks by taking a shared lock for a moment; `take` tries again for
+PROBE_GRACE_SECONDS before it takes a lock it cannot get for a daemon's.
 The lock file is never written through a link, FIFO or directory: anything
 but a regular file there is refused, with what to do (atomic.open_regular).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from taskrunner import diskspace
@@ -20,6 +23,10 @@ from taskrunner.atomic import open_regular
 from taskrunner.errors import LockError
 
 LOCK_NAME = "daemon.lock"
+#: `take` tries this long before it says the lock is held: `held` (any CLI command) holds a shared lock
+#: for a moment, and `taskrun up` started next to one lost to it ("already running (pid unknown)").
+PROBE_GRACE_SECONDS = 0.5
+PROBE_POLL_SECONDS = 0.01
 
 
 class LockBusy(LockError):
@@ -44,13 +51,20 @@ def take(state_dir: Path, root: Path, name_holder: bool = True) -> int:
     except OSError as exc:
         raise LockError(f"cannot take the daemon's lock {path}: {exc.strerror or exc}; "
                         "remove it (the daemon makes it again)") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise LockBusy(f"a taskrun daemon is already running in {root} (pid {holder}); use `taskrun status`, "
-                       "or stop it before starting another", holder) from None
+    deadline = time.monotonic() + PROBE_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # `held` takes a shared lock for a moment: that is a command looking, not a daemon. Look again.
+            if time.monotonic() < deadline:
+                time.sleep(PROBE_POLL_SECONDS)
+                continue
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockBusy(f"a taskrun daemon is already running in {root} (pid {holder}); use `taskrun status`, "
+                           "or stop it before starting another", holder) from None
     if name_holder:
         try:
             os.ftruncate(fd, 0)

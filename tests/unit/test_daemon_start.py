@@ -178,3 +178,34 @@ def test_a_second_taskrun_up_is_refused_naming_the_first(repo: Path, capsys) -> 
         os.close(fd)
     err = capsys.readouterr().err
     assert f"a taskrun daemon is already running in {repo} (pid {os.getpid()})" in err and "Traceback" not in err
+
+
+def test_commands_looking_at_the_lock_never_make_a_starting_daemon_lose_it(repo: Path) -> None:
+    """`held` takes a shared lock for a moment; `taskrun up` started while a command looked said "a daemon is
+    already running (pid unknown)" (the demo's post-receive hook did it in CI)."""
+    from taskrunner import daemonlock
+
+    state = gitbase.state_dir(repo)
+    state.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def look() -> None:
+        while not stop.is_set():
+            daemonlock.held(state)
+
+    lookers = [threading.Thread(target=look, daemon=True) for _ in range(3)]
+    for looker in lookers:
+        looker.start()
+    try:
+        for _ in range(200):
+            os.close(daemonlock.take(state, repo))
+    finally:
+        stop.set()
+        for looker in lookers:
+            looker.join(10)
+    held = daemonlock.take(state, repo)
+    try:
+        with pytest.raises(daemonlock.LockBusy, match=f"pid {os.getpid()}"):
+            daemonlock.take(state, repo)  # a daemon's lock is still refused, after the grace
+    finally:
+        os.close(held)
