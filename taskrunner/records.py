@@ -68,7 +68,7 @@ from taskrunner.errors import ForeignRecord, RecordError, TaskrunError, UnsafePa
 from taskrunner.gitbase import state_dir
 from taskrunner.model import RECORD_NAMES, RUN_DIR_RE
 from taskrunner.recordkey import record_key
-from taskrunner.safefs import REFUSAL, Beneath, kind_of
+from taskrunner.safefs import REFUSAL, Beneath
 from taskrunner.taskfile import task_id_for, task_id_problem
 
 __all__ = ["RUN_DIR_RE", "RECORD_NAMES", "Records", "SEAL_KEY"]
