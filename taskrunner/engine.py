@@ -84,7 +84,7 @@ class Engine(RunEndings):
         # Task files whose id cannot be a path under runs/ (taskfile.task_id_problem), by path:
         # INVALID with this reason, and no record anywhere (README "Decisions").
         self.unusable: dict[str, str] = {}
-        self._ignored: set[str] = set()  # files whose name can be no Task's, and what a scan refused: said once
+        self._said: set[str] = set()  # notices said once, not at every scan (_say_once)
         self._trailing: list[str] = []  # Tasks restored RUNNING whose latest Run had ended (restore.read_tasks)
         self.next_wakeup: float | None = None
         self.base_commit: str | None = None
@@ -145,9 +145,7 @@ class Engine(RunEndings):
                 self.task_file_changed(rel, cache, task_id or None)
         cache.save(lambda message: emit(self.hooks, "notice", message))
         for message in refused:
-            if message not in self._ignored:  # said once, not at every scan
-                self._ignored.add(message)
-                emit(self.hooks, "notice", message)
+            self._say_once(message)
         for task in list(self.tasks.values()):
             if task.id not in seen and not task.removed:
                 self.task_file_removed(task.file)
@@ -172,15 +170,18 @@ class Engine(RunEndings):
         for task in [t for t in self.tasks.values() if t.status is TaskStatus.INVALID and not t.removed]:
             self.task_file_changed(task.file)
 
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            emit(self.hooks, "notice", message)
+
     # -- Task files ----------------------------------------------------------
 
     def task_file_changed(self, rel: str, cache: ScanCache | None = None, task_id: str | None = None) -> None:
         """`task_id`: task_id_for(rel) when the caller has it (a scan of 10,000 files asks once)."""
         task_id = task_id or task_id_for(rel)
         if task_id is None:
-            if rel not in self._ignored:  # said once per file, not at every scan
-                self._ignored.add(rel)
-                emit(self.hooks, "notice", f"ignoring {rel}: {not_a_task_name(rel)}")
+            self._say_once(f"ignoring {rel}: {not_a_task_name(rel)}")
             return
         problem = task_id_problem(task_id)
         if problem is not None:

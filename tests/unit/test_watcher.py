@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -23,12 +25,21 @@ def _events(posted: queue.Queue[FileEvent], until: str, path: str) -> list[str]:
                 return seen
 
 
-def test_a_task_file_git_replaces_is_changed_not_removed_and_a_deleted_one_is_removed(tmp_path: Path) -> None:
-    (tmp_path / "tasks").mkdir()
+@contextlib.contextmanager
+def _watching(root: Path, **options: float) -> Iterator[tuple[Watcher, queue.Queue[FileEvent]]]:
+    """A started Watcher of `root` (tasks/ made) and the queue it posts to; stopped at the end."""
+    (root / "tasks").mkdir()
     posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put)
+    watcher = Watcher(root, posted.put, **options)
     watcher.start()
     try:
+        yield watcher, posted
+    finally:
+        watcher.stop()
+
+
+def test_a_task_file_git_replaces_is_changed_not_removed_and_a_deleted_one_is_removed(tmp_path: Path) -> None:
+    with _watching(tmp_path) as (watcher, posted):
         task = tmp_path / "tasks" / "a.md"
         task.write_text("# one\n")
         assert _events(posted, "changed", "tasks/a.md")[-1] == "changed"
@@ -38,8 +49,6 @@ def test_a_task_file_git_replaces_is_changed_not_removed_and_a_deleted_one_is_re
         assert "removed" not in _events(posted, "changed", "tasks/a.md")
         os.unlink(task)
         assert _events(posted, "removed", "tasks/a.md")[-1] == "removed"
-    finally:
-        watcher.stop()
 
 
 def test_an_inotify_queue_overflow_becomes_one_rescan(tmp_path: Path) -> None:
@@ -72,11 +81,7 @@ def test_an_inotify_queue_overflow_becomes_one_rescan(tmp_path: Path) -> None:
 def test_a_file_still_open_for_writing_is_read_at_its_close_not_half_written(tmp_path: Path) -> None:
     """`cp` of a big Task file makes it empty, then writes it in pieces: neither the empty file nor a
     piece is read while the writer has it open; its close is."""
-    (tmp_path / "tasks").mkdir()
-    posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=30.0)
-    watcher.start()
-    try:
+    with _watching(tmp_path, debounce=0.05, unclosed=30.0) as (watcher, posted):
         with open(tmp_path / "tasks" / "big.md", "wb") as handle:
             handle.flush()
             os.fsync(handle.fileno())
@@ -88,22 +93,14 @@ def test_a_file_still_open_for_writing_is_read_at_its_close_not_half_written(tmp
             handle.write(b"---\n# the whole requirement\n")
         assert posted.get(timeout=10) == FileEvent("changed", "tasks/big.md")
         assert posted.empty()
-    finally:
-        watcher.stop()
 
 
 def test_a_file_left_open_is_read_once_it_has_been_quiet_for_the_unclosed_wait(tmp_path: Path) -> None:
-    (tmp_path / "tasks").mkdir()
-    posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=0.3)
-    watcher.start()
-    try:
+    with _watching(tmp_path, debounce=0.05, unclosed=0.3) as (watcher, posted):
         with open(tmp_path / "tasks" / "held.md", "wb") as handle:
             handle.write(b"# held open\n")
             handle.flush()
             assert posted.get(timeout=10) == FileEvent("changed", "tasks/held.md")  # before the close
-    finally:
-        watcher.stop()
 
 
 def _deep(top: Path, levels: int) -> None:
@@ -140,38 +137,22 @@ def test_a_tree_a_thousand_directories_deep_does_not_end_the_watch(tmp_path: Pat
 def test_a_deep_mkdir_racing_the_watch_neither_floods_warnings_nor_ends_the_watch(tmp_path: Path) -> None:
     """watchdog warned once per directory it watched again, each warning naming every watched path (a tree
     1,500 deep: 1 GB of stderr in 40 s); under warnings-as-errors that warning would end its thread."""
-    (tmp_path / "tasks").mkdir()
-    posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=0.1)
-    watcher.start()
-    try:
+    with _watching(tmp_path, debounce=0.05, unclosed=0.1) as (watcher, posted):
         (tmp_path / "tasks" / "/".join(["d"] * 120)).mkdir(parents=True)
         (tmp_path / "tasks" / "after.md").write_text("# after\n")
         assert "changed" in _events(posted, "changed", "tasks/after.md")
-    finally:
-        watcher.stop()
 
 
 def test_directories_made_under_tasks_make_one_rescan(tmp_path: Path) -> None:
-    (tmp_path / "tasks").mkdir()
-    posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=0.3)
-    watcher.start()
-    try:
+    with _watching(tmp_path, debounce=0.05, unclosed=0.3) as (watcher, posted):
         (tmp_path / "tasks" / "x" / "y" / "z").mkdir(parents=True)
         assert posted.get(timeout=10) == FileEvent("rescan")
         with pytest.raises(queue.Empty):
             posted.get(timeout=0.7)  # one rescan for the three directories
-    finally:
-        watcher.stop()
 
 
 def test_a_file_still_being_written_is_waiting_so_a_rescan_leaves_it_to_its_close(tmp_path: Path) -> None:
-    (tmp_path / "tasks").mkdir()
-    posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=30.0)
-    watcher.start()
-    try:
+    with _watching(tmp_path, debounce=0.05, unclosed=30.0) as (watcher, posted):
         with open(tmp_path / "tasks" / "job.md", "wb") as handle:
             handle.write(b"---\n")
             handle.flush()
@@ -179,16 +160,10 @@ def test_a_file_still_being_written_is_waiting_so_a_rescan_leaves_it_to_its_clos
             handle.write(b"---\n# job\n")
         assert posted.get(timeout=10) == FileEvent("changed", "tasks/job.md")
         assert watcher.waiting() == frozenset()
-    finally:
-        watcher.stop()
 
 
 def test_a_file_renamed_while_its_writer_still_has_it_open_is_read_at_the_close(tmp_path: Path) -> None:
-    (tmp_path / "tasks").mkdir()
-    posted: queue.Queue[FileEvent] = queue.Queue()
-    watcher = Watcher(tmp_path, posted.put, debounce=0.05, unclosed=30.0)
-    watcher.start()
-    try:
+    with _watching(tmp_path, debounce=0.05, unclosed=30.0) as (watcher, posted):
         with open(tmp_path / "tasks" / "draft.md", "wb") as handle:
             handle.write(b"# part\n")
             handle.flush()
@@ -198,5 +173,3 @@ def test_a_file_renamed_while_its_writer_still_has_it_open_is_read_at_the_close(
             handle.write(b"the rest\n")
         seen = [posted.get(timeout=10) for _ in range(2)]
         assert FileEvent("changed", "tasks/moved.md") in seen and FileEvent("removed", "tasks/draft.md") in seen
-    finally:
-        watcher.stop()
