@@ -13,6 +13,7 @@ but a regular file there is refused, with what to do (atomic.open_regular).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -49,8 +50,9 @@ def take(state_dir: Path, root: Path, name_holder: bool = True) -> int:
     try:
         fd = open_regular(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
-        raise LockError(f"cannot take the daemon's lock {path}: {exc.strerror or exc}; "
-                        "remove it (the daemon makes it again)") from None
+        fix = (f"make {state_dir} writable by this user" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+               else "remove it (the daemon makes it again)")
+        raise LockError(f"cannot take the daemon's lock {path}: {exc.strerror or exc}; {fix}") from None
     deadline = time.monotonic() + PROBE_GRACE_SECONDS
     while True:
         try:

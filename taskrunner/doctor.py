@@ -88,7 +88,7 @@ def key_findings(root: Path, config: Config | None) -> list[Finding]:
             from taskrunner.links.ssh import load_identity
 
             try:
-                load_identity(names[n], path)
+                load_identity(names[n], config.workers[names[n]].identity or path)  # as written
             except WorkerError as exc:  # a public key, a passphrase: its modes are not the problem
                 what, _, fix = str(exc).partition("; ")
                 found.append(Finding("error", what, fix))

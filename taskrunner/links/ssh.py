@@ -102,7 +102,7 @@ def open_serve(client: paramiko.SSHClient, spec: WorkerSpec, read_timeout: float
     return channel
 
 
-def load_identity(name: str, identity: Path, configured: bool = True) -> paramiko.PKey:
+def load_identity(name: str, identity: str | Path, configured: bool = True) -> paramiko.PKey:
     """The private key at `identity` (links followed, as ssh -i does; then a regular file of at most
     MAX_KEY_FILE_BYTES, no FIFO waited on), made from the bytes read once: no other file is opened (an OpenSSH
     certificate beside it is not used). WorkerError saying what the file holds instead, and what to do:
@@ -110,14 +110,19 @@ def load_identity(name: str, identity: Path, configured: bool = True) -> paramik
     fix = (f"point workers.{name}.identity in {CONFIG_FILE} at an SSH private key without a passphrase "
            "(OpenSSH or PEM format), or leave it out to use the daemon's own key" if configured
            else SSH_KEY_FIX.format(path=identity))
-    path = Path(os.path.realpath(identity))
+    if str(identity).endswith("/"):  # `ssh -i key/` refuses it too: a file's name has no trailing slash
+        raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {identity} ends in '/', so it names no "
+                          f"file; {fix}")
+    path = Path(os.path.realpath(os.path.expanduser(identity)))
     if path.is_symlink():
         raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {identity} is a symbolic link that "
                           f"leads nowhere (a loop); {fix}")
     try:
         data = read_file(path, MAX_KEY_FILE_BYTES)
     except OSError as exc:
-        raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {unreadable(path, exc)}; {fix}") from None
+        said = unreadable(path, exc)
+        shown = said if str(path) == str(identity) else f"{identity} (that is, {said})"
+        raise WorkerError(f"Worker '{name}': cannot load the SSH identity: {shown}, not a key file; {fix}") from None
     try:
         try:
             loaded = serialization.load_ssh_private_key(data, password=None)
@@ -141,7 +146,7 @@ def connect(spec: WorkerSpec, identity: Path) -> paramiko.SSHClient:
     assert spec.host is not None
     where = host_entry(spec.host, spec.port)
     pinned = pinned_keys(spec.host, spec.port, spec.host_key, spec.known_hosts)
-    pkey = load_identity(spec.name, identity, configured=bool(spec.identity))
+    pkey = load_identity(spec.name, spec.identity or identity, configured=bool(spec.identity))  # as written
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     for key in pinned:

@@ -209,3 +209,19 @@ def test_commands_looking_at_the_lock_never_make_a_starting_daemon_lose_it(repo:
             daemonlock.take(state, repo)  # a daemon's lock is still refused, after the grace
     finally:
         os.close(held)
+
+
+@pytest.mark.parametrize(("err", "fix"), [(30, "writable by this user"), (13, "writable by this user"),
+                                          (40, r"remove it \(the daemon makes it again\)")])
+def test_a_lock_that_cannot_be_opened_is_said_with_a_fix_that_can_be_followed(repo: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                                            err: int, fix: str) -> None:
+    """A read-only state dir was told to remove the lock, which it cannot."""
+    from taskrunner import daemonlock
+    from taskrunner.errors import LockError
+
+    def refuse(path: Path, flags: int, mode: int = 0o600) -> int:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(daemonlock, "open_regular", refuse)
+    with pytest.raises(LockError, match=fix):
+        daemonlock.take(gitbase.state_dir(repo), repo)

@@ -92,3 +92,11 @@ def test_a_link_loop_is_said_to_lead_nowhere(tmp_path: Path) -> None:
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(WorkerError, match="a symbolic link that leads nowhere"):
         load_identity("w1", tmp_path / "a")
+
+
+def test_an_identity_ending_in_a_slash_names_no_file_and_a_resolved_one_is_named_as_written(tmp_path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "hk")], check=True)
+    with pytest.raises(WorkerError, match="ends in '/', so it names no file"):
+        load_identity("w1", f"{tmp_path / 'hk'}/")  # `ssh -i hk/` refuses it too
+    with pytest.raises(WorkerError, match=r"SSH identity: /dev/stdin \(that is, .*\), not a key file"):
+        load_identity("w1", "/dev/stdin")
